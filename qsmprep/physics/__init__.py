@@ -1,0 +1,32 @@
+"""MRI susceptibility physics: units, dipole kernel, forward model, orientation."""
+
+from .forward import forward_field_ppm, padded_shape
+from .kernel import dipole_kernel, kspace_grid
+from .orientation import b0_dir_from_affine, b0_tilt_deg, voxel_rotation, voxel_size_from_affine
+from .units import (
+    GAMMA_BAR_MHZ_PER_T,
+    hz_to_ppm,
+    hz_to_rad,
+    ppm_to_hz,
+    ppm_to_rad,
+    rad_to_hz,
+    rad_to_ppm,
+)
+
+__all__ = [
+    "GAMMA_BAR_MHZ_PER_T",
+    "b0_dir_from_affine",
+    "b0_tilt_deg",
+    "dipole_kernel",
+    "forward_field_ppm",
+    "hz_to_ppm",
+    "hz_to_rad",
+    "kspace_grid",
+    "padded_shape",
+    "ppm_to_hz",
+    "ppm_to_rad",
+    "rad_to_hz",
+    "rad_to_ppm",
+    "voxel_rotation",
+    "voxel_size_from_affine",
+]

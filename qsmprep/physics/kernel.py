@@ -1,0 +1,76 @@
+"""k-space grids and the unit dipole kernel.
+
+Reference: Salomir R, de Senneville BD, Moonen CT. A fast calculation method
+for magnetic field inhomogeneity due to an arbitrary distribution of bulk
+susceptibility. Concepts Magn Reson B 2003;19B:26-34. Marques JP, Bowtell R.
+Application of a Fourier-based method for rapid calculation of field
+inhomogeneity due to spatial variation of magnetic susceptibility. Concepts
+Magn Reson B 2005;25B:65-78.
+"""
+
+import numpy as np
+from scipy import fft as spfft
+
+
+def kspace_grid(shape, voxel_size_mm=(1.0, 1.0, 1.0), rfft=False):
+    """Spatial frequencies (cycles/mm) along each array axis, broadcastable.
+
+    Parameters
+    ----------
+    shape : tuple of 3 int
+        Grid shape (i, j, k); odd and even sizes are both exact.
+    voxel_size_mm : tuple of 3 float, default (1, 1, 1)
+        Voxel size in mm along i, j, k.
+    rfft : bool, default False
+        If True, the last axis holds only the non-negative frequencies
+        (``scipy.fft.rfftn`` layout), halving memory and FFT work.
+
+    Returns
+    -------
+    tuple of 3 float32 arrays shaped (n0,1,1), (1,n1,1), (1,1,n2'), in FFT
+    (unshifted) order, so that k[0,0,0] is the DC term.
+    """
+    freqs = []
+    for axis, (n, d) in enumerate(zip(shape, voxel_size_mm)):
+        f = spfft.rfftfreq(n, d=d) if (rfft and axis == 2) else spfft.fftfreq(n, d=d)
+        view = [1, 1, 1]
+        view[axis] = f.size
+        freqs.append(f.astype(np.float32).reshape(view))
+    return tuple(freqs)
+
+
+def dipole_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), rfft=False):
+    """Unit dipole kernel in k-space: D(k) = 1/3 - (k . b)^2 / |k|^2, with D(0) = 0.
+
+    Multiplying the Fourier transform of chi (ppm) by D gives that of the
+    field perturbation along B0 in ppm (Lorentz sphere correction included).
+    D(0) is set to 0, so a constant susceptibility offset gives no field.
+
+    Parameters
+    ----------
+    shape : tuple of 3 int
+        Grid shape; odd and even sizes are both exact.
+    voxel_size_mm : tuple of 3 float, default (1, 1, 1)
+        Voxel size in mm along i, j, k (anisotropic allowed).
+    b0_dir : tuple of 3 float, default (0, 0, 1)
+        B0 direction in voxel coordinates (normalised here); see
+        ``qsmprep.physics.orientation.b0_dir_from_affine``.
+    rfft : bool, default False
+        Return the half-spectrum matching ``scipy.fft.rfftn``.
+
+    Returns
+    -------
+    float32 array in FFT (unshifted) order.
+    """
+    b = np.asarray(b0_dir, dtype=np.float64)
+    norm = np.linalg.norm(b)
+    if norm == 0:
+        raise ValueError("B0 direction must be a non-zero vector")
+    b = b / norm
+    kx, ky, kz = kspace_grid(shape, voxel_size_mm, rfft=rfft)
+    k_dot_b = kx * b[0] + ky * b[1] + kz * b[2]
+    k2 = kx**2 + ky**2 + kz**2
+    k2[0, 0, 0] = 1.0  # avoid 0/0; D(0) is set below
+    d = (1.0 / 3.0 - k_dot_b**2 / k2).astype(np.float32)
+    d[0, 0, 0] = 0.0
+    return d
