@@ -1,0 +1,5 @@
+"""Dipole inversion: local field (ppm) -> susceptibility (ppm)."""
+
+from .solvers import cg, lsqr
+
+__all__ = ["cg", "lsqr"]
