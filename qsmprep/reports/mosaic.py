@@ -1,0 +1,78 @@
+"""Slice mosaics of volumes as PNG figures, for the per-subject report.
+
+Pure plotting on arrays (matplotlib, Agg backend); the caller reads files.
+"""
+
+import io
+
+import numpy as np
+
+# Display windows: what a neuroradiologist expects to see for each map.
+CHI_WINDOW_PPM = (-0.15, 0.15)
+LOCAL_FIELD_WINDOW_PPM = (-0.05, 0.05)
+
+
+def slice_indices(mask, n_slices=8, axis=2):
+    """``n_slices`` evenly spaced slice indices along ``axis`` through the mask's extent."""
+    m = np.asarray(mask) > 0
+    other = tuple(a for a in range(m.ndim) if a != axis)
+    occupied = np.flatnonzero(m.any(axis=other)) if m.any() else np.arange(m.shape[axis])
+    lo, hi = occupied[0], occupied[-1]
+    # skip the outermost 10% where the brain is only a sliver
+    margin = int(0.1 * (hi - lo))
+    return np.unique(np.linspace(lo + margin, hi - margin, n_slices).round().astype(int))
+
+
+def robust_window(volume, mask, percentiles=(2, 98)):
+    """Symmetric display window from the robust range of ``volume`` inside ``mask``."""
+    values = np.asarray(volume)[np.asarray(mask) > 0]
+    if values.size == 0:
+        return (-1.0, 1.0)
+    lo, hi = np.percentile(values, percentiles)
+    half = max(abs(lo), abs(hi), 1e-6)
+    return (-half, half)
+
+
+def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, title="", units=""):
+    """Render slices of ``volume`` side by side; return PNG bytes.
+
+    Parameters
+    ----------
+    volume : 3D array
+        The image; shown in radiological-agnostic array orientation, slices
+        rotated so the first array axis runs left-right.
+    slices : sequence of int
+        Slice indices along ``axis``.
+    axis : int, default 2
+        Slicing axis (2 = axial for an axial acquisition).
+    window : (float, float) or None
+        Display range; None uses the 1-99th percentile of the volume.
+    cmap : str, default "gray"
+        Matplotlib colour map.
+    outline : 3D bool array or None
+        Contour drawn in red on every slice (e.g. the brain mask).
+    title, units : str
+        Figure title and colour-bar label.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vol = np.asarray(volume, dtype=np.float32)
+    if window is None:
+        window = tuple(np.percentile(vol, (1, 99)))
+    n = len(slices)
+    fig, axes = plt.subplots(1, n, figsize=(1.6 * n + 0.8, 2.2), squeeze=False)
+    for ax, s in zip(axes[0], slices):
+        img = np.take(vol, s, axis=axis).T
+        shown = ax.imshow(img, cmap=cmap, vmin=window[0], vmax=window[1], origin="lower", interpolation="nearest")
+        if outline is not None:
+            ax.contour(np.take(outline, s, axis=axis).T.astype(float), levels=[0.5], colors="r", linewidths=0.6)
+        ax.set_axis_off()
+    fig.colorbar(shown, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label=units)
+    fig.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,124 @@
+"""The per-subject HTML report: mosaics of every run's maps and the methods text.
+
+Layout follows fMRIPrep: ``OUTPUT_DIR/sub-<label>.html`` with its figures in
+``OUTPUT_DIR/sub-<label>/figures/``, linked by relative paths so the
+derivatives folder can be moved or shared as a whole.
+"""
+
+import html
+import os
+from pathlib import Path
+
+
+from .. import __version__
+from ..io import load_nifti
+from .mosaic import CHI_WINDOW_PPM, LOCAL_FIELD_WINDOW_PPM, mosaic_png, robust_window, slice_indices
+
+# The script marks each figure once the browser has decoded it, and replaces
+# a missing one with a visible warning instead of a broken-image icon.
+_IMAGE_CHECK = """<script>
+function markFigure(img, ok) {
+  img.dataset.loaded = ok && img.naturalWidth > 0 ? "1" : "0";
+  if (img.dataset.loaded === "0") {
+    img.insertAdjacentHTML("afterend", '<p class="missing">Figure missing: ' + img.getAttribute("src") + "</p>");
+  }
+}
+window.addEventListener("load", function () {
+  document.querySelectorAll("img").forEach(function (img) {
+    markFigure(img, img.complete);
+  });
+});
+</script>"""
+
+_STYLE = """<style>
+body { font-family: sans-serif; max-width: 1200px; margin: 2em auto; color: #222; }
+h1 { border-bottom: 2px solid #446; } h2 { color: #446; margin-top: 2em; }
+figure { margin: 0.5em 0 1.5em 0; } img { max-width: 100%; }
+figcaption { font-size: 0.9em; color: #555; } .missing { color: #b00; font-weight: bold; }
+pre { white-space: pre-wrap; background: #f5f5f5; padding: 1em; }
+</style>"""
+
+
+def _figure(figures_dir, output_dir, name, png_bytes, caption):
+    path = figures_dir / f"{name}.png"
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(png_bytes)
+    os.replace(tmp, path)
+    rel = path.relative_to(output_dir).as_posix()
+    return (
+        f'<figure><img src="{html.escape(rel)}" alt="{html.escape(name)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _run_section(run, figures_dir, output_dir):
+    """HTML for one run: magnitude with mask outline, fields, each Chimap."""
+    name = run["name"]
+    mask = load_nifti(run["mask"], "brain mask")[0] > 0
+    slices = slice_indices(mask)
+    parts = [f"<h2>{html.escape(name)}</h2>"]
+    if run.get("magnitude"):
+        magnitude = load_nifti(run["magnitude"], "magnitude")[0]
+        if magnitude.ndim == 4:
+            magnitude = magnitude[..., 0]
+        png = mosaic_png(magnitude, slices, outline=mask, title="Magnitude (first echo) and brain mask")
+        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-mask_mosaic", png, "Brain mask (red) on the first-echo magnitude."))
+    if run.get("total_field"):
+        total = load_nifti(run["total_field"], "total field")[0]
+        png = mosaic_png(total, slices, window=robust_window(total, mask), cmap="RdBu_r", title="Total field", units="Hz")
+        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-total_mosaic", png, "Total field map (Hz), before background removal."))
+    if run.get("local_field"):
+        local = load_nifti(run["local_field"], "local field")[0] * mask
+        png = mosaic_png(local, slices, window=LOCAL_FIELD_WINDOW_PPM, cmap="RdBu_r", title="Local field", units="ppm")
+        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-local_mosaic", png, "Local field map (ppm) after background removal."))
+    for method, path in sorted(run.get("chimaps", {}).items()):
+        chi = load_nifti(path, "susceptibility map")[0] * mask
+        png = mosaic_png(chi, slices, window=CHI_WINDOW_PPM, title=f"Susceptibility ({method})", units="ppm")
+        caption = f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm."
+        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-{method}_mosaic", png, caption))
+    return "\n".join(parts)
+
+
+def build_subject_report(output_dir, subject, runs, methods_text="", command=None, errors=()):
+    """Write ``OUTPUT_DIR/sub-<subject>.html`` and its figures; return its path.
+
+    Parameters
+    ----------
+    output_dir : str or Path
+        The derivatives dataset root.
+    subject : str
+        Subject label without the ``sub-`` prefix.
+    runs : list of dict
+        One per run: ``name`` (e.g. ``sub-01_ses-1``), ``mask`` (path, required),
+        and optionally ``magnitude``, ``total_field``, ``local_field`` (paths)
+        and ``chimaps`` (dict method -> path).
+    methods_text : str
+        The boilerplate methods paragraph with references (plain text).
+    command : str or None
+        The command line that produced the outputs.
+    errors : sequence of str
+        Problems met for this subject (e.g. runs skipped by validation).
+    """
+    output_dir = Path(output_dir)
+    figures_dir = output_dir / f"sub-{subject}" / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    body = [f"<h1>qsmprep report: sub-{html.escape(subject)}</h1>",
+            f"<p>qsmprep {__version__}; {len(runs)} run(s).</p>"]
+    if errors:
+        items = "".join(f"<li>{html.escape(e)}</li>" for e in errors)
+        body.append(f'<h2>Errors</h2><ul class="missing">{items}</ul>')
+    body.extend(_run_section(run, figures_dir, output_dir) for run in runs)
+    if methods_text:
+        body.append(f"<h2>Methods</h2><pre>{html.escape(methods_text)}</pre>")
+    if command:
+        body.append(f"<h2>About</h2><p>Command:</p><pre>{html.escape(command)}</pre>")
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>qsmprep: sub-{html.escape(subject)}</title>{_STYLE}</head><body>"
+        + "\n".join(body) + _IMAGE_CHECK + "</body></html>"
+    )
+    path = output_dir / f"sub-{subject}.html"
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
