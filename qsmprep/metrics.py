@@ -1,21 +1,57 @@
 """Image-quality metrics used by the QSM reconstruction challenges.
 
-All metrics compare a reconstruction with a reference inside a mask; both
-are demeaned in the mask first unless stated otherwise (susceptibility is
-relative: D(0) = 0 leaves its mean undetermined).
+All metrics compare a reconstruction ``recon`` (x) with a reference ``ref``
+(y), both in ppm, inside a mask. Susceptibility is relative (D(0) = 0 leaves
+its mean undetermined), so the error norms demean both images in the mask
+first unless stated otherwise. docs/metrics.md gives every formula.
 
-References: Langkammer C et al. Quantitative susceptibility mapping:
-Report from the 2016 reconstruction challenge. Magn Reson Med 2018;79:1661-73.
+References
+----------
+Langkammer C et al. Quantitative susceptibility mapping: Report from the 2016
+reconstruction challenge. Magn Reson Med 2018;79:1661-73 (NRMSE, HFEN).
 Ravishankar S, Bresler Y. MR image reconstruction from highly undersampled
 k-space data by dictionary learning. IEEE TMI 2011;30:1028-41 (HFEN).
+QSM Challenge 2.0 Organization Committee (Milovic C et al.). QSM
+reconstruction challenge 2.0: Design and report of results. Magn Reson Med
+2021;86:1241-55 (XSIM, detrended NRMSE, deep grey matter slope, calcification
+moment and streaking).
+Wang Z, Bovik AC, Sheikh HR, Simoncelli EP. Image quality assessment: from
+error visibility to structural similarity. IEEE TIP 2004;13:600-12 (SSIM).
 """
+
+import logging
+import re
 
 import numpy as np
 from scipy import ndimage
 
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+DEEP_GM_NAME_PATTERNS = (
+    "caudate",
+    "putamen",
+    "pallid",
+    "thalamus",
+    "rednucleus",
+    "nigra",
+    "dentate",
+    "subthalamic",
+)
+"""Label-name fragments (lower case, separators removed) that mark deep grey
+matter nuclei, used by ``evaluate`` when it is given label names."""
+
+
+def _mask_bool(mask):
+    m = np.asarray(mask) > 0
+    if not m.any():
+        raise DataError("The evaluation mask is empty: give a mask with at least one voxel > 0.")
+    return m
+
 
 def _demeaned_in_mask(recon, ref, mask):
-    m = np.asarray(mask) > 0
+    m = _mask_bool(mask)
     x = np.asarray(recon, dtype=np.float64)
     y = np.asarray(ref, dtype=np.float64)
     return (x - x[m].mean()) * m, (y - y[m].mean()) * m, m
@@ -25,14 +61,42 @@ def nrmse(recon, ref, mask, demean=True):
     """Normalised RMSE in percent: 100 ||x - y||_2 / ||y||_2 over ``mask``.
 
     With ``demean`` (default True) both images are demeaned in the mask first,
-    as in the 2016 challenge.
+    as in the 2016 challenge (Langkammer 2018).
     """
     if demean:
         x, y, m = _demeaned_in_mask(recon, ref, mask)
     else:
-        m = np.asarray(mask) > 0
+        m = _mask_bool(mask)
         x, y = np.asarray(recon, np.float64) * m, np.asarray(ref, np.float64) * m
     return float(100 * np.linalg.norm(x[m] - y[m]) / np.linalg.norm(y[m]))
+
+
+def _linear_fit(x, y):
+    """Least-squares (slope, intercept) of y ~ slope * x + intercept.
+
+    ``lstsq`` gives the minimum-norm solution when x is constant, whose fitted
+    values are still the projection of y onto span{x, 1}.
+    """
+    design = np.stack([x, np.ones_like(x)], axis=1)
+    (slope, intercept), *_ = np.linalg.lstsq(design, y, rcond=None)
+    return float(slope), float(intercept)
+
+
+def nrmse_detrended(recon, ref, mask):
+    """Detrended NRMSE in percent (2019 QSM challenge, Milovic 2021).
+
+    The reconstruction is first fitted to the reference by least squares over
+    the mask, y ~ a x + b (slope and intercept), and the NRMSE of the fitted
+    map against the reference demeaned in the mask is returned:
+    100 ||a x + b - y||_2 / ||y - mean(y)||_2. It scores structure and ignores
+    a global scale or offset error; it equals 100 sqrt(1 - r^2) with r the
+    Pearson correlation of x and y in the mask, and is 0 for x = a y + b.
+    """
+    m = _mask_bool(mask)
+    x = np.asarray(recon, np.float64)[m]
+    y = np.asarray(ref, np.float64)[m]
+    slope, intercept = _linear_fit(x, y)
+    return float(100 * np.linalg.norm(slope * x + intercept - y) / np.linalg.norm(y - y.mean()))
 
 
 def hfen(recon, ref, mask, sigma=1.5):
@@ -46,3 +110,233 @@ def hfen(recon, ref, mask, sigma=1.5):
     lx = ndimage.gaussian_laplace(x, sigma)
     ly = ndimage.gaussian_laplace(y, sigma)
     return float(100 * np.linalg.norm(lx[m] - ly[m]) / np.linalg.norm(ly[m]))
+
+
+def xsim(recon, ref, mask, data_range_ppm=1.0, k=(0.01, 0.001), sigma=1.5, radius_vox=3, demean=True):
+    """XSIM: the structural similarity index adapted to QSM (2019 challenge).
+
+    SSIM (Wang 2004) with the changes of the QSM challenge 2.0 (Milovic 2021):
+    maps stay in ppm (no rescaling to 0..255), dynamic range L = 1 ppm and
+    K = (0.01, 0.001), which makes the index sensitive to streaking. Local
+    means, variances and the covariance come from a Gaussian window of
+    ``sigma`` voxels truncated at ``radius_vox`` (7^3 window, image borders
+    replicated); the SSIM map is averaged over the mask:
+
+        SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))
+
+    with C1 = (K1 L)^2 and C2 = (K2 L)^2. Both maps are set to zero outside
+    the mask before filtering, as the challenge evaluated masked maps.
+
+    Parameters
+    ----------
+    recon, ref : 3D arrays, ppm
+    mask : 3D array, voxels > 0 are evaluated
+    data_range_ppm : float, default 1.0
+        L, the dynamic range in ppm.
+    k : (float, float), default (0.01, 0.001)
+    sigma : float, default 1.5
+        Gaussian window width in voxels.
+    radius_vox : int, default 3
+        Window half-width in voxels.
+    demean : bool, default True
+        Demean both maps in the mask first (our convention for relative
+        susceptibility; False reproduces the challenge's formula on maps
+        that share the reference's zero).
+
+    Returns
+    -------
+    float, 1 for identical maps, lower for any difference.
+    """
+    if demean:
+        x, y, m = _demeaned_in_mask(recon, ref, mask)
+    else:
+        m = _mask_bool(mask)
+        x, y = np.asarray(recon, np.float64) * m, np.asarray(ref, np.float64) * m
+    c1 = (k[0] * data_range_ppm) ** 2
+    c2 = (k[1] * data_range_ppm) ** 2
+
+    def smooth(a):
+        return ndimage.gaussian_filter(a, sigma, mode="nearest", truncate=radius_vox / sigma)
+
+    mu_x, mu_y = smooth(x), smooth(y)
+    var_x = smooth(x * x) - mu_x**2
+    var_y = smooth(y * y) - mu_y**2
+    cov = smooth(x * y) - mu_x * mu_y
+    ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(ssim_map[m].mean())
+
+
+def label_means(chi, labels, label_ids):
+    """Mean of ``chi`` over each label: {label_id: mean}.
+
+    A label with no voxel gets NaN (and a log warning), so that a table of
+    several maps keeps its rows.
+    """
+    chi = np.asarray(chi, np.float64)
+    labels = np.asarray(labels)
+    means = {}
+    for label in label_ids:
+        sel = labels == label
+        if not sel.any():
+            logger.warning("label %s has no voxel", label)
+            means[label] = float("nan")
+        else:
+            means[label] = float(chi[sel].mean())
+    return means
+
+
+def deep_gm_slope(recon, ref, labels, label_ids):
+    """Slope of reconstructed vs true mean susceptibility over deep grey matter.
+
+    The per-label means of ``recon`` (x_l) and ``ref`` (y_l) over the labels
+    ``label_ids`` (deep grey matter nuclei) are fitted by least squares as
+    x_l ~ slope * y_l + intercept; the slope is returned (1 is ideal; < 1
+    means underestimation, typical of over-regularisation). 2019 challenge
+    (Milovic 2021), "DGM slope".
+
+    Raises DataError if fewer than two labels have voxels.
+    """
+    x = label_means(recon, labels, label_ids)
+    y = label_means(ref, labels, label_ids)
+    present = [label for label in label_ids if np.isfinite(x[label]) and np.isfinite(y[label])]
+    if len(present) < 2:
+        raise DataError(f"Deep grey matter slope needs at least two labels with voxels; found {present}.")
+    slope, _ = _linear_fit(np.array([y[lab] for lab in present]), np.array([x[lab] for lab in present]))
+    return slope
+
+
+def _grown_box(region, grow_vox):
+    """Boolean mask of the bounding box of ``region`` grown by ``grow_vox`` voxels, clipped to the array."""
+    box = np.zeros(region.shape, bool)
+    slices = []
+    for axis in range(region.ndim):
+        hits = np.flatnonzero(region.any(axis=tuple(a for a in range(region.ndim) if a != axis)))
+        slices.append(slice(max(hits[0] - grow_vox, 0), hits[-1] + grow_vox + 1))
+    box[tuple(slices)] = True
+    return box
+
+
+def _calcification_regions(calc_mask, margin_vox, rim_vox, shell_vox):
+    calc = np.asarray(calc_mask) > 0
+    if not calc.any():
+        raise DataError("The calcification label is empty: check --calc-label against the label map.")
+    box = _grown_box(calc, margin_vox)
+    rim = _grown_box(calc, margin_vox + rim_vox) & ~box
+    shell = _grown_box(calc, margin_vox + shell_vox) & ~box
+    return calc, box, rim, shell
+
+
+def _segment_calcification(recon, box, shell):
+    """Voxels of the box below every value of the surrounding shell (and below 0)."""
+    threshold = min(0.0, float(recon[shell].min())) if shell.any() else 0.0
+    return box & (recon < threshold)
+
+
+def calcification_moment_error(recon, ref, calc_mask, margin_vox=3, shell_vox=8):
+    """Relative error of the susceptibility moment of a calcification.
+
+    2019 challenge (Milovic 2021), "calcification moment". The true moment is
+    M_ref = sum of ``ref`` over ``calc_mask`` (ppm x voxels). In the
+    reconstruction, smearing spreads the calcification, so it is segmented
+    adaptively: in the bounding box of ``calc_mask`` grown by ``margin_vox``
+    voxels, the voxels below t = min(0, min of recon over the shell between
+    that box and the box grown by ``shell_vox`` more voxels), i.e. more
+    diamagnetic than anything around it. M_recon is the sum of ``recon`` over
+    them (volume x mean). Returns |M_recon - M_ref| / |M_ref| (0 is ideal;
+    a recon scaled by s gives |s - 1|).
+
+    The challenge scanned thresholds from 0 down in 0.01 ppm steps; t here is
+    the limit of that scan for a vanishing step.
+    """
+    recon = np.asarray(recon, np.float64)
+    ref = np.asarray(ref, np.float64)
+    calc, box, _, shell = _calcification_regions(calc_mask, margin_vox, 0, shell_vox)
+    moment_ref = ref[calc].sum()
+    moment_recon = recon[_segment_calcification(recon, box, shell)].sum()
+    return float(abs(moment_recon - moment_ref) / abs(moment_ref))
+
+
+def calcification_streak(recon, ref, calc_mask, margin_vox=3, rim_vox=4, shell_vox=8):
+    """Streaking artefact level around a calcification (2019 challenge).
+
+    Definition (after Milovic 2021): the rim R is the bounding box of
+    ``calc_mask`` grown by ``margin_vox + rim_vox`` voxels minus the box grown
+    by ``margin_vox``. Inside R the reconstruction is fitted by least squares
+    as x ~ a y + b, so that true susceptibility structure (and a scale error)
+    is regressed out; the streak level is the standard deviation (N - 1
+    normalisation) of the residual x - (a y + b) in R, divided by
+    |mean of recon over the segmented calcification| (the segmentation of
+    ``calcification_moment_error``). The division keeps over-regularised
+    maps, which shrink both streaks and the calcification, from scoring
+    well. Dimensionless; 0 is ideal.
+    """
+    recon = np.asarray(recon, np.float64)
+    ref = np.asarray(ref, np.float64)
+    _, box, rim, shell = _calcification_regions(calc_mask, margin_vox, rim_vox, shell_vox)
+    segmented = _segment_calcification(recon, box, shell)
+    if not segmented.any():
+        raise DataError("No calcification found in the reconstruction: nothing is below its surroundings.")
+    x, y = recon[rim], ref[rim]
+    slope, intercept = _linear_fit(y, x)
+    residual = x - (slope * y + intercept)
+    return float(residual.std(ddof=1) / abs(recon[segmented].mean()))
+
+
+def _normalised_name(name):
+    return re.sub(r"[^a-z]", "", str(name).lower())
+
+
+def deep_gm_label_ids(label_names):
+    """The label ids of ``label_names`` ({id: name}) that name deep grey matter nuclei."""
+    return [
+        label
+        for label, name in label_names.items()
+        if any(p in _normalised_name(name) for p in DEEP_GM_NAME_PATTERNS)
+    ]
+
+
+def evaluate(recon, ref, mask, labels=None, label_names=None, calc_label=None, deep_gm_labels=None):
+    """All metrics that apply to the inputs, as a dict.
+
+    Always: ``nrmse_pct`` (demeaned), ``nrmse_detrended_pct``, ``hfen_pct``,
+    ``xsim``. With ``labels`` (integer label map on the same grid):
+    ``label_means_ppm`` = {name: {"recon": mean, "ref": mean, "voxels": n}}
+    over each label's voxels inside ``mask`` (raw values, not demeaned), and
+    ``deep_gm_slope`` over ``deep_gm_labels`` if given, else over the labels
+    whose name in ``label_names`` ({id: name}) is a deep grey matter nucleus
+    (see ``DEEP_GM_NAME_PATTERNS``). With ``calc_label``:
+    ``calcification_moment_error`` and ``calcification_streak`` on the maps
+    demeaned in the mask. The calcification label is excluded from the
+    deep grey matter slope.
+    """
+    m = _mask_bool(mask)
+    result = {
+        "nrmse_pct": nrmse(recon, ref, m),
+        "nrmse_detrended_pct": nrmse_detrended(recon, ref, m),
+        "hfen_pct": hfen(recon, ref, m),
+        "xsim": xsim(recon, ref, m),
+    }
+    if labels is None:
+        if calc_label is not None or deep_gm_labels is not None:
+            raise DataError("A calcification or deep grey matter label needs a label map (--labels).")
+        return result
+    labels = np.rint(np.asarray(labels)).astype(np.int64)
+    names = dict(label_names or {})
+    ids = [int(v) for v in np.unique(labels[m]) if v != 0]
+    in_mask = np.where(m, labels, 0)
+    recon_means = label_means(recon, in_mask, ids)
+    ref_means = label_means(ref, in_mask, ids)
+    counts = np.bincount(in_mask.ravel())
+    result["label_means_ppm"] = {
+        str(names.get(i, i)): {"recon": recon_means[i], "ref": ref_means[i], "voxels": int(counts[i])} for i in ids
+    }
+    dgm = list(deep_gm_labels) if deep_gm_labels is not None else deep_gm_label_ids(names)
+    dgm = [i for i in dgm if i != calc_label]
+    if dgm:
+        result["deep_gm_slope"] = deep_gm_slope(recon, ref, in_mask, dgm)
+    if calc_label is not None:
+        x, y, _ = _demeaned_in_mask(recon, ref, m)
+        calc = labels == calc_label
+        result["calcification_moment_error"] = calcification_moment_error(x, y, calc)
+        result["calcification_streak"] = calcification_streak(x, y, calc)
+    return result

@@ -1,0 +1,207 @@
+"""Metrics against hand-computed values on small arrays."""
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from qsmprep.errors import DataError
+from qsmprep.metrics import (
+    calcification_moment_error,
+    calcification_streak,
+    deep_gm_label_ids,
+    deep_gm_slope,
+    evaluate,
+    hfen,
+    label_means,
+    nrmse,
+    nrmse_detrended,
+    xsim,
+)
+
+
+@pytest.fixture(scope="module")
+def smooth_map():
+    rng = np.random.default_rng(0)
+    y = gaussian_filter(rng.standard_normal((24, 24, 24)), 2.0)
+    return (0.1 * y / y.std()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def mask():
+    m = np.zeros((24, 24, 24), bool)
+    m[3:21, 4:20, 2:22] = True
+    return m
+
+
+def test_nrmse_identical_zero_scaled_known(smooth_map, mask):
+    y = smooth_map
+    assert nrmse(y, y, mask) == 0
+    # demeaned: 2y - y = y, so the error norm equals the reference norm
+    assert nrmse(2 * y, y, mask) == pytest.approx(100.0, rel=1e-6)
+    assert nrmse(0.5 * y + 3.0, y, mask) == pytest.approx(50.0, rel=1e-6)
+    # without demeaning an offset counts: x = y + c gives 100 c sqrt(n) / ||y||
+    c = 0.05
+    expected = 100 * c * np.sqrt(mask.sum()) / np.linalg.norm(y[mask].astype(np.float64))
+    assert nrmse(y + c, y, mask, demean=False) == pytest.approx(expected, rel=1e-5)
+
+
+def test_nrmse_detrended_of_affine_copy_is_zero_and_equals_sqrt_one_minus_r2(smooth_map, mask):
+    y = smooth_map
+    assert nrmse_detrended(-2.5 * y + 0.7, y, mask) == pytest.approx(0.0, abs=1e-4)
+    # exact hand value: y + orthogonal noise n (zero mean, n _|_ y in the mask)
+    rng = np.random.default_rng(1)
+    yv = y[mask].astype(np.float64) - y[mask].mean()
+    n = rng.standard_normal(yv.size)
+    n -= n.mean()
+    n -= n @ yv / (yv @ yv) * yv
+    n *= 0.5 * np.linalg.norm(yv) / np.linalg.norm(n)  # ||n|| = ||y||/2
+    x = np.zeros_like(y, dtype=np.float64)
+    x[mask] = yv + n
+    # r^2 = 1 / (1 + 1/4) -> 100 sqrt(1 - r^2) = 100 / sqrt(5)
+    assert nrmse_detrended(x, y, mask) == pytest.approx(100 / np.sqrt(5), rel=1e-6)
+    # the demeaned NRMSE of the same map is 50
+    assert nrmse(x, y, mask) == pytest.approx(50.0, rel=1e-6)
+
+
+def test_hfen_identical_zero_and_scaled_known(smooth_map, mask):
+    y = smooth_map
+    assert hfen(y, y, mask) == 0
+    # LoG is linear: demeaned (3y) - y = 2 y -> 200 %
+    assert hfen(3 * y, y, mask) == pytest.approx(200.0, rel=1e-6)
+
+
+def test_xsim_identical_one_noise_lower(smooth_map, mask):
+    y = smooth_map
+    assert xsim(y, y, mask) == pytest.approx(1.0, abs=1e-12)
+    rng = np.random.default_rng(2)
+    small = xsim(y + 0.01 * rng.standard_normal(y.shape), y, mask)
+    large = xsim(y + 0.05 * rng.standard_normal(y.shape), y, mask)
+    assert 1.0 > small > large > 0.0
+    # an offset does not count (demeaned) unless asked
+    assert xsim(y + 0.3, y, mask) == pytest.approx(1.0, abs=1e-12)
+    assert xsim(y + 0.3, y, mask, demean=False) < 0.9
+
+
+def test_xsim_constant_maps_hand_value():
+    # x = a, y = b constant everywhere: variances and covariance vanish, so
+    # SSIM = (2ab + C1) / (a^2 + b^2 + C1) with C1 = 1e-4 (L = 1, K1 = 0.01)
+    shape = (9, 9, 9)
+    a, b = 0.2, 0.1
+    value = xsim(np.full(shape, a), np.full(shape, b), np.ones(shape), demean=False)
+    assert value == pytest.approx((2 * a * b + 1e-4) / (a * a + b * b + 1e-4), rel=1e-9)
+
+
+def test_empty_mask_raises(smooth_map):
+    with pytest.raises(DataError, match="empty"):
+        nrmse(smooth_map, smooth_map, np.zeros(smooth_map.shape))
+
+
+def test_label_means_exact():
+    chi = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    labels = np.zeros((2, 3, 4), int)
+    labels[0, 0, :2] = 1  # values 0, 1
+    labels[1, 2, :] = 2  # values 20..23
+    means = label_means(chi, labels, [1, 2, 7])
+    assert means[1] == 0.5 and means[2] == 21.5
+    assert np.isnan(means[7])
+
+
+def _label_phantom(shape=(30, 30, 30)):
+    labels = np.zeros(shape, int)
+    for i in range(5):
+        labels[2 + 5 * i : 6 + 5 * i, 5:12, 5:12] = i + 1
+    true_means = np.array([0.05, 0.1, 0.15, 0.2, 0.02])
+    ref = np.zeros(shape)
+    for i, v in enumerate(true_means):
+        ref[labels == i + 1] = v
+    return labels, ref
+
+
+def test_deep_gm_slope_of_linear_relation_exact():
+    labels, ref = _label_phantom()
+    rng = np.random.default_rng(3)
+    recon = 0.7 * ref + 0.03
+    # zero-mean texture inside each label leaves the label means unchanged
+    texture = rng.standard_normal(ref.shape)
+    for lab in range(1, 6):
+        sel = labels == lab
+        texture[sel] -= texture[sel].mean()
+    recon[labels > 0] += 0.01 * texture[labels > 0]
+    assert deep_gm_slope(recon, ref, labels, [1, 2, 3, 4, 5]) == pytest.approx(0.7, rel=1e-9)
+    with pytest.raises(DataError):
+        deep_gm_slope(recon, ref, labels, [1, 9])
+
+
+def test_deep_gm_label_ids_from_names():
+    names = {1: "Caudate", 2: "putamen", 3: "Globus_Pallidus", 4: "white matter", 5: "red-nucleus", 6: "CSF"}
+    assert deep_gm_label_ids(names) == [1, 2, 3, 5]
+
+
+def _calcification_phantom(shape=(40, 40, 40)):
+    """A -1.5 ppm ball (radius 3) in smooth texture of ~0.02 ppm; the texture
+    is zero in the evaluation box (the ball's bounding box grown by 3 voxels)
+    so that only the ball is more diamagnetic than the surroundings."""
+    rng = np.random.default_rng(4)
+    texture = gaussian_filter(rng.standard_normal(shape), 2.0)
+    ref = 0.02 * texture / texture.std()
+    offsets = np.indices(shape) - (np.array(shape) // 2)[:, None, None, None]
+    ref[np.abs(offsets).max(axis=0) <= 6] = 0.0
+    calc = (offsets**2).sum(axis=0) <= 9
+    ref[calc] = -1.5
+    return ref, calc
+
+
+def test_calcification_moment_error_of_scaled_copy():
+    ref, calc = _calcification_phantom()
+    assert calcification_moment_error(ref, ref, calc) == pytest.approx(0.0, abs=1e-12)
+    # a scaled copy: the segmentation finds the calcification again (its
+    # surroundings scale too), so the moment scales: error |s - 1|
+    assert calcification_moment_error(0.6 * ref, ref, calc) == pytest.approx(0.4, rel=1e-9)
+    assert calcification_moment_error(1.25 * ref, ref, calc) == pytest.approx(0.25, rel=1e-9)
+
+
+def test_calcification_moment_counts_smeared_voxels():
+    ref, calc = _calcification_phantom()
+    recon = ref.copy()
+    # smearing: a neighbour of the calcification becomes more diamagnetic
+    # than anything in the shell; it is counted in the moment
+    ring = (gaussian_filter(calc.astype(float), 1.0) > 0.05) & ~calc
+    recon[ring] = -0.5
+    expected = abs(recon[calc | ring].sum() - ref[calc].sum()) / abs(ref[calc].sum())
+    assert calcification_moment_error(recon, ref, calc) == pytest.approx(expected, rel=1e-9)
+
+
+def test_calcification_streak_zero_for_affine_and_known_for_checkerboard():
+    ref, calc = _calcification_phantom()
+    assert calcification_streak(2 * ref + 0.01, ref, calc) == pytest.approx(0.0, abs=1e-9)
+    # a +-e checkerboard outside the calcification: in the rim the fit on ref
+    # removes almost nothing, the residual std is ~e and the calcification
+    # mean stays -1.5, so the level is ~e / 1.5
+    e = 0.03
+    i, j, k = np.indices(ref.shape)
+    checker = np.where((i + j + k) % 2 == 0, e, -e) * ~calc
+    value = calcification_streak(ref + checker, ref, calc)
+    assert value == pytest.approx(e / 1.5, rel=0.02)
+
+
+def test_evaluate_collects_all_metrics():
+    ref, calc = _calcification_phantom((24, 24, 24))
+    labels = np.zeros(ref.shape, int)
+    labels[4:8, 4:8, 4:8] = 1
+    labels[4:8, 14:18, 4:8] = 2
+    labels[14:18, 4:8, 14:18] = 3
+    labels[calc] = 9
+    m = np.ones(ref.shape, bool)
+    recon = 0.8 * ref
+    names = {1: "putamen", 2: "caudate", 3: "thalamus", 9: "calcification"}
+    result = evaluate(recon, ref, m, labels=labels, label_names=names, calc_label=9)
+    assert result["nrmse_pct"] == pytest.approx(20.0, rel=1e-6)
+    assert result["nrmse_detrended_pct"] == pytest.approx(0.0, abs=1e-4)
+    assert result["hfen_pct"] == pytest.approx(20.0, rel=1e-6)
+    assert result["xsim"] < 1
+    assert result["deep_gm_slope"] == pytest.approx(0.8, rel=1e-9)
+    assert result["calcification_moment_error"] == pytest.approx(0.2, rel=1e-9)
+    assert result["calcification_streak"] == pytest.approx(0.0, abs=1e-9)
+    assert result["label_means_ppm"]["putamen"]["ref"] == pytest.approx(ref[labels == 1].mean())
+    assert result["label_means_ppm"]["putamen"]["voxels"] == 64
+    assert set(evaluate(recon, ref, m)) == {"nrmse_pct", "nrmse_detrended_pct", "hfen_pct", "xsim"}
