@@ -1,0 +1,94 @@
+"""BIDS derivatives of qsmprep: file names, dataset description, sidecars.
+
+Names come from the path pattern in ``qsmprep/data/bids_config.json``,
+the same configuration the workflow's DerivativesDataSink uses, so the
+names written and the names listed (docs/outputs.md,
+qsmprep/data/expected_outputs/) cannot drift apart.
+"""
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+from .. import __version__
+
+CODE_URL = "https://github.com/qsmprep/qsmprep"
+
+BIDS_CONFIG = resources.files("qsmprep") / "data" / "bids_config.json"
+"""pybids configuration (entities and path pattern) of qsmprep derivatives."""
+
+BIDS_VERSION = "1.10.0"
+
+RAW_DATASET_NAME = "raw"
+"""Name of the input dataset in ``DatasetLinks``: sources are ``bids:raw:<path>``."""
+
+BIDSIGNORE = ("logs/", "*.html", "sub-*/figures/")
+"""Paths in the output dataset that are not BIDS files (logs, reports, report figures)."""
+
+OUTPUTS = {
+    "chimap": {"suffix": "Chimap", "desc": "{method}", "units": "ppm"},
+    "mask": {"suffix": "mask", "desc": "brain", "units": None},
+    "total_field": {"suffix": "fieldmap", "desc": "total", "units": "Hz"},
+    "local_field": {"suffix": "fieldmap", "desc": "local", "units": "ppm"},
+}
+"""Per-run outputs: BIDS suffix, desc entity and physical unit of each."""
+
+
+def load_bids_config():
+    """The pybids configuration dict of qsmprep derivatives."""
+    return json.loads(BIDS_CONFIG.read_text())
+
+
+def derivative_path(run, output, method=None, extension=".nii.gz"):
+    """Relative path of one output of ``run`` (a GRERun) in the derivatives dataset.
+
+    ``output`` is a key of OUTPUTS; ``method`` names the inversion for
+    ``"chimap"``. Example: ``sub-01/ses-2/anat/sub-01_ses-2_desc-tkd_Chimap.nii.gz``.
+    """
+    from bids.layout.writing import build_path
+
+    spec = OUTPUTS[output]
+    entities = dict(run.entities, datatype="anat", suffix=spec["suffix"], extension=extension,
+                    desc=spec["desc"].format(method=method))
+    path = build_path(entities, path_patterns=load_bids_config()["default_path_patterns"], strict=True)
+    if path is None:
+        raise ValueError(f"cannot name output {output!r} of {run.name} from {entities}")
+    return path
+
+
+def run_output_paths(run, methods):
+    """Every NIfTI output path of ``run`` (relative), keyed as OUTPUTS / ``chimap:<method>``."""
+    paths = {key: derivative_path(run, key) for key in OUTPUTS if key != "chimap"}
+    paths.update({f"chimap:{m}": derivative_path(run, "chimap", m) for m in methods})
+    return paths
+
+
+def bids_uri(path, bids_dir):
+    """BIDS URI of input ``path`` relative to the raw dataset, e.g. ``bids:raw:sub-01/anat/x.nii.gz``."""
+    rel = Path(path).absolute().relative_to(Path(bids_dir).absolute())
+    return f"bids:{RAW_DATASET_NAME}:{rel.as_posix()}"
+
+
+def _write_atomic(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_dataset_description(output_dir, bids_dir):
+    """Write ``dataset_description.json`` and ``.bidsignore`` of the derivatives dataset; return the former's path."""
+    output_dir = Path(output_dir)
+    description = {
+        "Name": "qsmprep outputs: quantitative susceptibility maps",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "qsmprep", "Version": __version__, "CodeURL": CODE_URL}],
+        "DatasetLinks": {RAW_DATASET_NAME: Path(bids_dir).absolute().as_uri()},
+    }
+    path = output_dir / "dataset_description.json"
+    _write_atomic(path, json.dumps(description, indent=2) + "\n")
+    _write_atomic(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+    return path

@@ -1,0 +1,202 @@
+"""Find multi-echo gradient-echo (GRE) runs in a BIDS dataset with pybids.
+
+A *run* is every magnitude and phase image of one acquisition: the files
+that share subject, session, acquisition, run and suffix, split by the
+``part`` entity (``mag`` / ``phase``). Suffixes searched: ``MEGRE`` (one
+file per echo, ``echo-<n>``), ``T2starw`` and ``GRE`` (single echo, or one
+4D file with all echoes and an ``EchoTime`` list in its sidecar).
+
+Echoes are ordered by their numeric ``EchoTime`` (never as strings: echo-10
+after echo-9); where an ``EchoTime`` is missing the numeric ``echo`` entity
+is used, and validation (``qsmprep.bids.validation``) reports the problem.
+Discovery only finds files; it judges nothing.
+"""
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import NoInputError, UsageError
+
+log = logging.getLogger(__name__)
+
+GRE_SUFFIXES = ("MEGRE", "T2starw", "GRE")
+"""BIDS suffixes searched for gradient-echo magnitude and phase images."""
+
+SINGLE_ECHO_SUFFIXES = ("T2starw", "GRE")
+"""Suffixes for which a single echo is a valid acquisition (MEGRE needs two or more)."""
+
+FILTER_FILE_KEY = "megre"
+"""Key of the ``--bids-filter-file`` JSON whose entities restrict the GRE query."""
+
+
+@dataclass(frozen=True)
+class GRERun:
+    """The magnitude and phase files of one gradient-echo acquisition.
+
+    ``magnitude`` and ``phase`` hold one file per echo, ordered by echo time,
+    or a single 4D file each (``multi_echo_4d``). ``*_meta`` are their sidecar
+    metadata (BIDS inheritance applied). The fields after ``phase_meta`` are
+    filled in by ``qsmprep.bids.validation.validate_runs`` once the run
+    passed every check; they are None before.
+    """
+
+    subject: str
+    session: str | None
+    acquisition: str | None
+    run: str | None
+    suffix: str
+    magnitude: tuple = ()
+    phase: tuple = ()
+    magnitude_meta: tuple = field(default=(), compare=False, repr=False)
+    phase_meta: tuple = field(default=(), compare=False, repr=False)
+    multi_echo_4d: bool = False
+    echo_times_s: tuple | None = None
+    phase_units: str | None = None
+    b0_tesla: float | None = None
+    shape: tuple | None = None
+    affine: tuple | None = None
+    mask: str | None = None
+
+    @property
+    def entities(self):
+        """BIDS entities of the run (those that are set), in filename order."""
+        pairs = (("subject", self.subject), ("session", self.session),
+                 ("acquisition", self.acquisition), ("run", self.run))
+        return {k: v for k, v in pairs if v is not None}
+
+    @property
+    def name(self):
+        """Filename prefix of the run, e.g. ``sub-01_ses-2_acq-fast_run-1``."""
+        keys = {"subject": "sub", "session": "ses", "acquisition": "acq", "run": "run"}
+        return "_".join(f"{keys[k]}-{v}" for k, v in self.entities.items())
+
+    @property
+    def files(self):
+        """Every input image of the run: magnitudes, then phases."""
+        return tuple(self.magnitude) + tuple(self.phase)
+
+    def to_dict(self):
+        """JSON-able description (paths, entities, validated properties)."""
+        out = asdict(self)
+        out.pop("magnitude_meta")
+        out.pop("phase_meta")
+        out["name"] = self.name
+        return out
+
+
+def read_filter_file(path):
+    """Read a ``--bids-filter-file``: JSON ``{"megre": {entity: value(s)}}``.
+
+    Returns the entity dict for the GRE query (empty when the key is absent).
+    Raises UsageError when the file is missing or is not such a JSON object.
+    """
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise UsageError(f"BIDS filter file {path} does not exist: check the --bids-filter-file path.") from exc
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"BIDS filter file {path} is not valid JSON ({exc}): fix its syntax.") from exc
+    if not isinstance(content, dict) or not isinstance(content.get(FILTER_FILE_KEY, {}), dict):
+        raise UsageError(
+            f'BIDS filter file {path} must be a JSON object like {{"{FILTER_FILE_KEY}": {{"acquisition": "fast"}}}}.'
+        )
+    return dict(content.get(FILTER_FILE_KEY, {}))
+
+
+def _strip_prefix(labels, prefix):
+    return [str(lab)[len(prefix):] if str(lab).startswith(prefix) else str(lab) for lab in labels]
+
+
+def _echo_number(entities):
+    try:
+        return int(entities.get("echo", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _echo_sort_key(item):
+    """Sort by numeric EchoTime, then numeric echo entity (files lacking EchoTime last)."""
+    path, entities, meta = item
+    te = meta.get("EchoTime")
+    numeric_te = isinstance(te, (int, float)) and not isinstance(te, bool)
+    return (0 if numeric_te else 1, float(te) if numeric_te else 0.0, _echo_number(entities), path)
+
+
+def discover_runs(bids_dir, participant_label=None, session_label=None, bids_filters=None):
+    """Find every gradient-echo run (magnitude + phase) in ``bids_dir``.
+
+    Parameters
+    ----------
+    bids_dir : str or Path
+        Root of the BIDS dataset.
+    participant_label, session_label : list of str or None
+        Restrict to these labels (a leading ``sub-`` / ``ses-`` is dropped);
+        None means all.
+    bids_filters : dict or None
+        Extra pybids entities for the query (from ``read_filter_file``).
+
+    Returns
+    -------
+    list of GRERun, sorted by name then suffix; files ordered by echo time.
+
+    Raises
+    ------
+    NoInputError when ``bids_dir`` is missing, when a requested participant
+    does not exist, or when no GRE magnitude/phase image is found.
+    """
+    from bids import BIDSLayout  # heavy import: only when discovering
+
+    bids_dir = Path(bids_dir).absolute()
+    if not bids_dir.is_dir():
+        raise NoInputError(f"BIDS directory {bids_dir} does not exist: check the first positional argument.")
+    layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    query = {"suffix": list(GRE_SUFFIXES), "part": ["mag", "phase"], "extension": [".nii", ".nii.gz"]}
+    query.update(bids_filters or {})
+    if participant_label:
+        wanted = _strip_prefix(participant_label, "sub-")
+        missing = sorted(set(wanted) - set(layout.get_subjects()))
+        if missing:
+            raise NoInputError(
+                f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {bids_dir}: "
+                "check --participant-label."
+            )
+        query["subject"] = wanted
+    if session_label:
+        query["session"] = _strip_prefix(session_label, "ses-")
+
+    groups = {}
+    for bids_file in layout.get(return_type="object", **query):
+        ent = bids_file.get_entities()
+        key = tuple(
+            None if ent.get(k) is None else str(ent[k])
+            for k in ("subject", "session", "acquisition", "run", "suffix")
+        )
+        item = (bids_file.path, ent, bids_file.get_metadata())
+        groups.setdefault(key, {"mag": [], "phase": []})[ent["part"]].append(item)
+    if not groups:
+        where = f" for participant(s) {', '.join(participant_label)}" if participant_label else ""
+        raise NoInputError(
+            f"no gradient-echo magnitude/phase images ({'/'.join(GRE_SUFFIXES)} with part-mag and part-phase)"
+            f" found in {bids_dir}{where}: check the dataset and the --participant-label/--session-label/"
+            "--bids-filter-file options."
+        )
+
+    runs = []
+    for (subject, session, acquisition, run, suffix), parts in groups.items():
+        mag = sorted(parts["mag"], key=_echo_sort_key)
+        phase = sorted(parts["phase"], key=_echo_sort_key)
+        multi_echo_4d = any("echo" not in ent for _, ent, _ in mag + phase) and any(
+            isinstance(meta.get("EchoTime"), list) for _, _, meta in mag + phase
+        )
+        runs.append(GRERun(
+            subject=subject, session=session, acquisition=acquisition, run=run, suffix=suffix,
+            magnitude=tuple(p for p, _, _ in mag), phase=tuple(p for p, _, _ in phase),
+            magnitude_meta=tuple(m for _, _, m in mag), phase_meta=tuple(m for _, _, m in phase),
+            multi_echo_4d=multi_echo_4d,
+        ))
+    runs.sort(key=lambda r: (r.name, r.suffix))
+    log.info("found %d gradient-echo run(s) in %s", len(runs), bids_dir)
+    return runs

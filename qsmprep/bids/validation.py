@@ -1,0 +1,271 @@
+"""Check discovered GRE runs before any work, and say what to fix.
+
+Every check reports a ``Problem`` naming the file and the fix; a run with
+any problem is left out and the others proceed. Checks, per run:
+
+- magnitude and phase images both present, with the same number of echoes;
+- ``EchoTime`` in every sidecar, in seconds (> 0 and < 1), equal between the
+  magnitude and phase of one echo, and distinct between echoes;
+- phase ``Units`` present and one of 'rad' / 'arbitrary';
+- one echo only for suffixes ``T2starw`` and ``GRE`` (single-echo GRE is a
+  valid acquisition there); a ``MEGRE`` run with one echo is reported,
+  since it usually means echoes went missing on export;
+- all images on one grid (shape and affine), and a 4D file holding as many
+  volumes as its ``EchoTime`` list has entries;
+- a B0 field strength: ``MagneticFieldStrength`` in the sidecars, or the
+  ``--b0-tesla`` override;
+- a user mask (``--mask PATH``), when given, on the run's grid.
+
+``check_bids_dataset`` is a light BIDS check with the ``bids_validator``
+package (file names only); ``--skip-bids-validation`` skips it.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import DataError, NoInputError
+from .discovery import SINGLE_ECHO_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+PHASE_UNITS = ("rad", "arbitrary")
+"""Phase ``Units`` qsmprep interprets (see qsmprep.phase.scaling.phase_to_rad)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a run cannot be processed: the run, the file, and the fix."""
+
+    subject: str
+    run: str
+    file: str
+    message: str
+
+    def __str__(self):
+        return self.message
+
+
+def check_bids_dataset(bids_dir):
+    """Light BIDS check of ``bids_dir``; return the relative paths that are not valid BIDS names.
+
+    Raises DataError when ``dataset_description.json`` is missing (not a
+    BIDS dataset). Files with invalid names are logged as warnings and
+    returned; they do not stop the run (pybids still finds what it can).
+    """
+    from bids_validator import BIDSValidator
+
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        raise NoInputError(f"BIDS directory {bids_dir} does not exist: check the first positional argument.")
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise DataError(
+            f"{bids_dir} has no dataset_description.json, so it is not a BIDS dataset: add one "
+            "(https://bids-specification.readthedocs.io) or pass --skip-bids-validation."
+        )
+    validator = BIDSValidator()
+    invalid = []
+    for root, dirs, files in os.walk(bids_dir):
+        rel_root = Path(root).relative_to(bids_dir)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (rel_root.parts or d.startswith("sub-")))
+        for name in sorted(files):
+            rel = "/" + (rel_root / name).as_posix()
+            if rel_root.parts and not name.startswith(".") and not validator.is_bids(rel):
+                invalid.append(rel.lstrip("/"))
+    if invalid:
+        log.warning("%d file(s) in %s do not have valid BIDS names (e.g. %s); they may be ignored.",
+                    len(invalid), bids_dir, ", ".join(invalid[:3]))
+    return invalid
+
+
+def _sidecar(path):
+    path = str(path)
+    for ext in (".nii.gz", ".nii"):
+        if path.endswith(ext):
+            return path[: -len(ext)] + ".json"
+    return path + ".json"
+
+
+def _header(path):
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return tuple(int(n) for n in img.shape), img.affine
+
+
+def _echo_times(run, problems):
+    """Echo times (s) of the run from its phase and magnitude sidecars, or None after a problem."""
+    def report(file, message):
+        problems.append(Problem(run.subject, run.name, str(file), message))
+
+    per_part = []
+    for files, metas in ((run.magnitude, run.magnitude_meta), (run.phase, run.phase_meta)):
+        tes = []
+        for file, meta in zip(files, metas):
+            te = meta.get("EchoTime")
+            values = te if isinstance(te, list) else [te]
+            if te is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                report(file, f"{file}: no numeric EchoTime in its JSON sidecar {_sidecar(file)}: add \"EchoTime\" "
+                             "in seconds (a list of seconds for a 4D multi-echo file).")
+                return None
+            bad = [v for v in values if not 0 < v < 1]
+            if bad:
+                hint = " (it looks like milliseconds)" if all(1 <= v < 1000 for v in bad) else ""
+                report(file, f"{file}: EchoTime {bad[0]} is not in seconds{hint}: write it in seconds in "
+                             f"{_sidecar(file)}, e.g. 0.02 for 20 ms.")
+                return None
+            tes.extend(float(v) for v in values)
+        per_part.append(tes)
+    mag_tes, phase_tes = per_part
+    if len(mag_tes) != len(phase_tes) or any(abs(a - b) > 1e-6 for a, b in zip(mag_tes, phase_tes)):
+        report(run.phase[0], f"{run.name}: magnitude echo times {mag_tes} s differ from phase echo times "
+                             f"{phase_tes} s: check the EchoTime of each part-mag/part-phase sidecar pair.")
+        return None
+    if len(set(round(t, 9) for t in phase_tes)) != len(phase_tes):
+        report(run.phase[0], f"{run.name}: two echoes have the same EchoTime ({phase_tes} s): each echo needs "
+                             "its own EchoTime in its sidecar.")
+        return None
+    return tuple(phase_tes)
+
+
+def _phase_units(run, problems):
+    units = set()
+    for file, meta in zip(run.phase, run.phase_meta):
+        value = meta.get("Units")
+        if value is None or str(value).strip().lower() not in PHASE_UNITS:
+            what = "no Units" if value is None else f"Units {value!r}, which qsmprep cannot interpret,"
+            problems.append(Problem(run.subject, run.name, str(file),
+                                    f"{file}: the phase sidecar {_sidecar(file)} has {what}: set \"Units\" to "
+                                    "\"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
+            return None
+        units.add(str(value).strip().lower())
+    if len(units) > 1:
+        problems.append(Problem(run.subject, run.name, str(run.phase[0]),
+                                f"{run.name}: phase echoes mix Units {sorted(units)}: export all echoes with one unit."))
+        return None
+    return units.pop()
+
+
+def _grid(run, n_echoes, problems):
+    """(shape3, affine) shared by every image of the run, or None after a problem."""
+    from ..io import check_same_grid
+
+    ref = file = run.magnitude[0]
+    try:
+        ref_shape, ref_affine = _header(ref)
+        for file in run.files:
+            shape, affine = _header(file)
+            check_same_grid(ref, (ref_shape, ref_affine), file, (shape, affine))
+            volumes = shape[3] if len(shape) > 3 else 1
+            expected = n_echoes if run.multi_echo_4d else 1
+            if len(shape) > 4 or volumes != expected:
+                raise DataError(f"{file} holds {volumes} volume(s) but its sidecar lists {expected} echo time(s): "
+                                "give one EchoTime per volume, or one file per echo (echo-<n>).")
+    except DataError as exc:
+        problems.append(Problem(run.subject, run.name, str(file), str(exc)))
+        return None
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        problems.append(Problem(run.subject, run.name, str(file),
+                                f"{file} is not a readable NIfTI image ({exc}): re-export it as .nii or .nii.gz."))
+        return None
+    return ref_shape[:3], tuple(tuple(float(v) for v in row) for row in ref_affine)
+
+
+def _b0_tesla(run, b0_tesla, problems):
+    if b0_tesla is not None:
+        return float(b0_tesla)
+    values = {m.get("MagneticFieldStrength") for m in run.magnitude_meta + run.phase_meta}
+    values.discard(None)
+    if len(values) == 1 and isinstance(next(iter(values)), (int, float)) and next(iter(values)) > 0:
+        return float(values.pop())
+    what = "no MagneticFieldStrength" if not values else f"MagneticFieldStrength values {sorted(map(str, values))}"
+    problems.append(Problem(run.subject, run.name, str(run.phase[0]),
+                            f"{run.phase[0]}: {what} in the sidecars of {run.name}: add \"MagneticFieldStrength\" "
+                            "(tesla) to its JSON sidecar, or pass --b0-tesla."))
+    return None
+
+
+def user_mask_for_run(run, mask):
+    """The user mask file for ``run``: ``mask`` itself if it is a file, else its match in a derivatives folder.
+
+    In a folder (e.g. an earlier qsmprep output), the mask is
+    ``<name>_desc-brain_mask.nii[.gz]`` next to the run's relative path
+    (``sub-X[/ses-Y]/anat/``). Returns None when the folder has none.
+    """
+    mask = Path(mask)
+    if mask.is_file():
+        return str(mask)
+    folder = mask / f"sub-{run.subject}"
+    if run.session:
+        folder = folder / f"ses-{run.session}"
+    for ext in (".nii.gz", ".nii"):
+        candidate = folder / "anat" / f"{run.name}_desc-brain_mask{ext}"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def validate_run(run, b0_tesla=None, mask=None):
+    """Check one run; return (validated run or None, list of Problem).
+
+    ``b0_tesla`` overrides ``MagneticFieldStrength``; ``mask`` is a user mask
+    file or derivatives folder (``--mask PATH``), or None.
+    """
+    problems = []
+
+    def report(file, message):
+        problems.append(Problem(run.subject, run.name, str(file), message))
+
+    if not run.magnitude:
+        report(run.phase[0], f"{run.phase[0]}: no magnitude image (part-mag) for {run.name}: add the magnitude "
+                             "images of the same acquisition; qsmprep needs them for the mask and echo weighting.")
+        return None, problems
+    if not run.phase:
+        report(run.magnitude[0], f"{run.magnitude[0]}: no phase image (part-phase) for {run.name}: export the phase "
+                                 "images too; QSM is computed from phase.")
+        return None, problems
+    if not run.multi_echo_4d and len(run.magnitude) != len(run.phase):
+        longer = run.magnitude if len(run.magnitude) > len(run.phase) else run.phase
+        report(longer[-1], f"{run.name} has {len(run.magnitude)} magnitude and {len(run.phase)} phase echo(es) "
+                           f"(e.g. {longer[-1]}): give each echo both a part-mag and a part-phase image.")
+        return None, problems
+
+    echo_times = _echo_times(run, problems)
+    units = _phase_units(run, problems)
+    if echo_times is not None and len(echo_times) == 1 and run.suffix not in SINGLE_ECHO_SUFFIXES:
+        report(run.phase[0], f"{run.phase[0]}: {run.name} has a single echo but suffix {run.suffix}, which means "
+                             "multi-echo: add the missing echoes, or name a single-echo acquisition _T2starw.")
+    grid = _grid(run, len(echo_times), problems) if echo_times is not None else None
+    b0 = _b0_tesla(run, b0_tesla, problems)
+    mask_file = None
+    if mask is not None and grid is not None:
+        mask_file = user_mask_for_run(run, mask)
+        if mask_file is None:
+            report(mask, f"no mask for {run.name} in {mask} (looked for "
+                         f"sub-{run.subject}/.../anat/{run.name}_desc-brain_mask.nii.gz): add it or drop --mask.")
+        else:
+            from ..io import check_same_grid
+
+            try:
+                shape, affine = _header(mask_file)
+                check_same_grid(run.magnitude[0], grid, mask_file, (shape, affine))
+            except DataError as exc:
+                report(mask_file, str(exc))
+    if problems:
+        return None, problems
+    return replace(run, echo_times_s=echo_times, phase_units=units, b0_tesla=b0,
+                   shape=grid[0], affine=grid[1], mask=mask_file), problems
+
+
+def validate_runs(runs, b0_tesla=None, mask=None):
+    """Check every run; return (valid runs, problems). Each problem is logged as an error."""
+    valid, problems = [], []
+    for run in runs:
+        checked, found = validate_run(run, b0_tesla=b0_tesla, mask=mask)
+        problems.extend(found)
+        if checked is not None:
+            valid.append(checked)
+    for problem in problems:
+        log.error("%s", problem.message)
+    return valid, problems

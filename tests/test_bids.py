@@ -1,0 +1,225 @@
+"""BIDS discovery, validation and derivatives naming on tiny hand-made BIDS trees."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmprep.bids import check_bids_dataset, discover_runs, read_filter_file, validate_runs
+from qsmprep.bids.derivatives import bids_uri, run_output_paths, write_dataset_description
+from qsmprep.bids.discovery import GRERun
+from qsmprep.errors import DataError, NoInputError, UsageError
+
+
+def _write_image(path, shape=(6, 6, 5), affine=None, meta=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4) if affine is None else affine), str(path))
+    if meta is not None:
+        path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(meta))
+    return path
+
+
+def make_run(root, sub="01", ses=None, entities="", echo_times=(0.004, 0.008), units="rad", b0=3.0,
+             suffix="MEGRE", shape=(6, 6, 5), skip=(), echo_numbers=None):
+    """Write one GRE run; ``skip`` holds (part, echo) pairs to leave out. Returns the anat folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.10.0"}))
+    anat = root / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
+    prefix = f"sub-{sub}" + (f"_ses-{ses}" if ses else "") + entities
+    numbers = echo_numbers or range(1, len(echo_times) + 1)
+    for echo, te in zip(numbers, echo_times):
+        for part in ("mag", "phase"):
+            if (part, echo) in skip:
+                continue
+            meta = {"EchoTime": te}
+            if b0 is not None:
+                meta["MagneticFieldStrength"] = b0
+            if part == "phase" and units is not None:
+                meta["Units"] = units
+            echo_ent = f"_echo-{echo}" if len(echo_times) > 1 or suffix == "MEGRE" else ""
+            _write_image(anat / f"{prefix}{echo_ent}_part-{part}_{suffix}.nii.gz", shape, meta=meta)
+    return anat
+
+
+def test_echoes_ordered_by_numeric_echo_time(tmp_path):
+    tes = [0.002 * (i + 1) for i in range(11)]
+    make_run(tmp_path, echo_times=tes)
+    (run,) = discover_runs(tmp_path)
+    numbers = [int(p.split("_echo-")[1].split("_")[0]) for p in run.magnitude]
+    assert numbers == list(range(1, 12))  # echo-10, echo-11 after echo-9, not after echo-1
+    (checked,), problems = validate_runs([run])
+    assert problems == []
+    assert checked.echo_times_s == pytest.approx(tes)
+    assert checked.phase_units == "rad" and checked.b0_tesla == 3.0 and checked.shape == (6, 6, 5)
+
+
+def test_echo_time_beats_echo_entity_for_order(tmp_path):
+    # echo numbers that disagree with the echo times: EchoTime decides
+    make_run(tmp_path, echo_times=(0.010, 0.005, 0.015), echo_numbers=(1, 2, 3))
+    (run,) = discover_runs(tmp_path)
+    assert [p.split("_echo-")[1][0] for p in run.phase] == ["2", "1", "3"]
+    (checked,), _ = validate_runs([run])
+    assert checked.echo_times_s == pytest.approx((0.005, 0.010, 0.015))
+
+
+def test_grouping_by_session_acquisition_run_and_labels(tmp_path):
+    make_run(tmp_path, sub="01", ses="1")
+    make_run(tmp_path, sub="01", ses="2")
+    make_run(tmp_path, sub="02", entities="_acq-fast_run-1")
+    make_run(tmp_path, sub="02", entities="_acq-fast_run-2")
+    names = [r.name for r in discover_runs(tmp_path)]
+    assert names == ["sub-01_ses-1", "sub-01_ses-2", "sub-02_acq-fast_run-1", "sub-02_acq-fast_run-2"]
+    assert [r.name for r in discover_runs(tmp_path, participant_label=["sub-02"])] == names[2:]
+    assert [r.name for r in discover_runs(tmp_path, session_label=["2"])] == ["sub-01_ses-2"]
+    filters = tmp_path / "filter.json"
+    filters.write_text(json.dumps({"megre": {"run": 2}}))
+    assert [r.name for r in discover_runs(tmp_path, bids_filters=read_filter_file(filters))] == [names[3]]
+
+
+def test_no_input_and_bad_filter_file(tmp_path):
+    make_run(tmp_path)
+    with pytest.raises(NoInputError, match="sub-07 not found") as err:
+        discover_runs(tmp_path, participant_label=["07"])
+    assert err.value.exit_code == 66
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NoInputError, match="no gradient-echo") as err:
+        discover_runs(empty)
+    assert err.value.exit_code == 66
+    with pytest.raises(NoInputError):
+        discover_runs(tmp_path / "missing")
+    bad = tmp_path / "f.json"
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="f.json is not valid JSON") as err:
+        read_filter_file(bad)
+    assert err.value.exit_code == 64
+
+
+def test_four_d_multi_echo_files(tmp_path):
+    make_run(tmp_path)  # for dataset_description.json
+    anat = tmp_path / "sub-02" / "anat"
+    tes = [0.003, 0.006, 0.009]
+    _write_image(anat / "sub-02_part-mag_GRE.nii.gz", (6, 6, 5, 3), meta={"EchoTime": tes, "MagneticFieldStrength": 7})
+    _write_image(anat / "sub-02_part-phase_GRE.nii.gz", (6, 6, 5, 3),
+                 meta={"EchoTime": tes, "MagneticFieldStrength": 7, "Units": "arbitrary"})
+    run = [r for r in discover_runs(tmp_path) if r.subject == "02"][0]
+    assert run.multi_echo_4d and len(run.magnitude) == 1
+    (checked,), problems = validate_runs([run])
+    assert problems == [] and checked.echo_times_s == pytest.approx(tes) and checked.b0_tesla == 7.0
+    # a 4D file whose volume count disagrees with its EchoTime list is refused
+    _write_image(anat / "sub-02_part-phase_GRE.nii.gz", (6, 6, 5, 2),
+                 meta={"EchoTime": tes, "MagneticFieldStrength": 7, "Units": "arbitrary"})
+    run = [r for r in discover_runs(tmp_path) if r.subject == "02"][0]
+    _, (problem,) = validate_runs([run])
+    assert "sub-02_part-phase_GRE.nii.gz holds 2 volume(s)" in problem.message
+
+
+def _problems(tmp_path, **kwargs):
+    b0 = kwargs.pop("b0_override", None)
+    make_run(tmp_path, **kwargs)
+    valid, problems = validate_runs(discover_runs(tmp_path), b0_tesla=b0)
+    return valid, problems
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "file_part", "text"),
+    [
+        ({"units": None}, "_echo-1_part-phase_MEGRE.nii.gz", 'has no Units: set "Units" to "rad"'),
+        ({"units": "degrees"}, "_echo-1_part-phase_MEGRE.nii.gz", "Units 'degrees', which qsmprep cannot interpret"),
+        ({"b0": None}, "_echo-1_part-phase_MEGRE.nii.gz", "no MagneticFieldStrength"),
+        ({"echo_times": (4.0, 8.0)}, "_echo-1_part-mag_MEGRE.nii.gz", "looks like milliseconds"),
+        ({"echo_times": (0.004, 0.004)}, "_echo-1_part-phase_MEGRE.nii.gz", "same EchoTime"),
+        ({"echo_times": (0.004,)}, "_echo-1_part-phase_MEGRE.nii.gz", "single echo but suffix MEGRE"),
+        ({"skip": {("phase", 2)}}, "_echo-2_part-mag_MEGRE.nii.gz", "2 magnitude and 1 phase echo(es)"),
+        ({"skip": {("mag", 1), ("mag", 2)}}, "_echo-1_part-phase_MEGRE.nii.gz", "no magnitude image (part-mag)"),
+        ({"skip": {("phase", 1), ("phase", 2)}}, "_echo-1_part-mag_MEGRE.nii.gz", "no phase image (part-phase)"),
+    ],
+)
+def test_each_problem_names_the_file_and_the_fix(tmp_path, kwargs, file_part, text):
+    valid, problems = _problems(tmp_path, **kwargs)
+    assert valid == []
+    assert len(problems) >= 1
+    problem = problems[0]
+    assert problem.file.endswith("sub-01" + file_part)
+    assert text in problem.message
+    assert "sub-01" + file_part in problem.message or "sub-01" in problem.message
+
+
+def test_missing_echo_time_names_the_sidecar(tmp_path):
+    anat = make_run(tmp_path)
+    sidecar = anat / "sub-01_echo-2_part-mag_MEGRE.json"
+    sidecar.write_text(json.dumps({"MagneticFieldStrength": 3}))
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert problem.file.endswith("sub-01_echo-2_part-mag_MEGRE.nii.gz")
+    assert f"no numeric EchoTime in its JSON sidecar {sidecar}" in problem.message
+
+
+def test_b0_override_and_single_echo_t2starw_are_accepted(tmp_path):
+    valid, problems = _problems(tmp_path, b0=None, b0_override=7.0)
+    assert problems == [] and valid[0].b0_tesla == 7.0
+    other = tmp_path / "single"
+    make_run(other, echo_times=(0.02,), suffix="T2starw")
+    (run,), problems = validate_runs(discover_runs(other))
+    assert problems == [] and run.echo_times_s == (0.02,) and run.suffix == "T2starw"
+
+
+def test_grid_mismatch_is_reported_and_other_runs_proceed(tmp_path):
+    make_run(tmp_path, sub="01")
+    anat = make_run(tmp_path, sub="02")
+    _write_image(anat / "sub-02_echo-2_part-phase_MEGRE.nii.gz", (6, 6, 4))
+    anat3 = make_run(tmp_path, sub="03")
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    _write_image(anat3 / "sub-03_echo-1_part-phase_MEGRE.nii.gz", affine=shifted)
+    valid, problems = validate_runs(discover_runs(tmp_path))
+    assert [r.name for r in valid] == ["sub-01"]
+    assert [p.run for p in problems] == ["sub-02", "sub-03"]
+    assert problems[0].file.endswith("sub-02_echo-2_part-phase_MEGRE.nii.gz")
+    assert "has shape (6, 6, 4) but" in problems[0].message
+    assert "different affines" in problems[1].message and problems[1].file.endswith("sub-03_echo-1_part-phase_MEGRE.nii.gz")
+
+
+def test_user_mask_file_and_folder(tmp_path):
+    make_run(tmp_path / "bids")
+    (run,) = discover_runs(tmp_path / "bids")
+    good = _write_image(tmp_path / "m.nii.gz")
+    (checked,), _ = validate_runs([run], mask=good)
+    assert checked.mask == str(good)
+    bad = _write_image(tmp_path / "bad.nii.gz", (5, 5, 5))
+    _, (problem,) = validate_runs([run], mask=bad)
+    assert problem.file == str(bad) and "has shape (5, 5, 5)" in problem.message
+    deriv = tmp_path / "deriv"
+    _, (problem,) = validate_runs([run], mask=deriv)
+    assert "no mask for sub-01" in problem.message
+    found = _write_image(deriv / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz")
+    (checked,), _ = validate_runs([run], mask=deriv)
+    assert checked.mask == str(found)
+
+
+def test_light_bids_check(tmp_path):
+    with pytest.raises(DataError, match="dataset_description.json") as err:
+        check_bids_dataset(tmp_path)
+    assert err.value.exit_code == 65
+    anat = make_run(tmp_path)
+    (anat / "notes.txt").write_text("x")
+    assert check_bids_dataset(tmp_path) == ["sub-01/anat/notes.txt"]
+
+
+def test_derivative_names_and_description(tmp_path):
+    run = GRERun("01", "2", "fast", "1", "MEGRE")
+    paths = run_output_paths(run, ["tkd", "ilsqr"])
+    prefix = "sub-01/ses-2/anat/sub-01_ses-2_acq-fast_run-1"
+    assert paths == {
+        "mask": f"{prefix}_desc-brain_mask.nii.gz",
+        "total_field": f"{prefix}_desc-total_fieldmap.nii.gz",
+        "local_field": f"{prefix}_desc-local_fieldmap.nii.gz",
+        "chimap:tkd": f"{prefix}_desc-tkd_Chimap.nii.gz",
+        "chimap:ilsqr": f"{prefix}_desc-ilsqr_Chimap.nii.gz",
+    }
+    assert run_output_paths(GRERun("02", None, None, None, "GRE"), [])["mask"] == "sub-02/anat/sub-02_desc-brain_mask.nii.gz"
+    desc = json.loads(write_dataset_description(tmp_path / "out", tmp_path / "bids").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "qsmprep"
+    assert desc["DatasetLinks"]["raw"] == (tmp_path / "bids").as_uri()
+    assert "logs/" in (tmp_path / "out" / ".bidsignore").read_text().split()
+    assert bids_uri(tmp_path / "bids" / "sub-01" / "anat" / "x.nii.gz", tmp_path / "bids") == "bids:raw:sub-01/anat/x.nii.gz"
