@@ -3,6 +3,7 @@
 from .forward import forward_field_ppm, padded_shape
 from .kernel import dipole_kernel, kspace_grid
 from .orientation import b0_dir_from_affine, b0_tilt_deg, voxel_rotation, voxel_size_from_affine
+from .resample import b0_aligned_grid, from_b0_aligned, resample_to_grid, to_b0_aligned
 from .units import (
     GAMMA_BAR_MHZ_PER_T,
     hz_to_ppm,
@@ -15,10 +16,12 @@ from .units import (
 
 __all__ = [
     "GAMMA_BAR_MHZ_PER_T",
+    "b0_aligned_grid",
     "b0_dir_from_affine",
     "b0_tilt_deg",
     "dipole_kernel",
     "forward_field_ppm",
+    "from_b0_aligned",
     "hz_to_ppm",
     "hz_to_rad",
     "kspace_grid",
@@ -27,6 +30,8 @@ __all__ = [
     "ppm_to_rad",
     "rad_to_hz",
     "rad_to_ppm",
+    "resample_to_grid",
+    "to_b0_aligned",
     "voxel_rotation",
     "voxel_size_from_affine",
 ]
