@@ -1,0 +1,19 @@
+"""Phase preparation: scaling to radians, unwrapping, echo combination, quality maps."""
+
+from .combine import check_echo_times, fit_total_field_hz, total_field_hz
+from .quality import noise_std_hz, phase_quality_map
+from .scaling import phase_to_rad, to_complex, wrap_to_pi
+from .unwrap import unwrap_laplacian, unwrap_quality
+
+__all__ = [
+    "check_echo_times",
+    "fit_total_field_hz",
+    "noise_std_hz",
+    "phase_quality_map",
+    "phase_to_rad",
+    "to_complex",
+    "total_field_hz",
+    "unwrap_laplacian",
+    "unwrap_quality",
+    "wrap_to_pi",
+]

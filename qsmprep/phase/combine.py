@@ -1,0 +1,218 @@
+"""Multi-echo phase -> total field map in Hz.
+
+``total_field_hz`` is the whole step: sort echoes by TE, unwrap each echo
+spatially, make the echoes temporally consistent (remove the 2 pi k that
+spatial unwrapping leaves between echoes), then fit the phase evolution over
+TE per voxel with ``fit_total_field_hz``. See docs/methods/phase.md.
+"""
+
+import logging
+
+import numpy as np
+
+from ..errors import DataError
+from .scaling import wrap_to_pi
+from .unwrap import unwrap_laplacian, unwrap_quality
+
+log = logging.getLogger(__name__)
+
+_TWO_PI = 2.0 * np.pi
+
+MAX_PLAUSIBLE_TE_S = 0.5
+"""Echo times above this (s) are taken for milliseconds given by mistake."""
+
+UNWRAPPERS = {"laplacian": unwrap_laplacian, "quality": unwrap_quality}
+
+
+def check_echo_times(te_s, n_echoes):
+    """Validate echo times in seconds; return them as a float64 array.
+
+    Raises DataError (a sidecar ``EchoTime`` problem) if they are not
+    ``n_echoes`` finite positive values below 0.5 s.
+    """
+    te = np.atleast_1d(np.asarray(te_s, dtype=np.float64))
+    if te.ndim != 1 or te.size != n_echoes:
+        raise DataError(
+            f"got {te.size} echo times for {n_echoes} echoes: give one EchoTime per echo in the JSON sidecars."
+        )
+    if not np.all(np.isfinite(te)) or np.any(te <= 0):
+        raise DataError(f"echo times {te.tolist()} must be positive seconds: check EchoTime in the JSON sidecars.")
+    if np.any(te > MAX_PLAUSIBLE_TE_S):
+        raise DataError(
+            f"echo times {te.tolist()} look like milliseconds: BIDS EchoTime is in seconds; fix the JSON sidecars."
+        )
+    return te
+
+
+def _as_4d(array, name):
+    arr = np.asarray(array)
+    if arr.ndim == 3:
+        arr = arr[..., np.newaxis]
+    if arr.ndim != 4:
+        raise ValueError(f"{name} must be (i, j, k) or (i, j, k, echo), got shape {arr.shape}")
+    return arr
+
+
+def fit_total_field_hz(unwrapped_rad, te_s, magnitude=None, mask=None):
+    """Weighted least-squares fit of phase(TE) = offset + 2 pi f TE per voxel.
+
+    Weights are w_e = |m_e|^2, the inverse phase-noise variance of echo e
+    (var(phase_e) = sigma^2 / |m_e|^2 at high SNR), which makes the fit the
+    maximum-likelihood estimate under Gaussian phase noise. Without an offset
+    (one echo) this equals averaging the per-echo fields phase_e / (2 pi TE_e)
+    with weights |m_e|^2 TE_e^2, the weighting of Wu et al. (2012) and Robinson
+    et al. (2017); with an offset, the TE lever arm enters through the fit.
+
+    References: Wu B, Li W, Avram AV, Gho SM, Liu C. Fast and tissue-optimized
+    mapping of magnetic susceptibility and T2* with multi-echo and multi-shot
+    spirals. NeuroImage 2012;59:297-305. Robinson SD, Bredies K, Khabipova D,
+    Dymerska B, Marques JP, Schweser F. An illustrated comparison of processing
+    methods for MR phase imaging and QSM: combining array coil signals and
+    phase unwrapping. NMR Biomed 2017;30:e3601.
+
+    Parameters
+    ----------
+    unwrapped_rad : array (i, j, k, E) or (i, j, k)
+        Temporally consistent unwrapped phase in rad per echo.
+    te_s : sequence of E float
+        Echo times in s, in the order of the last axis (any order; sorted here).
+    magnitude : array like ``unwrapped_rad`` or None, default None
+        Magnitude per echo for the weights; None weights all echoes equally.
+    mask : bool array (i, j, k) or None, default None
+        Voxels to fit; outputs are 0 elsewhere. None fits every voxel.
+
+    Returns
+    -------
+    (field_hz, offset_rad, residual_rad): float32 arrays (i, j, k). The field
+    in Hz, the phase at TE = 0 in rad (0 for one echo, fitted without an
+    offset), and the weighted RMS phase residual in rad (0 when the model has
+    as many parameters as echoes). Voxels with zero total weight give 0.
+    """
+    phase = _as_4d(unwrapped_rad, "unwrapped phase").astype(np.float64)
+    te = check_echo_times(te_s, phase.shape[-1])
+    order = np.argsort(te, kind="stable")
+    te, phase = te[order], phase[..., order]
+    if magnitude is None:
+        weights = np.ones_like(phase)
+    else:
+        mag = _as_4d(magnitude, "magnitude")
+        if mag.shape != phase.shape:
+            raise ValueError(f"magnitude shape {mag.shape} differs from phase shape {phase.shape}")
+        weights = np.nan_to_num(mag[..., order].astype(np.float64)) ** 2
+    weights = np.where(np.isfinite(phase), weights, 0.0)
+    phase = np.nan_to_num(phase)
+
+    s = weights.sum(-1)
+    st = (weights * te).sum(-1)
+    stt = (weights * te**2).sum(-1)
+    sp = (weights * phase).sum(-1)
+    stp = (weights * te * phase).sum(-1)
+    det = s * stt - st**2
+    # the offset model needs two distinct TEs with weight; otherwise fit through the origin
+    with_offset = (len(np.unique(te)) > 1) & (det > 1e-9 * np.maximum(s * stt, np.finfo(float).tiny))
+    safe_det = np.where(with_offset, det, 1.0)
+    safe_stt = np.where(stt > 0, stt, 1.0)
+    slope = np.where(with_offset, (s * stp - st * sp) / safe_det, stp / safe_stt)
+    offset = np.where(with_offset, (stt * sp - st * stp) / safe_det, 0.0)
+    slope = np.where(s > 0, slope, 0.0)
+    offset = np.where(s > 0, offset, 0.0)
+
+    model = offset[..., np.newaxis] + slope[..., np.newaxis] * te
+    residual = np.sqrt((weights * (phase - model) ** 2).sum(-1) / np.where(s > 0, s, 1.0))
+    field = slope / _TWO_PI
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        field, offset, residual = (np.where(mask, a, 0.0) for a in (field, offset, residual))
+    return field.astype(np.float32), offset.astype(np.float32), residual.astype(np.float32)
+
+
+def _circular_median_shift(values):
+    """The multiple of 2 pi nearest to the median of ``values`` (rad)."""
+    return _TWO_PI * np.round(np.median(values) / _TWO_PI)
+
+
+def total_field_hz(phase_rad, te_s, magnitude=None, mask=None, voxel_size_mm=(1.0, 1.0, 1.0), unwrap="laplacian"):
+    """Multi-echo wrapped phase -> total field map in Hz.
+
+    1. Echoes are sorted by TE (input order is not trusted).
+    2. Each echo is unwrapped spatially (``unwrap``: 'laplacian' or 'quality').
+       The result is made congruent with the measured phase,
+       psi_e + 2 pi round((phi_e - psi_e) / 2 pi) (Ghiglia & Pritt, Two-
+       Dimensional Phase Unwrapping, Wiley 1998), which keeps the measured
+       phase values and removes the smooth least-squares error of Laplacian
+       unwrapping wherever that error is below pi. Each echo is then known
+       only up to its own constant 2 pi k_e.
+    3. Temporal consistency: the phase difference of the first two echoes,
+       wrap(psi_2 - psi_1), which wraps far less than either echo and has no
+       offset, is unwrapped with the same method and scaled to predict every
+       echo from the first, phi_e ~ phi_1 + dphi_21 (TE_e - TE_1) / (TE_2 - TE_1).
+       Each echo is then shifted by the 2 pi k_e nearest to the median (over
+       the mask) of its difference from that prediction. An error 2 pi m in the
+       unwrapped difference (its own constant) changes every prediction
+       linearly in TE, hence only adds a constant m / (TE_2 - TE_1) Hz to the
+       whole field map, which background removal discards. The first echo is
+       shifted so that its median lies in [-pi, pi).
+    4. ``fit_total_field_hz`` fits offset + 2 pi f TE with weights |m_e|^2
+       (one echo: f = phi_1 / (2 pi TE_1), no offset).
+
+    Parameters
+    ----------
+    phase_rad : array (i, j, k, E) or (i, j, k)
+        Wrapped phase in rad per echo (see ``phase_to_rad``).
+    te_s : sequence of E float
+        Echo times in s, matching the last axis; any order, unequal spacing allowed.
+    magnitude : array like ``phase_rad`` or None, default None
+        Magnitude per echo, for the fit weights; None weights echoes equally.
+    mask : bool array (i, j, k) or None, default None
+        Region to unwrap and fit (a brain mask); None uses every finite voxel.
+    voxel_size_mm : tuple of 3 float, default (1, 1, 1)
+        Voxel size in mm (used by the Laplacian unwrapping).
+    unwrap : {'laplacian', 'quality'}, default 'laplacian'
+        Spatial unwrapping method, see ``qsmprep.phase.unwrap``.
+
+    Returns
+    -------
+    float32 array (i, j, k): total field in Hz, 0 outside the mask. Defined up
+    to a global constant (plus low-order error for 'laplacian').
+    """
+    if unwrap not in UNWRAPPERS:
+        raise ValueError(f"unwrap must be one of {sorted(UNWRAPPERS)}, got {unwrap!r}")
+    unwrap_one = UNWRAPPERS[unwrap]
+    phase = _as_4d(phase_rad, "phase").astype(np.float32)
+    te = check_echo_times(te_s, phase.shape[-1])
+    order = np.argsort(te, kind="stable")
+    te, phase = te[order], phase[..., order]
+    mag = None if magnitude is None else _as_4d(magnitude, "magnitude")[..., order]
+    if mag is not None and mag.shape != phase.shape:
+        raise ValueError(f"magnitude shape {mag.shape} differs from phase shape {phase.shape}")
+    region = np.all(np.isfinite(phase), axis=-1)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != phase.shape[:3]:
+            raise ValueError(f"mask shape {mask.shape} differs from phase shape {phase.shape[:3]}")
+        region &= mask
+    if not region.any():
+        raise DataError("no voxel with valid phase inside the mask: check the mask and the phase images.")
+
+    phase = np.where(region[..., np.newaxis], phase, 0.0).astype(np.float32)
+    unwrapped = np.zeros(phase.shape, dtype=np.float32)
+    for e in range(phase.shape[-1]):
+        spatial = unwrap_one(phase[..., e], mask=region, voxel_size_mm=voxel_size_mm)
+        unwrapped[..., e] = phase[..., e] + _TWO_PI * np.round((spatial - phase[..., e]) / _TWO_PI)
+    unwrapped[..., 0] -= _circular_median_shift(unwrapped[region, 0])
+
+    later = np.flatnonzero(te > te[0])
+    if later.size:
+        second = later[0]  # the first echo with a TE distinct from the first one
+        diff = wrap_to_pi(phase[..., second] - phase[..., 0])
+        diff_unwrapped = unwrap_one(diff, mask=region, voxel_size_mm=voxel_size_mm)
+        diff_unwrapped -= _circular_median_shift(diff_unwrapped[region])
+        for e in range(1, phase.shape[-1]):
+            predicted = unwrapped[..., 0] + diff_unwrapped * ((te[e] - te[0]) / (te[second] - te[0]))
+            unwrapped[..., e] -= _circular_median_shift((unwrapped[..., e] - predicted)[region])
+
+    field, _, residual = fit_total_field_hz(unwrapped, te, magnitude=mag, mask=region)
+    log.info("total field: %d echoes, %s unwrapping, median fit residual %.3f rad",
+             phase.shape[-1], unwrap, float(np.median(residual[region])))
+    return field
+

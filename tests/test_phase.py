@@ -1,0 +1,233 @@
+"""Phase scaling, multi-echo field fit and combination, quality and noise maps."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsmprep.errors import DataError
+from qsmprep.phase import (
+    fit_total_field_hz,
+    noise_std_hz,
+    phase_quality_map,
+    phase_to_rad,
+    to_complex,
+    total_field_hz,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# --- scaling ---------------------------------------------------------------------------------
+
+def test_vendor_range_maps_onto_minus_pi_to_pi():
+    levels = np.array([-4096, -2048, 0, 2048, 4095], dtype=np.int16)
+    rad = phase_to_rad(levels, "arbitrary")
+    assert rad.dtype == np.float32
+    expected = np.array([-np.pi, -np.pi / 2, 0.0, np.pi / 2, np.pi - 2 * np.pi / 8192])
+    np.testing.assert_allclose(rad, expected, atol=1e-6)
+    assert rad.min() >= -np.float32(np.pi) and rad.max() < np.float32(np.pi)
+
+
+def test_unsigned_vendor_range_and_case_insensitive_units():
+    rad = phase_to_rad(np.array([0, 2048, 4095]), "Arbitrary", vendor_range=(0, 4095))
+    np.testing.assert_allclose(rad, [-np.pi, 0.0, np.pi - 2 * np.pi / 4096], atol=1e-6)
+
+
+def test_rad_round_trip_and_wrapping():
+    rng = np.random.default_rng(0)
+    phase = rng.uniform(-np.pi, np.pi, 1000).astype(np.float32)
+    np.testing.assert_allclose(phase_to_rad(phase, "rad"), phase, atol=1e-6)
+    # values outside [-pi, pi) are wrapped, not clipped; pi itself becomes -pi
+    np.testing.assert_allclose(phase_to_rad(np.array([np.pi, 3 * np.pi / 2, -7.0]), "rad"),
+                               [-np.pi, -np.pi / 2, -7.0 + 2 * np.pi], atol=1e-6)
+    z = to_complex(np.full(1000, 2.0), phase)
+    np.testing.assert_allclose(np.angle(z), phase, atol=1e-6)
+    np.testing.assert_allclose(np.abs(z), 2.0, rtol=1e-6)
+
+
+def test_data_within_vendor_range_are_not_min_max_rescaled():
+    # a phase image using only part of the range keeps its values (QSMxT #149, #160)
+    levels = np.array([-1000, 0, 3000])
+    np.testing.assert_allclose(phase_to_rad(levels, "arbitrary"), levels * np.pi / 4096, atol=1e-6)
+
+
+def test_out_of_range_data_fall_back_to_observed_range_with_warning(caplog):
+    data = np.array([0.0, 5000.0, 10000.0, np.nan])
+    with caplog.at_level(logging.WARNING, logger="qsmprep.phase.scaling"):
+        rad = phase_to_rad(data, "arbitrary", source="sub-01_part-phase_MEGRE.nii.gz")
+    assert "exceed the vendor range" in caplog.text
+    assert "sub-01_part-phase_MEGRE.nii.gz" in caplog.text
+    np.testing.assert_allclose(rad[:3], [-np.pi, 0.0, -np.pi], atol=1e-6)  # max -> pi wraps to -pi
+    assert np.isnan(rad[3])
+
+
+def test_float_vendor_range_is_a_continuous_scale():
+    rad = phase_to_rad(np.array([-0.5, 0.0, 0.25]), "arbitrary", vendor_range=(-0.5, 0.5))
+    np.testing.assert_allclose(rad, [-np.pi, 0.0, np.pi / 2], atol=1e-6)
+
+
+@pytest.mark.parametrize("units", [None, "", "degrees", "Hz"])
+def test_missing_or_unknown_units_raise_dataerror_naming_the_file(units):
+    with pytest.raises(DataError) as err:
+        phase_to_rad(np.zeros(3), units, source="sub-01_echo-1_part-phase_MEGRE.nii.gz")
+    message = str(err.value)
+    assert "sub-01_echo-1_part-phase_MEGRE.nii.gz" in message
+    assert "Units" in message and "rad" in message and "arbitrary" in message
+    assert err.value.exit_code == 65
+
+
+# --- echo fit ----------------------------------------------------------------------------------
+
+def _multi_echo(te_s, field_hz, offset_rad, magnitude, noise_std, seed=0):
+    """Complex multi-echo signal of a field map; returns (wrapped phase, magnitude)."""
+    rng = np.random.default_rng(seed)
+    te = np.asarray(te_s)
+    phase = offset_rad[..., None] + 2 * np.pi * field_hz[..., None] * te
+    signal = magnitude * np.exp(1j * phase)
+    signal = signal + noise_std * (rng.standard_normal(signal.shape) + 1j * rng.standard_normal(signal.shape))
+    return np.angle(signal).astype(np.float32), np.abs(signal).astype(np.float32)
+
+
+def test_fit_recovers_field_and_offset_from_unwrapped_phase_in_any_echo_order():
+    rng = np.random.default_rng(1)
+    field = rng.uniform(-80, 80, (8, 8, 8))
+    offset = rng.uniform(-1, 1, (8, 8, 8))
+    te = np.array([0.003, 0.007, 0.015, 0.02])  # unequal spacing
+    phase = offset[..., None] + 2 * np.pi * field[..., None] * te
+    mag = np.exp(-te / 0.03) * np.ones(phase.shape)
+    perm = [3, 0, 2, 1]
+    f, o, r = fit_total_field_hz(phase[..., perm], te[perm], magnitude=mag[..., perm])
+    np.testing.assert_allclose(f, field, atol=1e-3)
+    np.testing.assert_allclose(o, offset, atol=1e-4)
+    assert r.max() < 1e-4
+    # a non-linear phase leaves a residual: one echo off by 0.3 rad, RMS over 4 equal-weight echoes
+    bent = phase.copy()
+    bent[..., 2] += 0.3
+    _, _, r = fit_total_field_hz(bent, te)
+    assert 0.05 < float(np.median(r)) < 0.3
+
+
+def test_fit_single_echo_has_no_offset():
+    field = np.full((2, 2, 2), 25.0)
+    phase = 2 * np.pi * field * 0.01
+    f, o, r = fit_total_field_hz(phase, [0.01])
+    np.testing.assert_allclose(f, 25.0, rtol=1e-6)
+    assert not o.any() and not r.any()
+
+
+def test_echo_times_in_milliseconds_are_refused():
+    with pytest.raises(DataError, match="milliseconds"):
+        fit_total_field_hz(np.zeros((2, 2, 2, 2)), [4.0, 8.0])
+    with pytest.raises(DataError, match="one EchoTime per echo"):
+        fit_total_field_hz(np.zeros((2, 2, 2, 2)), [0.004])
+
+
+def _smooth_field_scene(n=48, voxel_size_mm=(1.0, 1.0, 2.0)):
+    axes = [(np.arange(n) - n / 2) * d for d in voxel_size_mm]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    r2 = (x / 20) ** 2 + (y / 20) ** 2 + (z / 40) ** 2
+    mask = r2 < 0.8
+    field = 120 * np.exp(-r2 / 0.2) + 40 * x / 20 + 20  # Hz, wraps several times at late echoes
+    offset = 0.5 + 0.5 * y / 20
+    return field, offset, mask
+
+
+@pytest.mark.parametrize("unwrap", ["laplacian", "quality"])
+def test_total_field_from_wrapped_noisy_echoes_in_scrambled_order(unwrap):
+    vox = (1.0, 1.0, 2.0)
+    field, offset, mask = _smooth_field_scene(voxel_size_mm=vox)
+    te = np.array([0.004, 0.0085, 0.0135, 0.02])
+    mag = np.exp(-te / 0.03) * mask[..., None]
+    phase, measured_mag = _multi_echo(te, field, offset, mag, noise_std=0.02)
+    assert np.ptp(field[mask] * te[-1]) > 2.5  # the last echo wraps more than twice
+    perm = [2, 0, 3, 1]
+    got = total_field_hz(phase[..., perm], te[perm], measured_mag[..., perm], mask, vox, unwrap=unwrap)
+    error = (got - field)[mask]
+    # no 2 pi k left anywhere: error is noise only, and the global constant is right too
+    assert abs(float(np.median(error))) < 0.1
+    assert np.abs(error).max() < 3.0
+    assert float(error.std()) < 0.6
+    assert not got[~mask].any()
+
+
+def test_total_field_single_echo():
+    vox = (1.0, 1.0, 2.0)
+    field, _, mask = _smooth_field_scene(voxel_size_mm=vox)
+    te = [0.01]
+    phase, mag = _multi_echo(te, field, np.zeros(field.shape), mask[..., None] * 1.0, noise_std=0.01)
+    got = total_field_hz(phase, te, mag, mask, vox, unwrap="quality")
+    error = (got - field)[mask]
+    # one echo: the field is known up to a global 1/TE = 100 Hz multiple
+    assert np.abs(error - np.median(error)).max() < 1.0
+    assert abs(np.median(error) / 100 - np.round(np.median(error) / 100)) < 0.01
+
+
+# --- quality and noise -------------------------------------------------------------------------
+
+def test_noise_std_matches_monte_carlo_spread_of_the_fit():
+    te = np.array([0.004, 0.008, 0.012, 0.016])
+    shape = (40, 40, 40)
+    field = np.full(shape, 5.0)  # no wrap: the fit alone is tested
+    amp = np.exp(-te / 0.025) * np.ones(shape + (1,))
+    sigma = 0.02
+    phase, mag = _multi_echo(te, field, np.full(shape, 0.3), amp, noise_std=sigma, seed=3)
+    got, _, _ = fit_total_field_hz(phase, te, magnitude=mag)
+    predicted = noise_std_hz(amp, te, magnitude_noise_std=sigma)
+    w = np.exp(-te / 0.025) ** 2
+    te_w = (w * te).sum() / w.sum()
+    analytic = sigma / (2 * np.pi * np.sqrt((w * (te - te_w) ** 2).sum()))
+    np.testing.assert_allclose(predicted, analytic, rtol=1e-5)
+    assert abs(got.std() / analytic - 1) < 0.05
+    # one echo: no offset, lever arm TE
+    np.testing.assert_allclose(noise_std_hz(np.ones((1, 1, 1, 1)), [0.01], magnitude_noise_std=0.1),
+                               0.1 / (2 * np.pi * 0.01), rtol=1e-5)
+    assert np.isinf(noise_std_hz(np.zeros((1, 1, 1, 2)), [0.01, 0.02])).all()
+
+
+def test_quality_map_separates_smooth_tissue_from_noise():
+    n = 32
+    x, y, z = np.meshgrid(*[np.arange(n) - n / 2] * 3, indexing="ij")
+    head = x**2 + y**2 + z**2 < 12**2
+    te = np.array([0.005, 0.01, 0.015])
+    field = 20.0 * x / n
+    rng = np.random.default_rng(4)
+    phase, mag = _multi_echo(te, field, np.zeros(head.shape), head[..., None] * 1.0, noise_std=0.05)
+    phase[~head] = rng.uniform(-np.pi, np.pi, (int((~head).sum()), 3))
+    q = phase_quality_map(phase, mag, te)
+    assert q.dtype == np.float32 and q.min() >= 0 and q.max() <= 1
+    inner = x**2 + y**2 + z**2 < 10**2
+    assert np.median(q[inner]) > 0.85
+    assert np.median(q[~head]) < 0.1
+
+
+# --- real data ---------------------------------------------------------------------------------
+
+def test_romeo_small_laplacian_and_quality_fields_agree():
+    folder = DATA / "romeo_small"
+    if not (folder / "Phase.nii.gz").is_file():
+        pytest.skip(f"{folder} not available")
+    import nibabel as nib
+
+    mag = np.asarray(nib.load(folder / "Mag.nii.gz").dataobj, dtype=np.float32)
+    raw = np.asarray(nib.load(folder / "Phase.nii.gz").dataobj, dtype=np.float64)
+    vox = (0.46875, 0.46875, 1.0)
+    te = [0.004, 0.008, 0.012]
+    extent = np.abs(raw).max()  # phase stored rescaled to about +-0.0037
+    phase = phase_to_rad(raw, "arbitrary", vendor_range=(-extent, extent))
+    assert phase.min() >= -np.pi and phase.max() < np.pi and np.ptp(phase) > 6.2
+    mask = np.ones(phase.shape[:3], dtype=bool)  # the crop lies inside the brain
+    lap = total_field_hz(phase, te, mag, mask, vox, unwrap="laplacian")
+    qual = total_field_hz(phase, te, mag, mask, vox, unwrap="quality")
+    assert np.percentile(np.abs(qual * 2 * np.pi * te[-1]), 99) > np.pi  # the last echo wraps
+    diff = lap - qual
+    diff -= np.median(diff)
+    assert (np.abs(diff) > 1.0).mean() < 0.005  # measured: 0.08% of voxels
+    # the fitted field explains the measured wrapped phase: small weighted RMS residual
+    model = 2 * np.pi * qual[..., None] * np.asarray(te)
+    offset = np.angle((mag**2 * np.exp(1j * (phase - model))).sum(-1))
+    residual = np.angle(np.exp(1j * (phase - model - offset[..., None])))
+    rms = np.sqrt((mag**2 * residual**2).sum(-1) / (mag**2).sum(-1))
+    assert np.median(rms) < 0.03  # measured 0.017 rad
+    assert np.percentile(rms, 99) < 0.15
