@@ -1,0 +1,93 @@
+"""Spherical mean value (SMV) filtering, the building block of SHARP-type methods.
+
+The field of sources outside a region is harmonic inside it, and a harmonic
+function equals its mean over any sphere that fits in the region (the mean
+value property). So (delta - SMV) applied to the total field removes the
+background field wherever the sphere fits in the mask.
+
+Reference: Schweser F, Deistung A, Lehr BW, Reichenbach JR. Quantitative
+imaging of intrinsic magnetic tissue properties using MRI signal phase: an
+approach to in vivo brain iron metabolism? NeuroImage 2011;54:2789-2807.
+"""
+
+import numpy as np
+from scipy import fft as spfft
+
+from ..masking import ball_mm
+
+
+def smv_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=5.0, rfft=False):
+    """k-space kernel of the normalised sphere (the spherical mean value operator).
+
+    The sphere is built in image space as the voxels whose centres lie within
+    ``radius_mm`` (in mm, so anisotropic voxels give an ellipsoid in index
+    space; see ``qsmprep.masking.ball_mm``), centred at voxel (0, 0, 0) with
+    wrap-around, normalised to sum 1, then Fourier transformed. The ball is
+    symmetric, so the transform is real; its value at DC is 1.
+
+    Parameters
+    ----------
+    shape : tuple of 3 int
+        Grid shape; odd and even sizes are both handled. Each axis must hold
+        the whole ball (2 floor(r / d) + 1 voxels).
+    voxel_size_mm : tuple of 3 float, default (1, 1, 1)
+        Voxel size in mm along i, j, k.
+    radius_mm : float, default 5.0
+        Sphere radius in mm.
+    rfft : bool, default False
+        Return the half-spectrum matching ``scipy.fft.rfftn``.
+
+    Returns
+    -------
+    float32 array in FFT (unshifted) order.
+    """
+    ball = ball_mm(radius_mm, voxel_size_mm)
+    if any(b > n for b, n in zip(ball.shape, shape)):
+        raise ValueError(f"a {radius_mm} mm sphere ({ball.shape} voxels) does not fit in a {tuple(shape)} grid")
+    offsets = np.nonzero(ball)
+    half = [(b - 1) // 2 for b in ball.shape]
+    sphere = np.zeros(shape, dtype=np.float32)
+    sphere[tuple((o - h) % n for o, h, n in zip(offsets, half, shape))] = 1.0 / offsets[0].size
+    if rfft:
+        return spfft.rfftn(sphere, workers=-1).real.astype(np.float32)
+    return spfft.fftn(sphere, workers=-1).real.astype(np.float32)
+
+
+def smv_padded_shape(shape, voxel_size_mm, radius_mm):
+    """Grid shape, padded at the far end of each axis, on which a circular SMV of ``radius_mm`` does not wrap.
+
+    Each axis grows by ceil(radius / voxel size) voxels of zeros, rounded up
+    to a fast real-FFT size.
+    """
+    return tuple(
+        spfft.next_fast_len(int(n + np.ceil(radius_mm / d - 1e-9)), real=True) for n, d in zip(shape, voxel_size_mm)
+    )
+
+
+def sphere_fits(mask_spectrum, kernel, shape, voxel_size_mm, radius_mm):
+    """Voxels whose whole ``radius_mm`` sphere lies inside the mask (mask eroded by the sphere).
+
+    Computed as SMV(mask) == 1 by FFT: with n voxels in the ball, a voxel is
+    kept when SMV(mask) > 1 - 0.5 / n, i.e. no ball voxel is missing, which
+    is robust to float32 FFT round-off.
+
+    Parameters
+    ----------
+    mask_spectrum : complex array
+        ``scipy.fft.rfftn`` of the (zero-padded) mask on ``shape``.
+    kernel : float array
+        ``smv_kernel(shape, voxel_size_mm, radius_mm, rfft=True)``.
+    shape : tuple of 3 int
+        The padded grid shape.
+    voxel_size_mm : tuple of 3 float
+        Voxel size in mm.
+    radius_mm : float
+        Sphere radius in mm.
+
+    Returns
+    -------
+    bool array of ``shape``.
+    """
+    n_ball = int(ball_mm(radius_mm, voxel_size_mm).sum())
+    mean_of_mask = spfft.irfftn(mask_spectrum * kernel, s=shape, workers=-1)
+    return mean_of_mask > 1.0 - 0.5 / n_ball
