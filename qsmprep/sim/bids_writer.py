@@ -1,0 +1,197 @@
+"""Write simulated acquisitions as a BIDS raw dataset with a ground-truth derivative.
+
+Layout (BIDS 1.9, MEGRE with the ``echo`` and ``part`` entities)::
+
+    OUT/dataset_description.json  participants.tsv  README  CHANGES
+    OUT/sub-XX[/ses-YY]/anat/sub-XX[_ses-YY]_echo-N_part-{mag,phase}_MEGRE.nii.gz (+ .json)
+    OUT/derivatives/groundtruth/dataset_description.json  dseg.tsv
+    OUT/derivatives/groundtruth/sub-XX[/ses-YY]/anat/sub-XX[_ses-YY]_Chimap.nii.gz (+ .json, ppm)
+        ..._desc-{local,total,background}_fieldmap.nii.gz (+ .json, ppm)
+        ..._desc-brain_mask.nii.gz  ..._dseg.nii.gz
+
+The pipeline reads only the raw part; the ground truth sits in a
+derivative dataset it never indexes as input.
+"""
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .. import __version__
+from ..io import save_nifti
+from .gre import VENDOR_PHASE_MAX, phase_to_vendor_units
+from .phantom import CHI_PPM, LABELS
+
+BIDS_VERSION = "1.9.0"
+PHASE_UNITS = ("arbitrary", "rad")
+
+_README = """\
+# {name}
+
+Multi-echo gradient-echo (MEGRE) magnitude and phase simulated by
+`qsmprep-simulate` (qsmprep {version}) from a procedural numerical head
+phantom: no subject data. Phase is stored in `{phase_units}` units{phase_note}.
+
+The known answers (susceptibility `Chimap` in ppm, local/total/background
+field maps in ppm, brain mask and tissue labels) are in
+`derivatives/groundtruth/`. See qsmprep's docs/simulator.md for the model.
+"""
+
+
+def _write_text(path, text):
+    """Write ``text`` to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path, content):
+    _write_text(path, json.dumps(content, indent=2) + "\n")
+
+
+def _scanner_header(affine):
+    """NIfTI header with qform and sform set to ``affine`` as scanner coordinates, units mm and s."""
+    header = nib.Nifti1Header()
+    header.set_qform(affine, code="scanner")
+    header.set_sform(affine, code="scanner")
+    header.set_xyzt_units("mm", "sec")
+    return header
+
+
+def _entities(subject, session):
+    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    folder = Path(f"sub-{subject}") / (f"ses-{session}" if session else "") / "anat"
+    return prefix, folder
+
+
+def _participants(path, subjects):
+    """participants.tsv with the union of existing and new participant ids."""
+    ids = set()
+    if path.is_file():
+        with open(path, newline="") as f:
+            ids = {row["participant_id"] for row in csv.DictReader(f, delimiter="\t")}
+    ids |= {f"sub-{s}" for s in subjects}
+    return "participant_id\n" + "".join(f"{i}\n" for i in sorted(ids))
+
+
+def write_subject(out_dir, subject, session, gre, phase_units="arbitrary"):
+    """Write one acquisition's raw MEGRE files and its ground truth; return the raw paths.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Dataset root.
+    subject : str
+        Subject label without ``sub-``.
+    session : str or None
+        Session label without ``ses-``, or None for no session level.
+    gre : SimulatedGRE
+    phase_units : {"arbitrary", "rad"}, default "arbitrary"
+        "arbitrary": int16 vendor-style phase (``phase_to_vendor_units``);
+        "rad": float32 radians.
+    """
+    if phase_units not in PHASE_UNITS:
+        raise ValueError(f"phase_units must be one of {PHASE_UNITS}, got {phase_units!r}")
+    out_dir = Path(out_dir)
+    prefix, folder = _entities(subject, session)
+    header = _scanner_header(gre.affine)
+    common = {
+        "MagneticFieldStrength": gre.b0_tesla,
+        "EchoTrainLength": len(gre.te_s),
+        "MRAcquisitionType": "3D",
+        "Manufacturer": "qsmprep-simulate",
+    }
+    written = []
+    for n, te in enumerate(gre.te_s, start=1):
+        stem = out_dir / folder / f"{prefix}_echo-{n}"
+        mag = stem.with_name(stem.name + "_part-mag_MEGRE.nii.gz")
+        save_nifti(mag, gre.magnitude[..., n - 1], gre.affine, header)
+        _write_json(mag.with_name(mag.name.replace(".nii.gz", ".json")),
+                    {**common, "EchoTime": te, "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"]})  # fmt: skip
+        phase = stem.with_name(stem.name + "_part-phase_MEGRE.nii.gz")
+        if phase_units == "arbitrary":
+            save_nifti(phase, phase_to_vendor_units(gre.phase_rad[..., n - 1]), gre.affine, header, dtype=np.int16)
+        else:
+            save_nifti(phase, gre.phase_rad[..., n - 1], gre.affine, header)
+        _write_json(phase.with_name(phase.name.replace(".nii.gz", ".json")),
+                    {**common, "EchoTime": te, "Units": phase_units,
+                     "ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]})  # fmt: skip
+        written += [mag, phase]
+
+    truth = out_dir / "derivatives" / "groundtruth" / folder
+    ppm = {"Units": "ppm", "MagneticFieldStrength": gre.b0_tesla}
+    save_nifti(truth / f"{prefix}_Chimap.nii.gz", gre.chi_ppm, gre.affine, header)
+    _write_json(truth / f"{prefix}_Chimap.json", {**ppm, "Description": "Ground-truth susceptibility inside the brain mask, relative to CSF."})
+    for desc, field, text in (
+        ("local", gre.local_field_ppm, "Field of the brain's susceptibility, inside the brain mask."),
+        ("total", gre.total_field_ppm, "Field of all sources, minus its mean over the brain."),
+        ("background", gre.background_field_ppm, "Total field minus the field of the brain's susceptibility."),
+    ):
+        save_nifti(truth / f"{prefix}_desc-{desc}_fieldmap.nii.gz", field, gre.affine, header)
+        _write_json(truth / f"{prefix}_desc-{desc}_fieldmap.json", {**ppm, "Description": text, "B0Direction": list(gre.b0_dir)})
+    save_nifti(truth / f"{prefix}_desc-brain_mask.nii.gz", gre.brain_mask, gre.affine, header, dtype=np.uint8)
+    save_nifti(truth / f"{prefix}_dseg.nii.gz", gre.labels, gre.affine, header, dtype=np.uint8)
+    return written
+
+
+def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name="qsmprep simulated MEGRE"):
+    """Write (or update) the dataset-level files of the raw and ground-truth datasets.
+
+    ``subjects``: subject labels (without ``sub-``) to list in participants.tsv,
+    merged with those already there.
+    """
+    out_dir = Path(out_dir)
+    generated_by = [{"Name": "qsmprep-simulate", "Version": __version__}]
+    _write_json(out_dir / "dataset_description.json",
+                {"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "raw", "GeneratedBy": generated_by})  # fmt: skip
+    _write_text(out_dir / "participants.tsv", _participants(out_dir / "participants.tsv", subjects))
+    note = f" (phase_rad = value * pi / {VENDOR_PHASE_MAX})" if phase_units == "arbitrary" else ""
+    _write_text(out_dir / "README", _README.format(name=name, version=__version__, phase_units=phase_units, phase_note=note))
+    _write_text(out_dir / "CHANGES", f"1.0.0\n  - Simulated by qsmprep-simulate {__version__}.\n")
+    _write_text(out_dir / ".bidsignore", "derivatives/\n")
+    truth = out_dir / "derivatives" / "groundtruth"
+    _write_json(truth / "dataset_description.json", {
+        "Name": f"{name}: ground truth", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+        "GeneratedBy": generated_by, "SourceDatasets": [{"URL": "../../"}],
+    })  # fmt: skip
+    rows = ["index\tname\tchi_ppm\n"] + [f"{v}\t{k}\t{CHI_PPM[k]}\n" for k, v in LABELS.items()]
+    _write_text(truth / "dseg.tsv", "".join(rows))
+
+
+def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name="qsmprep simulated MEGRE"):
+    """Write simulated acquisitions as a BIDS dataset with ground truth under derivatives/groundtruth.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Dataset root (created if missing; existing files are overwritten).
+    subjects : iterable of (subject, session, SimulatedGRE)
+        Subject label (no ``sub-``), session label (no ``ses-``) or None, and
+        the acquisition. A generator keeps one acquisition in memory at a time.
+    phase_units : {"arbitrary", "rad"}, default "arbitrary"
+        How phase is stored (see ``write_subject``).
+    name : str
+        Dataset name for dataset_description.json and README.
+
+    Returns
+    -------
+    list of the raw MEGRE NIfTI paths written.
+    """
+    written, labels = [], []
+    for subject, session, gre in subjects:
+        written += write_subject(out_dir, subject, session, gre, phase_units)
+        labels.append(subject)
+    write_dataset_files(out_dir, labels, phase_units, name)
+    return written

@@ -1,0 +1,203 @@
+"""GRE forward simulation, oblique/anisotropic acquisition, BIDS writer and qsmprep-simulate."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from qsmprep.cli.simulate import main
+from qsmprep.physics import b0_dir_from_affine, b0_tilt_deg, forward_field_ppm, ppm_to_rad, voxel_size_from_affine
+from qsmprep.sim import LABELS, acquire, head_phantom, phase_to_vendor_units, simulate_gre, write_bids_dataset
+
+TE = (0.004, 0.008, 0.012)
+
+
+def wrap(phase):
+    return np.angle(np.exp(1j * phase))
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return head_phantom((64, 64, 64), (3.0, 3.0, 3.0), seed=0)
+
+
+@pytest.fixture(scope="module")
+def noiseless(phantom):
+    return simulate_gre(phantom, te_s=TE, snr=None, seed=1)
+
+
+def test_local_field_is_the_forward_model_of_the_brain_chi(phantom, noiseless):
+    mask = phantom.brain_mask
+    expected = forward_field_ppm(np.where(mask, phantom.chi_ppm, 0), (3.0, 3.0, 3.0), (0, 0, 1), pad_factor=2)
+    np.testing.assert_allclose(noiseless.local_field_ppm[mask], expected[mask], atol=1e-5)
+    assert not noiseless.local_field_ppm[~mask].any()
+    # total = local + background inside the brain; the background (air, skull) is the larger part
+    np.testing.assert_allclose(
+        noiseless.total_field_ppm[mask], (noiseless.local_field_ppm + noiseless.background_field_ppm)[mask], atol=1e-5
+    )
+    assert noiseless.background_field_ppm[mask].std() > 3 * noiseless.local_field_ppm[mask].std()
+    assert abs(noiseless.total_field_ppm[mask].mean()) < 1e-5  # centre frequency on the brain
+    np.testing.assert_array_equal(noiseless.chi_ppm, phantom.chi_ppm * mask)
+
+
+def test_noiseless_signal_follows_the_model(phantom, noiseless):
+    signal = phantom.proton_density > 0.1
+    for n, te in enumerate(TE):
+        expected_phase = noiseless.phase_offset_rad + ppm_to_rad(noiseless.total_field_ppm, te, 3.0)
+        error = wrap(noiseless.phase_rad[..., n] - expected_phase)
+        assert np.abs(error[signal]).max() < 1e-3
+        expected_mag = phantom.proton_density * np.exp(-phantom.r2star_hz * te)
+        np.testing.assert_allclose(noiseless.magnitude[..., n], expected_mag, rtol=1e-5, atol=1e-6)
+    assert noiseless.phase_rad.min() >= -np.pi and noiseless.phase_rad.max() < np.pi
+    assert np.ptp(noiseless.phase_offset_rad) > 1.0  # a spatially varying receive phase is there
+    # R2* scales with B0 (given at 3 T)
+    at7 = simulate_gre(phantom, te_s=(0.01,), b0_tesla=7.0, snr=None)
+    np.testing.assert_allclose(at7.magnitude[..., 0], phantom.proton_density * np.exp(-phantom.r2star_hz * 7 / 3 * 0.01),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_noise_is_complex_gaussian_at_the_requested_snr(phantom, noiseless):
+    noisy = simulate_gre(phantom, te_s=TE, snr=50, seed=1)
+    expected_sigma = noiseless.magnitude[..., 0][phantom.brain_mask].mean() / 50
+    assert noisy.noise_sigma == pytest.approx(expected_sigma, rel=1e-5)
+    # outside the head the magnitude is pure noise: Rayleigh with mean sigma sqrt(pi / 2)
+    air = phantom.labels == LABELS["background"]
+    assert noisy.magnitude[..., 0][air].mean() == pytest.approx(expected_sigma * np.sqrt(np.pi / 2), rel=0.02)
+    again = simulate_gre(phantom, te_s=TE, snr=50, seed=1)
+    np.testing.assert_array_equal(again.phase_rad, noisy.phase_rad)
+    other = simulate_gre(phantom, te_s=TE, snr=50, seed=2)
+    assert not np.array_equal(other.magnitude, noisy.magnitude)
+
+
+def test_tilted_b0_is_encoded_in_the_affine(phantom):
+    t = np.radians(15)
+    tilted = simulate_gre(phantom, te_s=(0.004,), b0_dir=(0, np.sin(t), np.cos(t)), snr=None)
+    np.testing.assert_allclose(b0_dir_from_affine(tilted.affine), (0, np.sin(t), np.cos(t)), atol=1e-9)
+    np.testing.assert_allclose(voxel_size_from_affine(tilted.affine), (3, 3, 3), atol=1e-9)
+
+
+def test_acquire_on_the_phantom_grid_is_simulate_gre(phantom):
+    direct = simulate_gre(phantom, te_s=TE, snr=30, seed=4)
+    resampled = acquire(phantom, (3.0, 3.0, 3.0), 0.0, shape=(64, 64, 64), te_s=TE, snr=30, seed=4)
+    np.testing.assert_allclose(resampled.affine, direct.affine)
+    np.testing.assert_allclose(resampled.magnitude, direct.magnitude, atol=1e-5)
+    np.testing.assert_allclose(resampled.total_field_ppm, direct.total_field_ppm, atol=1e-6)
+    np.testing.assert_array_equal(resampled.labels, direct.labels)
+
+
+def test_oblique_anisotropic_acquisition():
+    fine = head_phantom((96, 112, 96), (2.0, 2.0, 2.0), seed=3)
+    slab = acquire(fine, (3.0, 3.0, 4.0), oblique_deg=20.0, te_s=TE, snr=None, seed=0)
+    assert slab.magnitude.shape == (64, 75, 48, 3)
+    assert b0_tilt_deg(b0_dir_from_affine(slab.affine)) == pytest.approx(20.0, abs=1e-6)
+    np.testing.assert_allclose(slab.b0_dir, (0, np.sin(np.radians(20)), np.cos(np.radians(20))), atol=1e-9)
+    np.testing.assert_allclose(voxel_size_from_affine(slab.affine), (3, 3, 4), atol=1e-9)
+    # brain volume is preserved by the resampling (labels at voxel centres)
+    fine_ml = fine.brain_mask.sum() * 8 / 1000
+    assert slab.brain_mask.sum() * 36 / 1000 == pytest.approx(fine_ml, rel=0.03)
+    # the box-averaged complex signal has the phase of the box-averaged field where the field is smooth
+    inner = ndimage.binary_erosion(slab.brain_mask, iterations=2)
+    expected = slab.phase_offset_rad + ppm_to_rad(slab.total_field_ppm, TE[0], 3.0)
+    error = np.abs(wrap(slab.phase_rad[..., 0] - expected))[inner]
+    assert np.median(error) < 0.01 and np.percentile(error, 95) < 0.1
+    # the box pre-filter conserves the integral of the ground-truth chi (ppm mm^3)
+    fine_integral = (fine.chi_ppm * fine.brain_mask).sum() * 8
+    assert slab.chi_ppm.sum() * 36 == pytest.approx(fine_integral, rel=0.02)
+
+
+def test_vendor_phase_units():
+    phase = np.array([-np.pi, -1.0, 0.0, 1.0, np.pi - 1e-6])
+    value = phase_to_vendor_units(phase)
+    assert value.dtype == np.int16
+    np.testing.assert_array_equal(value, [-4096, round(-4096 / np.pi), 0, round(4096 / np.pi), 4095])
+    np.testing.assert_allclose(value * np.pi / 4096, phase, atol=np.pi / 4096)
+
+
+@pytest.mark.parametrize("units", ["arbitrary", "rad"])
+def test_written_phase_round_trips_to_radians(tmp_path, phantom, units):
+    gre = simulate_gre(phantom, te_s=TE, snr=100, seed=0)
+    write_bids_dataset(tmp_path, [("01", None, gre)], phase_units=units)
+    for n, te in enumerate(TE, start=1):
+        stem = tmp_path / "sub-01" / "anat" / f"sub-01_echo-{n}_part-phase_MEGRE"
+        sidecar = json.loads(stem.with_suffix(".json").read_text())
+        assert sidecar["Units"] == units and sidecar["EchoTime"] == te and sidecar["MagneticFieldStrength"] == 3.0
+        img = nib.load(str(stem) + ".nii.gz")
+        data = np.asarray(img.dataobj)
+        if units == "arbitrary":
+            assert data.dtype == np.int16 and data.min() >= -4096 and data.max() <= 4095
+            assert data.min() < -4000 and data.max() > 4000  # the full range is used
+            radians = data * np.pi / 4096
+            assert np.abs(wrap(radians - gre.phase_rad[..., n - 1])).max() <= np.pi / 4096 + 1e-6
+        else:
+            np.testing.assert_array_equal(data, gre.phase_rad[..., n - 1])
+        mag = nib.load(str(stem).replace("part-phase", "part-mag") + ".nii.gz")
+        np.testing.assert_allclose(mag.get_fdata(), gre.magnitude[..., n - 1], rtol=1e-6)
+        assert int(img.header["sform_code"]) == int(img.header["qform_code"]) == 1
+
+
+@pytest.fixture(scope="module")
+def cli_dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "ds"
+    argv = [str(out), "--subjects", "2", "--sessions", "pre", "ses-post", "--echoes", "3", "--te-first", "0.005",
+            "--te-spacing", "0.005", "--matrix", "40", "48", "40", "--voxel-size", "4", "4", "4", "--seed", "7"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_cli_dataset_indexes_with_pybids(cli_dataset):
+    bids = pytest.importorskip("bids")
+    layout = bids.BIDSLayout(cli_dataset, validate=True)
+    assert sorted(layout.get_subjects()) == ["01", "02"]
+    assert sorted(layout.get_sessions()) == ["post", "pre"]
+    phase = layout.get(suffix="MEGRE", part="phase", extension=".nii.gz")
+    mag = layout.get(suffix="MEGRE", part="mag", extension=".nii.gz")
+    assert len(phase) == len(mag) == 2 * 2 * 3
+    for f in phase:
+        echo = int(f.entities["echo"])
+        assert f.get_metadata()["EchoTime"] == pytest.approx(0.005 * echo, abs=1e-12)
+        assert f.get_metadata()["Units"] == "arbitrary"
+    assert not layout.get(suffix="Chimap")  # the ground truth is not raw input
+    truth = bids.BIDSLayout(cli_dataset / "derivatives" / "groundtruth", validate=False, is_derivative=True)
+    assert len(truth.get(suffix="Chimap", extension=".nii.gz")) == 4
+    description = json.loads((cli_dataset / "derivatives" / "groundtruth" / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert json.loads((cli_dataset / "dataset_description.json").read_text())["DatasetType"] == "raw"
+    assert (cli_dataset / "participants.tsv").read_text().split() == ["participant_id", "sub-01", "sub-02"]
+
+
+def test_cli_subjects_differ_and_sessions_share_the_head(cli_dataset):
+    truth = cli_dataset / "derivatives" / "groundtruth"
+
+    def chi(sub, ses):
+        return nib.load(str(truth / f"sub-{sub}" / f"ses-{ses}" / "anat" / f"sub-{sub}_ses-{ses}_Chimap.nii.gz")).get_fdata()
+
+    np.testing.assert_array_equal(chi("01", "pre"), chi("01", "post"))
+    assert not np.array_equal(chi("01", "pre"), chi("02", "pre"))
+    raw = cli_dataset / "sub-01"
+    a = nib.load(str(raw / "ses-pre" / "anat" / "sub-01_ses-pre_echo-1_part-phase_MEGRE.nii.gz")).get_fdata()
+    b = nib.load(str(raw / "ses-post" / "anat" / "sub-01_ses-post_echo-1_part-phase_MEGRE.nii.gz")).get_fdata()
+    assert not np.array_equal(a, b)  # new noise and receive phase per session
+    labels = nib.load(str(truth / "sub-01" / "ses-pre" / "anat" / "sub-01_ses-pre_dseg.nii.gz")).get_fdata()
+    mask = nib.load(str(truth / "sub-01" / "ses-pre" / "anat" / "sub-01_ses-pre_desc-brain_mask.nii.gz")).get_fdata()
+    assert set(np.unique(labels)) <= set(LABELS.values()) and mask.sum() > 1000
+
+
+def test_cli_oblique_anisotropic_header(tmp_path):
+    out = tmp_path / "oblique"
+    argv = [str(out), "--oblique", "25", "--voxel-size", "3", "3", "4.5", "--matrix", "48", "56", "32",
+            "--echoes", "2", "--fine-voxel-size", "3", "--phase-units", "rad"]  # fmt: skip
+    assert main(argv) == 0
+    img = nib.load(str(out / "sub-01" / "anat" / "sub-01_echo-2_part-phase_MEGRE.nii.gz"))
+    assert img.shape == (48, 56, 32)
+    assert b0_tilt_deg(b0_dir_from_affine(img.affine)) == pytest.approx(25.0, abs=1e-3)
+    np.testing.assert_allclose(img.header.get_zooms()[:3], (3, 3, 4.5), atol=1e-5)
+    assert img.get_data_dtype() == np.float32
+
+
+def test_cli_refuses_a_non_bids_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main([str(tmp_path), "--matrix", "16", "16", "16", "--voxel-size", "12", "12", "12"]) == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert main([str(tmp_path / "ds"), "--te-first", "4"]) == 64  # milliseconds given by mistake
