@@ -40,6 +40,12 @@ def _check_3d(phase, voxel_size_mm):
     return vox
 
 
+def _both_ends_valid(valid, axis):
+    """Edges along ``axis`` (shape of a forward difference) whose two voxels are both valid."""
+    n = valid.shape[axis]
+    return np.take(valid, range(n - 1), axis=axis) & np.take(valid, range(1, n), axis=axis)
+
+
 def _adjoint_diff(y, axis):
     """Adjoint of the forward difference: (D^T y)[i] = y[i-1] - y[i], with zero ends."""
     pad = [(0, 0)] * y.ndim
@@ -115,8 +121,7 @@ def unwrap_laplacian(phase_rad, voxel_size_mm=(1.0, 1.0, 1.0), mask=None, tol=1e
     if mask is None and valid.all():
         edge_weights = None
     else:
-        edge_weights = [(valid[(slice(None),) * a + (slice(1, None),)] & valid[(slice(None),) * a + (slice(None, -1),)])
-                        for a in range(3)]
+        edge_weights = [_both_ends_valid(valid, axis) for axis in range(3)]
 
     def normal_op(u):
         """A u = sum_a D_a^T W_a D_a u / d_a^2."""
