@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qsmprep.deep.losses import atanh_target
+
 # Version of the input/output conventions recorded in checkpoints.  Raise it
 # whenever the meaning of a stored model changes (units, scaling, orientation).
 CONVENTION_VERSION = 1
@@ -211,7 +213,7 @@ class InversionNet(nn.Module):
             y = y[..., c:-c, c:-c, c:-c]
         if raw or self.output_transform == "identity":
             return y
-        return torch.atanh(y.float().clamp(-1 + 1e-6, 1 - 1e-6)) / 10.0
+        return atanh_target(y.float(), scale=10.0)
 
 
 def conv_norm_act(in_channels, out_channels, n_convs, activation):

@@ -1,0 +1,102 @@
+"""Training recipes: TOML files naming a model, its data, augmentation, loss,
+optimiser and schedule.  Shipped recipes live in ``qsmprep/data/recipes``.
+
+Sections (see docs/deep/models-and-training.md): ``[model]`` arch + params,
+``[data]`` generator config, ``[augment]``, ``[loss]`` name (+ weights),
+``[optim]``, ``[train]``, and ``[adversarial]`` (QSMGAN) or ``[domain]``
+(QSMInvNet+) where the method needs them.
+"""
+
+import copy
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+from qsmprep.errors import NoInputError, UsageError
+
+REQUIRED_SECTIONS = ("model", "data", "augment", "loss", "optim", "train")
+OPTIONAL_SECTIONS = ("adversarial", "domain")
+TRAIN_DEFAULTS = {"batch_size": 2, "steps": 1000, "val_every": 100, "val_samples": 8, "seed": 0, "num_workers": 0, "amp": True}
+OPTIM_DEFAULTS = {"name": "adam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "schedule": "constant"}
+OPTIMIZERS = ("adam", "rmsprop")
+SCHEDULES = ("constant", "exponential")
+
+
+def _recipe_dir():
+    return resources.files("qsmprep") / "data" / "recipes"
+
+
+def list_recipes():
+    """(name, one-line description) of every shipped recipe, sorted by name."""
+    out = []
+    for entry in sorted(_recipe_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            out.append((entry.name[: -len(".toml")], tomllib.loads(entry.read_text()).get("description", "")))
+    return out
+
+
+def load_recipe(name_or_path):
+    """Read a recipe from a TOML path or a shipped recipe name, validated, as a dict.
+
+    Raises NoInputError for a missing file or unknown name, UsageError for an
+    invalid TOML or recipe.
+    """
+    text_source = str(name_or_path)
+    path = Path(text_source)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise NoInputError(f"recipe {path} does not exist: give a TOML file or one of the shipped names.")
+        text = path.read_text()
+    else:
+        entry = _recipe_dir() / f"{text_source}.toml"
+        if not entry.is_file():
+            names = ", ".join(n for n, _ in list_recipes())
+            raise NoInputError(f"no shipped recipe named {text_source!r}: choose one of {names}, or give a TOML path.")
+        text = entry.read_text()
+    try:
+        recipe = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"recipe {name_or_path} is not valid TOML ({exc}): fix the file.") from exc
+    return validate_recipe(recipe, source=text_source)
+
+
+def validate_recipe(recipe, source="recipe"):
+    """Check a recipe dict and return a copy with defaults filled in.
+
+    Raises UsageError naming ``source`` and the offending key.
+    """
+    recipe = copy.deepcopy(dict(recipe))
+    for section in REQUIRED_SECTIONS:
+        if not isinstance(recipe.get(section), dict):
+            raise UsageError(f"{source}: missing [{section}] section.")
+    unknown = set(recipe) - set(REQUIRED_SECTIONS) - set(OPTIONAL_SECTIONS) - {"description", "reference"}
+    if unknown:
+        raise UsageError(f"{source}: unknown section(s) {sorted(unknown)}.")
+    from qsmprep.deep.models import ARCHITECTURES
+
+    arch = recipe["model"].get("arch")
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"{source}: [model] arch {arch!r} is not one of {sorted(ARCHITECTURES)}.")
+    if "name" not in recipe["loss"]:
+        raise UsageError(f"{source}: [loss] needs a name.")
+    recipe["train"] = {**TRAIN_DEFAULTS, **recipe["train"]}
+    recipe["optim"] = {**OPTIM_DEFAULTS, **recipe["optim"]}
+    if recipe["optim"]["name"] not in OPTIMIZERS:
+        raise UsageError(f"{source}: [optim] name must be one of {OPTIMIZERS}.")
+    if recipe["optim"]["schedule"] not in SCHEDULES:
+        raise UsageError(f"{source}: [optim] schedule must be one of {SCHEDULES}.")
+    for key in ("batch_size", "steps", "val_every", "val_samples"):
+        value = recipe["train"][key]
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"{source}: [train] {key} must be a positive integer, got {value!r}.")
+    b0_dir = recipe["data"].get("b0_dir", [0.0, 0.0, 1.0])
+    if [float(v) for v in b0_dir] != [0.0, 0.0, 1.0]:
+        raise UsageError(
+            f"{source}: [data] b0_dir must be [0, 0, 1]: models are trained with B0 along the k axis "
+            "and inference resamples data to that orientation."
+        )
+    if "adversarial" in recipe and arch != "qsmgan":
+        raise UsageError(f"{source}: [adversarial] training needs arch 'qsmgan', not {arch!r}.")
+    if "domain" in recipe and arch != "qsminvnet":
+        raise UsageError(f"{source}: [domain] adaptation needs arch 'qsminvnet' (domain-specific batch norm), not {arch!r}.")
+    return recipe

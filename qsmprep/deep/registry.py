@@ -1,0 +1,163 @@
+"""Model checkpoints: safetensors files carrying their own JSON metadata.
+
+A checkpoint is one ``.safetensors`` file: the model's tensors, and under the
+metadata key ``"qsmprep"`` a JSON document with the architecture, its
+constructor parameters and input conventions (units, input scaling, output
+transform, voxel-size and B0-direction handling, crop margin), the qsmprep
+version, and whatever the trainer adds (recipe, step, validation metrics).
+The same JSON is written beside it (``.json``) for people to read.  Loading
+refuses any checkpoint whose metadata is missing or does not match the code
+(unknown architecture, other convention version, changed conventions, tensor
+names or shapes) with a DataError naming the file: never silent garbage.
+No pickles are read or written.
+"""
+
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+import qsmprep
+from qsmprep.deep.models import ARCHITECTURES, CONVENTION_VERSION, build_model
+from qsmprep.errors import DataError, NoInputError
+
+FORMAT = "qsmprep-checkpoint"
+METADATA_KEY = "qsmprep"
+
+
+def _atomic(path, write):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_tensors(path, tensors, metadata):
+    """Write ``tensors`` (name -> tensor) and JSON ``metadata`` to ``path`` atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    text = json.dumps(metadata, sort_keys=True)
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: text}))
+
+
+def read_tensors(path, device="cpu"):
+    """(tensors, metadata dict) of a file written by :func:`save_tensors`.
+
+    Raises NoInputError if missing, DataError if not a safetensors file or
+    without qsmprep metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NoInputError(f"checkpoint {path} does not exist: check the path.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"checkpoint {path} is not a readable safetensors file ({exc}).") from exc
+    if raw is None:
+        raise DataError(f"checkpoint {path} has no qsmprep metadata: it was not written by qsmprep and is refused.")
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"checkpoint {path} has unreadable metadata ({exc}).") from exc
+    return tensors, metadata
+
+
+def save_checkpoint(model, path, metadata=None):
+    """Save an InversionNet's weights with its architecture and conventions.
+
+    Parameters
+    ----------
+    model : InversionNet
+    path : str or Path
+        Target ``.safetensors`` file (written atomically); the metadata is
+        also written beside it as ``.json``.
+    metadata : dict, optional
+        Extra JSON-serialisable entries (recipe, step, validation metrics).
+
+    Returns
+    -------
+    The metadata dict stored.
+    """
+    meta = dict(metadata or {})
+    meta.update(
+        format=FORMAT,
+        qsmprep_version=qsmprep.__version__,
+        arch=model.arch,
+        params=model.params,
+        conventions=model.conventions(),
+    )
+    path = Path(path)
+    save_tensors(path, model.state_dict(), meta)
+    _atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    return meta
+
+
+def shipped_model_path(name):
+    """Path of the shipped model ``name`` (qsmprep/data/models/<name>.safetensors)."""
+    return Path(str(resources.files("qsmprep") / "data" / "models" / f"{name}.safetensors"))
+
+
+def load_model(name_or_path, device="cpu"):
+    """Load a checkpoint into its architecture, in eval mode.
+
+    Parameters
+    ----------
+    name_or_path : str or Path
+        A shipped model name (qsmprep/data/models/<name>.safetensors) or the
+        path of a checkpoint.
+    device : str or torch.device, default "cpu"
+
+    Returns
+    -------
+    (model, metadata)
+
+    Raises
+    ------
+    NoInputError for an unknown name or missing file; DataError, naming the
+    file, for missing or mismatching metadata or tensors.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if not (path.suffix == ".safetensors" or os.sep in text or path.exists()):
+        path = shipped_model_path(text)
+        if not path.is_file():
+            raise NoInputError(f"no shipped model named {text!r} ({path} is absent): give a checkpoint path instead.")
+    tensors, meta = read_tensors(path)
+    if meta.get("format") != FORMAT:
+        raise DataError(f"checkpoint {path}: metadata format {meta.get('format')!r} is not {FORMAT!r}; refused.")
+    arch = meta.get("arch")
+    if arch not in ARCHITECTURES:
+        raise DataError(f"checkpoint {path}: unknown architecture {arch!r} (known: {sorted(ARCHITECTURES)}); refused.")
+    stored = meta.get("conventions") or {}
+    if stored.get("convention_version") != CONVENTION_VERSION:
+        raise DataError(
+            f"checkpoint {path}: convention version {stored.get('convention_version')!r} differs from this "
+            f"qsmprep's {CONVENTION_VERSION}; retrain or use a matching qsmprep version."
+        )
+    try:
+        model = build_model(arch, **meta.get("params", {}))
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"checkpoint {path}: parameters {meta.get('params')} do not build a {arch} ({exc}); refused.") from exc
+    if model.conventions() != stored:
+        raise DataError(f"checkpoint {path}: recorded conventions {stored} differ from the {arch} code's {model.conventions()}; refused.")
+    expected = model.state_dict()
+    problems = sorted(set(expected) ^ set(tensors))
+    problems += [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
+    problems += [k for k in expected if k in tensors and expected[k].dtype != tensors[k].dtype]
+    if problems:
+        raise DataError(f"checkpoint {path}: tensors do not match a {arch} with {meta.get('params')} ({', '.join(problems[:5])}); refused.")
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), meta
