@@ -97,8 +97,10 @@ def _grids(args):
     if args.oblique == 0 and len(set(voxel)) == 1 and args.fine_voxel_size is None:
         return matrix, None
     fine = args.fine_voxel_size or min(1.0, min(voxel))
-    # The fine grid covers the bounding box of the tilted slab.
+    # The fine grid covers the bounding box of the tilted slab, within the whole-head field of view
+    # (the head fits in it: beyond it a slab would only see air and neck).
     extent = np.abs(slab_affine(matrix, voxel, args.oblique)[:3, :3]) @ np.asarray(matrix, dtype=float)
+    extent = np.minimum(extent, DEFAULT_FOV_MM)
     return matrix, (tuple(int(np.ceil(e / fine)) for e in extent), (fine,) * 3)
 
 

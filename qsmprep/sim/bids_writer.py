@@ -43,6 +43,12 @@ field maps in ppm, brain mask and tissue labels) are in
 """
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_text(path, text):
     """Write ``text`` to ``path`` atomically (temporary file, then rename)."""
     path = Path(path)
@@ -51,6 +57,7 @@ def _write_text(path, text):
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
