@@ -1,0 +1,220 @@
+"""Physics-aware augmentation of (chi, field) training pairs.
+
+Augmentations that change geometry must keep the pair physically consistent:
+the field must stay the dipole field of the susceptibility. The dipole kernel
+D(k) = 1/3 - (k.b)^2/|k|^2 is invariant under a 90-degree rotation about B0
+and under a flip of any array axis exactly when B0 lies along an array axis
+(b = e_z: the rotation maps (kx, ky) to (-ky, kx) and a flip negates one
+component; neither changes |k| or k_z^2). For an oblique B0 they do not
+commute with the forward model and are refused. A 90-degree rotation swaps
+the voxel sizes of the two in-plane axes, which ``Augmenter`` does too.
+
+Amplitude scaling commutes with the (linear) forward model; noise is added
+to the field only. Functions act on the last three axes, so (X, Y, Z) and
+(C, X, Y, Z) NumPy arrays both work.
+
+Reference: Jochmann T, Hauelsen J, Schweser F. How to train a deep
+convolutional neural network for QSM. ISMRM poster (90-degree rotations
+about B0, flips, amplitude scaling 0.1-2, Rician noise). Larrain C. SI-QSM,
+MSc thesis, PUC Chile 2022 (Gaussian field noise, std 1e-5 to 1e-3).
+
+``Augmenter`` configuration keys (all optional; absent means off):
+
+- ``rot90_b0`` (bool): random k * 90 degrees about the B0 axis.
+- ``flip`` (bool): flip each array axis with probability 1/2.
+- ``amplitude`` ([lo, hi]): scale chi and field by a uniform factor.
+- ``field_noise_ppm`` ([lo, hi]): Gaussian field noise, std log-uniform in
+  [lo, hi] ppm, one std per sample.
+- ``rician_snr`` ([lo, hi]): magnitude-modulated noise, SNR log-uniform in
+  [lo, hi]; ``te_s`` (default 0.02) and ``b0_tesla`` (default 3.0) set the
+  phase-to-field conversion (see ``add_rician_noise``).
+- ``crop`` ([X, Y, Z]): random crop to this shape, applied first.
+"""
+
+import numpy as np
+
+from qsmprep.errors import UsageError
+from qsmprep.physics.units import ppm_to_rad
+
+AUGMENT_KEYS = ("rot90_b0", "flip", "amplitude", "field_noise_ppm", "rician_snr", "te_s", "b0_tesla", "crop")
+"""Keys ``Augmenter`` understands."""
+
+
+def _spatial_axis(array, axis):
+    return np.ndim(array) - 3 + axis
+
+
+def b0_axis_of(b0_dir, tol=1e-6):
+    """Index (0, 1, 2) of the array axis B0 lies along, or None if B0 is oblique."""
+    b = np.abs(np.asarray(b0_dir, dtype=np.float64))
+    b = b / np.linalg.norm(b)
+    axis = int(np.argmax(b))
+    return axis if b[axis] > 1 - tol else None
+
+
+def rot90_about_b0(chi, field, k, b0_axis=2):
+    """Rotate chi and field by k * 90 degrees about the B0 axis (an array axis).
+
+    Commutes with the forward model only when B0 lies along array axis
+    ``b0_axis``; for k odd the two in-plane axes (and their voxel sizes) swap.
+    Returns (chi, field).
+    """
+    plane = [a for a in range(3) if a != b0_axis]
+    return tuple(np.rot90(x, k, axes=[_spatial_axis(x, a) for a in plane]) for x in (chi, field))
+
+
+def flip(chi, field, axes):
+    """Flip chi and field along the given array axes (0, 1, 2).
+
+    Commutes with the forward model when B0 lies along an array axis.
+    Returns (chi, field).
+    """
+    axes = tuple(axes)
+    if not axes:
+        return chi, field
+    return tuple(np.flip(x, [_spatial_axis(x, a) for a in axes]) for x in (chi, field))
+
+
+def scale_amplitude(chi, field, factor):
+    """Scale chi and field by ``factor`` (the forward model is linear). Returns (chi, field)."""
+    factor = np.float32(factor)
+    return chi * factor, field * factor
+
+
+def add_field_noise(field, std_ppm, rng):
+    """Field plus zero-mean Gaussian noise of standard deviation ``std_ppm`` (ppm)."""
+    return (field + rng.normal(0.0, std_ppm, np.shape(field))).astype(np.float32)
+
+
+def add_rician_noise(field, magnitude, snr, rng, te_s=0.02, b0_tesla=3.0):
+    """Magnitude-modulated (Rician) noise: complex Gaussian noise on m exp(i phi).
+
+    The complex signal m exp(i phi), phi = field * 2 pi gamma_bar B0 TE, gets
+    circular complex Gaussian noise of standard deviation sigma = max(m) / snr
+    per channel. The noisy phase is phi + angle(m + n) (computed that way, so
+    a large field is never wrapped), hence the field noise has standard
+    deviation ~ sigma / (m * 2 pi gamma_bar B0 TE) where m is large, i.e.
+    ~ 1 / (snr * |m|) relative, and the noisy magnitude |m + n| is Rician.
+
+    Parameters
+    ----------
+    field : array
+        Local field in ppm.
+    magnitude : array, same shape
+        Magnitude image (arbitrary units, >= 0).
+    snr : float
+        max(magnitude) / sigma.
+    rng : numpy.random.Generator
+    te_s : float, default 0.02
+        Echo time in s of the simulated phase.
+    b0_tesla : float, default 3.0
+        Field strength in T.
+
+    Returns
+    -------
+    (field_ppm, magnitude) : float32 arrays, the noisy field and the Rician magnitude.
+    """
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    sigma = float(magnitude.max()) / float(snr)
+    noise = rng.normal(0.0, sigma, (2,) + magnitude.shape).astype(np.float32)
+    real = magnitude + noise[0]
+    noisy_field = field + np.arctan2(noise[1], real) / np.float32(ppm_to_rad(1.0, te_s, b0_tesla))
+    return noisy_field.astype(np.float32), np.hypot(real, noise[1]).astype(np.float32)
+
+
+def random_crop(volumes, crop_shape, rng):
+    """The same random crop (last three axes) of every array in a dict.
+
+    ``volumes``: dict name -> array, all with the same last three sizes.
+    ``crop_shape``: (X, Y, Z), each no larger than the arrays. Returns a dict.
+    """
+    shape = next(iter(volumes.values())).shape[-3:]
+    crop_shape = tuple(int(n) for n in crop_shape)
+    if len(crop_shape) != 3 or any(c > n or c < 1 for c, n in zip(crop_shape, shape)):
+        raise UsageError(f"crop {list(crop_shape)} does not fit the {list(shape)} patch; make it at most the patch size")
+    start = [int(rng.integers(0, n - c + 1)) for n, c in zip(shape, crop_shape)]
+    window = (Ellipsis,) + tuple(slice(s, s + c) for s, c in zip(start, crop_shape))
+    return {name: v[window] for name, v in volumes.items()}
+
+
+def _log_uniform(rng, bounds):
+    lo, hi = (float(v) for v in bounds)
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+class Augmenter:
+    """Apply a configured chain of augmentations consistently to a sample.
+
+    Order: crop, rotation about B0, flips, amplitude scaling, Gaussian field
+    noise, Rician noise; then the field is zeroed outside the mask again
+    (field outside the region of interest is unknown). Geometric steps act
+    on chi, field, mask and magnitude alike; a rotation by an odd multiple
+    of 90 degrees swaps the in-plane voxel sizes.
+
+    Parameters
+    ----------
+    cfg : dict
+        Keys listed in ``AUGMENT_KEYS`` (see the module docstring).
+    rng : numpy.random.Generator
+        Drawn from on every call.
+    b0_dir : tuple of 3 float, default (0, 0, 1)
+        B0 in voxel coordinates; rotations and flips need it along an axis.
+    """
+
+    def __init__(self, cfg, rng, b0_dir=(0.0, 0.0, 1.0)):
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - set(AUGMENT_KEYS)
+        if unknown:
+            raise UsageError(f"unknown augmentation keys {sorted(unknown)}; known: {', '.join(AUGMENT_KEYS)}")
+        self.cfg = cfg
+        self.rng = rng
+        self.b0_axis = b0_axis_of(b0_dir)
+        if self.b0_axis is None and (cfg.get("rot90_b0") or cfg.get("flip")):
+            raise UsageError(
+                f"rot90_b0 and flip augmentations need B0 along an array axis, got b0_dir={tuple(b0_dir)}; "
+                "turn them off or train with an axial B0"
+            )
+
+    def __call__(self, sample):
+        """Augment ``sample``: dict with chi, field, mask, magnitude arrays and voxel_size (3,)."""
+        cfg, rng = self.cfg, self.rng
+        volumes = {k: sample[k] for k in ("chi", "field", "mask", "magnitude")}
+        voxel = np.array(sample["voxel_size"], dtype=np.float32)
+        if cfg.get("crop"):
+            volumes = random_crop(volumes, cfg["crop"], rng)
+        chi, field = volumes["chi"], volumes["field"]
+        mask, magnitude = volumes["mask"], volumes["magnitude"]
+        if cfg.get("rot90_b0"):
+            k = int(rng.integers(4))
+            chi, field = rot90_about_b0(chi, field, k, self.b0_axis)
+            mask, magnitude = rot90_about_b0(mask, magnitude, k, self.b0_axis)
+            if k % 2:
+                plane = [a for a in range(3) if a != self.b0_axis]
+                voxel[plane] = voxel[plane[::-1]]
+        if cfg.get("flip"):
+            axes = [a for a in range(3) if rng.random() < 0.5]
+            chi, field = flip(chi, field, axes)
+            mask, magnitude = flip(mask, magnitude, axes)
+        if cfg.get("amplitude"):
+            chi, field = scale_amplitude(chi, field, rng.uniform(*cfg["amplitude"]))
+        if cfg.get("field_noise_ppm"):
+            field = add_field_noise(field, _log_uniform(rng, cfg["field_noise_ppm"]), rng)
+        if cfg.get("rician_snr"):
+            field, magnitude = add_rician_noise(
+                field,
+                magnitude,
+                _log_uniform(rng, cfg["rician_snr"]),
+                rng,
+                te_s=cfg.get("te_s", 0.02),
+                b0_tesla=cfg.get("b0_tesla", 3.0),
+            )
+        field = field * mask
+        out = dict(sample)
+        out.update(
+            chi=np.ascontiguousarray(chi, dtype=np.float32),
+            field=np.ascontiguousarray(field, dtype=np.float32),
+            mask=np.ascontiguousarray(mask, dtype=np.float32),
+            magnitude=np.ascontiguousarray(magnitude, dtype=np.float32),
+            voxel_size=voxel,
+        )
+        return out
