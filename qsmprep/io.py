@@ -53,6 +53,10 @@ def save_nifti(path, data, affine, header=None, dtype=np.float32):
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp makes the file private (0600); give it the usual umask-based mode
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         nib.save(img, tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -1,0 +1,40 @@
+"""NIfTI I/O: atomic writes with normal permissions, clear errors."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from qsmprep.errors import DataError, NoInputError
+from qsmprep.io import check_same_grid, load_nifti, save_nifti
+
+
+def test_round_trip_and_umask_permissions(tmp_path):
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    path = save_nifti(tmp_path / "sub" / "x.nii.gz", data, np.diag([1, 2, 3, 1]))
+    loaded, affine, _ = load_nifti(path)
+    np.testing.assert_array_equal(loaded, data)
+    assert affine[1, 1] == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == ["x.nii.gz"]  # no temporary left
+
+
+def test_missing_and_broken_files_name_the_file(tmp_path):
+    with pytest.raises(NoInputError, match="nope.nii.gz"):
+        load_nifti(tmp_path / "nope.nii.gz", "field map")
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    with pytest.raises(NoInputError, match="broken.nii.gz"):
+        load_nifti(broken)
+
+
+def test_check_same_grid():
+    eye = np.eye(4)
+    check_same_grid("a", ((4, 4, 4), eye), "b", ((4, 4, 4), eye))
+    with pytest.raises(DataError, match="b has shape"):
+        check_same_grid("a", ((4, 4, 4), eye), "b", ((4, 4, 5), eye))
+    with pytest.raises(DataError, match="different affines"):
+        check_same_grid("a", ((4, 4, 4), eye), "b", ((4, 4, 4), np.diag([2, 1, 1, 1])))
