@@ -1,5 +1,11 @@
-"""Dipole inversion: local field (ppm) -> susceptibility (ppm)."""
+"""Dipole inversion: local field (ppm) -> susceptibility (ppm). See docs/methods/inversion.md."""
 
+from .cfl2 import cfl2
+from .ilsqr import ilsqr
 from .solvers import cg, lsqr
+from .tkd import tkd
 
-__all__ = ["cg", "lsqr"]
+INVERSION_METHODS = {"tkd": tkd, "cfl2": cfl2, "ilsqr": ilsqr}
+"""Classical inversions by name; each is called as f(local_field_ppm, mask, voxel_size_mm, b0_dir, ...)."""
+
+__all__ = ["INVERSION_METHODS", "cfl2", "cg", "ilsqr", "lsqr", "tkd"]

@@ -2,11 +2,12 @@
 
 Operators are Python callables mapping an array to an array (typically FFT
 convolutions), so no matrix is ever formed. Vectors keep their shape (3D
-volumes stay 3D); inner products are accumulated in float64 while the
-vectors stay in their own dtype (float32 for images).
+volumes stay 3D) and their own dtype (float32 for images); inner products
+use BLAS in that dtype and the scalar recurrences run in Python floats.
 """
 
 import logging
+import math
 
 import numpy as np
 
@@ -14,12 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def _dot(a, b):
-    """Real inner product <a, b> in float64 (real part for complex arrays)."""
+    """Real inner product <a, b> as a Python float (real part for complex arrays)."""
     return float(np.real(np.vdot(a.ravel(), b.ravel())))
 
 
 def _norm(a):
-    return float(np.sqrt(_dot(a, a)))
+    return math.sqrt(_dot(a, a))
 
 
 def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None):
@@ -57,7 +58,7 @@ def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None):
     p = r.copy()
     rr = _dot(r, r)
     for it in range(1, max_iter + 1):
-        if np.sqrt(rr) <= tol * b_norm:
+        if math.sqrt(rr) <= tol * b_norm:
             break
         ap = apply_A(p)
         p_ap = _dot(p, ap)
@@ -73,7 +74,7 @@ def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None):
         rr = rr_new
         if callback is not None:
             callback(x, it)
-    log.debug("cg: relative residual %.3g after %d iterations", np.sqrt(rr) / b_norm, it)
+    log.debug("cg: relative residual %.3g after %d iterations", math.sqrt(rr) / b_norm, it)
     return x
 
 
@@ -133,24 +134,26 @@ def lsqr(apply_A, apply_At, b, x0=None, tol=1e-6, max_iter=100, damp=0.0):
     residual_damp2 = 0.0
     for it in range(1, max_iter + 1):
         # Golub-Kahan bidiagonalisation step
-        u = apply_A(v) - alpha * u
+        u *= -alpha
+        u += apply_A(v)
         beta = _norm(u)
         if beta > 0:
             u /= beta
         a_norm2 += alpha**2 + beta**2 + damp**2
-        v = apply_At(u) - beta * v
+        v *= -beta
+        v += apply_At(u)
         alpha = _norm(v)
         if alpha > 0:
             v /= alpha
         # eliminate the damping term, then the subdiagonal, by plane rotations
         if damp > 0:
-            rhobar1 = np.hypot(rhobar, damp)
+            rhobar1 = math.hypot(rhobar, damp)
             psi = damp / rhobar1 * phibar
             phibar = rhobar / rhobar1 * phibar
             residual_damp2 += psi**2
         else:
             rhobar1 = rhobar
-        rho = np.hypot(rhobar1, beta)
+        rho = math.hypot(rhobar1, beta)
         cs, sn = rhobar1 / rho, beta / rho
         theta = sn * alpha
         rhobar = -cs * alpha
@@ -160,9 +163,9 @@ def lsqr(apply_A, apply_At, b, x0=None, tol=1e-6, max_iter=100, damp=0.0):
         x += (phi / rho) * w
         w *= -theta / rho
         w += v
-        r_norm = np.sqrt(phibar**2 + residual_damp2)
+        r_norm = math.sqrt(phibar**2 + residual_damp2)
         at_r_norm = alpha * abs(sn * phi)
-        a_norm = np.sqrt(a_norm2)
+        a_norm = math.sqrt(a_norm2)
         if r_norm <= tol * (b_norm + a_norm * _norm(x)) or at_r_norm <= tol * a_norm * r_norm:
             break
     log.debug("lsqr: |r|/|b| = %.3g after %d iterations", r_norm / b_norm, it)
