@@ -1,0 +1,157 @@
+"""qsmprep-eval: score a susceptibility map against a reference.
+
+    qsmprep-eval CHI.nii.gz REF.nii.gz MASK.nii.gz [--labels LABELS.nii.gz]
+        [--label-names LABELS.tsv] [--deep-gm-labels ID ...] [--calc-label N]
+        [--json OUT.json | --json -]
+
+Prints an aligned table of the metrics of ``qsmprep.metrics.evaluate``
+(docs/metrics.md); ``--json`` writes them as JSON instead ('-': standard
+output).
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, NoInputError, UsageError
+from ..io import check_same_grid, load_nifti
+from ..metrics import evaluate
+from .common import run_cli
+
+METRIC_ROWS = (
+    ("nrmse_pct", "NRMSE (demeaned)", "%"),
+    ("nrmse_detrended_pct", "NRMSE (detrended)", "%"),
+    ("hfen_pct", "HFEN", "%"),
+    ("xsim", "XSIM", ""),
+    ("deep_gm_slope", "Deep GM slope", ""),
+    ("calcification_moment_error", "Calcification moment error", ""),
+    ("calcification_streak", "Calcification streaking", ""),
+)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="qsmprep-eval",
+        description="Score a susceptibility map (ppm) against a reference inside a mask with the QSM challenge "
+        "metrics (NRMSE, detrended NRMSE, HFEN, XSIM, per-label means, deep grey matter slope, calcification "
+        "moment and streaking). See docs/metrics.md.",
+    )
+    p.add_argument("chi", type=Path, help="reconstructed susceptibility map (ppm)")
+    p.add_argument("ref", type=Path, help="reference susceptibility map (ppm), same grid")
+    p.add_argument("mask", type=Path, help="evaluation mask (voxels > 0), same grid")
+    p.add_argument("--labels", type=Path, help="integer label map (e.g. a *_dseg.nii.gz), same grid")
+    p.add_argument(
+        "--label-names", type=Path, metavar="TSV",
+        help="BIDS dseg.tsv with columns 'index' and 'name'; deep grey matter labels are found by name",
+    )  # fmt: skip
+    p.add_argument(
+        "--deep-gm-labels", type=int, nargs="+", metavar="ID",
+        help="label values of the deep grey matter nuclei for the slope (default: found by name)",
+    )  # fmt: skip
+    p.add_argument("--calc-label", type=int, metavar="N", help="label value of a calcification (moment, streaking)")
+    p.add_argument("--json", metavar="OUT", help="write the metrics as JSON to OUT ('-' for standard output)")
+    return p
+
+
+def read_label_names(path):
+    """{index: name} from a BIDS dseg.tsv (tab-separated, columns 'index' and 'name')."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except OSError as exc:
+        raise NoInputError(f"label names {path} cannot be read ({exc.strerror}): check the path.") from exc
+    if not rows or not {"index", "name"} <= set(rows[0]):
+        raise DataError(f"label names {path} needs tab-separated columns 'index' and 'name' (a BIDS dseg.tsv).")
+    try:
+        return {int(row["index"]): row["name"] for row in rows}
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"label names {path}: every 'index' must be an integer ({exc}).") from exc
+
+
+def _load_inputs(args):
+    chi, chi_affine, _ = load_nifti(args.chi, "reconstruction")
+    ref, ref_affine, _ = load_nifti(args.ref, "reference")
+    mask, mask_affine, _ = load_nifti(args.mask, "mask")
+    images = {args.chi: chi, args.ref: ref, args.mask: mask}
+    check_same_grid(args.ref, (ref.shape, ref_affine), args.chi, (chi.shape, chi_affine))
+    check_same_grid(args.ref, (ref.shape, ref_affine), args.mask, (mask.shape, mask_affine))
+    labels = None
+    if args.labels is not None:
+        labels, labels_affine, _ = load_nifti(args.labels, "label map")
+        check_same_grid(args.ref, (ref.shape, ref_affine), args.labels, (labels.shape, labels_affine))
+        images[args.labels] = labels
+    for path, data in images.items():
+        if data.ndim != 3:
+            raise DataError(f"{path} has {data.ndim} dimensions: give a single 3D volume.")
+    inside = mask > 0
+    if not inside.any():
+        raise DataError(f"mask {args.mask} is empty (no voxel > 0): give a mask of the region to evaluate.")
+    for path, data in ((args.chi, chi), (args.ref, ref)):
+        if not np.isfinite(data[inside]).all():
+            raise DataError(f"{path} has NaN or infinite values inside the mask: fix the map or shrink the mask.")
+    return chi, ref, mask, labels
+
+
+def format_table(result):
+    """The metrics as aligned text: one row per metric, then one per label."""
+    rows = [(name, f"{result[key]:.4f}", unit) for key, name, unit in METRIC_ROWS if key in result]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{name:<{width}}  {value:>10} {unit}".rstrip() for name, value, unit in rows]
+    means = result.get("label_means_ppm")
+    if means:
+        label_width = max(5, *(len(label) for label in means))
+        lines += ["", f"{'label':<{label_width}}  {'voxels':>8}  {'chi (ppm)':>10}  {'ref (ppm)':>10}"]
+        lines += [
+            f"{label:<{label_width}}  {m['voxels']:>8d}  {m['recon']:>10.4f}  {m['ref']:>10.4f}"
+            for label, m in means.items()
+        ]
+    return "\n".join(lines)
+
+
+def _write_text_atomic(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args):
+    """Evaluate and write the report; raises QSMPrepError for user errors."""
+    chi, ref, mask, labels = _load_inputs(args)
+    if labels is None and (args.calc_label is not None or args.deep_gm_labels or args.label_names):
+        raise UsageError("--calc-label, --deep-gm-labels and --label-names need a label map: add --labels.")
+    names = read_label_names(args.label_names) if args.label_names else None
+    result = evaluate(
+        chi, ref, mask, labels=labels, label_names=names, calc_label=args.calc_label,
+        deep_gm_labels=args.deep_gm_labels,
+    )  # fmt: skip
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    elif args.json:
+        _write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+        print(format_table(result))
+    else:
+        print(format_table(result))
+    return 0
+
+
+
+def main(argv=None):
+    """Entry point; returns 0, or the exit code of a QSMPrepError (one-line message)."""
+    return run_cli(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""qsmprep-eval: table and JSON output, errors and exit codes."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from qsmprep.cli.eval import main
+from qsmprep.io import save_nifti
+from qsmprep.metrics import evaluate
+
+AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
+
+
+@pytest.fixture(scope="module")
+def maps():
+    """Reference, reconstruction (0.8 ref + noise), mask, labels with a calcification."""
+    shape = (28, 28, 24)
+    rng = np.random.default_rng(0)
+    ref = 0.05 * gaussian_filter(rng.standard_normal(shape), 2.0) / 0.05
+    labels = np.zeros(shape, np.uint8)
+    labels[4:9, 4:9, 4:9] = 4
+    labels[4:9, 18:23, 4:9] = 5
+    labels[18:23, 4:9, 14:19] = 6
+    ref[labels == 4] += 0.05
+    ref[labels == 5] += 0.1
+    ref[labels == 6] += 0.2
+    offsets = np.indices(shape) - np.array([14, 14, 12])[:, None, None, None]
+    calc = (offsets**2).sum(axis=0) <= 4
+    ref[calc] = -1.5
+    labels[calc] = 11
+    recon = 0.8 * ref + 0.01 * rng.standard_normal(shape)
+    mask = np.zeros(shape, np.uint8)
+    mask[2:-2, 2:-2, 2:-2] = 1
+    return recon.astype(np.float32), ref.astype(np.float32), mask, labels
+
+
+@pytest.fixture()
+def files(tmp_path, maps):
+    recon, ref, mask, labels = maps
+    paths = {name: tmp_path / f"{name}.nii.gz" for name in ("chi", "ref", "mask", "labels")}
+    for name, data in zip(("chi", "ref", "mask", "labels"), maps):
+        save_nifti(paths[name], data, AFFINE, dtype=np.float32 if name in ("chi", "ref") else np.uint8)
+    tsv = tmp_path / "dseg.tsv"
+    tsv.write_text("index\tname\n4\tcaudate\n5\tputamen\n6\tglobus_pallidus\n11\tcalcification\n")
+    paths["tsv"] = tsv
+    return paths
+
+
+def _args(files, *extra):
+    return [str(files["chi"]), str(files["ref"]), str(files["mask"]), *map(str, extra)]
+
+
+def _expected(maps, **kwargs):
+    recon, ref, mask, labels = maps
+    names = {4: "caudate", 5: "putamen", 6: "globus_pallidus", 11: "calcification"}
+    return evaluate(recon, ref, mask, labels=labels, label_names=names, **kwargs)
+
+
+def test_table_has_the_numbers(files, maps, capsys):
+    assert main(_args(files, "--labels", files["labels"], "--label-names", files["tsv"], "--calc-label", 11)) == 0
+    out = capsys.readouterr().out
+    expected = _expected(maps, calc_label=11)
+    # the reconstruction is 0.8 ref + noise: NRMSE about 20 %, slope about 0.8
+    assert 19 < expected["nrmse_pct"] < 25 and abs(expected["deep_gm_slope"] - 0.8) < 0.01
+    for name, key in [
+        ("NRMSE (demeaned)", "nrmse_pct"),
+        ("NRMSE (detrended)", "nrmse_detrended_pct"),
+        ("HFEN", "hfen_pct"),
+        ("XSIM", "xsim"),
+        ("Deep GM slope", "deep_gm_slope"),
+        ("Calcification moment error", "calcification_moment_error"),
+        ("Calcification streaking", "calcification_streak"),
+    ]:
+        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert float(line.split()[len(name.split())]) == pytest.approx(expected[key], abs=1e-4)
+    # per-label rows: name, voxel count, means
+    putamen = next(line for line in out.splitlines() if line.startswith("putamen"))
+    _, voxels, chi_mean, ref_mean = putamen.split()
+    assert int(voxels) == 125
+    assert float(ref_mean) == pytest.approx(maps[1][maps[3] == 5].mean(), abs=1e-4)
+    # the value column is aligned
+    starts = {m.start() for m in (re.search(r"-?\d+\.\d{4}", line) for line in out.splitlines()[:7]) if m}
+    assert len(starts) <= 2
+
+
+def test_json_equals_evaluate(files, maps, tmp_path, capsys):
+    out_json = tmp_path / "out" / "metrics.json"
+    argv = _args(files, "--labels", files["labels"], "--label-names", files["tsv"], "--calc-label", 11)
+    assert main([*argv, "--json", str(out_json)]) == 0
+    expected = _expected(maps, calc_label=11)
+    loaded = json.loads(out_json.read_text())
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        if key == "label_means_ppm":
+            assert loaded[key].keys() == value.keys()
+            for label, means in value.items():
+                assert loaded[key][label]["voxels"] == means["voxels"]
+                assert loaded[key][label]["recon"] == pytest.approx(means["recon"], rel=1e-6)
+                assert loaded[key][label]["ref"] == pytest.approx(means["ref"], rel=1e-6)
+        else:
+            assert loaded[key] == pytest.approx(value, rel=1e-6)
+    capsys.readouterr()
+    assert main([*argv, "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out) == loaded
+
+
+def test_explicit_deep_gm_labels_without_names(files, maps, capsys):
+    assert main(_args(files, "--labels", files["labels"], "--deep-gm-labels", 4, 5, 6, "--json", "-")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["deep_gm_slope"] == pytest.approx(_expected(maps)["deep_gm_slope"], rel=1e-6)
+    assert set(result["label_means_ppm"]) == {"4", "5", "6", "11"}
+    assert "calcification_moment_error" not in result
+
+
+def _error_run(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_grid_mismatch_is_a_data_error(files, tmp_path, capsys):
+    other = tmp_path / "small_mask.nii.gz"
+    save_nifti(other, np.ones((10, 10, 10)), AFFINE)
+    code, err = _error_run([str(files["chi"]), str(files["ref"]), str(other)], capsys)
+    assert code == 65
+    assert "small_mask.nii.gz" in err and "shape" in err and len(err.splitlines()) == 1
+    shifted = tmp_path / "shifted.nii.gz"
+    save_nifti(shifted, np.ones((28, 28, 24)), np.diag([1.0, 1.0, 1.0, 1.0]))
+    code, err = _error_run([str(files["chi"]), str(files["ref"]), str(shifted)], capsys)
+    assert code == 65 and "affine" in err
+
+
+def test_empty_mask_missing_file_and_usage_errors(files, tmp_path, capsys):
+    empty = tmp_path / "empty.nii.gz"
+    save_nifti(empty, np.zeros((28, 28, 24)), AFFINE)
+    code, err = _error_run([str(files["chi"]), str(files["ref"]), str(empty)], capsys)
+    assert code == 65 and "empty" in err and len(err.splitlines()) == 1
+    code, err = _error_run([str(tmp_path / "nope.nii.gz"), str(files["ref"]), str(files["mask"])], capsys)
+    assert code == 66 and "nope.nii.gz" in err
+    code, err = _error_run(_args(files, "--calc-label", 11), capsys)
+    assert code == 64 and "--labels" in err
+    code, err = _error_run(_args(files, "--labels", files["labels"], "--calc-label", 3), capsys)
+    assert code == 65 and "calc" in err.lower()
+
+
+def test_nan_in_mask_is_refused(files, maps, tmp_path, capsys):
+    recon = maps[0].copy()
+    recon[10, 10, 10] = np.nan
+    bad = tmp_path / "nan.nii.gz"
+    save_nifti(bad, recon, AFFINE)
+    code, err = _error_run([str(bad), str(files["ref"]), str(files["mask"])], capsys)
+    assert code == 65 and "NaN" in err
