@@ -57,12 +57,16 @@ def _unit(vector):
 
 
 def _smooth_noise(rng, shape, voxel, correlation_mm):
-    """Zero-mean, unit-std Gaussian random field with Gaussian correlation length (mm)."""
-    white = rng.standard_normal(shape, dtype=np.float32)
+    """Zero-mean, unit-std Gaussian random field with Gaussian correlation length (mm).
+
+    Filtered in k-space on a grid of fast FFT sizes, then cropped to ``shape``.
+    """
+    fast = tuple(spfft.next_fast_len(int(n), real=True) for n in shape)
+    white = rng.standard_normal(fast, dtype=np.float32)
     spectrum = spfft.rfftn(white, workers=-1)
-    kx, ky, kz = kspace_grid(shape, voxel, rfft=True)
+    kx, ky, kz = kspace_grid(fast, voxel, rfft=True)
     spectrum *= np.exp(-2 * np.pi**2 * correlation_mm**2 * (kx**2 + ky**2 + kz**2))
-    noise = spfft.irfftn(spectrum, s=shape, workers=-1).astype(np.float32)
+    noise = spfft.irfftn(spectrum, s=fast, workers=-1)[: shape[0], : shape[1], : shape[2]].astype(np.float32)
     noise -= noise.mean()
     std = noise.std()
     return noise / std if std > 0 else noise
@@ -232,6 +236,24 @@ def _unit_dipole_field(r2, along_b0):
     return field
 
 
+@functools.lru_cache(maxsize=4)
+def _point_dipole_spectrum(big_shape, voxel, b):
+    """rfft of the closed-form unit dipole field sampled at the wrapped integer offsets of a grid.
+
+    float64, with offsets as integer steps times the voxel size (as in
+    ``spheres_field_ppm``), so that a sphere's own near field, large inside
+    it, cancels exactly where it is subtracted again.
+    """
+    offsets = [np.rint(spfft.fftfreq(n) * n) * v for n, v in zip(big_shape, voxel)]
+    r2, along_b0 = _dipole_geometry(*offsets, np.asarray(b))
+    r2[0, 0, 0] = 1.0
+    kernel = _unit_dipole_field(r2, along_b0)
+    kernel[0, 0, 0] = 0.0  # a centre voxel is inside its own sphere: no self field
+    spectrum = spfft.rfftn(kernel, workers=-1)
+    spectrum.flags.writeable = False
+    return spectrum
+
+
 def sphere_field_ppm(shape, voxel_size_mm, centre_mm, radius_mm, dchi_ppm, b0_dir=(0.0, 0.0, 1.0)):
     """Closed-form field (ppm) of a uniform sphere, Lorentz-corrected, at voxel centres.
 
@@ -282,18 +304,10 @@ def spheres_field_ppm(shape, voxel_size_mm, centres_vox, radii_mm, dchi_ppm, b0_
     if centres.shape[0] == 0:
         return np.zeros(shape, dtype=np.float32)
     big = padded_shape(shape, 2.0)
-    # closed-form unit dipole field at every wrapped integer offset of the padded grid
-    # float64 throughout, and offsets as integer steps times the voxel size both here and below, so
-    # that a sphere's own near field, large inside it, cancels exactly where it is subtracted again
-    offsets = [np.rint(spfft.fftfreq(n) * n) * v for n, v in zip(big, voxel)]
-    r2, along_b0 = _dipole_geometry(*offsets, b)
-    r2[0, 0, 0] = 1.0
-    kernel = _unit_dipole_field(r2, along_b0)
-    kernel[0, 0, 0] = 0.0  # a centre voxel is inside its own sphere: no self field
     spikes = np.zeros(shape, dtype=np.float64)
     np.add.at(spikes, tuple(centres.T), moments)
     spectrum = spfft.rfftn(spikes, s=big, workers=-1)
-    spectrum *= spfft.rfftn(kernel, workers=-1)
+    spectrum *= _point_dipole_spectrum(big, tuple(voxel), tuple(b))
     field = spfft.irfftn(spectrum, s=big, workers=-1)[: shape[0], : shape[1], : shape[2]]
     for centre, radius, moment in zip(centres, radii, moments):
         box = _box_slices(centre * voxel, radius, voxel, shape)
