@@ -1,0 +1,60 @@
+"""What every qsmprep console script shares: verbosity, logging, exit codes.
+
+``run_cli(parser, run, argv)`` adds ``-v/--verbose`` to an argparse parser,
+parses ``argv``, configures logging and calls ``run(args)``. A
+``QSMPrepError`` becomes one line on standard error, "PROG: error: MESSAGE",
+and its BIDS execution-spec exit code (64 usage, 65 data, 66 no input);
+argparse's own usage errors exit with 64 instead of 2.
+"""
+
+import argparse
+import logging
+import sys
+
+from ..errors import QSMPrepError, UsageError
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+
+
+def _add_verbosity(parser):
+    try:
+        parser.add_argument(
+            "-v", "--verbose", action="count", default=0,
+            help="log progress (-v) or debugging detail (-vv) to standard error",
+        )  # fmt: skip
+    except argparse.ArgumentError:  # the parser already has -v/--verbose
+        pass
+
+
+def run_cli(parser, run, argv=None):
+    """Parse ``argv`` with ``parser``, run ``run(args)`` and return the process exit code.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser; ``-v/--verbose`` (a count) is added if missing.
+    run : callable
+        ``run(args)``; returns an exit code (None counts as 0) and raises a
+        ``qsmprep.errors.QSMPrepError`` for anything the user can fix.
+    argv : list of str or None, default None
+        Arguments (``sys.argv[1:]`` if None).
+
+    Returns
+    -------
+    int : 0 on success, else the error's exit code.
+    """
+    _add_verbosity(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argparse usage error (2), already printed
+        return UsageError.exit_code if exc.code == 2 else (exc.code or 0)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    logging.getLogger("qsmprep").setLevel(level)
+    try:
+        code = run(args)
+    except QSMPrepError as exc:
+        message = " ".join(str(exc).split())  # one line
+        sys.stderr.write(f"{parser.prog}: error: {message}\n")
+        return exc.exit_code
+    return 0 if code is None else int(code)

@@ -1,0 +1,143 @@
+"""qsmprep-invert: dipole inversion of a local field map with a classical method.
+
+    qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr}
+        [--threshold T] [--lambda L] [--units {ppm,hz,rad} --b0-tesla T --te S]
+        [--b0-dir X Y Z] [-v]
+
+Parses, loads, converts the field to ppm, calls ``qsmprep.inversion`` and
+writes the susceptibility map (ppm) atomically. See docs/cli-invert.md.
+"""
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, QSMPrepError, UsageError
+from ..inversion import INVERSION_METHODS
+from ..io import check_same_grid, load_nifti, save_nifti
+from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
+from .common import run_cli
+
+log = logging.getLogger(__name__)
+
+CLASSICAL_METHODS = ("tkd", "cfl2", "ilsqr")
+
+EPILOG = """\
+units: the field is in ppm of B0 by default; --units hz needs --b0-tesla;
+--units rad (phase at one echo time) needs --b0-tesla and --te.
+geometry: voxel size and B0 direction come from FIELD's affine (B0 along
+world z, the scanner axis); --b0-dir X Y Z overrides the direction, in voxel
+coordinates (i, j, k).
+exit codes: 0 success; 64 usage error; 65 unusable data (grid mismatch, NaN
+in the mask, empty mask); 66 missing or unreadable input.
+example:
+  qsmprep-invert sub-01_localfield.nii.gz sub-01_mask.nii.gz sub-01_Chimap.nii.gz --method ilsqr
+"""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="qsmprep-invert",
+        description="Susceptibility map (ppm) from a local (tissue) field map by TKD, closed-form L2 or iLSQR.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("field", type=Path, metavar="FIELD", help="local field map, NIfTI (3D; units: --units)")
+    p.add_argument("mask", type=Path, metavar="MASK", help="brain mask, NIfTI on FIELD's grid (non-zero = inside)")
+    p.add_argument("out", type=Path, metavar="OUT", help="output susceptibility map, .nii or .nii.gz (ppm)")
+    p.add_argument("--method", required=True, choices=CLASSICAL_METHODS,
+                   help="tkd: thresholded k-space division; cfl2: closed-form L2 with gradient regularisation; "
+                        "ilsqr: LSQR with streaking-artefact removal (Li et al. 2015)")  # fmt: skip
+    p.add_argument("--threshold", type=float, metavar="T", help="TKD kernel threshold, in (0, 1/3] (default 0.19)")
+    p.add_argument("--lambda", dest="lam", type=float, metavar="L",
+                   help="closed-form L2 regularisation weight, > 0 (default 0.1)")  # fmt: skip
+    p.add_argument("--units", choices=("ppm", "hz", "rad"), default="ppm", help="units of FIELD (default ppm)")
+    p.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in tesla (for --units hz or rad)")
+    p.add_argument("--te", type=float, metavar="S", help="echo time in seconds (for --units rad)")
+    p.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="B0 direction in voxel coordinates (default: from FIELD's affine)")  # fmt: skip
+    return p
+
+
+def _check_options(args):
+    """Raise UsageError for options that do not fit together."""
+    if args.threshold is not None:
+        if args.method != "tkd":
+            raise UsageError(f"--threshold applies to --method tkd, not {args.method}: remove it.")
+        if not 0 < args.threshold <= 1 / 3:
+            raise UsageError(f"--threshold must be in (0, 1/3], got {args.threshold}.")
+    if args.lam is not None:
+        if args.method != "cfl2":
+            raise UsageError(f"--lambda applies to --method cfl2, not {args.method}: remove it.")
+        if not args.lam > 0:
+            raise UsageError(f"--lambda must be > 0, got {args.lam}.")
+    if args.units in ("hz", "rad") and not (args.b0_tesla and args.b0_tesla > 0):
+        raise UsageError(f"--units {args.units} needs the field strength: add --b0-tesla (in T, e.g. 3).")
+    if args.units == "rad" and not (args.te and args.te > 0):
+        raise UsageError("--units rad needs the echo time of the phase: add --te (in s, e.g. 0.02).")
+    if args.b0_dir is not None and not np.linalg.norm(args.b0_dir) > 0:
+        raise UsageError("--b0-dir must be a non-zero vector.")
+    if not (args.out.name.endswith(".nii") or args.out.name.endswith(".nii.gz")):
+        raise UsageError(f"output {args.out} must end in .nii or .nii.gz.")
+
+
+def _as_3d(data, path, what):
+    """``data`` as a 3D array (trailing singleton axes dropped), or DataError."""
+    if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
+        raise DataError(f"{what} {path} has shape {data.shape}: give a single 3D volume.")
+    return data.reshape(data.shape[:3])
+
+
+def _load_inputs(args):
+    """Field (ppm), mask and the field's affine and header; raise QSMPrepError for unusable inputs."""
+    field, affine, header = load_nifti(args.field, "field map")
+    mask, mask_affine, _ = load_nifti(args.mask, "mask")
+    field, mask = _as_3d(field, args.field, "field map"), _as_3d(mask, args.mask, "mask")
+    check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine))
+    inside = mask > 0
+    if not inside.any():
+        raise DataError(f"mask {args.mask} is empty (no voxel > 0): give a brain mask.")
+    bad = int((~np.isfinite(field[inside])).sum())
+    if bad:
+        raise DataError(f"field map {args.field} has {bad} NaN or infinite values inside the mask: "
+                        "fill them or remove them from the mask.")  # fmt: skip
+    if args.units == "hz":
+        field = hz_to_ppm(field, args.b0_tesla)
+    elif args.units == "rad":
+        field = rad_to_ppm(field, args.te, args.b0_tesla)
+    return np.asarray(field, dtype=np.float32), inside, affine, header
+
+
+def run(args):
+    """Invert FIELD into OUT; raises QSMPrepError for user errors."""
+    _check_options(args)
+    field, mask, affine, header = _load_inputs(args)
+    voxel_size = voxel_size_from_affine(affine)
+    b0_dir = tuple(args.b0_dir) if args.b0_dir is not None else b0_dir_from_affine(affine)
+    options = {"threshold": args.threshold} if args.threshold is not None else {}
+    if args.lam is not None:
+        options["lam"] = args.lam
+    log.info("%s on %s: voxel size %s mm, B0 direction %s", args.method, args.field,
+             np.round(voxel_size, 4), np.round(b0_dir, 4))  # fmt: skip
+    start = time.perf_counter()
+    chi = INVERSION_METHODS[args.method](field, mask, voxel_size, b0_dir, **options)
+    log.info("inverted in %.1f s", time.perf_counter() - start)
+    try:
+        save_nifti(args.out, chi, affine, header)
+    except OSError as exc:
+        raise QSMPrepError(f"cannot write {args.out} ({exc.strerror or exc}): check the directory and permissions.") from exc
+    log.info("wrote %s", args.out)
+    return 0
+
+
+def main(argv=None):
+    """Entry point of ``qsmprep-invert``; returns 0, or the exit code of the error (one line on stderr)."""
+    return run_cli(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""qsmprep-invert: success paths equal the library; every user error exits cleanly."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmprep.cli.invert import main
+from qsmprep.inversion import cfl2, ilsqr, tkd
+from qsmprep.physics import b0_dir_from_affine, forward_field_ppm, ppm_to_hz, ppm_to_rad, voxel_size_from_affine
+
+SHAPE = (24, 22, 20)
+VOXEL = (1.0, 1.2, 1.5)
+B0_TESLA, TE_S = 3.0, 0.02
+
+
+def _tilted_affine():
+    """Voxel axes rotated 20 degrees about world x, anisotropic voxels, some translation."""
+    t = np.radians(20)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot * np.array(VOXEL)
+    affine[:3, 3] = (-12, -13, -15)
+    return affine
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    affine = _tilted_affine()
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    mask = (x**2 + y**2 + z**2 < 0.6).astype(np.float32)
+    chi = (0.1 * np.exp(-((x - 0.2) ** 2 + y**2 + z**2) / 0.05) * mask).astype(np.float32)
+    field = forward_field_ppm(chi, VOXEL, b0_dir_from_affine(affine))
+    paths = {"field": tmp_path / "field.nii.gz", "mask": tmp_path / "mask.nii.gz", "out": tmp_path / "out" / "chi.nii.gz"}
+    nib.save(nib.Nifti1Image(field, affine), paths["field"])
+    nib.save(nib.Nifti1Image(mask, affine), paths["mask"])
+    return paths, field, mask > 0, affine
+
+
+def _run(paths, *options):
+    return main([str(paths["field"]), str(paths["mask"]), str(paths["out"]), *options])
+
+
+@pytest.mark.parametrize(
+    "options,library",
+    [
+        (["--method", "tkd"], lambda f, m, v, b: tkd(f, m, v, b)),
+        (["--method", "tkd", "--threshold", "0.1"], lambda f, m, v, b: tkd(f, m, v, b, threshold=0.1)),
+        (["--method", "cfl2", "--lambda", "0.03"], lambda f, m, v, b: cfl2(f, m, v, b, lam=0.03)),
+        (["--method", "ilsqr"], lambda f, m, v, b: ilsqr(f, m, v, b)),
+    ],
+)
+def test_output_equals_the_library_call(inputs, options, library):
+    paths, field, mask, affine = inputs
+    assert _run(paths, *options) == 0
+    img = nib.load(paths["out"])
+    np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+    assert img.get_data_dtype() == np.float32
+    # the geometry as stored (the NIfTI affine is float32) and read back by the CLI
+    stored = nib.load(paths["field"]).affine
+    expected = library(field, mask, voxel_size_from_affine(stored), b0_dir_from_affine(stored))
+    np.testing.assert_allclose(img.get_fdata(), expected, rtol=1e-5, atol=1e-7)
+    assert np.abs(expected).max() > 0.01
+
+
+def test_units_and_b0_direction_override(inputs):
+    paths, field, mask, affine = inputs
+    b0 = b0_dir_from_affine(affine)
+    expected = tkd(field, mask, VOXEL, b0)
+    for units, values, extra in [
+        ("hz", ppm_to_hz(field, B0_TESLA), ["--b0-tesla", "3"]),
+        ("rad", ppm_to_rad(field, TE_S, B0_TESLA), ["--b0-tesla", "3", "--te", "0.02"]),
+    ]:
+        nib.save(nib.Nifti1Image(values.astype(np.float32), affine), paths["field"])
+        assert _run(paths, "--method", "tkd", "--units", units, *extra) == 0
+        np.testing.assert_allclose(nib.load(paths["out"]).get_fdata(), expected, rtol=1e-4, atol=1e-6)
+    # an explicit --b0-dir replaces the affine's direction
+    nib.save(nib.Nifti1Image(field, affine), paths["field"])
+    assert _run(paths, "--method", "tkd", "--b0-dir", "0", "0", "1") == 0
+    np.testing.assert_allclose(nib.load(paths["out"]).get_fdata(), tkd(field, mask, VOXEL, (0, 0, 1)), rtol=1e-5, atol=1e-7)
+    assert abs(b0[2]) < 0.95  # the affine's direction is really tilted
+
+
+def _expect_error(capsys, paths, code, names, *options):
+    assert _run(paths, *options) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("qsmprep-invert: error: ")
+    for name in names:
+        assert name in err[-1]
+    assert not paths["out"].exists()
+    assert not paths["out"].parent.exists() or not any(paths["out"].parent.iterdir())
+    return err
+
+
+def test_missing_and_unreadable_inputs_exit_66(inputs, capsys):
+    paths, *_ = inputs
+    paths["mask"].unlink()
+    _expect_error(capsys, paths, 66, [str(paths["mask"])], "--method", "tkd")
+    paths["mask"].write_bytes(b"not a nifti file")
+    err = _expect_error(capsys, paths, 66, [str(paths["mask"])], "--method", "tkd")
+    assert len(err) == 1
+
+
+def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
+    paths, field, mask, affine = inputs
+    nib.save(nib.Nifti1Image(mask[:-1].astype(np.float32), affine), paths["mask"])
+    _expect_error(capsys, paths, 65, [str(paths["mask"]), str(paths["field"])], "--method", "tkd")
+    shifted = affine.copy()
+    shifted[0, 3] += 2
+    nib.save(nib.Nifti1Image(mask.astype(np.float32), shifted), paths["mask"])
+    _expect_error(capsys, paths, 65, [str(paths["mask"])], "--method", "cfl2")
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), affine), paths["mask"])
+    _expect_error(capsys, paths, 65, [str(paths["mask"]), "empty"], "--method", "ilsqr")
+    nib.save(nib.Nifti1Image(mask.astype(np.float32), affine), paths["mask"])
+    bad = field.copy()
+    bad[np.nonzero(mask)[0][0], np.nonzero(mask)[1][0], np.nonzero(mask)[2][0]] = np.nan
+    nib.save(nib.Nifti1Image(bad, affine), paths["field"])
+    _expect_error(capsys, paths, 65, [str(paths["field"]), "NaN"], "--method", "tkd")
+    # NaN outside the mask is fine
+    outside = field.copy()
+    outside[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(outside, affine), paths["field"])
+    assert _run(paths, "--method", "tkd") == 0 and np.isfinite(nib.load(paths["out"]).get_fdata()).all()
+
+
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        (["--method", "tkd", "--units", "hz"], ["--b0-tesla"]),
+        (["--method", "tkd", "--units", "rad", "--b0-tesla", "3"], ["--te"]),
+        (["--method", "cfl2", "--threshold", "0.2"], ["--threshold", "tkd"]),
+        (["--method", "tkd", "--lambda", "0.2"], ["--lambda", "cfl2"]),
+        (["--method", "tkd", "--threshold", "0.5"], ["--threshold"]),
+        (["--method", "cfl2", "--lambda", "-1"], ["--lambda"]),
+        (["--method", "tkd", "--b0-dir", "0", "0", "0"], ["--b0-dir"]),
+    ],
+)
+def test_usage_errors_exit_64(inputs, capsys, options, words):
+    paths, *_ = inputs
+    _expect_error(capsys, paths, 64, words, *options)
+
+
+def test_argparse_errors_exit_64(inputs, capsys):
+    paths, *_ = inputs
+    _expect_error(capsys, paths, 64, ["--method"])  # required option missing
+    _expect_error(capsys, paths, 64, ["invalid choice"], "--method", "nope")
+    paths["out"] = paths["out"].with_name("chi.img")
+    _expect_error(capsys, paths, 64, ["chi.img"], "--method", "tkd")
