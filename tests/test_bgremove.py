@@ -172,10 +172,11 @@ def test_pdf_removes_background_and_keeps_local_field(vox, b0_dir):
     mask, background, local = _head(64, vox, b0_dir)
     result, kept = pdf(background, mask, vox, b0_dir)
     np.testing.assert_array_equal(kept, mask)
-    assert _residual_fraction(result, background, mask) < 0.05  # measured 0.002 (axial)
+    # measured 0.002 / 0.0035; the tilted case with an axial kernel leaves 0.03
+    assert _residual_fraction(result, background, mask) < 0.015
     assert np.all(result[~mask] == 0)
     result, _ = pdf(background + local, mask, vox, b0_dir)
-    assert _correlation(result, local, mask) > 0.9  # measured 0.96 (axial)
+    assert _correlation(result, local, mask) > 0.9  # measured 0.959 / 0.958
 
 
 def test_pdf_weights_exclude_corrupt_voxels():
