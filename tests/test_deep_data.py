@@ -65,7 +65,7 @@ def test_analytic_sphere_fields_match_the_fft_forward_model(voxel, b0):
     fft = forward_field_ppm(chi, voxel, b0, pad_factor=3)
     far = ~binary_dilation(chi != 0, iterations=3)
     assert far.mean() > 0.3
-    assert _rel(field[far], fft[far]) < 0.03
+    assert _rel(field[far], fft[far]) < 0.04
     assert np.abs(field - fft)[far].max() < 0.02 * np.abs(field).max()
     # inside a sphere, away from its surface, the Lorentz-corrected own field is 0: only the others' remains
     assert np.abs(fft[chi != 0]).max() < np.abs(field).max()
