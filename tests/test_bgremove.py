@@ -128,9 +128,9 @@ def test_vsharp_single_large_radius_recovers_local_field_closely():
     mask, _, local = _head(64, (1.0, 1.0, 1.0))
     result, eroded = vsharp(local, mask, radii_mm=[10.0])
     np.testing.assert_array_equal(eroded, ndimage.binary_erosion(mask, ball_mm(10.0, (1, 1, 1))))
-    assert _correlation(result, local, eroded) > 0.99  # measured 0.9994
+    assert _correlation(result, local, eroded) > 0.99  # measured 0.9988
     slope = _demeaned(result, eroded) @ _demeaned(local, eroded) / np.sum(_demeaned(local, eroded) ** 2)
-    assert slope == pytest.approx(1.0, abs=0.02)  # measured 0.997
+    assert slope == pytest.approx(1.0, abs=0.02)  # measured 1.007
 
 
 def test_vsharp_is_linear_in_the_field_unit():
