@@ -1,0 +1,487 @@
+"""Train a dipole-inversion network from a recipe (see ``qsmprep.deep.recipes``).
+
+One loop serves the five methods:
+
+- supervised (U-Net/Jochmann, Meta-QSM, SI-QSM, and QSMGAN's pre-training):
+  loss(model(field), chi) on on-the-fly synthetic pairs;
+- QSMInvNet+ (``[domain]``): the supervised loss on synthetic data (batch-norm
+  domain 0) plus lambda x the data-consistency loss on unlabelled target-domain
+  fields (domain 1), lambda rising linearly over training;
+- QSMGAN (``[adversarial]``): L1 generator pre-training, then the critic alone
+  with the generator fixed, then WGAN-GP with ``n_critic`` critic updates per
+  generator update.
+
+Outputs in ``out_dir``: ``checkpoint.safetensors`` (+ ``.json``, latest),
+``best.safetensors`` (+ ``.json``, lowest validation NRMSE),
+``optimizer.safetensors`` (optimiser, and for QSMGAN critic, state for
+``resume``), ``losses.csv``, ``validation.csv`` and ``losses.png``.
+
+Determinism: one seed sets Python, NumPy and torch RNGs, the data stream
+(``build_dataset(..., seed)``, which seeds its workers) and the fixed
+validation set.  A resumed run restarts the data stream from ``seed + step``,
+so it is reproducible but not sample-identical to an uninterrupted run.
+"""
+
+import csv
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from qsmprep.deep.data import build_dataset, build_validation_set
+from qsmprep.deep.losses import (
+    build_loss, tanh_target, wgan_generator_loss, wgan_gp_critic_loss,
+)
+from qsmprep.deep.models import QSMGANCritic, build_model
+from qsmprep.deep.recipes import validate_recipe
+from qsmprep.deep.registry import read_tensors, save_checkpoint, save_tensors
+from qsmprep.errors import DataError, NoInputError, UsageError
+from qsmprep.metrics import hfen, nrmse
+
+log = logging.getLogger(__name__)
+
+VALIDATION_SEED_OFFSET = 1_000_003
+TARGET_SEED_OFFSET = 2_000_003
+
+
+def resolve_device(device="auto"):
+    """torch.device for "auto" (CUDA when available), "cpu" or "cuda"."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available: use --device cpu or auto.")
+    return torch.device(device)
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def learning_rate(optim_cfg, step):
+    """Learning rate at ``step``: constant, or lr x decay_rate^(step // decay_steps)."""
+    lr = float(optim_cfg["lr"])
+    if optim_cfg["schedule"] == "exponential":
+        lr *= float(optim_cfg.get("decay_rate", 0.96)) ** (step // int(optim_cfg.get("decay_steps", 1000)))
+    return lr
+
+
+def make_optimizer(params, optim_cfg, lr=None, betas=None):
+    """Adam or RMSprop from an ``[optim]``-like table."""
+    lr = float(optim_cfg["lr"] if lr is None else lr)
+    wd = float(optim_cfg.get("weight_decay", 0.0))
+    if optim_cfg.get("name", "adam") == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas or optim_cfg.get("betas", (0.9, 0.999))), weight_decay=wd)
+
+
+def optimizer_tensors(optimizer, prefix):
+    """Flatten an optimiser state into safetensors-ready tensors (+ JSON-able groups)."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            tensors[f"{prefix}.{index}.{key}"] = torch.as_tensor(value)
+    return tensors, state["param_groups"]
+
+
+def restore_optimizer(optimizer, tensors, groups, prefix):
+    """Inverse of :func:`optimizer_tensors`."""
+    state = {}
+    for name, value in tensors.items():
+        head, index, key = name.split(".", 2)
+        if head == prefix:
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _crop(x, margin):
+    return x[..., margin:-margin, margin:-margin, margin:-margin] if margin else x
+
+
+def _stacked(samples):
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class TargetDomainFields:
+    """Unlabelled target-domain local fields for QSMInvNet+ (``[domain]``).
+
+    ``source = "simulated"`` (default): brain-like fields from the data
+    generator with the ``[domain.augment]`` noise, their chi discarded.
+    Otherwise ``source`` is a directory of ``<name>_field.nii[.gz]`` (local
+    field, ppm) with ``<name>_mask.nii[.gz]`` and optionally
+    ``<name>_magnitude.nii[.gz]``; random patches of the recipe's patch size
+    are cut from them (volumes smaller than a patch are zero-padded).
+    """
+
+    def __init__(self, domain_cfg, data_cfg, seed, num_workers):
+        self.batch_size = int(domain_cfg.get("batch_size", 1))
+        self.patch = tuple(int(n) for n in data_cfg["patch"])
+        source = domain_cfg.get("source", "simulated")
+        if source == "simulated":
+            target_data = {**data_cfg, "generator": "brain"}
+            dataset = build_dataset(target_data, domain_cfg.get("augment", {}), seed + TARGET_SEED_OFFSET)
+            self._iter = iter(DataLoader(dataset, batch_size=self.batch_size, num_workers=num_workers))
+            self.volumes = None
+        else:
+            self.volumes = self._load_directory(Path(source))
+            self.rng = np.random.default_rng(seed + TARGET_SEED_OFFSET)
+
+    @staticmethod
+    def _load_directory(directory):
+        from qsmprep.io import check_same_grid, load_nifti
+        from qsmprep.physics.orientation import voxel_size_from_affine
+
+        if not directory.is_dir():
+            raise NoInputError(f"target-domain directory {directory} does not exist: give a folder of *_field/*_mask NIfTI pairs.")
+        volumes = []
+        for field_path in sorted(directory.glob("*_field.nii*")):
+            stem = field_path.name.split("_field.nii")[0]
+            suffix = field_path.name[len(stem) + len("_field") :]
+            mask_path = directory / f"{stem}_mask{suffix}"
+            field, affine, _ = load_nifti(field_path, "target-domain local field (ppm)")
+            mask, mask_affine, _ = load_nifti(mask_path, "target-domain mask")
+            check_same_grid(field_path, (field.shape, affine), mask_path, (mask.shape, mask_affine))
+            mag_path = directory / f"{stem}_magnitude{suffix}"
+            magnitude = load_nifti(mag_path, "target-domain magnitude")[0] if mag_path.is_file() else (mask > 0).astype(np.float32)
+            if field.ndim != 3:
+                raise DataError(f"{field_path} has shape {field.shape}: a 3D local field map (ppm) is needed.")
+            volumes.append((field, (mask > 0).astype(np.float32), magnitude, np.asarray(voxel_size_from_affine(affine), np.float32)))
+        if not volumes:
+            raise NoInputError(f"{directory} holds no <name>_field.nii[.gz] files: add field/mask pairs or use source = \"simulated\".")
+        log.info("target domain: %d field maps from %s", len(volumes), directory)
+        return volumes
+
+    def _patch(self):
+        field, mask, magnitude, voxel = self.volumes[self.rng.integers(len(self.volumes))]
+        pad = [(0, max(p - n, 0)) for n, p in zip(field.shape, self.patch)]
+        starts = [int(self.rng.integers(max(n + a + b - p, 0) + 1)) for n, (a, b), p in zip(field.shape, pad, self.patch)]
+        cut = tuple(slice(s, s + p) for s, p in zip(starts, self.patch))
+        return {
+            "field": torch.from_numpy(np.pad(field, pad)[cut][None].copy()),
+            "mask": torch.from_numpy(np.pad(mask, pad)[cut][None].copy()),
+            "magnitude": torch.from_numpy(np.pad(magnitude, pad)[cut][None].copy()),
+            "voxel_size": torch.from_numpy(voxel),
+        }
+
+    def next(self):
+        """A batch dict with field, mask, magnitude (B, 1, X, Y, Z) and voxel_size (B, 3)."""
+        if self.volumes is None:
+            return next(self._iter)
+        return _stacked([self._patch() for _ in range(self.batch_size)])
+
+
+class _CsvLog:
+    """Append-only CSV with a header; on resume keeps only rows up to ``step``."""
+
+    def __init__(self, path, fields, resume_step=None):
+        self.path, self.fields = Path(path), list(fields)
+        rows = []
+        if resume_step is not None and self.path.is_file():
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in self.fields} for r in rows)
+
+    def add(self, row):
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.fields).writerow({k: row.get(k, "") for k in self.fields})
+
+    def read(self):
+        with self.path.open() as f:
+            return list(csv.DictReader(f))
+
+
+def plot_curves(loss_rows, val_rows, path):
+    """Training loss (log scale) and validation NRMSE against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [int(r["step"]) for r in loss_rows]
+    ax.plot(steps, [float(r["loss"]) for r in loss_rows], lw=0.8, color="tab:blue", label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    if val_rows:
+        ax2 = ax.twinx()
+        ax2.plot([int(r["step"]) for r in val_rows], [float(r["nrmse"]) for r in val_rows], "o-", color="tab:red", label="validation NRMSE")
+        ax2.set_ylabel("validation NRMSE (%)")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class Trainer:
+    """State of one training run; use :func:`train`."""
+
+    def __init__(self, recipe, out_dir, device):
+        self.recipe = recipe
+        self.out = Path(out_dir)
+        self.device = device
+        self.cuda = device.type == "cuda"
+        tr = recipe["train"]
+        self.seed = int(tr["seed"])
+        seed_everything(self.seed)
+        model_cfg = {k: v for k, v in recipe["model"].items() if k != "arch"}
+        self.model = build_model(recipe["model"]["arch"], **model_cfg).to(device)
+        self.memory_format = torch.channels_last_3d if self.cuda else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.optimizer = make_optimizer(self.model.parameters(), recipe["optim"])
+        self.loss_fn = build_loss(recipe["loss"])
+        self.amp = bool(tr["amp"]) and self.cuda
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.adv = recipe.get("adversarial")
+        self.critic = self.critic_opt = None
+        if self.adv:
+            self.critic = QSMGANCritic(int(self.adv.get("critic_width", recipe["model"].get("width", 32)))).to(device)
+            self.critic = self.critic.to(memory_format=self.memory_format)
+            self.critic_opt = make_optimizer(self.critic.parameters(), recipe["optim"], lr=self.adv["lr"], betas=self.adv.get("betas"))
+        self.domain = recipe.get("domain")
+        if self.domain:
+            self.domain_loss = build_loss(self.domain.get("loss", {"name": "data_consistency", "magnitude_weights": True}))
+        self.step = 0
+        self.best_nrmse = math.inf
+
+    # -- data ---------------------------------------------------------------
+    def start_data(self):
+        tr = self.recipe["train"]
+        dataset = build_dataset(self.recipe["data"], self.recipe["augment"], self.seed + self.step)
+        loader = DataLoader(
+            dataset,
+            batch_size=int(tr["batch_size"]),
+            num_workers=int(tr["num_workers"]),
+            pin_memory=self.cuda,
+            persistent_workers=int(tr["num_workers"]) > 0,
+        )
+        self.batches = iter(loader)
+        self.target = None
+        if self.domain:
+            self.target = TargetDomainFields(self.domain, self.recipe["data"], self.seed + self.step, int(tr["num_workers"]))
+        self.validation = build_validation_set(self.recipe["data"], int(tr["val_samples"]), self.seed + VALIDATION_SEED_OFFSET)
+
+    def next_batch(self):
+        batch = _to(next(self.batches), self.device)
+        for key in ("field", "chi", "mask", "magnitude"):
+            if key in batch:
+                batch[key] = batch[key].contiguous(memory_format=self.memory_format)
+        return batch
+
+    # -- losses -------------------------------------------------------------
+    def predict_raw(self, batch, domain=0):
+        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp):
+            return self.model(batch["field"], mask=batch["mask"], voxel_size=batch["voxel_size"], raw=True, domain=domain).float()
+
+    def content_loss(self, batch):
+        """Supervised loss in network space; returns (loss, raw prediction, cropped target)."""
+        m = self.model.crop_margin
+        raw = self.predict_raw(batch, domain=0)
+        cropped = {k: _crop(v, m) if v.dim() == 5 else v for k, v in batch.items()}
+        target = cropped["chi"]
+        if self.model.output_transform == "tanh10":
+            target = tanh_target(target)
+        return self.loss_fn(raw, target, cropped), raw, target
+
+    def domain_weight(self):
+        return float(self.domain.get("lambda_max", 0.1)) * min(1.0, self.step / max(1, int(self.domain.get("lambda_ramp_steps", 1))))
+
+    def adversarial_phase(self):
+        """"content" (generator pre-training), "critic" (critic alone) or "joint"."""
+        if not self.adv:
+            return "content"
+        g_pre, c_pre = int(self.adv["generator_pretrain_steps"]), int(self.adv["critic_pretrain_steps"])
+        return "content" if self.step < g_pre else "critic" if self.step < g_pre + c_pre else "joint"
+
+    def _backward_step(self, loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def _critic_update(self, batch):
+        with torch.no_grad():
+            fake = self.predict_raw(batch)
+        real = tanh_target(_crop(batch["chi"], self.model.crop_margin))
+        loss = wgan_gp_critic_loss(self.critic, real, fake, gp_weight=float(self.adv["gp_weight"]))
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_opt.step()
+        return loss.item()
+
+    def train_step(self):
+        """One optimisation step; returns a dict of logged values."""
+        lr = learning_rate(self.recipe["optim"], self.step)
+        phase = self.adversarial_phase()
+        if phase != "content":
+            lr = float(self.adv["lr"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        row = {"lr": lr}
+        self.model.train()
+        if phase == "critic":
+            row["critic_loss"] = self._critic_update(self.next_batch())
+            with torch.no_grad():
+                row["loss"] = float(self.content_loss(self.next_batch())[0])
+            return row
+        if phase == "joint":
+            row["critic_loss"] = sum(self._critic_update(self.next_batch()) for _ in range(int(self.adv["n_critic"]))) / int(self.adv["n_critic"])
+        batch = self.next_batch()
+        loss, raw, _ = self.content_loss(batch)
+        row["loss"] = loss.item()
+        total = loss
+        if phase == "joint":
+            adv_loss = wgan_generator_loss(self.critic, raw)
+            row["adversarial_loss"] = adv_loss.item()
+            total = float(self.adv["content_weight"]) * loss + float(self.adv["adversarial_weight"]) * adv_loss
+        if self.target is not None:
+            weight = self.domain_weight()
+            tb = _to(self.target.next(), self.device)
+            chi_t = self.model(tb["field"], mask=tb["mask"], voxel_size=tb["voxel_size"], domain=1)
+            dc = self.domain_loss(chi_t.float(), None, tb)
+            row["domain_loss"], row["domain_weight"] = dc.item(), weight
+            total = total + weight * dc
+        self._backward_step(total, self.optimizer)
+        return row
+
+    # -- validation and checkpoints -----------------------------------------
+    @torch.no_grad()
+    def validate(self):
+        """Mean NRMSE and HFEN (%, demeaned in the mask) on the held-out synthetic set."""
+        self.model.eval()
+        m = self.model.crop_margin
+        scores = []
+        for sample in self.validation:
+            batch = _to({k: v[None] for k, v in sample.items()}, self.device)
+            chi = self.model(batch["field"], mask=batch["mask"], voxel_size=batch["voxel_size"], domain=0).float()
+            ref = _crop(batch["chi"], m)[0, 0].cpu().numpy()
+            mask = _crop(batch["mask"], m)[0, 0].cpu().numpy()
+            if mask.sum() < 2 or np.ptp(ref[mask > 0]) == 0:
+                continue
+            pred = chi[0, 0].cpu().numpy()
+            scores.append((nrmse(pred, ref, mask), hfen(pred, ref, mask)))
+        if not scores:
+            raise DataError("the validation set has no sample with structure inside its mask: check the [data] section.")
+        return {"nrmse": float(np.mean([s[0] for s in scores])), "hfen": float(np.mean([s[1] for s in scores]))}
+
+    def save(self, metrics):
+        meta = {"recipe": self.recipe, "step": self.step, "validation": metrics, "best_nrmse": self.best_nrmse}
+        save_checkpoint(self.model, self.out / "checkpoint.safetensors", meta)
+        tensors, groups = optimizer_tensors(self.optimizer, "model")
+        extra = {"model": groups}
+        if self.critic is not None:
+            critic_tensors, critic_groups = optimizer_tensors(self.critic_opt, "critic")
+            tensors.update(critic_tensors)
+            tensors.update({f"critic_weights.{k}": v for k, v in self.critic.state_dict().items()})
+            extra["critic"] = critic_groups
+        save_tensors(self.out / "optimizer.safetensors", tensors, {"step": self.step, "param_groups": extra})
+
+    def restore(self):
+        """Load the latest checkpoint and optimiser state from ``out_dir``; returns the step."""
+        tensors, meta = read_tensors(self.out / "checkpoint.safetensors", self.device)
+        if meta.get("arch") != self.model.arch or meta.get("params") != self.model.params:
+            raise DataError(
+                f"{self.out / 'checkpoint.safetensors'} holds a {meta.get('arch')} {meta.get('params')}, "
+                f"not this recipe's {self.model.arch} {self.model.params}: use a new --out or the matching recipe."
+            )
+        self.model.load_state_dict(tensors)
+        opt_tensors, opt_meta = read_tensors(self.out / "optimizer.safetensors", self.device)
+        restore_optimizer(self.optimizer, opt_tensors, opt_meta["param_groups"]["model"], "model")
+        if self.critic is not None:
+            self.critic.load_state_dict({k.split(".", 1)[1]: v for k, v in opt_tensors.items() if k.startswith("critic_weights.")})
+            restore_optimizer(self.critic_opt, opt_tensors, opt_meta["param_groups"]["critic"], "critic")
+        self.step = int(meta["step"])
+        self.best_nrmse = float(meta.get("best_nrmse", math.inf))
+        return self.step
+
+
+def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resume=False):
+    """Train the network a recipe describes and write checkpoints and curves to ``out_dir``.
+
+    Parameters
+    ----------
+    recipe : dict
+        A recipe (``qsmprep.deep.recipes.load_recipe``); validated here.
+    out_dir : str or Path
+        Output folder (created).
+    device : "auto", "cpu" or "cuda", default "auto"
+        "auto" uses CUDA when available.  AMP (recipe ``amp``) and the
+        channels-last memory format are used on CUDA only.
+    max_steps : int, optional
+        Stop at this step even if the recipe asks for more.
+    max_minutes : float, optional
+        Stop (after saving) once this much wall time has passed.
+    resume : bool, default False
+        Continue from ``out_dir``'s last checkpoint and optimiser state.
+
+    Returns
+    -------
+    dict with ``step``, ``validation`` (last NRMSE/HFEN), ``losses`` (the
+    per-step training losses of this call), ``checkpoint`` (path) and
+    ``model`` (the trained network, in eval mode).
+    """
+    from tqdm.auto import tqdm
+
+    recipe = validate_recipe(recipe)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(recipe, out, resolve_device(device))
+    if resume:
+        trainer.restore()
+        log.info("resuming at step %d from %s", trainer.step, out)
+    elif (out / "checkpoint.safetensors").exists():
+        raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out.")
+    trainer.start_data()
+    tr = recipe["train"]
+    last = min(int(tr["steps"]), int(max_steps)) if max_steps is not None else int(tr["steps"])
+    loss_fields = ["step", "loss", "lr", "samples_per_s", "critic_loss", "adversarial_loss", "domain_loss", "domain_weight"]
+    loss_log = _CsvLog(out / "losses.csv", loss_fields, trainer.step if resume else None)
+    val_log = _CsvLog(out / "validation.csv", ["step", "nrmse", "hfen"], trainer.step if resume else None)
+    started = time.monotonic()
+    losses, metrics = [], {}
+    with tqdm(total=last, initial=min(trainer.step, last), desc=f"train {recipe['model']['arch']}", unit="step", disable=None) as bar:
+        while trainer.step < last:
+            tick = time.perf_counter()
+            row = trainer.train_step()
+            trainer.step += 1
+            row["step"] = trainer.step
+            row["samples_per_s"] = int(tr["batch_size"]) / max(time.perf_counter() - tick, 1e-9)
+            if not math.isfinite(row["loss"]):
+                raise DataError(f"training diverged at step {trainer.step} (loss {row['loss']}): lower [optim] lr.")
+            losses.append(row["loss"])
+            loss_log.add(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", samples_s=f"{row['samples_per_s']:.1f}")
+            out_of_time = max_minutes is not None and time.monotonic() - started > 60 * float(max_minutes)
+            if trainer.step % int(tr["val_every"]) == 0 or trainer.step == last or out_of_time:
+                metrics = trainer.validate()
+                val_log.add({"step": trainer.step, **metrics})
+                log.info("step %d: validation NRMSE %.1f%%, HFEN %.1f%%", trainer.step, metrics["nrmse"], metrics["hfen"])
+                if metrics["nrmse"] < trainer.best_nrmse:
+                    trainer.best_nrmse = metrics["nrmse"]
+                    save_checkpoint(trainer.model, out / "best.safetensors", {"recipe": recipe, "step": trainer.step, "validation": metrics})
+                trainer.save(metrics)
+                plot_curves(loss_log.read(), val_log.read(), out / "losses.png")
+            if out_of_time:
+                log.info("stopping after %.1f minutes at step %d", float(max_minutes), trainer.step)
+                break
+    return {
+        "step": trainer.step, "validation": metrics, "losses": losses,
+        "checkpoint": out / "checkpoint.safetensors", "model": trainer.model.eval(),
+    }
