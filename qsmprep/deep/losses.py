@@ -117,7 +117,7 @@ def unscale_input(x, factor=100.0):
 
 @functools.lru_cache(maxsize=16)
 def _kernel_rfft(shape, voxel_size_mm, b0_dir):
-    return torch.from_numpy(dipole_kernel(shape, voxel_size_mm, b0_dir, rfft=True))
+    return torch.from_numpy(dipole_kernel(shape, voxel_size_mm, b0_dir, rfft=True).copy())
 
 
 def dipole_field_torch(chi, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), pad_factor=2.0):

@@ -8,6 +8,8 @@ inhomogeneity due to spatial variation of magnetic susceptibility. Concepts
 Magn Reson B 2005;25B:65-78.
 """
 
+from functools import lru_cache
+
 import numpy as np
 from scipy import fft as spfft
 
@@ -60,17 +62,24 @@ def dipole_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), 
 
     Returns
     -------
-    float32 array in FFT (unshifted) order.
+    float32 array in FFT (unshifted) order, read-only: kernels are cached
+    (training and iterative solvers ask for the same one many times).
     """
     b = np.asarray(b0_dir, dtype=np.float64)
     norm = np.linalg.norm(b)
     if norm == 0:
         raise ValueError("B0 direction must be a non-zero vector")
-    b = b / norm
+    key = (tuple(int(n) for n in shape), tuple(float(v) for v in voxel_size_mm), tuple(float(v) for v in b / norm))
+    return _cached_dipole_kernel(*key, bool(rfft))
+
+
+@lru_cache(maxsize=4)
+def _cached_dipole_kernel(shape, voxel_size_mm, b, rfft):
     kx, ky, kz = kspace_grid(shape, voxel_size_mm, rfft=rfft)
     k_dot_b = kx * b[0] + ky * b[1] + kz * b[2]
     k2 = kx**2 + ky**2 + kz**2
     k2[0, 0, 0] = 1.0  # avoid 0/0; D(0) is set below
     d = (1.0 / 3.0 - k_dot_b**2 / k2).astype(np.float32)
     d[0, 0, 0] = 0.0
+    d.flags.writeable = False
     return d
