@@ -55,7 +55,8 @@ def main():
     start = time.perf_counter()
     chi = ilsqr(np.pad(field, pad), np.pad(mask, pad), voxel_size, B0_DIR)[: field.shape[0], : field.shape[1]]
     seconds = time.perf_counter() - start
-    print(f"{'iLSQR on a 256x256x160 grid':34s} {nrmse(chi, cosmos, mask):8.2f} {hfen(chi, cosmos, mask):8.2f} {seconds:8.1f}")
+    name = "iLSQR on a 256x256x160 grid"
+    print(f"{name:34s} {nrmse(chi, cosmos, mask):8.2f} {hfen(chi, cosmos, mask):8.2f} {seconds:8.1f}")
 
 
 if __name__ == "__main__":

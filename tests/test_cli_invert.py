@@ -30,7 +30,8 @@ def inputs(tmp_path):
     mask = (x**2 + y**2 + z**2 < 0.6).astype(np.float32)
     chi = (0.1 * np.exp(-((x - 0.2) ** 2 + y**2 + z**2) / 0.05) * mask).astype(np.float32)
     field = forward_field_ppm(chi, VOXEL, b0_dir_from_affine(affine))
-    paths = {"field": tmp_path / "field.nii.gz", "mask": tmp_path / "mask.nii.gz", "out": tmp_path / "out" / "chi.nii.gz"}
+    paths = {"field": tmp_path / "field.nii.gz", "mask": tmp_path / "mask.nii.gz"}
+    paths["out"] = tmp_path / "out" / "chi.nii.gz"
     nib.save(nib.Nifti1Image(field, affine), paths["field"])
     nib.save(nib.Nifti1Image(mask, affine), paths["mask"])
     return paths, field, mask > 0, affine
@@ -76,7 +77,8 @@ def test_units_and_b0_direction_override(inputs):
     # an explicit --b0-dir replaces the affine's direction
     nib.save(nib.Nifti1Image(field, affine), paths["field"])
     assert _run(paths, "--method", "tkd", "--b0-dir", "0", "0", "1") == 0
-    np.testing.assert_allclose(nib.load(paths["out"]).get_fdata(), tkd(field, mask, VOXEL, (0, 0, 1)), rtol=1e-5, atol=1e-7)
+    expected = tkd(field, mask, VOXEL, (0, 0, 1))
+    np.testing.assert_allclose(nib.load(paths["out"]).get_fdata(), expected, rtol=1e-5, atol=1e-7)
     assert abs(b0[2]) < 0.95  # the affine's direction is really tilted
 
 
@@ -145,3 +147,14 @@ def test_argparse_errors_exit_64(inputs, capsys):
     _expect_error(capsys, paths, 64, ["invalid choice"], "--method", "nope")
     paths["out"] = paths["out"].with_name("chi.img")
     _expect_error(capsys, paths, 64, ["chi.img"], "--method", "tkd")
+
+
+def test_unwritable_output_exits_70(inputs, capsys):
+    paths, *_ = inputs
+    blocker = paths["out"].parent.parent / "blocker"
+    blocker.write_text("a file where the output directory should be")
+    paths["out"] = blocker / "chi.nii.gz"
+    assert _run(paths, "--method", "tkd") == 70
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qsmprep-invert: error: cannot write") and str(paths["out"]) in err[0]
+    assert blocker.read_text().startswith("a file")

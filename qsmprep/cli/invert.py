@@ -129,7 +129,8 @@ def run(args):
     try:
         save_nifti(args.out, chi, affine, header)
     except OSError as exc:
-        raise QSMPrepError(f"cannot write {args.out} ({exc.strerror or exc}): check the directory and permissions.") from exc
+        reason = exc.strerror or exc
+        raise QSMPrepError(f"cannot write {args.out} ({reason}): check the directory and its permissions.") from exc
     log.info("wrote %s", args.out)
     return 0
 

@@ -136,9 +136,8 @@ def _streaking_artefacts(chi_lsqr, chi_fast, mask, d, shape, voxel_size_mm, tol,
     where P x = x; so A is applied as W grad, and P once at the end.
     """
     per_mm = [np.float32(1.0 / d) for d in voxel_size_mm]
-    weights = [
-        _ramp_weight(np.abs(g), mask, GRADIENT_PERCENTILES) * s for g, s in zip(_weighted_gradient(chi_fast, per_mm), per_mm)
-    ]
+    gradients = _weighted_gradient(chi_fast, per_mm)
+    weights = [_ramp_weight(np.abs(g), mask, GRADIENT_PERCENTILES) * s for g, s in zip(gradients, per_mm)]
     cone = (np.abs(d) < CONE_THRESHOLD).astype(np.float32)
 
     def project(x):

@@ -53,8 +53,8 @@ def tkd(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 
     d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
     well_conditioned = np.abs(d) >= threshold
     # 1/D above the threshold, sign(D)/t below it (0 where D = 0)
-    inverse = np.where(well_conditioned, 1.0 / np.where(well_conditioned, d, 1), np.sign(d) / threshold).astype(np.float32)
+    inverse = np.where(well_conditioned, 1.0 / np.where(well_conditioned, d, 1), np.sign(d) / threshold)
     spectrum = spfft.rfftn(field, s=big, workers=-1)
-    spectrum *= inverse
+    spectrum *= inverse.astype(np.float32)
     chi = spfft.irfftn(spectrum, s=big, workers=-1)[: field.shape[0], : field.shape[1], : field.shape[2]]
     return np.where(m, chi, 0).astype(np.float32)
