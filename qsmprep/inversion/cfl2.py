@@ -34,6 +34,18 @@ def gradient_power_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), rfft=False):
     return (terms[0] + terms[1] + terms[2]).astype(np.float32)
 
 
+def cfl2_filter(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), lam=0.1):
+    """The closed-form L2 inverse filter D / (D^2 + lam |E|^2) on an rfft grid of ``shape``.
+
+    Zero at k = 0 (D = E = 0 there). Parameters as in ``cfl2``; shared with
+    the networks that take the CFL2 estimate as their prior.
+    """
+    d = dipole_kernel(shape, voxel_size_mm, b0_dir, rfft=True)
+    denominator = d**2 + np.float32(lam) * gradient_power_kernel(shape, voxel_size_mm, rfft=True)
+    denominator[0, 0, 0] = 1.0
+    return (d / denominator).astype(np.float32)
+
+
 def cfl2(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), lam=0.1, pad_factor=1.0):
     """Susceptibility (ppm) by closed-form L2 inversion with gradient regularisation.
 
@@ -77,10 +89,7 @@ def cfl2(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0,
     m = np.asarray(mask) > 0
     field = np.where(m, np.asarray(local_field_ppm, dtype=np.float32), np.float32(0))
     big = padded_shape(field.shape, pad_factor)
-    d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
-    denominator = d**2 + np.float32(lam) * gradient_power_kernel(big, voxel_size_mm, rfft=True)
-    denominator[0, 0, 0] = 1.0  # D = E = 0 there: the filter is 0
     spectrum = spfft.rfftn(field, s=big, workers=-1)
-    spectrum *= d / denominator
+    spectrum *= cfl2_filter(big, voxel_size_mm, b0_dir, lam)
     chi = spfft.irfftn(spectrum, s=big, workers=-1)[: field.shape[0], : field.shape[1], : field.shape[2]]
     return np.where(m, chi, 0).astype(np.float32)
