@@ -171,3 +171,30 @@ def test_conventions_are_json_ready():
         assert conv["b0_direction"].startswith("b0 along k")
     assert build_model("qsmgan", width=4, depth=2).conventions()["input_scale"] == 100.0
     assert np.isclose(build_model("unet", width=4, depth=2).conventions()["input_scale"], 1.0)
+
+
+def test_cfl2_prior_unet_starts_as_cfl2_and_learns_a_correction():
+    from qsmprep.inversion import cfl2
+    from qsmprep.physics import forward_field_ppm
+
+    chi = np.zeros((20, 24, 18), np.float32)
+    chi[6:14, 8:16, 5:13] = 0.1
+    voxel_size = (1.0, 0.9, 2.0)
+    field = forward_field_ppm(chi, voxel_size)
+    net = build_model("unet", width=4, depth=2, prior="cfl2", prior_lambda=0.1).eval()
+    assert net.needs_voxel_size and net.params["prior"] == "cfl2"
+    out = net(torch.from_numpy(field)[None, None], voxel_size=torch.tensor(voxel_size))[0, 0].detach().numpy()
+    # the network pads 20x24x18 to 20x24x20; compare with CFL2 on that same grid
+    padded = np.zeros((20, 24, 20), np.float32)
+    padded[..., :18] = field
+    expected = cfl2(padded, np.ones_like(padded), voxel_size, lam=0.1)[..., :18]
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    # the correction branch is trainable: one step moves the output
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    net.train()
+    loss = (net(torch.from_numpy(field)[None, None], voxel_size=torch.tensor(voxel_size)) - 1).abs().mean()
+    loss.backward()
+    opt.step()
+    assert net.net.head.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="prior"):
+        build_model("unet", prior="tkd")

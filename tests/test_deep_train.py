@@ -19,7 +19,7 @@ from qsmprep.deep.trainer import (
 )
 from qsmprep.errors import NoInputError, UsageError
 
-SHIPPED = ["jochmann", "metaqsm", "qsmgan", "qsminvnet", "siqsm", "smoke"]
+SHIPPED = ["cfl2unet", "jochmann", "metaqsm", "qsmgan", "qsminvnet", "siqsm", "smoke"]
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,9 @@ def test_shipped_recipe_learns_and_checkpoint_reloads(tmp_path, name):
     assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
     probe.model.load_state_dict(result["model"].state_dict())
     after = _fixed_batch_loss(probe, batches)
-    assert after < 0.8 * before, (name, before, after)
+    # cfl2unet starts from the CFL2 solution (zero-initialised correction), so
+    # a few dozen steps can only shave its loss; the others start from noise
+    assert after < (0.995 if name == "cfl2unet" else 0.8) * before, (name, before, after)
     model, meta = load_model(result["checkpoint"])
     assert meta["step"] == 24 and meta["recipe"]["model"]["arch"] == meta["arch"]
     assert set(meta["validation"]) == {"nrmse", "hfen"} and meta["validation"]["nrmse"] > 0

@@ -243,21 +243,63 @@ class UNet(InversionNet):
     residual : bool, default False
         If True, the network predicts a correction added to its (scaled)
         input, chi = field + net(field), instead of chi directly.
+    prior : "none" or "cfl2", default "none"
+        "cfl2": the closed-form L2 estimate of chi (``qsmprep.inversion.cfl2``,
+        gradient regularisation ``prior_lambda``) is computed inside the
+        network from the field and its voxel size; the U-Net sees
+        [prior, field] and predicts a correction, chi = prior + net. The head
+        starts at zero, so an untrained network returns the CFL2 map. Giving
+        the network the classical solution and asking only for what it misses
+        (streaks, under-estimation in the cone) is the idea behind
+        learned-correction schemes such as Lai et al., MICCAI 2020, and
+        qsmprep's own feasibility check (deep-methods.md); it needs far less
+        training than learning the whole inversion.
+    prior_lambda : float, default 0.1
+        Regularisation weight of the CFL2 prior (see ``cfl2``).
     """
 
     arch = "unet"
 
-    def __init__(self, width=32, depth=4, residual=False):
+    def __init__(self, width=32, depth=4, residual=False, prior="none", prior_lambda=0.1):
         super().__init__()
+        if prior not in ("none", "cfl2"):
+            raise ValueError(f"prior must be 'none' or 'cfl2', got {prior!r}")
         self.params = {"width": int(width), "depth": int(depth), "residual": bool(residual)}
+        if prior != "none":  # recorded only when used, so older checkpoints keep their params
+            self.params.update(prior=prior, prior_lambda=float(prior_lambda))
+        self.needs_voxel_size = prior != "none"
         self.net = UNetCore(
-            1, 1, width, depth,
+            2 if prior != "none" else 1, 1, width, depth,
             make_block=lambda i, o: conv_norm_act(i, o, 2, nn.ReLU),
             down=lambda c: nn.MaxPool3d(2),
             up=TransposedUp,
             make_head=lambda i, o: nn.Conv3d(i, o, 1),
         )
+        if prior != "none":
+            nn.init.zeros_(self.net.head.weight)
+            nn.init.zeros_(self.net.head.bias)
+
+    def conventions(self):
+        conventions = super().conventions()
+        if self.params.get("prior"):
+            conventions["voxel_size_handling"] = "network input (mm) for the CFL2 prior; trained voxel size"
+        return conventions
+
+    def cfl2_prior(self, x, voxel_size):
+        """CFL2 estimate of each batch item (B, 1, X, Y, Z) with its own voxel size (B, 3)."""
+        from qsmprep.inversion.cfl2 import cfl2_filter
+
+        size = tuple(x.shape[2:])
+        priors = []
+        for item, vs in zip(x, voxel_size.tolist()):
+            filt = torch.from_numpy(cfl2_filter(size, tuple(vs), (0.0, 0.0, 1.0), self.params["prior_lambda"]))
+            spectrum = torch.fft.rfftn(item.float(), dim=(-3, -2, -1)) * filt.to(x.device)
+            priors.append(torch.fft.irfftn(spectrum, s=size, dim=(-3, -2, -1)))
+        return torch.stack(priors).to(x.dtype)
 
     def core(self, x, ctx):
+        if self.params.get("prior"):
+            prior = self.cfl2_prior(x, ctx["voxel_size"])
+            return prior + self.net(torch.cat([prior, x], dim=1), ctx)
         y = self.net(x, ctx)
         return x + y if self.params["residual"] else y
