@@ -134,6 +134,9 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
         (["--method", "tkd", "--threshold", "0.5"], ["--threshold"]),
         (["--method", "cfl2", "--lambda", "-1"], ["--lambda"]),
         (["--method", "tkd", "--b0-dir", "0", "0", "0"], ["--b0-dir"]),
+        (["--method", "tkd", "--model", "x"], ["--model", "deep"]),
+        (["--method", "ilsqr", "--refine", "3"], ["--refine", "deep"]),
+        (["--method", "deep", "--refine", "-1"], ["--refine"]),
     ],
 )
 def test_usage_errors_exit_64(inputs, capsys, options, words):
@@ -158,3 +161,24 @@ def test_unwritable_output_exits_70(inputs, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qsmprep-invert: error: cannot write") and str(paths["out"]) in err[0]
     assert blocker.read_text().startswith("a file")
+
+
+def test_deep_method_runs_a_checkpoint_and_refuses_a_missing_one(inputs, capsys, tmp_path):
+    import torch
+
+    from qsmprep.deep.models import build_model
+    from qsmprep.deep.registry import save_checkpoint
+    from qsmprep.inversion import deep_invert
+
+    paths, field, mask, affine = inputs
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "net.safetensors"
+    save_checkpoint(build_model("unet", width=4, depth=2, prior="cfl2"), checkpoint,
+                    {"recipe": {"data": {"voxel_size_mm": [1.0, 1.2, 1.5]}}})
+    assert _run(paths, "--method", "deep", "--model", str(checkpoint), "--device", "cpu", "--refine", "2") == 0
+    stored = nib.load(paths["field"]).affine
+    expected = deep_invert(field, mask, voxel_size_from_affine(stored), b0_dir_from_affine(stored),
+                           model=checkpoint, device="cpu", refine_iters=2)
+    np.testing.assert_allclose(nib.load(paths["out"]).get_fdata(), expected, atol=1e-6)
+    paths["out"].unlink()
+    _expect_error(capsys, paths, 66, ["nothere.safetensors"], "--method", "deep", "--model", str(tmp_path / "nothere.safetensors"))

@@ -1,8 +1,8 @@
-"""qsmprep-invert: dipole inversion of a local field map with a classical method.
+"""qsmprep-invert: dipole inversion of a local field map.
 
-    qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr}
-        [--threshold T] [--lambda L] [--units {ppm,hz,rad} --b0-tesla T --te S]
-        [--b0-dir X Y Z] [-v]
+    qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr,deep}
+        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N]
+        [--units {ppm,hz,rad} --b0-tesla T --te S] [--b0-dir X Y Z] [-v]
 
 Parses, loads, converts the field to ppm, calls ``qsmprep.inversion`` and
 writes the susceptibility map (ppm) atomically. See docs/cli-invert.md.
@@ -18,13 +18,13 @@ import numpy as np
 
 from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
+from ..inversion.deep import DEFAULT_MODEL
 from ..io import check_same_grid, load_nifti, save_nifti
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
 from .common import run_cli
 
 log = logging.getLogger(__name__)
 
-CLASSICAL_METHODS = ("tkd", "cfl2", "ilsqr")
 
 EPILOG = """\
 units: the field is in ppm of B0 by default; --units hz needs --b0-tesla;
@@ -42,19 +42,26 @@ example:
 def build_parser():
     p = argparse.ArgumentParser(
         prog="qsmprep-invert",
-        description="Susceptibility map (ppm) from a local (tissue) field map by TKD, closed-form L2 or iLSQR.",
+        description="Susceptibility map (ppm) from a local (tissue) field map by TKD, closed-form L2, iLSQR "
+                    "or a trained network.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("field", type=Path, metavar="FIELD", help="local field map, NIfTI (3D; units: --units)")
     p.add_argument("mask", type=Path, metavar="MASK", help="brain mask, NIfTI on FIELD's grid (non-zero = inside)")
     p.add_argument("out", type=Path, metavar="OUT", help="output susceptibility map, .nii or .nii.gz (ppm)")
-    p.add_argument("--method", required=True, choices=CLASSICAL_METHODS,
+    p.add_argument("--method", required=True, choices=tuple(INVERSION_METHODS),
                    help="tkd: thresholded k-space division; cfl2: closed-form L2 with gradient regularisation; "
-                        "ilsqr: LSQR with streaking-artefact removal (Li et al. 2015)")  # fmt: skip
+                        "ilsqr: LSQR with streaking-artefact removal (Li et al. 2015); "
+                        "deep: a trained network (docs/models/)")  # fmt: skip
     p.add_argument("--threshold", type=float, metavar="T", help="TKD kernel threshold, in (0, 1/3] (default 0.19)")
     p.add_argument("--lambda", dest="lam", type=float, metavar="L",
                    help="closed-form L2 regularisation weight, > 0 (default 0.1)")  # fmt: skip
+    p.add_argument("--model", metavar="NAME|PATH",
+                   help=f"deep: shipped model name or checkpoint path (default {DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network runs (default auto)")
+    p.add_argument("--refine", type=int, metavar="N",
+                   help="deep: data-consistency refinement iterations after the network (default 0 = off)")  # fmt: skip
     p.add_argument("--units", choices=("ppm", "hz", "rad"), default="ppm", help="units of FIELD (default ppm)")
     p.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in tesla (for --units hz or rad)")
     p.add_argument("--te", type=float, metavar="S", help="echo time in seconds (for --units rad)")
@@ -75,6 +82,11 @@ def _check_options(args):
             raise UsageError(f"--lambda applies to --method cfl2, not {args.method}: remove it.")
         if not args.lam > 0:
             raise UsageError(f"--lambda must be > 0, got {args.lam}.")
+    for option, value in (("--model", args.model), ("--device", args.device), ("--refine", args.refine)):
+        if value is not None and args.method != "deep":
+            raise UsageError(f"{option} applies to --method deep, not {args.method}: remove it.")
+    if args.refine is not None and args.refine < 0:
+        raise UsageError(f"--refine must be 0 or more iterations, got {args.refine}.")
     if args.units in ("hz", "rad") and not (args.b0_tesla and args.b0_tesla > 0):
         raise UsageError(f"--units {args.units} needs the field strength: add --b0-tesla (in T, e.g. 3).")
     if args.units == "rad" and not (args.te and args.te > 0):
@@ -121,6 +133,9 @@ def run(args):
     options = {"threshold": args.threshold} if args.threshold is not None else {}
     if args.lam is not None:
         options["lam"] = args.lam
+    for key, value in (("model", args.model), ("device", args.device), ("refine_iters", args.refine)):
+        if value is not None:
+            options[key] = value
     log.info("%s on %s: voxel size %s mm, B0 direction %s", args.method, args.field,
              np.round(voxel_size, 4), np.round(b0_dir, 4))  # fmt: skip
     start = time.perf_counter()

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
-def _rotation_between(a, b):
+def rotation_between(a, b):
     """Smallest rotation matrix taking unit vector ``a`` onto unit vector ``b`` (Rodrigues)."""
     v = np.cross(a, b)
     c = float(np.dot(a, b))
@@ -72,7 +72,7 @@ def b0_aligned_grid(shape, affine, voxel_size_mm=None, b0_world=SCANNER_B0_WORLD
     axes = rotation[:, order]
     if axes[:, 2] @ b0 < 0:
         axes[:, 2] = -axes[:, 2]
-    axes = _rotation_between(axes[:, 2], b0) @ axes
+    axes = rotation_between(axes[:, 2], b0) @ axes
     axes[:, 2] = b0  # exact, not up to rounding
 
     native_size = np.asarray(voxel_size_from_affine(affine))

@@ -1,0 +1,233 @@
+"""Deep dipole inversion: a trained network applied to a local field map.
+
+The engine around the network: resampling into the frame the model was
+trained in (B0 along the third axis, the model's voxel size), whole-volume
+or tiled inference, and an optional data-consistency refinement.
+"""
+
+import logging
+
+import numpy as np
+from scipy import fft as spfft
+
+from ..errors import UsageError
+from ..physics import b0_tilt_deg, dipole_kernel, padded_shape
+from ..physics.resample import from_b0_aligned, rotation_between, to_b0_aligned
+from .solvers import cg
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "qsmprep-cfl2unet"
+"""The shipped model used when none is named (qsmprep/data/models/, docs/models/)."""
+
+OBLIQUE_THRESHOLD_DEG = 3.0
+"""B0 tilts above this (degrees from the k axis) are inverted in a B0-aligned frame."""
+
+RESOLUTION_TOLERANCE = 0.15
+"""Relative voxel-size mismatch to the model's training resolution that is tolerated without resampling."""
+
+
+def tile_starts(size, tile, overlap):
+    """Start indices of tiles of length ``tile`` covering ``size`` with at least ``overlap`` shared voxels."""
+    if size <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, size - tile, step)) + [size - tile]
+    return sorted(set(starts))
+
+
+def predict_tiled(predict, field, mask, tile_shape=(256, 256, 256), overlap=32):
+    """Apply ``predict(field, mask) -> chi`` over a volume in overlapping tiles.
+
+    Each output voxel is taken from the tile in which it lies farthest from a
+    tile face (centre-crop blending: the overlap is split half and half between
+    neighbouring tiles), so every voxel sees at least ``overlap / 2`` voxels
+    of context and no seams appear when that exceeds the network's effective
+    receptive field. A volume no larger than ``tile_shape`` is one tile.
+
+    Parameters
+    ----------
+    predict : callable
+        Maps (field, mask) float32 arrays of one tile to chi of the same shape.
+    field, mask : arrays (i, j, k)
+    tile_shape : tuple of 3 int, default (160, 160, 160)
+        Largest block passed to ``predict`` at once (memory bound).
+    overlap : int, default 32
+        Voxels shared by neighbouring tiles along each axis.
+    """
+    shape = field.shape
+    if all(n <= t for n, t in zip(shape, tile_shape)):
+        return predict(field, mask)
+    out = np.zeros(shape, dtype=np.float32)
+    starts = [tile_starts(n, min(t, n), overlap) for n, t in zip(shape, tile_shape)]
+    tiles = [min(t, n) for n, t in zip(shape, tile_shape)]
+    for i in starts[0]:
+        for j in starts[1]:
+            for k in starts[2]:
+                corner = (i, j, k)
+                block = tuple(slice(c, c + t) for c, t in zip(corner, tiles))
+                chi = predict(field[block], mask[block])
+                # keep the central part: up to half the overlap is dropped on inner faces
+                keep = []
+                for axis, (c, t) in enumerate(zip(corner, tiles)):
+                    lo = 0 if c == 0 else overlap // 2
+                    hi = t if c + t == shape[axis] else t - overlap // 2
+                    keep.append(slice(lo, hi))
+                target = tuple(slice(c + s.start, c + s.stop) for c, s in zip(corner, keep))
+                out[target] = chi[tuple(keep)]
+    return out
+
+
+def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
+                            weights=None, lam=0.05, n_iter=10, pad_factor=1.5):
+    """Pull a network estimate towards consistency with the measured local field.
+
+    Solves  min_chi ||W M (D chi - f)||^2 + lam ||M (chi - chi_init)||^2
+    over chi supported in the mask M, by ``n_iter`` conjugate-gradient steps
+    started at ``chi_init``. The prior term keeps the network's estimate in the
+    ill-conditioned cone region (where the data say nothing), while the data
+    term corrects what the field does determine. This is the linear analogue
+    of the data-consistency step of learned proximal schemes (e.g. Lai KW,
+    Aggarwal M, van Zijl P, Li X, Sulam J. Learned proximal networks for QSM.
+    MICCAI 2020) and of QSMInvNet+'s data-consistency loss, applied at test time.
+
+    Parameters
+    ----------
+    chi_init : array (i, j, k)
+        Network output in ppm.
+    local_field_ppm : array (i, j, k)
+        Measured local field in ppm.
+    mask : array (i, j, k)
+        Region where the field is trusted and chi is estimated.
+    voxel_size_mm, b0_dir :
+        Voxel size in mm and B0 direction in voxel coordinates.
+    weights : array (i, j, k) or None, default None
+        Data weights W (e.g. normalised magnitude); uniform if None.
+    lam : float, default 0.05
+        Weight of the prior ||chi - chi_init||^2 (dimensionless, fields in ppm).
+    n_iter : int, default 10
+        Conjugate-gradient iterations; 0 returns ``chi_init`` unchanged.
+    pad_factor : float, default 1.5
+        Zero padding of the dipole convolution.
+    """
+    m = (np.asarray(mask) > 0).astype(np.float32)
+    chi0 = np.asarray(chi_init, dtype=np.float32) * m
+    if n_iter <= 0:
+        return chi0
+    shape = chi0.shape
+    big = padded_shape(shape, pad_factor)
+    d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
+    w2 = m if weights is None else m * np.asarray(weights, dtype=np.float32) ** 2
+    crop = tuple(slice(0, n) for n in shape)
+
+    def dipole(x):  # real-symmetric kernel, so D is its own adjoint
+        return spfft.irfftn(spfft.rfftn(x, s=big, workers=-1) * d, s=big, workers=-1)[crop].astype(np.float32)
+
+    def normal(x):
+        return m * dipole(w2 * dipole(m * x)) + lam * m * x
+
+    rhs = m * dipole(w2 * np.asarray(local_field_ppm, dtype=np.float32)) + lam * chi0
+    return cg(normal, rhs, x0=chi0, tol=1e-4, max_iter=n_iter) * m
+
+
+def _frame_affine(voxel_size_mm, b0_dir):
+    """A voxel-to-world affine in which B0 (world z) has direction ``b0_dir`` in voxel coordinates."""
+    b = np.asarray(b0_dir, dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation_between(b / np.linalg.norm(b), np.array([0.0, 0.0, 1.0])) @ np.diag(voxel_size_mm)
+    return affine
+
+
+def resolve_device(device="auto"):
+    """torch.device for "auto" (CUDA when available), "cpu" or "cuda"; UsageError if CUDA is asked for but absent."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but no CUDA GPU is available: use --device cpu or auto.")
+    return torch.device(device)
+
+
+def network_predictor(model, voxel_size_mm, device):
+    """``predict(field, mask) -> chi`` for numpy tiles, running ``model`` on ``device`` (fp16 autocast on CUDA)."""
+    import torch
+
+    voxel_size = torch.tensor(voxel_size_mm, dtype=torch.float32, device=device)
+
+    def predict(field, mask):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            f = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))[None, None].to(device)
+            m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None].to(device)
+            return model(f * m, mask=m, voxel_size=voxel_size)[0, 0].float().cpu().numpy()
+
+    return predict
+
+
+def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL,
+                device="auto", refine_iters=0, refine_lambda=0.05, tile_shape=(256, 256, 256), overlap=32):
+    """Susceptibility (ppm) from the local field (ppm) by a trained network.
+
+    The network sees the data in the frame it was trained in: when B0 is
+    tilted more than ``OBLIQUE_THRESHOLD_DEG`` from the third axis, or the
+    voxel size differs by more than ``RESOLUTION_TOLERANCE`` from the training
+    voxel size of a model that does not take the voxel size as an input, the
+    field and mask are resampled (trilinear, anti-aliased) onto a B0-aligned
+    grid at the training resolution, inverted there and the result resampled
+    back. Large volumes are inverted in overlapping tiles (``predict_tiled``).
+    An optional data-consistency refinement follows (``refine_data_consistency``).
+
+    Parameters
+    ----------
+    local_field_ppm, mask : arrays (i, j, k)
+        Local field in ppm and the region to invert.
+    voxel_size_mm : tuple of 3 float, default (1, 1, 1)
+    b0_dir : tuple of 3 float, default (0, 0, 1)
+        B0 direction in voxel coordinates.
+    model : str or Path, default DEFAULT_MODEL
+        Shipped model name or checkpoint path (``qsmprep.deep.registry.load_model``).
+    device : "auto", "cpu" or "cuda", default "auto"
+    refine_iters : int, default 0
+        Conjugate-gradient iterations of data-consistency refinement (0 = off).
+    refine_lambda : float, default 0.05
+        Weight of the network prior in the refinement.
+    tile_shape : tuple of 3 int, default (256, 256, 256)
+        Largest block the network sees at once.
+    overlap : int, default 32
+        Overlap of neighbouring tiles, in voxels.
+
+    Returns
+    -------
+    float32 array, same shape as the input: chi in ppm, zero outside the mask.
+    """
+    import torch
+
+    from ..deep.registry import load_model
+
+    dev = resolve_device(device)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    net, meta = load_model(model, device=dev)
+    m = np.asarray(mask) > 0
+    field = np.where(m, np.asarray(local_field_ppm, dtype=np.float32), np.float32(0))
+    voxel_size_mm = tuple(float(v) for v in voxel_size_mm)
+    trained_vs = tuple(meta.get("recipe", {}).get("data", {}).get("voxel_size_mm", voxel_size_mm))
+    mismatch = max(abs(v / t - 1) for v, t in zip(voxel_size_mm, trained_vs))
+    resample_resolution = not net.needs_voxel_size or net.params.get("prior")
+    target_vs = trained_vs if (resample_resolution and mismatch > RESOLUTION_TOLERANCE) else None
+    tilt = b0_tilt_deg(b0_dir)
+    if tilt > OBLIQUE_THRESHOLD_DEG or target_vs is not None:
+        log.info("deep inversion in a B0-aligned frame (tilt %.1f deg, voxel size %s -> %s)", tilt, voxel_size_mm,
+                 target_vs or "kept")
+        native = _frame_affine(voxel_size_mm, b0_dir)
+        field_a, affine_a = to_b0_aligned(field, native, target_vs)
+        mask_a = to_b0_aligned(m.astype(np.float32), native, target_vs)[0] > 0.5
+        vs_a = tuple(float(v) for v in np.linalg.norm(affine_a[:3, :3], axis=0))
+        chi_a = predict_tiled(network_predictor(net, vs_a, dev), field_a * mask_a, mask_a, tile_shape, overlap)
+        chi = from_b0_aligned(chi_a * mask_a, affine_a, field.shape, native)
+    else:
+        chi = predict_tiled(network_predictor(net, voxel_size_mm, dev), field, m, tile_shape, overlap)
+    chi = np.where(m, chi, 0).astype(np.float32)
+    if refine_iters:
+        chi = refine_data_consistency(chi, field, m, voxel_size_mm, b0_dir, lam=refine_lambda, n_iter=refine_iters)
+    return chi
