@@ -1,0 +1,281 @@
+"""Accuracy of every dipole inversion: 2016 challenge data, simulated subjects, scale invariance.
+
+    python bench/accuracy.py [--part qsm2016 variants sim wisnieff] [--methods tkd cfl2 ilsqr deep]
+                             [--model NAME_OR_PATH ...] [--refine N ...] [--data DIR] [--json OUT]
+
+Parts (default: qsm2016 sim wisnieff):
+
+qsm2016   The 2016 QSM challenge data (DIR/qsm2016): local field ``phs_tissue``
+          (ppm) and ``msk`` in, NRMSE, HFEN and XSIM against ``chi_cosmos`` and
+          ``chi_33`` (qsmprep.metrics; both maps demeaned in ``msk``), mean chi
+          per deep grey matter label (1-6 of ``evaluation_mask``) and wall time.
+          B0 along the third axis, voxel size from the affine.
+variants  Parameter variants of the classical methods on the same data (TKD and
+          CFL2 regularisation, iLSQR with magnitude weighting, iLSQR on the
+          brain zero-padded into a 256x256x160 grid): NRMSE, HFEN vs COSMOS, time.
+sim       Simulated subjects (qsmprep.sim, seed 0) with the phantom's 2.5 mm
+          calcification: axial 1 mm (160x192x144), oblique 25 deg 1 mm
+          (160x192x144 slab tilted about L-R, from a 1 mm phantom) and
+          anisotropic 0.75x0.75x2 mm (213x256x72, from a 0.75 mm phantom).
+          The simulator's noiseless ground-truth local field (ppm) and brain
+          mask are inverted directly (no background removal); B0 direction and
+          voxel size come from the affine. NRMSE, HFEN, XSIM vs the true chi
+          and the calcification moment error (label ``calcification``).
+wisnieff  Scale invariance (SI-QSM protocol) on DIR/phantom_wisnieff: the phantom
+          (256x256x98 at 0.9375x0.9375x1.5 mm) is resampled (trilinear,
+          anti-aliased, ``qsmprep.physics.resample_to_grid``) onto N^3 grids of
+          isotropic voxels 240/N mm covering the same 240 mm cube (the 147 mm
+          slab centred in it, zero beyond), N = 64, 96, 128, 256; mask = resampled
+          mask > 0.5, chi set to 0 outside it. The local field is
+          ``forward_field_ppm`` of that chi (B0 along the third axis, grid padded
+          2x) in the mask, plus Gaussian noise of SD = RMS(field in mask) / 100
+          (SNR 100, seed 0). Score: RMSE in ppm in the mask of the demeaned maps,
+          per scale, and the ratio worst / best scale per method.
+
+Deep rows use ``qsmprep.inversion.deep.deep_invert`` with each ``--model`` (default
+the shipped default model) and each ``--refine`` iteration count (default 0); a
+model that cannot be found is skipped with a note. Tables are printed as Markdown;
+``--json OUT`` also saves every number. Reproduces docs/benchmarks.md.
+"""
+
+import argparse
+import json
+import os
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from qsmprep.errors import NoInputError
+from qsmprep.inversion import INVERSION_METHODS, cfl2, ilsqr, tkd
+from qsmprep.inversion.deep import DEFAULT_MODEL
+from qsmprep.io import load_nifti
+from qsmprep.metrics import calcification_moment_error, hfen, label_means, nrmse, xsim
+from qsmprep.physics import b0_dir_from_affine, forward_field_ppm, resample_to_grid, voxel_size_from_affine
+from qsmprep.sim import LABELS, acquire, head_phantom, simulate_gre
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CHALLENGE_B0_DIR = (0.0, 0.0, 1.0)  # the third array axis, as the 2016 challenge states
+DEEP_GM_LABELS = (1, 2, 3, 4, 5, 6)
+SCALES = (64, 96, 128, 256)
+SNR = 100.0
+SIM_FOV_MM = (160, 192, 144)  # the brain (132x168x122 mm) with a margin
+PARTS = ("qsm2016", "variants", "sim", "wisnieff")
+
+
+def inversions(method_names, models, refine_iters):
+    """[(row label, f(field, mask, voxel_size, b0_dir) -> chi)] for the requested methods.
+
+    Deep rows are added per model and refinement count; a model that
+    ``load_model`` cannot find is skipped with a printed note.
+    """
+    runs = []
+    for name in method_names:
+        if name != "deep":
+            runs.append((name, INVERSION_METHODS[name]))
+            continue
+        from qsmprep.deep.registry import load_model
+
+        for model in models:
+            try:
+                load_model(model)
+            except NoInputError as err:
+                print(f"note: deep model {model!r} skipped: {err}")
+                continue
+            for n in refine_iters:
+                label = f"deep {Path(str(model)).stem}" + (f" + refine {n}" if n else "")
+                runs.append((label, partial(INVERSION_METHODS["deep"], model=model, refine_iters=n)))
+    return runs
+
+
+def timed(run, *args, **kwargs):
+    start = time.perf_counter()
+    result = run(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(c if isinstance(c, str) else f"{c:.2f}" for c in row) + " |")
+    print("\n".join(lines), flush=True)
+
+
+def part_qsm2016(data, runs):
+    folder = data / "qsm2016"
+    field, affine, _ = load_nifti(folder / "phs_tissue.nii.gz", "local field")
+    mask = load_nifti(folder / "msk.nii.gz", "mask")[0] > 0
+    cosmos = load_nifti(folder / "chi_cosmos.nii.gz", "COSMOS map")[0]
+    chi33 = load_nifti(folder / "chi_33.nii.gz", "STI chi33 map")[0]
+    labels = load_nifti(folder / "evaluation_mask.nii.gz", "evaluation labels")[0].round().astype(int)
+    voxel_size = voxel_size_from_affine(affine)
+    print(f"\n## qsm2016: {field.shape} at {np.round(voxel_size, 4)} mm, B0 along the third axis\n")
+    results = []
+    for name, run in runs:
+        chi, seconds = timed(run, field, mask, voxel_size, CHALLENGE_B0_DIR)
+        row = {"method": name, "time_s": seconds}
+        for ref_name, ref in (("cosmos", cosmos), ("chi33", chi33)):
+            row[ref_name] = {"nrmse": nrmse(chi, ref, mask), "hfen": hfen(chi, ref, mask), "xsim": xsim(chi, ref, mask)}
+        # deep grey matter means of the map demeaned in the mask, as the scores compare demeaned maps
+        row["dgm_means_ppm"] = label_means(chi - chi[mask].mean(), labels, DEEP_GM_LABELS)
+        results.append(row)
+        print(f"{name}: {seconds:.1f} s", flush=True)
+    header = ["method", "NRMSE % COSMOS", "HFEN % COSMOS", "XSIM COSMOS", "NRMSE % chi33", "HFEN % chi33",
+              "XSIM chi33", "time s"]
+    markdown(header, [[r["method"], r["cosmos"]["nrmse"], r["cosmos"]["hfen"], r["cosmos"]["xsim"], r["chi33"]["nrmse"],
+                       r["chi33"]["hfen"], r["chi33"]["xsim"], r["time_s"]] for r in results])
+    print()
+    references = [("COSMOS (reference)", cosmos), ("chi33 (reference)", chi33)]
+    ref_rows = [[n, *(1000 * v for v in label_means(c - c[mask].mean(), labels, DEEP_GM_LABELS).values())]
+                for n, c in references]
+    markdown(["map"] + [f"label {i} ppb" for i in DEEP_GM_LABELS],
+             ref_rows + [[r["method"], *(1000 * v for v in r["dgm_means_ppm"].values())] for r in results])
+    return results
+
+
+def part_variants(data):
+    folder = data / "qsm2016"
+    field, affine, _ = load_nifti(folder / "phs_tissue.nii.gz", "local field")
+    mask = load_nifti(folder / "msk.nii.gz", "mask")[0] > 0
+    magnitude = load_nifti(folder / "magn.nii.gz", "magnitude")[0]
+    cosmos = load_nifti(folder / "chi_cosmos.nii.gz", "COSMOS map")[0]
+    vs, b0 = voxel_size_from_affine(affine), CHALLENGE_B0_DIR
+    big = (256, 256, 160)
+    pad = [(0, n - s) for n, s in zip(big, field.shape)]
+    crop = tuple(slice(0, s) for s in field.shape)
+    variants = [
+        ("TKD, threshold 0.19 (default)", lambda: tkd(field, mask, vs, b0, threshold=0.19)),
+        ("TKD, threshold 0.1", lambda: tkd(field, mask, vs, b0, threshold=0.1)),
+        ("CFL2, lambda 0.05", lambda: cfl2(field, mask, vs, b0, lam=0.05)),
+        ("CFL2, lambda 0.1 (default)", lambda: cfl2(field, mask, vs, b0, lam=0.1)),
+        ("CFL2, lambda 0.2", lambda: cfl2(field, mask, vs, b0, lam=0.2)),
+        ("iLSQR (tol 0.01, 50 iterations; default)", lambda: ilsqr(field, mask, vs, b0)),
+        ("iLSQR with magnitude weighting", lambda: ilsqr(field, mask, vs, b0, magnitude=magnitude)),
+        ("iLSQR, same data in a 256x256x160 grid", lambda: ilsqr(np.pad(field, pad), np.pad(mask, pad), vs, b0)[crop]),
+    ]
+    print("\n## variants: classical methods on qsm2016, vs COSMOS\n")
+    results = []
+    for name, run in variants:
+        chi, seconds = timed(run)
+        results.append({"method": name, "nrmse": nrmse(chi, cosmos, mask), "hfen": hfen(chi, cosmos, mask),
+                        "time_s": seconds})
+        print(f"{name}: {seconds:.1f} s", flush=True)
+    markdown(["method", "NRMSE %", "HFEN %", "time s"], [[r["method"], r["nrmse"], r["hfen"], r["time_s"]] for r in results])
+    return results
+
+
+def simulated_subjects():
+    """{name: SimulatedGRE} for the axial, oblique and anisotropic subjects (noiseless, one echo)."""
+    quiet = dict(te_s=(0.004,), snr=None, phase_offset=False)
+    shape_1mm = SIM_FOV_MM
+    phantom_1mm = head_phantom(shape_1mm, (1.0, 1.0, 1.0), seed=0)
+    subjects = {
+        "axial 1 mm": simulate_gre(phantom_1mm, **quiet),
+        "oblique 25 deg, 1 mm": acquire(phantom_1mm, voxel_size_mm=(1.0, 1.0, 1.0), oblique_deg=25.0, **quiet),
+    }
+    del phantom_1mm
+    fine = 0.75
+    phantom_fine = head_phantom(tuple(round(f / fine) for f in SIM_FOV_MM), (fine, fine, fine), seed=0)
+    subjects["anisotropic 0.75x0.75x2 mm"] = acquire(phantom_fine, voxel_size_mm=(0.75, 0.75, 2.0), **quiet)
+    return subjects
+
+
+def part_sim(runs):
+    print("\n## sim: simulated subjects, ground-truth local field and brain mask\n")
+    results = []
+    subjects = simulated_subjects()
+    for subject, sim in subjects.items():
+        vs, b0 = voxel_size_from_affine(sim.affine), b0_dir_from_affine(sim.affine)
+        mask = sim.brain_mask
+        calc = sim.labels == LABELS["calcification"]
+        print(f"{subject}: {mask.shape} at {np.round(vs, 3)} mm, B0 {np.round(b0, 3)}, "
+              f"{int(calc.sum())} calcification voxels", flush=True)
+        for name, run in runs:
+            chi, seconds = timed(run, sim.local_field_ppm, mask, vs, b0)
+            truth = sim.chi_ppm
+            results.append({"subject": subject, "shape": list(mask.shape), "method": name, "time_s": seconds,
+                            "nrmse": nrmse(chi, truth, mask), "hfen": hfen(chi, truth, mask),
+                            "xsim": xsim(chi, truth, mask),
+                            "calc_moment_error": calcification_moment_error(chi, truth, calc)})
+            print(f"  {name}: {seconds:.1f} s", flush=True)
+    markdown(["subject", "method", "NRMSE %", "HFEN %", "XSIM", "calc. moment error", "time s"],
+             [[r["subject"], r["method"], r["nrmse"], r["hfen"], r["xsim"], r["calc_moment_error"], r["time_s"]]
+              for r in results])
+    return results
+
+
+def scaled_phantom(chi, mask, affine, n):
+    """The phantom on an n^3 grid of isotropic voxels covering its in-plane FOV as a cube, centred on it."""
+    fov_mm = np.array(chi.shape) * voxel_size_from_affine(affine)
+    side_mm = float(fov_mm.max())
+    voxel = side_mm / n
+    centre_world = affine[:3, :3] @ ((np.array(chi.shape) - 1) / 2) + affine[:3, 3]
+    target = np.diag([voxel, voxel, voxel, 1.0])
+    target[:3, 3] = centre_world - voxel * (n - 1) / 2
+    chi_n = resample_to_grid(chi, affine, (n, n, n), target)
+    mask_n = resample_to_grid(mask.astype(np.float32), affine, (n, n, n), target) > 0.5
+    return np.where(mask_n, chi_n, 0).astype(np.float32), mask_n, (voxel, voxel, voxel)
+
+
+def part_wisnieff(data, runs):
+    folder = data / "phantom_wisnieff"
+    chi, affine, _ = load_nifti(folder / "chi.nii.gz", "phantom chi")
+    mask = load_nifti(folder / "mask.nii.gz", "phantom mask")[0] > 0
+    print(f"\n## wisnieff: {chi.shape} at {np.round(voxel_size_from_affine(affine), 4)} mm -> N^3, SNR {SNR:g}\n")
+    rng = np.random.default_rng(0)
+    results = []
+    for n in SCALES:
+        chi_n, mask_n, vs = scaled_phantom(chi, mask, affine, n)
+        field = forward_field_ppm(chi_n, vs, (0.0, 0.0, 1.0)) * mask_n
+        sigma = float(np.sqrt(np.mean(field[mask_n] ** 2))) / SNR
+        field = np.where(mask_n, field + rng.normal(0, sigma, field.shape).astype(np.float32), 0).astype(np.float32)
+        truth = chi_n[mask_n] - chi_n[mask_n].mean()
+        print(f"{n}^3 at {vs[0]:.4f} mm: {int(mask_n.sum())} mask voxels, noise SD {sigma * 1000:.3f} ppb", flush=True)
+        for name, run in runs:
+            recon, seconds = timed(run, field, mask_n, vs, (0.0, 0.0, 1.0))
+            x = recon[mask_n] - recon[mask_n].mean()
+            results.append({"scale": n, "voxel_mm": vs[0], "method": name, "time_s": seconds,
+                            "rmse_ppm": float(np.sqrt(np.mean((x - truth) ** 2))), "nrmse": nrmse(recon, chi_n, mask_n)})
+            print(f"  {name}: {seconds:.1f} s", flush=True)
+    names = list(dict.fromkeys(r["method"] for r in results))
+    rows = []
+    for name in names:
+        rmse = {r["scale"]: r["rmse_ppm"] for r in results if r["method"] == name}
+        rows.append([name, *(1000 * rmse[n] for n in SCALES), max(rmse.values()) / min(rmse.values())])
+    markdown(["method", *(f"RMSE ppb {n}^3" for n in SCALES), "worst / best"], rows)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", nargs="+", choices=PARTS, default=["qsm2016", "sim", "wisnieff"])
+    parser.add_argument("--methods", nargs="+", choices=sorted(INVERSION_METHODS), default=["tkd", "cfl2", "ilsqr", "deep"])
+    parser.add_argument("--model", action="append", help=f"deep model name or checkpoint path, repeatable "
+                                                          f"(default {DEFAULT_MODEL})")
+    parser.add_argument("--refine", nargs="+", type=int, default=[0], metavar="N",
+                        help="data-consistency iterations after the network; several values give several rows")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"shared data folder (default {DEFAULT_DATA})")
+    parser.add_argument("--json", type=Path, help="also save every number to this JSON file")
+    args = parser.parse_args()
+    runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine)
+    print(f"methods: {', '.join(name for name, _ in runs)}; {os.cpu_count()} CPUs visible, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    results = {"methods": [name for name, _ in runs]}
+    for part in args.part:
+        if part == "qsm2016":
+            results[part] = part_qsm2016(args.data, runs)
+        elif part == "variants":
+            results[part] = part_variants(args.data)
+        elif part == "sim":
+            results[part] = part_sim(runs)
+        else:
+            results[part] = part_wisnieff(args.data, runs)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"saved {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Wall time and peak memory of every dipole inversion at 160^3 and 256^3, on CPU and CUDA.
+
+    python bench/speed.py [--methods tkd cfl2 ilsqr deep] [--sizes 160 256] [--threads N]
+                          [--model NAME_OR_PATH ...] [--refine N] [--devices cpu cuda] [--json OUT]
+
+Input: the local field of the simulated head phantom (``qsmprep.sim.head_phantom``,
+seed 0) on an N^3 grid of 1 mm voxels (a deep model trained at 1 mm then runs
+without resampling; at 160^3 the brain touches the grid's edges, which does not
+matter for timing): ``forward_field_ppm`` of the phantom's chi inside its brain mask, B0
+along the third axis. It is built once per size in this process and saved to a
+temporary .npy file.
+
+Each (method, size, device) then runs in a fresh Python subprocess that loads the
+input, calls the method once (a first call, as a user's run: it includes building
+the dipole kernel and, for deep, loading the model) and reports its wall time and
+the peak resident memory of its own address space, VmHWM in /proc/self/status
+(Linux; psutil is not installed, tracemalloc misses the FFT buffers, and
+``getrusage`` ru_maxrss would carry the parent's peak across fork/exec). "RSS before" is
+the peak after imports and loading the input, so "peak - before" is what the
+inversion added. On CUDA the peak GPU memory is ``torch.cuda.max_memory_allocated``.
+Only deep runs on CUDA (the classical methods are NumPy/SciPy).
+
+``--threads N`` pins each worker to N cores (``os.sched_setaffinity``; the library
+calls scipy.fft with workers=-1, so the affinity is what limits it), sets
+OMP_NUM_THREADS/MKL_NUM_THREADS and ``torch.set_num_threads(N)``. Prints a Markdown
+table; reproduces docs/benchmarks.md.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+VOXEL_MM = 1.0
+B0_DIR = (0.0, 0.0, 1.0)
+
+
+def synthetic_input(n, folder):
+    """Save the phantom's local field and brain mask on an n^3 grid; return the .npz path."""
+    from qsmprep.physics import forward_field_ppm
+    from qsmprep.sim import head_phantom
+
+    voxel = VOXEL_MM
+    phantom = head_phantom((n, n, n), (voxel, voxel, voxel), seed=0)
+    chi = np.where(phantom.brain_mask, phantom.chi_ppm, 0).astype(np.float32)
+    field = forward_field_ppm(chi, (voxel,) * 3, B0_DIR) * phantom.brain_mask
+    path = Path(folder) / f"field_{n}.npz"
+    np.savez(path, field=field.astype(np.float32), mask=phantom.brain_mask, voxel_mm=voxel)
+    return path
+
+
+def peak_rss_gb():
+    """Peak resident set size of this process's address space (VmHWM), GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def worker(args):
+    """Run one inversion on the saved input; print one JSON line of measurements."""
+    if args.threads:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    data = np.load(args.worker)
+    field, mask, voxel = data["field"], data["mask"], float(data["voxel_mm"])
+    kwargs = {}
+    if args.methods[0] == "deep":
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        kwargs = {"model": args.model[0], "device": args.devices[0], "refine_iters": args.refine}
+    from qsmprep.inversion import INVERSION_METHODS
+
+    rss_before_gb = peak_rss_gb()
+    start = time.perf_counter()
+    INVERSION_METHODS[args.methods[0]](field, mask, (voxel,) * 3, B0_DIR, **kwargs)
+    if args.devices[0] == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    result = {"time_s": seconds, "rss_before_gb": rss_before_gb,
+              "peak_rss_gb": peak_rss_gb()}
+    if args.devices[0] == "cuda":
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    print(json.dumps(result))
+
+
+def deep_available(model):
+    from qsmprep.deep.registry import load_model
+    from qsmprep.errors import NoInputError
+
+    try:
+        load_model(model)
+    except NoInputError as err:
+        print(f"note: deep model {model!r} skipped: {err}", flush=True)
+        return False
+    return True
+
+
+def main():
+    from qsmprep.inversion.deep import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["tkd", "cfl2", "ilsqr", "deep"],
+                        choices=["tkd", "cfl2", "ilsqr", "deep"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[160, 256])
+    parser.add_argument("--threads", type=int, default=0, help="cores per run (default: all visible)")
+    parser.add_argument("--model", action="append", help=f"deep model, repeatable (default {DEFAULT_MODEL})")
+    parser.add_argument("--refine", type=int, default=0, help="deep data-consistency iterations (default 0)")
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
+                        help="devices for deep (default cpu, plus cuda when torch sees a GPU)")
+    parser.add_argument("--json", type=Path, help="also save the results to this JSON file")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model = args.model or [DEFAULT_MODEL]
+    if args.worker:
+        return worker(args)
+    if args.devices is None:
+        import torch
+
+        args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    runs = []  # (method label, worker arguments)
+    for method in args.methods:
+        if method != "deep":
+            runs.append((method, ["--methods", method, "--devices", "cpu"]))
+            continue
+        for model in args.model:
+            if not deep_available(model):
+                continue
+            label = f"deep {Path(str(model)).stem}" + (f" + refine {args.refine}" if args.refine else "")
+            for device in args.devices:
+                runs.append((label, ["--methods", "deep", "--model", str(model), "--refine", str(args.refine),
+                                     "--devices", device]))
+    cores = args.threads or len(os.sched_getaffinity(0))
+    print(f"{cores} cores per run; load average {os.getloadavg()[0]:.1f}", flush=True)
+    env = dict(os.environ)
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            path = synthetic_input(n, tmp)
+            for label, extra in runs:
+                cmd = [sys.executable, __file__, "--worker", str(path), "--threads", str(args.threads), *extra]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{label} at {n}^3 failed:\n{out.stderr}")
+                row = {"method": label, "size": n, "device": extra[extra.index("--devices") + 1],
+                       **json.loads(out.stdout.strip().splitlines()[-1])}
+                results.append(row)
+                print(f"{label} {n}^3 {row['device']}: {row['time_s']:.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB",
+                      flush=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}\n")
+    print("| method | grid | device | time s | peak RSS GB | RSS before GB | peak GPU GB |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in results:
+        gpu = f"{r['peak_gpu_gb']:.2f}" if "peak_gpu_gb" in r else "-"
+        print(f"| {r['method']} | {r['size']}^3 | {r['device']} | {r['time_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+              f"{r['rss_before_gb']:.2f} | {gpu} |")
+    if args.json:
+        args.json.write_text(json.dumps({"cores": cores, "results": results}, indent=1))
+        print(f"saved {args.json}")
+
+
+if __name__ == "__main__":
+    main()
