@@ -4,7 +4,7 @@ Langkammer C et al. Magn Reson Med 2018;79:1661-73. The local field
 (phs_tissue, ppm), brain mask and 12-orientation COSMOS reference are in
 ../shared/data/qsm2016; B0 is along the third array axis. NRMSE and HFEN
 (LoG sigma 1.5) are computed in the mask after demeaning both maps.
-The same numbers are printed by bench/classical.py (docs/benchmarks.md).
+The same numbers are printed by bench/accuracy.py --part variants (docs/benchmarks.md).
 """
 
 import time
