@@ -1,0 +1,354 @@
+"""qsmprep: the BIDS-App. Multi-echo GRE magnitude + phase in, Chimap(s) and field maps out.
+
+    qsmprep BIDS_DIR OUTPUT_DIR participant [options]
+
+Follows the BIDS-Apps contract (Gorgolewski et al., PLoS Comput Biol 2017)
+and its exit codes: 0 success, 64 usage error, 65 bad input data (some runs
+could not be used; the others were processed), 66 no input data, 70 a
+processing step failed (the other subjects still finished; crash files are
+in OUTPUT_DIR/logs/<run_id>/). See docs/usage.md.
+
+Heavy libraries (nipype, pybids, torch) are imported only after the command
+line is parsed, so ``--help`` and usage errors answer at once.
+"""
+
+import argparse
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..config import (
+    BGREMOVE_METHODS,
+    INVERSION_METHODS,
+    MASK_STRATEGIES,
+    PRESETS,
+    UNWRAP_METHODS,
+    Config,
+    deep_model_available,
+    preset_methods,
+)
+from ..errors import DataError, QSMPrepError, UsageError
+
+log = logging.getLogger("qsmprep")
+
+EXIT_PROCESSING_FAILED = 70
+"""Exit code when a workflow node crashed (EX_SOFTWARE); other subjects still finish."""
+
+EPILOG = """presets (explicit --unwrap/--bgremove/--inversion override them):
+  fast      laplacian unwrapping, V-SHARP, TKD: seconds per run
+  default   laplacian unwrapping, V-SHARP, iLSQR (the deep network once a trained model ships)
+  research  laplacian unwrapping, V-SHARP, TKD + closed-form L2 + iLSQR (+ deep once a model ships),
+            one Chimap per method
+
+exit codes: 0 success; 64 usage error; 65 some input runs unusable (the others were processed) or none
+usable; 66 no input data found; 70 a processing step failed (crash files in OUTPUT_DIR/logs/).
+
+examples:
+  qsmprep /data/bids /data/derivatives/qsmprep participant --participant-label 01 02
+  qsmprep bids out participant --preset research --nprocs 8 --omp-nthreads 4 -w /scratch/work
+  qsmprep bids out participant --inversion tkd ilsqr --mask /data/derivatives/qsmprep-masks
+  qsmprep bids out participant --use-plugin workflows/nipype-slurm.yml
+"""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with the BIDS-Apps usage exit code (64) instead of 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    """The qsmprep command-line parser."""
+    p = _ArgumentParser(
+        prog="qsmprep",
+        description="Quantitative susceptibility mapping (QSM) of multi-echo gradient-echo BIDS data.\n"
+        "Writes a BIDS derivatives dataset with susceptibility maps (Chimap, ppm), brain masks,\n"
+        "total (Hz) and local (ppm) field maps, a per-subject HTML report and a methods text.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="the input BIDS dataset")
+    p.add_argument("output_dir", type=Path, help="the output folder, written as a BIDS derivatives dataset")
+    p.add_argument("analysis_level", choices=["participant"], help="processing stage (only 'participant')")
+    p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info from Nipype, -vv debug)")
+
+    g = p.add_argument_group("selecting data")
+    g.add_argument("--participant-label", nargs="+", default=[], metavar="LABEL",
+                   help="subjects to process (with or without 'sub-'); default all")
+    g.add_argument("--session-label", nargs="+", default=[], metavar="LABEL",
+                   help="sessions to process (with or without 'ses-'); default all")
+    g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                   help='JSON restricting the GRE query with pybids entities, e.g. {"megre": {"acquisition": "fast"}}')
+    g.add_argument("--skip-bids-validation", action="store_true", help="skip the light BIDS check of file names")
+
+    g = p.add_argument_group("methods")
+    g.add_argument("--preset", choices=list(PRESETS), default="default", help="method set (see below; default 'default')")
+    g.add_argument("--unwrap", choices=UNWRAP_METHODS, help="spatial phase unwrapping")
+    g.add_argument("--bgremove", choices=BGREMOVE_METHODS, help="background field removal")
+    g.add_argument("--inversion", nargs="+", choices=INVERSION_METHODS, metavar="METHOD",
+                   help=f"dipole inversion(s), each written as its own desc-<method> Chimap: {', '.join(INVERSION_METHODS)}"
+                   " ('deep' needs a trained model shipped with qsmprep)")
+    g.add_argument("--mask", default="quality", metavar="STRATEGY|PATH",
+                   help=f"brain mask: a strategy ({', '.join(MASK_STRATEGIES)}; default quality), a mask NIfTI on "
+                   "the runs' grid, or a derivatives folder holding <run>_desc-brain_mask.nii.gz per run")
+    g.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in T (overrides MagneticFieldStrength)")
+    g.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="B0 direction in the images' voxel coordinates (i, j, k); default: from the NIfTI affine")
+    g.add_argument("--resample-b0", action="store_true",
+                   help="invert on a B0-aligned grid when the acquisition is oblique by more than 1 degree "
+                   "(not needed by the classical inversions, which handle any B0 direction)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device for 'deep'")
+
+    g = p.add_argument_group("resources and execution")
+    g.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
+                   help="Nipype working directory; reuse it to resume and to reuse cached results (default ./work)")
+    g.add_argument("--nprocs", type=int, default=None, metavar="N", help="processes run at once (default: all CPUs)")
+    g.add_argument("--omp-nthreads", type=int, default=None, metavar="N",
+                   help="threads per process for FFTs (default: min(nprocs, 8))")
+    g.add_argument("--mem", type=float, default=None, metavar="GB", help="memory limit for scheduling, in GB")
+    g.add_argument("--use-plugin", type=Path, metavar="FILE",
+                   help="Nipype plugin YAML ({plugin: SLURM, plugin_args: {...}}) for SLURM/SGE/PBS execution")
+    g.add_argument("--stop-on-first-crash", action="store_true", help="stop everything at the first failure")
+    g.add_argument("--boilerplate-only", action="store_true", help="write the methods text (CITATION.md) and stop")
+    return p
+
+
+def _read_plugin(path):
+    import yaml
+
+    try:
+        content = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as exc:
+        raise UsageError(f"plugin file {path} does not exist: check --use-plugin.") from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"plugin file {path} is not valid YAML ({exc}): fix its syntax.") from exc
+    if not isinstance(content, dict) or "plugin" not in content:
+        raise UsageError(f"plugin file {path} must hold a 'plugin' key (e.g. 'plugin: SLURM') and optional 'plugin_args'.")
+    return str(content["plugin"]), dict(content.get("plugin_args") or {})
+
+
+def resolve_config(args, argv):
+    """Check the options and turn them into a Config (runs not yet discovered)."""
+    unwrap, bgremove, inversions = preset_methods(args.preset)
+    inversions = tuple(dict.fromkeys(args.inversion or inversions))
+    if "deep" in inversions and not deep_model_available():
+        raise UsageError(
+            "--inversion deep: no trained deep-inversion model ships with this qsmprep version yet; "
+            "choose tkd, cfl2 or ilsqr."
+        )
+    if args.b0_tesla is not None and args.b0_tesla <= 0:
+        raise UsageError(f"--b0-tesla must be positive (tesla), got {args.b0_tesla}.")
+    if args.b0_dir is not None and not any(args.b0_dir):
+        raise UsageError("--b0-dir must be a non-zero vector, e.g. 0 0 1.")
+    if args.b0_dir is not None and args.resample_b0:
+        raise UsageError("--resample-b0 aligns to the scanner's B0 from the affine; it cannot be combined with --b0-dir.")
+    if args.mask not in MASK_STRATEGIES and not Path(args.mask).exists():
+        raise UsageError(f"--mask {args.mask}: neither a strategy ({', '.join(MASK_STRATEGIES)}) nor an existing file "
+                         "or folder: check the path.")
+    for name in ("nprocs", "omp_nthreads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
+    if args.mem is not None and args.mem <= 0:
+        raise UsageError("--mem is in GB and must be positive.")
+    bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
+    if bids_dir in (output_dir, output_dir.parent):
+        raise UsageError(f"output folder {output_dir} must not be the input dataset or a folder at its top level "
+                         "(use e.g. BIDS_DIR/derivatives/qsmprep).")
+    nprocs = args.nprocs or os.cpu_count() or 1
+    if args.use_plugin:
+        plugin, plugin_args = _read_plugin(args.use_plugin)
+    else:
+        plugin = "MultiProc" if nprocs > 1 else "Linear"
+        plugin_args = {"n_procs": nprocs, "raise_insufficient": False} if nprocs > 1 else {}
+        if args.mem and nprocs > 1:
+            plugin_args["memory_gb"] = args.mem
+    config = Config(
+        bids_dir=str(bids_dir), output_dir=str(output_dir), work_dir=str(args.work_dir.absolute()),
+        analysis_level=args.analysis_level,
+        participant_label=[s.removeprefix("sub-") for s in args.participant_label],
+        session_label=[s.removeprefix("ses-") for s in args.session_label],
+        nprocs=nprocs, omp_nthreads=args.omp_nthreads or min(nprocs, 8), mem_gb=args.mem,
+        plugin=plugin, plugin_args=plugin_args, skip_bids_validation=args.skip_bids_validation,
+        boilerplate_only=args.boilerplate_only, stop_on_first_crash=args.stop_on_first_crash,
+        verbosity=args.verbose, preset=args.preset, unwrap=args.unwrap or unwrap,
+        bgremove=args.bgremove or bgremove, inversion=inversions,
+        mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
+        b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
+        resample_b0=args.resample_b0, device=args.device, command=["qsmprep", *argv],
+    )
+    return config.resolve_parameters()
+
+
+def find_inputs(config, filter_file=None):
+    """Discover and validate the runs; set ``config.runs`` and ``config.problems``.
+
+    Raises NoInputError (66) when nothing is found, DataError (65) when no
+    run passes validation.
+    """
+    from ..bids import check_bids_dataset, discover_runs, read_filter_file, validate_runs
+
+    if not Path(config.bids_dir).is_dir():
+        from ..errors import NoInputError
+
+        raise NoInputError(f"BIDS directory {config.bids_dir} does not exist: check the first positional argument.")
+    if not config.skip_bids_validation:
+        check_bids_dataset(config.bids_dir)
+    if filter_file is not None:
+        config.bids_filters = read_filter_file(filter_file)
+    runs = discover_runs(config.bids_dir, config.participant_label, config.session_label, config.bids_filters)
+    valid, problems = validate_runs(runs, b0_tesla=config.b0_tesla, mask=config.user_mask)
+    config.runs = valid
+    config.problems = [{"subject": p.subject, "run": p.run, "file": p.file, "message": p.message} for p in problems]
+    if not valid:
+        raise DataError(f"none of the {len(runs)} gradient-echo run(s) found can be processed; fix the problems "
+                        "listed above and run again.")
+    return config
+
+
+def _setup_logging(verbosity):
+    level = logging.DEBUG if verbosity > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).setLevel(logging.INFO if verbosity else logging.WARNING)
+
+
+def write_provenance(config):
+    """Write the derivatives dataset files and OUTPUT_DIR/logs/<run_id>/{command.txt,config.json,CITATION.md}."""
+    from ..bids.derivatives import write_dataset_description
+    from ..workflows.base import methods_text
+
+    write_dataset_description(config.output_dir, config.bids_dir)
+    log_dir = config.log_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "command.txt").write_text(shlex.join(config.command) + "\n")
+    config.write(log_dir / "config.json")
+    citation = log_dir / "CITATION.md"
+    citation.write_text("# Methods\n\n" + methods_text(config))
+    handler = logging.FileHandler(log_dir / "qsmprep.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return citation
+
+
+def _configure_nipype(config):
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    nipype_config.update_config({
+        "execution": {
+            "crashdump_dir": str(config.log_dir), "crashfile_format": "txt", "hash_method": "content",
+            "stop_on_first_crash": config.stop_on_first_crash, "remove_unnecessary_outputs": False,
+            "get_linked_libs": False, "check_version": False, "poll_sleep_duration": 0.2,
+        },
+        # Nipype's own log file handler holds a file lock that breaks in forked MultiProc workers;
+        # its messages reach OUTPUT_DIR/logs/<run_id>/qsmprep.log through the root logger instead.
+        "logging": {"log_to_file": False},
+    })
+    nipype_logging.update_logging(nipype_config)
+    logging.getLogger("nipype").handlers.clear()  # one stream of messages: through qsmprep's root handlers
+
+
+_CRASHED_NODE = re.compile(r"^Node: (\S+)", re.MULTILINE)
+_SUBJECT_WF = re.compile(r"single_subject_([a-zA-Z0-9]+)_wf")
+
+
+def crashed_nodes(log_dir):
+    """{subject label: [failed node names]} from the text crash files in ``log_dir``."""
+    failed = {}
+    for crash in sorted(Path(log_dir).glob("crash-*.txt")):
+        for node in _CRASHED_NODE.findall(crash.read_text(errors="replace")):
+            match = _SUBJECT_WF.search(node)
+            failed.setdefault(match.group(1) if match else "?", []).append(node)
+    return failed
+
+
+def _reports_for_rejected_subjects(config):
+    """A report listing the problems for subjects none of whose runs could be processed."""
+    from ..reports import build_subject_report
+
+    processed = {run.subject for run in config.runs}
+    rejected = sorted({p["subject"] for p in config.problems} - processed)
+    for subject in rejected:
+        errors = [p["message"] for p in config.problems if p["subject"] == subject]
+        build_subject_report(config.output_dir, subject, [], command=shlex.join(config.command), errors=errors)
+
+
+def summarize(config, failed):
+    """Print where the outputs are, and what went wrong; return the exit code."""
+    from ..bids.derivatives import run_output_paths
+
+    out = Path(config.output_dir)
+    lines = [f"qsmprep {__version__} finished; outputs in {out}"]
+    for run in config.runs:
+        paths = run_output_paths(run, config.inversion)
+        chimaps = [out / paths[f"chimap:{m}"] for m in config.inversion]
+        written = [str(p) for p in chimaps if p.is_file()]
+        state = "FAILED" if run.subject in failed else "ok"
+        lines.append(f"  {run.name} [{state}]")
+        lines += [f"    Chimap: {p}" for p in written]
+    for subject in sorted({run.subject for run in config.runs} | {p["subject"] for p in config.problems}):
+        report = out / f"sub-{subject}.html"
+        if report.is_file():
+            lines.append(f"  report sub-{subject}: {report}")
+    code = 0
+    if config.problems:
+        lines.append(f"{len(config.problems)} input problem(s); those runs were skipped:")
+        lines += [f"  - {p['message']}" for p in config.problems]
+        code = DataError.exit_code
+    if failed:
+        lines.append(f"processing failed for subject(s) {', '.join('sub-' + s for s in sorted(failed))}; "
+                     f"crash files in {config.log_dir}:")
+        lines += [f"  - {node}" for nodes in failed.values() for node in nodes]
+        code = EXIT_PROCESSING_FAILED
+    lines.append(f"log, command, configuration and methods text: {config.log_dir}")
+    print("\n".join(lines))
+    return code
+
+
+def run(config, filter_file=None):
+    """Discover, validate, build and run the workflow; return the exit code."""
+    start = time.perf_counter()
+    find_inputs(config, filter_file)
+    citation = write_provenance(config)
+    log.info("%d run(s) to process; methods text in %s", len(config.runs), citation)
+    if config.boilerplate_only:
+        print(f"methods text written to {citation}")
+        return 0
+    _configure_nipype(config)
+    from ..workflows.base import init_qsmprep_wf
+
+    workflow = init_qsmprep_wf(config)
+    Path(config.work_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        workflow.run(plugin=config.plugin, plugin_args=config.plugin_args)
+    except RuntimeError as exc:  # Nipype: "Workflow did not execute cleanly"; crash files say where
+        log.error("%s", exc)
+    failed = crashed_nodes(config.log_dir)
+    _reports_for_rejected_subjects(config)
+    log.info("finished in %.1f s", time.perf_counter() - start)
+    return summarize(config, failed)
+
+
+def main(argv=None):
+    """Entry point of ``qsmprep``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("NIPYPE_NO_ET", "1")  # no network check for Nipype updates
+    _setup_logging(args.verbose)
+    try:
+        config = resolve_config(args, argv)
+        return run(config, args.bids_filter_file)
+    except QSMPrepError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

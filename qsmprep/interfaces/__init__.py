@@ -1,0 +1,1 @@
+"""Thin Nipype interfaces around the qsmprep library: file I/O at the edges, one library call inside."""

@@ -1,0 +1,140 @@
+"""Brain mask, total field (Hz) and background removal (local field, ppm) as Nipype interfaces."""
+
+from pathlib import Path
+
+import numpy as np
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits, isdefined
+
+from ..io import load_nifti, save_nifti
+from ..physics import voxel_size_from_affine
+
+
+class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+    magnitude = File(exists=True, mandatory=True, desc="4D magnitude")
+    strategy = traits.Enum("magnitude", "quality", usedefault=True, desc="what is thresholded")
+    parameters = traits.Dict(desc="keyword parameters of qsmprep.masking.brain_mask")
+    phase_rad = File(exists=True, desc="4D phase in rad (strategy 'quality')")
+    te_s = traits.List(traits.Float, desc="echo times in s (strategy 'quality')")
+
+
+class _MaskOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="brain mask (uint8, 0/1)")
+
+
+class BrainMask(SimpleInterface):
+    """Brain mask from magnitude, optionally with a phase quality map (``qsmprep.masking.brain_mask``)."""
+
+    input_spec = _BrainMaskInputSpec
+    output_spec = _MaskOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..masking import brain_mask
+        from ..phase.quality import phase_quality_map
+
+        magnitude, affine, header = load_nifti(self.inputs.magnitude, "magnitude image")
+        quality = None
+        if self.inputs.strategy == "quality":
+            phase = load_nifti(self.inputs.phase_rad, "phase image")[0]
+            quality = phase_quality_map(phase, magnitude, list(self.inputs.te_s))
+        params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
+        mask = brain_mask(magnitude, voxel_size_from_affine(affine), quality=quality, **params)
+        out = Path(runtime.cwd) / "brain_mask.nii.gz"
+        self._results["out_file"] = str(save_nifti(out, mask, affine, None, dtype=np.uint8))
+        return runtime
+
+
+class _UserMaskInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the user's mask")
+    reference = File(exists=True, mandatory=True, desc="an image on the grid the mask must match")
+
+
+class UserMask(SimpleInterface):
+    """A user-supplied mask, checked against the run's grid (``qsmprep.masking.check_mask``) and binarised."""
+
+    input_spec = _UserMaskInputSpec
+    output_spec = _MaskOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..io import check_same_grid
+        from ..masking import check_mask
+
+        mask, affine, _ = load_nifti(self.inputs.in_file, "mask")
+        ref, ref_affine, _ = load_nifti(self.inputs.reference, "reference image")
+        check_same_grid(self.inputs.reference, (ref.shape, ref_affine), self.inputs.in_file, (mask.shape, affine))
+        checked = check_mask(mask, ref.shape[:3], source=str(self.inputs.in_file))
+        out = Path(runtime.cwd) / "brain_mask.nii.gz"
+        self._results["out_file"] = str(save_nifti(out, checked, ref_affine, None, dtype=np.uint8))
+        return runtime
+
+
+class _TotalFieldInputSpec(BaseInterfaceInputSpec):
+    phase_rad = File(exists=True, mandatory=True, desc="4D wrapped phase in rad")
+    magnitude = File(exists=True, mandatory=True, desc="4D magnitude (echo weights)")
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    te_s = traits.List(traits.Float, mandatory=True, desc="echo times in s")
+    unwrap = traits.Enum("laplacian", "quality", usedefault=True, desc="spatial unwrapping method")
+
+
+class _TotalFieldOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="total field in Hz")
+
+
+class TotalField(SimpleInterface):
+    """Unwrap and combine echoes into the total field in Hz (``qsmprep.phase.combine.total_field_hz``)."""
+
+    input_spec = _TotalFieldInputSpec
+    output_spec = _TotalFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..phase.combine import total_field_hz
+
+        phase, affine, header = load_nifti(self.inputs.phase_rad, "phase image")
+        magnitude = load_nifti(self.inputs.magnitude, "magnitude image")[0]
+        mask = load_nifti(self.inputs.mask, "mask")[0] > 0
+        field = total_field_hz(phase, list(self.inputs.te_s), magnitude=magnitude, mask=mask,
+                               voxel_size_mm=voxel_size_from_affine(affine), unwrap=self.inputs.unwrap)
+        out = Path(runtime.cwd) / "total_field_hz.nii.gz"
+        self._results["out_file"] = str(save_nifti(out, field, affine, None))
+        return runtime
+
+
+class _BackgroundRemovalInputSpec(BaseInterfaceInputSpec):
+    total_field = File(exists=True, mandatory=True, desc="total field in Hz")
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    method = traits.Enum("vsharp", "resharp", "pdf", mandatory=True, desc="background removal method")
+    parameters = traits.Dict(desc="keyword parameters of the method's library function")
+    b0_tesla = traits.Float(mandatory=True, desc="field strength in T (Hz -> ppm)")
+    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="B0 direction in voxel coordinates")
+    num_threads = traits.Int(1, usedefault=True, desc="FFT worker threads")
+
+
+class _BackgroundRemovalOutputSpec(TraitedSpec):
+    local_field = File(exists=True, desc="local field in ppm")
+    mask = File(exists=True, desc="mask where the local field is valid (eroded for SMV methods)")
+
+
+class BackgroundRemoval(SimpleInterface):
+    """Total field (Hz) -> local field (ppm) by V-SHARP, RESHARP or PDF (``qsmprep.bgremove``)."""
+
+    input_spec = _BackgroundRemovalInputSpec
+    output_spec = _BackgroundRemovalOutputSpec
+
+    def _run_interface(self, runtime):
+        from scipy import fft as spfft
+
+        from ..config import library_function
+        from ..physics import hz_to_ppm
+
+        field_hz, affine, _ = load_nifti(self.inputs.total_field, "total field")
+        mask = load_nifti(self.inputs.mask, "mask")[0] > 0
+        params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
+        if self.inputs.method == "pdf":
+            params["b0_dir"] = tuple(self.inputs.b0_dir)
+        remove = library_function("bgremove", self.inputs.method)
+        with spfft.set_workers(self.inputs.num_threads):
+            local, valid = remove(hz_to_ppm(field_hz, self.inputs.b0_tesla), mask,
+                                  voxel_size_from_affine(affine), **params)
+        cwd = Path(runtime.cwd)
+        self._results["local_field"] = str(save_nifti(cwd / "local_field_ppm.nii.gz", local, affine))
+        self._results["mask"] = str(save_nifti(cwd / "local_field_mask.nii.gz", valid, affine, dtype=np.uint8))
+        return runtime

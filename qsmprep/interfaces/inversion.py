@@ -1,0 +1,143 @@
+"""Dipole inversion, referencing, and B0-aligned resampling as Nipype interfaces."""
+
+from pathlib import Path
+
+import numpy as np
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
+
+from ..io import load_nifti, save_nifti
+from ..physics import voxel_size_from_affine
+
+
+class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
+    local_field = File(exists=True, mandatory=True, desc="local field in ppm")
+    mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
+    method = traits.Enum("tkd", "cfl2", "ilsqr", "deep", mandatory=True, desc="inversion method")
+    parameters = traits.Dict(desc="keyword parameters of the method's library function")
+    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="B0 direction in voxel coordinates")
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="torch device (deep inversion only)")
+    num_threads = traits.Int(1, usedefault=True, desc="FFT (and torch) worker threads")
+
+
+class _DipoleInversionOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="susceptibility in ppm (not yet referenced)")
+
+
+class DipoleInversion(SimpleInterface):
+    """Local field (ppm) -> susceptibility (ppm) by TKD, closed-form L2, iLSQR or the deep network.
+
+    Calls the library function named in ``qsmprep.config.LIBRARY_FUNCTIONS``
+    (``qsmprep.inversion.<method>``; ``deep`` is ``qsmprep.inversion.deep.deep_invert``).
+    """
+
+    input_spec = _DipoleInversionInputSpec
+    output_spec = _DipoleInversionOutputSpec
+
+    def _run_interface(self, runtime):
+        from scipy import fft as spfft
+
+        from ..config import library_function
+
+        field, affine, _ = load_nifti(self.inputs.local_field, "local field")
+        mask = load_nifti(self.inputs.mask, "mask")[0] > 0
+        params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
+        if self.inputs.method == "deep":
+            import torch
+
+            torch.set_num_threads(self.inputs.num_threads)
+            params["device"] = self.inputs.device
+        invert = library_function("inversion", self.inputs.method)
+        with spfft.set_workers(self.inputs.num_threads):
+            chi = invert(field, mask, voxel_size_from_affine(affine), tuple(self.inputs.b0_dir), **params)
+        out = Path(runtime.cwd) / f"chi_{self.inputs.method}_ppm.nii.gz"
+        self._results["out_file"] = str(save_nifti(out, chi, affine))
+        return runtime
+
+
+class _ReferenceToMaskInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="susceptibility in ppm")
+    mask = File(exists=True, mandatory=True, desc="reference region (the brain mask)")
+
+
+class _ReferenceToMaskOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="susceptibility in ppm relative to the mean in the mask; 0 outside")
+    mean_ppm = traits.Float(desc="the mean that was subtracted, in ppm")
+
+
+class ReferenceToMask(SimpleInterface):
+    """Reference susceptibility to its mean in the mask: chi - mean(chi[mask]) inside, 0 outside.
+
+    The dipole kernel vanishes at k = 0, so the mean susceptibility is not
+    measured; the mean over the whole mask is the documented reference
+    (docs/methods/pipeline.md).
+    """
+
+    input_spec = _ReferenceToMaskInputSpec
+    output_spec = _ReferenceToMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        chi, affine, _ = load_nifti(self.inputs.in_file, "susceptibility map")
+        mask = load_nifti(self.inputs.mask, "mask")[0] > 0
+        mean = float(chi[mask].astype(np.float64).mean()) if mask.any() else 0.0
+        referenced = np.where(mask, chi - mean, 0.0)
+        out = Path(runtime.cwd) / "chi_referenced_ppm.nii.gz"
+        self._results["out_file"] = str(save_nifti(out, referenced, affine))
+        self._results["mean_ppm"] = mean
+        return runtime
+
+
+class _ToB0AlignedInputSpec(BaseInterfaceInputSpec):
+    local_field = File(exists=True, mandatory=True, desc="local field in ppm, native grid")
+    mask = File(exists=True, mandatory=True, desc="mask, native grid")
+
+
+class _ToB0AlignedOutputSpec(TraitedSpec):
+    local_field = File(exists=True, desc="local field on the B0-aligned grid")
+    mask = File(exists=True, desc="mask on the B0-aligned grid (linear weight > 0.5)")
+
+
+class ToB0Aligned(SimpleInterface):
+    """Resample local field and mask onto a grid whose third axis is B0 (``qsmprep.physics.resample``)."""
+
+    input_spec = _ToB0AlignedInputSpec
+    output_spec = _ToB0AlignedOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..physics.resample import to_b0_aligned
+
+        field, affine, _ = load_nifti(self.inputs.local_field, "local field")
+        mask = load_nifti(self.inputs.mask, "mask")[0]
+        field_aligned, aligned_affine = to_b0_aligned(field, affine)
+        mask_aligned, _ = to_b0_aligned(mask, affine)
+        inside = mask_aligned > 0.5
+        cwd = Path(runtime.cwd)
+        self._results["local_field"] = str(save_nifti(cwd / "local_field_b0.nii.gz", field_aligned * inside,
+                                                      aligned_affine))
+        self._results["mask"] = str(save_nifti(cwd / "mask_b0.nii.gz", inside, aligned_affine, dtype=np.uint8))
+        return runtime
+
+
+class _FromB0AlignedInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="an image on the B0-aligned grid")
+    reference = File(exists=True, mandatory=True, desc="an image on the native grid")
+
+
+class _FromB0AlignedOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the image on the native grid")
+
+
+class FromB0Aligned(SimpleInterface):
+    """Resample an image from the B0-aligned grid back onto the native grid (linear)."""
+
+    input_spec = _FromB0AlignedInputSpec
+    output_spec = _FromB0AlignedOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..physics.resample import from_b0_aligned
+
+        data, aligned_affine, _ = load_nifti(self.inputs.in_file, "B0-aligned image")
+        ref, native_affine, _ = load_nifti(self.inputs.reference, "native reference image")
+        native = from_b0_aligned(data, aligned_affine, ref.shape[:3], native_affine)
+        out = Path(runtime.cwd) / "native.nii.gz"
+        self._results["out_file"] = str(save_nifti(out, native, native_affine))
+        return runtime

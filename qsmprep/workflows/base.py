@@ -1,0 +1,108 @@
+"""Top-level workflows: the whole dataset, then one workflow per subject (the nipreps layout)."""
+
+import shlex
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from ..bids.derivatives import run_output_paths
+from ..interfaces.reports import SubjectReport
+from .qsm import init_qsm_wf, methods_description, workflow_label
+
+
+def subject_workflow_name(subject):
+    """Name of the workflow of ``subject`` (label without ``sub-``)."""
+    return f"single_subject_{subject}_wf"
+
+
+def collect_methods(config, runs=None):
+    """(distinct methods paragraphs, references) of ``runs`` (default: all of ``config.runs``)."""
+    paragraphs, references = [], []
+    for run in runs if runs is not None else config.runs:
+        text, refs = methods_description(run, config)
+        if text not in paragraphs:
+            paragraphs.append(text)
+        references += [r for r in refs if r not in references]
+    return paragraphs, references
+
+
+def format_references(references):
+    """The references section of the boilerplate."""
+    return "References\n\n" + "\n".join(f"- {r}" for r in references) + "\n"
+
+
+def methods_text(config, runs=None):
+    """The boilerplate methods text of ``runs`` (default: all of ``config.runs``) with its references."""
+    paragraphs, references = collect_methods(config, runs)
+    return "\n\n".join(paragraphs) + "\n\n" + format_references(references)
+
+
+def report_runs(runs, config):
+    """What ``build_subject_report`` needs per run: name, input magnitude, and the derivative paths."""
+    out = []
+    for run in runs:
+        paths = {k: str(Path(config.output_dir) / v) for k, v in run_output_paths(run, config.inversion).items()}
+        out.append({
+            "name": run.name,
+            "magnitude": run.magnitude[0],
+            "mask": paths["mask"],
+            "total_field": paths["total_field"],
+            "local_field": paths["local_field"],
+            "chimaps": {m: paths[f"chimap:{m}"] for m in config.inversion},
+        })
+    return out
+
+
+def init_single_subject_wf(subject, runs, config, errors=()):
+    """One subject: a QSM workflow per run, then the subject's HTML report.
+
+    Parameters
+    ----------
+    subject : str
+        Label without ``sub-``.
+    runs : list of GRERun
+        The subject's validated runs.
+    config : qsmprep.config.Config
+    errors : sequence of str
+        Validation problems of this subject's other runs, shown in its report.
+
+    Nodes: ``qsm_<label>_wf`` per run (see ``init_qsm_wf``), ``merge_written``
+    and ``report`` (``qsmprep.reports.build_subject_report``).
+    """
+    workflow = Workflow(name=subject_workflow_name(subject))
+    merge_written = pe.Node(niu.Merge(len(runs), ravel_inputs=True), name="merge_written",
+                            run_without_submitting=True)
+    report = pe.Node(
+        SubjectReport(output_dir=str(config.output_dir), subject=subject, runs=report_runs(runs, config),
+                      methods_text=methods_text(config, runs), command=shlex.join(config.command),
+                      errors=list(errors)),
+        name="report", mem_gb=0.5)
+    for index, run in enumerate(runs, start=1):
+        qsm_wf = init_qsm_wf(run, config)
+        workflow.connect(qsm_wf, "outputnode.written", merge_written, f"in{index}")
+    workflow.connect(merge_written, "out", report, "written")
+    return workflow
+
+
+def init_qsmprep_wf(config):
+    """The whole run: one ``single_subject_<label>_wf`` per subject of ``config.runs``.
+
+    ``config.runs`` holds the validated runs and ``config.problems`` the
+    validation problems (dicts with subject, run, file, message); both are
+    set by the CLI before the workflow is built. The methods text of all
+    runs is the workflow's boilerplate (``visit_desc()``).
+    """
+    workflow = Workflow(name="qsmprep_wf")
+    workflow.base_dir = str(config.work_dir)
+    subjects = sorted({run.subject for run in config.runs})
+    for subject in subjects:
+        runs = [r for r in config.runs if r.subject == subject]
+        errors = [p["message"] for p in config.problems if p["subject"] == subject]
+        workflow.add_nodes([init_single_subject_wf(subject, runs, config, errors)])
+    workflow.__postdesc__ = format_references(collect_methods(config)[1])
+    return workflow
+
+
+__all__ = ["init_qsmprep_wf", "init_single_subject_wf", "methods_text", "subject_workflow_name", "workflow_label"]

@@ -1,0 +1,100 @@
+"""Derivatives of one run: DerivativesDataSink nodes and their JSON sidecars.
+
+Names (docs/outputs.md) come from ``qsmprep/data/bids_config.json`` through
+``qsmprep.interfaces.bids.DerivativesDataSink``; sidecar contents from
+``output_metadata`` below.
+"""
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from ..bids.derivatives import OUTPUTS, bids_uri
+from ..config import ALGORITHM_NAMES, B0_RESAMPLE_TILT_DEG
+from ..interfaces.bids import DerivativesDataSink
+
+REFERENCING = "mean of the susceptibility within the brain mask (desc-brain_mask) set to 0"
+
+
+def output_metadata(run, config, output, method=None, resampled=False, b0_dir=None):
+    """JSON sidecar contents of one output of ``run`` (see docs/outputs.md for every field)."""
+    common = {
+        "Sources": [bids_uri(path, config.bids_dir) for path in run.files],
+        "MagneticFieldStrength": run.b0_tesla,
+        "EchoTime": list(run.echo_times_s),
+    }
+    units = OUTPUTS[output]["units"]
+    if units:
+        common["Units"] = units
+    bgremove = {"Method": config.bgremove, **config.parameters["bgremove"][config.bgremove]}
+    if output == "mask":
+        mask = ({"Method": "user", "File": str(run.mask)} if config.mask_strategy == "user"
+                else {"Method": config.mask_strategy, **config.parameters["mask"][config.mask_strategy]})
+        return {**common, "Type": "Brain", "MaskGeneration": mask, "BackgroundFieldRemoval": bgremove,
+                "Description": "brain mask after the erosion of background field removal: where the local "
+                               "field and Chimap are defined"}
+    if output == "total_field":
+        return {**common, "UnwrappingMethod": config.unwrap,
+                "Description": "total field (Hz) from unwrapped, echo-combined phase; 0 outside the mask"}
+    if output == "local_field":
+        return {**common, "BackgroundFieldRemoval": bgremove,
+                "Description": "local (tissue) field in ppm of B0 after background field removal"}
+    metadata = {
+        **common,
+        "EstimationAlgorithm": ALGORITHM_NAMES[method],
+        "EstimationParameters": {
+            "InversionMethod": method,
+            **config.parameters.get("inversion", {}).get(method, {}),
+            "UnwrappingMethod": config.unwrap,
+            "BackgroundFieldRemoval": bgremove,
+            "MaskGeneration": config.mask_strategy,
+        },
+        "B0Direction": [round(v, 6) for v in b0_dir],
+        "ResampledToB0AlignedGrid": bool(resampled),
+        "ReferenceRegion": REFERENCING,
+        "SkullStripped": True,
+    }
+    if resampled:
+        metadata["ResampleThresholdDegrees"] = B0_RESAMPLE_TILT_DEG
+    return metadata
+
+
+def init_qsm_derivatives_wf(run, config, resampled=False, b0_dir=(0.0, 0.0, 1.0), name="qsm_derivatives_wf"):
+    """Write one run's mask, total field, local field and Chimap(s) into the derivatives dataset.
+
+    Inputs (inputnode): mask, total_field, local_field, chimaps (list in
+    ``config.inversion`` order). Outputs (outputnode): written (the NIfTI
+    paths written). Nodes: ds_mask, ds_total_field, ds_local_field,
+    ds_chimap_<method>.
+    """
+    workflow = Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["mask", "total_field", "local_field", "chimaps"]),
+                        name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["written"]), name="outputnode")
+    sinks = []
+
+    def sink(output, method=None):
+        spec = OUTPUTS[output]
+        node = pe.Node(
+            DerivativesDataSink(
+                base_directory=config.output_dir, source_file=run.magnitude[0], dismiss_entities=("echo", "part"),
+                desc=spec["desc"].format(method=method), suffix=spec["suffix"], compress=True,
+                meta_dict=output_metadata(run, config, output, method, resampled, b0_dir)),
+            name=f"ds_{output}" + (f"_{method}" if method else ""), run_without_submitting=True, mem_gb=0.1)
+        sinks.append(node)
+        return node
+
+    workflow.connect([
+        (inputnode, sink("mask"), [("mask", "in_file")]),
+        (inputnode, sink("total_field"), [("total_field", "in_file")]),
+        (inputnode, sink("local_field"), [("local_field", "in_file")]),
+    ])
+    for index, method in enumerate(config.inversion):
+        select = pe.Node(niu.Select(index=index), name=f"select_chimap_{method}", run_without_submitting=True)
+        workflow.connect([(inputnode, select, [("chimaps", "inlist")]),
+                          (select, sink("chimap", method), [("out", "in_file")])])
+    written = pe.Node(niu.Merge(len(sinks)), name="merge_written", run_without_submitting=True)
+    for index, node in enumerate(sinks, start=1):
+        workflow.connect(node, "out_file", written, f"in{index}")
+    workflow.connect(written, "out", outputnode, "written")
+    return workflow

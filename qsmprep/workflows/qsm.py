@@ -1,0 +1,193 @@
+"""The per-run QSM workflow: GRE magnitude + phase -> Chimap(s), masks and field maps."""
+
+from importlib import resources
+
+import nipype
+import numpy as np
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from .. import __version__
+from ..config import B0_RESAMPLE_TILT_DEG
+from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
+from ..interfaces.gre import PhaseToRad, StackEchoes
+from ..interfaces.inversion import DipoleInversion, FromB0Aligned, ReferenceToMask, ToB0Aligned
+from ..physics import b0_dir_from_affine, b0_tilt_deg
+from .outputs import init_qsm_derivatives_wf
+
+BOILERPLATE = resources.files("qsmprep") / "data" / "boilerplate"
+
+MEMORY_FACTORS = {
+    "stack_magnitude": 3, "phase_to_rad": 6, "brain_mask": 16, "total_field": 24, "bgremove": 48,
+    "to_b0_aligned": 12, "from_b0_aligned": 12, "reference": 4, "invert": 64, "invert_deep": 128,
+}
+"""Peak memory of each node in float32 volumes of the run's grid (times echoes where the node holds all echoes)."""
+
+ECHO_NODES = frozenset({"stack_magnitude", "phase_to_rad", "brain_mask", "total_field"})
+
+MIN_MEM_GB = 0.1
+
+
+def run_b0_dir(run, config):
+    """B0 direction in the run's voxel coordinates: ``--b0-dir`` if given, else from the affine."""
+    if config.b0_dir is not None:
+        b0 = np.asarray(config.b0_dir, dtype=float)
+        return [float(v) for v in b0 / np.linalg.norm(b0)]
+    return list(b0_dir_from_affine(np.asarray(run.affine)))
+
+
+def needs_b0_resampling(run, config):
+    """True when ``--resample-b0`` is on and the run's B0 tilt exceeds ``B0_RESAMPLE_TILT_DEG``."""
+    return bool(config.resample_b0) and b0_tilt_deg(run_b0_dir(run, config)) > B0_RESAMPLE_TILT_DEG
+
+
+def mem_gb(run, node):
+    """Memory hint (GB) for ``node`` on ``run``'s grid (see MEMORY_FACTORS)."""
+    volume_gb = float(np.prod(run.shape)) * 4 / 1e9
+    echoes = len(run.echo_times_s) if node in ECHO_NODES else 1
+    return max(MIN_MEM_GB, round(MEMORY_FACTORS[node] * echoes * volume_gb, 3))
+
+
+def read_boilerplate(key, **context):
+    """Render template ``qsmprep/data/boilerplate/<key>.txt``: (paragraph, list of references)."""
+    text = (BOILERPLATE / f"{key}.txt").read_text()
+    body, _, refs = text.partition("References:")
+    return body.strip().format(**context), [r.strip() for r in refs.strip().splitlines() if r.strip()]
+
+
+def methods_description(run, config):
+    """Methods text of one run's processing (paragraph, references), filled with the resolved parameters."""
+    params = config.parameters
+    parts = [
+        ("intro", {"version": __version__, "nipype_version": nipype.__version__, "phase_units": run.phase_units}),
+        (f"mask-{config.mask_strategy}", params.get("mask", {}).get(config.mask_strategy, {})),
+        (f"unwrap-{config.unwrap}", {}),
+        (f"bgremove-{config.bgremove}", params["bgremove"][config.bgremove]),
+    ]
+    if needs_b0_resampling(run, config):
+        parts.append(("resample-b0", {"threshold_deg": B0_RESAMPLE_TILT_DEG}))
+    parts += [(f"inversion-{m}", params.get("inversion", {}).get(m, {})) for m in config.inversion]
+    parts.append(("referencing", {}))
+    paragraphs, references = [], []
+    for key, context in parts:
+        text, refs = read_boilerplate(key, **context)
+        paragraphs.append(text)
+        references += [r for r in refs if r not in references]
+    return " ".join(paragraphs), references
+
+
+def workflow_label(run):
+    """Node-name-safe label of a run inside its subject, e.g. ``ses_2_acq_fast_run_1`` (``single`` when none)."""
+    keys = {"session": "ses", "acquisition": "acq", "run": "run"}
+    parts = [f"{keys[k]}_{v}" for k, v in run.entities.items() if k != "subject"]
+    return "_".join(parts) or "single"
+
+
+def init_qsm_wf(run, config, name=None):
+    """Build the workflow that turns one GRE run into QSM derivatives.
+
+    Steps (node names in brackets): echo magnitudes stacked [stack_magnitude];
+    phase to radians [phase_to_rad]; brain mask [brain_mask] or the user's
+    mask [user_mask]; spatial unwrapping and echo combination into the
+    total field in Hz [total_field]; background removal into the local field
+    in ppm [bgremove]; optionally resampling onto a B0-aligned grid
+    [to_b0_aligned]; one dipole inversion per method [invert_<method>],
+    resampled back to the native grid when needed [from_b0_aligned_<method>];
+    referencing to the mean in the mask [reference_<method>]; derivatives
+    [qsm_derivatives_wf].
+
+    Parameters
+    ----------
+    run : qsmprep.bids.discovery.GRERun
+        A validated run (``qsmprep.bids.validation.validate_run``).
+    config : qsmprep.config.Config
+        Resolved configuration (``resolve_parameters`` called).
+    name : str or None
+        Workflow name; default ``qsm_<label>_wf``.
+
+    Outputs (outputnode): magnitude, mask, total_field, local_field,
+    chimaps (list, in ``config.inversion`` order), written (derivative files).
+    """
+    workflow = Workflow(name=name or f"qsm_{workflow_label(run)}_wf")
+    text, _ = methods_description(run, config)
+    workflow.__desc__ = text + "\n\n"
+    b0_dir = run_b0_dir(run, config)
+    threads = config.omp_nthreads
+
+    inputnode = pe.Node(niu.IdentityInterface(fields=["magnitude", "phase"]), name="inputnode")
+    inputnode.inputs.magnitude = list(run.magnitude)
+    inputnode.inputs.phase = list(run.phase)
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=["magnitude", "mask", "total_field", "local_field", "chimaps", "written"]), name="outputnode")
+
+    stack_magnitude = pe.Node(StackEchoes(), name="stack_magnitude", mem_gb=mem_gb(run, "stack_magnitude"))
+    phase_to_rad = pe.Node(PhaseToRad(units=run.phase_units), name="phase_to_rad", mem_gb=mem_gb(run, "phase_to_rad"))
+    total_field = pe.Node(TotalField(te_s=list(run.echo_times_s), unwrap=config.unwrap), name="total_field",
+                          mem_gb=mem_gb(run, "total_field"))
+    bgremove = pe.Node(
+        BackgroundRemoval(method=config.bgremove, parameters=config.parameters["bgremove"][config.bgremove],
+                          b0_tesla=run.b0_tesla, b0_dir=b0_dir, num_threads=threads),
+        name="bgremove", mem_gb=mem_gb(run, "bgremove"), n_procs=threads)
+    workflow.connect([
+        (inputnode, stack_magnitude, [("magnitude", "in_files")]),
+        (inputnode, phase_to_rad, [("phase", "in_files")]),
+        (stack_magnitude, total_field, [("out_file", "magnitude")]),
+        (phase_to_rad, total_field, [("out_file", "phase_rad")]),
+        (total_field, bgremove, [("out_file", "total_field")]),
+        (stack_magnitude, outputnode, [("out_file", "magnitude")]),
+        (total_field, outputnode, [("out_file", "total_field")]),
+        (bgremove, outputnode, [("local_field", "local_field"), ("mask", "mask")]),
+    ])
+
+    if config.mask_strategy == "user":
+        mask = pe.Node(UserMask(in_file=run.mask), name="user_mask", mem_gb=mem_gb(run, "reference"))
+        workflow.connect(stack_magnitude, "out_file", mask, "reference")
+    else:
+        mask = pe.Node(BrainMask(strategy=config.mask_strategy,
+                                 parameters=config.parameters["mask"][config.mask_strategy]),
+                       name="brain_mask", mem_gb=mem_gb(run, "brain_mask"))
+        workflow.connect(stack_magnitude, "out_file", mask, "magnitude")
+        if config.mask_strategy == "quality":
+            mask.inputs.te_s = list(run.echo_times_s)
+            workflow.connect(phase_to_rad, "out_file", mask, "phase_rad")
+    workflow.connect([(mask, total_field, [("out_file", "mask")]), (mask, bgremove, [("out_file", "mask")])])
+
+    resample = needs_b0_resampling(run, config)
+    if resample:
+        to_b0 = pe.Node(ToB0Aligned(), name="to_b0_aligned", mem_gb=mem_gb(run, "to_b0_aligned"))
+        workflow.connect([(bgremove, to_b0, [("local_field", "local_field"), ("mask", "mask")])])
+        field_source, inversion_b0_dir = to_b0, [0.0, 0.0, 1.0]
+    else:
+        field_source, inversion_b0_dir = bgremove, b0_dir
+
+    merge_chimaps = pe.Node(niu.Merge(len(config.inversion)), name="merge_chimaps", run_without_submitting=True)
+    for index, method in enumerate(config.inversion, start=1):
+        invert = pe.Node(
+            DipoleInversion(method=method, parameters=config.parameters.get("inversion", {}).get(method, {}),
+                            b0_dir=inversion_b0_dir, device=config.device, num_threads=threads),
+            name=f"invert_{method}", n_procs=threads,
+            mem_gb=mem_gb(run, "invert_deep" if method == "deep" else "invert"))
+        reference = pe.Node(ReferenceToMask(), name=f"reference_{method}", mem_gb=mem_gb(run, "reference"))
+        workflow.connect([
+            (field_source, invert, [("local_field", "local_field"), ("mask", "mask")]),
+            (bgremove, reference, [("mask", "mask")]),
+            (reference, merge_chimaps, [("out_file", f"in{index}")]),
+        ])
+        if resample:
+            back = pe.Node(FromB0Aligned(), name=f"from_b0_aligned_{method}", mem_gb=mem_gb(run, "from_b0_aligned"))
+            workflow.connect([(invert, back, [("out_file", "in_file")]),
+                              (bgremove, back, [("local_field", "reference")]),
+                              (back, reference, [("out_file", "in_file")])])
+        else:
+            workflow.connect(invert, "out_file", reference, "in_file")
+    workflow.connect(merge_chimaps, "out", outputnode, "chimaps")
+
+    derivatives_wf = init_qsm_derivatives_wf(run, config, resampled=resample, b0_dir=b0_dir)
+    workflow.connect([
+        (bgremove, derivatives_wf, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
+        (total_field, derivatives_wf, [("out_file", "inputnode.total_field")]),
+        (merge_chimaps, derivatives_wf, [("out", "inputnode.chimaps")]),
+        (derivatives_wf, outputnode, [("outputnode.written", "written")]),
+    ])
+    return workflow

@@ -1,0 +1,213 @@
+"""Workflow construction for each option combination, node hints, sinks, and the thin interfaces."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmprep.bids.derivatives import derivative_path
+from qsmprep.bids.discovery import GRERun
+from qsmprep.config import Config, default_parameters, preset_methods
+from qsmprep.physics import b0_dir_from_affine, b0_tilt_deg
+
+
+def _oblique_affine(deg, voxel=(3.0, 3.0, 4.0)):
+    t = np.radians(deg)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(voxel)
+    return tuple(tuple(float(v) for v in row) for row in affine)
+
+
+def make_run(subject="01", session=None, tilt_deg=0.0, shape=(64, 64, 48), echoes=3, mask=None):
+    anat = f"/data/sub-{subject}/" + (f"ses-{session}/" if session else "") + "anat/"
+    prefix = anat + f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    return GRERun(
+        subject, session, None, None, "MEGRE",
+        magnitude=tuple(f"{prefix}_echo-{e}_part-mag_MEGRE.nii.gz" for e in range(1, echoes + 1)),
+        phase=tuple(f"{prefix}_echo-{e}_part-phase_MEGRE.nii.gz" for e in range(1, echoes + 1)),
+        echo_times_s=tuple(0.004 * e for e in range(1, echoes + 1)), phase_units="arbitrary", b0_tesla=3.0,
+        shape=shape, affine=_oblique_affine(tilt_deg), mask=mask,
+    )
+
+
+def make_config(runs, **kwargs):
+    config = Config(bids_dir="/data", output_dir="/out", work_dir="/work", **kwargs).resolve_parameters()
+    config.runs = list(runs)
+    return config
+
+
+def _nodes(workflow):
+    return {name.split(".")[-1] for name in workflow.list_node_names()}
+
+
+COMMON_NODES = {"inputnode", "stack_magnitude", "phase_to_rad", "total_field", "bgremove", "merge_chimaps",
+                "outputnode", "ds_mask", "ds_total_field", "ds_local_field", "merge_written"}
+
+
+@pytest.mark.parametrize(
+    ("options", "tilt", "extra", "absent"),
+    [
+        ({"inversion": ("tkd",)}, 0.0, {"brain_mask", "invert_tkd", "reference_tkd", "ds_chimap_tkd"},
+         {"user_mask", "to_b0_aligned"}),
+        ({"inversion": ("tkd", "cfl2", "ilsqr"), "bgremove": "pdf", "unwrap": "quality"}, 0.0,
+         {"invert_tkd", "invert_cfl2", "invert_ilsqr", "ds_chimap_cfl2", "ds_chimap_ilsqr"}, {"to_b0_aligned"}),
+        ({"inversion": ("ilsqr",), "bgremove": "resharp", "mask": "magnitude"}, 20.0,
+         {"brain_mask", "invert_ilsqr"}, {"to_b0_aligned", "from_b0_aligned_ilsqr"}),
+        ({"inversion": ("tkd", "ilsqr"), "resample_b0": True}, 20.0,
+         {"to_b0_aligned", "from_b0_aligned_tkd", "from_b0_aligned_ilsqr"}, set()),
+        ({"inversion": ("tkd",), "resample_b0": True}, 0.5, {"invert_tkd"}, {"to_b0_aligned"}),
+        ({"inversion": ("deep", "tkd")}, 0.0, {"invert_deep", "reference_deep", "ds_chimap_deep"}, set()),
+    ],
+)
+def test_graph_for_each_option_combination(options, tilt, extra, absent):
+    from qsmprep.workflows.base import init_qsmprep_wf
+
+    run = make_run(tilt_deg=tilt)
+    workflow = init_qsmprep_wf(make_config([run], **options))
+    workflow._create_flat_graph()  # checks every connection
+    nodes = _nodes(workflow)
+    assert COMMON_NODES | extra <= nodes
+    assert not absent & nodes
+    assert {"report"} <= nodes
+    assert len([n for n in nodes if n.startswith("ds_chimap_")]) == len(options["inversion"])
+
+
+def test_user_mask_node_and_subject_layout(tmp_path):
+    from qsmprep.workflows.base import init_qsmprep_wf
+
+    masks = [_save(tmp_path / f"m{i}.nii.gz", np.ones((4, 4, 4))) for i in range(3)]
+    runs = [make_run("01", "1", mask=masks[0]), make_run("01", "2", mask=masks[1]), make_run("02", mask=masks[2])]
+    config = make_config(runs, inversion=("tkd",), mask=str(tmp_path))
+    names = set(init_qsmprep_wf(config).list_node_names())
+    assert "single_subject_01_wf.qsm_ses_1_wf.user_mask" in names
+    assert "single_subject_01_wf.qsm_ses_2_wf.user_mask" in names
+    assert "single_subject_02_wf.qsm_single_wf.user_mask" in names
+    assert not any(n.endswith("brain_mask") for n in names)
+
+
+def test_b0_direction_hints_and_override():
+    from qsmprep.workflows.qsm import init_qsm_wf
+
+    run = make_run(tilt_deg=15.0, shape=(100, 100, 80))
+    wf = init_qsm_wf(run, make_config([run], inversion=("tkd", "ilsqr"), omp_nthreads=3))
+    invert = wf.get_node("invert_ilsqr")
+    expected = b0_dir_from_affine(np.asarray(run.affine))
+    assert b0_tilt_deg(expected) == pytest.approx(15.0, abs=1e-6)
+    assert invert.inputs.b0_dir == pytest.approx(expected)
+    assert wf.get_node("bgremove").inputs.b0_dir == pytest.approx(expected)
+    # resource hints: threads for FFT-heavy nodes, memory scaled to the grid (800,000 voxels x 4 B = 3.2 MB)
+    assert invert.n_procs == 3 and wf.get_node("bgremove").n_procs == 3
+    assert invert.mem_gb == pytest.approx(64 * 0.0032, abs=1e-3)
+    assert wf.get_node("total_field").mem_gb == pytest.approx(24 * 3 * 0.0032, abs=1e-3)
+    assert wf.get_node("stack_magnitude").mem_gb == 0.1  # the floor
+    # --b0-dir overrides the affine (normalised); --resample-b0 inverts with B0 along k
+    wf = init_qsm_wf(run, make_config([run], inversion=("tkd",), b0_dir=(0.0, 0.0, 2.0)))
+    assert wf.get_node("invert_tkd").inputs.b0_dir == [0.0, 0.0, 1.0]
+    wf = init_qsm_wf(run, make_config([run], inversion=("tkd",), resample_b0=True))
+    assert wf.get_node("invert_tkd").inputs.b0_dir == [0.0, 0.0, 1.0]
+
+
+def test_sinks_name_and_describe_outputs():
+    from qsmprep.workflows.qsm import init_qsm_wf
+
+    run = make_run("01", "2")
+    config = make_config([run], inversion=("tkd", "cfl2"))
+    wf = init_qsm_wf(run, config)
+    ds = wf.get_node("qsm_derivatives_wf").get_node("ds_chimap_cfl2")
+    assert (ds.inputs.desc, ds.inputs.suffix, ds.inputs.source_file) == ("cfl2", "Chimap", [run.magnitude[0]])
+    meta = ds.inputs.meta_dict
+    assert meta["Units"] == "ppm" and meta["EstimationParameters"]["lam"] == 0.1
+    assert meta["Sources"][0] == "bids:raw:sub-01/ses-2/anat/sub-01_ses-2_echo-1_part-mag_MEGRE.nii.gz"
+    assert meta["EchoTime"] == pytest.approx([0.004, 0.008, 0.012]) and meta["SkullStripped"] is True
+    total = wf.get_node("qsm_derivatives_wf").get_node("ds_total_field")
+    assert (total.inputs.desc, total.inputs.suffix, total.inputs.meta_dict["Units"]) == ("total", "fieldmap", "Hz")
+
+
+def test_methods_text_follows_the_options():
+    from qsmprep.workflows.base import methods_text
+
+    run = make_run(tilt_deg=20.0)
+    text = methods_text(make_config([run], inversion=("tkd", "ilsqr"), bgremove="pdf", resample_b0=True))
+    assert "threshold 0.19" in text and "Shmueli K" in text and "Liu T, Khalidov I" in text
+    assert "tolerance 0.01, at most 50 iterations" in text and "oblique to B0 by more than 1.0 degrees" in text
+    assert "Bilgic" not in text and "V-SHARP" not in text
+
+
+def test_presets_and_parameters():
+    assert preset_methods("fast") == ("laplacian", "vsharp", ("tkd",))
+    assert preset_methods("default") == ("laplacian", "vsharp", ("ilsqr",))  # no deep model ships yet
+    assert preset_methods("research")[2] == ("tkd", "cfl2", "ilsqr")
+    assert default_parameters("inversion", "tkd") == {"threshold": 0.19, "pad_factor": 1.0}
+    assert default_parameters("bgremove", "resharp")["radius_mm"] == 4.0
+
+
+# ---------------------------------------------------------------- interfaces
+
+
+def _save(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data, np.float32), np.eye(4) if affine is None else affine), str(path))
+    return str(path)
+
+
+def test_phase_to_rad_and_stack_echoes(tmp_path):
+    from qsmprep.interfaces.gre import PhaseToRad, StackEchoes
+
+    files = [_save(tmp_path / f"p{e}.nii.gz", np.full((4, 4, 4), v)) for e, v in ((1, -4096), (2, 0), (3, 2048))]
+    res = PhaseToRad(in_files=files, units="arbitrary").run(cwd=str(tmp_path))
+    rad = nib.load(res.outputs.out_file).get_fdata()
+    assert rad.shape == (4, 4, 4, 3)
+    assert rad[0, 0, 0] == pytest.approx([-np.pi, 0.0, np.pi / 2], abs=1e-6)
+    res = StackEchoes(in_files=files[:2]).run(cwd=str(tmp_path))
+    assert nib.load(res.outputs.out_file).get_fdata()[1, 1, 1].tolist() == [-4096, 0]
+
+
+def test_reference_to_mask(tmp_path):
+    from qsmprep.interfaces.inversion import ReferenceToMask
+
+    chi = np.zeros((6, 6, 6))
+    chi[1:5, 1:5, 1:5] = np.arange(64).reshape(4, 4, 4) * 0.01
+    mask = chi > 0.2
+    res = ReferenceToMask(in_file=_save(tmp_path / "c.nii.gz", chi), mask=_save(tmp_path / "m.nii.gz", mask)).run(
+        cwd=str(tmp_path))
+    out = nib.load(res.outputs.out_file).get_fdata()
+    assert res.outputs.mean_ppm == pytest.approx(chi[mask].mean(), abs=1e-6)
+    assert out[mask].mean() == pytest.approx(0.0, abs=1e-6) and not out[~mask].any()
+
+
+def test_b0_aligned_round_trip(tmp_path):
+    from qsmprep.interfaces.inversion import FromB0Aligned, ToB0Aligned
+
+    affine = np.asarray(_oblique_affine(20.0, (2.0, 2.0, 2.0)))
+    idx = np.indices((32, 32, 32)).astype(float)
+    field = np.exp(-((idx - 15.5) ** 2).sum(0) / (2 * 6.0**2))
+    mask = ((idx - 15.5) ** 2).sum(0) < 12**2
+    res = ToB0Aligned(local_field=_save(tmp_path / "f.nii.gz", field, affine),
+                      mask=_save(tmp_path / "m.nii.gz", mask, affine)).run(cwd=str(tmp_path))
+    aligned = nib.load(res.outputs.local_field)
+    assert b0_tilt_deg(b0_dir_from_affine(aligned.affine)) == pytest.approx(0.0, abs=1e-6)
+    back = FromB0Aligned(in_file=res.outputs.local_field, reference=str(tmp_path / "f.nii.gz")).run(cwd=str(tmp_path))
+    recovered = nib.load(back.outputs.out_file).get_fdata()
+    inner = ((idx - 15.5) ** 2).sum(0) < 9**2
+    assert np.abs(recovered - field)[inner].max() < 0.02
+
+
+def test_derivatives_data_sink_writes_documented_names(tmp_path):
+    from qsmprep.interfaces.bids import DerivativesDataSink
+
+    run = make_run("01", "2")
+    source = tmp_path / "bids" / "sub-01" / "ses-2" / "anat" / Path(run.magnitude[0]).name
+    source.parent.mkdir(parents=True)
+    _save(source, np.zeros((4, 4, 4)))
+    mask = _save(tmp_path / "mask.nii.gz", np.ones((4, 4, 4)))
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = DerivativesDataSink(base_directory=str(out), source_file=str(source), dismiss_entities=("echo", "part"),
+                               desc="brain", suffix="mask", compress=True, meta_dict={"Type": "Brain"})
+    sink.inputs.in_file = mask
+    res = sink.run(cwd=str(tmp_path))
+    assert Path(res.outputs.out_file) == out / derivative_path(run, "mask")
+    assert nib.load(res.outputs.out_file).get_data_dtype() == np.uint8
+    assert json.loads(Path(res.outputs.out_meta).read_text()) == {"Type": "Brain"}
