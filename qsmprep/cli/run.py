@@ -52,7 +52,7 @@ examples:
   qsmprep /data/bids /data/derivatives/qsmprep participant --participant-label 01 02
   qsmprep bids out participant --preset research --nprocs 8 --omp-nthreads 4 -w /scratch/work
   qsmprep bids out participant --inversion tkd ilsqr --mask /data/derivatives/qsmprep-masks
-  qsmprep bids out participant --use-plugin workflows/nipype-slurm.yml
+  qsmprep bids out participant --use-plugin workflows/nipype_slurm.yml
 """
 
 
