@@ -106,18 +106,19 @@ def test_sphere_fits_is_erosion_by_the_ball_in_mm():
 # --- V-SHARP ----------------------------------------------------------------
 
 
-def test_default_radii_go_from_12_mm_to_the_voxel_size():
-    assert default_radii_mm((1, 1, 1)) == pytest.approx(tuple(range(12, 0, -1)))
+def test_default_radii_go_from_12_mm_to_twice_the_voxel_size():
+    assert default_radii_mm((1, 1, 1)) == pytest.approx(tuple(range(12, 1, -1)))
     radii = default_radii_mm((0.5, 0.5, 2.0))
-    assert radii[0] == 12 and radii[-1] == 2 and len(radii) == 6  # 12, 10, 8, 6, 4, 2
+    assert radii == pytest.approx((12, 10, 8, 6, 4))
+    assert default_radii_mm((7, 7, 7)) == (14.0,)
 
 
 @pytest.mark.parametrize("vox", [(1.0, 1.0, 1.0), (1.0, 1.0, 1.5)])
 def test_vsharp_removes_background_and_keeps_local_field(vox):
     mask, background, local = _head(64, vox)
     result, eroded = vsharp(background, mask, vox)
-    # Eroded by the smallest default radius, the largest voxel dimension.
-    np.testing.assert_array_equal(eroded, ndimage.binary_erosion(mask, ball_mm(max(vox), vox)))
+    # Eroded by the smallest default radius, twice the largest voxel dimension.
+    np.testing.assert_array_equal(eroded, ndimage.binary_erosion(mask, ball_mm(2 * max(vox), vox)))
     assert _residual_fraction(result, background, eroded) < 0.05  # measured 0.009 / 0.024
     assert np.all(result[~eroded] == 0)
     result, eroded = vsharp(background + local, mask, vox)

@@ -16,15 +16,21 @@ MAX_RADIUS_MM = 12.0
 def default_radii_mm(voxel_size_mm, max_radius_mm=MAX_RADIUS_MM):
     """Default V-SHARP radii in mm, largest first.
 
-    Evenly spaced from ``max_radius_mm`` (12 mm) down to the largest voxel
-    dimension v, in steps of about one voxel: numpy.linspace(12, v, n) with
-    n = round((12 - v) / v) + 1. For 1 mm voxels: 12, 11, ..., 1 mm.
+    Evenly spaced from ``max_radius_mm`` (12 mm) down to twice the largest
+    voxel dimension v, in steps of about one voxel:
+    numpy.linspace(12, 2v, n) with n = round((12 - 2v) / v) + 1. For 1 mm
+    voxels: 12, 11, ..., 2 mm. A one-voxel sphere is not a usable SMV kernel
+    (it is mostly its own centre): on the simulated head at 2 mm it left a
+    background residual half the size of the local field next to the skull,
+    and TKD of the result scored 99 % NRMSE against 67 % with 2-voxel radii
+    (docs/methods/bgremove.md).
     """
     v = float(max(voxel_size_mm))
-    if v >= max_radius_mm:
-        return (v,)
-    n = int(round((max_radius_mm - v) / v)) + 1
-    return tuple(float(r) for r in np.linspace(max_radius_mm, v, n))
+    smallest = 2.0 * v
+    if smallest >= max_radius_mm:
+        return (smallest,)
+    n = int(round((max_radius_mm - smallest) / v)) + 1
+    return tuple(float(r) for r in np.linspace(max_radius_mm, smallest, n))
 
 
 def vsharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radii_mm=None, threshold=0.05):
