@@ -76,18 +76,10 @@ def default_parameters(step, method):
 
 
 def deep_model_available():
-    """True when ``qsmprep.deep.registry`` names a trained default model that ships with qsmprep."""
-    try:
-        registry = importlib.import_module("qsmprep.deep.registry")
-    except ImportError:
-        return False
-    find = getattr(registry, "default_model", None)
-    if find is None:
-        return False
-    try:
-        return bool(find())
-    except Exception:  # a registry without a usable model means: no deep inversion
-        return False
+    """True when the default trained model ships with this qsmprep (see qsmprep.inversion.deep)."""
+    from .inversion.deep import default_model_path
+
+    return default_model_path().is_file()
 
 
 def default_inversion():

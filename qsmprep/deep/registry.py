@@ -15,7 +15,6 @@ No pickles are read or written.
 import json
 import os
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import qsmprep
+from qsmprep.deep import shipped_model_path
 from qsmprep.deep.models import ARCHITECTURES, CONVENTION_VERSION, build_model
 from qsmprep.errors import DataError, NoInputError
 
@@ -103,11 +103,6 @@ def save_checkpoint(model, path, metadata=None):
     save_tensors(path, model.state_dict(), meta)
     _atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
     return meta
-
-
-def shipped_model_path(name):
-    """Path of the shipped model ``name`` (qsmprep/data/models/<name>.safetensors)."""
-    return Path(str(resources.files("qsmprep") / "data" / "models" / f"{name}.safetensors"))
 
 
 def load_model(name_or_path, device="cpu"):
