@@ -30,10 +30,10 @@ TE_S = [0.004, 0.008, 0.012]
 RUNS = {"sub-01_ses-1": "sub-01/ses-1/anat", "sub-01_ses-2": "sub-01/ses-2/anat", "sub-02": "sub-02/anat"}
 
 # Bounds measured on this fixture (see docs/usage.md, "Accuracy on simulated data"), with margin.
-# They are loose because of the current library on this phantom (edge phase errors, V-SHARP near
-# skull and sinus): they catch broken plumbing (units, echo order, B0 direction, grids), not small losses.
-CHIMAP_NRMSE_MAX = {"tkd": 300.0, "cfl2": 240.0, "ilsqr": 220.0}
-MASK_DICE_MIN = 0.90
+# Worst run measured (TKD 92.9 %, L2 93.5 %, iLSQR 84.0 %; Dice of the V-SHARP-eroded output mask 0.779),
+# plus a modest margin. Without the 3 mm default mask erosion, edge 2 pi unwrapping errors gave 150-260 %.
+CHIMAP_NRMSE_MAX = {"tkd": 105.0, "cfl2": 105.0, "ilsqr": 95.0}
+MASK_DICE_MIN = 0.75
 TOTAL_FIELD_INTERIOR_NRMSE_MAX = 5.0
 
 
