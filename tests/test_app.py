@@ -192,7 +192,6 @@ def test_version(capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--inversion", "deep"], "no trained deep-inversion model"),
         (["--b0-dir", "0", "0", "0"], "--b0-dir must be a non-zero vector"),
         (["--b0-dir", "0", "0", "1", "--resample-b0"], "cannot be combined with --b0-dir"),
         (["--mask", "/nonexistent/mask.nii.gz"], "neither a strategy"),
@@ -203,6 +202,14 @@ def test_version(capsys):
 def test_usage_errors_exit_64(tmp_path, capsys, extra, message):
     assert main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", *extra]) == 64
     assert message in capsys.readouterr().err
+
+
+def test_deep_inversion_without_a_shipped_model_is_refused(tmp_path, capsys, monkeypatch):
+    import qsmprep.cli.run as run
+
+    monkeypatch.setattr(run, "deep_model_available", lambda: False)  # a stripped install
+    assert main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--inversion", "deep"]) == 64
+    assert "no trained deep-inversion model" in capsys.readouterr().err
 
 
 def test_output_inside_input_exits_64(tmp_path, capsys):

@@ -138,8 +138,8 @@ def test_methods_text_follows_the_options():
 
 def test_presets_and_parameters():
     assert preset_methods("fast") == ("laplacian", "vsharp", ("tkd",))
-    assert preset_methods("default") == ("laplacian", "vsharp", ("ilsqr",))  # no deep model ships yet
-    assert preset_methods("research")[2] == ("tkd", "cfl2", "ilsqr")
+    assert preset_methods("default") == ("laplacian", "vsharp", ("deep",))  # the shipped model
+    assert preset_methods("research")[2] == ("deep", "tkd", "cfl2", "ilsqr")
     assert default_parameters("inversion", "tkd") == {"threshold": 0.19, "pad_factor": 1.0}
     assert default_parameters("bgremove", "resharp")["radius_mm"] == 4.0
 
