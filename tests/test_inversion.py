@@ -213,4 +213,6 @@ def test_invalid_parameters_are_refused():
 
 
 def test_inversion_methods_registry():
-    assert INVERSION_METHODS == {"tkd": tkd, "cfl2": cfl2, "ilsqr": ilsqr}
+    from qsmprep.inversion import deep_invert
+
+    assert INVERSION_METHODS == {"tkd": tkd, "cfl2": cfl2, "ilsqr": ilsqr, "deep": deep_invert}
