@@ -99,7 +99,6 @@ def _result_mtimes(work):
     return {p.relative_to(work).as_posix(): p.stat().st_mtime_ns for p in work.rglob("result_invert_*.pklz")}
 
 
-@pytest.mark.slow
 def test_exit_code_and_file_list(runs):
     # sub-03 is refused by validation (phase without Units): the others finish, exit 65
     assert runs["first"]["code"] == 65
@@ -109,7 +108,6 @@ def test_exit_code_and_file_list(runs):
     assert "sub-03_echo-1_part-phase_MEGRE.nii.gz" in report and "Units" in report
 
 
-@pytest.mark.slow
 def test_rerun_reuses_cache_and_gives_identical_outputs(runs):
     first, second = runs["first"], runs["second"]
     assert second["code"] == 65
@@ -119,7 +117,6 @@ def test_rerun_reuses_cache_and_gives_identical_outputs(runs):
     assert second["seconds"] < first["seconds"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_accuracy_against_ground_truth(runs, name):
     out = runs["out"] / RUNS[name]
@@ -141,7 +138,6 @@ def test_accuracy_against_ground_truth(runs, name):
         assert error <= CHIMAP_NRMSE_MAX[method], (method, error)
 
 
-@pytest.mark.slow
 def test_sidecars(runs):
     out, bids = runs["out"], runs["bids"]
     description = json.loads((out / "dataset_description.json").read_text())
