@@ -1,9 +1,8 @@
 """Closed-form L2 (Tikhonov on the gradient) dipole inversion."""
 
 import numpy as np
-from scipy import fft as spfft
 
-from ..physics import dipole_kernel, kspace_grid, padded_shape
+from ..physics import dipole_kernel, filter_padded, kspace_grid, padded_shape
 
 
 def gradient_power_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), rfft=False):
@@ -89,7 +88,5 @@ def cfl2(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0,
     m = np.asarray(mask) > 0
     field = np.where(m, np.asarray(local_field_ppm, dtype=np.float32), np.float32(0))
     big = padded_shape(field.shape, pad_factor)
-    spectrum = spfft.rfftn(field, s=big, workers=-1)
-    spectrum *= cfl2_filter(big, voxel_size_mm, b0_dir, lam)
-    chi = spfft.irfftn(spectrum, s=big, workers=-1)[: field.shape[0], : field.shape[1], : field.shape[2]]
+    chi = filter_padded(field, cfl2_filter(big, voxel_size_mm, b0_dir, lam), big)
     return np.where(m, chi, 0).astype(np.float32)

@@ -8,11 +8,10 @@ or tiled inference, and an optional data-consistency refinement.
 import logging
 
 import numpy as np
-from scipy import fft as spfft
 
 from ..deep import shipped_model_path
 from ..errors import UsageError
-from ..physics import b0_tilt_deg, dipole_kernel, padded_shape
+from ..physics import b0_tilt_deg, dipole_kernel, filter_padded, padded_shape
 from ..physics.resample import from_b0_aligned, rotation_between, to_b0_aligned
 from .solvers import cg
 
@@ -120,14 +119,12 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     chi0 = np.asarray(chi_init, dtype=np.float32) * m
     if n_iter <= 0:
         return chi0
-    shape = chi0.shape
-    big = padded_shape(shape, pad_factor)
+    big = padded_shape(chi0.shape, pad_factor)
     d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
     w2 = m if weights is None else m * np.asarray(weights, dtype=np.float32) ** 2
-    crop = tuple(slice(0, n) for n in shape)
 
     def dipole(x):  # real-symmetric kernel, so D is its own adjoint
-        return spfft.irfftn(spfft.rfftn(x, s=big, workers=-1) * d, s=big, workers=-1)[crop].astype(np.float32)
+        return filter_padded(x, d, big)
 
     def normal(x):
         return m * dipole(w2 * dipole(m * x)) + lam * m * x

@@ -1,9 +1,8 @@
 """Thresholded k-space division (TKD)."""
 
 import numpy as np
-from scipy import fft as spfft
 
-from ..physics import dipole_kernel, padded_shape
+from ..physics import dipole_kernel, filter_padded, padded_shape
 
 
 def tkd(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), threshold=0.19, pad_factor=1.0):
@@ -54,7 +53,5 @@ def tkd(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 
     well_conditioned = np.abs(d) >= threshold
     # 1/D above the threshold, sign(D)/t below it (0 where D = 0)
     inverse = np.where(well_conditioned, 1.0 / np.where(well_conditioned, d, 1), np.sign(d) / threshold)
-    spectrum = spfft.rfftn(field, s=big, workers=-1)
-    spectrum *= inverse.astype(np.float32)
-    chi = spfft.irfftn(spectrum, s=big, workers=-1)[: field.shape[0], : field.shape[1], : field.shape[2]]
+    chi = filter_padded(field, inverse.astype(np.float32), big)
     return np.where(m, chi, 0).astype(np.float32)

@@ -11,6 +11,20 @@ def padded_shape(shape, pad_factor=2.0):
     return tuple(spfft.next_fast_len(int(np.ceil(n * pad_factor)), real=True) for n in shape)
 
 
+def filter_padded(volume, kernel_rfft, big_shape):
+    """Multiply ``volume``'s spectrum by ``kernel_rfft`` on the zero-padded grid ``big_shape``; crop back.
+
+    The one k-space filtering step shared by the forward model and the direct
+    inversions: rfftn on the padded grid, multiplication by a half-spectrum
+    kernel of that grid (``rfft=True`` layout), irfftn, crop to ``volume``'s shape.
+    Returns float32.
+    """
+    spectrum = spfft.rfftn(np.asarray(volume, dtype=np.float32), s=big_shape, workers=-1)
+    spectrum *= kernel_rfft
+    out = spfft.irfftn(spectrum, s=big_shape, workers=-1)
+    return out[tuple(slice(0, n) for n in np.shape(volume))].astype(np.float32)
+
+
 def forward_field_ppm(chi_ppm, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), pad_factor=2.0):
     """Field perturbation (ppm of B0) of a susceptibility distribution (ppm).
 
@@ -35,8 +49,4 @@ def forward_field_ppm(chi_ppm, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 
     """
     chi = np.asarray(chi_ppm, dtype=np.float32)
     big = padded_shape(chi.shape, pad_factor) if pad_factor > 1 else chi.shape
-    d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
-    spectrum = spfft.rfftn(chi, s=big, workers=-1)
-    spectrum *= d
-    field = spfft.irfftn(spectrum, s=big, workers=-1)
-    return field[: chi.shape[0], : chi.shape[1], : chi.shape[2]].astype(np.float32)
+    return filter_padded(chi, dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True), big)
