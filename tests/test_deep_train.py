@@ -185,3 +185,19 @@ def test_cli_list_and_errors(capsys, tmp_path):
     assert [line.split()[0] for line in out.strip().splitlines()] == SHIPPED
     assert train_main(["nonexistent", "--out", str(tmp_path)]) == 66
     assert train_main(["smoke"]) == 64
+    assert train_main(["smoke", "--out", str(tmp_path), "--set", "train.batch_size"]) == 64
+    assert "section.key=value" in capsys.readouterr().err
+
+
+def test_recipe_overrides():
+    recipe = load_recipe("jochmann", ["train.batch_size=2", "optim.lr = 3e-4", "augment.amplitude=[0.5, 2.0]"])
+    assert recipe["train"]["batch_size"] == 2
+    assert recipe["optim"]["lr"] == 3e-4
+    assert recipe["augment"]["amplitude"] == [0.5, 2.0]
+    assert load_recipe("jochmann")["train"]["batch_size"] == 4
+    with pytest.raises(UsageError, match="no \\[solver\\] section"):
+        load_recipe("smoke", ["solver.x=1"])
+    with pytest.raises(UsageError, match="not a TOML value"):
+        load_recipe("smoke", ["loss.name=l1"])
+    with pytest.raises(UsageError, match="positive integer"):
+        load_recipe("smoke", ["train.steps=0"])

@@ -2,6 +2,7 @@
 
     qsmprep-train RECIPE --out DIR [--device auto|cpu|cuda] [--max-steps N]
                   [--max-minutes M] [--resume] [--target-domain DIR]
+                  [--set SECTION.KEY=VALUE ...]
     qsmprep-train --list
 
 RECIPE is a TOML file or the name of a shipped recipe (``--list`` shows them).
@@ -31,6 +32,11 @@ def build_parser():
         help="QSMInvNet+ only: folder of <name>_field.nii[.gz] + <name>_mask.nii[.gz] local-field pairs (ppm) "
         "used as the unlabelled target domain instead of simulated data",
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+        help="override one recipe entry, value in TOML syntax (e.g. --set train.batch_size=2 "
+        "--set optim.lr=3e-4); may be repeated; recorded in the checkpoint's recipe",
+    )
     parser.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     return parser
 
@@ -45,7 +51,7 @@ def run(args):
         return 0
     if not args.recipe or not args.out:
         raise UsageError("give a RECIPE and --out DIR (or --list to see the shipped recipes).")
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.target_domain:
         if "domain" not in recipe:
             raise UsageError(f"--target-domain needs a recipe with a [domain] section (qsminvnet); {args.recipe} has none.")

@@ -35,11 +35,14 @@ def list_recipes():
     return out
 
 
-def load_recipe(name_or_path):
+def load_recipe(name_or_path, overrides=()):
     """Read a recipe from a TOML path or a shipped recipe name, validated, as a dict.
 
+    overrides: ``"section.key=value"`` strings applied before validation, the
+    value written as in TOML (``train.batch_size=2``, ``optim.lr=3e-4``,
+    ``augment.amplitude=[0.5, 2.0]``); default none.
     Raises NoInputError for a missing file or unknown name, UsageError for an
-    invalid TOML or recipe.
+    invalid TOML, override or recipe.
     """
     text_source = str(name_or_path)
     path = Path(text_source)
@@ -57,7 +60,24 @@ def load_recipe(name_or_path):
         recipe = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"recipe {name_or_path} is not valid TOML ({exc}): fix the file.") from exc
+    for override in overrides:
+        _apply_override(recipe, override)
     return validate_recipe(recipe, source=text_source)
+
+
+def _apply_override(recipe, override):
+    """Set one ``section.key=value`` override (value in TOML syntax) in place."""
+    target, sep, value_text = override.partition("=")
+    section, dot, key = target.strip().partition(".")
+    if not sep or not dot or not key:
+        raise UsageError(f"override {override!r} must look like section.key=value, e.g. train.batch_size=2.")
+    if not isinstance(recipe.get(section), dict):
+        raise UsageError(f"override {override!r}: the recipe has no [{section}] section.")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"override {override!r}: {value_text!r} is not a TOML value (quote strings).") from exc
+    recipe[section][key] = value
 
 
 def validate_recipe(recipe, source="recipe"):
