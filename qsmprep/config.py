@@ -47,7 +47,7 @@ Unwrapping has none here: ``qsmprep.phase.combine.total_field_hz`` runs its unwr
 
 DATA_ARGUMENTS = frozenset({
     "phase_rad", "magnitude", "quality", "mask", "total_field", "local_field_ppm", "voxel_size_mm", "b0_dir",
-    "weights", "device",
+    "weights", "device", "exclude",
 })
 """Arguments the workflow fills from the data (not tunable parameters)."""
 

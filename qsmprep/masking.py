@@ -66,19 +66,53 @@ def _fill_holes(mask, slice_axis):
     return filled
 
 
+def separate_largest(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
+    """The largest object of ``mask`` after cutting bridges thinner than 2 ``radius_mm``.
+
+    Erosion by a ball of ``radius_mm`` breaks thin connections (scalp to brain
+    through noise, vessels, the optic nerves) and removes thin shells such as
+    the scalp; the largest 26-connected remaining core is dilated back by the
+    same ball and intersected with ``mask``, which restores its own boundary
+    but nothing across a gap. Morphological reconstruction in the spirit of
+    Soille P, Morphological Image Analysis, Springer 2003, ch. 6.
+
+    Parameters
+    ----------
+    mask : bool array (i, j, k)
+    radius_mm : float
+        Ball radius in mm; 0 returns the largest component of ``mask``.
+    voxel_size_mm : tuple of 3 float, default (1, 1, 1)
+
+    Returns
+    -------
+    bool array (i, j, k), a subset of ``mask``.
+    """
+    if radius_mm <= 0:
+        return largest_component(mask)
+    ball = ball_mm(radius_mm, voxel_size_mm)
+    core = largest_component(ndimage.binary_erosion(mask, ball))
+    if not core.any():  # everything thinner than the ball: keep the plain largest component
+        return largest_component(mask)
+    return ndimage.binary_dilation(core, ball) & mask
+
+
 def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold=None, erode_mm=3.0,
-               fill_holes=True, smooth_mm=2.0):
+               fill_holes=True, smooth_mm=2.0, separate_mm=4.0, exclude=None):
     """Brain mask from GRE magnitude by Otsu thresholding and morphology in mm.
 
     Steps: (1) magnitude image: the volume itself, or the root-sum-of-squares
     over echoes when 4D; (2) threshold: voxels above ``threshold``, by default
     Otsu's threshold of the magnitude; with a ``quality`` map, also above the
-    Otsu threshold of the quality; (3) hole filling in 3D and slice by slice
-    across the axis with the largest voxel size (the slice axis); (4) largest
-    connected component; (5) erosion by a ball of ``erode_mm``; (6) opening by
-    a ball of ``smooth_mm`` (cuts thin bridges to scalp and vessels), largest
+    Otsu threshold of the quality; (3) the brain is separated from the scalp
+    (``separate_largest`` with ``separate_mm``): before any hole filling, which
+    would otherwise fill the dark skull between scalp and brain; (4) hole
+    filling in 3D and slice by slice across the axis with the largest voxel
+    size (the slice axis); (5) erosion by a ball of ``erode_mm``; (6) opening
+    by a ball of ``smooth_mm`` (cuts remaining thin bridges), largest
     component again; (7) closing by the same ball, restricted to the eroded
-    mask, and a final hole filling.
+    mask; (8) voxels in ``exclude`` are removed, then the largest component
+    is kept and holes are filled again: excluded voxels inside the brain come
+    back, the surface retreats where it is excluded.
 
     Reference: Otsu N. A threshold selection method from gray-level
     histograms. IEEE Trans Syst Man Cybern 1979;9:62-66.
@@ -106,6 +140,14 @@ def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold
         Fill enclosed holes (ventricles, dark iron-rich nuclei, vessels).
     smooth_mm : float, default 2.0
         Radius in mm of the opening and closing balls (0 disables).
+    separate_mm : float, default 4.0
+        Radius in mm of the ball that separates brain from scalp in step 3:
+        tissue thinner than 8 mm (the adult scalp is 5-7 mm at the vertex)
+        and bridges of that width are cut; 0 keeps the plain largest
+        component.
+    exclude : bool array (i, j, k) or None, default None
+        Voxels to keep out of the surface, e.g. where the phase is too steep
+        to unwrap (``qsmprep.phase.steep_phase_voxels``) next to sinuses.
 
     Returns
     -------
@@ -126,9 +168,9 @@ def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold
             raise ValueError(f"quality shape {quality.shape} differs from magnitude shape {mag.shape}")
         mask &= quality > threshold_otsu(quality)
     slice_axis = 2 - int(np.argmax(vox[::-1]))  # the last axis with the largest voxel size
+    mask = separate_largest(mask, separate_mm, vox)
     if fill_holes:
         mask = _fill_holes(mask, slice_axis)
-    mask = largest_component(mask)
     if erode_mm > 0:
         mask = ndimage.binary_erosion(mask, ball_mm(erode_mm, vox))
     eroded = mask
@@ -138,6 +180,11 @@ def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold
         padding = [(h, h) for h in np.asarray(ball.shape) // 2]
         closed = ndimage.binary_closing(np.pad(mask, padding), ball)
         mask = closed[tuple(slice(h, h + n) for (h, _), n in zip(padding, mask.shape))] & eroded
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=bool)
+        if exclude.shape != mag.shape:
+            raise ValueError(f"exclude shape {exclude.shape} differs from magnitude shape {mag.shape}")
+        mask = largest_component(mask & ~exclude)
     if fill_holes:
         mask = _fill_holes(mask, slice_axis)
     if not mask.any():

@@ -30,9 +30,10 @@ TE_S = [0.004, 0.008, 0.012]
 RUNS = {"sub-01_ses-1": "sub-01/ses-1/anat", "sub-01_ses-2": "sub-01/ses-2/anat", "sub-02": "sub-02/anat"}
 
 # Bounds measured on this fixture (see docs/usage.md, "Accuracy on simulated data"), with margin.
-# Worst run measured (TKD 92.9 %, L2 93.5 %, iLSQR 84.0 %; Dice of the V-SHARP-eroded output mask 0.779),
-# plus a modest margin. Without the 3 mm default mask erosion, edge 2 pi unwrapping errors gave 150-260 %.
-CHIMAP_NRMSE_MAX = {"tkd": 105.0, "cfl2": 105.0, "ilsqr": 95.0}
+# Worst run measured (sub-02: oblique, 3x3x4 mm): TKD 87.3 %, L2 89.3 %, iLSQR 81.5 %; Dice of the
+# V-SHARP-eroded output mask 0.777. Before the brain was separated from the scalp and later echoes were
+# unwrapped in time (docs/methods/phase.md), the same runs measured 67-94 %.
+CHIMAP_NRMSE_MAX = {"tkd": 95.0, "cfl2": 97.0, "ilsqr": 90.0}
 MASK_DICE_MIN = 0.75
 TOTAL_FIELD_INTERIOR_NRMSE_MAX = 5.0
 
@@ -125,17 +126,20 @@ def test_accuracy_against_ground_truth(runs, name):
     brain_true = _load(truth / f"{name}_desc-brain_mask.nii.gz") > 0
     mask = _load(out / f"{name}_desc-brain_mask.nii.gz") > 0
     dice = 2 * (mask & brain_true).sum() / (mask.sum() + brain_true.sum())
-    assert dice >= MASK_DICE_MIN, dice
     # total field: Hz, right echo order and scaling -> matches the truth (ppm) in the brain interior
     total_hz = _load(out / f"{name}_desc-total_fieldmap.nii.gz")
     interior = ndimage.binary_erosion(mask & brain_true, iterations=3)
     total_err = nrmse(hz_to_ppm(total_hz, 3.0), _load(truth / f"{name}_desc-total_fieldmap.nii.gz"), interior)
+    chimaps = {method: _load(out / f"{name}_desc-{method}_Chimap.nii.gz") for method in METHODS}
+    errors = {method: nrmse(chi, chi_true, mask) for method, chi in chimaps.items()}
+    # the figures of docs/usage.md: python -m pytest tests/test_app.py -k accuracy -s
+    print(f"\n{name}: mask Dice {dice:.3f}, total field interior NRMSE {total_err:.2f} %, Chimap NRMSE "
+          + ", ".join(f"{m} {e:.1f} %" for m, e in errors.items()))
+    assert dice >= MASK_DICE_MIN, dice
     assert total_err <= TOTAL_FIELD_INTERIOR_NRMSE_MAX, total_err
-    for method in METHODS:
-        chi = _load(out / f"{name}_desc-{method}_Chimap.nii.gz")
+    for method, chi in chimaps.items():
         assert abs(chi[mask].mean()) < 1e-5 and not chi[~mask].any()  # referenced to the mask mean, 0 outside
-        error = nrmse(chi, chi_true, mask)
-        assert error <= CHIMAP_NRMSE_MAX[method], (method, error)
+        assert errors[method] <= CHIMAP_NRMSE_MAX[method], (method, errors[method])
 
 
 def test_sidecars(runs):

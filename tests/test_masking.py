@@ -87,13 +87,35 @@ def test_largest_component_and_bridge_opening():
     assert largest_component(cube | island).sum() == 20**3
     mag = (cube | island).astype(np.float32) + 0.01
     mag[25:29, 14, 14] = 1.0  # a one-voxel-thin bridge from the cube to the island
-    got = brain_mask(mag, erode_mm=0.0)
+    got = brain_mask(mag, erode_mm=0.0, separate_mm=0.0)
     # the opening cuts the bridge (a one-voxel stub may stay: the discrete ball's tip is one
     # voxel), the island is dropped; the cube's corners are rounded
     assert (got & ~cube).sum() <= 1
     assert not got[26:].any()
     assert got[7:23, 7:23, 7:23].all()
     assert got.sum() > 0.9 * 20**3
+
+
+def test_brain_is_separated_from_scalp_before_hole_filling():
+    # brain ball (r 45 mm), dark skull shell to 52 mm, bright 6 mm scalp shell, a 3 mm bridge
+    # through the skull: hole filling first would fill the skull and keep the scalp
+    shape, vox = (80, 80, 80), (1.5, 1.5, 1.5)
+    x, y, z = np.meshgrid(*[(np.arange(n) - n / 2 + 0.5) * d for n, d in zip(shape, vox)], indexing="ij")
+    r = np.sqrt(x**2 + y**2 + z**2)
+    brain = r <= 45
+    scalp = (r > 52) & (r <= 58)
+    bridge = (np.abs(y) <= 1.5) & (np.abs(z) <= 1.5) & (x > 0) & (r > 45) & (r <= 58)
+    rng = np.random.default_rng(0)
+    mag = np.where(brain | scalp | bridge, 1.0, 0.02) + rng.normal(0, 0.05, shape)
+    got = brain_mask(np.abs(mag), vox, erode_mm=0.0)
+    dice = 2 * (got & brain).sum() / (got.sum() + brain.sum())
+    assert dice > 0.98
+    assert not (got & scalp).any()
+    assert (got & ~brain).sum() <= (got & bridge).sum() <= 30  # at most a stub of the bridge, 4 mm long
+    # without separation the largest component is brain + bridge + scalp, and hole filling
+    # then takes the skull as well
+    merged = brain_mask(np.abs(mag), vox, erode_mm=0.0, separate_mm=0.0, smooth_mm=0.0)
+    assert merged[r <= 58].mean() > 0.99
 
 
 def test_check_mask_accepts_and_refuses(caplog):

@@ -13,8 +13,8 @@ class _BrainMaskInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude")
     strategy = traits.Enum("magnitude", "quality", usedefault=True, desc="what is thresholded")
     parameters = traits.Dict(desc="keyword parameters of qsmprep.masking.brain_mask")
-    phase_rad = File(exists=True, desc="4D phase in rad (strategy 'quality')")
-    te_s = traits.List(traits.Float, desc="echo times in s (strategy 'quality')")
+    phase_rad = File(exists=True, desc="4D phase in rad: steep-phase surface voxels are excluded; quality map")
+    te_s = traits.List(traits.Float, desc="echo times in s (with phase_rad)")
 
 
 class _MaskOutputSpec(TraitedSpec):
@@ -22,22 +22,28 @@ class _MaskOutputSpec(TraitedSpec):
 
 
 class BrainMask(SimpleInterface):
-    """Brain mask from magnitude, optionally with a phase quality map (``qsmprep.masking.brain_mask``)."""
+    """Brain mask from magnitude (``qsmprep.masking.brain_mask``); with the phase, surface voxels
+    too steep to unwrap are excluded (``qsmprep.phase.steep_phase_voxels``) and, for strategy
+    'quality', the phase quality map is thresholded too."""
 
     input_spec = _BrainMaskInputSpec
     output_spec = _MaskOutputSpec
 
     def _run_interface(self, runtime):
         from ..masking import brain_mask
-        from ..phase.quality import phase_quality_map
+        from ..phase.quality import phase_quality_map, steep_phase_voxels
 
         magnitude, affine, header = load_nifti(self.inputs.magnitude, "magnitude image")
-        quality = None
-        if self.inputs.strategy == "quality":
+        quality = exclude = None
+        if isdefined(self.inputs.phase_rad):
             phase = load_nifti(self.inputs.phase_rad, "phase image")[0]
-            quality = phase_quality_map(phase, magnitude, list(self.inputs.te_s))
+            exclude = steep_phase_voxels(phase, list(self.inputs.te_s))
+            if self.inputs.strategy == "quality":
+                quality = phase_quality_map(phase, magnitude, list(self.inputs.te_s))
+        elif self.inputs.strategy == "quality":
+            raise ValueError("strategy 'quality' needs phase_rad and te_s")
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
-        mask = brain_mask(magnitude, voxel_size_from_affine(affine), quality=quality, **params)
+        mask = brain_mask(magnitude, voxel_size_from_affine(affine), quality=quality, exclude=exclude, **params)
         out = Path(runtime.cwd) / "brain_mask.nii.gz"
         self._results["out_file"] = str(save_nifti(out, mask, affine, None, dtype=np.uint8))
         return runtime

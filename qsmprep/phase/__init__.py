@@ -1,7 +1,7 @@
 """Phase preparation: scaling to radians, unwrapping, echo combination, quality maps."""
 
 from .combine import check_echo_times, fit_total_field_hz, total_field_hz
-from .quality import noise_std_hz, phase_quality_map
+from .quality import noise_std_hz, phase_quality_map, steep_phase_voxels
 from .scaling import phase_to_rad, to_complex, wrap_to_pi
 from .unwrap import unwrap_laplacian, unwrap_quality
 
@@ -11,6 +11,7 @@ __all__ = [
     "noise_std_hz",
     "phase_quality_map",
     "phase_to_rad",
+    "steep_phase_voxels",
     "to_complex",
     "total_field_hz",
     "unwrap_laplacian",

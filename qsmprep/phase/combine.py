@@ -1,9 +1,9 @@
 """Multi-echo phase -> total field map in Hz.
 
-``total_field_hz`` is the whole step: sort echoes by TE, unwrap each echo
-spatially, make the echoes temporally consistent (remove the 2 pi k that
-spatial unwrapping leaves between echoes), then fit the phase evolution over
-TE per voxel with ``fit_total_field_hz``. See docs/methods/phase.md.
+``total_field_hz`` is the whole step: sort echoes by TE, unwrap the first
+echo and the first echo difference spatially, unwrap every later echo in
+time voxel by voxel from those two, then fit the phase evolution over TE per
+voxel with ``fit_total_field_hz``. See docs/methods/phase.md.
 """
 
 import logging
@@ -135,23 +135,24 @@ def total_field_hz(phase_rad, te_s, magnitude=None, mask=None, voxel_size_mm=(1.
     """Multi-echo wrapped phase -> total field map in Hz.
 
     1. Echoes are sorted by TE (input order is not trusted).
-    2. Each echo is unwrapped spatially (``unwrap``: 'laplacian' or 'quality').
-       The result is made congruent with the measured phase,
-       psi_e + 2 pi round((phi_e - psi_e) / 2 pi) (Ghiglia & Pritt, Two-
-       Dimensional Phase Unwrapping, Wiley 1998), which keeps the measured
-       phase values and removes the smooth least-squares error of Laplacian
-       unwrapping wherever that error is below pi. Each echo is then known
-       only up to its own constant 2 pi k_e.
-    3. Temporal consistency: the phase difference of the first two echoes,
-       wrap(psi_2 - psi_1), which wraps far less than either echo and has no
-       offset, is unwrapped with the same method and scaled to predict every
-       echo from the first, phi_e ~ phi_1 + dphi_21 (TE_e - TE_1) / (TE_2 - TE_1).
-       Each echo is then shifted by the 2 pi k_e nearest to the median (over
-       the mask) of its difference from that prediction. An error 2 pi m in the
-       unwrapped difference (its own constant) changes every prediction
-       linearly in TE, hence only adds a constant m / (TE_2 - TE_1) Hz to the
-       whole field map, which background removal discards. The first echo is
-       shifted so that its median lies in [-pi, pi).
+    2. The first echo, which wraps least, is unwrapped spatially (``unwrap``:
+       'laplacian' or 'quality') and made congruent with the measured phase,
+       psi + 2 pi round((phi - psi) / 2 pi) (Ghiglia & Pritt, Two-Dimensional
+       Phase Unwrapping, Wiley 1998), which keeps the measured values and
+       removes the smooth least-squares error of Laplacian unwrapping
+       wherever it is below pi. It is shifted so its median over the mask
+       lies in [-pi, pi).
+    3. The phase difference of the first two distinct echoes,
+       wrap(phi_2 - phi_1), has no phase offset and wraps far less than any
+       echo; it is unwrapped the same way. Every later echo is then unwrapped
+       in time, voxel by voxel: it gets the 2 pi k nearest to the prediction
+       phi_1 + dphi_21 (TE_e - TE_1) / (TE_2 - TE_1) (template-based temporal
+       unwrapping as in ROMEO: Dymerska B et al., Magn Reson Med
+       2021;85:2294-2308). Later echoes are never unwrapped spatially, so
+       steep background gradients near sinuses, which alias in late echoes,
+       do not cause 2 pi errors there. A constant 2 pi m error of the
+       unwrapped difference adds only a constant m / (TE_2 - TE_1) Hz to the
+       whole map, which background removal discards.
     4. ``fit_total_field_hz`` fits offset + 2 pi f TE with weights |m_e|^2
        (one echo: f = phi_1 / (2 pi TE_1), no offset).
 
@@ -177,7 +178,6 @@ def total_field_hz(phase_rad, te_s, magnitude=None, mask=None, voxel_size_mm=(1.
     """
     if unwrap not in UNWRAPPERS:
         raise ValueError(f"unwrap must be one of {sorted(UNWRAPPERS)}, got {unwrap!r}")
-    unwrap_one = UNWRAPPERS[unwrap]
     phase = _as_4d(phase_rad, "phase").astype(np.float32)
     te = check_echo_times(te_s, phase.shape[-1])
     order = np.argsort(te, kind="stable")
@@ -195,24 +195,28 @@ def total_field_hz(phase_rad, te_s, magnitude=None, mask=None, voxel_size_mm=(1.
         raise DataError("no voxel with valid phase inside the mask: check the mask and the phase images.")
 
     phase = np.where(region[..., np.newaxis], phase, 0.0).astype(np.float32)
-    unwrapped = np.zeros(phase.shape, dtype=np.float32)
-    for e in range(phase.shape[-1]):
-        spatial = unwrap_one(phase[..., e], mask=region, voxel_size_mm=voxel_size_mm)
-        unwrapped[..., e] = phase[..., e] + _TWO_PI * np.round((spatial - phase[..., e]) / _TWO_PI)
-    unwrapped[..., 0] -= _circular_median_shift(unwrapped[region, 0])
 
+    def unwrap_spatially(wrapped):
+        spatial = UNWRAPPERS[unwrap](wrapped, mask=region, voxel_size_mm=voxel_size_mm)
+        congruent = _congruent(spatial, wrapped)
+        return congruent - _circular_median_shift(congruent[region])
+
+    unwrapped = np.zeros(phase.shape, dtype=np.float32)
+    unwrapped[..., 0] = unwrap_spatially(phase[..., 0])
     later = np.flatnonzero(te > te[0])
     if later.size:
         second = later[0]  # the first echo with a TE distinct from the first one
-        diff = wrap_to_pi(phase[..., second] - phase[..., 0])
-        diff_unwrapped = unwrap_one(diff, mask=region, voxel_size_mm=voxel_size_mm)
-        diff_unwrapped -= _circular_median_shift(diff_unwrapped[region])
+        difference = unwrap_spatially(wrap_to_pi(phase[..., second] - phase[..., 0]))
         for e in range(1, phase.shape[-1]):
-            predicted = unwrapped[..., 0] + diff_unwrapped * ((te[e] - te[0]) / (te[second] - te[0]))
-            unwrapped[..., e] -= _circular_median_shift((unwrapped[..., e] - predicted)[region])
+            predicted = unwrapped[..., 0] + difference * ((te[e] - te[0]) / (te[second] - te[0]))
+            unwrapped[..., e] = _congruent(predicted, phase[..., e])
 
     field, _, residual = fit_total_field_hz(unwrapped, te, magnitude=mag, mask=region)
     log.info("total field: %d echoes, %s unwrapping, median fit residual %.3f rad",
              phase.shape[-1], unwrap, float(np.median(residual[region])))
     return field
 
+
+def _congruent(estimate, wrapped):
+    """``wrapped`` plus the multiple of 2 pi that brings it nearest to ``estimate`` (rad), voxel by voxel."""
+    return wrapped + _TWO_PI * np.round((estimate - wrapped) / _TWO_PI)

@@ -7,6 +7,7 @@ import numpy as np
 from scipy import ndimage
 
 from .combine import _as_4d, check_echo_times
+from .scaling import wrap_to_pi
 
 NEIGHBOURHOOD_VOXELS = 3
 """Edge length of the cubic neighbourhood for the local phase coherence."""
@@ -70,6 +71,53 @@ def phase_quality_map(phase_rad, magnitude, te_s, mask=None):
 
     quality = np.clip(q_mag * coherence, 0.0, 1.0)
     return np.where(region, quality, 0.0).astype(np.float32)
+
+
+def steep_phase_voxels(phase_rad, te_s, mask=None, max_jump_rad=2.0 * np.pi / 3.0):
+    """Voxels where the phase changes too fast between neighbours to be unwrapped reliably.
+
+    Spatial unwrapping is unambiguous only where neighbouring samples differ
+    by less than pi (Itoh K, Analysis of the phase unwrapping algorithm, Appl
+    Opt 1982;21:2470); with noise, jumps approaching pi are already a gamble.
+    A voxel is flagged when the wrapped difference to any of its 6 face
+    neighbours (inside ``mask``) exceeds ``max_jump_rad``. The phase tested is
+    what ``total_field_hz`` unwraps spatially: the difference of the first two
+    distinct echoes (the first echo alone when there is one TE), so near air
+    cavities at the brain surface the flagged voxels are exactly those where
+    2 pi errors would otherwise enter the field map.
+
+    Parameters
+    ----------
+    phase_rad : array (i, j, k, E) or (i, j, k)
+        Wrapped phase in rad per echo.
+    te_s : sequence of E float
+        Echo times in s, matching the last axis.
+    mask : bool array (i, j, k) or None, default None
+        Voxels to test and to compare with; None uses every voxel.
+    max_jump_rad : float, default 2 pi / 3
+        Largest accepted neighbour difference in rad.
+
+    Returns
+    -------
+    bool array (i, j, k), False outside ``mask``.
+    """
+    phase = _as_4d(phase_rad, "phase").astype(np.float64)
+    te = check_echo_times(te_s, phase.shape[-1])
+    order = np.argsort(te, kind="stable")
+    te, phase = te[order], phase[..., order]
+    later = np.flatnonzero(te > te[0])
+    tested = wrap_to_pi(phase[..., later[0]] - phase[..., 0]) if later.size else phase[..., 0]
+    region = np.ones(tested.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    region = region & np.isfinite(tested)
+    tested = np.nan_to_num(tested)
+    steep = np.zeros(tested.shape, dtype=bool)
+    for axis in range(3):
+        lower = tuple(slice(0, -1) if a == axis else slice(None) for a in range(3))
+        upper = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        jump = (np.abs(wrap_to_pi(tested[upper] - tested[lower])) > max_jump_rad) & region[lower] & region[upper]
+        steep[lower] |= jump
+        steep[upper] |= jump
+    return steep & region
 
 
 def noise_std_hz(magnitude, te_s, mask=None, magnitude_noise_std=1.0):

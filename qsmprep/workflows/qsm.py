@@ -147,10 +147,9 @@ def init_qsm_wf(run, config, name=None):
         mask = pe.Node(BrainMask(strategy=config.mask_strategy,
                                  parameters=config.parameters["mask"][config.mask_strategy]),
                        name="brain_mask", mem_gb=mem_gb(run, "brain_mask"))
-        workflow.connect(stack_magnitude, "out_file", mask, "magnitude")
-        if config.mask_strategy == "quality":
-            mask.inputs.te_s = list(run.echo_times_s)
-            workflow.connect(phase_to_rad, "out_file", mask, "phase_rad")
+        mask.inputs.te_s = list(run.echo_times_s)
+        workflow.connect([(stack_magnitude, mask, [("out_file", "magnitude")]),
+                          (phase_to_rad, mask, [("out_file", "phase_rad")])])
     workflow.connect([(mask, total_field, [("out_file", "mask")]), (mask, bgremove, [("out_file", "mask")])])
 
     resample = needs_b0_resampling(run, config)
