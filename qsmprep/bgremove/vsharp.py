@@ -61,7 +61,7 @@ def vsharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radii_mm=None, thre
         Voxel size in mm (anisotropic allowed).
     radii_mm : sequence of float or None, default None
         SMV radii in mm; None uses ``default_radii_mm(voxel_size_mm)``:
-        12 mm down to the largest voxel dimension in ~1 voxel steps.
+        12 mm down to twice the largest voxel dimension in ~1 voxel steps.
     threshold : float, default 0.05
         TSVD threshold on |1 - S_max| for the deconvolution.
 
