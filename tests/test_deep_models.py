@@ -12,13 +12,7 @@ from qsmprep.deep.models import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions are far faster on one thread of a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(shape, batch=2, seed=0):

@@ -22,13 +22,7 @@ from qsmprep.errors import NoInputError, UsageError
 SHIPPED = ["cfl2unet", "jochmann", "metaqsm", "qsmgan", "qsminvnet", "siqsm", "smoke"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions are far faster on one thread of a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(name, steps=24):

@@ -11,12 +11,7 @@ from qsmprep.deep.registry import load_model, read_tensors, save_checkpoint
 from qsmprep.errors import DataError, NoInputError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

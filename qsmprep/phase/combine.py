@@ -126,6 +126,20 @@ def fit_total_field_hz(unwrapped_rad, te_s, magnitude=None, mask=None):
     return field.astype(np.float32), offset.astype(np.float32), residual.astype(np.float32)
 
 
+def first_echo_difference(phase_rad, te_s):
+    """wrap(phi_2 - phi_1) of the first two distinct echo times.
+
+    Besides the first echo, this is the phase ``total_field_hz`` unwraps
+    spatially (and ``steep_phase_voxels`` tests). ``phase_rad`` (i, j, k, E)
+    and ``te_s`` (E,) must be sorted by TE. Returns (difference_rad, index of
+    the second echo), or (None, None) when all TEs are equal.
+    """
+    later = np.flatnonzero(np.asarray(te_s) > te_s[0])
+    if not later.size:
+        return None, None
+    return wrap_to_pi(phase_rad[..., later[0]] - phase_rad[..., 0]), int(later[0])
+
+
 def _circular_median_shift(values):
     """The multiple of 2 pi nearest to the median of ``values`` (rad)."""
     return _TWO_PI * np.round(np.median(values) / _TWO_PI)
@@ -203,10 +217,9 @@ def total_field_hz(phase_rad, te_s, magnitude=None, mask=None, voxel_size_mm=(1.
 
     unwrapped = np.zeros(phase.shape, dtype=np.float32)
     unwrapped[..., 0] = unwrap_spatially(phase[..., 0])
-    later = np.flatnonzero(te > te[0])
-    if later.size:
-        second = later[0]  # the first echo with a TE distinct from the first one
-        difference = unwrap_spatially(wrap_to_pi(phase[..., second] - phase[..., 0]))
+    wrapped_difference, second = first_echo_difference(phase, te)
+    if second is not None:
+        difference = unwrap_spatially(wrapped_difference)
         for e in range(1, phase.shape[-1]):
             predicted = unwrapped[..., 0] + difference * ((te[e] - te[0]) / (te[second] - te[0]))
             unwrapped[..., e] = _congruent(predicted, phase[..., e])

@@ -6,7 +6,7 @@ See docs/methods/phase.md.
 import numpy as np
 from scipy import ndimage
 
-from .combine import _as_4d, check_echo_times
+from .combine import _as_4d, check_echo_times, first_echo_difference
 from .scaling import wrap_to_pi
 
 NEIGHBOURHOOD_VOXELS = 3
@@ -105,8 +105,8 @@ def steep_phase_voxels(phase_rad, te_s, mask=None, max_jump_rad=2.0 * np.pi / 3.
     te = check_echo_times(te_s, phase.shape[-1])
     order = np.argsort(te, kind="stable")
     te, phase = te[order], phase[..., order]
-    later = np.flatnonzero(te > te[0])
-    tested = wrap_to_pi(phase[..., later[0]] - phase[..., 0]) if later.size else phase[..., 0]
+    difference, _ = first_echo_difference(phase, te)
+    tested = phase[..., 0] if difference is None else difference
     region = np.ones(tested.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     region = region & np.isfinite(tested)
     tested = np.nan_to_num(tested)
