@@ -192,3 +192,26 @@ def test_cfl2_prior_unet_starts_as_cfl2_and_learns_a_correction():
     assert net.net.head.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="prior"):
         build_model("unet", prior="tkd")
+
+
+@pytest.mark.parametrize("arch", ["unet", "siqsm"])
+def test_amplitude_normalised_network_is_amplitude_equivariant(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, width=4, depth=2, normalise_amplitude=True).eval()
+    assert model.params["normalise_amplitude"] is True
+    assert model.conventions()["amplitude_normalisation"].startswith("field / its RMS")
+    field, mask = _inputs((12, 12, 12))
+    chi = model(field, mask=mask)
+    # Scaling the field scales chi (as the dipole inversion does), down to 0.1x ...
+    for factor in (0.1, 2.0, 37.0):
+        torch.testing.assert_close(model(factor * field, mask=mask), factor * chi, rtol=1e-4, atol=1e-9)
+    # ... and a zero field gives a zero map (to 1e-9 ppm); an un-normalised network is not equivariant.
+    assert float(model(torch.zeros_like(field), mask=mask).abs().max()) < 1e-9
+    plain = build_model(arch, width=4, depth=2).eval()
+    assert not torch.allclose(plain(2.0 * field, mask=mask), 2.0 * plain(field, mask=mask), rtol=1e-2)
+    assert "amplitude_normalisation" not in plain.conventions()  # older checkpoints keep loading
+
+
+def test_amplitude_normalisation_refused_with_a_nonlinear_output():
+    with pytest.raises(ValueError, match="non-linear output transform"):
+        build_model("qsmgan", width=4, depth=2, normalise_amplitude=True)

@@ -94,3 +94,13 @@ def test_refuses_non_safetensors_and_missing(tmp_path):
         load_model(bad)
     with pytest.raises(NoInputError, match="no shipped model named 'nonexistent'"):
         load_model("nonexistent")
+
+
+def test_round_trip_keeps_amplitude_normalisation(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("unet", width=4, depth=2, normalise_amplitude=True).eval()
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    loaded, meta = load_model(tmp_path / "m.safetensors")
+    assert meta["params"]["normalise_amplitude"] is True
+    field = 0.05 * torch.randn(1, 1, 16, 16, 16)
+    torch.testing.assert_close(loaded(3.0 * field), 3.0 * model(field), rtol=1e-4, atol=1e-9)

@@ -165,7 +165,8 @@ class InversionNet(nn.Module):
             "b0_direction": "b0 along k axis (third array axis)",
             "size_multiple": self.size_multiple,
             "crop_margin": self.crop_margin,
-        }
+        } | ({"amplitude_normalisation": "field / its RMS in the mask; chi x that RMS"}
+             if self.params.get("normalise_amplitude") else {})  # only when used: older checkpoints load
 
     def core(self, x, ctx):
         raise NotImplementedError
@@ -188,6 +189,13 @@ class InversionNet(nn.Module):
         **ctx
             Extra per-call context, e.g. ``domain`` for QSMInvNet+.
 
+        With ``params["normalise_amplitude"]`` (see ``build_model``) the
+        scaled field is divided by its root-mean-square in the mask before the
+        core and the output multiplied by it again, so that scaling the field
+        by a > 0 scales chi by a, as the linear dipole inversion does.  Batch
+        normalisation and amplitude augmentation then no longer hide the
+        absolute amplitude from the network.
+
         Returns
         -------
         tensor (B, 1, X - 2m, Y - 2m, Z - 2m), m = ``crop_margin``: chi in ppm
@@ -196,6 +204,12 @@ class InversionNet(nn.Module):
         if field.dim() != 5 or field.shape[1] != 1:
             raise ValueError(f"field must be shaped (B, 1, X, Y, Z), got {tuple(field.shape)}")
         x = field * self.input_scale
+        amplitude = None
+        if self.params.get("normalise_amplitude"):
+            weight = torch.ones_like(field) if mask is None else mask.to(field.dtype)
+            power = (x.float() ** 2 * weight).sum(dim=(2, 3, 4), keepdim=True) / weight.sum(dim=(2, 3, 4), keepdim=True).clamp_min(1.0)
+            amplitude = power.sqrt().clamp_min(1e-12).to(x.dtype)  # an all-zero field stays zero
+            x = x / amplitude
         if self.needs_mask:
             mask = torch.ones_like(field) if mask is None else mask.to(field.dtype)
             x = torch.cat([x * mask, mask], dim=1)
@@ -211,6 +225,8 @@ class InversionNet(nn.Module):
         c = self.crop_margin
         if c:
             y = y[..., c:-c, c:-c, c:-c]
+        if amplitude is not None:
+            y = y * amplitude
         if raw or self.output_transform == "identity":
             return y
         return atanh_target(y.float(), scale=10.0)
