@@ -204,14 +204,14 @@ class InversionNet(nn.Module):
         if field.dim() != 5 or field.shape[1] != 1:
             raise ValueError(f"field must be shaped (B, 1, X, Y, Z), got {tuple(field.shape)}")
         x = field * self.input_scale
+        mask = torch.ones_like(field) if mask is None else mask.to(field.dtype)
         amplitude = None
         if self.params.get("normalise_amplitude"):
-            weight = torch.ones_like(field) if mask is None else mask.to(field.dtype)
-            power = (x.float() ** 2 * weight).sum(dim=(2, 3, 4), keepdim=True) / weight.sum(dim=(2, 3, 4), keepdim=True).clamp_min(1.0)
+            dims = (2, 3, 4)
+            power = (x.float() ** 2 * mask).sum(dims, keepdim=True) / mask.sum(dims, keepdim=True).clamp_min(1.0)
             amplitude = power.sqrt().clamp_min(1e-12).to(x.dtype)  # an all-zero field stays zero
             x = x / amplitude
         if self.needs_mask:
-            mask = torch.ones_like(field) if mask is None else mask.to(field.dtype)
             x = torch.cat([x * mask, mask], dim=1)
         if self.needs_voxel_size:
             if voxel_size is None:
