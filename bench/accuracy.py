@@ -1,7 +1,8 @@
 """Accuracy of every dipole inversion: 2016 challenge data, simulated subjects, scale invariance.
 
     python bench/accuracy.py [--part qsm2016 variants sim wisnieff] [--methods tkd cfl2 ilsqr deep]
-                             [--model NAME_OR_PATH ...] [--refine N ...] [--data DIR] [--json OUT]
+                             [--model NAME_OR_PATH ...] [--refine N ...] [--refine-lambda L ...]
+                             [--data DIR] [--json OUT]
 
 Parts (default: qsm2016 sim wisnieff):
 
@@ -30,11 +31,15 @@ wisnieff  Scale invariance (SI-QSM protocol) on DIR/phantom_wisnieff: the phanto
           ``forward_field_ppm`` of that chi (B0 along the third axis, grid padded
           2x) in the mask, plus Gaussian noise of SD = RMS(field in mask) / 100
           (SNR 100, seed 0). Score: RMSE in ppm in the mask of the demeaned maps,
-          per scale, and the ratio worst / best scale per method.
+          per scale, and the ratio worst / best scale per method; also the RMS
+          of the demeaned true chi per scale (the coarser grids average the
+          phantom's small structures away, so their truth has less contrast)
+          and each method's NRMSE per scale (RMSE / that RMS) with its ratio.
 
 Deep rows use ``qsmprep.inversion.deep.deep_invert`` with each ``--model`` (default
-the shipped default model) and each ``--refine`` iteration count (default 0); a
-model that cannot be found is skipped with a note. Tables are printed as Markdown;
+the shipped default model), each ``--refine`` iteration count (default 0) and,
+for refined rows, each ``--refine-lambda`` prior weight (default: deep_invert's);
+a model that cannot be found is skipped with a note. Tables are printed as Markdown;
 ``--json OUT`` also saves every number. Reproduces docs/benchmarks.md.
 """
 
@@ -64,11 +69,12 @@ SIM_FOV_MM = (160, 192, 144)  # the brain (132x168x122 mm) with a margin
 PARTS = ("qsm2016", "variants", "sim", "wisnieff")
 
 
-def inversions(method_names, models, refine_iters):
+def inversions(method_names, models, refine_iters, refine_lambdas=None):
     """[(row label, f(field, mask, voxel_size, b0_dir) -> chi)] for the requested methods.
 
-    Deep rows are added per model and refinement count; a model that
-    ``load_model`` cannot find is skipped with a printed note.
+    Deep rows are added per model, refinement count and (for refined rows) each
+    prior weight in ``refine_lambdas`` (None: deep_invert's default, unlabelled);
+    a model that ``load_model`` cannot find is skipped with a printed note.
     """
     runs = []
     for name in method_names:
@@ -84,8 +90,13 @@ def inversions(method_names, models, refine_iters):
                 print(f"note: deep model {model!r} skipped: {err}")
                 continue
             for n in refine_iters:
-                label = f"deep {Path(str(model)).stem}" + (f" + refine {n}" if n else "")
-                runs.append((label, partial(INVERSION_METHODS["deep"], model=model, refine_iters=n)))
+                for lam in (refine_lambdas or [None]) if n else [None]:
+                    label = f"deep {Path(str(model)).stem}" + (f" + refine {n}" if n else "")
+                    options = {"model": model, "refine_iters": n}
+                    if lam is not None:
+                        label += f" lambda {lam:g}"
+                        options["refine_lambda"] = lam
+                    runs.append((label, partial(INVERSION_METHODS["deep"], **options)))
     return runs
 
 
@@ -224,14 +235,16 @@ def part_wisnieff(data, runs):
     mask = load_nifti(folder / "mask.nii.gz", "phantom mask")[0] > 0
     print(f"\n## wisnieff: {chi.shape} at {np.round(voxel_size_from_affine(affine), 4)} mm -> N^3, SNR {SNR:g}\n")
     rng = np.random.default_rng(0)
-    results = []
+    results, truth_rms = [], {}
     for n in SCALES:
         chi_n, mask_n, vs = scaled_phantom(chi, mask, affine, n)
         field = forward_field_ppm(chi_n, vs, (0.0, 0.0, 1.0)) * mask_n
         sigma = float(np.sqrt(np.mean(field[mask_n] ** 2))) / SNR
         field = np.where(mask_n, field + rng.normal(0, sigma, field.shape).astype(np.float32), 0).astype(np.float32)
         truth = chi_n[mask_n] - chi_n[mask_n].mean()
-        print(f"{n}^3 at {vs[0]:.4f} mm: {int(mask_n.sum())} mask voxels, noise SD {sigma * 1000:.3f} ppb", flush=True)
+        truth_rms[n] = float(np.sqrt(np.mean(truth**2)))
+        print(f"{n}^3 at {vs[0]:.4f} mm: {int(mask_n.sum())} mask voxels, noise SD {sigma * 1000:.3f} ppb, "
+              f"true chi RMS {truth_rms[n] * 1000:.2f} ppb", flush=True)
         for name, run in runs:
             recon, seconds = timed(run, field, mask_n, vs, (0.0, 0.0, 1.0))
             x = recon[mask_n] - recon[mask_n].mean()
@@ -239,11 +252,13 @@ def part_wisnieff(data, runs):
                             "rmse_ppm": float(np.sqrt(np.mean((x - truth) ** 2))), "nrmse": nrmse(recon, chi_n, mask_n)})
             print(f"  {name}: {seconds:.1f} s", flush=True)
     names = list(dict.fromkeys(r["method"] for r in results))
-    rows = []
+    rows = [["true chi RMS (ppb)", *(1000 * truth_rms[n] for n in SCALES), "", ""]]
     for name in names:
         rmse = {r["scale"]: r["rmse_ppm"] for r in results if r["method"] == name}
-        rows.append([name, *(1000 * rmse[n] for n in SCALES), max(rmse.values()) / min(rmse.values())])
-    markdown(["method", *(f"RMSE ppb {n}^3" for n in SCALES), "worst / best"], rows)
+        relative = {n: rmse[n] / truth_rms[n] for n in SCALES}
+        rows.append([name, *(1000 * rmse[n] for n in SCALES), max(rmse.values()) / min(rmse.values()),
+                     max(relative.values()) / min(relative.values())])
+    markdown(["method", *(f"RMSE ppb {n}^3" for n in SCALES), "worst / best", "worst / best of RMSE / true RMS"], rows)
     return results
 
 
@@ -255,10 +270,12 @@ def main():
                                                           f"(default {DEFAULT_MODEL})")
     parser.add_argument("--refine", nargs="+", type=int, default=[0], metavar="N",
                         help="data-consistency iterations after the network; several values give several rows")
+    parser.add_argument("--refine-lambda", nargs="+", type=float, metavar="L",
+                        help="prior weight of the refinement (default deep_invert's); several values give several rows")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"shared data folder (default {DEFAULT_DATA})")
     parser.add_argument("--json", type=Path, help="also save every number to this JSON file")
     args = parser.parse_args()
-    runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine)
+    runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine, args.refine_lambda)
     print(f"methods: {', '.join(name for name, _ in runs)}; {os.cpu_count()} CPUs visible, "
           f"load average {os.getloadavg()[0]:.1f}")
     results = {"methods": [name for name, _ in runs]}

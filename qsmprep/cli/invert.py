@@ -1,7 +1,7 @@
 """qsmprep-invert: dipole inversion of a local field map.
 
     qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr,deep}
-        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N]
+        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N --refine-lambda L]
         [--units {ppm,hz,rad} --b0-tesla T --te S] [--b0-dir X Y Z] [-v]
 
 Parses, loads, converts the field to ppm, calls ``qsmprep.inversion`` and
@@ -61,7 +61,9 @@ def build_parser():
                    help=f"deep: shipped model name or checkpoint path (default {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network runs (default auto)")
     p.add_argument("--refine", type=int, metavar="N",
-                   help="deep: data-consistency refinement iterations after the network (default 0 = off)")  # fmt: skip
+                   help="deep: data-consistency refinement iterations after the network, 0 = off (default 10)")  # fmt: skip
+    p.add_argument("--refine-lambda", type=float, metavar="L",
+                   help="deep: weight of the network prior in the refinement, > 0 (default 0.05)")  # fmt: skip
     p.add_argument("--units", choices=("ppm", "hz", "rad"), default="ppm", help="units of FIELD (default ppm)")
     p.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in tesla (for --units hz or rad)")
     p.add_argument("--te", type=float, metavar="S", help="echo time in seconds (for --units rad)")
@@ -82,11 +84,14 @@ def _check_options(args):
             raise UsageError(f"--lambda applies to --method cfl2, not {args.method}: remove it.")
         if not args.lam > 0:
             raise UsageError(f"--lambda must be > 0, got {args.lam}.")
-    for option, value in (("--model", args.model), ("--device", args.device), ("--refine", args.refine)):
+    for option, value in (("--model", args.model), ("--device", args.device), ("--refine", args.refine),
+                          ("--refine-lambda", args.refine_lambda)):
         if value is not None and args.method != "deep":
             raise UsageError(f"{option} applies to --method deep, not {args.method}: remove it.")
     if args.refine is not None and args.refine < 0:
         raise UsageError(f"--refine must be 0 or more iterations, got {args.refine}.")
+    if args.refine_lambda is not None and not args.refine_lambda > 0:
+        raise UsageError(f"--refine-lambda must be > 0, got {args.refine_lambda}.")
     if args.units in ("hz", "rad") and not (args.b0_tesla and args.b0_tesla > 0):
         raise UsageError(f"--units {args.units} needs the field strength: add --b0-tesla (in T, e.g. 3).")
     if args.units == "rad" and not (args.te and args.te > 0):
@@ -133,7 +138,8 @@ def run(args):
     options = {"threshold": args.threshold} if args.threshold is not None else {}
     if args.lam is not None:
         options["lam"] = args.lam
-    for key, value in (("model", args.model), ("device", args.device), ("refine_iters", args.refine)):
+    for key, value in (("model", args.model), ("device", args.device), ("refine_iters", args.refine),
+                       ("refine_lambda", args.refine_lambda)):
         if value is not None:
             options[key] = value
     log.info("%s on %s: voxel size %s mm, B0 direction %s", args.method, args.field,
