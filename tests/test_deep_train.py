@@ -115,6 +115,27 @@ def test_deterministic_and_resumable(tmp_path):
         train(other, tmp_path / "c", device="cpu", resume=True)
 
 
+def test_init_starts_from_a_checkpoint(tmp_path):
+    """[train] init fine-tunes: the run starts from the given weights, with step 0 and a fresh optimiser."""
+    first = train(tiny("smoke", steps=8), tmp_path / "a", device="cpu")
+    recipe = tiny("smoke", steps=2)
+    recipe["train"]["init"] = str(tmp_path / "a" / "checkpoint.safetensors")
+    trainer = Trainer(validate_recipe(recipe), tmp_path / "b", torch.device("cpu"))
+    for name, value in first["model"].state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name
+    assert trainer.step == 0 and not trainer.optimizer.state
+    tuned = train(recipe, tmp_path / "b", device="cpu")
+    assert tuned["step"] == 2
+    assert read_tensors(tmp_path / "b" / "checkpoint.safetensors")[1]["recipe"]["train"]["init"] == recipe["train"]["init"]
+    recipe["model"]["width"] = 8
+    with pytest.raises(Exception, match="holds a unet"):
+        Trainer(validate_recipe(recipe), tmp_path / "c", torch.device("cpu"))
+    recipe = tiny("smoke", steps=2)
+    recipe["train"]["init"] = "no-such-model"
+    with pytest.raises(NoInputError, match="no-such-model"):
+        Trainer(validate_recipe(recipe), tmp_path / "d", torch.device("cpu"))
+
+
 def test_optimizer_state_round_trip():
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 2)

@@ -259,6 +259,24 @@ class Trainer:
             self.domain_loss = build_loss(self.domain.get("loss", {"name": "data_consistency", "magnitude_weights": True}))
         self.step = 0
         self.best_nrmse = math.inf
+        if tr["init"]:
+            self.initialise_from(tr["init"])
+
+    def _check_same_network(self, source, meta):
+        if meta.get("arch") != self.model.arch or meta.get("params") != self.model.params:
+            raise DataError(
+                f"{source} holds a {meta.get('arch')} {meta.get('params')}, not this recipe's "
+                f"{self.model.arch} {self.model.params}: use the matching recipe or a new --out."
+            )
+
+    def initialise_from(self, name_or_path):
+        """Start from the weights of a shipped model or checkpoint (fine-tuning); the optimiser starts afresh."""
+        from qsmprep.deep.registry import load_model
+
+        net, meta = load_model(name_or_path, device=self.device)
+        self._check_same_network(f"[train] init {name_or_path!r}", meta)
+        self.model.load_state_dict(net.state_dict())
+        log.info("initialised from %s (its step %s)", name_or_path, meta.get("step", "?"))
 
     # -- data ---------------------------------------------------------------
     def start_data(self):
@@ -395,11 +413,7 @@ class Trainer:
     def restore(self):
         """Load the latest checkpoint and optimiser state from ``out_dir``; returns the step."""
         tensors, meta = read_tensors(self.out / "checkpoint.safetensors", self.device)
-        if meta.get("arch") != self.model.arch or meta.get("params") != self.model.params:
-            raise DataError(
-                f"{self.out / 'checkpoint.safetensors'} holds a {meta.get('arch')} {meta.get('params')}, "
-                f"not this recipe's {self.model.arch} {self.model.params}: use a new --out or the matching recipe."
-            )
+        self._check_same_network(self.out / "checkpoint.safetensors", meta)
         self.model.load_state_dict(tensors)
         opt_tensors, opt_meta = read_tensors(self.out / "optimizer.safetensors", self.device)
         restore_optimizer(self.optimizer, opt_tensors, opt_meta["param_groups"]["model"], "model")
