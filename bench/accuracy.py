@@ -2,14 +2,16 @@
 
     python bench/accuracy.py [--part qsm2016 variants sim wisnieff] [--methods tkd cfl2 ilsqr deep]
                              [--model NAME_OR_PATH ...] [--refine N ...] [--refine-lambda L ...]
-                             [--data DIR] [--json OUT]
+                             [--data DIR] [--json OUT] [--figure PNG]
 
 Parts (default: qsm2016 sim wisnieff):
 
 qsm2016   The 2016 QSM challenge data (DIR/qsm2016): local field ``phs_tissue``
           (ppm) and ``msk`` in, NRMSE, HFEN and XSIM against ``chi_cosmos`` and
           ``chi_33`` (qsmprep.metrics; both maps demeaned in ``msk``), mean chi
-          per deep grey matter label (1-6 of ``evaluation_mask``) and wall time.
+          per deep grey matter label (1-6 of ``evaluation_mask``) and wall time;
+          ``--figure PNG`` saves COSMOS and every method's map in three
+          orientations (``qsmprep.reports.mosaic.comparison_png``).
           B0 along the third axis, voxel size from the affine.
 variants  Parameter variants of the classical methods on the same data (TKD and
           CFL2 regularisation, iLSQR with magnitude weighting, iLSQR on the
@@ -58,6 +60,7 @@ from qsmprep.inversion.deep import DEFAULT_MODEL
 from qsmprep.io import load_nifti
 from qsmprep.metrics import calcification_moment_error, hfen, label_means, nrmse, xsim
 from qsmprep.physics import b0_dir_from_affine, forward_field_ppm, resample_to_grid, voxel_size_from_affine
+from qsmprep.reports.mosaic import comparison_png
 from qsmprep.sim import LABELS, acquire, head_phantom, simulate_gre
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -113,7 +116,7 @@ def markdown(header, rows):
     print("\n".join(lines), flush=True)
 
 
-def part_qsm2016(data, runs):
+def part_qsm2016(data, runs, figure=None):
     folder = data / "qsm2016"
     field, affine, _ = load_nifti(folder / "phs_tissue.nii.gz", "local field")
     mask = load_nifti(folder / "msk.nii.gz", "mask")[0] > 0
@@ -122,7 +125,7 @@ def part_qsm2016(data, runs):
     labels = load_nifti(folder / "evaluation_mask.nii.gz", "evaluation labels")[0].round().astype(int)
     voxel_size = voxel_size_from_affine(affine)
     print(f"\n## qsm2016: {field.shape} at {np.round(voxel_size, 4)} mm, B0 along the third axis\n")
-    results = []
+    results, maps = [], {"COSMOS (reference)": cosmos}
     for name, run in runs:
         chi, seconds = timed(run, field, mask, voxel_size, CHALLENGE_B0_DIR)
         row = {"method": name, "time_s": seconds}
@@ -131,7 +134,11 @@ def part_qsm2016(data, runs):
         # deep grey matter means of the map demeaned in the mask, as the scores compare demeaned maps
         row["dgm_means_ppm"] = label_means(chi - chi[mask].mean(), labels, DEEP_GM_LABELS)
         results.append(row)
+        maps[f"{name}: NRMSE {row['cosmos']['nrmse']:.1f} %, HFEN {row['cosmos']['hfen']:.1f} %"] = chi
         print(f"{name}: {seconds:.1f} s", flush=True)
+    if figure:
+        figure.write_bytes(comparison_png(maps, mask, title="2016 challenge: chi (ppm), demeaned in msk"))
+        print(f"saved {figure}")
     header = ["method", "NRMSE % COSMOS", "HFEN % COSMOS", "XSIM COSMOS", "NRMSE % chi33", "HFEN % chi33",
               "XSIM chi33", "time s"]
     markdown(header, [[r["method"], r["cosmos"]["nrmse"], r["cosmos"]["hfen"], r["cosmos"]["xsim"], r["chi33"]["nrmse"],
@@ -274,6 +281,7 @@ def main():
                         help="prior weight of the refinement (default deep_invert's); several values give several rows")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"shared data folder (default {DEFAULT_DATA})")
     parser.add_argument("--json", type=Path, help="also save every number to this JSON file")
+    parser.add_argument("--figure", type=Path, metavar="PNG", help="qsm2016: save the maps of every method as one figure")
     args = parser.parse_args()
     runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine, args.refine_lambda)
     print(f"methods: {', '.join(name for name, _ in runs)}; {os.cpu_count()} CPUs visible, "
@@ -281,7 +289,7 @@ def main():
     results = {"methods": [name for name, _ in runs]}
     for part in args.part:
         if part == "qsm2016":
-            results[part] = part_qsm2016(args.data, runs)
+            results[part] = part_qsm2016(args.data, runs, args.figure)
         elif part == "variants":
             results[part] = part_variants(args.data)
         elif part == "sim":

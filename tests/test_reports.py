@@ -1,5 +1,6 @@
 """Per-subject HTML report: figures, content, and that a real browser loads every image."""
 
+import io
 import re
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 
 from qsmprep.io import save_nifti
 from qsmprep.reports import build_subject_report
-from qsmprep.reports.mosaic import robust_window, slice_indices
+from qsmprep.reports.mosaic import comparison_png, orthogonal_slices, robust_window, slice_indices
 
 
 def test_slice_indices_span_the_mask():
@@ -17,6 +18,30 @@ def test_slice_indices_span_the_mask():
     mask[2:8, 2:8, 10:31] = True
     idx = slice_indices(mask, n_slices=5)
     assert idx[0] == 12 and idx[-1] == 28 and len(idx) == 5
+
+
+def test_orthogonal_slices_pass_through_the_mask_centre_demeaned():
+    mask = np.zeros((20, 30, 40), bool)
+    mask[4:9, 10:21, 20:31] = True  # centre (6, 15, 25)
+    volume = np.full(mask.shape, 7.0)
+    volume[6, 15, 25] = 7.0 + 100.0
+    axial, coronal, sagittal = orthogonal_slices(volume, mask)
+    assert axial.shape == (20, 30) and coronal.shape == (20, 40) and sagittal.shape == (30, 40)
+    offset = 100.0 / mask.sum()  # the demeaning of one bright voxel
+    assert axial[6, 15] == coronal[6, 25] == sagittal[15, 25] == pytest.approx(100.0 - offset, rel=1e-5)
+    assert axial[5, 12] == pytest.approx(-offset, rel=1e-4)  # inside: 7 - mean
+    assert axial[0, 0] == 0 and sagittal[0, 0] == 0  # outside the mask
+
+
+def test_comparison_png_has_a_row_per_map():
+    import matplotlib.image
+
+    mask = np.zeros((16, 16, 16), bool)
+    mask[4:12, 4:12, 4:12] = True
+    maps = {"a": np.random.default_rng(0).normal(size=mask.shape), "b": np.zeros(mask.shape)}
+    one = matplotlib.image.imread(io.BytesIO(comparison_png({"a": maps["a"]}, mask)), format="png")
+    two = matplotlib.image.imread(io.BytesIO(comparison_png(maps, mask)), format="png")
+    assert abs(one.shape[1] - two.shape[1]) < 0.05 * one.shape[1] and two.shape[0] > 1.6 * one.shape[0]
 
 
 def test_robust_window_is_symmetric():

@@ -76,3 +76,51 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
+
+
+
+def orthogonal_slices(volume, mask):
+    """Axial, coronal and sagittal slices (axes 2, 1, 0) through the mask's centre of mass.
+
+    The volume is demeaned in ``mask`` and set to 0 outside it, so maps compare
+    as the scores do (``qsmprep.metrics``). Returns three 2D float32 arrays.
+    """
+    m = np.asarray(mask) > 0
+    vol = np.asarray(volume, dtype=np.float32)
+    vol = np.where(m, vol - vol[m].mean(), np.float32(0))
+    centre = np.round(np.argwhere(m).mean(axis=0)).astype(int)
+    return [np.take(vol, centre[axis], axis=axis) for axis in (2, 1, 0)]
+
+
+def comparison_png(maps, mask, window=CHI_WINDOW_PPM, title="", units="ppm"):
+    """Several maps of one subject, one row each, in three orientations (``orthogonal_slices``); PNG bytes.
+
+    Parameters
+    ----------
+    maps : dict of str -> 3D array
+        Row label (e.g. "COSMOS", "deep: NRMSE 60.7 %") -> map, all on the grid of ``mask``.
+    mask : 3D array
+        Region shown, demeaned in and zero outside.
+    window : (float, float), default CHI_WINDOW_PPM
+        Display range, in the maps' units.
+    title, units : str
+        Figure title and colour-bar label (default "ppm").
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(maps), 3, figsize=(6.0, 2.0 * len(maps) + 0.4), squeeze=False)
+    for row, (label, volume) in zip(axes, maps.items()):
+        for ax, image in zip(row, orthogonal_slices(volume, mask)):
+            shown = ax.imshow(image.T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
+                              interpolation="nearest")  # fmt: skip
+            ax.set_axis_off()
+        row[0].set_title(label, fontsize=8, loc="left")
+    fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, pad=0.01, label=units)
+    fig.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
