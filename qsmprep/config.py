@@ -76,14 +76,14 @@ def default_parameters(step, method):
 
 
 def deep_model_available():
-    """True when the default trained model ships with this qsmprep (see qsmprep.inversion.deep)."""
+    """True when the default trained model's file is in this install (see qsmprep.inversion.deep)."""
     from .inversion.deep import default_model_path
 
     return default_model_path().is_file()
 
 
 def default_inversion():
-    """``deep`` once a trained model ships, ``ilsqr`` until then."""
+    """``deep`` when the shipped model file is present, else ``ilsqr``."""
     return "deep" if deep_model_available() else "ilsqr"
 
 
@@ -92,7 +92,7 @@ PRESETS = {
     "default": {"unwrap": "laplacian", "bgremove": "vsharp", "inversion": None},  # None: default_inversion()
     "research": {"unwrap": "laplacian", "bgremove": "vsharp", "inversion": ("tkd", "cfl2", "ilsqr")},
 }
-"""Method choices per preset; ``research`` adds ``deep`` when a model ships."""
+"""Method choices per preset; ``research`` adds ``deep`` when the shipped model file is present."""
 
 
 def preset_methods(name):

@@ -209,7 +209,8 @@ def test_deep_inversion_without_a_shipped_model_is_refused(tmp_path, capsys, mon
 
     monkeypatch.setattr(run, "deep_model_available", lambda: False)  # a stripped install
     assert main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--inversion", "deep"]) == 64
-    assert "no trained deep-inversion model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no trained deep-inversion model" in err and "qsmprep-cfl2unet.safetensors" in err and "reinstall" in err
 
 
 def test_output_inside_input_exits_64(tmp_path, capsys):

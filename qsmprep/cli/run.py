@@ -41,8 +41,8 @@ EXIT_PROCESSING_FAILED = 70
 
 EPILOG = """presets (explicit --unwrap/--bgremove/--inversion override them):
   fast      laplacian unwrapping, V-SHARP, TKD: seconds per run
-  default   laplacian unwrapping, V-SHARP, iLSQR (the deep network once a trained model ships)
-  research  laplacian unwrapping, V-SHARP, TKD + closed-form L2 + iLSQR (+ deep once a model ships),
+  default   laplacian unwrapping, V-SHARP, deep inversion with the shipped model (iLSQR if it is absent)
+  research  laplacian unwrapping, V-SHARP, deep + TKD + closed-form L2 + iLSQR (deep if the model is present),
             one Chimap per method
 
 exit codes: 0 success; 64 usage error; 65 some input runs unusable (the others were processed) or none
@@ -94,7 +94,7 @@ def build_parser():
     g.add_argument("--bgremove", choices=BGREMOVE_METHODS, help="background field removal")
     g.add_argument("--inversion", nargs="+", choices=INVERSION_METHODS, metavar="METHOD",
                    help=f"dipole inversion(s), each written as its own desc-<method> Chimap: {', '.join(INVERSION_METHODS)}"
-                   " ('deep' needs a trained model shipped with qsmprep)")
+                   " ('deep' uses the model shipped in the package, docs/models/)")
     g.add_argument("--mask", default="quality", metavar="STRATEGY|PATH",
                    help=f"brain mask: a strategy ({', '.join(MASK_STRATEGIES)}; default quality), a mask NIfTI on "
                    "the runs' grid, or a derivatives folder holding <run>_desc-brain_mask.nii.gz per run")
@@ -139,9 +139,11 @@ def resolve_config(args, argv):
     unwrap, bgremove, inversions = preset_methods(args.preset)
     inversions = tuple(dict.fromkeys(args.inversion or inversions))
     if "deep" in inversions and not deep_model_available():
+        from ..inversion.deep import default_model_path
+
         raise UsageError(
-            "--inversion deep: no trained deep-inversion model ships with this qsmprep version yet; "
-            "choose tkd, cfl2 or ilsqr."
+            f"--inversion deep: no trained deep-inversion model in this install ({default_model_path()} is missing): "
+            "reinstall qsmprep, or choose tkd, cfl2 or ilsqr."
         )
     if args.b0_tesla is not None and args.b0_tesla <= 0:
         raise UsageError(f"--b0-tesla must be positive (tesla), got {args.b0_tesla}.")
