@@ -195,6 +195,7 @@ def test_cfl2_prior_unet_starts_as_cfl2_and_learns_a_correction():
 
 
 @pytest.mark.parametrize("arch", ["unet", "siqsm"])
+@torch.no_grad()
 def test_amplitude_normalised_network_is_amplitude_equivariant(arch):
     torch.manual_seed(0)
     model = build_model(arch, width=4, depth=2, normalise_amplitude=True).eval()
