@@ -18,13 +18,16 @@ import numpy as np
 
 from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
-from ..inversion.deep import DEFAULT_MODEL
+from ..inversion.deep import DEFAULT_MODEL, REFINE_ITERS, REFINE_LAMBDA
 from ..io import check_same_grid, load_nifti, save_nifti
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
 from .common import run_cli
 
 log = logging.getLogger(__name__)
 
+
+DEEP_OPTIONS = {"model": "model", "device": "device", "refine": "refine_iters", "refine_lambda": "refine_lambda"}
+"""Command-line options of --method deep (argparse dest) -> keyword of ``deep_invert``."""
 
 EPILOG = """\
 units: the field is in ppm of B0 by default; --units hz needs --b0-tesla;
@@ -61,9 +64,9 @@ def build_parser():
                    help=f"deep: shipped model name or checkpoint path (default {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network runs (default auto)")
     p.add_argument("--refine", type=int, metavar="N",
-                   help="deep: data-consistency refinement iterations after the network, 0 = off (default 10)")  # fmt: skip
+                   help=f"deep: data-consistency refinement iterations after the network, 0 = off (default {REFINE_ITERS})")  # fmt: skip
     p.add_argument("--refine-lambda", type=float, metavar="L",
-                   help="deep: weight of the network prior in the refinement, > 0 (default 0.05)")  # fmt: skip
+                   help=f"deep: weight of the network prior in the refinement, > 0 (default {REFINE_LAMBDA})")  # fmt: skip
     p.add_argument("--units", choices=("ppm", "hz", "rad"), default="ppm", help="units of FIELD (default ppm)")
     p.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in tesla (for --units hz or rad)")
     p.add_argument("--te", type=float, metavar="S", help="echo time in seconds (for --units rad)")
@@ -84,10 +87,9 @@ def _check_options(args):
             raise UsageError(f"--lambda applies to --method cfl2, not {args.method}: remove it.")
         if not args.lam > 0:
             raise UsageError(f"--lambda must be > 0, got {args.lam}.")
-    for option, value in (("--model", args.model), ("--device", args.device), ("--refine", args.refine),
-                          ("--refine-lambda", args.refine_lambda)):
-        if value is not None and args.method != "deep":
-            raise UsageError(f"{option} applies to --method deep, not {args.method}: remove it.")
+    for dest in DEEP_OPTIONS:
+        if getattr(args, dest) is not None and args.method != "deep":
+            raise UsageError(f"--{dest.replace('_', '-')} applies to --method deep, not {args.method}: remove it.")
     if args.refine is not None and args.refine < 0:
         raise UsageError(f"--refine must be 0 or more iterations, got {args.refine}.")
     if args.refine_lambda is not None and not args.refine_lambda > 0:
@@ -138,10 +140,7 @@ def run(args):
     options = {"threshold": args.threshold} if args.threshold is not None else {}
     if args.lam is not None:
         options["lam"] = args.lam
-    for key, value in (("model", args.model), ("device", args.device), ("refine_iters", args.refine),
-                       ("refine_lambda", args.refine_lambda)):
-        if value is not None:
-            options[key] = value
+    options.update({key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None})
     log.info("%s on %s: voxel size %s mm, B0 direction %s", args.method, args.field,
              np.round(voxel_size, 4), np.round(b0_dir, 4))  # fmt: skip
     start = time.perf_counter()

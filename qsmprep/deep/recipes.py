@@ -16,7 +16,10 @@ from qsmprep.errors import NoInputError, UsageError
 
 REQUIRED_SECTIONS = ("model", "data", "augment", "loss", "optim", "train")
 OPTIONAL_SECTIONS = ("adversarial", "domain")
-TRAIN_DEFAULTS = {"batch_size": 2, "steps": 1000, "val_every": 100, "val_samples": 8, "seed": 0, "num_workers": 0, "amp": True, "init": ""}
+TRAIN_DEFAULTS = {
+    "batch_size": 2, "steps": 1000, "val_every": 100, "val_samples": 8, "seed": 0, "num_workers": 0, "amp": True,
+    "init": "",  # a shipped model name or checkpoint path to fine-tune from; "" = random initialisation
+}
 OPTIM_DEFAULTS = {"name": "adam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "schedule": "constant"}
 OPTIMIZERS = ("adam", "rmsprop")
 SCHEDULES = ("constant", "exponential")

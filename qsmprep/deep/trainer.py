@@ -39,7 +39,7 @@ from qsmprep.deep.losses import (
 )
 from qsmprep.deep.models import QSMGANCritic, build_model
 from qsmprep.deep.recipes import validate_recipe
-from qsmprep.deep.registry import read_tensors, save_checkpoint, save_tensors
+from qsmprep.deep.registry import load_model, read_tensors, save_checkpoint, save_tensors
 from qsmprep.errors import DataError, NoInputError, UsageError
 from qsmprep.metrics import hfen, nrmse
 
@@ -271,8 +271,6 @@ class Trainer:
 
     def initialise_from(self, name_or_path):
         """Start from the weights of a shipped model or checkpoint (fine-tuning); the optimiser starts afresh."""
-        from qsmprep.deep.registry import load_model
-
         net, meta = load_model(name_or_path, device=self.device)
         self._check_same_network(f"[train] init {name_or_path!r}", meta)
         self.model.load_state_dict(net.state_dict())

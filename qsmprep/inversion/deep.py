@@ -31,6 +31,12 @@ OBLIQUE_THRESHOLD_DEG = 3.0
 RESOLUTION_TOLERANCE = 0.15
 """Relative voxel-size mismatch to the model's training resolution that is tolerated without resampling."""
 
+REFINE_ITERS = 10
+"""Default conjugate-gradient iterations of the data-consistency refinement."""
+
+REFINE_LAMBDA = 0.05
+"""Default weight of the network prior in the refinement (docs/benchmarks.md, Refinement prior weight)."""
+
 
 def tile_starts(size, tile, overlap):
     """Start indices of tiles of length ``tile`` covering ``size`` with at least ``overlap`` shared voxels."""
@@ -84,7 +90,7 @@ def predict_tiled(predict, field, mask, tile_shape=(256, 256, 256), overlap=32):
 
 
 def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
-                            weights=None, lam=0.05, n_iter=10, pad_factor=1.5):
+                            weights=None, lam=REFINE_LAMBDA, n_iter=REFINE_ITERS, pad_factor=1.5):
     """Pull a network estimate towards consistency with the measured local field.
 
     Solves  min_chi ||W M (D chi - f)||^2 + lam ||M (chi - chi_init)||^2
@@ -168,7 +174,7 @@ def network_predictor(model, voxel_size_mm, device):
 
 
 def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL,
-                device="auto", refine_iters=10, refine_lambda=0.05, tile_shape=(256, 256, 256), overlap=32):
+                device="auto", refine_iters=REFINE_ITERS, refine_lambda=REFINE_LAMBDA, tile_shape=(256, 256, 256), overlap=32):
     """Susceptibility (ppm) from the local field (ppm) by a trained network.
 
     The network sees the data in the frame it was trained in: when B0 is

@@ -12,6 +12,24 @@ CHI_WINDOW_PPM = (-0.15, 0.15)
 LOCAL_FIELD_WINDOW_PPM = (-0.05, 0.05)
 
 
+
+def _pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported on first use, not at import time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png_bytes(fig, **savefig):
+    """Render ``fig`` to PNG bytes at 90 dpi and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, **savefig)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
 def slice_indices(mask, n_slices=8, axis=2):
     """``n_slices`` evenly spaced slice indices along ``axis`` through the mask's extent."""
     m = np.asarray(mask) > 0
@@ -54,11 +72,7 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
     title, units : str
         Figure title and colour-bar label.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     vol = np.asarray(volume, dtype=np.float32)
     if window is None:
         window = tuple(np.percentile(vol, (1, 99)))
@@ -72,10 +86,7 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
         ax.set_axis_off()
     fig.colorbar(shown, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label=units)
     fig.suptitle(title, fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png_bytes(fig)
 
 
 
@@ -106,11 +117,7 @@ def comparison_png(maps, mask, window=CHI_WINDOW_PPM, title="", units="ppm"):
     title, units : str
         Figure title and colour-bar label (default "ppm").
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(len(maps), 3, figsize=(6.0, 2.0 * len(maps) + 0.4), squeeze=False)
     for row, (label, volume) in zip(axes, maps.items()):
         for ax, image in zip(row, orthogonal_slices(volume, mask)):
@@ -120,7 +127,4 @@ def comparison_png(maps, mask, window=CHI_WINDOW_PPM, title="", units="ppm"):
         row[0].set_title(label, fontsize=8, loc="left")
     fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, pad=0.01, label=units)
     fig.suptitle(title, fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png_bytes(fig, bbox_inches="tight")
