@@ -24,8 +24,9 @@ LABEL org.opencontainers.image.title="qsmprep" \
       org.opencontainers.image.description="Quantitative susceptibility mapping BIDS-App" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/qsmprep /opt/qsmprep
-# Non-root friendly: any UID can run it, writable HOME and caches under /tmp,
-# and the work directory defaults to the output folder's work/ (see docs/usage.md).
+# Non-root friendly: any UID can run it, writable HOME and caches under /tmp.
+# The working directory is /tmp, so the default Nipype work directory (./work) is
+# lost with the container: users keep it with -w (docs/containers.md).
 ENV PATH=/opt/qsmprep/bin:$PATH \
     HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib \

@@ -91,3 +91,19 @@ def test_slurm_array_script_refuses_to_run_outside_an_array(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"},
     )
     assert result.returncode != 0 and "sbatch --array" in result.stderr
+
+
+def test_slurm_array_script_cleans_up_and_keeps_qsmprep_exit_code_on_failure(tmp_path):
+    """A failed run must still remove the node-local work directory and report qsmprep's exit code."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "apptainer").write_text("#!/bin/sh\nexit 70\n")
+    (fake_bin / "apptainer").chmod(0o755)
+    (tmp_path / "participants.txt").write_text("01\n")
+    work = tmp_path / "scratch"
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "1", "WORK_DIR": str(work),
+           "OUTPUT_DIR": str(tmp_path / "out"), "BIDS_DIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "workflows" / "slurm_array.sh")],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 70, result.stderr
+    assert not work.exists()

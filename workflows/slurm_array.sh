@@ -22,12 +22,13 @@ label=$(sed -n "${SLURM_ARRAY_TASK_ID:?run this with sbatch --array}p" "$PARTICI
 [ -n "$label" ] || { echo "no participant on line ${SLURM_ARRAY_TASK_ID} of $PARTICIPANTS" >&2; exit 64; }
 mkdir -p "$OUTPUT_DIR" "$WORK_DIR" logs
 
+# `|| status=$?` keeps set -e from exiting before the clean-up on a failed run.
+status=0
 apptainer run --cleanenv \
   -B "$BIDS_DIR:/data/bids:ro" -B "$OUTPUT_DIR:/data/out" -B "$WORK_DIR:/work" \
   "$SIF" /data/bids /data/out participant \
   --participant-label "$label" -w /work \
   --nprocs "${SLURM_CPUS_PER_TASK:-1}" --omp-nthreads "${SLURM_CPUS_PER_TASK:-1}" \
-  --mem "$(( ${SLURM_MEM_PER_NODE:-16384} / 1024 ))"
-status=$?
+  --mem "$(( ${SLURM_MEM_PER_NODE:-16384} / 1024 ))" || status=$?
 rm -rf "$WORK_DIR"
 exit $status
