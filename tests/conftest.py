@@ -1,6 +1,35 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and the location of the shared test data.
+
+Tests that read real data (the 2016 challenge maps, the ROMEO crop) find it
+under ``SHARED_DATA``: ``$QSMPREP_SHARED_DATA`` if set, else ``../shared/data``
+next to the repository. ``require_shared`` skips a test whose files are
+missing, or fails it when ``QSMPREP_REQUIRE_DATA=1`` (for CI, where the data
+must be present). docs/benchmarks.md describes both variables.
+"""
+
+import os
+from pathlib import Path
 
 import pytest
+
+SHARED_DATA = Path(os.environ.get("QSMPREP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def require_shared(*relative_paths):
+    """Paths of ``relative_paths`` under ``SHARED_DATA``; skip (or fail) if any is not a file.
+
+    Returns a list of Paths in the order given. The skip message names every
+    missing file. With the environment variable ``QSMPREP_REQUIRE_DATA=1`` a
+    missing file fails the test instead of skipping it.
+    """
+    paths = [SHARED_DATA / p for p in relative_paths]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        message = f"shared test data missing: {', '.join(missing)} (set QSMPREP_SHARED_DATA)"
+        if os.environ.get("QSMPREP_REQUIRE_DATA") == "1":
+            pytest.fail(message + "; QSMPREP_REQUIRE_DATA=1 requires it", pytrace=False)
+        pytest.skip(message)
+    return paths
 
 
 @pytest.fixture

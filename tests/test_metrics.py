@@ -91,6 +91,110 @@ def test_xsim_constant_maps_hand_value():
     assert value == pytest.approx((2 * a * b + 1e-4) / (a * a + b * b + 1e-4), rel=1e-9)
 
 
+@pytest.mark.parametrize("axis", [0, 2])
+def test_hfen_of_cosines_follows_the_log_frequency_response(axis):
+    # y_m = cos(pi m (i + 1/2) / N) along one axis is an eigenfunction of every symmetric filter
+    # under scipy.ndimage's half-sample 'reflect' boundary, with zero mean, so
+    # HFEN(y_2 + 0.1 y_8, y_2) = 100 * 0.1 * |g(w_8)| / |g(w_2)| exactly, g the filter's response.
+    # For the continuous LoG of width sigma, g(w) = -w^2 exp(-w^2 sigma^2 / 2), w_m = pi m / N:
+    # 83.48 % for N = 32, sigma = 1.5 (the 2016 challenge's LoG width; the identity filter gives
+    # 10 %, sigma 1.0 gives 119.8 % and sigma 2.0 gives 50.4 %). The metric's kernel is sampled
+    # and truncated at 4 sigma (scipy's default, 13 taps; the challenge used 15); the truncated
+    # second-derivative kernel sums to -1e-4 instead of 0, which shifts each eigenvalue by about
+    # that much on every axis, 0.3-0.8 % of g(w_2) = -0.037. Measured 83.07 % (-0.5 %), so 2 %.
+    n, sigma = 32, 1.5
+    shape = [4, 4, 4]
+    shape[axis] = n
+    along = [1, 1, 1]
+    along[axis] = n
+
+    def cosine(m):
+        return np.cos(np.pi * m * (np.arange(n) + 0.5) / n).reshape(along) * np.ones(shape)
+
+    def g(m):
+        w = np.pi * m / n
+        return w**2 * np.exp(-(w**2) * sigma**2 / 2)
+
+    expected = 100 * 0.1 * g(8) / g(2)
+    assert expected == pytest.approx(83.48, abs=0.01)
+    assert hfen(cosine(2) + 0.1 * cosine(8), cosine(2), np.ones(shape)) == pytest.approx(expected, rel=0.02)
+
+
+def _skimage_ssim_map(x, y):
+    from skimage.metrics import structural_similarity
+
+    # Wang 2004 SSIM with the QSM challenge 2.0 constants: L = 1, K = (0.01, 0.001), Gaussian
+    # window sigma 1.5 (skimage truncates it at 3.5 sigma: radius 5, 11^3), population covariance
+    _, ssim_map = structural_similarity(
+        x, y, K1=0.01, K2=0.001, sigma=1.5, gaussian_weights=True, use_sample_covariance=False,
+        data_range=1.0, full=True,
+    )  # fmt: skip
+    return ssim_map
+
+
+@pytest.fixture(scope="module")
+def padded_pair():
+    """Random smooth ref in [-0.1, 0.2] ppm and a degraded recon (20^3) zero-padded by 10 voxels.
+
+    The padding keeps every window that reaches an evaluated voxel inside the array, so the
+    border handling (skimage 'reflect', qsmprep 'nearest') never enters.
+    """
+    rng = np.random.default_rng(5)
+    core, pad = (20, 20, 20), 10
+
+    def smooth01():
+        a = gaussian_filter(rng.standard_normal(core), 1.5)
+        return (a - a.min()) / np.ptp(a)
+
+    y = -0.1 + 0.3 * smooth01()
+    x = 0.6 * y + 0.1 * (smooth01() - 0.5) + 0.02
+    inner = np.zeros(np.add(core, 2 * pad), bool)
+    inner[pad:-pad, pad:-pad, pad:-pad] = True
+    return np.pad(x, pad), np.pad(y, pad), inner
+
+
+def test_xsim_matches_skimage_ssim_with_challenge_constants(padded_pair):
+    x, y, inner = padded_pair
+    # without demeaning: the same formula on the same maps; the mean over the mask of skimage's
+    # SSIM map (radius 5 window, hence radius_vox=5) agrees to rounding
+    expected = _skimage_ssim_map(x, y)[inner].mean()
+    assert 0.7 < expected < 0.9  # structure and variance differ: not a trivial value
+    assert xsim(x, y, inner, radius_vox=5, demean=False) == pytest.approx(expected, rel=1e-9)
+    # with demeaning (the default): skimage on maps demeaned in the mask and zeroed outside
+    xd = (x - x[inner].mean()) * inner
+    yd = (y - y[inner].mean()) * inner
+    expected = _skimage_ssim_map(xd, yd)[inner].mean()
+    assert 0.6 < expected < 0.75
+    assert xsim(x, y, inner, radius_vox=5) == pytest.approx(expected, rel=1e-9)
+
+
+def test_xsim_default_window_is_the_7_cubed_gaussian(padded_pair):
+    # skimage cannot shorten its window, so the default (sigma 1.5 truncated at 3 voxels, 7^3
+    # weights exp(-|d|^2 / 2 sigma^2) normalised) is summed here offset by offset
+    x, y, inner = padded_pair
+    r, sigma = 3, 1.5
+    offsets = np.arange(-r, r + 1)
+    w = np.exp(-(offsets**2) / (2 * sigma**2))
+    w /= w.sum()
+    n = x.shape[0]
+
+    def window(a):
+        padded = np.pad(a, r)
+        out = np.zeros_like(a)
+        for i in offsets:
+            for j in offsets:
+                for k in offsets:
+                    shifted = padded[r + i : r + i + n, r + j : r + j + n, r + k : r + k + n]
+                    out += w[i + r] * w[j + r] * w[k + r] * shifted
+        return out
+
+    mx, my = window(x), window(y)
+    vx, vy, cxy = window(x * x) - mx**2, window(y * y) - my**2, window(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.001**2
+    ssim_map = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    assert xsim(x, y, inner, demean=False) == pytest.approx(ssim_map[inner].mean(), rel=1e-9)
+
+
 def test_empty_mask_raises(smooth_map):
     with pytest.raises(DataError, match="empty"):
         nrmse(smooth_map, smooth_map, np.zeros(smooth_map.shape))

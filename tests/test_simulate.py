@@ -147,7 +147,7 @@ def cli_dataset(tmp_path_factory):
 
 
 def test_cli_dataset_indexes_with_pybids(cli_dataset):
-    bids = pytest.importorskip("bids")
+    import bids  # pybids is a hard dependency (pyproject.toml): a broken install must fail here, not skip
     layout = bids.BIDSLayout(cli_dataset, validate=True)
     assert sorted(layout.get_subjects()) == ["01", "02"]
     assert sorted(layout.get_sessions()) == ["post", "pre"]
