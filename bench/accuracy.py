@@ -63,7 +63,8 @@ from qsmprep.physics import b0_dir_from_affine, forward_field_ppm, resample_to_g
 from qsmprep.reports.mosaic import comparison_png
 from qsmprep.sim import LABELS, acquire, head_phantom, simulate_gre
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the tests read the same folder (tests/conftest.py SHARED_DATA)
+DEFAULT_DATA = Path(os.environ.get("QSMPREP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CHALLENGE_B0_DIR = (0.0, 0.0, 1.0)  # the third array axis, as the 2016 challenge states
 DEEP_GM_LABELS = (1, 2, 3, 4, 5, 6)
 SCALES = (64, 96, 128, 256)
