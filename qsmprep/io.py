@@ -40,6 +40,65 @@ def load_nifti(path, what="image"):
     return data, img.affine, img.header
 
 
+def nifti_values(path, what="image"):
+    """Read every voxel of a NIfTI file once and summarise its values.
+
+    Unlike a header read, this finds files whose data are cut short (an
+    interrupted copy of a .nii.gz). The data are read in their stored type;
+    the header's scaling is applied to the extremes only, so no float copy of
+    a large image is held.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to read.
+    what : str, default "image"
+        What the file is meant to be, for error messages ("phase image").
+
+    Returns
+    -------
+    dict with ``shape`` (tuple), ``nonfinite`` (number of NaN or infinite
+    voxels), ``min`` and ``max`` (of the finite values, scaled; None when
+    there are none) and ``integral`` (True when every finite value is a whole
+    number, as vendor integer phase is).
+
+    Raises
+    ------
+    NoInputError if the file is missing, or its header or data cannot be read
+    in full.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NoInputError(f"{what} {path} does not exist: check the path.")
+    try:
+        img = nib.load(str(path))
+        proxy = img.dataobj
+        if hasattr(proxy, "get_unscaled"):
+            raw = np.asarray(proxy.get_unscaled())
+            slope, inter = float(proxy.slope), float(proxy.inter)
+        else:
+            raw, slope, inter = np.asarray(proxy), 1.0, 0.0
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for broken or truncated files
+        raise NoInputError(f"{what} {path} is not a readable NIfTI file ({exc}): re-export it as .nii or .nii.gz.") from exc
+    if np.iscomplexobj(raw):
+        raise DataError(f"{what} {path} holds complex values: give the magnitude and the phase as separate real images.")
+    if np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool:
+        values, nonfinite, integral = raw, 0, True
+    else:
+        finite = np.isfinite(raw)
+        nonfinite = int(raw.size - np.count_nonzero(finite))
+        values = raw if nonfinite == 0 else raw[finite]
+        integral = bool(values.size == 0 or np.array_equal(values, np.round(values)))
+    integral = integral and float(slope).is_integer() and float(inter).is_integer()
+    if values.size == 0:
+        low = high = None
+    else:
+        ends = sorted((float(values.min()) * slope + inter, float(values.max()) * slope + inter))
+        low, high = ends
+    return {"shape": tuple(int(n) for n in img.shape), "nonfinite": nonfinite, "min": low, "max": high,
+            "integral": integral}
+
+
 def save_nifti(path, data, affine, header=None, dtype=np.float32):
     """Write ``data`` to ``path`` atomically: a temporary file, then a rename.
 

@@ -278,3 +278,68 @@ def test_bad_plugin_file_exits_64(tmp_path, capsys):
     plugin.write_text("plugin_args: {}\n")
     argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--use-plugin", str(plugin)]
     assert main(argv) == 64 and "must hold a 'plugin' key" in capsys.readouterr().err
+
+
+def test_output_inside_a_subject_folder_exits_64_and_derivatives_is_allowed(tmp_path, capsys):
+    bids = _tiny_dataset(tmp_path / "bids")
+    anat = bids / "sub-01" / "anat"
+    before = sorted(p.name for p in anat.iterdir())
+    assert main([str(bids), str(anat), "participant", "-w", str(tmp_path / "w")]) == 64
+    err = capsys.readouterr().err
+    assert f"output folder {anat} is inside the input dataset" in err and "BIDS_DIR/derivatives/" in err
+    assert sorted(p.name for p in anat.iterdir()) == before  # nothing written into the raw data
+    out = bids / "derivatives" / "qsmprep"
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only"]) == 0
+
+
+@pytest.mark.parametrize("which", ["OUTPUT_DIR", "--work-dir"])
+def test_output_or_work_dir_that_is_a_file_exits_64(tmp_path, capsys, which):
+    bids = _tiny_dataset(tmp_path / "bids")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    out, work = (blocker, tmp_path / "w") if which == "OUTPUT_DIR" else (tmp_path / "out", blocker)
+    assert main([str(bids), str(out), "participant", "-w", str(work)]) == 64
+    err = capsys.readouterr().err
+    assert f"{which} {blocker} is a file, not a folder" in err and "Traceback" not in err
+    assert blocker.read_text() == "a file" and not (tmp_path / "out").exists()
+
+
+def _nan_phase(anat):
+    data = np.ones((8, 8, 8), np.float32)
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1])), str(anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz"))
+    return anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz", ["NaN or infinite", "re-export"]
+
+
+def _degrees_phase(anat):
+    data = np.linspace(-180, 179.9, 512).reshape(8, 8, 8).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1])), str(anat / "sub-01_echo-1_part-phase_MEGRE.nii.gz"))
+    return anat / "sub-01_echo-1_part-phase_MEGRE.nii.gz", ["look like degrees", "multiply by pi/180"]
+
+
+def _truncated_phase(anat):
+    path = anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz"
+    nib.save(nib.Nifti1Image(np.linspace(-3, 3, 512).reshape(8, 8, 8).astype(np.float32), np.diag([2.0, 2, 2, 1])),
+             str(path))
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) * 3 // 4])  # the header still reads; the data are cut short
+    return path, ["not a readable NIfTI file", "re-export"]
+
+
+def _broken_sidecar(anat):
+    path = anat / "sub-01_echo-1_part-phase_MEGRE.json"
+    path.write_text('{"EchoTime": 0.004, "Units": "rad",}')
+    return path, ["is not valid JSON", "fix its syntax"]
+
+
+@pytest.mark.parametrize("breaks", [_nan_phase, _degrees_phase, _truncated_phase, _broken_sidecar])
+def test_bad_input_data_exits_65_before_writing_anything(tmp_path, capsys, breaks):
+    bids = _tiny_dataset(tmp_path / "bids")
+    bad_file, texts = breaks(bids / "sub-01" / "anat")
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--inversion", "tkd"]) == 65
+    err = capsys.readouterr().err
+    assert str(bad_file) in err and "Traceback" not in err
+    for text in texts:
+        assert text in err
+    assert not out.exists() and not (tmp_path / "w").exists()  # no partial derivatives, no work started

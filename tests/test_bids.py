@@ -223,3 +223,112 @@ def test_derivative_names_and_description(tmp_path):
     assert desc["DatasetLinks"]["raw"] == (tmp_path / "bids").as_uri()
     assert "logs/" in (tmp_path / "out" / ".bidsignore").read_text().split()
     assert bids_uri(tmp_path / "bids" / "sub-01" / "anat" / "x.nii.gz", tmp_path / "bids") == "bids:raw:sub-01/anat/x.nii.gz"
+
+
+# ------------------------------------------------ image content: truncated files, NaN, phase that misfits its Units
+
+
+def _write_data(path, data):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4)), str(path))
+    return path
+
+
+def _ramp(low, high, dtype=np.float32, shape=(6, 6, 5)):
+    """Values spread evenly from ``low`` to ``high`` (like wrapped phase with noise)."""
+    return np.linspace(low, high, int(np.prod(shape))).reshape(shape).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    ("units", "data", "texts"),
+    [
+        ("rad", _ramp(-180, 179.9), ["look like degrees", "multiply by pi/180"]),
+        ("rad", _ramp(-4096, 4095, np.int16), ["whole numbers", 'set "Units" to "arbitrary"']),
+        ("arbitrary", _ramp(0, 4095, np.int16), ["unsigned 12-bit", "x * pi / 2048 - pi", 'set "Units" to "rad"']),
+        ("rad", _ramp(0, 4095, np.int16), ["unsigned 12-bit", "x * pi / 2048 - pi"]),
+        ("arbitrary", _ramp(-3.1, 3.1), ["not whole numbers", 'set "Units" to "rad"']),
+        ("rad", _ramp(-40.0, 55.0), ["outside [-pi, 2pi]", "not unwrapped or rescaled"]),
+    ],
+)
+def test_phase_values_that_misfit_units_are_refused(tmp_path, units, data, texts):
+    anat = make_run(tmp_path, units=units)
+    phase = _write_data(anat / "sub-01_echo-1_part-phase_MEGRE.nii.gz", data)
+    valid, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert valid == [] and problem.file == str(phase)
+    assert problem.message.startswith(f"{phase}: phase values")
+    for text in texts:
+        assert text in problem.message
+    if "Units" in " ".join(texts):
+        assert str(anat / "sub-01_echo-1_part-phase_MEGRE.json") in problem.message
+
+
+@pytest.mark.parametrize(
+    ("units", "data"),
+    [("rad", _ramp(-np.pi, np.pi)), ("rad", _ramp(0, 2 * np.pi)), ("arbitrary", _ramp(-4096, 4095, np.int16)),
+     ("arbitrary", _ramp(-4096, 4094, np.float32))],
+)
+def test_phase_values_that_fit_units_are_accepted(tmp_path, units, data):
+    anat = make_run(tmp_path, units=units)
+    _write_data(anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz", data)
+    (run,), problems = validate_runs(discover_runs(tmp_path))
+    assert problems == [] and run.phase_units == units
+
+
+@pytest.mark.parametrize("part", ["mag", "phase"])
+def test_nan_in_an_echo_is_refused(tmp_path, part):
+    anat = make_run(tmp_path)
+    data = np.zeros((6, 6, 5), np.float32)
+    data[1, 2, 3] = np.nan
+    data[0, 0, 0] = np.inf
+    bad = _write_data(anat / f"sub-01_echo-2_part-{part}_MEGRE.nii.gz", data)
+    valid, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert valid == [] and problem.file == str(bad)
+    assert f"{bad} has 2 NaN or infinite voxel(s)" in problem.message and "re-export" in problem.message
+
+
+def test_truncated_image_is_refused_before_processing(tmp_path):
+    make_run(tmp_path / "bids", sub="01")
+    anat = make_run(tmp_path / "bids", sub="02", shape=(30, 30, 30))
+    truncated = _write_data(anat / "sub-02_echo-2_part-phase_MEGRE.nii.gz", _ramp(-3, 3, shape=(30, 30, 30)))
+    content = truncated.read_bytes()
+    truncated.write_bytes(content[: len(content) // 2])  # an interrupted copy: the header still reads
+    valid, (problem,) = validate_runs(discover_runs(tmp_path / "bids"))
+    assert [r.name for r in valid] == ["sub-01"] and problem.file == str(truncated)
+    assert "is not a readable NIfTI file" in problem.message and "re-export" in problem.message
+
+
+def test_user_mask_must_be_3d_and_readable(tmp_path):
+    make_run(tmp_path / "bids")
+    (run,) = discover_runs(tmp_path / "bids")
+    four_d = _write_image(tmp_path / "m4d.nii.gz", (6, 6, 5, 2))
+    _, (problem,) = validate_runs([run], mask=four_d)
+    assert problem.file == str(four_d) and "has shape (6, 6, 5, 2): give a single 3D mask" in problem.message
+    _write_image(tmp_path / "singleton.nii.gz", (6, 6, 5, 1))
+    (checked,), _ = validate_runs([run], mask=tmp_path / "singleton.nii.gz")
+    assert checked.mask.endswith("singleton.nii.gz")
+    truncated = _write_data(tmp_path / "cut.nii.gz", _ramp(0, 1, shape=(6, 6, 5)))
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    _, (problem,) = validate_runs([run], mask=truncated)
+    assert problem.file == str(truncated) and "not a readable NIfTI" in problem.message
+
+
+def test_invalid_json_sidecar_names_the_file(tmp_path):
+    anat = make_run(tmp_path)
+    sidecar = anat / "sub-01_echo-1_part-phase_MEGRE.json"
+    sidecar.write_text('{"EchoTime": 0.004, "Units": "rad",}')
+    with pytest.raises(DataError) as err:
+        discover_runs(tmp_path)
+    assert err.value.exit_code == 65
+    assert f"JSON sidecar {sidecar} is not valid JSON" in str(err.value) and "fix its syntax" in str(err.value)
+
+
+def test_unknown_session_and_unreadable_filter_file(tmp_path):
+    make_run(tmp_path, ses="1")
+    with pytest.raises(NoInputError, match="session\\(s\\) ses-9 not found .* check --session-label"):
+        discover_runs(tmp_path, session_label=["ses-1", "9"])
+    assert len(discover_runs(tmp_path, session_label=["1"])) == 1
+    binary = tmp_path / "filter.json"
+    binary.write_bytes(b"\x1f\x8b\x08\x00binary")
+    with pytest.raises(UsageError, match="filter.json is not valid JSON"):
+        read_filter_file(binary)
+    with pytest.raises(UsageError, match="cannot be read"):
+        read_filter_file(tmp_path)

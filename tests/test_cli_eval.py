@@ -153,3 +153,21 @@ def test_nan_in_mask_is_refused(files, maps, tmp_path, capsys):
     save_nifti(bad, recon, AFFINE)
     code, err = _error_run([str(bad), str(files["ref"]), str(files["mask"])], capsys)
     assert code == 65 and "NaN" in err
+
+
+def test_json_output_that_is_a_folder_or_unwritable(files, tmp_path, capsys):
+    code, err = _error_run(_args(files, "--json", tmp_path), capsys)
+    assert code == 64 and len(err.splitlines()) == 1
+    assert f"--json {tmp_path} is a folder" in err and "metrics.json" in err
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    code, err = _error_run(_args(files, "--json", blocker / "metrics.json"), capsys)
+    assert code == 70 and len(err.splitlines()) == 1 and err.startswith("qsmprep-eval: error: cannot write")
+    assert str(blocker / "metrics.json") in err and "Traceback" not in err
+    assert blocker.read_text().startswith("a file") and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_non_integer_label_map_is_refused(files, capsys):
+    code, err = _error_run(_args(files, "--labels", files["chi"]), capsys)
+    assert code == 65 and len(err.splitlines()) == 1
+    assert f"label map {files['chi']} holds non-integer values" in err and "dseg" in err

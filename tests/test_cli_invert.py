@@ -189,3 +189,15 @@ def test_deep_method_runs_a_checkpoint_and_refuses_a_missing_one(inputs, capsys,
     assert np.abs(written - other_lambda).max() > 1e-4  # the option reached the refinement
     paths["out"].unlink()
     _expect_error(capsys, paths, 66, ["nothere.safetensors"], "--method", "deep", "--model", str(tmp_path / "nothere.safetensors"))
+
+
+@pytest.mark.parametrize("which", ["field", "mask"])
+def test_output_that_is_an_input_exits_64_and_leaves_it_intact(inputs, capsys, which):
+    paths, *_ = inputs
+    before = paths[which].read_bytes()
+    paths["out"] = paths[which].parent / ".." / paths[which].parent.name / paths[which].name  # same file, other spelling
+    assert _run(paths, "--method", "tkd") == 64
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qsmprep-invert: error: ")
+    assert f"is the input {which.upper()}, which it would overwrite" in err[0]
+    assert paths[which].read_bytes() == before

@@ -17,7 +17,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import NoInputError, UsageError
+from ..errors import DataError, NoInputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,11 @@ def read_filter_file(path):
         content = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise UsageError(f"BIDS filter file {path} does not exist: check the --bids-filter-file path.") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"BIDS filter file {path} is not valid JSON ({exc}): fix its syntax.") from exc
+    except OSError as exc:
+        raise UsageError(f"BIDS filter file {path} cannot be read ({exc.strerror or exc}): give a JSON file "
+                         "to --bids-filter-file.") from exc
     if not isinstance(content, dict) or not isinstance(content.get(FILTER_FILE_KEY, {}), dict):
         raise UsageError(
             f'BIDS filter file {path} must be a JSON object like {{"{FILTER_FILE_KEY}": {{"acquisition": "fast"}}}}.'
@@ -115,6 +118,34 @@ def _echo_number(entities):
         return int(entities.get("echo", 0))
     except (TypeError, ValueError):
         return 0
+
+
+PYBIDS_IGNORED = ("code", "derivatives", "models", "sourcedata", "stimuli")
+"""Top-level folders pybids does not index (with dot-folders); their JSON files are not read."""
+
+
+def invalid_json_file(bids_dir):
+    """(path, error) of the first JSON file pybids would read in ``bids_dir`` that is not valid JSON, or None."""
+    bids_dir = Path(bids_dir)
+    for path in sorted(bids_dir.rglob("*.json")):
+        rel = path.relative_to(bids_dir).parts
+        if rel[0] in PYBIDS_IGNORED or any(part.startswith(".") for part in rel):
+            continue
+        try:
+            json.loads(path.read_text())
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return path, exc
+    return None
+
+
+def _metadata_error(bids_dir, exc):
+    """DataError naming the sidecar pybids could not read (``exc`` from pybids), and the fix."""
+    found = invalid_json_file(bids_dir)
+    if found is None:
+        return DataError(f"a JSON sidecar in {bids_dir} cannot be read ({exc}): check its syntax.")
+    path, error = found
+    return DataError(f"JSON sidecar {path} is not valid JSON ({error}): fix its syntax (e.g. a trailing comma "
+                     "or a missing quote); every sidecar must be a JSON object.")
 
 
 def _echo_sort_key(item):
@@ -145,14 +176,20 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
     Raises
     ------
     NoInputError when ``bids_dir`` is missing, when a requested participant
-    does not exist, or when no GRE magnitude/phase image is found.
+    or session does not exist, or when no GRE magnitude/phase image is found;
+    DataError when a JSON sidecar is not valid JSON (named, with the fix).
     """
     from bids import BIDSLayout  # heavy import: only when discovering
 
     bids_dir = Path(bids_dir).absolute()
     if not bids_dir.is_dir():
         raise NoInputError(f"BIDS directory {bids_dir} does not exist: check the first positional argument.")
-    layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    try:
+        layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    except (OSError, ValueError) as exc:  # pybids wraps a JSON syntax error of a sidecar in an OSError
+        if invalid_json_file(bids_dir) is None:
+            raise
+        raise _metadata_error(bids_dir, exc) from exc
     query = {"suffix": list(GRE_SUFFIXES), "part": ["mag", "phase"], "extension": [".nii", ".nii.gz"]}
     query.update(bids_filters or {})
     if participant_label:
@@ -165,7 +202,14 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
             )
         query["subject"] = wanted
     if session_label:
-        query["session"] = _strip_prefix(session_label, "ses-")
+        wanted = _strip_prefix(session_label, "ses-")
+        subjects = {"subject": query["subject"]} if participant_label else {}
+        missing = sorted(set(wanted) - set(layout.get_sessions(**subjects)))
+        if missing:
+            whose = f" for participant(s) {', '.join('sub-' + s for s in subjects['subject'])}" if subjects else ""
+            raise NoInputError(f"session(s) {', '.join('ses-' + m for m in missing)} not found in {bids_dir}{whose}: "
+                               "check --session-label.")
+        query["session"] = wanted
 
     groups = {}
     for bids_file in layout.get(return_type="object", **query):

@@ -14,13 +14,20 @@ any problem is left out and the others proceed. Checks, per run:
   volumes as its ``EchoTime`` list has entries;
 - a B0 field strength: ``MagneticFieldStrength`` in the sidecars, or the
   ``--b0-tesla`` override;
-- a user mask (``--mask PATH``), when given, on the run's grid.
+- the data of every image readable in full (not a truncated .nii.gz), with
+  no NaN or infinite values;
+- phase values that fit the declared ``Units``: wrapped radians for 'rad'
+  (not degrees, not vendor integers), signed vendor integers for 'arbitrary'
+  (not unsigned 0..4095, not non-integer values);
+- a user mask (``--mask PATH``), when given, on the run's grid, 3D and
+  readable in full.
 
 ``check_bids_dataset`` is a light BIDS check with the ``bids_validator``
 package (file names only); ``--skip-bids-validation`` skips it.
 """
 
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +39,12 @@ log = logging.getLogger(__name__)
 
 PHASE_UNITS = ("rad", "arbitrary")
 """Phase ``Units`` qsmprep interprets (see qsmprep.phase.scaling.phase_to_rad)."""
+
+VENDOR_RANGE = (-4096, 4095)
+"""Integer range that 'arbitrary' phase is read as (``phase_to_rad``'s default, Siemens -pi..pi)."""
+
+RAD_TOLERANCE = 0.01
+"""Slack (rad) around [-pi, 2 pi] for 'rad' phase stored with rounding."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,80 @@ def _grid(run, n_echoes, problems):
     return ref_shape[:3], tuple(tuple(float(v) for v in row) for row in ref_affine)
 
 
+def _phase_range_problem(file, units, values):
+    """Why the phase values of ``file`` (a ``nifti_values`` summary) do not fit ``units``, or None."""
+    low, high = values["min"], values["max"]
+    if low is None:
+        return None
+    if units == "rad" and low >= -math.pi - RAD_TOLERANCE and high <= 2 * math.pi + RAD_TOLERANCE:
+        return None
+    sidecar = _sidecar(file)
+    seen = f"{file}: phase values {low:g}..{high:g}"
+    declared = f"its sidecar {sidecar} says \"Units\": \"{units}\""
+    lo, hi = VENDOR_RANGE
+    if low >= 0 and high <= hi and high - low >= (hi + 1) / 2 and (units == "arbitrary" or values["integral"]):
+        read_as = f" (read as signed {lo}..{hi}, which would halve the phase)" if units == "arbitrary" else ""
+        return (f"{seen} look like unsigned 12-bit scanner phase (0..4095), but {declared}{read_as}: convert "
+                "the image to radians (x * pi / 2048 - pi) and set \"Units\" to \"rad\".")
+    if units == "rad":
+        if values["integral"]:
+            return f"{seen} are whole numbers, as scanner phase is, but {declared}: set \"Units\" to \"arbitrary\"."
+        if low >= -180.5 and high <= 360.5 and high - low > 180:
+            return f"{seen} look like degrees, but {declared}: convert the image to radians (multiply by pi/180)."
+        return (f"{seen} lie outside [-pi, 2pi], so they are not wrapped phase in radians as {declared}: give the "
+                "phase as exported from the scanner (not unwrapped or rescaled), or correct \"Units\".")
+    if not values["integral"] and high - low < (hi - lo) / 2:
+        return (f"{seen} are not whole numbers and fill less than half of the vendor range {lo}..{hi}, so they are "
+                f"not scanner integers as {declared}: if they are radians set \"Units\" to \"rad\"; if degrees, "
+                "convert them to radians (multiply by pi/180) and set \"Units\" to \"rad\".")
+    return None
+
+
+def _values(run, units, problems):
+    """Read every image of the run in full; report unreadable data, NaN, and phase that does not fit ``units``.
+
+    Stops at the first problem (one message per run); returns True when all is well.
+    """
+    from ..io import nifti_values
+
+    parts = [(f, "magnitude") for f in run.magnitude] + [(f, "phase") for f in run.phase]
+    for file, part in parts:
+        try:
+            values = nifti_values(file, f"{part} image")
+        except (DataError, NoInputError) as exc:
+            problems.append(Problem(run.subject, run.name, str(file), str(exc)))
+            return False
+        message = None
+        if values["nonfinite"]:
+            message = (f"{file} has {values['nonfinite']} NaN or infinite voxel(s): qsmprep needs finite "
+                       f"{part} values everywhere (NaN spreads through unwrapping and the dipole inversion): "
+                       "re-export the image from the scanner, or set those voxels to 0 in both the magnitude "
+                       "and the phase image of that echo.")
+        elif part == "phase" and units is not None:
+            message = _phase_range_problem(file, units, values)
+        if message:
+            problems.append(Problem(run.subject, run.name, str(file), message))
+            return False
+    return True
+
+
+def _mask_problem(run, mask_file, grid):
+    """Why the user mask ``mask_file`` cannot be used for ``run`` (on ``grid``), or None."""
+    from ..io import check_same_grid, nifti_values
+
+    try:
+        shape, affine = _header(mask_file)
+        check_same_grid(run.magnitude[0], grid, mask_file, (shape, affine))
+        if any(n != 1 for n in shape[3:]):
+            return f"mask {mask_file} has shape {shape}: give a single 3D mask (non-zero = brain)."
+        nifti_values(mask_file, "mask")
+    except (DataError, NoInputError) as exc:
+        return str(exc)
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        return f"mask {mask_file} is not a readable NIfTI image ({exc}): re-export it as .nii or .nii.gz."
+    return None
+
+
 def _b0_tesla(run, b0_tesla, problems):
     if b0_tesla is not None:
         return float(b0_tesla)
@@ -237,6 +324,8 @@ def validate_run(run, b0_tesla=None, mask=None):
         report(run.phase[0], f"{run.phase[0]}: {run.name} has a single echo but suffix {run.suffix}, which means "
                              "multi-echo: add the missing echoes, or name a single-echo acquisition _T2starw.")
     grid = _grid(run, len(echo_times), problems) if echo_times is not None else None
+    if grid is not None:
+        _values(run, units, problems)
     b0 = _b0_tesla(run, b0_tesla, problems)
     mask_file = None
     if mask is not None and grid is not None:
@@ -245,13 +334,9 @@ def validate_run(run, b0_tesla=None, mask=None):
             report(mask, f"no mask for {run.name} in {mask} (looked for "
                          f"sub-{run.subject}/.../anat/{run.name}_desc-brain_mask.nii.gz): add it or drop --mask.")
         else:
-            from ..io import check_same_grid
-
-            try:
-                shape, affine = _header(mask_file)
-                check_same_grid(run.magnitude[0], grid, mask_file, (shape, affine))
-            except DataError as exc:
-                report(mask_file, str(exc))
+            message = _mask_problem(run, mask_file, grid)
+            if message:
+                report(mask_file, message)
     if problems:
         return None, problems
     return replace(run, echo_times_s=echo_times, phase_units=units, b0_tesla=b0,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, NoInputError, UsageError
+from ..errors import DataError, NoInputError, QSMPrepError, UsageError
 from ..io import check_same_grid, load_nifti
 from ..metrics import evaluate
 from .common import run_cli
@@ -86,6 +86,10 @@ def _load_inputs(args):
         labels, labels_affine, _ = load_nifti(args.labels, "label map")
         check_same_grid(args.ref, (ref.shape, ref_affine), args.labels, (labels.shape, labels_affine))
         images[args.labels] = labels
+        finite = np.isfinite(labels)
+        if not finite.all() or not np.array_equal(labels, np.round(labels)):
+            raise DataError(f"label map {args.labels} holds non-integer values: give an integer label map "
+                            "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
     for path, data in images.items():
         if data.ndim != 3:
             raise DataError(f"{path} has {data.ndim} dimensions: give a single 3D volume.")
@@ -129,6 +133,8 @@ def _write_text_atomic(path, text):
 
 def run(args):
     """Evaluate and write the report; raises QSMPrepError for user errors."""
+    if args.json not in (None, "-") and Path(args.json).is_dir():
+        raise UsageError(f"--json {args.json} is a folder: give a file name, e.g. {Path(args.json) / 'metrics.json'}.")
     chi, ref, mask, labels = _load_inputs(args)
     if labels is None and (args.calc_label is not None or args.deep_gm_labels or args.label_names):
         raise UsageError("--calc-label, --deep-gm-labels and --label-names need a label map: add --labels.")
@@ -140,7 +146,11 @@ def run(args):
     if args.json == "-":
         print(json.dumps(result, indent=2))
     elif args.json:
-        _write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+        try:
+            _write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise QSMPrepError(f"cannot write {args.json} ({reason}): check the directory and its permissions.") from exc
         print(format_table(result))
     else:
         print(format_table(result))

@@ -102,6 +102,10 @@ def _check_options(args):
         raise UsageError("--b0-dir must be a non-zero vector.")
     if not (args.out.name.endswith(".nii") or args.out.name.endswith(".nii.gz")):
         raise UsageError(f"output {args.out} must end in .nii or .nii.gz.")
+    for name, path in (("FIELD", args.field), ("MASK", args.mask)):
+        if args.out.resolve() == path.resolve():
+            raise UsageError(f"output {args.out} is the input {name}, which it would overwrite: give another "
+                             "output file name.")
 
 
 def _as_3d(data, path, what):

@@ -127,11 +127,34 @@ def _read_plugin(path):
         content = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError as exc:
         raise UsageError(f"plugin file {path} does not exist: check --use-plugin.") from exc
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UsageError(f"plugin file {path} is not valid YAML ({exc}): fix its syntax.") from exc
+    except OSError as exc:
+        raise UsageError(f"plugin file {path} cannot be read ({exc.strerror or exc}): give a YAML file to "
+                         "--use-plugin.") from exc
     if not isinstance(content, dict) or "plugin" not in content:
         raise UsageError(f"plugin file {path} must hold a 'plugin' key (e.g. 'plugin: SLURM') and optional 'plugin_args'.")
     return str(content["plugin"]), dict(content.get("plugin_args") or {})
+
+
+def check_output_location(bids_dir, output_dir):
+    """Raise UsageError unless ``output_dir`` leaves the input dataset ``bids_dir`` untouched.
+
+    The output may lie outside the dataset, or inside it under
+    ``BIDS_DIR/derivatives/<name>`` (the BIDS convention); never the dataset
+    itself, a folder at its top level, or a folder inside a subject.
+    """
+    bids_dir, output_dir = Path(bids_dir).absolute(), Path(output_dir).absolute()
+    hint = "use a folder outside it or BIDS_DIR/derivatives/<name>, e.g. BIDS_DIR/derivatives/qsmprep"
+    if bids_dir in (output_dir, output_dir.parent):
+        raise UsageError(f"output folder {output_dir} must not be the input dataset or a folder at its top level "
+                         f"({hint}).")
+    for inside in {(bids_dir, output_dir), (bids_dir.resolve(), output_dir.resolve())}:
+        base, out = inside
+        if out.is_relative_to(base) and out.relative_to(base).parts[0] != "derivatives":
+            raise UsageError(f"output folder {output_dir} is inside the input dataset {bids_dir} (under "
+                             f"{base / out.relative_to(base).parts[0]}), where the outputs would mix with the "
+                             f"raw data: {hint}.")
 
 
 def resolve_config(args, argv):
@@ -160,9 +183,11 @@ def resolve_config(args, argv):
     if args.mem is not None and args.mem <= 0:
         raise UsageError("--mem is in GB and must be positive.")
     bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
-    if bids_dir in (output_dir, output_dir.parent):
-        raise UsageError(f"output folder {output_dir} must not be the input dataset or a folder at its top level "
-                         "(use e.g. BIDS_DIR/derivatives/qsmprep).")
+    check_output_location(bids_dir, output_dir)
+    for option, folder in (("OUTPUT_DIR", output_dir), ("--work-dir", args.work_dir.absolute())):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{option} {folder} is a file, not a folder: give a folder path (it is created "
+                             "if missing).")
     nprocs = args.nprocs or os.cpu_count() or 1
     if args.use_plugin:
         plugin, plugin_args = _read_plugin(args.use_plugin)
@@ -199,7 +224,8 @@ def find_inputs(config, filter_file=None):
     if not Path(config.bids_dir).is_dir():
         from ..errors import NoInputError
 
-        raise NoInputError(f"BIDS directory {config.bids_dir} does not exist: check the first positional argument.")
+        what = "is a file, not a folder" if Path(config.bids_dir).exists() else "does not exist"
+        raise NoInputError(f"BIDS directory {config.bids_dir} {what}: check the first positional argument.")
     if not config.skip_bids_validation:
         check_bids_dataset(config.bids_dir)
     if filter_file is not None:
