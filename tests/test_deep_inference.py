@@ -1,7 +1,9 @@
 """Deep inversion engine: frames, tiling, refinement, and a checkpoint run end to end.
 
 An untrained CFL2-prior U-Net returns exactly the CFL2 map (its correction
-head starts at zero), which gives the engine a known answer to be tested on.
+head starts at zero), which gives the engine a known answer to be tested on. The refinement is
+checked against its closed-form (per-frequency) solution on a periodic grid, and the shipped
+model against the true chi of a noisy brain-like phantom, compared with TKD, CFL2 and iLSQR.
 """
 
 import numpy as np
@@ -13,7 +15,7 @@ from qsmprep.deep.registry import save_checkpoint
 from qsmprep.inversion import cfl2
 from qsmprep.inversion.deep import deep_invert, predict_tiled, refine_data_consistency
 from qsmprep.metrics import nrmse
-from qsmprep.physics import forward_field_ppm
+from qsmprep.physics import dipole_kernel, forward_field_ppm, padded_shape
 
 
 def _phantom(shape=(48, 48, 40), voxel_size=(1.0, 1.0, 1.0), b0_dir=(0, 0, 1)):
@@ -84,14 +86,197 @@ def test_refinement_reduces_the_data_misfit():
     np.testing.assert_array_equal(refine_data_consistency(start, field, mask, n_iter=0), start * mask)
 
 
-def test_shipped_default_model_loads_and_inverts():
+def _refinement_case(shape=(27, 25, 15), seed=0):
+    """Random chi_init and field on a grid of odd fast FFT lengths.
+
+    Fast lengths make pad_factor 1 the plain circular convolution; odd ones leave no Nyquist bin,
+    where the full-spectrum kernel of an oblique B0 is not Hermitian and ifftn(...).real would
+    not be the real operator's solution.
+    """
+    assert padded_shape(shape, 1.0) == shape
+    rng = np.random.default_rng(seed)
+    chi_true = rng.normal(0.0, 0.05, shape).astype(np.float32)
+    field = (forward_field_ppm(chi_true, pad_factor=1.0) + rng.normal(0.0, 0.002, shape)).astype(np.float32)
+    chi0 = (0.5 * chi_true + rng.normal(0.0, 0.01, shape)).astype(np.float32)
+    return chi0, field
+
+
+def _closed_form(chi0, field, lam, voxel, b0, weight=1.0):
+    """argmin ||w (D chi - f)||^2 + lam ||chi - chi0||^2 on a periodic grid with constant weight w:
+    (w^2 D^2 + lam) F chi = w^2 D F f + lam F chi0, solved per frequency."""
+    d = dipole_kernel(chi0.shape, voxel, b0)
+    w2 = weight**2
+    spectrum = (w2 * d * np.fft.fftn(field) + lam * np.fft.fftn(chi0)) / (w2 * d**2 + lam)
+    return np.fft.ifftn(spectrum).real
+
+
+def _assert_cg_solution(out, expected, lam, w2=1.0):
+    """``out`` solves the normal equations as far as refine_data_consistency's CG tolerance allows.
+
+    CG stops at ||r|| <= 1e-4 ||b||, so ||x - x*|| / ||x*|| <= 1e-4 cond(A), with
+    cond = (w^2 max D^2 + lam) / lam and max |D| = 2/3 (9.9e-4 for w = 1, lam = 0.05). Pointwise,
+    within a fifth of that times max |x*| (2e-4 for w = 1); measured on these white-noise inputs:
+    up to 1.0e-4 (w = 1) and 2.4e-4 (w = 2, bound 7.3e-4) of max |x*|.
+    """
+    bound = 1e-4 * (w2 * 4 / 9 + lam) / lam
+    assert np.linalg.norm(out - expected) <= bound * np.linalg.norm(expected)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=0.2 * bound * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(("voxel", "b0"), [((1.0, 1.0, 1.0), (0, 0, 1)), ((0.8, 1.0, 1.5), (0.2, -0.3, 1.0))])
+def test_refinement_converges_to_the_closed_form_solution(voxel, b0):
+    chi0, field = _refinement_case()
+    ones = np.ones_like(chi0)
+    lam = 0.05
+    # cg stops at a relative residual of 1e-4 (about 50 iterations here); 200 only caps it
+    out = refine_data_consistency(chi0, field, ones, voxel, b0, weights=None, lam=lam, n_iter=200, pad_factor=1.0)
+    expected = _closed_form(chi0, field, lam, voxel, b0)
+    assert np.abs(chi0 - expected).max() > 0.1 * np.abs(expected).max()  # the refinement has far to go
+    _assert_cg_solution(out, expected, lam)
+
+
+def test_refinement_weights_square_the_data_term_and_zero_weight_removes_it():
+    voxel, b0, lam = (1.0, 1.0, 1.0), (0, 0, 1), 0.05
+    chi0, field = _refinement_case(seed=1)
+    ones = np.ones_like(chi0)
+
+    def refine(f, w):
+        return refine_data_consistency(chi0, f, ones, voxel, b0, weights=w, lam=lam, n_iter=200, pad_factor=1.0)
+
+    # a constant weight 2 is a data term 4 times as strong: the closed form with w^2 = 4
+    _assert_cg_solution(refine(field, 2.0 * ones), _closed_form(chi0, field, lam, voxel, b0, weight=2.0), lam, w2=4.0)
+    # zero weight everywhere: no data term, the minimiser is chi_init
+    np.testing.assert_array_equal(refine(field, 0.0 * ones), chi0)
+    # zero weight on a slab: the field there is not used at all, while the field elsewhere is
+    weights = ones.copy()
+    weights[:, :, 5:10] = 0
+    changed = field.copy()
+    changed[:, :, 5:10] += np.random.default_rng(2).normal(0.0, 0.1, changed[:, :, 5:10].shape).astype(np.float32)
+    np.testing.assert_array_equal(refine(changed, weights), refine(field, weights))
+    assert np.abs(refine(changed, ones) - refine(field, ones)).max() > 0.01
+
+
+def _slope(out, chi, mask):
+    """Least-squares slope of ``out`` regressed on ``chi`` in the mask (both demeaned, as QSM is relative)."""
+    a, b = out[mask] - out[mask].mean(), chi[mask] - chi[mask].mean()
+    return float(a @ b / (b @ b))
+
+
+HEAD_SNR = 50
+"""Phase SNR of the noisy head field: phase noise of 1/50 rad at TE 20 ms, 3 T, i.e. 0.00125 ppm of field,
+a single-echo 3 T acquisition (the model was trained on Rician SNR 20-200)."""
+
+
+@pytest.fixture(scope="module")
+def noisy_head():
+    """A brain-like known chi, its local field inside the mask, and Gaussian field noise at HEAD_SNR.
+
+    The centre of head phantom seed 7 (not one of the training subjects 0-3, ``brain_like_sample``) at
+    1 mm, the model's resolution: 72 x 80 x 64 voxels, masked to an ellipsoid (semi-axes 32, 38, 29 mm)
+    holding white matter, deep grey nuclei, ventricles and internal cerebral veins. chi is zero outside
+    the mask, so the local field is the field of chi inside it (linear convolution, pad_factor 2).
+    """
+    from qsmprep.physics import ppm_to_rad
+    from qsmprep.sim.phantom import head_phantom
+
+    shape = (72, 80, 64)
+    head = head_phantom(shape, (1.0, 1.0, 1.0), seed=7)
+    x, y, z = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij")
+    mask = head.brain_mask & ((x / 32) ** 2 + (y / 38) ** 2 + (z / 29) ** 2 < 1)
+    chi = np.where(mask, head.chi_ppm, 0).astype(np.float32)
+    sigma_ppm = 1.0 / (HEAD_SNR * ppm_to_rad(1.0, 0.02, 3.0))
+    noise = np.random.default_rng(0).normal(0.0, sigma_ppm, shape)
+    field = ((forward_field_ppm(chi) + noise) * mask).astype(np.float32)
+    return chi, field, mask
+
+
+def test_shipped_default_model_beats_classical_inversions_on_a_noisy_head(noisy_head):
+    """Known answer: the true chi of a brain-like phantom, from its noisy local field.
+
+    Measured (NRMSE % vs true chi, demeaned in the mask / slope of the result on chi): default deep
+    (refine 10, lambda 0.05) 36.99 / 0.770; network alone 55.54 / 0.621; TKD (t = 0.19) 41.02 / 0.795;
+    CFL2 61.28 / 0.506; iLSQR 55.60 / 0.596. Head seeds 8 and 9 give the same ranking (deep 35.80 and
+    35.30, TKD 39.24 and 38.14), as do phase SNR 20, 100 and 200.
+    """
     from qsmprep.deep.registry import load_model
+    from qsmprep.inversion import ilsqr, tkd
     from qsmprep.inversion.deep import DEFAULT_MODEL, default_model_path
 
     assert default_model_path().stat().st_size < 50e6
     net, meta = load_model(DEFAULT_MODEL)
     assert meta["arch"] == "unet" and meta["params"]["prior"] == "cfl2"
-    chi, field, mask = _phantom()
+    chi, field, mask = noisy_head
     out = deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cpu")
-    assert np.corrcoef(out[mask], chi[mask])[0, 1] > 0.85
+    error = nrmse(out, chi, mask)
+    classical = {
+        "tkd": tkd(field, mask, threshold=0.19),
+        "cfl2": cfl2(field, mask),
+        "ilsqr": ilsqr(field, mask),
+    }
+    for name, other in classical.items():
+        assert error < nrmse(other, chi, mask), name
+    # regularised inversions underestimate chi; a slope near 1 (0.77 measured) is what is asked of a
+    # method, the network alone (0.62) and CFL2 (0.51) fall below this range
+    assert 0.7 < _slope(out, chi, mask) < 1.1
     np.testing.assert_array_equal(out, deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cpu"))  # deterministic
+
+
+def test_shipped_model_refinement_helps_on_isolated_spheres():
+    """Noise-free isolated spheres, far from the training data: the refinement still pays.
+
+    Measured (NRMSE % vs true chi): network alone 70.66, default refinement 46.81, CFL2 52.88
+    (TKD 28.80 wins here; docs/models/qsmprep-cfl2unet.md, Known limits).
+    """
+    chi, field, mask = _phantom()
+    refined = nrmse(deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cpu"), chi, mask)
+    network = nrmse(deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cpu", refine_iters=0), chi, mask)
+    assert refined < network
+    assert refined < nrmse(cfl2(field, mask), chi, mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_inversion_matches_cpu(noisy_head):
+    """On CUDA the network runs under fp16 autocast (network_predictor), on CPU in fp32.
+
+    fp16 has a unit roundoff of 2^-11 (4.9e-4); through the U-Net's convolutions and batch norms
+    the correction it adds to the fp32 CFL2 prior can drift by a few times that, relative to its
+    range. The refinement runs on the CPU in both cases and does not amplify a change of its start
+    (its minimiser moves by lam (D^2 + lam)^-1 <= 1 times that change). So the maps should agree to
+    1 % of the true chi range (0.54 ppm here: 5.4e-3 ppm), some 20 times the fp16 roundoff.
+    """
+    chi, field, mask = noisy_head
+    tol = 1e-2 * np.ptp(chi[mask])
+    for iters in (0, 10):
+        gpu = deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cuda", refine_iters=iters)
+        cpu = deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cpu", refine_iters=iters)
+        assert gpu.dtype == np.float32 and not gpu[~mask].any()
+        np.testing.assert_allclose(gpu, cpu, rtol=0, atol=tol, err_msg=f"refine_iters={iters}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_asking_for_cuda_without_a_gpu_is_a_usage_error():
+    from qsmprep.errors import UsageError
+    from qsmprep.inversion.deep import resolve_device
+
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    chi, field, mask = _phantom(shape=(16, 16, 16))
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        deep_invert(field, mask, device="cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("voxel_size", "b0_dir"), [((1.0, 1.0, 1.0), (0, 0, 1)), ((3.0, 3.0, 3.0), (0, 0, 1)),
+                                                     ((1.0, 1.0, 1.0), (0.0, 0.42, 0.91))])
+def test_network_grid_shape_is_the_grid_deep_invert_runs_on(untrained_checkpoint, monkeypatch, voxel_size, b0_dir):
+    from qsmprep.inversion import deep
+
+    seen = []
+    real = deep.predict_tiled
+    monkeypatch.setattr(deep, "predict_tiled", lambda predict, field, *a: seen.append(field.shape) or real(predict, field, *a))
+    shape = (20, 18, 12)
+    field, mask = np.zeros(shape, np.float32), np.ones(shape, bool)
+    deep_invert(field, mask, voxel_size, b0_dir, model=untrained_checkpoint, device="cpu", refine_iters=0)
+    assert deep.network_grid_shape(shape, voxel_size, b0_dir, untrained_checkpoint) == seen[0]
+    if voxel_size[0] == 3.0:
+        assert seen[0] == (60, 54, 36)  # the same field of view at the 1 mm training resolution

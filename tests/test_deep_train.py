@@ -69,13 +69,14 @@ def test_shipped_recipe_learns_and_checkpoint_reloads(tmp_path, name):
     assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
     probe.model.load_state_dict(result["model"].state_dict())
     after = _fixed_batch_loss(probe, batches)
-    # cfl2unet starts from the CFL2 solution (zero-initialised correction), so
-    # a few dozen steps can only shave its loss; siqsm's amplitude-normalised
-    # output starts far above its <= 0.01 ppm targets and, at this tiny size,
-    # falls by about 2 % (it learns at CPU scale: docs/deep/training-runs.md);
-    # the others start from noise
-    factor = {"cfl2unet": 0.995, "siqsm": 0.99}.get(name, 0.8)
-    assert after < factor * before, (name, before, after)
+    # The others start from noise and fall fast. cfl2unet starts from the CFL2
+    # solution (zero-initialised correction) and siqsm's targets are <= 0.01 ppm:
+    # 24 steps on a stream of new samples do not move either measurably on these
+    # batches (after / before over recipe seeds 0-4: cfl2unet 0.970-1.022;
+    # seeds 0-3: siqsm 0.982-1.007), so no factor would be a check there;
+    # test_recipe_fits_a_fixed_batch shows that they learn.
+    if name not in ("cfl2unet", "siqsm"):
+        assert after < 0.8 * before, (name, before, after)
     model, meta = load_model(result["checkpoint"])
     assert meta["step"] == 24 and meta["recipe"]["model"]["arch"] == meta["arch"]
     assert set(meta["validation"]) == {"nrmse", "hfen"} and meta["validation"]["nrmse"] > 0
@@ -94,6 +95,30 @@ def test_shipped_recipe_learns_and_checkpoint_reloads(tmp_path, name):
     if name == "qsminvnet":
         weights = [float(r["domain_weight"]) for r in rows]
         assert weights[0] < weights[5] < weights[-1] == pytest.approx(meta["recipe"]["domain"]["lambda_max"])
+
+
+@pytest.mark.parametrize(("name", "steps", "factor"), [("cfl2unet", 40, 0.7), ("siqsm", 100, 0.75)])
+def test_recipe_fits_a_fixed_batch(tmp_path, name, steps, factor):
+    """The recipe's own training step (model, loss, optimiser, lr 2e-3 as in ``tiny``) fits one fixed batch.
+
+    A network that learns must drive its loss on a single repeated batch down; one whose step does
+    not update it (or goes the wrong way) stays at 1.0 or above. Measured after / before, over recipe
+    and batch seeds 0-11 (cfl2unet, 40 steps) and 0-15 (siqsm, 100 steps): cfl2unet 0.30-0.54
+    (0.49 at seed 0), siqsm 0.13-0.65 (0.26 at seed 0). The factors sit above the worst seed.
+    """
+    recipe = validate_recipe(tiny(name))
+    trainer = Trainer(recipe, tmp_path, torch.device("cpu"))
+    batch = next(iter(DataLoader(build_dataset(recipe["data"], recipe["augment"], seed=0), batch_size=2)))
+    trainer.target = None  # no target-domain stream (neither recipe has [domain])
+    trainer.next_batch = lambda: batch
+    before = _fixed_batch_loss(trainer, [batch])
+    losses = []
+    for _ in range(steps):
+        losses.append(trainer.train_step()["loss"])
+        trainer.step += 1
+    after = _fixed_batch_loss(trainer, [batch])
+    assert losses[0] == pytest.approx(before, rel=1e-5)  # the step trains on the batch the loss is measured on
+    assert after < factor * before, (name, before, after)
 
 
 def test_deterministic_and_resumable(tmp_path):

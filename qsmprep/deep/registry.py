@@ -58,21 +58,48 @@ def read_tensors(path, device="cpu"):
     without qsmprep metadata.
     """
     path = Path(path)
+    metadata = _read_metadata(path)
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"checkpoint {path} is not a readable safetensors file ({exc}).") from exc
+    return tensors, metadata
+
+
+def _read_metadata(path):
+    """The qsmprep metadata dict of the safetensors file ``path`` (its tensors are not read)."""
     if not path.is_file():
         raise NoInputError(f"checkpoint {path} does not exist: check the path.")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
-        tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise DataError(f"checkpoint {path} is not a readable safetensors file ({exc}).") from exc
     if raw is None:
         raise DataError(f"checkpoint {path} has no qsmprep metadata: it was not written by qsmprep and is refused.")
     try:
-        metadata = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise DataError(f"checkpoint {path} has unreadable metadata ({exc}).") from exc
-    return tensors, metadata
+
+
+def checkpoint_path(name_or_path):
+    """The file of a shipped model name (qsmprep/data/models/<name>.safetensors) or of a checkpoint path.
+
+    Raises NoInputError for a name that is not shipped.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if not (path.suffix == ".safetensors" or os.sep in text or path.exists()):
+        path = shipped_model_path(text)
+        if not path.is_file():
+            raise NoInputError(f"no shipped model named {text!r} ({path} is absent): give a checkpoint path instead.")
+    return path
+
+
+def read_metadata(name_or_path):
+    """The metadata a checkpoint (or shipped model name) carries, without loading its weights."""
+    return _read_metadata(checkpoint_path(name_or_path))
 
 
 def save_checkpoint(model, path, metadata=None):
@@ -124,12 +151,7 @@ def load_model(name_or_path, device="cpu"):
     NoInputError for an unknown name or missing file; DataError, naming the
     file, for missing or mismatching metadata or tensors.
     """
-    text = str(name_or_path)
-    path = Path(text)
-    if not (path.suffix == ".safetensors" or os.sep in text or path.exists()):
-        path = shipped_model_path(text)
-        if not path.is_file():
-            raise NoInputError(f"no shipped model named {text!r} ({path} is absent): give a checkpoint path instead.")
+    path = checkpoint_path(name_or_path)
     tensors, meta = read_tensors(path)
     if meta.get("format") != FORMAT:
         raise DataError(f"checkpoint {path}: metadata format {meta.get('format')!r} is not {FORMAT!r}; refused.")

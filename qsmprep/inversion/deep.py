@@ -12,7 +12,7 @@ import numpy as np
 from ..deep import shipped_model_path
 from ..errors import UsageError
 from ..physics import b0_tilt_deg, dipole_kernel, filter_padded, padded_shape
-from ..physics.resample import from_b0_aligned, rotation_between, to_b0_aligned
+from ..physics.resample import b0_aligned_grid, from_b0_aligned, rotation_between, to_b0_aligned
 from .solvers import cg
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def predict_tiled(predict, field, mask, tile_shape=(256, 256, 256), overlap=32):
     predict : callable
         Maps (field, mask) float32 arrays of one tile to chi of the same shape.
     field, mask : arrays (i, j, k)
-    tile_shape : tuple of 3 int, default (160, 160, 160)
+    tile_shape : tuple of 3 int, default (256, 256, 256)
         Largest block passed to ``predict`` at once (memory bound).
     overlap : int, default 32
         Voxels shared by neighbouring tiles along each axis.
@@ -147,13 +147,46 @@ def _frame_affine(voxel_size_mm, b0_dir):
     return affine
 
 
+def network_frame(voxel_size_mm, b0_dir, meta):
+    """Where ``deep_invert`` runs a checkpoint's network: (aligned, target voxel size).
+
+    ``aligned`` is True when the input is resampled onto a B0-aligned grid
+    (B0 tilted more than ``OBLIQUE_THRESHOLD_DEG``, or a voxel-size mismatch
+    beyond ``RESOLUTION_TOLERANCE`` for a model that does not take the voxel
+    size, or whose CFL2 prior is its only use of it); the target voxel size
+    (mm) is the model's training one when it is resampled to it, else None
+    (the input's voxel sizes are kept). ``meta`` is the checkpoint metadata.
+    """
+    voxel_size_mm = tuple(float(v) for v in voxel_size_mm)
+    trained_vs = tuple(meta.get("recipe", {}).get("data", {}).get("voxel_size_mm", voxel_size_mm))
+    mismatch = max(abs(v / t - 1) for v, t in zip(voxel_size_mm, trained_vs))
+    resample_resolution = not meta["conventions"]["needs_voxel_size"] or meta.get("params", {}).get("prior")
+    target_vs = trained_vs if (resample_resolution and mismatch > RESOLUTION_TOLERANCE) else None
+    return b0_tilt_deg(b0_dir) > OBLIQUE_THRESHOLD_DEG or target_vs is not None, target_vs
+
+
+def network_grid_shape(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL):
+    """Shape of the grid ``deep_invert`` runs ``model``'s network on for an input of ``shape`` (memory planning).
+
+    The input's own shape, or that of its B0-aligned grid at the model's
+    training resolution (``network_frame``): a 3 mm input is inverted on a
+    grid 27 times larger at 1 mm. Reads the checkpoint metadata only.
+    """
+    from ..deep.registry import read_metadata
+
+    aligned, target_vs = network_frame(voxel_size_mm, b0_dir, read_metadata(model))
+    if not aligned:
+        return tuple(int(n) for n in shape[:3])
+    return b0_aligned_grid(shape, _frame_affine(voxel_size_mm, b0_dir), target_vs)[0]
+
+
 def resolve_device(device="auto"):
     """torch.device for "auto" (CUDA when available), "cpu" or "cuda"; UsageError if CUDA is asked for but absent."""
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was given but no CUDA GPU is available: use --device cpu or auto.")
     return torch.device(device)
 
@@ -224,14 +257,10 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     m = np.asarray(mask) > 0
     field = np.where(m, np.asarray(local_field_ppm, dtype=np.float32), np.float32(0))
     voxel_size_mm = tuple(float(v) for v in voxel_size_mm)
-    trained_vs = tuple(meta.get("recipe", {}).get("data", {}).get("voxel_size_mm", voxel_size_mm))
-    mismatch = max(abs(v / t - 1) for v, t in zip(voxel_size_mm, trained_vs))
-    resample_resolution = not net.needs_voxel_size or net.params.get("prior")
-    target_vs = trained_vs if (resample_resolution and mismatch > RESOLUTION_TOLERANCE) else None
-    tilt = b0_tilt_deg(b0_dir)
-    if tilt > OBLIQUE_THRESHOLD_DEG or target_vs is not None:
-        log.info("deep inversion in a B0-aligned frame (tilt %.1f deg, voxel size %s -> %s)", tilt, voxel_size_mm,
-                 target_vs or "kept")
+    aligned, target_vs = network_frame(voxel_size_mm, b0_dir, meta)
+    if aligned:
+        log.info("deep inversion in a B0-aligned frame (tilt %.1f deg, voxel size %s -> %s)", b0_tilt_deg(b0_dir),
+                 voxel_size_mm, target_vs or "kept")
         native = _frame_affine(voxel_size_mm, b0_dir)
         field_a, affine_a = to_b0_aligned(field, native, target_vs)
         mask_a = to_b0_aligned(m.astype(np.float32), native, target_vs)[0] > 0.5
