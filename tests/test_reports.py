@@ -10,7 +10,7 @@ import pytest
 
 from qsmprep.io import save_nifti
 from qsmprep.reports import build_subject_report
-from qsmprep.reports.mosaic import comparison_png, orthogonal_slices, robust_window, slice_indices
+from qsmprep.reports.mosaic import comparison_png, mosaic_png, orthogonal_slices, robust_window, slice_indices
 
 
 def test_slice_indices_span_the_mask():
@@ -44,10 +44,66 @@ def test_comparison_png_has_a_row_per_map():
     assert abs(one.shape[1] - two.shape[1]) < 0.05 * one.shape[1] and two.shape[0] > 1.6 * one.shape[0]
 
 
-def test_robust_window_is_symmetric():
-    vol = np.linspace(-1, 3, 1000).reshape(10, 10, 10)
-    lo, hi = robust_window(vol, np.ones_like(vol))
-    assert lo == -hi and hi == pytest.approx(np.percentile(vol, 98))
+@pytest.mark.parametrize(
+    ("low", "high", "half"),
+    [
+        (-1.0, 3.0, 2.92),  # 98th percentile of a uniform ramp on [-1, 3]: -1 + 4 * 0.98
+        (-3.0, 1.0, 2.92),  # the negative side dominates: 2nd percentile -3 + 4 * 0.02 = -2.92
+    ],
+)
+def test_robust_window_is_symmetric_about_the_larger_side(low, high, half):
+    vol = np.linspace(low, high, 1000).reshape(10, 10, 10)
+    assert robust_window(vol, np.ones_like(vol)) == pytest.approx((-half, half), abs=1e-9)
+
+
+def test_robust_window_ignores_voxels_outside_the_mask():
+    vol = np.concatenate([np.linspace(-1, 3, 1000), np.full(1000, 1e6)]).reshape(10, 10, 20)
+    mask = np.arange(2000).reshape(vol.shape) < 1000  # the ramp only
+    assert robust_window(vol, mask) == pytest.approx((-2.92, 2.92), abs=1e-9)
+    assert robust_window(vol, np.zeros_like(mask)) == (-1.0, 1.0)  # empty mask: a unit window
+    assert robust_window(np.zeros((4, 4, 4)), np.ones((4, 4, 4))) == (-1e-6, 1e-6)  # never a zero-width window
+
+
+def _panels(png_low, png_high):
+    """Pixel boxes (rows, cols) of the image panels, left to right: where an all-low and an all-high volume differ."""
+    from scipy import ndimage
+
+    differ = np.abs(png_low - png_high).max(axis=-1) > 0
+    labels, n = ndimage.label(differ)
+    boxes = sorted(ndimage.find_objects(labels), key=lambda box: box[1].start)
+    return [box for box in boxes if (box[0].stop - box[0].start) > 20]  # drop specks of anti-aliasing
+
+
+def test_mosaic_shows_a_bright_block_where_it_is_at_the_top_of_the_colour_map():
+    import matplotlib
+    import matplotlib.image
+
+    def render(vol):
+        png = mosaic_png(vol, [1, 2], window=(-1.0, 1.0), cmap="RdBu_r")
+        return matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3]
+
+    background = np.full((16, 16, 4), -1.0, np.float32)  # the bottom of the window
+    low, high = render(background), render(-background)
+    panels = _panels(low, high)
+    assert len(panels) == 2  # one per slice, left to right
+    # a block 4 voxels wide (x = 0..3) and 8 tall (y = 8..15), brighter than the window, in slice 2 only
+    vol = background.copy()
+    vol[0:4, 8:16, 2] = 5.0
+    image = render(vol)
+    changed = np.abs(image - low).max(axis=-1) > 0.02
+    rows, cols = panels[1]
+    height, width = rows.stop - rows.start, cols.stop - cols.start
+    assert abs(height - width) <= 2  # square voxels, square panel
+    assert not changed[panels[0]].any() and changed.sum() == changed[panels[1]].sum()
+    # x runs left to right, y bottom to top: the block fills the left quarter of the upper half
+    r, c = np.nonzero(changed)
+    assert abs(r.min() - rows.start) <= 1 and abs(r.max() + 1 - (rows.start + height / 2)) <= 1.5
+    assert abs(c.min() - cols.start) <= 1 and abs(c.max() + 1 - (cols.start + width / 4)) <= 1.5
+    top, bottom = (np.asarray(matplotlib.colormaps["RdBu_r"](v)[:3]) for v in (1.0, 0.0))
+    inner = image[rows.start + 2:rows.start + height // 2 - 2, cols.start + 2:cols.start + width // 4 - 2]
+    np.testing.assert_allclose(inner.reshape(-1, 3), np.broadcast_to(top, (inner.size // 3, 3)), atol=1 / 255)
+    rest = image[rows.start + height // 2 + 2:rows.stop - 2, cols.start + 2:cols.stop - 2]
+    np.testing.assert_allclose(rest.reshape(-1, 3), np.broadcast_to(bottom, (rest.size // 3, 3)), atol=1 / 255)
 
 
 @pytest.fixture
@@ -80,9 +136,19 @@ def test_report_contains_every_figure_and_the_methods(report_dir):
     sources = re.findall(r'<img src="([^"]+)"', text)
     # ses-a: mask, total, local, 2 Chimaps; ses-b: 1 Chimap
     assert len(sources) == 6
+    import matplotlib.image
+
+    images = {}
     for src in sources:
         png = (out / src).read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        images[src.rsplit("/", 1)[-1]] = matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3]
+    assert all(img.shape[0] > 100 and img.shape[1] > 3 * img.shape[0] for img in images.values())  # a row of slices
+    # the same map in the same mask gives the same figure; another map (0.1 x, not 0.1 y) changes the slices,
+    # far more pixels than the title's method name alone (about 600 of them)
+    tkd = images["sub-01_ses-a_desc-tkd_mosaic.png"]
+    np.testing.assert_array_equal(tkd, images["sub-01_ses-b_desc-tkd_mosaic.png"])
+    assert (np.abs(tkd - images["sub-01_ses-a_desc-ilsqr_mosaic.png"]).max(axis=-1) > 0.1).sum() > 5000
     assert "sub-01_ses-a" in text and "sub-01_ses-b" in text
     assert "Phase was unwrapped [1]." in text and "qsmprep in out participant" in text
 

@@ -13,20 +13,39 @@ from ..config import B0_RESAMPLE_TILT_DEG
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
 from ..interfaces.gre import PhaseToRad, StackEchoes
 from ..interfaces.inversion import DipoleInversion, FromB0Aligned, ReferenceToMask, ToB0Aligned
-from ..physics import b0_dir_from_affine, b0_tilt_deg
+from ..physics import b0_aligned_grid, b0_dir_from_affine, b0_tilt_deg, voxel_size_from_affine
 from .outputs import init_qsm_derivatives_wf
 
 BOILERPLATE = resources.files("qsmprep") / "data" / "boilerplate"
 
 MEMORY_FACTORS = {
-    "stack_magnitude": 3, "phase_to_rad": 6, "brain_mask": 16, "total_field": 24, "bgremove": 48,
+    "stack_magnitude": 3, "phase_to_rad": 2, "brain_mask": 10, "user_mask": 2, "total_field": 14, "bgremove": 48,
     "to_b0_aligned": 12, "from_b0_aligned": 12, "reference": 4, "invert": 64, "invert_deep": 128,
 }
-"""Peak memory of each node in float32 volumes of the run's grid (times echoes where the node holds all echoes)."""
+"""Peak memory of each node in float32 volumes of the grid it works on (times echoes where the node holds all
+echoes), plus ``MEMORY_BASE``. ``to_b0_aligned``, ``from_b0_aligned`` and the inversions after them count volumes
+of the B0-aligned grid, which is larger than the native one for a tilted run (about twice at 45 degrees)."""
 
-ECHO_NODES = frozenset({"stack_magnitude", "phase_to_rad", "brain_mask", "total_field"})
+MEMORY_BASE = {"phase_to_rad": 10, "brain_mask": 24, "user_mask": 3, "total_field": 36}
+"""Volumes an echo node needs whatever the echo count (3D work arrays).
+
+Measured peaks (tracemalloc, 64^3 and 96x100x72 grids, in volumes for 1 / 2 / 4 / 8 echoes; the old
+factor x echoes model under-declared one- and two-echo runs): phase_to_rad (int16 input) 11 / 12 / 14 / 20;
+brain_mask (quality) 28 / 37 / 50 / 82; user_mask (reads the 4D magnitude) 4.3 / 5.1 / 9.1 / 17;
+total_field 42 / 57 / 79 / 131. to_b0_aligned: 9.3 / 14 / 17 native volumes at 0 / 20 / 45 degrees tilt
+(aligned grid 1.0 / 1.7 / 2.0 times the native one), hence its factor applies to the aligned grid.
+Checked by tests/test_workflows.py::test_declared_memory_covers_the_measured_peak."""
+
+ECHO_NODES = frozenset({"stack_magnitude", "phase_to_rad", "brain_mask", "user_mask", "total_field"})
 
 MIN_MEM_GB = 0.1
+
+TORCH_BASE_GB = 0.5
+"""What the deep inversion process holds before any volume: torch and the model (0.25 GB resident after import).
+
+``invert_deep``'s factor counts volumes of the grid the network runs on (``deep_network_shape``), measured
+(/usr/bin/time, shipped model, default refinement): 0.53 / 1.07 / 3.25 GB above the import for 96^3 and 128^3
+at 1 mm and 64^3 at 3 mm (run on 192^3 at 1 mm), i.e. 115-150 volumes; 7.8 GB in all at 256^3 (bench/speed.py)."""
 
 
 def run_b0_dir(run, config):
@@ -42,11 +61,26 @@ def needs_b0_resampling(run, config):
     return bool(config.resample_b0) and b0_tilt_deg(run_b0_dir(run, config)) > B0_RESAMPLE_TILT_DEG
 
 
-def mem_gb(run, node):
-    """Memory hint (GB) for ``node`` on ``run``'s grid (see MEMORY_FACTORS)."""
-    volume_gb = float(np.prod(run.shape)) * 4 / 1e9
+def mem_gb(run, node, shape=None):
+    """Memory hint (GB) for ``node`` on ``shape`` (default ``run``'s grid; see MEMORY_FACTORS, MEMORY_BASE)."""
+    volume_gb = float(np.prod(run.shape if shape is None else shape)) * 4 / 1e9
     echoes = len(run.echo_times_s) if node in ECHO_NODES else 1
-    return max(MIN_MEM_GB, round(MEMORY_FACTORS[node] * echoes * volume_gb, 3))
+    volumes = MEMORY_FACTORS[node] * echoes + MEMORY_BASE.get(node, 0)
+    base_gb = TORCH_BASE_GB if node == "invert_deep" else 0.0
+    return max(MIN_MEM_GB, round(volumes * volume_gb + base_gb, 3))
+
+
+def deep_network_shape(run, config, shape, b0_dir):
+    """The grid the deep network runs on for a field of ``shape`` (e.g. 27x the voxels of a 3 mm run)."""
+    from ..errors import QSMPrepError
+    from ..inversion.deep import DEFAULT_MODEL, network_grid_shape
+
+    model = config.parameters.get("inversion", {}).get("deep", {}).get("model", DEFAULT_MODEL)
+    try:
+        network = network_grid_shape(shape, voxel_size_from_affine(np.asarray(run.affine)), b0_dir, model)
+    except QSMPrepError:  # an unreadable model is reported, with its file, when the node runs
+        return tuple(shape)
+    return max(tuple(network), tuple(shape), key=np.prod)
 
 
 def read_boilerplate(key, **context):
@@ -141,7 +175,7 @@ def init_qsm_wf(run, config, name=None):
     ])
 
     if config.mask_strategy == "user":
-        mask = pe.Node(UserMask(in_file=run.mask), name="user_mask", mem_gb=mem_gb(run, "reference"))
+        mask = pe.Node(UserMask(in_file=run.mask), name="user_mask", mem_gb=mem_gb(run, "user_mask"))
         workflow.connect(stack_magnitude, "out_file", mask, "reference")
     else:
         mask = pe.Node(BrainMask(strategy=config.mask_strategy,
@@ -153,8 +187,11 @@ def init_qsm_wf(run, config, name=None):
     workflow.connect([(mask, total_field, [("out_file", "mask")]), (mask, bgremove, [("out_file", "mask")])])
 
     resample = needs_b0_resampling(run, config)
+    # the grid the inversions work on: the B0-aligned grid covers the tilted field of view, so it is larger
+    aligned_shape = b0_aligned_grid(run.shape, np.asarray(run.affine))[0] if resample else run.shape
+    inversion_shape = max(aligned_shape, run.shape, key=np.prod)
     if resample:
-        to_b0 = pe.Node(ToB0Aligned(), name="to_b0_aligned", mem_gb=mem_gb(run, "to_b0_aligned"))
+        to_b0 = pe.Node(ToB0Aligned(), name="to_b0_aligned", mem_gb=mem_gb(run, "to_b0_aligned", inversion_shape))
         workflow.connect([(bgremove, to_b0, [("local_field", "local_field"), ("mask", "mask")])])
         field_source, inversion_b0_dir = to_b0, [0.0, 0.0, 1.0]
     else:
@@ -166,7 +203,8 @@ def init_qsm_wf(run, config, name=None):
             DipoleInversion(method=method, parameters=config.parameters.get("inversion", {}).get(method, {}),
                             b0_dir=inversion_b0_dir, device=config.device, num_threads=threads),
             name=f"invert_{method}", n_procs=threads,
-            mem_gb=mem_gb(run, "invert_deep" if method == "deep" else "invert"))
+            mem_gb=(mem_gb(run, "invert_deep", deep_network_shape(run, config, inversion_shape, inversion_b0_dir))
+                    if method == "deep" else mem_gb(run, "invert", inversion_shape)))
         reference = pe.Node(ReferenceToMask(), name=f"reference_{method}", mem_gb=mem_gb(run, "reference"))
         workflow.connect([
             (field_source, invert, [("local_field", "local_field"), ("mask", "mask")]),
@@ -174,7 +212,8 @@ def init_qsm_wf(run, config, name=None):
             (reference, merge_chimaps, [("out_file", f"in{index}")]),
         ])
         if resample:
-            back = pe.Node(FromB0Aligned(), name=f"from_b0_aligned_{method}", mem_gb=mem_gb(run, "from_b0_aligned"))
+            back = pe.Node(FromB0Aligned(), name=f"from_b0_aligned_{method}",
+                           mem_gb=mem_gb(run, "from_b0_aligned", inversion_shape))
             workflow.connect([(invert, back, [("out_file", "in_file")]),
                               (bgremove, back, [("local_field", "reference")]),
                               (back, reference, [("out_file", "in_file")])])
