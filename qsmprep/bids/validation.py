@@ -131,14 +131,26 @@ def _echo_times(run, problems):
             tes.extend(float(v) for v in values)
         per_part.append(tes)
     mag_tes, phase_tes = per_part
+
+    def sidecar_of(files, echo):  # one file per echo, or one 4D file holding every echo
+        return _sidecar(files[echo] if len(files) == len(phase_tes) else files[0])
+
     if len(mag_tes) != len(phase_tes) or any(abs(a - b) > 1e-6 for a, b in zip(mag_tes, phase_tes)):
+        echo = next((i for i, (a, b) in enumerate(zip(mag_tes, phase_tes)) if abs(a - b) > 1e-6), 0)
         report(run.phase[0], f"{run.name}: magnitude echo times {mag_tes} s differ from phase echo times "
-                             f"{phase_tes} s: check the EchoTime of each part-mag/part-phase sidecar pair.")
+                             f"{phase_tes} s (first at echo {echo + 1}: {sidecar_of(run.magnitude, echo)} and "
+                             f"{sidecar_of(run.phase, echo)}): check the EchoTime of each part-mag/part-phase "
+                             "sidecar pair.")
         return None
-    if len(set(round(t, 9) for t in phase_tes)) != len(phase_tes):
-        report(run.phase[0], f"{run.name}: two echoes have the same EchoTime ({phase_tes} s): each echo needs "
-                             "its own EchoTime in its sidecar.")
-        return None
+    first_echo = {}
+    for echo, te in enumerate(phase_tes):
+        earlier = first_echo.setdefault(round(te, 9), echo)
+        if earlier != echo:
+            report(run.phase[earlier if len(run.phase) == len(phase_tes) else 0],
+                   f"{run.name}: echoes {earlier + 1} and {echo + 1} have the same EchoTime {te} s "
+                   f"({sidecar_of(run.phase, earlier)}, {sidecar_of(run.phase, echo)}): each echo needs its own "
+                   "EchoTime in its sidecar.")
+            return None
     return tuple(phase_tes)
 
 
