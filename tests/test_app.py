@@ -6,6 +6,7 @@ sub-03, a copy of sub-02 whose phase sidecars lack ``Units``; it runs
 ``qsmprep`` once, then again on the same work directory.
 """
 
+import functools
 import hashlib
 import json
 import shutil
@@ -365,3 +366,58 @@ def test_bad_input_data_exits_65_before_writing_anything(tmp_path, capsys, break
     for text in texts:
         assert text in err
     assert not out.exists() and not (tmp_path / "w").exists()  # no partial derivatives, no work started
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "bids"), str(out), "participant", "--inversion", "deep", "--device", "cuda"]) == 64
+    assert "no CUDA GPU is available" in capsys.readouterr().err and not out.exists()
+
+
+def test_simulate_usage_error_exits_64(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        simulate.main([str(tmp_path / "bids"), "--no-such-option"])
+    assert exc.value.code == 64
+
+
+def test_a_crashing_step_exits_70_and_the_other_subject_finishes(tmp_path, monkeypatch):
+    import importlib
+
+    tkd_module = importlib.import_module("qsmprep.inversion.tkd")  # the package re-exports the function by that name
+
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--subjects", "2", "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6",
+                          "--echoes", "2"]) == 0
+    real, calls = tkd_module.tkd, []
+
+    @functools.wraps(real)  # keeps the signature the workflow reads the parameters from
+    def tkd_crashing_on_its_second_call(*args, **kwargs):  # nodes run one by one (--nprocs 1): one subject crashes
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tkd_module, "tkd", tkd_crashing_on_its_second_call)
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd", "--nprocs", "1"]
+    assert main(argv) == 70
+    chimaps = [(out / f"sub-{s}" / "anat" / f"sub-{s}_desc-tkd_Chimap.nii.gz").is_file() for s in ("01", "02")]
+    assert sorted(chimaps) == [False, True], chimaps  # the other subject finished
+    crash_files = list((out / "logs").rglob("crash-*"))
+    assert crash_files and "simulated crash" in crash_files[0].read_text()
+
+
+def test_an_internal_bug_exits_70_with_a_traceback(tmp_path, monkeypatch, capsys):
+    import qsmprep.cli.run as run
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(run, "resolve_config", broken)
+    assert main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant"]) == 70
+    err = capsys.readouterr().err
+    assert "internal error in qsmprep" in err and "ZeroDivisionError: a bug" in err

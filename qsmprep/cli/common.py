@@ -16,6 +16,14 @@ from ..errors import QSMPrepError, UsageError
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the BIDS-Apps usage exit code (64) instead of 2, for scripts that parse on their own."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
+
+
 def _add_verbosity(parser):
     try:
         parser.add_argument(

@@ -33,6 +33,7 @@ from ..config import (
     preset_methods,
 )
 from ..errors import DataError, QSMPrepError, UsageError
+from .common import ArgumentParser
 
 log = logging.getLogger("qsmprep")
 
@@ -56,17 +57,9 @@ examples:
 """
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse with the BIDS-Apps usage exit code (64) instead of 2."""
-
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
-
-
 def build_parser():
     """The qsmprep command-line parser."""
-    p = _ArgumentParser(
+    p = ArgumentParser(
         prog="qsmprep",
         description="Quantitative susceptibility mapping (QSM) of multi-echo gradient-echo BIDS data.\n"
         "Writes a BIDS derivatives dataset with susceptibility maps (Chimap, ppm), brain masks,\n"
@@ -168,6 +161,10 @@ def resolve_config(args, argv):
             f"--inversion deep: no trained deep-inversion model in this install ({default_model_path()} is missing): "
             "reinstall qsmprep, or choose tkd, cfl2 or ilsqr."
         )
+    if "deep" in inversions and args.device == "cuda":
+        from ..inversion.deep import resolve_device
+
+        resolve_device("cuda")  # refuses at once rather than when the first run reaches the inversion
     if args.b0_tesla is not None and args.b0_tesla <= 0:
         raise UsageError(f"--b0-tesla must be positive (tesla), got {args.b0_tesla}.")
     if args.b0_dir is not None and not any(args.b0_dir):
@@ -376,6 +373,9 @@ def main(argv=None):
     except QSMPrepError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    except Exception:  # a bug in qsmprep itself: the traceback is for the bug report
+        log.exception("internal error in qsmprep %s; please report it with this traceback", __version__)
+        return EXIT_PROCESSING_FAILED
 
 
 if __name__ == "__main__":

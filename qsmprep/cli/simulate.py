@@ -12,7 +12,6 @@ anisotropic data on a finer isotropic grid resampled onto the slab
 (``qsmprep.sim.gre.acquire``). See docs/simulator.md.
 """
 
-import argparse
 import logging
 import sys
 import time
@@ -24,6 +23,7 @@ from ..errors import QSMPrepError, UsageError
 from ..sim.bids_writer import PHASE_UNITS, write_dataset_files, write_subject
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
+from .common import ArgumentParser
 
 log = logging.getLogger("qsmprep.simulate")
 
@@ -33,7 +33,7 @@ DEFAULT_FOV_MM = (168.0, 204.0, 168.0)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qsmprep-simulate",
         description="Simulate a multi-echo GRE BIDS dataset (magnitude + phase) from a numerical head phantom, "
         "with the ground truth (chi, fields, mask, labels) under OUT_DIR/derivatives/groundtruth.",
