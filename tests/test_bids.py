@@ -14,7 +14,12 @@ from qsmprep.errors import DataError, NoInputError, UsageError
 
 def _write_image(path, shape=(6, 6, 5), affine=None, meta=None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4) if affine is None else affine), str(path))
+    n = int(np.prod(shape))
+    if (meta or {}).get("Units") == "arbitrary":  # vendor integers over the -4096..4095 range
+        data = np.round(np.linspace(-4096, 4095, n)).astype(np.float32).reshape(shape)
+    else:  # valid as magnitude or as phase in rad
+        data = np.linspace(0.1, 3.0, n, dtype=np.float32).reshape(shape)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     if meta is not None:
         path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(meta))
     return path
@@ -284,6 +289,16 @@ def test_nan_in_an_echo_is_refused(tmp_path, part):
     valid, (problem,) = validate_runs(discover_runs(tmp_path))
     assert valid == [] and problem.file == str(bad)
     assert f"{bad} has 2 NaN or infinite voxel(s)" in problem.message and "re-export" in problem.message
+
+
+@pytest.mark.parametrize(("part", "value", "text"), [("mag", 0.0, "no signal"), ("phase", 0.0, "no phase information"),
+                                                     ("phase", 1.5, "no phase information")])
+def test_an_empty_echo_is_refused(tmp_path, part, value, text):
+    anat = make_run(tmp_path)
+    bad = _write_data(anat / f"sub-01_echo-2_part-{part}_MEGRE.nii.gz", np.full((6, 6, 5), value, np.float32))
+    valid, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert valid == [] and problem.file == str(bad)
+    assert f"{bad} holds the single value {value:g} in every voxel, so it has {text}" in problem.message
 
 
 def test_truncated_image_is_refused_before_processing(tmp_path):

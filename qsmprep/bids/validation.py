@@ -15,7 +15,8 @@ any problem is left out and the others proceed. Checks, per run:
 - a B0 field strength: ``MagneticFieldStrength`` in the sidecars, or the
   ``--b0-tesla`` override;
 - the data of every image readable in full (not a truncated .nii.gz), with
-  no NaN or infinite values;
+  no NaN or infinite values, a magnitude that is not all zero and a phase
+  that is not one constant value;
 - phase values that fit the declared ``Units``: wrapped radians for 'rad'
   (not degrees, not vendor integers), signed vendor integers for 'arbitrary'
   (not unsigned 0..4095, not non-integer values);
@@ -246,6 +247,10 @@ def _values(run, units, problems):
                        f"{part} values everywhere (NaN spreads through unwrapping and the dipole inversion): "
                        "re-export the image from the scanner, or set those voxels to 0 in both the magnitude "
                        "and the phase image of that echo.")
+        elif values["min"] is not None and values["min"] == values["max"] and (part == "phase" or values["max"] <= 0):
+            what = "no signal" if part == "magnitude" else "no phase information"
+            message = (f"{file} holds the single value {values['min']:g} in every voxel, so it has {what}: "
+                       f"re-export the {part} image from the scanner (check that the right series was converted).")
         elif part == "phase" and units is not None:
             message = _phase_range_problem(file, units, values)
         if message:
