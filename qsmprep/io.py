@@ -93,8 +93,7 @@ def nifti_values(path, what="image"):
     if values.size == 0:
         low = high = None
     else:
-        ends = sorted((float(values.min()) * slope + inter, float(values.max()) * slope + inter))
-        low, high = ends
+        low, high = sorted((float(values.min()) * slope + inter, float(values.max()) * slope + inter))
     return {"shape": tuple(int(n) for n in img.shape), "nonfinite": nonfinite, "min": low, "max": high,
             "integral": integral}
 

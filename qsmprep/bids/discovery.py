@@ -138,16 +138,6 @@ def invalid_json_file(bids_dir):
     return None
 
 
-def _metadata_error(bids_dir, exc):
-    """DataError naming the sidecar pybids could not read (``exc`` from pybids), and the fix."""
-    found = invalid_json_file(bids_dir)
-    if found is None:
-        return DataError(f"a JSON sidecar in {bids_dir} cannot be read ({exc}): check its syntax.")
-    path, error = found
-    return DataError(f"JSON sidecar {path} is not valid JSON ({error}): fix its syntax (e.g. a trailing comma "
-                     "or a missing quote); every sidecar must be a JSON object.")
-
-
 def _echo_sort_key(item):
     """Sort by numeric EchoTime, then numeric echo entity (files lacking EchoTime last)."""
     path, entities, meta = item
@@ -187,9 +177,12 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
     try:
         layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False)
     except (OSError, ValueError) as exc:  # pybids wraps a JSON syntax error of a sidecar in an OSError
-        if invalid_json_file(bids_dir) is None:
+        found = invalid_json_file(bids_dir)
+        if found is None:
             raise
-        raise _metadata_error(bids_dir, exc) from exc
+        path, error = found
+        raise DataError(f"JSON sidecar {path} is not valid JSON ({error}): fix its syntax (e.g. a trailing comma "
+                        "or a missing quote); every sidecar must be a JSON object.") from exc
     query = {"suffix": list(GRE_SUFFIXES), "part": ["mag", "phase"], "extension": [".nii", ".nii.gz"]}
     query.update(bids_filters or {})
     if participant_label:

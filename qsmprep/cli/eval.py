@@ -86,8 +86,7 @@ def _load_inputs(args):
         labels, labels_affine, _ = load_nifti(args.labels, "label map")
         check_same_grid(args.ref, (ref.shape, ref_affine), args.labels, (labels.shape, labels_affine))
         images[args.labels] = labels
-        finite = np.isfinite(labels)
-        if not finite.all() or not np.array_equal(labels, np.round(labels)):
+        if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
             raise DataError(f"label map {args.labels} holds non-integer values: give an integer label map "
                             "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
     for path, data in images.items():

@@ -4,10 +4,60 @@ Submodules are imported explicitly (``from qsmprep.deep import losses``) so
 that importing this package stays cheap and does not pull in PyTorch.
 """
 
+import json
+import os
 from importlib import resources
 from pathlib import Path
+
+from ..errors import DataError, NoInputError
+
+METADATA_KEY = "qsmprep"
+"""Key of the JSON metadata inside a checkpoint's safetensors header."""
 
 
 def shipped_model_path(name):
     """Path of the shipped model ``name`` (qsmprep/data/models/<name>.safetensors); imports no torch."""
     return Path(str(resources.files("qsmprep") / "data" / "models" / f"{name}.safetensors"))
+
+
+def checkpoint_path(name_or_path):
+    """The file of a shipped model name (qsmprep/data/models/<name>.safetensors) or of a checkpoint path.
+
+    Raises NoInputError for a name that is not shipped.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if not (path.suffix == ".safetensors" or os.sep in text or path.exists()):
+        path = shipped_model_path(text)
+        if not path.is_file():
+            raise NoInputError(f"no shipped model named {text!r} ({path} is absent): give a checkpoint path instead.")
+    return path
+
+
+def read_metadata(name_or_path):
+    """The qsmprep metadata dict of a shipped model name or checkpoint path (see ``file_metadata``)."""
+    return file_metadata(checkpoint_path(name_or_path))
+
+
+def file_metadata(path):
+    """The qsmprep metadata dict in the header of the safetensors file ``path``; reads neither weights nor torch.
+
+    Raises NoInputError if the file is missing, DataError if it is not a
+    safetensors file or carries no readable qsmprep metadata.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NoInputError(f"checkpoint {path} does not exist: check the path.")
+    try:
+        with safe_open(str(path), framework="numpy") as f:  # the header only
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"checkpoint {path} is not a readable safetensors file ({exc}).") from exc
+    if raw is None:
+        raise DataError(f"checkpoint {path} has no qsmprep metadata: it was not written by qsmprep and is refused.")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"checkpoint {path} has unreadable metadata ({exc}).") from exc

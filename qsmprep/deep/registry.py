@@ -17,17 +17,15 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import qsmprep
-from qsmprep.deep import shipped_model_path
+from qsmprep.deep import METADATA_KEY, checkpoint_path, file_metadata
 from qsmprep.deep.models import ARCHITECTURES, CONVENTION_VERSION, build_model
-from qsmprep.errors import DataError, NoInputError
+from qsmprep.errors import DataError
 
 FORMAT = "qsmprep-checkpoint"
-METADATA_KEY = "qsmprep"
 
 
 def _atomic(path, write):
@@ -58,48 +56,12 @@ def read_tensors(path, device="cpu"):
     without qsmprep metadata.
     """
     path = Path(path)
-    metadata = _read_metadata(path)
+    metadata = file_metadata(path)
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise DataError(f"checkpoint {path} is not a readable safetensors file ({exc}).") from exc
     return tensors, metadata
-
-
-def _read_metadata(path):
-    """The qsmprep metadata dict of the safetensors file ``path`` (its tensors are not read)."""
-    if not path.is_file():
-        raise NoInputError(f"checkpoint {path} does not exist: check the path.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise DataError(f"checkpoint {path} is not a readable safetensors file ({exc}).") from exc
-    if raw is None:
-        raise DataError(f"checkpoint {path} has no qsmprep metadata: it was not written by qsmprep and is refused.")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"checkpoint {path} has unreadable metadata ({exc}).") from exc
-
-
-def checkpoint_path(name_or_path):
-    """The file of a shipped model name (qsmprep/data/models/<name>.safetensors) or of a checkpoint path.
-
-    Raises NoInputError for a name that is not shipped.
-    """
-    text = str(name_or_path)
-    path = Path(text)
-    if not (path.suffix == ".safetensors" or os.sep in text or path.exists()):
-        path = shipped_model_path(text)
-        if not path.is_file():
-            raise NoInputError(f"no shipped model named {text!r} ({path} is absent): give a checkpoint path instead.")
-    return path
-
-
-def read_metadata(name_or_path):
-    """The metadata a checkpoint (or shipped model name) carries, without loading its weights."""
-    return _read_metadata(checkpoint_path(name_or_path))
 
 
 def save_checkpoint(model, path, metadata=None):

@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 
-from ..deep import shipped_model_path
+from ..deep import read_metadata, shipped_model_path
 from ..errors import UsageError
 from ..physics import b0_tilt_deg, dipole_kernel, filter_padded, padded_shape
 from ..physics.resample import b0_aligned_grid, from_b0_aligned, rotation_between, to_b0_aligned
@@ -172,8 +172,6 @@ def network_grid_shape(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1
     training resolution (``network_frame``): a 3 mm input is inverted on a
     grid 27 times larger at 1 mm. Reads the checkpoint metadata only.
     """
-    from ..deep.registry import read_metadata
-
     aligned, target_vs = network_frame(voxel_size_mm, b0_dir, read_metadata(model))
     if not aligned:
         return tuple(int(n) for n in shape[:3])
