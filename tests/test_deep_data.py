@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import binary_dilation
+from scipy.ndimage import binary_dilation, binary_erosion, correlate1d
 from torch.utils.data import DataLoader
 
 from qsmprep.deep.augment import (
     Augmenter,
+    add_background_residual,
     add_field_noise,
     add_rician_noise,
     flip,
@@ -268,6 +269,43 @@ def test_augmenter_keeps_pairs_consistent():
         out = uncropped(sample)
         expected = forward_field_ppm(out["chi"], tuple(out["voxel_size"]))
         np.testing.assert_allclose(out["field"], expected, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("mask_kind", ["ball", "full"])
+def test_background_residual_is_harmonic_and_scaled(mask_kind):
+    """The added field comes from sources outside the mask: harmonic inside it, at the asked RMS."""
+    shape, voxel = (40, 40, 36), (1.0, 1.2, 1.5)
+    chi, field = _random_pair(shape, voxel, seed=5)
+    grid = np.indices(shape) - (np.array(shape) - 1)[:, None, None, None] / 2
+    mask = (np.sum(grid**2, axis=0) < 15**2) if mask_kind == "ball" else np.ones(shape, bool)
+    field = field * mask
+    out = add_background_residual(field, mask, voxel, (0.0, 0.0, 1.0), 0.4, np.random.default_rng(2))
+    residual = out - field
+    assert np.all(out[~mask] == 0)
+    assert np.sqrt(np.mean(residual[mask] ** 2)) == pytest.approx(0.4 * np.sqrt(np.mean(field[mask] ** 2)), rel=1e-5)
+    assert abs(residual[mask].mean()) < 1e-6 * np.abs(residual).max()
+    interior = binary_erosion(mask, iterations=2) if mask_kind == "ball" else binary_erosion(mask, iterations=2, border_value=0)
+
+    def laplacian_share(x):  # |discrete Laplacian (mm^-2)| relative to the field itself, in the interior
+        lap = sum(correlate1d(x, [1.0, -2.0, 1.0], axis=a) / h**2 for a, h in enumerate(voxel))
+        return np.linalg.norm(lap[interior]) / np.linalg.norm(x[interior])
+
+    assert laplacian_share(residual) < 0.2 * laplacian_share(field)  # measured: 0.05 (ball), 0.004 (full)
+    again = add_background_residual(field, mask, voxel, (0.0, 0.0, 1.0), 0.4, np.random.default_rng(2))
+    np.testing.assert_array_equal(again, out)
+    np.testing.assert_array_equal(add_background_residual(field, mask, voxel, (0, 0, 1), 0.0, np.random.default_rng(2)), field)
+
+
+def test_augmenter_adds_background_residual_to_the_field_only():
+    chi, field = _random_pair((24, 24, 20), (1.0, 1.0, 1.0), seed=4)
+    mask = np.zeros_like(chi)
+    mask[4:20, 4:20, 3:17] = 1
+    sample = {"chi": chi, "field": field * mask, "mask": mask, "magnitude": mask, "voxel_size": np.ones(3, np.float32)}
+    out = Augmenter({"background_residual": [0.2, 0.5]}, np.random.default_rng(0))(sample)
+    np.testing.assert_array_equal(out["chi"], chi)
+    inside = mask > 0
+    share = np.sqrt(np.mean((out["field"] - field)[inside] ** 2) / np.mean(field[inside] ** 2))
+    assert 0.2 <= share <= 0.5
 
 
 def test_dataset_is_deterministic_and_differs_per_seed():

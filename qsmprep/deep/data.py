@@ -42,7 +42,7 @@ seed and number of workers, and workers never repeat each other.
   the generator (e.g. ``patterns = {large_share = 0.5}``).
 
 ``augment_cfg`` is the ``qsmprep.deep.augment.Augmenter`` configuration
-(rot90_b0, flip, amplitude, field_noise_ppm, rician_snr, te_s, b0_tesla,
+(rot90_b0, flip, amplitude, background_residual, field_noise_ppm, rician_snr, te_s, b0_tesla,
 crop); a crop makes the yielded patch smaller than ``patch``.
 """
 

@@ -10,7 +10,6 @@ Reference: Liu J, Koch KM. Meta-QSM: an image-resolution-arbitrary network
 for QSM reconstruction. arXiv:1908.00206 (2019).
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
