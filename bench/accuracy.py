@@ -2,9 +2,10 @@
 
     python bench/accuracy.py [--part qsm2016 variants sim wisnieff] [--methods tkd cfl2 ilsqr deep]
                              [--model NAME_OR_PATH ...] [--refine N ...] [--refine-lambda L ...]
+                             [--refine-radius MM ...]
                              [--data DIR] [--json OUT] [--figure PNG]
 
-Parts (default: qsm2016 sim wisnieff):
+Parts (default: qsm2016 sim pipeline wisnieff):
 
 qsm2016   The 2016 QSM challenge data (DIR/qsm2016): local field ``phs_tissue``
           (ppm) and ``msk`` in, NRMSE, HFEN and XSIM against ``chi_cosmos`` and
@@ -24,6 +25,12 @@ sim       Simulated subjects (qsmprep.sim, seed 0) with the phantom's 2.5 mm
           mask are inverted directly (no background removal); B0 direction and
           voxel size come from the affine. NRMSE, HFEN, XSIM vs the true chi
           and the calcification moment error (label ``calcification``).
+pipeline  What the inversions make of the pipeline's own local fields: the
+          end-to-end test's axial 3 mm subject and oblique (15 deg, 3x3x4 mm)
+          subject and the Quick start's dataset (``qsmprep-simulate``), each run
+          through ``qsmprep`` (default front end: quality mask, Laplacian
+          unwrapping, V-SHARP), then every method inverts the output local field
+          in the output mask. NRMSE and HFEN vs the simulator's true chi.
 wisnieff  Scale invariance (SI-QSM protocol) on DIR/phantom_wisnieff: the phantom
           (256x256x98 at 0.9375x0.9375x1.5 mm) is resampled (trilinear,
           anti-aliased, ``qsmprep.physics.resample_to_grid``) onto N^3 grids of
@@ -40,7 +47,8 @@ wisnieff  Scale invariance (SI-QSM protocol) on DIR/phantom_wisnieff: the phanto
 
 Deep rows use ``qsmprep.inversion.deep.deep_invert`` with each ``--model`` (default
 the shipped default model), each ``--refine`` iteration count (default 0) and,
-for refined rows, each ``--refine-lambda`` prior weight (default: deep_invert's);
+for refined rows, each ``--refine-lambda`` prior weight and each ``--refine-radius``
+high-pass radius in mm (0: none; default for both: deep_invert's);
 a model that cannot be found is skipped with a note. Tables are printed as Markdown;
 ``--json OUT`` also saves every number. Reproduces docs/benchmarks.md.
 """
@@ -48,8 +56,11 @@ a model that cannot be found is skipped with a note. Tables are printed as Markd
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import time
 from functools import partial
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -70,15 +81,24 @@ DEEP_GM_LABELS = (1, 2, 3, 4, 5, 6)
 SCALES = (64, 96, 128, 256)
 SNR = 100.0
 SIM_FOV_MM = (160, 192, 144)  # the brain (132x168x122 mm) with a margin
-PARTS = ("qsm2016", "variants", "sim", "wisnieff")
+PARTS = ("qsm2016", "variants", "sim", "pipeline", "wisnieff")
+PIPELINE_DATASETS = {  # qsmprep-simulate arguments: the end-to-end test's two subjects and the Quick start's
+    "axial 3 mm": ["--matrix", "64", "64", "64", "--voxel-size", "3", "3", "3", "--echoes", "3", "--te-first", "0.004",
+                   "--te-spacing", "0.004"],
+    "oblique 15 deg, 3x3x4 mm": ["--seed", "7", "--matrix", "64", "64", "48", "--voxel-size", "3", "3", "4",
+                                 "--oblique", "15", "--fine-voxel-size", "2", "--echoes", "3", "--te-first", "0.004",
+                                 "--te-spacing", "0.004"],
+    "Quick start, 1.5 mm": [],
+}
 
 
-def inversions(method_names, models, refine_iters, refine_lambdas=None):
+def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_radii=None):
     """[(row label, f(field, mask, voxel_size, b0_dir) -> chi)] for the requested methods.
 
     Deep rows are added per model, refinement count and (for refined rows) each
-    prior weight in ``refine_lambdas`` (None: deep_invert's default, unlabelled);
-    a model that ``load_model`` cannot find is skipped with a printed note.
+    prior weight in ``refine_lambdas`` and high-pass radius in ``refine_radii``
+    (None: deep_invert's default, unlabelled); a model that ``load_model``
+    cannot find is skipped with a printed note.
     """
     runs = []
     for name in method_names:
@@ -94,12 +114,15 @@ def inversions(method_names, models, refine_iters, refine_lambdas=None):
                 print(f"note: deep model {model!r} skipped: {err}")
                 continue
             for n in refine_iters:
-                for lam in (refine_lambdas or [None]) if n else [None]:
+                for lam, radius in product(refine_lambdas or [None], refine_radii or [None]) if n else [(None, None)]:
                     label = f"deep {Path(str(model)).stem}" + (f" + refine {n}" if n else "")
                     options = {"model": model, "refine_iters": n}
                     if lam is not None:
                         label += f" lambda {lam:g}"
                         options["refine_lambda"] = lam
+                    if radius is not None:
+                        label += f" radius {radius:g}"
+                        options["refine_radius_mm"] = radius
                     runs.append((label, partial(INVERSION_METHODS["deep"], **options)))
     return runs
 
@@ -224,6 +247,35 @@ def part_sim(runs):
     return results
 
 
+def part_pipeline(runs):
+    print("\n## pipeline: local fields made by qsmprep from simulated GRE data\n")
+    from qsmprep.cli import simulate
+    from qsmprep.cli.run import main as qsmprep_main
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset, arguments in PIPELINE_DATASETS.items():
+            bids, out = Path(tmp) / "bids", Path(tmp) / "out"
+            shutil.rmtree(bids, ignore_errors=True)
+            if simulate.main([str(bids), "--subjects", "1", *arguments]) or qsmprep_main(
+                    [str(bids), str(out), "participant", "-w", str(Path(tmp) / "work"), "--inversion", "tkd"]):
+                raise SystemExit(f"qsmprep-simulate or qsmprep failed on the {dataset} dataset")
+            derived, truth = out / "sub-01" / "anat" / "sub-01_", bids / "derivatives" / "groundtruth" / "sub-01" / "anat" / "sub-01_"
+            field, affine, _ = load_nifti(f"{derived}desc-local_fieldmap.nii.gz", "local field")
+            mask = load_nifti(f"{derived}desc-brain_mask.nii.gz", "brain mask")[0] > 0
+            chi_true = load_nifti(f"{truth}Chimap.nii.gz", "true chi")[0]
+            vs, b0 = voxel_size_from_affine(affine), b0_dir_from_affine(affine)
+            print(f"{dataset}: {mask.shape} at {np.round(vs, 3)} mm, B0 {np.round(b0, 3)}", flush=True)
+            for name, run in runs:
+                chi, seconds = timed(run, field * mask, mask, vs, b0)
+                results.append({"dataset": dataset, "method": name, "time_s": seconds,
+                                "nrmse": nrmse(chi, chi_true, mask), "hfen": hfen(chi, chi_true, mask)})
+            shutil.rmtree(out)
+    markdown(["dataset", "method", "NRMSE %", "HFEN %", "time s"],
+             [[r["dataset"], r["method"], r["nrmse"], r["hfen"], r["time_s"]] for r in results])
+    return results
+
+
 def scaled_phantom(chi, mask, affine, n):
     """The phantom on an n^3 grid of isotropic voxels covering its in-plane FOV as a cube, centred on it."""
     fov_mm = np.array(chi.shape) * voxel_size_from_affine(affine)
@@ -271,7 +323,7 @@ def part_wisnieff(data, runs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", choices=PARTS, default=["qsm2016", "sim", "wisnieff"])
+    parser.add_argument("--part", nargs="+", choices=PARTS, default=["qsm2016", "sim", "pipeline", "wisnieff"])
     parser.add_argument("--methods", nargs="+", choices=sorted(INVERSION_METHODS), default=["tkd", "cfl2", "ilsqr", "deep"])
     parser.add_argument("--model", action="append", help=f"deep model name or checkpoint path, repeatable "
                                                           f"(default {DEFAULT_MODEL})")
@@ -279,11 +331,14 @@ def main():
                         help="data-consistency iterations after the network; several values give several rows")
     parser.add_argument("--refine-lambda", nargs="+", type=float, metavar="L",
                         help="prior weight of the refinement (default deep_invert's); several values give several rows")
+    parser.add_argument("--refine-radius", nargs="+", type=float, metavar="MM",
+                        help="SMV high-pass radius of the refinement in mm, 0 for none (default deep_invert's); "
+                             "several values give several rows")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"shared data folder (default {DEFAULT_DATA})")
     parser.add_argument("--json", type=Path, help="also save every number to this JSON file")
     parser.add_argument("--figure", type=Path, metavar="PNG", help="qsm2016: save the maps of every method as one figure")
     args = parser.parse_args()
-    runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine, args.refine_lambda)
+    runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine, args.refine_lambda, args.refine_radius)
     print(f"methods: {', '.join(name for name, _ in runs)}; {os.cpu_count()} CPUs visible, "
           f"load average {os.getloadavg()[0]:.1f}")
     results = {"methods": [name for name, _ in runs]}
@@ -294,6 +349,8 @@ def main():
             results[part] = part_variants(args.data)
         elif part == "sim":
             results[part] = part_sim(runs)
+        elif part == "pipeline":
+            results[part] = part_pipeline(runs)
         else:
             results[part] = part_wisnieff(args.data, runs)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")

@@ -167,7 +167,7 @@ class Config:
         chosen = [("bgremove", self.bgremove)]
         if self.mask_strategy != "user":
             chosen.append(("mask", self.mask_strategy))
-        chosen += [("inversion", m) for m in self.inversion if m != "deep"]
+        chosen += [("inversion", m) for m in self.inversion]
         for step, method in chosen:
             values = default_parameters(step, method)
             values.update(self.parameters.get(step, {}).get(method, {}))

@@ -220,6 +220,8 @@ def test_version(capsys):
         (["--mask", "/nonexistent/mask.nii.gz"], "neither a strategy"),
         (["--b0-tesla", "-3"], "--b0-tesla must be positive"),
         (["--nprocs", "0"], "--nprocs must be at least 1"),
+        (["--inversion", "tkd", "--refine-radius", "8"], "--refine-radius 8: it applies to --inversion deep"),
+        (["--refine-radius", "-1"], "--refine-radius -1: it applies to --inversion deep and is 0 (off)"),
     ],
 )
 def test_usage_errors_exit_64(tmp_path, capsys, extra, message):
@@ -295,6 +297,12 @@ def test_boilerplate_only(tmp_path, capsys):
     assert not list(out.glob("sub-*")) and "methods text written to" in capsys.readouterr().out
     (command,) = out.glob("logs/*/command.txt")
     assert command.read_text().startswith("qsmprep ") and "--boilerplate-only" in command.read_text()
+    assert "refined by 10 conjugate-gradient iterations" in text and "0.05 times" in text and "spherical mean" not in text
+    # the refinement's high-pass, when asked for, reaches the deep node's parameters and the methods text
+    assert main([*argv, "--refine-radius", "8"]) == 0
+    newest = max(out.glob("logs/*"), key=lambda p: p.stat().st_mtime)
+    assert "spherical mean over 8 mm subtracted" in (newest / "CITATION.md").read_text()
+    assert json.loads((newest / "config.json").read_text())["parameters"]["inversion"]["deep"]["refine_radius_mm"] == 8
 
 
 def test_bad_plugin_file_exits_64(tmp_path, capsys):

@@ -139,6 +139,8 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
         (["--method", "deep", "--refine", "-1"], ["--refine"]),
         (["--method", "cfl2", "--refine-lambda", "0.1"], ["--refine-lambda", "deep"]),
         (["--method", "deep", "--refine-lambda", "0"], ["--refine-lambda", "> 0"]),
+        (["--method", "tkd", "--refine-radius", "8"], ["--refine-radius", "deep"]),
+        (["--method", "deep", "--refine-radius", "-1"], ["--refine-radius"]),
     ],
 )
 def test_usage_errors_exit_64(inputs, capsys, options, words):
@@ -178,15 +180,18 @@ def test_deep_method_runs_a_checkpoint_and_refuses_a_missing_one(inputs, capsys,
     save_checkpoint(build_model("unet", width=4, depth=2, prior="cfl2"), checkpoint,
                     {"recipe": {"data": {"voxel_size_mm": [1.0, 1.2, 1.5]}}})
     assert _run(paths, "--method", "deep", "--model", str(checkpoint), "--device", "cpu", "--refine", "2",
-                "--refine-lambda", "0.3") == 0
+                "--refine-lambda", "0.3", "--refine-radius", "3") == 0
     stored = nib.load(paths["field"]).affine
-    expected = deep_invert(field, mask, voxel_size_from_affine(stored), b0_dir_from_affine(stored),
-                           model=checkpoint, device="cpu", refine_iters=2, refine_lambda=0.3)
-    other_lambda = deep_invert(field, mask, voxel_size_from_affine(stored), b0_dir_from_affine(stored),
-                               model=checkpoint, device="cpu", refine_iters=2)
+
+    def library(**options):
+        return deep_invert(field, mask, voxel_size_from_affine(stored), b0_dir_from_affine(stored),
+                           model=checkpoint, device="cpu", refine_iters=2, **options)
+
     written = nib.load(paths["out"]).get_fdata()
-    np.testing.assert_allclose(written, expected, atol=1e-6)
-    assert np.abs(written - other_lambda).max() > 1e-4  # the option reached the refinement
+    np.testing.assert_allclose(written, library(refine_lambda=0.3, refine_radius_mm=3.0), atol=1e-6)
+    # each option reached the refinement
+    assert np.abs(written - library(refine_radius_mm=3.0)).max() > 1e-4
+    assert np.abs(written - library(refine_lambda=0.3)).max() > 1e-4
     paths["out"].unlink()
     _expect_error(capsys, paths, 66, ["nothere.safetensors"], "--method", "deep", "--model", str(tmp_path / "nothere.safetensors"))
 

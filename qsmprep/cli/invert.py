@@ -1,7 +1,7 @@
 """qsmprep-invert: dipole inversion of a local field map.
 
     qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr,deep}
-        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N --refine-lambda L]
+        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N --refine-lambda L --refine-radius MM]
         [--units {ppm,hz,rad} --b0-tesla T --te S] [--b0-dir X Y Z] [-v]
 
 Parses, loads, converts the field to ppm, calls ``qsmprep.inversion`` and
@@ -26,7 +26,8 @@ from .common import run_cli
 log = logging.getLogger(__name__)
 
 
-DEEP_OPTIONS = {"model": "model", "device": "device", "refine": "refine_iters", "refine_lambda": "refine_lambda"}
+DEEP_OPTIONS = {"model": "model", "device": "device", "refine": "refine_iters", "refine_lambda": "refine_lambda",
+                "refine_radius": "refine_radius_mm"}
 """Command-line options of --method deep (argparse dest) -> keyword of ``deep_invert``."""
 
 EPILOG = """\
@@ -67,6 +68,9 @@ def build_parser():
                    help=f"deep: data-consistency refinement iterations after the network, 0 = off (default {REFINE_ITERS})")  # fmt: skip
     p.add_argument("--refine-lambda", type=float, metavar="L",
                    help=f"deep: weight of the network prior in the refinement, > 0 (default {REFINE_LAMBDA})")  # fmt: skip
+    p.add_argument("--refine-radius", type=float, metavar="MM",
+                   help="deep: compare fields in the refinement after an MM-radius spherical-mean high-pass, so "
+                        "residual background fields are ignored (e.g. 8; default: off)")  # fmt: skip
     p.add_argument("--units", choices=("ppm", "hz", "rad"), default="ppm", help="units of FIELD (default ppm)")
     p.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in tesla (for --units hz or rad)")
     p.add_argument("--te", type=float, metavar="S", help="echo time in seconds (for --units rad)")
@@ -94,6 +98,8 @@ def _check_options(args):
         raise UsageError(f"--refine must be 0 or more iterations, got {args.refine}.")
     if args.refine_lambda is not None and not args.refine_lambda > 0:
         raise UsageError(f"--refine-lambda must be > 0, got {args.refine_lambda}.")
+    if args.refine_radius is not None and args.refine_radius < 0:
+        raise UsageError(f"--refine-radius must be 0 (off) or a radius in mm, got {args.refine_radius}.")
     if args.units in ("hz", "rad") and not (args.b0_tesla and args.b0_tesla > 0):
         raise UsageError(f"--units {args.units} needs the field strength: add --b0-tesla (in T, e.g. 3).")
     if args.units == "rad" and not (args.te and args.te > 0):

@@ -98,6 +98,10 @@ def build_parser():
                    help="invert on a B0-aligned grid when the acquisition is oblique by more than 1 degree "
                    "(not needed by the classical inversions, which handle any B0 direction)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device for 'deep'")
+    g.add_argument("--refine-radius", type=float, metavar="MM",
+                   help="'deep': compare fields in its data-consistency refinement after an MM-radius spherical-mean "
+                   "high-pass, which ignores residual background fields (e.g. 8 for oblique or coarse data whose "
+                   "background removal leaves residuals; default off; docs/methods/deep-inversion.md)")
 
     g = p.add_argument_group("resources and execution")
     g.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
@@ -165,6 +169,9 @@ def resolve_config(args, argv):
         from ..inversion.deep import resolve_device
 
         resolve_device("cuda")  # refuses at once rather than when the first run reaches the inversion
+    if args.refine_radius is not None and ("deep" not in inversions or args.refine_radius < 0):
+        raise UsageError(f"--refine-radius {args.refine_radius:g}: it applies to --inversion deep and is 0 (off) or "
+                         "a radius in mm, e.g. 8.")
     if args.b0_tesla is not None and args.b0_tesla <= 0:
         raise UsageError(f"--b0-tesla must be positive (tesla), got {args.b0_tesla}.")
     if args.b0_dir is not None and not any(args.b0_dir):
@@ -206,6 +213,7 @@ def resolve_config(args, argv):
         mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
         b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
         resample_b0=args.resample_b0, device=args.device, command=["qsmprep", *argv],
+        parameters={"inversion": {"deep": {"refine_radius_mm": args.refine_radius}}} if args.refine_radius else {},
     )
     return config.resolve_parameters()
 

@@ -8,7 +8,9 @@ or tiled inference, and an optional data-consistency refinement.
 import logging
 
 import numpy as np
+from scipy import fft as spfft
 
+from ..bgremove.smv import smv_kernel, smv_padded_shape, sphere_fits
 from ..deep import read_metadata, shipped_model_path
 from ..errors import UsageError
 from ..physics import b0_tilt_deg, dipole_kernel, filter_padded, padded_shape
@@ -90,10 +92,11 @@ def predict_tiled(predict, field, mask, tile_shape=(256, 256, 256), overlap=32):
 
 
 def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
-                            weights=None, lam=REFINE_LAMBDA, n_iter=REFINE_ITERS, pad_factor=1.5):
+                            weights=None, lam=REFINE_LAMBDA, n_iter=REFINE_ITERS, pad_factor=1.5,
+                            harmonic_radius_mm=None):
     """Pull a network estimate towards consistency with the measured local field.
 
-    Solves  min_chi ||W M (D chi - f)||^2 + lam ||M (chi - chi_init)||^2
+    Solves  min_chi ||W M_r H (D chi - f)||^2 + lam ||M (chi - chi_init)||^2
     over chi supported in the mask M, by ``n_iter`` conjugate-gradient steps
     started at ``chi_init``. The prior term keeps the network's estimate in the
     ill-conditioned cone region (where the data say nothing), while the data
@@ -101,6 +104,13 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     of the data-consistency step of learned proximal schemes (e.g. Lai KW,
     Aggarwal M, van Zijl P, Li X, Sulam J. Learned proximal networks for QSM.
     MICCAI 2020) and of QSMInvNet+'s data-consistency loss, applied at test time.
+
+    H = delta - SMV_r is the spherical-mean high-pass of SHARP (Schweser et
+    al., NeuroImage 2011) and M_r the voxels whose r-sphere fits in M: a
+    harmonic field, which is what background-field removal leaves behind,
+    is zero there after H, so the data term ignores residual background
+    fields instead of turning them into susceptibility at the brain's edge.
+    With ``harmonic_radius_mm`` None, H is the identity and M_r = M.
 
     Parameters
     ----------
@@ -120,22 +130,35 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
         Conjugate-gradient iterations; 0 returns ``chi_init`` unchanged.
     pad_factor : float, default 1.5
         Zero padding of the dipole convolution.
+    harmonic_radius_mm : float or None, default None
+        SMV radius r in mm of the high-pass H; None (or 0) compares the fields
+        themselves. 8 mm helps where background removal left residuals and
+        costs accuracy on exact fields (docs/methods/deep-inversion.md).
     """
     m = (np.asarray(mask) > 0).astype(np.float32)
     chi0 = np.asarray(chi_init, dtype=np.float32) * m
     if n_iter <= 0:
         return chi0
+    field = np.asarray(local_field_ppm, dtype=np.float32) * m
     big = padded_shape(chi0.shape, pad_factor)
-    d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
     w2 = m if weights is None else m * np.asarray(weights, dtype=np.float32) ** 2
+    if harmonic_radius_mm:
+        big = tuple(max(a, b) for a, b in zip(big, smv_padded_shape(chi0.shape, voxel_size_mm, harmonic_radius_mm)))
+        smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True)
+        fits = sphere_fits(spfft.rfftn(m, s=big, workers=-1), smv, big, voxel_size_mm, harmonic_radius_mm)
+        w2 = w2 * fits[tuple(slice(0, n) for n in m.shape)]
+        field = filter_padded(field, 1 - smv, big)
+        d = (1 - smv) * dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
+    else:
+        d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
 
-    def dipole(x):  # real-symmetric kernel, so D is its own adjoint
+    def dipole(x):  # real-symmetric kernel (H D too), so it is its own adjoint
         return filter_padded(x, d, big)
 
     def normal(x):
         return m * dipole(w2 * dipole(m * x)) + lam * m * x
 
-    rhs = m * dipole(w2 * np.asarray(local_field_ppm, dtype=np.float32)) + lam * chi0
+    rhs = m * dipole(w2 * field) + lam * chi0
     return cg(normal, rhs, x0=chi0, tol=1e-4, max_iter=n_iter) * m
 
 
@@ -205,7 +228,8 @@ def network_predictor(model, voxel_size_mm, device):
 
 
 def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL,
-                device="auto", refine_iters=REFINE_ITERS, refine_lambda=REFINE_LAMBDA, tile_shape=(256, 256, 256), overlap=32):
+                device="auto", refine_iters=REFINE_ITERS, refine_lambda=REFINE_LAMBDA,
+                refine_radius_mm=None, tile_shape=(256, 256, 256), overlap=32):
     """Susceptibility (ppm) from the local field (ppm) by a trained network.
 
     The network sees the data in the frame it was trained in: when B0 is
@@ -235,6 +259,10 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         Weight of the network prior in the refinement; larger keeps more of the
         network output (0.1 scores better on the 2016 in-vivo data, 0.05 on the
         simulations; docs/benchmarks.md).
+    refine_radius_mm : float or None, default None
+        SMV radius (mm) of the refinement's high-pass, which makes it ignore
+        residual background fields (``refine_data_consistency``'s
+        ``harmonic_radius_mm``); None or 0: off.
     tile_shape : tuple of 3 int, default (256, 256, 256)
         Largest block the network sees at once.
     overlap : int, default 32
@@ -269,5 +297,6 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         chi = predict_tiled(network_predictor(net, voxel_size_mm, dev), field, m, tile_shape, overlap)
     chi = np.where(m, chi, 0).astype(np.float32)
     if refine_iters:
-        chi = refine_data_consistency(chi, field, m, voxel_size_mm, b0_dir, lam=refine_lambda, n_iter=refine_iters)
+        chi = refine_data_consistency(chi, field, m, voxel_size_mm, b0_dir, lam=refine_lambda, n_iter=refine_iters,
+                                      harmonic_radius_mm=refine_radius_mm)
     return chi

@@ -90,6 +90,17 @@ def read_boilerplate(key, **context):
     return body.strip().format(**context), [r.strip() for r in refs.strip().splitlines() if r.strip()]
 
 
+def deep_refinement_text(refine_iters=0, refine_lambda=0.0, refine_radius_mm=None, **_):
+    """The methods sentence on the deep inversion's data-consistency refinement (``deep_invert``'s parameters)."""
+    if not refine_iters:
+        return "The network output was used without data-consistency refinement."
+    high_pass = (f", both fields high-passed (their spherical mean over {refine_radius_mm:g} mm subtracted) so that "
+                 "residual background fields are ignored" if refine_radius_mm else "")
+    return (f"The network output was then refined by {refine_iters} conjugate-gradient iterations minimising the "
+            f"squared misfit between the modelled and the measured local field{high_pass}, plus {refine_lambda:g} times "
+            "the squared distance to the network output.")
+
+
 def methods_description(run, config):
     """Methods text of one run's processing (paragraph, references), filled with the resolved parameters."""
     params = config.parameters
@@ -102,6 +113,8 @@ def methods_description(run, config):
     if needs_b0_resampling(run, config):
         parts.append(("resample-b0", {"threshold_deg": B0_RESAMPLE_TILT_DEG}))
     parts += [(f"inversion-{m}", params.get("inversion", {}).get(m, {})) for m in config.inversion]
+    parts = [(key, {**context, "refinement": deep_refinement_text(**context)} if key == "inversion-deep" else context)
+             for key, context in parts]
     parts.append(("referencing", {}))
     paragraphs, references = [], []
     for key, context in parts:
