@@ -1,6 +1,6 @@
-"""Accuracy of every dipole inversion: 2016 challenge data, simulated subjects, scale invariance.
+"""Accuracy of every dipole inversion: 2016 challenge data, simulated subjects, pipeline-made fields, scale invariance.
 
-    python bench/accuracy.py [--part qsm2016 variants sim wisnieff] [--methods tkd cfl2 ilsqr deep]
+    python bench/accuracy.py [--part qsm2016 variants sim pipeline wisnieff] [--methods tkd cfl2 ilsqr deep]
                              [--model NAME_OR_PATH ...] [--refine N ...] [--refine-lambda L ...]
                              [--refine-radius MM ...]
                              [--data DIR] [--json OUT] [--figure PNG]

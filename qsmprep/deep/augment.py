@@ -137,7 +137,7 @@ def add_background_residual(field, mask, voxel_size_mm, b0_dir, relative_rms, rn
     the brain (air-tissue interfaces), strongest at the brain's edge; in
     the pipeline's simulated runs the local-field error is about half the
     local field's RMS and largest within 3 mm of the mask's edge
-    (docs/deep/training-runs.md). Any field of sources outside the mask is
+    (docs/deep/data-and-losses.md). Any field of sources outside the mask is
     harmonic inside it, so point dipoles there are the simplest faithful
     model: each dipole sits at a random voxel outside the mask at least
     ``clearance_mm`` from it, or, when the mask fills the patch, beyond a
@@ -217,8 +217,9 @@ class Augmenter:
     """Apply a configured chain of augmentations consistently to a sample.
 
     Order: crop, rotation about B0, flips, amplitude scaling, residual
-    background field, Gaussian field noise, Rician noise; then the field is zeroed outside the mask again
-    (field outside the region of interest is unknown). Geometric steps act
+    background field, Gaussian field noise, Rician noise; then the field is
+    zeroed outside the mask again (field outside the region of interest is
+    unknown). Geometric steps act
     on chi, field, mask and magnitude alike; a rotation by an odd multiple
     of 90 degrees swaps the in-plane voxel sizes.
 

@@ -141,16 +141,16 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
         return chi0
     field = np.asarray(local_field_ppm, dtype=np.float32) * m
     big = padded_shape(chi0.shape, pad_factor)
+    if harmonic_radius_mm:  # the SMV must not wrap either
+        big = tuple(max(a, b) for a, b in zip(big, smv_padded_shape(chi0.shape, voxel_size_mm, harmonic_radius_mm)))
+    d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
     w2 = m if weights is None else m * np.asarray(weights, dtype=np.float32) ** 2
     if harmonic_radius_mm:
-        big = tuple(max(a, b) for a, b in zip(big, smv_padded_shape(chi0.shape, voxel_size_mm, harmonic_radius_mm)))
         smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True)
         fits = sphere_fits(spfft.rfftn(m, s=big, workers=-1), smv, big, voxel_size_mm, harmonic_radius_mm)
         w2 = w2 * fits[tuple(slice(0, n) for n in m.shape)]
         field = filter_padded(field, 1 - smv, big)
-        d = (1 - smv) * dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
-    else:
-        d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True)
+        d = (1 - smv) * d
 
     def dipole(x):  # real-symmetric kernel (H D too), so it is its own adjoint
         return filter_padded(x, d, big)

@@ -12,7 +12,6 @@ CHI_WINDOW_PPM = (-0.15, 0.15)
 LOCAL_FIELD_WINDOW_PPM = (-0.05, 0.05)
 
 
-
 def _pyplot():
     """matplotlib.pyplot on the headless Agg backend (imported on first use, not at import time)."""
     import matplotlib
@@ -29,6 +28,7 @@ def _png_bytes(fig, **savefig):
     fig.savefig(buffer, format="png", dpi=90, **savefig)
     _pyplot().close(fig)
     return buffer.getvalue()
+
 
 def slice_indices(mask, n_slices=8, axis=2):
     """``n_slices`` evenly spaced slice indices along ``axis`` through the mask's extent."""
@@ -87,7 +87,6 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
     fig.colorbar(shown, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label=units)
     fig.suptitle(title, fontsize=9)
     return _png_bytes(fig)
-
 
 
 def orthogonal_slices(volume, mask):

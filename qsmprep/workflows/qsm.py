@@ -90,8 +90,8 @@ def read_boilerplate(key, **context):
     return body.strip().format(**context), [r.strip() for r in refs.strip().splitlines() if r.strip()]
 
 
-def deep_refinement_text(refine_iters=0, refine_lambda=0.0, refine_radius_mm=None, **_):
-    """The methods sentence on the deep inversion's data-consistency refinement (``deep_invert``'s parameters)."""
+def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, **_):
+    """The methods sentence on the deep inversion's data-consistency refinement (``deep_invert``'s resolved parameters)."""
     if not refine_iters:
         return "The network output was used without data-consistency refinement."
     high_pass = (f", both fields high-passed (their spherical mean over {refine_radius_mm:g} mm subtracted) so that "
@@ -112,9 +112,11 @@ def methods_description(run, config):
     ]
     if needs_b0_resampling(run, config):
         parts.append(("resample-b0", {"threshold_deg": B0_RESAMPLE_TILT_DEG}))
-    parts += [(f"inversion-{m}", params.get("inversion", {}).get(m, {})) for m in config.inversion]
-    parts = [(key, {**context, "refinement": deep_refinement_text(**context)} if key == "inversion-deep" else context)
-             for key, context in parts]
+    for method in config.inversion:
+        context = params.get("inversion", {}).get(method, {})
+        if method == "deep":
+            context = {**context, "refinement": deep_refinement_text(**context)}
+        parts.append((f"inversion-{method}", context))
     parts.append(("referencing", {}))
     paragraphs, references = [], []
     for key, context in parts:
