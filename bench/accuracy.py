@@ -64,7 +64,9 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
+from scipy import fft
 
+from qsmprep.cli.common import available_cores
 from qsmprep.errors import NoInputError
 from qsmprep.inversion import INVERSION_METHODS, cfl2, ilsqr, tkd
 from qsmprep.inversion.deep import DEFAULT_MODEL
@@ -339,20 +341,15 @@ def main():
     parser.add_argument("--figure", type=Path, metavar="PNG", help="qsm2016: save the maps of every method as one figure")
     args = parser.parse_args()
     runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine, args.refine_lambda, args.refine_radius)
-    print(f"methods: {', '.join(name for name, _ in runs)}; {os.cpu_count()} CPUs visible, "
+    print(f"methods: {', '.join(name for name, _ in runs)}; {available_cores()} CPUs usable, "
           f"load average {os.getloadavg()[0]:.1f}")
     results = {"methods": [name for name, _ in runs]}
-    for part in args.part:
-        if part == "qsm2016":
-            results[part] = part_qsm2016(args.data, runs, args.figure)
-        elif part == "variants":
-            results[part] = part_variants(args.data)
-        elif part == "sim":
-            results[part] = part_sim(runs)
-        elif part == "pipeline":
-            results[part] = part_pipeline(runs)
-        else:
-            results[part] = part_wisnieff(args.data, runs)
+    parts = {"qsm2016": lambda: part_qsm2016(args.data, runs, args.figure), "variants": lambda: part_variants(args.data),
+             "sim": lambda: part_sim(runs), "pipeline": lambda: part_pipeline(runs),
+             "wisnieff": lambda: part_wisnieff(args.data, runs)}
+    with fft.set_workers(available_cores()):  # the library's FFTs are single-threaded unless told otherwise
+        for part in args.part:
+            results[part] = parts[part]()
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

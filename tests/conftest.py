@@ -41,3 +41,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fft_on_every_core():
+    """Library FFTs follow scipy.fft.set_workers (one thread by default); tests use every core, as the CLIs do."""
+    from scipy import fft
+
+    from qsmprep.cli.common import available_cores
+
+    with fft.set_workers(available_cores()):
+        yield

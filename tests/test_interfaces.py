@@ -207,3 +207,44 @@ def test_deep_inversion_equals_the_library(gre, one_torch_thread, untrained_chec
     # the parameters reached the library: without refinement the map differs
     unrefined = deep_invert(field, mask, vs, TILTED_B0, device="cpu", model=params["model"], refine_iters=0)
     assert np.abs(unrefined - expected).max() > 1e-3
+
+
+@pytest.fixture
+def fft_threads_used(monkeypatch):
+    """Record how many threads each scipy.fft transform the library calls runs with."""
+    from scipy import fft
+
+    used = []
+    for name in ("rfftn", "irfftn", "fftn", "dctn", "idctn"):
+        def counted(*args, _transform=getattr(fft, name), **kwargs):
+            used.append(kwargs.get("workers") or fft.get_workers())
+            return _transform(*args, **kwargs)
+
+        monkeypatch.setattr(fft, name, counted)
+    return used
+
+
+def test_fft_threads_follow_num_threads(gre, tmp_path, fft_threads_used):
+    """--omp-nthreads reaches every FFT of unwrapping and background removal (the library once forced all cores)."""
+    from qsmprep.interfaces.field import BackgroundRemoval, TotalField
+
+    res = TotalField(phase_rad=gre["phase_rad"], magnitude=gre["magnitude"], mask=gre["mask"], te_s=list(TE_S),
+                     num_threads=3).run(cwd=str(tmp_path))
+    BackgroundRemoval(total_field=res.outputs.out_file, mask=gre["mask"], method="vsharp", b0_tesla=B0_TESLA,
+                      b0_dir=[0.0, 0.0, 1.0], num_threads=3).run(cwd=str(tmp_path))
+    assert len(fft_threads_used) > 4 and set(fft_threads_used) == {3}
+
+
+def test_command_line_tools_give_the_library_every_usable_core(fft_threads_used):
+    from scipy import fft
+
+    from qsmprep.cli.common import ArgumentParser, available_cores, run_cli
+    from qsmprep.physics import forward_field_ppm
+
+    def run(args):
+        forward_field_ppm(np.ones((8, 8, 8), np.float32), (1, 1, 1), (0, 0, 1))
+
+    with fft.set_workers(1):
+        assert run_cli(ArgumentParser(prog="t"), run, []) == 0
+        forward_field_ppm(np.ones((8, 8, 8), np.float32), (1, 1, 1), (0, 0, 1))
+    assert fft_threads_used == [available_cores()] * 2 + [1] * 2

@@ -92,7 +92,7 @@ def pdf(
     outside[crop] = ~inside
 
     def dipole(x):
-        return spfft.irfftn(spfft.rfftn(x, workers=-1) * kernel, s=shape, workers=-1)
+        return spfft.irfftn(spfft.rfftn(x) * kernel, s=shape)
 
     def normal_operator(chi):
         return outside * dipole(weights2 * dipole(outside * chi))

@@ -61,11 +61,11 @@ def resharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=4.0, lam
     crop = tuple(slice(0, n) for n in field.shape)
     kernel = smv_kernel(shape, voxel_size_mm, radius_mm, rfft=True)
     high_pass_kernel = 1 - kernel
-    mask_spectrum = spfft.rfftn(inside.astype(np.float32), s=shape, workers=-1)
+    mask_spectrum = spfft.rfftn(inside.astype(np.float32), s=shape)
     eroded = sphere_fits(mask_spectrum, kernel, shape, voxel_size_mm, radius_mm)
 
     def high_pass(x):
-        return spfft.irfftn(spfft.rfftn(x, workers=-1) * high_pass_kernel, s=shape, workers=-1)
+        return spfft.irfftn(spfft.rfftn(x) * high_pass_kernel, s=shape)
 
     def normal_operator(x):
         return high_pass(eroded * high_pass(x)) + lam * x

@@ -49,8 +49,8 @@ def smv_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=5.0, rfft=False):
     sphere = np.zeros(shape, dtype=np.float32)
     sphere[tuple((o - h) % n for o, h, n in zip(offsets, half, shape))] = 1.0 / offsets[0].size
     if rfft:
-        return spfft.rfftn(sphere, workers=-1).real.astype(np.float32)
-    return spfft.fftn(sphere, workers=-1).real.astype(np.float32)
+        return spfft.rfftn(sphere).real.astype(np.float32)
+    return spfft.fftn(sphere).real.astype(np.float32)
 
 
 def smv_padded_shape(shape, voxel_size_mm, radius_mm):
@@ -89,5 +89,5 @@ def sphere_fits(mask_spectrum, kernel, shape, voxel_size_mm, radius_mm):
     bool array of ``shape``.
     """
     n_ball = int(ball_mm(radius_mm, voxel_size_mm).sum())
-    mean_of_mask = spfft.irfftn(mask_spectrum * kernel, s=shape, workers=-1)
+    mean_of_mask = spfft.irfftn(mask_spectrum * kernel, s=shape)
     return mean_of_mask > 1.0 - 0.5 / n_ball

@@ -80,15 +80,15 @@ def vsharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radii_mm=None, thre
     shape = smv_padded_shape(field.shape, voxel_size_mm, radii[0])
     crop = tuple(slice(0, n) for n in field.shape)
 
-    field_spectrum = spfft.rfftn(np.where(inside, field, 0), s=shape, workers=-1)
-    mask_spectrum = spfft.rfftn(inside.astype(np.float32), s=shape, workers=-1)
+    field_spectrum = spfft.rfftn(np.where(inside, field, 0), s=shape)
+    mask_spectrum = spfft.rfftn(inside.astype(np.float32), s=shape)
     high_pass = np.zeros(shape, dtype=np.float32)
     eroded = np.zeros(shape, dtype=bool)
     for index, radius in enumerate(radii):
         kernel = smv_kernel(shape, voxel_size_mm, radius, rfft=True)
         fits = sphere_fits(mask_spectrum, kernel, shape, voxel_size_mm, radius)
         new = fits & ~eroded
-        high_pass[new] = spfft.irfftn(field_spectrum * (1 - kernel), s=shape, workers=-1)[new]
+        high_pass[new] = spfft.irfftn(field_spectrum * (1 - kernel), s=shape)[new]
         eroded |= fits
         if index == 0:
             high_pass_kernel = 1 - kernel
@@ -97,6 +97,6 @@ def vsharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radii_mm=None, thre
     inverse = np.zeros_like(high_pass_kernel)
     keep = np.abs(high_pass_kernel) > threshold
     inverse[keep] = 1 / high_pass_kernel[keep]
-    local = spfft.irfftn(spfft.rfftn(high_pass, workers=-1) * inverse, s=shape, workers=-1)
+    local = spfft.irfftn(spfft.rfftn(high_pass) * inverse, s=shape)
     eroded_mask = eroded[crop]
     return np.where(eroded_mask, local[crop], 0).astype(np.float32), eroded_mask

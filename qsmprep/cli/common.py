@@ -1,7 +1,9 @@
 """What every qsmprep console script shares: verbosity, logging, exit codes.
 
 ``run_cli(parser, run, argv)`` adds ``-v/--verbose`` to an argparse parser,
-parses ``argv``, configures logging and calls ``run(args)``. A
+parses ``argv``, configures logging and calls ``run(args)`` with scipy.fft using
+every core the process may run on (the library's FFTs follow
+``scipy.fft.set_workers``, one thread unless a caller sets more). A
 ``QSMPrepError`` becomes one line on standard error, "PROG: error: MESSAGE",
 and its BIDS execution-spec exit code (64 usage, 65 data, 66 no input);
 argparse's own usage errors exit with 64 instead of 2.
@@ -9,6 +11,7 @@ argparse's own usage errors exit with 64 instead of 2.
 
 import argparse
 import logging
+import os
 import sys
 
 from ..errors import QSMPrepError, UsageError
@@ -22,6 +25,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
+
+
+def available_cores():
+    """Cores this process may run on: its CPU affinity (what SLURM, taskset or a container grant), not the machine's count."""
+    return len(os.sched_getaffinity(0))
 
 
 def _add_verbosity(parser):
@@ -59,8 +67,11 @@ def run_cli(parser, run, argv=None):
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format=LOG_FORMAT)
     logging.getLogger("qsmprep").setLevel(level)
+    from scipy import fft
+
     try:
-        code = run(args)
+        with fft.set_workers(available_cores()):
+            code = run(args)
     except QSMPrepError as exc:
         message = " ".join(str(exc).split())  # one line
         sys.stderr.write(f"{parser.prog}: error: {message}\n")

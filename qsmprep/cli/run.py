@@ -33,7 +33,7 @@ from ..config import (
     preset_methods,
 )
 from ..errors import DataError, QSMPrepError, UsageError
-from .common import ArgumentParser
+from .common import ArgumentParser, available_cores
 
 log = logging.getLogger("qsmprep")
 
@@ -192,7 +192,7 @@ def resolve_config(args, argv):
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{option} {folder} is a file, not a folder: give a folder path (it is created "
                              "if missing).")
-    nprocs = args.nprocs or os.cpu_count() or 1
+    nprocs = args.nprocs or available_cores()
     if args.use_plugin:
         plugin, plugin_args = _read_plugin(args.use_plugin)
     else:

@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import fft
 
 from ..errors import QSMPrepError, UsageError
 from ..sim.bids_writer import PHASE_UNITS, write_dataset_files, write_subject
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
-from .common import ArgumentParser
+from .common import ArgumentParser, available_cores
 
 log = logging.getLogger("qsmprep.simulate")
 
@@ -145,7 +146,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        simulate_dataset(args)
+        with fft.set_workers(available_cores()):
+            simulate_dataset(args)
     except QSMPrepError as exc:
         log.error("%s", exc)
         return exc.exit_code

@@ -48,6 +48,7 @@ crop); a crop makes the yielded patch smaller than ``patch``.
 
 import numpy as np
 import torch
+from scipy import fft as spfft
 from torch.utils.data import IterableDataset, get_worker_info
 
 from qsmprep.deep.augment import Augmenter
@@ -197,8 +198,11 @@ class SyntheticQSMDataset(IterableDataset):
         worker = 0 if info is None else info.id
         rng = np.random.default_rng([self.seed, worker])
         augment = Augmenter(self.augment_cfg, rng, self.make.b0_dir)
-        while True:
-            yield _to_tensors(augment(self.make(rng)))
+        # a DataLoader worker is one of several processes: one FFT thread each (a fork would inherit
+        # the trainer's scipy.fft.set_workers, all cores, and oversubscribe them)
+        with spfft.set_workers(1 if info is not None else spfft.get_workers()):
+            while True:
+                yield _to_tensors(augment(self.make(rng)))
 
 
 def build_dataset(data_cfg, augment_cfg, seed):

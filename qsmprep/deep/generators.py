@@ -63,10 +63,10 @@ def _smooth_noise(rng, shape, voxel, correlation_mm):
     """
     fast = tuple(spfft.next_fast_len(int(n), real=True) for n in shape)
     white = rng.standard_normal(fast, dtype=np.float32)
-    spectrum = spfft.rfftn(white, workers=-1)
+    spectrum = spfft.rfftn(white)
     kx, ky, kz = kspace_grid(fast, voxel, rfft=True)
     spectrum *= np.exp(-2 * np.pi**2 * correlation_mm**2 * (kx**2 + ky**2 + kz**2))
-    noise = spfft.irfftn(spectrum, s=fast, workers=-1)[: shape[0], : shape[1], : shape[2]].astype(np.float32)
+    noise = spfft.irfftn(spectrum, s=fast)[: shape[0], : shape[1], : shape[2]].astype(np.float32)
     noise -= noise.mean()
     std = noise.std()
     return noise / std if std > 0 else noise
@@ -249,7 +249,7 @@ def _point_dipole_spectrum(big_shape, voxel, b):
     r2[0, 0, 0] = 1.0
     kernel = _unit_dipole_field(r2, along_b0)
     kernel[0, 0, 0] = 0.0  # a centre voxel is inside its own sphere: no self field
-    spectrum = spfft.rfftn(kernel, workers=-1)
+    spectrum = spfft.rfftn(kernel)
     spectrum.flags.writeable = False
     return spectrum
 
@@ -306,9 +306,9 @@ def spheres_field_ppm(shape, voxel_size_mm, centres_vox, radii_mm, dchi_ppm, b0_
     big = padded_shape(shape, 2.0)
     spikes = np.zeros(shape, dtype=np.float64)
     np.add.at(spikes, tuple(centres.T), moments)
-    spectrum = spfft.rfftn(spikes, s=big, workers=-1)
+    spectrum = spfft.rfftn(spikes, s=big)
     spectrum *= _point_dipole_spectrum(big, tuple(voxel), tuple(b))
-    field = spfft.irfftn(spectrum, s=big, workers=-1)[: shape[0], : shape[1], : shape[2]]
+    field = spfft.irfftn(spectrum, s=big)[: shape[0], : shape[1], : shape[2]]
     for centre, radius, moment in zip(centres, radii, moments):
         box = _box_slices(centre * voxel, radius, voxel, shape)
         d = [(np.arange(s.start, s.stop) - c) * v for s, c, v in zip(box, centre, voxel)]

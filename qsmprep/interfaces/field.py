@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits, isdefined
+from scipy import fft as spfft
 
 from ..io import load_nifti, save_nifti
 from ..physics import voxel_size_from_affine
@@ -79,6 +80,7 @@ class _TotalFieldInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True, desc="brain mask")
     te_s = traits.List(traits.Float, mandatory=True, desc="echo times in s")
     unwrap = traits.Enum("laplacian", "quality", usedefault=True, desc="spatial unwrapping method")
+    num_threads = traits.Int(1, usedefault=True, desc="FFT worker threads (Laplacian unwrapping)")
 
 
 class _TotalFieldOutputSpec(TraitedSpec):
@@ -97,8 +99,9 @@ class TotalField(SimpleInterface):
         phase, affine, header = load_nifti(self.inputs.phase_rad, "phase image")
         magnitude = load_nifti(self.inputs.magnitude, "magnitude image")[0]
         mask = load_nifti(self.inputs.mask, "mask")[0] > 0
-        field = total_field_hz(phase, list(self.inputs.te_s), magnitude=magnitude, mask=mask,
-                               voxel_size_mm=voxel_size_from_affine(affine), unwrap=self.inputs.unwrap)
+        with spfft.set_workers(self.inputs.num_threads):
+            field = total_field_hz(phase, list(self.inputs.te_s), magnitude=magnitude, mask=mask,
+                                   voxel_size_mm=voxel_size_from_affine(affine), unwrap=self.inputs.unwrap)
         out = Path(runtime.cwd) / "total_field_hz.nii.gz"
         self._results["out_file"] = str(save_nifti(out, field, affine, None))
         return runtime
@@ -126,7 +129,6 @@ class BackgroundRemoval(SimpleInterface):
     output_spec = _BackgroundRemovalOutputSpec
 
     def _run_interface(self, runtime):
-        from scipy import fft as spfft
 
         from ..config import library_function
         from ..physics import hz_to_ppm

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
+from scipy import fft as spfft
 
 from ..io import load_nifti, save_nifti
 from ..physics import voxel_size_from_affine
@@ -34,7 +35,6 @@ class DipoleInversion(SimpleInterface):
     output_spec = _DipoleInversionOutputSpec
 
     def _run_interface(self, runtime):
-        from scipy import fft as spfft
 
         from ..config import library_function
 

@@ -147,7 +147,7 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     w2 = m if weights is None else m * np.asarray(weights, dtype=np.float32) ** 2
     if harmonic_radius_mm:
         smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True)
-        fits = sphere_fits(spfft.rfftn(m, s=big, workers=-1), smv, big, voxel_size_mm, harmonic_radius_mm)
+        fits = sphere_fits(spfft.rfftn(m, s=big), smv, big, voxel_size_mm, harmonic_radius_mm)
         w2 = w2 * fits[tuple(slice(0, n) for n in m.shape)]
         field = filter_padded(field, 1 - smv, big)
         d = (1 - smv) * d

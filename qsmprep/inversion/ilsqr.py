@@ -103,7 +103,7 @@ def _initial_lsqr(field, mask, d, shape, voxel_size_mm, data_weight, tol, max_it
     w = data_weight * _ramp_weight(np.abs(_masked_laplacian(field, mask, voxel_size_mm)), mask, LAPLACIAN_PERCENTILES)
 
     def convolve(x):
-        return spfft.irfftn(spfft.rfftn(x, workers=-1) * d, s=shape, workers=-1, overwrite_x=True)
+        return spfft.irfftn(spfft.rfftn(x) * d, s=shape, overwrite_x=True)
 
     def normal_operator(x):  # symmetric: its own adjoint
         return convolve(w * convolve(x))
@@ -113,14 +113,14 @@ def _initial_lsqr(field, mask, d, shape, voxel_size_mm, data_weight, tol, max_it
 
 def _fast_estimate(field, mask, d, shape, voxel_size_mm, b0_dir):
     """Step 2: streak-free, smoothed chi from sign(D) F f, scaled to a TKD map."""
-    spectrum = np.sign(d) * spfft.rfftn(field, workers=-1)
+    spectrum = np.sign(d) * spfft.rfftn(field)
     magnitude_power = np.abs(d) ** KSPACE_WEIGHT_EXPONENT
     low, high = np.percentile(magnitude_power, KSPACE_WEIGHT_PERCENTILES)
     w = np.clip((magnitude_power - low) / (high - low), 0.0, 1.0)
     # keep the well-conditioned spectrum, use its spherical mean in the cone
     blend = w + (1 - w) * smv_kernel(shape, voxel_size_mm, FAST_SMOOTHING_RADIUS_MM, rfft=True)
-    chi = np.where(mask, spfft.irfftn(spectrum * blend, s=shape, workers=-1), 0)
-    chi = np.where(mask, spfft.irfftn(spfft.rfftn(chi, workers=-1) * blend, s=shape, workers=-1), 0)
+    chi = np.where(mask, spfft.irfftn(spectrum * blend, s=shape), 0)
+    chi = np.where(mask, spfft.irfftn(spfft.rfftn(chi) * blend, s=shape), 0)
     # sign(D) F f carries the right structure but not the right scale: fit a chi + b to TKD
     reference = tkd(field, mask, voxel_size_mm, b0_dir, threshold=FAST_TKD_THRESHOLD)
     design = np.stack([chi[mask], np.ones(int(mask.sum()), dtype=np.float32)], axis=1)
@@ -141,7 +141,7 @@ def _streaking_artefacts(chi_lsqr, chi_fast, mask, d, shape, voxel_size_mm, tol,
     cone = (np.abs(d) < CONE_THRESHOLD).astype(np.float32)
 
     def project(x):
-        return spfft.irfftn(spfft.rfftn(x, workers=-1) * cone, s=shape, workers=-1, overwrite_x=True)
+        return spfft.irfftn(spfft.rfftn(x) * cone, s=shape, overwrite_x=True)
 
     streaks = lsqr(
         lambda x: _weighted_gradient(x, weights),

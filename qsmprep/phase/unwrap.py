@@ -113,10 +113,10 @@ def unwrap_laplacian(phase_rad, voxel_size_mm=(1.0, 1.0, 1.0), mask=None, tol=1e
     eig[0, 0, 0] = 1.0
 
     def poisson_solve(rhs):
-        spectrum = spfft.dctn(rhs, type=2, norm="ortho", workers=-1)
+        spectrum = spfft.dctn(rhs, type=2, norm="ortho")
         spectrum /= eig
         spectrum[0, 0, 0] = 0.0
-        return spfft.idctn(spectrum, type=2, norm="ortho", workers=-1)
+        return spfft.idctn(spectrum, type=2, norm="ortho")
 
     if mask is None and valid.all():
         edge_weights = None

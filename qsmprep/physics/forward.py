@@ -19,9 +19,9 @@ def filter_padded(volume, kernel_rfft, big_shape):
     kernel of that grid (``rfft=True`` layout), irfftn, crop to ``volume``'s shape.
     Returns float32.
     """
-    spectrum = spfft.rfftn(np.asarray(volume, dtype=np.float32), s=big_shape, workers=-1)
+    spectrum = spfft.rfftn(np.asarray(volume, dtype=np.float32), s=big_shape)
     spectrum *= kernel_rfft
-    out = spfft.irfftn(spectrum, s=big_shape, workers=-1)
+    out = spfft.irfftn(spectrum, s=big_shape)
     return out[tuple(slice(0, n) for n in np.shape(volume))].astype(np.float32)
 
 

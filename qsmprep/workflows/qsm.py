@@ -172,8 +172,8 @@ def init_qsm_wf(run, config, name=None):
 
     stack_magnitude = pe.Node(StackEchoes(), name="stack_magnitude", mem_gb=mem_gb(run, "stack_magnitude"))
     phase_to_rad = pe.Node(PhaseToRad(units=run.phase_units), name="phase_to_rad", mem_gb=mem_gb(run, "phase_to_rad"))
-    total_field = pe.Node(TotalField(te_s=list(run.echo_times_s), unwrap=config.unwrap), name="total_field",
-                          mem_gb=mem_gb(run, "total_field"))
+    total_field = pe.Node(TotalField(te_s=list(run.echo_times_s), unwrap=config.unwrap, num_threads=threads),
+                          name="total_field", mem_gb=mem_gb(run, "total_field"), n_procs=threads)
     bgremove = pe.Node(
         BackgroundRemoval(method=config.bgremove, parameters=config.parameters["bgremove"][config.bgremove],
                           b0_tesla=run.b0_tesla, b0_dir=b0_dir, num_threads=threads),
