@@ -27,6 +27,12 @@ MASK_STRATEGIES = ("quality", "magnitude")
 """``quality`` (default): Otsu thresholds of the echo-combined magnitude and of the phase quality map;
 ``magnitude``: of the magnitude only (keeps scalp and skull wherever they give signal)."""
 
+PIPELINE_REFINE_RADIUS_MM = 8.0
+"""The pipeline's high-pass radius for the deep refinement (``deep_invert``'s ``refine_radius_mm``; the
+library's default is off). qsmprep's own local fields carry residual background fields, which the plain
+refinement turns into susceptibility: with 8 mm the shipped model scores 7-21 points better on them and
+the same on the 2016 challenge data (docs/benchmarks.md, Pipeline-made local fields)."""
+
 B0_RESAMPLE_TILT_DEG = 1.0
 """With ``--resample-b0``, runs whose B0 is tilted more than this from the third voxel axis are inverted on a B0-aligned grid."""
 

@@ -26,6 +26,7 @@ from ..config import (
     BGREMOVE_METHODS,
     INVERSION_METHODS,
     MASK_STRATEGIES,
+    PIPELINE_REFINE_RADIUS_MM,
     PRESETS,
     UNWRAP_METHODS,
     Config,
@@ -100,8 +101,8 @@ def build_parser():
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device for 'deep'")
     g.add_argument("--refine-radius", type=float, metavar="MM",
                    help="'deep': compare fields in its data-consistency refinement after an MM-radius spherical-mean "
-                   "high-pass, which ignores residual background fields (e.g. 8 for oblique or coarse data whose "
-                   "background removal leaves residuals; default off; docs/methods/deep-inversion.md)")
+                   "high-pass, which ignores the residual background fields background removal leaves (default "
+                   f"{PIPELINE_REFINE_RADIUS_MM:g}; 0 = off, the plain data term; docs/methods/deep-inversion.md)")
 
     g = p.add_argument_group("resources and execution")
     g.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
@@ -213,7 +214,8 @@ def resolve_config(args, argv):
         mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
         b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
         resample_b0=args.resample_b0, device=args.device, command=["qsmprep", *argv],
-        parameters={"inversion": {"deep": {"refine_radius_mm": args.refine_radius}}} if args.refine_radius else {},
+        parameters={"inversion": {"deep": {"refine_radius_mm": PIPELINE_REFINE_RADIUS_MM if args.refine_radius is None
+                                                else args.refine_radius}}} if "deep" in inversions else {},
     )
     return config.resolve_parameters()
 

@@ -213,16 +213,21 @@ def plot_curves(loss_rows, val_rows, path):
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    steps = [int(r["step"]) for r in loss_rows]
-    ax.plot(steps, [float(r["loss"]) for r in loss_rows], lw=0.8, color="tab:blue", label="training loss")
+    steps = np.array([int(r["step"]) for r in loss_rows])
+    loss = np.array([float(r["loss"]) for r in loss_rows])
+    ax.plot(steps, loss, lw=0.5, color="tab:blue", alpha=0.3, label="training loss")
+    window = len(loss) // 50  # a small batch's loss is noisy: show its trend over 2 % of the run too
+    if window > 1:
+        trend = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], trend, lw=1.5, color="tab:blue", label=f"training loss, mean of {window} steps")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     if val_rows:
         ax2 = ax.twinx()
-        ax2.plot([int(r["step"]) for r in val_rows], [float(r["nrmse"]) for r in val_rows], "o-", color="tab:red", label="validation NRMSE")
+        ax2.plot([int(r["step"]) for r in val_rows], [float(r["nrmse"]) for r in val_rows], ".-", color="tab:red", label="validation NRMSE")
         ax2.set_ylabel("validation NRMSE (%)")
-    fig.legend(loc="upper right")
+    fig.legend(loc="upper right", bbox_to_anchor=(0.87, 0.93), framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -253,8 +253,8 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     device : "auto", "cpu" or "cuda", default "auto"
     refine_iters : int, default 10
         Conjugate-gradient iterations of data-consistency refinement (0 = off).
-        On the 2016 challenge data it took the shipped model from 64.3 % NRMSE /
-        65.0 % HFEN to 60.7 % / 56.6 % (docs/benchmarks.md).
+        On the 2016 challenge data it takes the shipped model from 63.5 % NRMSE /
+        59.3 % HFEN to 62.1 % / 57.0 % (docs/benchmarks.md).
     refine_lambda : float, default 0.05
         Weight of the network prior in the refinement; larger keeps more of the
         network output (0.1 scores better on the 2016 in-vivo data, 0.05 on the
@@ -262,7 +262,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     refine_radius_mm : float or None, default None
         SMV radius (mm) of the refinement's high-pass, which makes it ignore
         residual background fields (``refine_data_consistency``'s
-        ``harmonic_radius_mm``); None or 0: off.
+        ``harmonic_radius_mm``); None or 0: off. The pipeline passes 8 mm
+        (``qsmprep.config.PIPELINE_REFINE_RADIUS_MM``): its local fields carry
+        such residuals.
     tile_shape : tuple of 3 int, default (256, 256, 256)
         Largest block the network sees at once.
     overlap : int, default 32
