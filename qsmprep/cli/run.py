@@ -194,6 +194,7 @@ def resolve_config(args, argv):
             raise UsageError(f"{option} {folder} is a file, not a folder: give a folder path (it is created "
                              "if missing).")
     nprocs = args.nprocs or available_cores()
+    refine_radius = PIPELINE_REFINE_RADIUS_MM if args.refine_radius is None else args.refine_radius
     if args.use_plugin:
         plugin, plugin_args = _read_plugin(args.use_plugin)
     else:
@@ -214,8 +215,7 @@ def resolve_config(args, argv):
         mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
         b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
         resample_b0=args.resample_b0, device=args.device, command=["qsmprep", *argv],
-        parameters={"inversion": {"deep": {"refine_radius_mm": PIPELINE_REFINE_RADIUS_MM if args.refine_radius is None
-                                                else args.refine_radius}}} if "deep" in inversions else {},
+        parameters={"inversion": {"deep": {"refine_radius_mm": refine_radius}}} if "deep" in inversions else {},
     )
     return config.resolve_parameters()
 

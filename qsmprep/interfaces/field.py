@@ -129,7 +129,6 @@ class BackgroundRemoval(SimpleInterface):
     output_spec = _BackgroundRemovalOutputSpec
 
     def _run_interface(self, runtime):
-
         from ..config import library_function
         from ..physics import hz_to_ppm
 

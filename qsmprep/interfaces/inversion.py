@@ -35,7 +35,6 @@ class DipoleInversion(SimpleInterface):
     output_spec = _DipoleInversionOutputSpec
 
     def _run_interface(self, runtime):
-
         from ..config import library_function
 
         field, affine, _ = load_nifti(self.inputs.local_field, "local field")

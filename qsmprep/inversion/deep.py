@@ -257,8 +257,8 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         59.3 % HFEN to 62.1 % / 57.0 % (docs/benchmarks.md).
     refine_lambda : float, default 0.05
         Weight of the network prior in the refinement; larger keeps more of the
-        network output (0.1 scores better on the 2016 in-vivo data, 0.05 on the
-        simulations; docs/benchmarks.md).
+        network output (with the 400-step model shipped before, 0.1 scored better
+        on the 2016 in-vivo data, 0.05 on the simulations; docs/benchmarks.md).
     refine_radius_mm : float or None, default None
         SMV radius (mm) of the refinement's high-pass, which makes it ignore
         residual background fields (``refine_data_consistency``'s
