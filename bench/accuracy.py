@@ -2,7 +2,7 @@
 
     python bench/accuracy.py [--part qsm2016 variants sim pipeline wisnieff] [--methods tkd cfl2 ilsqr deep]
                              [--model NAME_OR_PATH ...] [--refine N ...] [--refine-lambda L ...]
-                             [--refine-radius MM ...]
+                             [--refine-radius MM ...] [--resolution-tolerance T ...]
                              [--data DIR] [--json OUT] [--figure PNG]
 
 Parts (default: qsm2016 sim pipeline wisnieff):
@@ -48,7 +48,9 @@ wisnieff  Scale invariance (SI-QSM protocol) on DIR/phantom_wisnieff: the phanto
 Deep rows use ``qsmprep.inversion.deep.deep_invert`` with each ``--model`` (default
 the shipped default model), each ``--refine`` iteration count (default 0) and,
 for refined rows, each ``--refine-lambda`` prior weight and each ``--refine-radius``
-high-pass radius in mm (0: none; default for both: deep_invert's);
+high-pass radius in mm (0: none; default for both: deep_invert's), and for
+every deep row each ``--resolution-tolerance`` (``inf``: the network runs on
+the input grid instead of being resampled to its training voxel size);
 a model that cannot be found is skipped with a note. Tables are printed as Markdown;
 ``--json OUT`` also saves every number. Reproduces docs/benchmarks.md.
 """
@@ -94,13 +96,14 @@ PIPELINE_DATASETS = {  # qsmprep-simulate arguments: the end-to-end test's two s
 }
 
 
-def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_radii=None):
+def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_radii=None, tolerances=None):
     """[(row label, f(field, mask, voxel_size, b0_dir) -> chi)] for the requested methods.
 
-    Deep rows are added per model, refinement count and (for refined rows) each
-    prior weight in ``refine_lambdas`` and high-pass radius in ``refine_radii``
-    (None: deep_invert's default, unlabelled); a model that ``load_model``
-    cannot find is skipped with a printed note.
+    Deep rows are added per model, refinement count, (for refined rows) each
+    prior weight in ``refine_lambdas`` and high-pass radius in ``refine_radii``,
+    and each resolution tolerance in ``tolerances`` (None: deep_invert's
+    default, unlabelled); a model that ``load_model`` cannot find is skipped
+    with a printed note.
     """
     runs = []
     for name in method_names:
@@ -116,9 +119,13 @@ def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_r
                 print(f"note: deep model {model!r} skipped: {err}")
                 continue
             for n in refine_iters:
-                for lam, radius in product(refine_lambdas or [None], refine_radii or [None]) if n else [(None, None)]:
+                refinements = product(refine_lambdas or [None], refine_radii or [None]) if n else [(None, None)]
+                for (lam, radius), tolerance in product(refinements, tolerances or [None]):
                     label = f"deep {Path(str(model)).stem}" + (f" + refine {n}" if n else "")
                     options = {"model": model, "refine_iters": n}
+                    if tolerance is not None:
+                        label += f" resolution tolerance {tolerance:g}"
+                        options["resolution_tolerance"] = tolerance
                     if lam is not None:
                         label += f" lambda {lam:g}"
                         options["refine_lambda"] = lam
@@ -336,11 +343,15 @@ def main():
     parser.add_argument("--refine-radius", nargs="+", type=float, metavar="MM",
                         help="SMV high-pass radius of the refinement in mm, 0 for none (default deep_invert's); "
                              "several values give several rows")
+    parser.add_argument("--resolution-tolerance", nargs="+", type=float, metavar="T",
+                        help="relative voxel-size mismatch the network runs at without resampling, inf: never resample "
+                             "(default deep_invert's); several values give several rows")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"shared data folder (default {DEFAULT_DATA})")
     parser.add_argument("--json", type=Path, help="also save every number to this JSON file")
     parser.add_argument("--figure", type=Path, metavar="PNG", help="qsm2016: save the maps of every method as one figure")
     args = parser.parse_args()
-    runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine, args.refine_lambda, args.refine_radius)
+    runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine, args.refine_lambda, args.refine_radius,
+                      args.resolution_tolerance)
     print(f"methods: {', '.join(name for name, _ in runs)}; {available_cores()} CPUs usable, "
           f"load average {os.getloadavg()[0]:.1f}")
     results = {"methods": [name for name, _ in runs]}

@@ -61,6 +61,14 @@ def test_anisotropic_voxels_are_resampled_to_the_training_resolution(untrained_c
     assert nrmse(out, cfl2(field, mask, (1, 1, 2)), mask) < 30
 
 
+def test_unlimited_resolution_tolerance_runs_the_network_on_the_native_grid(untrained_checkpoint):
+    chi, field, mask = _phantom(shape=(24, 24, 24), voxel_size=(3.0, 3.0, 3.0))
+    out = deep_invert(field, mask, (3, 3, 3), (0, 0, 1), model=untrained_checkpoint, device="cpu", refine_iters=0,
+                      resolution_tolerance=float("inf"))
+    # no resampling: the untrained network is exactly its CFL2 prior on the 3 mm grid
+    np.testing.assert_allclose(out, cfl2(field, mask, (3, 3, 3), lam=0.1), atol=1e-5)
+
+
 def test_tiles_cover_the_volume_without_seams():
     rng = np.random.default_rng(0)
     field = rng.normal(size=(70, 50, 45)).astype(np.float32)

@@ -170,21 +170,22 @@ def _frame_affine(voxel_size_mm, b0_dir):
     return affine
 
 
-def network_frame(voxel_size_mm, b0_dir, meta):
+def network_frame(voxel_size_mm, b0_dir, meta, resolution_tolerance=RESOLUTION_TOLERANCE):
     """Where ``deep_invert`` runs a checkpoint's network: (aligned, target voxel size).
 
     ``aligned`` is True when the input is resampled onto a B0-aligned grid
-    (B0 tilted more than ``OBLIQUE_THRESHOLD_DEG``, or a voxel-size mismatch
-    beyond ``RESOLUTION_TOLERANCE`` for a model that does not take the voxel
-    size, or whose CFL2 prior is its only use of it); the target voxel size
-    (mm) is the model's training one when it is resampled to it, else None
-    (the input's voxel sizes are kept). ``meta`` is the checkpoint metadata.
+    (B0 tilted more than ``OBLIQUE_THRESHOLD_DEG``, or a relative voxel-size
+    mismatch beyond ``resolution_tolerance`` for a model that does not take
+    the voxel size, or whose CFL2 prior is its only use of it); the target
+    voxel size (mm) is the model's training one when it is resampled to it,
+    else None (the input's voxel sizes are kept). ``meta`` is the checkpoint
+    metadata.
     """
     voxel_size_mm = tuple(float(v) for v in voxel_size_mm)
     trained_vs = tuple(meta.get("recipe", {}).get("data", {}).get("voxel_size_mm", voxel_size_mm))
     mismatch = max(abs(v / t - 1) for v, t in zip(voxel_size_mm, trained_vs))
     resample_resolution = not meta["conventions"]["needs_voxel_size"] or meta.get("params", {}).get("prior")
-    target_vs = trained_vs if (resample_resolution and mismatch > RESOLUTION_TOLERANCE) else None
+    target_vs = trained_vs if (resample_resolution and mismatch > resolution_tolerance) else None
     return b0_tilt_deg(b0_dir) > OBLIQUE_THRESHOLD_DEG or target_vs is not None, target_vs
 
 
@@ -229,12 +230,13 @@ def network_predictor(model, voxel_size_mm, device):
 
 def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL,
                 device="auto", refine_iters=REFINE_ITERS, refine_lambda=REFINE_LAMBDA,
-                refine_radius_mm=None, tile_shape=(256, 256, 256), overlap=32):
+                refine_radius_mm=None, resolution_tolerance=RESOLUTION_TOLERANCE, tile_shape=(256, 256, 256),
+                overlap=32):
     """Susceptibility (ppm) from the local field (ppm) by a trained network.
 
     The network sees the data in the frame it was trained in: when B0 is
     tilted more than ``OBLIQUE_THRESHOLD_DEG`` from the third axis, or the
-    voxel size differs by more than ``RESOLUTION_TOLERANCE`` from the training
+    voxel size differs by more than ``resolution_tolerance`` from the training
     voxel size of a model that does not take the voxel size as an input, the
     field and mask are resampled (trilinear, anti-aliased) onto a B0-aligned
     grid at the training resolution, inverted there and the result resampled
@@ -257,14 +259,20 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         59.3 % HFEN to 62.1 % / 57.0 % (docs/benchmarks.md).
     refine_lambda : float, default 0.05
         Weight of the network prior in the refinement; larger keeps more of the
-        network output (with the 400-step model shipped before, 0.1 scored better
-        on the 2016 in-vivo data, 0.05 on the simulations; docs/benchmarks.md).
+        network output (0.1 scores better on the 2016 in-vivo data, 0.02 on the
+        simulations; docs/benchmarks.md, Refinement prior weight).
     refine_radius_mm : float or None, default None
         SMV radius (mm) of the refinement's high-pass, which makes it ignore
         residual background fields (``refine_data_consistency``'s
         ``harmonic_radius_mm``); None or 0: off. The pipeline passes 8 mm
         (``qsmprep.config.PIPELINE_REFINE_RADIUS_MM``): its local fields carry
         such residuals.
+    resolution_tolerance : float, default 0.15 (``RESOLUTION_TOLERANCE``)
+        Largest relative voxel-size mismatch (per axis) to the model's training
+        voxel size at which the network runs on the input grid; ``inf`` always
+        runs it there. Resampling is the more accurate: on the scale-invariance
+        phantom at 3.75-1.875 mm the native grid gives 9-15 % more refined RMSE
+        (docs/benchmarks.md, Scale invariance).
     tile_shape : tuple of 3 int, default (256, 256, 256)
         Largest block the network sees at once.
     overlap : int, default 32
@@ -285,7 +293,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     m = np.asarray(mask) > 0
     field = np.where(m, np.asarray(local_field_ppm, dtype=np.float32), np.float32(0))
     voxel_size_mm = tuple(float(v) for v in voxel_size_mm)
-    aligned, target_vs = network_frame(voxel_size_mm, b0_dir, meta)
+    aligned, target_vs = network_frame(voxel_size_mm, b0_dir, meta, resolution_tolerance)
     if aligned:
         log.info("deep inversion in a B0-aligned frame (tilt %.1f deg, voxel size %s -> %s)", b0_tilt_deg(b0_dir),
                  voxel_size_mm, target_vs or "kept")
