@@ -141,6 +141,8 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
         (["--method", "deep", "--refine-lambda", "0"], ["--refine-lambda", "> 0"]),
         (["--method", "tkd", "--refine-radius", "8"], ["--refine-radius", "deep"]),
         (["--method", "deep", "--refine-radius", "-1"], ["--refine-radius"]),
+        (["--method", "tkd", "--tile", "128"], ["--tile", "deep"]),
+        (["--method", "deep", "--tile", "32"], ["--tile", "64"]),
     ],
 )
 def test_usage_errors_exit_64(inputs, capsys, options, words):
@@ -167,20 +169,25 @@ def test_unwritable_output_exits_70(inputs, capsys):
     assert blocker.read_text().startswith("a file")
 
 
-def test_deep_method_runs_a_checkpoint_and_refuses_a_missing_one(inputs, capsys, tmp_path):
+def test_deep_method_runs_a_checkpoint_and_refuses_a_missing_one(inputs, capsys, tmp_path, monkeypatch):
     import torch
 
     from qsmprep.deep.models import build_model
     from qsmprep.deep.registry import save_checkpoint
-    from qsmprep.inversion import deep_invert
+    from qsmprep.inversion import deep, deep_invert
 
     paths, field, mask, affine = inputs
     torch.manual_seed(0)
     checkpoint = tmp_path / "net.safetensors"
     save_checkpoint(build_model("unet", width=4, depth=2, prior="cfl2"), checkpoint,
                     {"recipe": {"data": {"voxel_size_mm": [1.0, 1.2, 1.5]}}})
+    tiles = []
+    real = deep.predict_tiled
+    monkeypatch.setattr(deep, "predict_tiled",
+                        lambda predict, f, m, tile, *a, **kw: tiles.append(tile) or real(predict, f, m, tile, *a, **kw))
     assert _run(paths, "--method", "deep", "--model", str(checkpoint), "--device", "cpu", "--refine", "2",
-                "--refine-lambda", "0.3", "--refine-radius", "3") == 0
+                "--refine-lambda", "0.3", "--refine-radius", "3", "--tile", "96") == 0
+    assert tiles == [(96, 96, 96)]
     stored = nib.load(paths["field"]).affine
 
     def library(**options):

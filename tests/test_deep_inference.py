@@ -69,7 +69,7 @@ def test_unlimited_resolution_tolerance_runs_the_network_on_the_native_grid(untr
     np.testing.assert_allclose(out, cfl2(field, mask, (3, 3, 3), lam=0.1), atol=1e-5)
 
 
-def test_tiles_cover_the_volume_without_seams():
+def test_tiles_cover_the_volume_without_seams(caplog):
     rng = np.random.default_rng(0)
     field = rng.normal(size=(70, 50, 45)).astype(np.float32)
     mask = np.ones_like(field)
@@ -80,8 +80,11 @@ def test_tiles_cover_the_volume_without_seams():
         return uniform_filter(f, 3, mode="constant")
 
     whole = local_mean(field, mask)
-    tiled = predict_tiled(local_mean, field, mask, tile_shape=(32, 32, 32), overlap=8)
+    with caplog.at_level("INFO", logger="qsmprep.inversion.deep"):
+        tiled = predict_tiled(local_mean, field, mask, tile_shape=(32, 32, 32), overlap=8)
     np.testing.assert_allclose(tiled, whole, atol=1e-6)
+    # 3 x 2 x 2 tiles (starts 0, 24, 38 / 0, 18 / 0, 13), each announced: progress for long CPU runs
+    assert [r.getMessage() for r in caplog.records][-1] == "deep inversion: tile 12 of 12"
 
 
 def test_refinement_reduces_the_data_misfit():
@@ -223,6 +226,20 @@ def noisy_head():
     return chi, field, mask
 
 
+def test_tiled_inference_matches_the_whole_volume(noisy_head):
+    """Tiles share the whole volume's CFL2 prior (``tile_context``), so they agree with one pass.
+
+    Measured, shipped model, 72x80x64 in 64^3 tiles (4 tiles, overlap 32): tiled vs whole 2.32 % NRMSE;
+    each tile computing its own prior instead: 7.64 %, with a step at every tile face. NRMSE against the
+    true chi: whole 39.87 %, tiled 39.79 %.
+    """
+    chi, field, mask = noisy_head
+    whole = deep_invert(field, mask, device="cpu", refine_iters=0)
+    tiled = deep_invert(field, mask, device="cpu", refine_iters=0, tile_shape=64)
+    assert nrmse(tiled, whole, mask) < 3.5
+    assert abs(nrmse(tiled, chi, mask) - nrmse(whole, chi, mask)) < 0.5
+
+
 def test_shipped_default_model_beats_classical_inversions_on_a_noisy_head(noisy_head):
     """Known answer: the true chi of a brain-like phantom, from its noisy local field.
 
@@ -308,7 +325,8 @@ def test_network_grid_shape_is_the_grid_deep_invert_runs_on(untrained_checkpoint
 
     seen = []
     real = deep.predict_tiled
-    monkeypatch.setattr(deep, "predict_tiled", lambda predict, field, *a: seen.append(field.shape) or real(predict, field, *a))
+    monkeypatch.setattr(deep, "predict_tiled",
+                        lambda predict, field, *a, **kw: seen.append(field.shape) or real(predict, field, *a, **kw))
     shape = (20, 18, 12)
     field, mask = np.zeros(shape, np.float32), np.ones(shape, bool)
     deep_invert(field, mask, voxel_size, b0_dir, model=untrained_checkpoint, device="cpu", refine_iters=0)

@@ -194,6 +194,24 @@ def test_cfl2_prior_unet_starts_as_cfl2_and_learns_a_correction():
         build_model("unet", prior="tkd")
 
 
+@torch.no_grad()
+def test_tile_context_is_the_prior_forward_computes():
+    """A tile given its slice of the whole volume's prior sees what whole-volume inference sees."""
+    torch.manual_seed(0)
+    net = build_model("unet", width=4, depth=2, prior="cfl2").eval()
+    torch.nn.init.normal_(net.net.head.weight)  # a non-zero correction, so the U-Net's input matters
+    field, voxel_size = torch.randn(1, 1, 20, 24, 16), torch.tensor([1.0, 0.9, 2.0])  # multiples of 4: no padding
+    context = net.tile_context(field, voxel_size)
+    assert context["prior"].shape == field.shape
+    torch.testing.assert_close(net(field, voxel_size=voxel_size, **context), net(field, voxel_size=voxel_size))
+    # a tile computing its own prior differs from the tile cut from the whole volume's
+    tile = (..., slice(0, 12), slice(0, 16), slice(0, 10))
+    own = net(field[tile], voxel_size=voxel_size)
+    shared = net(field[tile], voxel_size=voxel_size, prior=context["prior"][tile])
+    assert (own - shared).abs().max() > 1e-2
+    assert build_model("unet", width=4, depth=2).tile_context(field, voxel_size) == {}
+
+
 @pytest.mark.parametrize("arch", ["unet", "siqsm"])
 @torch.no_grad()
 def test_amplitude_normalised_network_is_amplitude_equivariant(arch):

@@ -1,7 +1,7 @@
 """qsmprep-invert: dipole inversion of a local field map.
 
     qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr,deep}
-        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N --refine-lambda L --refine-radius MM]
+        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N --refine-lambda L --refine-radius MM --tile N]
         [--units {ppm,hz,rad} --b0-tesla T --te S] [--b0-dir X Y Z] [-v]
 
 Parses, loads, converts the field to ppm, calls ``qsmprep.inversion`` and
@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 
 
 DEEP_OPTIONS = {"model": "model", "device": "device", "refine": "refine_iters", "refine_lambda": "refine_lambda",
-                "refine_radius": "refine_radius_mm"}
+                "refine_radius": "refine_radius_mm", "tile": "tile_shape"}
 """Command-line options of --method deep (argparse dest) -> keyword of ``deep_invert``."""
+
+MIN_TILE = 64
+"""Smallest --tile: twice ``deep_invert``'s 32-voxel tile overlap, so that tiles advance."""
 
 EPILOG = """\
 units: the field is in ppm of B0 by default; --units hz needs --b0-tesla;
@@ -71,6 +74,9 @@ def build_parser():
     p.add_argument("--refine-radius", type=float, metavar="MM",
                    help="deep: compare fields in the refinement after an MM-radius spherical-mean high-pass, so "
                         "residual background fields are ignored (e.g. 8; default: off)")  # fmt: skip
+    p.add_argument("--tile", type=int, metavar="N",
+                   help="deep: largest block, N^3 voxels, the network sees at once; larger grids are inverted in "
+                        "overlapping tiles (default 256, about 8 GB of memory on a CPU; 160: about 2.2 GB)")  # fmt: skip
     p.add_argument("--units", choices=("ppm", "hz", "rad"), default="ppm", help="units of FIELD (default ppm)")
     p.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in tesla (for --units hz or rad)")
     p.add_argument("--te", type=float, metavar="S", help="echo time in seconds (for --units rad)")
@@ -100,6 +106,8 @@ def _check_options(args):
         raise UsageError(f"--refine-lambda must be > 0, got {args.refine_lambda}.")
     if args.refine_radius is not None and args.refine_radius < 0:
         raise UsageError(f"--refine-radius must be 0 (off) or a radius in mm, got {args.refine_radius}.")
+    if args.tile is not None and args.tile < MIN_TILE:
+        raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by 32), got {args.tile}.")
     if args.units in ("hz", "rad") and not (args.b0_tesla and args.b0_tesla > 0):
         raise UsageError(f"--units {args.units} needs the field strength: add --b0-tesla (in T, e.g. 3).")
     if args.units == "rad" and not (args.te and args.te > 0):

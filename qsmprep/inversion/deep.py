@@ -6,6 +6,8 @@ or tiled inference, and an optional data-consistency refinement.
 """
 
 import logging
+from functools import partial
+from itertools import product
 
 import numpy as np
 from scipy import fft as spfft
@@ -49,8 +51,8 @@ def tile_starts(size, tile, overlap):
     return sorted(set(starts))
 
 
-def predict_tiled(predict, field, mask, tile_shape=(256, 256, 256), overlap=32):
-    """Apply ``predict(field, mask) -> chi`` over a volume in overlapping tiles.
+def predict_tiled(predict, field, mask, tile_shape=(256, 256, 256), overlap=32, context=None):
+    """Apply ``predict(field, mask, **context) -> chi`` over a volume in overlapping tiles.
 
     Each output voxel is taken from the tile in which it lies farthest from a
     tile face (centre-crop blending: the overlap is split half and half between
@@ -67,27 +69,30 @@ def predict_tiled(predict, field, mask, tile_shape=(256, 256, 256), overlap=32):
         Largest block passed to ``predict`` at once (memory bound).
     overlap : int, default 32
         Voxels shared by neighbouring tiles along each axis.
+    context : callable or None, default None
+        ``context() -> {name: array shaped like field}``, called once when the
+        volume is tiled; each tile's slices are passed to ``predict`` as
+        keywords (whole-volume quantities such as a network's CFL2 prior).
     """
     shape = field.shape
     if all(n <= t for n, t in zip(shape, tile_shape)):
         return predict(field, mask)
     out = np.zeros(shape, dtype=np.float32)
-    starts = [tile_starts(n, min(t, n), overlap) for n, t in zip(shape, tile_shape)]
     tiles = [min(t, n) for n, t in zip(shape, tile_shape)]
-    for i in starts[0]:
-        for j in starts[1]:
-            for k in starts[2]:
-                corner = (i, j, k)
-                block = tuple(slice(c, c + t) for c, t in zip(corner, tiles))
-                chi = predict(field[block], mask[block])
-                # keep the central part: up to half the overlap is dropped on inner faces
-                keep = []
-                for axis, (c, t) in enumerate(zip(corner, tiles)):
-                    lo = 0 if c == 0 else overlap // 2
-                    hi = t if c + t == shape[axis] else t - overlap // 2
-                    keep.append(slice(lo, hi))
-                target = tuple(slice(c + s.start, c + s.stop) for c, s in zip(corner, keep))
-                out[target] = chi[tuple(keep)]
+    corners = list(product(*(tile_starts(n, t, overlap) for n, t in zip(shape, tiles))))
+    whole = context() if context else {}
+    for number, corner in enumerate(corners, 1):
+        log.info("deep inversion: tile %d of %d", number, len(corners))  # minutes per tile on a CPU
+        block = tuple(slice(c, c + t) for c, t in zip(corner, tiles))
+        chi = predict(field[block], mask[block], **{name: value[block] for name, value in whole.items()})
+        # keep the central part: up to half the overlap is dropped on inner faces
+        keep = []
+        for axis, (c, t) in enumerate(zip(corner, tiles)):
+            lo = 0 if c == 0 else overlap // 2
+            hi = t if c + t == shape[axis] else t - overlap // 2
+            keep.append(slice(lo, hi))
+        target = tuple(slice(c + s.start, c + s.stop) for c, s in zip(corner, keep))
+        out[target] = chi[tuple(keep)]
     return out
 
 
@@ -214,18 +219,27 @@ def resolve_device(device="auto"):
 
 
 def network_predictor(model, voxel_size_mm, device):
-    """``predict(field, mask) -> chi`` for numpy tiles, running ``model`` on ``device`` (fp16 autocast on CUDA)."""
+    """``predict(field, mask, **context) -> chi`` for numpy tiles, running ``model`` on ``device`` (fp16 autocast
+    on CUDA), and ``context(field, mask)``: the model's ``tile_context`` of a whole volume, as numpy arrays."""
     import torch
 
     voxel_size = torch.tensor(voxel_size_mm, dtype=torch.float32, device=device)
 
-    def predict(field, mask):
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-            f = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))[None, None].to(device)
-            m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None].to(device)
-            return model(f * m, mask=m, voxel_size=voxel_size)[0, 0].float().cpu().numpy()
+    def tensor(array):
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
 
-    return predict
+    def predict(field, mask, **context):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            m = tensor(mask)
+            extra = {name: tensor(value) for name, value in context.items()}
+            return model(tensor(field) * m, mask=m, voxel_size=voxel_size, **extra)[0, 0].float().cpu().numpy()
+
+    def context(field, mask):
+        with torch.inference_mode():
+            whole = model.tile_context(tensor(field) * tensor(mask), voxel_size)
+            return {name: value[0, 0].float().cpu().numpy() for name, value in whole.items()}
+
+    return predict, context
 
 
 def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL,
@@ -273,8 +287,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         runs it there. Resampling is the more accurate: on the scale-invariance
         phantom at 3.75-1.875 mm the native grid gives 9-15 % more refined RMSE
         (docs/benchmarks.md, Scale invariance).
-    tile_shape : tuple of 3 int, default (256, 256, 256)
-        Largest block the network sees at once.
+    tile_shape : int or tuple of 3 int, default (256, 256, 256)
+        Largest block the network sees at once (an int: a cube); the shipped
+        model needs about 7.8 GB of CPU memory for 256^3, 2.2 GB for 160^3.
     overlap : int, default 32
         Overlap of neighbouring tiles, in voxels.
 
@@ -287,6 +302,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     from ..deep.registry import load_model
 
     dev = resolve_device(device)
+    tile_shape = (int(tile_shape),) * 3 if np.ndim(tile_shape) == 0 else tuple(int(n) for n in tile_shape)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     net, meta = load_model(model, device=dev)
@@ -298,13 +314,16 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         log.info("deep inversion in a B0-aligned frame (tilt %.1f deg, voxel size %s -> %s)", b0_tilt_deg(b0_dir),
                  voxel_size_mm, target_vs or "kept")
         native = _frame_affine(voxel_size_mm, b0_dir)
-        field_a, affine_a = to_b0_aligned(field, native, target_vs)
-        mask_a = to_b0_aligned(m.astype(np.float32), native, target_vs)[0] > 0.5
-        vs_a = tuple(float(v) for v in np.linalg.norm(affine_a[:3, :3], axis=0))
-        chi_a = predict_tiled(network_predictor(net, vs_a, dev), field_a * mask_a, mask_a, tile_shape, overlap)
-        chi = from_b0_aligned(chi_a * mask_a, affine_a, field.shape, native)
-    else:
-        chi = predict_tiled(network_predictor(net, voxel_size_mm, dev), field, m, tile_shape, overlap)
+        field_n, affine_a = to_b0_aligned(field, native, target_vs)
+        mask_n = to_b0_aligned(m.astype(np.float32), native, target_vs)[0] > 0.5
+        field_n = field_n * mask_n
+        vs_n = tuple(float(v) for v in np.linalg.norm(affine_a[:3, :3], axis=0))
+    else:  # the network's frame is the input's
+        field_n, mask_n, vs_n = field, m, voxel_size_mm
+    predict, context = network_predictor(net, vs_n, dev)
+    chi = predict_tiled(predict, field_n, mask_n, tile_shape, overlap, context=partial(context, field_n, mask_n))
+    if aligned:
+        chi = from_b0_aligned(chi * mask_n, affine_a, field.shape, native)
     chi = np.where(m, chi, 0).astype(np.float32)
     if refine_iters:
         chi = refine_data_consistency(chi, field, m, voxel_size_mm, b0_dir, lam=refine_lambda, n_iter=refine_iters,

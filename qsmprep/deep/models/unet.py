@@ -114,6 +114,11 @@ class NearestUp(nn.Module):
         return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
+def padding_to_multiple(size, multiple):
+    """``F.pad`` widths that zero-pad the spatial ``size`` (X, Y, Z) at the far end up to multiples of ``multiple``."""
+    return [p for n in reversed(size) for p in (0, math.ceil(n / multiple) * multiple - n)]
+
+
 class InversionNet(nn.Module):
     """Frame shared by all dipole-inversion networks (see the module docstring).
 
@@ -171,6 +176,16 @@ class InversionNet(nn.Module):
     def core(self, x, ctx):
         raise NotImplementedError
 
+    def tile_context(self, field, voxel_size):
+        """Per-voxel context that must come from the whole volume when it is inverted in tiles.
+
+        A dict of tensors shaped like ``field`` (B, 1, X, Y, Z) that ``forward``
+        accepts as keywords for a tile cut from the same place (the engine
+        slices them with the tile); empty for networks whose output depends
+        only on the tile's own input.
+        """
+        return {}
+
     def forward(self, field, mask=None, voxel_size=None, raw=False, **ctx):
         """Susceptibility (ppm) from the local field (ppm).
 
@@ -187,7 +202,8 @@ class InversionNet(nn.Module):
             Return the network-space output (before ``output_transform``),
             which is what training losses compare with the transformed target.
         **ctx
-            Extra per-call context, e.g. ``domain`` for QSMInvNet+.
+            Extra per-call context, e.g. ``domain`` for QSMInvNet+, or the
+            tile's slice of ``tile_context`` (a ``prior`` for the CFL2 U-Net).
 
         With ``params["normalise_amplitude"]`` (see ``build_model``) the
         scaled field is divided by its root-mean-square in the mask before the
@@ -219,8 +235,9 @@ class InversionNet(nn.Module):
             voxel_size = torch.as_tensor(voxel_size, dtype=torch.float32, device=field.device)
             ctx["voxel_size"] = voxel_size.expand(field.shape[0], 3) if voxel_size.dim() == 1 else voxel_size
         size = field.shape[2:]
-        m = self.size_multiple
-        pad = [p for n in reversed(size) for p in (0, math.ceil(n / m) * m - n)]
+        pad = padding_to_multiple(size, self.size_multiple)
+        if ctx.get("prior") is not None:
+            ctx["prior"] = F.pad(ctx["prior"].to(x.dtype), pad)
         y = self.core(F.pad(x, pad), ctx)[..., : size[0], : size[1], : size[2]]
         c = self.crop_margin
         if c:
@@ -313,9 +330,28 @@ class UNet(InversionNet):
             priors.append(torch.fft.irfftn(spectrum, s=size, dim=(-3, -2, -1)))
         return torch.stack(priors).to(x.dtype)
 
+    def tile_context(self, field, voxel_size):
+        """The CFL2 prior of the whole volume, as ``forward`` computes it, for tiled inference.
+
+        The prior is a dipole inversion, so a tile's own prior would differ from
+        the whole volume's by a smooth offset per tile (seams between tiles);
+        slicing the whole volume's prior leaves only the U-Net's local context
+        to the tile. Empty without a prior or with amplitude normalisation (its
+        scale is per tile). Where ``forward`` pads a tile to ``size_multiple``
+        (only at the far faces of a volume whose size is not a multiple), the
+        padding holds zeros instead of the prior's continuation, a difference
+        confined to the network's reach of that face.
+        """
+        if not self.params.get("prior") or self.params.get("normalise_amplitude"):
+            return {}
+        size = field.shape[2:]
+        voxel_size = torch.as_tensor(voxel_size, dtype=torch.float32).expand(field.shape[0], 3)
+        prior = self.cfl2_prior(F.pad(field * self.input_scale, padding_to_multiple(size, self.size_multiple)), voxel_size)
+        return {"prior": prior[..., : size[0], : size[1], : size[2]]}
+
     def core(self, x, ctx):
         if self.params.get("prior"):
-            prior = self.cfl2_prior(x, ctx["voxel_size"])
+            prior = ctx["prior"] if ctx.get("prior") is not None else self.cfl2_prior(x, ctx["voxel_size"])
             return prior + self.net(torch.cat([prior, x], dim=1), ctx)
         y = self.net(x, ctx)
         return x + y if self.params["residual"] else y
