@@ -235,10 +235,7 @@ class InversionNet(nn.Module):
             voxel_size = torch.as_tensor(voxel_size, dtype=torch.float32, device=field.device)
             ctx["voxel_size"] = voxel_size.expand(field.shape[0], 3) if voxel_size.dim() == 1 else voxel_size
         size = field.shape[2:]
-        pad = padding_to_multiple(size, self.size_multiple)
-        if ctx.get("prior") is not None:
-            ctx["prior"] = F.pad(ctx["prior"].to(x.dtype), pad)
-        y = self.core(F.pad(x, pad), ctx)[..., : size[0], : size[1], : size[2]]
+        y = self.core(F.pad(x, padding_to_multiple(size, self.size_multiple)), ctx)[..., : size[0], : size[1], : size[2]]
         c = self.crop_margin
         if c:
             y = y[..., c:-c, c:-c, c:-c]
@@ -337,7 +334,7 @@ class UNet(InversionNet):
         the whole volume's by a smooth offset per tile (seams between tiles);
         slicing the whole volume's prior leaves only the U-Net's local context
         to the tile. Empty without a prior or with amplitude normalisation (its
-        scale is per tile). Where ``forward`` pads a tile to ``size_multiple``
+        scale is per tile). Where a tile is padded to ``size_multiple``
         (only at the far faces of a volume whose size is not a multiple), the
         padding holds zeros instead of the prior's continuation, a difference
         confined to the network's reach of that face.
@@ -351,7 +348,11 @@ class UNet(InversionNet):
 
     def core(self, x, ctx):
         if self.params.get("prior"):
-            prior = ctx["prior"] if ctx.get("prior") is not None else self.cfl2_prior(x, ctx["voxel_size"])
+            prior = ctx.get("prior")
+            if prior is None:
+                prior = self.cfl2_prior(x, ctx["voxel_size"])
+            else:  # a tile's slice of tile_context, padded as forward padded the tile
+                prior = F.pad(prior.to(x.dtype), padding_to_multiple(prior.shape[2:], self.size_multiple))
             return prior + self.net(torch.cat([prior, x], dim=1), ctx)
         y = self.net(x, ctx)
         return x + y if self.params["residual"] else y
