@@ -68,7 +68,7 @@ from pathlib import Path
 import numpy as np
 from scipy import fft
 
-from qsmprep.cli.common import available_cores
+from qsmprep.resources import available_cores
 from qsmprep.errors import NoInputError
 from qsmprep.inversion import INVERSION_METHODS, cfl2, ilsqr, tkd
 from qsmprep.inversion.deep import DEFAULT_MODEL

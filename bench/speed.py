@@ -18,7 +18,9 @@ the peak resident memory of its own address space, VmHWM in /proc/self/status
 (Linux; psutil is not installed, tracemalloc misses the FFT buffers, and
 ``getrusage`` ru_maxrss would carry the parent's peak across fork/exec). "RSS before" is
 the peak after imports and loading the input, so "peak - before" is what the
-inversion added. On CUDA the peak GPU memory is ``torch.cuda.max_memory_allocated``.
+inversion added; divided by the voxel count it is the last column, "added bytes / voxel"
+(the GPU peak per voxel on CUDA), which ``qsmprep.inversion.deep.NETWORK_BYTES_PER_VOXEL``
+sizes deep tiles by. On CUDA the peak GPU memory is ``torch.cuda.max_memory_allocated``.
 Only deep runs on CUDA (the classical methods are NumPy/SciPy).
 
 ``--threads N`` pins each worker to N cores (``os.sched_setaffinity``; the library
@@ -39,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from scipy import fft
 
-from qsmprep.cli.common import available_cores
+from qsmprep.resources import available_cores
 
 VOXEL_MM = 1.0
 B0_DIR = (0.0, 0.0, 1.0)
@@ -167,13 +169,16 @@ def main():
                 print(f"{label} {n}^3 {row['device']}: {row['time_s']:.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB",
                       flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}\n")
-    print("| method | grid | device | time s | second call s | peak RSS GB | RSS before GB | peak GPU GB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| method | grid | device | time s | second call s | peak RSS GB | RSS before GB | peak GPU GB "
+          "| added bytes / voxel |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         gpu = f"{r['peak_gpu_gb']:.2f}" if "peak_gpu_gb" in r else "-"
         second = f"{r['second_call_s']:.2f}" if "second_call_s" in r else "-"
+        # what one voxel costs: the GPU peak on CUDA, else the RSS the inversion added (deep_invert's tile sizing)
+        added_gb = r.get("peak_gpu_gb", r["peak_rss_gb"] - r["rss_before_gb"])
         print(f"| {r['method']} | {r['size']}^3 | {r['device']} | {r['time_s']:.2f} | {second} | "
-              f"{r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | {gpu} |")
+              f"{r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | {gpu} | {added_gb * 1e9 / r['size'] ** 3:.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"cores": cores, "results": results}, indent=1))
         print(f"saved {args.json}")

@@ -48,7 +48,7 @@ def fft_on_every_core():
     """Library FFTs follow scipy.fft.set_workers (one thread by default); tests use every core, as the CLIs do."""
     from scipy import fft
 
-    from qsmprep.cli.common import available_cores
+    from qsmprep.resources import available_cores
 
     with fft.set_workers(available_cores()):
         yield

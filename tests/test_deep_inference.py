@@ -13,7 +13,14 @@ import torch
 from qsmprep.deep.models import build_model
 from qsmprep.deep.registry import save_checkpoint
 from qsmprep.inversion import cfl2
-from qsmprep.inversion.deep import deep_invert, predict_tiled, refine_data_consistency
+from qsmprep.inversion.deep import (
+    FALLBACK_TILE,
+    MIN_TILE,
+    deep_invert,
+    predict_tiled,
+    refine_data_consistency,
+    tile_for_memory,
+)
 from qsmprep.metrics import nrmse
 from qsmprep.physics import dipole_kernel, forward_field_ppm, padded_shape
 
@@ -224,6 +231,41 @@ def noisy_head():
     noise = np.random.default_rng(0).normal(0.0, sigma_ppm, shape)
     field = ((forward_field_ppm(chi) + noise) * mask).astype(np.float32)
     return chi, field, mask
+
+
+@pytest.mark.parametrize(("shape", "free_gb", "tile"), [
+    ((100, 100, 100), 1.0, (100, 100, 100)),  # 1e6 voxels x 640 B = 0.64 GB <= 0.8 x 1 GB: one pass
+    ((256, 256, 256), 8.0, (208, 208, 208)),  # 0.8 x 8 GB / 640 B = 1e7 voxels = 215.4^3, down to a multiple of 16
+    ((300, 120, 100), 0.5, (80, 80, 80)),     # 625,000 voxels = 85.5^3
+])
+def test_tiles_are_the_largest_that_fit_the_free_memory(shape, free_gb, tile):
+    assert tile_for_memory(shape, free_gb * 1e9, 640) == tile
+
+
+def test_too_little_memory_gives_the_smallest_tiles_with_a_warning(caplog):
+    assert tile_for_memory((300, 300, 300), 0.1e9, 640) == (MIN_TILE,) * 3
+    assert "only 0.1 GB of memory available" in caplog.text
+    assert tile_for_memory((300, 300, 300), None, 640) == (FALLBACK_TILE,) * 3  # free memory unknown
+
+
+def test_deep_invert_tiles_when_the_free_memory_is_short(untrained_checkpoint, monkeypatch, caplog):
+    from qsmprep.inversion import deep
+
+    tiles = []
+    real = deep.predict_tiled
+    monkeypatch.setattr(deep, "predict_tiled",
+                        lambda predict, f, m, tile, *a, **kw: tiles.append(tile) or real(predict, f, m, tile, *a, **kw))
+    chi, field, mask = _phantom(shape=(96, 80, 72))
+    kwargs = dict(model=untrained_checkpoint, device="cpu", refine_iters=0)
+    whole = deep_invert(field, mask, **kwargs)
+    # room for a 64^3 forward pass only: 64^3 x 640 B / 0.8 = 210 MB
+    monkeypatch.setattr(deep, "free_memory_bytes", lambda device: 64**3 * 640 / 0.8)
+    with caplog.at_level("INFO", logger="qsmprep.inversion.deep"):
+        tiled = deep_invert(field, mask, **kwargs)
+    assert tiles == [(96, 80, 72), (64, 64, 64)]
+    assert "the 96x80x72 grid needs about 0.4 GB in one pass, 0.2 GB is available: 64^3 tiles" in caplog.text
+    # the untrained net is its CFL2 prior, which tiles share: the tiled result is the one-pass result
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
 
 
 def test_tiled_inference_matches_the_whole_volume(noisy_head):

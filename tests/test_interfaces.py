@@ -238,8 +238,9 @@ def test_fft_threads_follow_num_threads(gre, tmp_path, fft_threads_used):
 def test_command_line_tools_give_the_library_every_usable_core(fft_threads_used):
     from scipy import fft
 
-    from qsmprep.cli.common import ArgumentParser, available_cores, run_cli
+    from qsmprep.cli.common import ArgumentParser, run_cli
     from qsmprep.physics import forward_field_ppm
+    from qsmprep.resources import available_cores
 
     def run(args):
         forward_field_ppm(np.ones((8, 8, 8), np.float32), (1, 1, 1), (0, 0, 1))

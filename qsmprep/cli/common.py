@@ -11,10 +11,10 @@ argparse's own usage errors exit with 64 instead of 2.
 
 import argparse
 import logging
-import os
 import sys
 
 from ..errors import QSMPrepError, UsageError
+from ..resources import available_cores
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
@@ -25,11 +25,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
-
-
-def available_cores():
-    """Cores this process may run on: its CPU affinity (what SLURM, taskset or a container grant), not the machine's count."""
-    return len(os.sched_getaffinity(0))
 
 
 def _add_verbosity(parser):

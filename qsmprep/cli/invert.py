@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
-from ..inversion.deep import DEFAULT_MODEL, REFINE_ITERS, REFINE_LAMBDA
+from ..inversion.deep import DEFAULT_MODEL, MIN_TILE, REFINE_ITERS, REFINE_LAMBDA
 from ..io import check_same_grid, load_nifti, save_nifti
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
 from .common import run_cli
@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 DEEP_OPTIONS = {"model": "model", "device": "device", "refine": "refine_iters", "refine_lambda": "refine_lambda",
                 "refine_radius": "refine_radius_mm", "tile": "tile_shape"}
 """Command-line options of --method deep (argparse dest) -> keyword of ``deep_invert``."""
-
-MIN_TILE = 64
-"""Smallest --tile: twice ``deep_invert``'s 32-voxel tile overlap, so that tiles advance."""
 
 EPILOG = """\
 units: the field is in ppm of B0 by default; --units hz needs --b0-tesla;
@@ -76,7 +73,8 @@ def build_parser():
                         "residual background fields are ignored (e.g. 8; default: off)")  # fmt: skip
     p.add_argument("--tile", type=int, metavar="N",
                    help="deep: largest block, N^3 voxels, the network sees at once; larger grids are inverted in "
-                        "overlapping tiles (default 256, about 8 GB of memory on a CPU; 160: about 2.2 GB)")  # fmt: skip
+                        "overlapping tiles (default: the whole grid when free memory allows, else the largest "
+                        "tile that fits; on a CPU 256 needs about 8 GB, 160 about 2.2 GB)")  # fmt: skip
     p.add_argument("--units", choices=("ppm", "hz", "rad"), default="ppm", help="units of FIELD (default ppm)")
     p.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in tesla (for --units hz or rad)")
     p.add_argument("--te", type=float, metavar="S", help="echo time in seconds (for --units rad)")

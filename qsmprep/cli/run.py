@@ -34,7 +34,8 @@ from ..config import (
     preset_methods,
 )
 from ..errors import DataError, QSMPrepError, UsageError
-from .common import ArgumentParser, available_cores
+from ..resources import available_cores
+from .common import ArgumentParser
 
 log = logging.getLogger("qsmprep")
 

@@ -24,7 +24,8 @@ from ..errors import QSMPrepError, UsageError
 from ..sim.bids_writer import PHASE_UNITS, write_dataset_files, write_subject
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
-from .common import ArgumentParser, available_cores
+from ..resources import available_cores
+from .common import ArgumentParser
 
 log = logging.getLogger("qsmprep.simulate")
 

@@ -17,6 +17,7 @@ from ..deep import read_metadata, shipped_model_path
 from ..errors import UsageError
 from ..physics import b0_tilt_deg, dipole_kernel, filter_padded, padded_shape
 from ..physics.resample import b0_aligned_grid, from_b0_aligned, rotation_between, to_b0_aligned
+from ..resources import available_memory_bytes
 from .solvers import cg
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,27 @@ REFINE_ITERS = 10
 
 REFINE_LAMBDA = 0.05
 """Default weight of the network prior in the refinement (docs/benchmarks.md, Refinement prior weight)."""
+
+NETWORK_BYTES_PER_VOXEL = {"cpu": 640, "cuda": 320}
+"""Peak memory of a network pass per voxel of its input grid (bytes), by device type, for sizing tiles.
+
+The shipped model, ``python bench/speed.py --methods deep --sizes 64 96 128 160 192 224`` ("added bytes /
+voxel"): on 2 CPU cores 778, 604, 502, 470, 455 and 453 bytes (a fixed 0.09 GB of model loading dominates
+the small grids; 448 bytes per added voxel from 160^3 to 224^3); on an H100 (fp16 autocast) 276 and 274
+bytes at 160^3 and 256^3 (docs/benchmarks.md). Rounded up; other architectures are assumed to be alike
+(``--tile`` overrides)."""
+
+MEMORY_SHARE = 0.8
+"""Share of the available memory a tile's forward pass may take; the rest is for the arrays around it."""
+
+MIN_TILE = 64
+"""Smallest tile edge (voxels): twice the default tile overlap, so that tiles advance."""
+
+TILE_MULTIPLE = 16
+"""Automatic tile edges are multiples of this (the networks' padding multiples divide it)."""
+
+FALLBACK_TILE = 256
+"""Tile edge used where free memory cannot be read (not Linux): about 7.8 GB on a CPU with the shipped model."""
 
 
 def tile_starts(size, tile, overlap):
@@ -167,6 +189,49 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     return cg(normal, rhs, x0=chi0, tol=1e-4, max_iter=n_iter) * m
 
 
+def free_memory_bytes(device):
+    """Bytes free for a forward pass on ``device`` (a torch.device): the GPU's free memory on CUDA, else
+    ``qsmprep.resources.available_memory_bytes`` (None where unknown)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory_bytes()
+
+
+def tile_for_memory(shape, free_bytes, bytes_per_voxel):
+    """Tile shape for ``predict_tiled`` that fits a network's forward pass into free memory.
+
+    The whole grid when its pass needs at most ``MEMORY_SHARE`` of
+    ``free_bytes``, else the largest cube, a multiple of ``TILE_MULTIPLE``
+    voxels, that does, and at least ``MIN_TILE`` (with a warning when even
+    that may not fit). ``FALLBACK_TILE`` cubes when ``free_bytes`` is None.
+
+    Parameters
+    ----------
+    shape : tuple of 3 int
+        Grid the network runs on (voxels).
+    free_bytes : int or None
+        Memory available to the pass (``free_memory_bytes``), bytes.
+    bytes_per_voxel : float
+        The network's peak memory per input voxel (``NETWORK_BYTES_PER_VOXEL``), bytes.
+    """
+    if free_bytes is None:
+        return (FALLBACK_TILE,) * 3
+    budget_voxels = MEMORY_SHARE * free_bytes / bytes_per_voxel
+    if np.prod(shape, dtype=float) <= budget_voxels:
+        return tuple(int(n) for n in shape)
+    side = int(round(budget_voxels ** (1 / 3), 6)) // TILE_MULTIPLE * TILE_MULTIPLE
+    need_gb = np.prod(shape, dtype=float) * bytes_per_voxel / 1e9
+    if side < MIN_TILE:
+        log.warning("deep inversion: only %.1f GB of memory available; even %d^3 tiles need about %.1f GB and may "
+                    "run out of memory", free_bytes / 1e9, MIN_TILE, MIN_TILE**3 * bytes_per_voxel / 1e9)
+        side = MIN_TILE
+    log.info("deep inversion: the %s grid needs about %.1f GB in one pass, %.1f GB is available: %d^3 tiles",
+             "x".join(map(str, shape)), need_gb, free_bytes / 1e9, side)
+    return (side,) * 3
+
+
 def _frame_affine(voxel_size_mm, b0_dir):
     """A voxel-to-world affine in which B0 (world z) has direction ``b0_dir`` in voxel coordinates."""
     b = np.asarray(b0_dir, dtype=np.float64)
@@ -244,8 +309,7 @@ def network_predictor(model, voxel_size_mm, device):
 
 def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL,
                 device="auto", refine_iters=REFINE_ITERS, refine_lambda=REFINE_LAMBDA,
-                refine_radius_mm=None, resolution_tolerance=RESOLUTION_TOLERANCE, tile_shape=(256, 256, 256),
-                overlap=32):
+                refine_radius_mm=None, resolution_tolerance=RESOLUTION_TOLERANCE, tile_shape=None, overlap=32):
     """Susceptibility (ppm) from the local field (ppm) by a trained network.
 
     The network sees the data in the frame it was trained in: when B0 is
@@ -254,7 +318,8 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     voxel size of a model that does not take the voxel size as an input, the
     field and mask are resampled (trilinear, anti-aliased) onto a B0-aligned
     grid at the training resolution, inverted there and the result resampled
-    back. Large volumes are inverted in overlapping tiles (``predict_tiled``).
+    back. Volumes too large for the free memory are inverted in overlapping
+    tiles (``predict_tiled``).
     An optional data-consistency refinement follows (``refine_data_consistency``).
 
     Parameters
@@ -287,9 +352,11 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         runs it there. Resampling is the more accurate: on the scale-invariance
         phantom at 3.75-1.875 mm the native grid gives 9-15 % more refined RMSE
         (docs/benchmarks.md, Scale invariance).
-    tile_shape : int or tuple of 3 int, default (256, 256, 256)
+    tile_shape : int or tuple of 3 int or None, default None
         Largest block the network sees at once (an int: a cube); the shipped
         model needs about 7.8 GB of CPU memory for 256^3, 2.2 GB for 160^3.
+        None: the whole grid when free memory allows, else the largest tile
+        that fits (``tile_for_memory``).
     overlap : int, default 32
         Overlap of neighbouring tiles, in voxels.
 
@@ -302,7 +369,6 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     from ..deep.registry import load_model
 
     dev = resolve_device(device)
-    tile_shape = (int(tile_shape),) * 3 if np.ndim(tile_shape) == 0 else tuple(int(n) for n in tile_shape)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     net, meta = load_model(model, device=dev)
@@ -320,6 +386,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         vs_n = tuple(float(v) for v in np.linalg.norm(affine_a[:3, :3], axis=0))
     else:  # the network's frame is the input's
         field_n, mask_n, vs_n = field, m, voxel_size_mm
+    if tile_shape is None:
+        tile_shape = tile_for_memory(field_n.shape, free_memory_bytes(dev), NETWORK_BYTES_PER_VOXEL[dev.type])
+    tile_shape = (int(tile_shape),) * 3 if np.ndim(tile_shape) == 0 else tuple(int(n) for n in tile_shape)
     predict, context = network_predictor(net, vs_n, dev)
     chi = predict_tiled(predict, field_n, mask_n, tile_shape, overlap, context=partial(context, field_n, mask_n))
     if aligned:
