@@ -3,7 +3,7 @@
     python bench/accuracy.py [--part qsm2016 variants sim pipeline wisnieff] [--methods tkd cfl2 ilsqr deep]
                              [--model NAME_OR_PATH ...] [--refine N ...] [--refine-lambda L ...]
                              [--refine-radius MM ...] [--resolution-tolerance T ...]
-                             [--data DIR] [--json OUT] [--figure PNG]
+                             [--data DIR] [--json OUT] [--figure PNG] [--scale-figure PNG]
 
 Parts (default: qsm2016 sim pipeline wisnieff):
 
@@ -44,6 +44,12 @@ wisnieff  Scale invariance (SI-QSM protocol) on DIR/phantom_wisnieff: the phanto
           of the demeaned true chi per scale (the coarser grids average the
           phantom's small structures away, so their truth has less contrast)
           and each method's NRMSE per scale (RMSE / that RMS) with its ratio.
+          The finest scale's error is also split at the coarsest grid's
+          Nyquist frequency (1 / 7.5 mm): the part below it is what the
+          coarse grids can hold, the rest what only the fine grid can show.
+          ``--scale-figure PNG`` saves the true chi and every method's map at
+          the coarsest and the finest scale (64^3 enlarged to 256^3 by
+          repeating voxels), to see what each method does with the edges.
 
 Deep rows use ``qsmprep.inversion.deep.deep_invert`` with each ``--model`` (default
 the shipped default model), each ``--refine`` iteration count (default 0) and,
@@ -298,15 +304,38 @@ def scaled_phantom(chi, mask, affine, n):
     return np.where(mask_n, chi_n, 0).astype(np.float32), mask_n, (voxel, voxel, voxel)
 
 
-def part_wisnieff(data, runs):
+def rmse_below_ppm(recon, truth, mask, voxel_mm, cutoff_per_mm):
+    """RMSE (ppm, per mask voxel) of the demeaned error's part at spatial frequencies below ``cutoff_per_mm``
+    (cycles/mm) along every axis: the part a grid of voxels 1 / (2 cutoff) mm could hold."""
+    error = np.zeros(mask.shape, np.float32)
+    error[mask] = (recon[mask] - recon[mask].mean()) - (truth[mask] - truth[mask].mean())
+    power = np.abs(fft.fftn(error)) ** 2
+    k = np.meshgrid(*(np.abs(fft.fftfreq(n, voxel_mm)) for n in mask.shape), indexing="ij", sparse=True)
+    below = (k[0] < cutoff_per_mm) & (k[1] < cutoff_per_mm) & (k[2] < cutoff_per_mm)
+    return float(np.sqrt(power[below].sum() / error.size / mask.sum()))  # Parseval
+
+
+def enlarged(volume, n):
+    """A cube's voxels repeated to fill an n^3 grid (n a multiple of its size), for showing scales side by side."""
+    factor = n // volume.shape[0]
+    assert factor * volume.shape[0] == n, "the figure's scales must divide the finest one"
+    for axis in range(3):
+        volume = np.repeat(volume, factor, axis=axis)
+    return volume
+
+
+def part_wisnieff(data, runs, figure=None):
     folder = data / "phantom_wisnieff"
     chi, affine, _ = load_nifti(folder / "chi.nii.gz", "phantom chi")
     mask = load_nifti(folder / "mask.nii.gz", "phantom mask")[0] > 0
     print(f"\n## wisnieff: {chi.shape} at {np.round(voxel_size_from_affine(affine), 4)} mm -> N^3, SNR {SNR:g}\n")
     rng = np.random.default_rng(0)
-    results, truth_rms = [], {}
+    results, truth_rms, maps = [], {}, {}
+    shown = (SCALES[0], SCALES[-1])  # the figure's scales: coarsest and finest
+    nyquist = None
     for n in SCALES:
         chi_n, mask_n, vs = scaled_phantom(chi, mask, affine, n)
+        nyquist = nyquist or 1 / (2 * vs[0])  # of the coarsest grid, cycles/mm
         field = forward_field_ppm(chi_n, vs, (0.0, 0.0, 1.0)) * mask_n
         sigma = float(np.sqrt(np.mean(field[mask_n] ** 2))) / SNR
         field = np.where(mask_n, field + rng.normal(0, sigma, field.shape).astype(np.float32), 0).astype(np.float32)
@@ -314,12 +343,23 @@ def part_wisnieff(data, runs):
         truth_rms[n] = float(np.sqrt(np.mean(truth**2)))
         print(f"{n}^3 at {vs[0]:.4f} mm: {int(mask_n.sum())} mask voxels, noise SD {sigma * 1000:.3f} ppb, "
               f"true chi RMS {truth_rms[n] * 1000:.2f} ppb", flush=True)
+        if figure and n in shown:
+            maps[f"{n}^3 true chi"] = enlarged(chi_n, SCALES[-1])
         for name, run in runs:
             recon, seconds = timed(run, field, mask_n, vs, (0.0, 0.0, 1.0))
             x = recon[mask_n] - recon[mask_n].mean()
             results.append({"scale": n, "voxel_mm": vs[0], "method": name, "time_s": seconds,
                             "rmse_ppm": float(np.sqrt(np.mean((x - truth) ** 2))), "nrmse": nrmse(recon, chi_n, mask_n)})
+            if n == SCALES[-1]:
+                results[-1]["rmse_below_coarsest_nyquist_ppm"] = rmse_below_ppm(recon, chi_n, mask_n, vs[0], nyquist)
             print(f"  {name}: {seconds:.1f} s", flush=True)
+            if figure and n in shown:
+                maps[f"{n}^3 {name}: RMSE {1000 * results[-1]['rmse_ppm']:.2f} ppb"] = enlarged(recon, SCALES[-1])
+        finest_mask = mask_n
+    if figure:
+        figure.write_bytes(comparison_png(maps, finest_mask, window=(-0.1, 0.1),
+                                          title=f"Wisnieff phantom at {shown[0]}^3 and {shown[1]}^3: chi (ppm)"))
+        print(f"saved {figure}")
     names = list(dict.fromkeys(r["method"] for r in results))
     rows = [["true chi RMS (ppb)", *(1000 * truth_rms[n] for n in SCALES), "", ""]]
     for name in names:
@@ -327,6 +367,15 @@ def part_wisnieff(data, runs):
         relative = [r["nrmse"] for r in results if r["method"] == name]  # RMSE / true chi RMS
         rows.append([name, *(1000 * v for v in rmse), max(rmse) / min(rmse), max(relative) / min(relative)])
     markdown(["method", *(f"RMSE ppb {n}^3" for n in SCALES), "worst / best", "worst / best of RMSE / true RMS"], rows)
+    print(f"\nthe {SCALES[-1]}^3 error split at the {SCALES[0]}^3 grid's Nyquist frequency ({nyquist:.4f} cycles/mm):\n")
+    rows = []
+    for name in names:
+        coarse, fine = (next(r for r in results if r["method"] == name and r["scale"] == n) for n in shown)
+        below = fine["rmse_below_coarsest_nyquist_ppm"]
+        above = np.sqrt(max(fine["rmse_ppm"] ** 2 - below**2, 0.0))
+        rows.append([name, 1000 * coarse["rmse_ppm"], 1000 * fine["rmse_ppm"], 1000 * below, 1000 * above])
+    markdown(["method", f"RMSE ppb {shown[0]}^3", f"RMSE ppb {shown[1]}^3", "of which below Nyquist",
+              "of which above"], rows)
     return results
 
 
@@ -349,6 +398,8 @@ def main():
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"shared data folder (default {DEFAULT_DATA})")
     parser.add_argument("--json", type=Path, help="also save every number to this JSON file")
     parser.add_argument("--figure", type=Path, metavar="PNG", help="qsm2016: save the maps of every method as one figure")
+    parser.add_argument("--scale-figure", type=Path, metavar="PNG",
+                        help="wisnieff: save the truth and every method's map at the coarsest and finest scale")
     args = parser.parse_args()
     runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine, args.refine_lambda, args.refine_radius,
                       args.resolution_tolerance)
@@ -357,7 +408,7 @@ def main():
     results = {"methods": [name for name, _ in runs]}
     parts = {"qsm2016": lambda: part_qsm2016(args.data, runs, args.figure), "variants": lambda: part_variants(args.data),
              "sim": lambda: part_sim(runs), "pipeline": lambda: part_pipeline(runs),
-             "wisnieff": lambda: part_wisnieff(args.data, runs)}
+             "wisnieff": lambda: part_wisnieff(args.data, runs, args.scale_figure)}
     with fft.set_workers(available_cores()):  # the library's FFTs are single-threaded unless told otherwise
         for part in args.part:
             results[part] = parts[part]()

@@ -117,13 +117,14 @@ def comparison_png(maps, mask, window=CHI_WINDOW_PPM, title="", units="ppm"):
         Figure title and colour-bar label (default "ppm").
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(len(maps), 3, figsize=(6.0, 2.0 * len(maps) + 0.4), squeeze=False)
+    # constrained layout keeps the title next to the first row (a fixed grid left it far above for many rows)
+    fig, axes = plt.subplots(len(maps), 3, figsize=(6.0, 2.0 * len(maps) + 0.4), squeeze=False, layout="constrained")
     for row, (label, volume) in zip(axes, maps.items()):
         for ax, image in zip(row, orthogonal_slices(volume, mask)):
             shown = ax.imshow(image.T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
                               interpolation="nearest")  # fmt: skip
             ax.set_axis_off()
         row[0].set_title(label, fontsize=8, loc="left")
-    fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, pad=0.01, label=units)
+    fig.colorbar(shown, ax=axes, fraction=0.03, pad=0.01, label=units)
     fig.suptitle(title, fontsize=9)
     return _png_bytes(fig, bbox_inches="tight")
