@@ -257,11 +257,13 @@ def test_deep_invert_tiles_when_the_free_memory_is_short(untrained_checkpoint, m
                         lambda predict, f, m, tile, *a, **kw: tiles.append(tile) or real(predict, f, m, tile, *a, **kw))
     chi, field, mask = _phantom(shape=(96, 80, 72))
     kwargs = dict(model=untrained_checkpoint, device="cpu", refine_iters=0)
+    caplog.set_level("INFO", logger="qsmprep.inversion.deep")
+    monkeypatch.setattr(deep, "free_memory_bytes", lambda device: 2e9)
     whole = deep_invert(field, mask, **kwargs)
+    assert "the 96x80x72 grid in one pass (about 0.4 GB, 2.0 GB available)" in caplog.text
     # room for a 64^3 forward pass only: 64^3 x 640 B / 0.8 = 210 MB
     monkeypatch.setattr(deep, "free_memory_bytes", lambda device: 64**3 * 640 / 0.8)
-    with caplog.at_level("INFO", logger="qsmprep.inversion.deep"):
-        tiled = deep_invert(field, mask, **kwargs)
+    tiled = deep_invert(field, mask, **kwargs)
     assert tiles == [(96, 80, 72), (64, 64, 64)]
     assert "the 96x80x72 grid needs about 0.4 GB in one pass, 0.2 GB is available: 64^3 tiles" in caplog.text
     # the untrained net is its CFL2 prior, which tiles share: the tiled result is the one-pass result

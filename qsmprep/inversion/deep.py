@@ -73,7 +73,7 @@ def tile_starts(size, tile, overlap):
     return sorted(set(starts))
 
 
-def predict_tiled(predict, field, mask, tile_shape=(256, 256, 256), overlap=32, context=None):
+def predict_tiled(predict, field, mask, tile_shape=(FALLBACK_TILE,) * 3, overlap=32, context=None):
     """Apply ``predict(field, mask, **context) -> chi`` over a volume in overlapping tiles.
 
     Each output voxel is taken from the tile in which it lies farthest from a
@@ -87,8 +87,9 @@ def predict_tiled(predict, field, mask, tile_shape=(256, 256, 256), overlap=32, 
     predict : callable
         Maps (field, mask) float32 arrays of one tile to chi of the same shape.
     field, mask : arrays (i, j, k)
-    tile_shape : tuple of 3 int, default (256, 256, 256)
-        Largest block passed to ``predict`` at once (memory bound).
+    tile_shape : tuple of 3 int, default (FALLBACK_TILE,) * 3 = (256, 256, 256)
+        Largest block passed to ``predict`` at once (memory bound; ``deep_invert``
+        sizes it by the free memory, ``tile_for_memory``).
     overlap : int, default 32
         Voxels shared by neighbouring tiles along each axis.
     context : callable or None, default None
@@ -219,16 +220,19 @@ def tile_for_memory(shape, free_bytes, bytes_per_voxel):
     if free_bytes is None:
         return (FALLBACK_TILE,) * 3
     budget_voxels = MEMORY_SHARE * free_bytes / bytes_per_voxel
+    need_gb = np.prod(shape, dtype=float) * bytes_per_voxel / 1e9
+    grid = "x".join(map(str, shape))
     if np.prod(shape, dtype=float) <= budget_voxels:
+        log.info("deep inversion: the %s grid in one pass (about %.1f GB, %.1f GB available)", grid, need_gb,
+                 free_bytes / 1e9)
         return tuple(int(n) for n in shape)
     side = int(round(budget_voxels ** (1 / 3), 6)) // TILE_MULTIPLE * TILE_MULTIPLE
-    need_gb = np.prod(shape, dtype=float) * bytes_per_voxel / 1e9
     if side < MIN_TILE:
         log.warning("deep inversion: only %.1f GB of memory available; even %d^3 tiles need about %.1f GB and may "
                     "run out of memory", free_bytes / 1e9, MIN_TILE, MIN_TILE**3 * bytes_per_voxel / 1e9)
         side = MIN_TILE
     log.info("deep inversion: the %s grid needs about %.1f GB in one pass, %.1f GB is available: %d^3 tiles",
-             "x".join(map(str, shape)), need_gb, free_bytes / 1e9, side)
+             grid, need_gb, free_bytes / 1e9, side)
     return (side,) * 3
 
 
