@@ -248,6 +248,16 @@ def test_too_little_memory_gives_the_smallest_tiles_with_a_warning(caplog):
     assert tile_for_memory((300, 300, 300), None, 640) == (FALLBACK_TILE,) * 3  # free memory unknown
 
 
+def test_free_gpu_memory_counts_what_torch_holds_unused(monkeypatch):
+    from qsmprep.inversion.deep import free_memory_bytes
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 6 * gib)  # the cache of an earlier call
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 * gib)
+    assert free_memory_bytes(torch.device("cuda")) == 15 * gib
+
+
 def test_deep_invert_tiles_when_the_free_memory_is_short(untrained_checkpoint, monkeypatch, caplog):
     from qsmprep.inversion import deep
 

@@ -191,12 +191,17 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
 
 
 def free_memory_bytes(device):
-    """Bytes free for a forward pass on ``device`` (a torch.device): the GPU's free memory on CUDA, else
-    ``qsmprep.resources.available_memory_bytes`` (None where unknown)."""
+    """Bytes free for a forward pass on ``device`` (a torch.device), or None where unknown.
+
+    On CUDA the driver's free memory plus what torch's caching allocator holds
+    unused (reserved, not allocated: a second call in one process reuses it);
+    else ``qsmprep.resources.available_memory_bytes``.
+    """
     import torch
 
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused_cache
     return available_memory_bytes()
 
 
