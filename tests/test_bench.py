@@ -1,0 +1,36 @@
+"""The benchmark scripts' own arithmetic (bench/ is plain Python, loaded here by path)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    path = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("bench_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_error_split_at_a_frequency_keeps_only_the_slow_part(accuracy):
+    n = 64
+    x, y, _ = np.meshgrid(*[np.arange(n)] * 3, indexing="ij")
+    slow = 0.03 * np.cos(2 * np.pi * 4 * x / n)  # 4 / 64 mm = 0.0625 cycles/mm
+    fast = 0.04 * np.cos(2 * np.pi * 24 * y / n)  # 0.375 cycles/mm
+    truth, mask = np.zeros((n, n, n)), np.ones((n, n, n), bool)
+    below = accuracy.rmse_below_ppm(slow + fast, truth, mask, 1.0, 0.2)
+    assert below == pytest.approx(0.03 / np.sqrt(2), rel=1e-5)
+    # a cutoff above every frequency gives the whole RMSE (Parseval)
+    assert accuracy.rmse_below_ppm(slow + fast, truth, mask, 1.0, 1.0) == pytest.approx(0.05 / np.sqrt(2), rel=1e-5)
+
+
+def test_coarse_maps_are_enlarged_by_repeating_voxels(accuracy):
+    coarse = np.arange(8, dtype=float).reshape(2, 2, 2)
+    fine = accuracy.enlarged(coarse, 4)
+    assert fine.shape == (4, 4, 4)
+    np.testing.assert_array_equal(fine[::2, ::2, ::2], coarse)
+    np.testing.assert_array_equal(fine[1::2, 1::2, 1::2], coarse)
