@@ -315,6 +315,11 @@ def rmse_below_ppm(recon, truth, mask, voxel_mm, cutoff_per_mm):
     return float(np.sqrt(power[below].sum() / error.size / mask.sum()))  # Parseval
 
 
+def nyquist(results):
+    """Nyquist frequency (cycles/mm) of the coarsest grid in the wisnieff results (its rows come first)."""
+    return 1 / (2 * results[0]["voxel_mm"])
+
+
 def enlarged(volume, n):
     """A cube's voxels repeated to fill an n^3 grid (n a multiple of its size), for showing scales side by side."""
     factor = n // volume.shape[0]
@@ -332,10 +337,8 @@ def part_wisnieff(data, runs, figure=None):
     rng = np.random.default_rng(0)
     results, truth_rms, maps = [], {}, {}
     shown = (SCALES[0], SCALES[-1])  # the figure's scales: coarsest and finest
-    nyquist = None
     for n in SCALES:
         chi_n, mask_n, vs = scaled_phantom(chi, mask, affine, n)
-        nyquist = nyquist or 1 / (2 * vs[0])  # of the coarsest grid, cycles/mm
         field = forward_field_ppm(chi_n, vs, (0.0, 0.0, 1.0)) * mask_n
         sigma = float(np.sqrt(np.mean(field[mask_n] ** 2))) / SNR
         field = np.where(mask_n, field + rng.normal(0, sigma, field.shape).astype(np.float32), 0).astype(np.float32)
@@ -351,13 +354,13 @@ def part_wisnieff(data, runs, figure=None):
             results.append({"scale": n, "voxel_mm": vs[0], "method": name, "time_s": seconds,
                             "rmse_ppm": float(np.sqrt(np.mean((x - truth) ** 2))), "nrmse": nrmse(recon, chi_n, mask_n)})
             if n == SCALES[-1]:
-                results[-1]["rmse_below_coarsest_nyquist_ppm"] = rmse_below_ppm(recon, chi_n, mask_n, vs[0], nyquist)
+                below = rmse_below_ppm(recon, chi_n, mask_n, vs[0], nyquist(results))
+                results[-1]["rmse_below_coarsest_nyquist_ppm"] = below
             print(f"  {name}: {seconds:.1f} s", flush=True)
             if figure and n in shown:
                 maps[f"{n}^3 {name}: RMSE {1000 * results[-1]['rmse_ppm']:.2f} ppb"] = enlarged(recon, SCALES[-1])
-        finest_mask = mask_n
     if figure:
-        figure.write_bytes(comparison_png(maps, finest_mask, window=(-0.1, 0.1),
+        figure.write_bytes(comparison_png(maps, mask_n, window=(-0.1, 0.1),  # the finest scale's mask
                                           title=f"Wisnieff phantom at {shown[0]}^3 and {shown[1]}^3: chi (ppm)"))
         print(f"saved {figure}")
     names = list(dict.fromkeys(r["method"] for r in results))
@@ -367,7 +370,7 @@ def part_wisnieff(data, runs, figure=None):
         relative = [r["nrmse"] for r in results if r["method"] == name]  # RMSE / true chi RMS
         rows.append([name, *(1000 * v for v in rmse), max(rmse) / min(rmse), max(relative) / min(relative)])
     markdown(["method", *(f"RMSE ppb {n}^3" for n in SCALES), "worst / best", "worst / best of RMSE / true RMS"], rows)
-    print(f"\nthe {SCALES[-1]}^3 error split at the {SCALES[0]}^3 grid's Nyquist frequency ({nyquist:.4f} cycles/mm):\n")
+    print(f"\nthe {SCALES[-1]}^3 error split at the {SCALES[0]}^3 grid's Nyquist frequency ({nyquist(results):.4f} cycles/mm):\n")
     rows = []
     for name in names:
         coarse, fine = (next(r for r in results if r["method"] == name and r["scale"] == n) for n in shown)

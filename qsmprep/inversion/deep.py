@@ -225,9 +225,10 @@ def tile_for_memory(shape, free_bytes, bytes_per_voxel):
     if free_bytes is None:
         return (FALLBACK_TILE,) * 3
     budget_voxels = MEMORY_SHARE * free_bytes / bytes_per_voxel
-    need_gb = np.prod(shape, dtype=float) * bytes_per_voxel / 1e9
+    voxels = np.prod(shape, dtype=float)
+    need_gb = voxels * bytes_per_voxel / 1e9
     grid = "x".join(map(str, shape))
-    if np.prod(shape, dtype=float) <= budget_voxels:
+    if voxels <= budget_voxels:
         log.info("deep inversion: the %s grid in one pass (about %.1f GB, %.1f GB available)", grid, need_gb,
                  free_bytes / 1e9)
         return tuple(int(n) for n in shape)
