@@ -11,6 +11,7 @@ from qsmprep.deep.losses import (
     build_loss,
     data_consistency_loss,
     dipole_field_torch,
+    gradient_difference,
     gradient_penalty,
     l1,
     l2,
@@ -149,6 +150,22 @@ def test_gradient_penalty_of_linear_critics():
     # the penalty back-propagates into the critic's weights
     wgan_gp_critic_loss(double, real, fake).backward()
     assert double.weight.grad.abs().max() > 0
+
+
+def test_gradient_difference_counts_edges():
+    step = torch.zeros(1, 1, 4, 4, 4)
+    step[..., 2:] = 1.0  # one jump along the last axis, in each of 16 rows of 3 differences
+    flat = torch.zeros_like(step)
+    assert gradient_difference(flat, step).item() == pytest.approx(16 / 48 / 3)
+    assert gradient_difference(flat + 5.0, step).item() == pytest.approx(16 / 48 / 3)  # blind to offsets
+    mask = torch.ones_like(step)
+    mask[..., 3] = 0  # along the last axis only the pairs (0, 1) and (1, 2) remain, half of them a jump
+    assert gradient_difference(flat, step, mask).item() == pytest.approx(0.5 / 3)
+    assert build_loss({"name": "gradient_difference", "masked": False})(flat, step, {"mask": mask}).item() == (
+        pytest.approx(16 / 48 / 3))
+    blurred = torch.zeros_like(step)
+    blurred[..., 1], blurred[..., 2:] = 0.5, 1.0  # the same edge over two voxels: l1 0.125, not zero
+    assert gradient_difference(blurred, step).item() == pytest.approx(2 * 16 * 0.5 / 48 / 3)
 
 
 def test_build_loss_names_tables_and_sums():

@@ -217,6 +217,12 @@ def test_recipes_list_load_and_validate(tmp_path):
     bad["adversarial"] = {}
     with pytest.raises(UsageError, match="adversarial"):
         validate_recipe(bad)
+    summed = load_recipe("smoke")
+    summed["loss"] = {"terms": [{"name": "l1"}, {"name": "gradient_difference", "weight": 0.5}]}
+    validate_recipe(summed)
+    summed["loss"]["name"] = "l1"
+    with pytest.raises(UsageError, match="name or terms"):
+        validate_recipe(summed)
     broken = tmp_path / "broken.toml"
     broken.write_text("[model\narch = 1")
     with pytest.raises(UsageError, match="not valid TOML"):

@@ -100,8 +100,8 @@ def validate_recipe(recipe, source="recipe"):
     arch = recipe["model"].get("arch")
     if arch not in ARCHITECTURES:
         raise UsageError(f"{source}: [model] arch {arch!r} is not one of {sorted(ARCHITECTURES)}.")
-    if "name" not in recipe["loss"]:
-        raise UsageError(f"{source}: [loss] needs a name.")
+    if ("name" in recipe["loss"]) == ("terms" in recipe["loss"]):
+        raise UsageError(f"{source}: [loss] needs a name or terms (a weighted sum of named losses), not both.")
     recipe["train"] = {**TRAIN_DEFAULTS, **recipe["train"]}
     recipe["optim"] = {**OPTIM_DEFAULTS, **recipe["optim"]}
     if recipe["optim"]["name"] not in OPTIMIZERS:
