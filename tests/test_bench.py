@@ -34,3 +34,16 @@ def test_coarse_maps_are_enlarged_by_repeating_voxels(accuracy):
     assert fine.shape == (4, 4, 4)
     np.testing.assert_array_equal(fine[::2, ::2, ::2], coarse)
     np.testing.assert_array_equal(fine[1::2, 1::2, 1::2], coarse)
+
+
+def test_detail_kept_per_kernel_band(accuracy):
+    n = 64
+    x, _, z = np.meshgrid(*[np.arange(n)] * 3, indexing="ij")
+    along_x = np.cos(2 * np.pi * 24 * x / n)  # k along x: D = 1/3, outside the weak band
+    near_cone = np.cos(2 * np.pi * (17 * x + 12 * z) / n)  # 12^2 / (17^2 + 12^2) = 0.33: |D| < 0.001
+    slow = np.cos(2 * np.pi * 2 * z / n)  # under the cutoff: not counted
+    truth, mask = 0.01 * (along_x + near_cone), np.ones((n, n, n), bool)
+    assert accuracy.detail_kept(truth, truth, mask, 1.0, 0.15) == pytest.approx((1.0, 1.0))
+    recon = 0.01 * (along_x + 0.25 * near_cone + slow)
+    assert accuracy.detail_kept(recon, truth, mask, 1.0, 0.15) == pytest.approx((0.25, 1.0), abs=1e-6)
+    assert accuracy.detail_kept(0.01 * slow, truth, mask, 1.0, 0.15) == pytest.approx((0.0, 0.0), abs=1e-6)
