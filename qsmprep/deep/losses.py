@@ -100,20 +100,22 @@ def siqsm_loss(pred, target, alpha=1.0, beta=1e-4, gamma=1.0):
 def gradient_difference(pred, target, mask=None):
     """Mean absolute difference of neighbouring-voxel differences, |d(y - y')|, over the three spatial axes.
 
-    The gradient loss of QSMnet+ (Jung W, Yoon J, Ji S, et al. Exploring
-    linearity of deep neural network trained QSM: QSMnet+. NeuroImage 2020;
-    211:116619): a blurred edge costs little voxel-wise but fully here.
+    The gradient loss of QSMnet (Yoon J, Gong E, Chatnuntawech I, et al.
+    NeuroImage 2018;179:199-206), kept in QSMnet+ (Jung W, Yoon J, Ji S, et
+    al. Exploring linearity of deep neural network trained QSM: QSMnet+.
+    NeuroImage 2020;211:116619): a blurred edge costs little voxel-wise but
+    fully here.
     Forward differences without voxel-size scaling (chi units per voxel);
     with ``mask`` only differences between two mask voxels count.
     The mean over axes keeps it on the scale of ``l1``.
     """
+    error = pred - target
+    mask = None if mask is None else mask.to(pred.dtype)
     total = 0.0
     for axis in (-3, -2, -1):
-        pair = None
-        if mask is not None:
-            mask = mask.to(pred.dtype)
-            pair = mask.narrow(axis, 1, mask.shape[axis] - 1) * mask.narrow(axis, 0, mask.shape[axis] - 1)
-        total = total + _masked_mean((pred - target).diff(dim=axis).abs(), pair)
+        n = error.shape[axis] - 1
+        both = None if mask is None else mask.narrow(axis, 0, n) * mask.narrow(axis, 1, n)  # pairs inside the mask
+        total = total + _masked_mean(error.diff(dim=axis).abs(), both)
     return total / 3
 
 
