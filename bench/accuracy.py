@@ -83,8 +83,8 @@ from qsmprep.inversion import INVERSION_METHODS, cfl2, ilsqr, tkd
 from qsmprep.inversion.deep import DEFAULT_MODEL
 from qsmprep.io import load_nifti
 from qsmprep.metrics import calcification_moment_error, hfen, label_means, nrmse, xsim
-from qsmprep.physics import b0_dir_from_affine, forward_field_ppm, resample_to_grid, voxel_size_from_affine
-from qsmprep.physics.kernel import dipole_kernel
+from qsmprep.physics import (b0_dir_from_affine, dipole_kernel, forward_field_ppm, resample_to_grid,
+                              voxel_size_from_affine)
 from qsmprep.reports.mosaic import comparison_png
 from qsmprep.sim import LABELS, acquire, head_phantom, simulate_gre
 

@@ -256,6 +256,10 @@ def wgan_generator_loss(critic, fake):
 LOSS_NAMES = ("l1", "l2", "amplitude_invariant_l2", "gradient_difference", "siqsm", "data_consistency")
 """Names ``build_loss`` accepts."""
 
+PREDICTION_TARGET_LOSSES = {"l1": l1, "l2": l2, "amplitude_invariant_l2": amplitude_invariant_l2,
+                            "gradient_difference": gradient_difference}
+"""The losses of (pred, target, mask) that take no option but ``masked``."""
+
 
 def _term(cfg):
     cfg = dict(cfg)
@@ -267,10 +271,8 @@ def _term(cfg):
     def mask_of(batch):
         return batch.get("mask") if masked else None
 
-    voxelwise = {"l1": l1, "l2": l2, "amplitude_invariant_l2": amplitude_invariant_l2,
-                 "gradient_difference": gradient_difference}
-    if name in voxelwise:
-        fn = voxelwise[name]
+    if name in PREDICTION_TARGET_LOSSES:
+        fn = PREDICTION_TARGET_LOSSES[name]
         if cfg:
             raise UsageError(f"loss {name} takes no options besides masked, got {sorted(cfg)}")
         return lambda pred, target, batch: fn(pred, target, mask_of(batch))
