@@ -129,6 +129,9 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
     [
         (["--method", "tkd", "--units", "hz"], ["--b0-tesla"]),
         (["--method", "tkd", "--units", "rad", "--b0-tesla", "3"], ["--te"]),
+        (["--method", "tkd", "--units", "hz", "--b0-tesla", "-3"], ["--b0-tesla", "positive"]),
+        (["--method", "tkd", "--units", "rad", "--b0-tesla", "3", "--te", "10"], ["--te", "milliseconds"]),
+        (["--method", "tkd", "--units", "rad", "--b0-tesla", "3", "--te", "0"], ["--te", "seconds"]),
         (["--method", "cfl2", "--threshold", "0.2"], ["--threshold", "tkd"]),
         (["--method", "tkd", "--lambda", "0.2"], ["--lambda", "cfl2"]),
         (["--method", "tkd", "--threshold", "0.5"], ["--threshold"]),

@@ -20,6 +20,7 @@ from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import DEFAULT_MODEL, MIN_TILE, REFINE_ITERS, REFINE_LAMBDA
 from ..io import check_same_grid, load_nifti, save_nifti
+from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
 from .common import run_cli
 
@@ -106,10 +107,15 @@ def _check_options(args):
         raise UsageError(f"--refine-radius must be 0 (off) or a radius in mm, got {args.refine_radius}.")
     if args.tile is not None and args.tile < MIN_TILE:
         raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by 32), got {args.tile}.")
-    if args.units in ("hz", "rad") and not (args.b0_tesla and args.b0_tesla > 0):
+    if args.units in ("hz", "rad") and args.b0_tesla is None:
         raise UsageError(f"--units {args.units} needs the field strength: add --b0-tesla (in T, e.g. 3).")
-    if args.units == "rad" and not (args.te and args.te > 0):
+    if args.b0_tesla is not None and not args.b0_tesla > 0:
+        raise UsageError(f"--b0-tesla must be a positive field strength in T (e.g. 3), got {args.b0_tesla}.")
+    if args.units == "rad" and args.te is None:
         raise UsageError("--units rad needs the echo time of the phase: add --te (in s, e.g. 0.02).")
+    if args.te is not None and not 0 < args.te <= MAX_PLAUSIBLE_TE_S:
+        hint = " (it looks like milliseconds)" if args.te > MAX_PLAUSIBLE_TE_S else ""
+        raise UsageError(f"--te is the echo time in seconds, e.g. 0.02 for 20 ms; got {args.te}{hint}.")
     if args.b0_dir is not None and not np.linalg.norm(args.b0_dir) > 0:
         raise UsageError("--b0-dir must be a non-zero vector.")
     if not (args.out.name.endswith(".nii") or args.out.name.endswith(".nii.gz")):
