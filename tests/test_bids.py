@@ -152,6 +152,22 @@ def test_each_problem_names_the_file_and_the_fix(tmp_path, kwargs, file_part, te
     assert any(name in problem.message for name in named)  # the image or its sidecar
 
 
+def test_disagreeing_or_invalid_field_strength_names_the_odd_sidecar(tmp_path):
+    anat = make_run(tmp_path, echo_times=(0.004, 0.008, 0.012))
+    odd = anat / "sub-01_echo-2_part-phase_MEGRE.json"
+    odd.write_text(json.dumps({**json.loads(odd.read_text()), "MagneticFieldStrength": 1.5}))
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert problem.file.endswith("sub-01_echo-2_part-phase_MEGRE.nii.gz")
+    assert "disagree" in problem.message and "1.5 in " + str(odd) in problem.message
+    assert "3.0 in " in problem.message and "and 4 more" in problem.message
+    assert validate_runs(discover_runs(tmp_path), b0_tesla=3)[1] == []  # --b0-tesla settles it
+
+    for sidecar in anat.glob("*.json"):
+        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "MagneticFieldStrength": -3}))
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert "MagneticFieldStrength -3 is not a field strength in tesla" in problem.message
+
+
 def test_missing_echo_time_names_the_sidecar(tmp_path):
     anat = make_run(tmp_path)
     sidecar = anat / "sub-01_echo-2_part-mag_MEGRE.json"

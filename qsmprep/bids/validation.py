@@ -160,7 +160,7 @@ def _phase_units(run, problems):
     for file, meta in zip(run.phase, run.phase_meta):
         value = meta.get("Units")
         if value is None or str(value).strip().lower() not in PHASE_UNITS:
-            what = "no Units" if value is None else f"Units {value!r}, which qsmprep cannot interpret,"
+            what = "no Units" if value is None else f"Units {value!r}, which qsmprep cannot interpret"
             problems.append(Problem(run.subject, run.name, str(file),
                                     f"{file}: the phase sidecar {_sidecar(file)} has {what}: set \"Units\" to "
                                     "\"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
@@ -279,14 +279,26 @@ def _mask_problem(run, mask_file, grid):
 def _b0_tesla(run, b0_tesla, problems):
     if b0_tesla is not None:
         return float(b0_tesla)
-    values = {m.get("MagneticFieldStrength") for m in run.magnitude_meta + run.phase_meta}
-    values.discard(None)
-    if len(values) == 1 and isinstance(next(iter(values)), (int, float)) and next(iter(values)) > 0:
-        return float(values.pop())
-    what = "no MagneticFieldStrength" if not values else f"MagneticFieldStrength values {sorted(map(str, values))}"
-    problems.append(Problem(run.subject, run.name, str(run.phase[0]),
-                            f"{run.phase[0]}: {what} in the sidecars of {run.name}: add \"MagneticFieldStrength\" "
-                            "(tesla) to its JSON sidecar, or pass --b0-tesla."))
+    files = {}  # stated value -> the images whose sidecars state it
+    for file, meta in zip(run.magnitude + run.phase, run.magnitude_meta + run.phase_meta):
+        if meta.get("MagneticFieldStrength") is not None:
+            files.setdefault(meta["MagneticFieldStrength"], []).append(file)
+    if not files:
+        file, message = run.phase[0], (f"{run.phase[0]}: no MagneticFieldStrength in the sidecars of {run.name}: add "
+                                       "\"MagneticFieldStrength\" (tesla) to its JSON sidecars, or pass --b0-tesla.")
+    elif len(files) > 1:
+        stated = "; ".join(f"{value!r} in {_sidecar(names[0])}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                           for value, names in files.items())
+        file = min(files.values(), key=len)[0]  # the odd one out
+        message = (f"{run.name}: its sidecars disagree on MagneticFieldStrength ({stated}): make them agree, or pass "
+                   "--b0-tesla.")
+    else:
+        ((value, names),) = files.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        file, message = names[0], (f"{_sidecar(names[0])}: MagneticFieldStrength {value!r} is not a field strength in "
+                                   "tesla: write a positive number, e.g. 3, or pass --b0-tesla.")
+    problems.append(Problem(run.subject, run.name, str(file), message))
     return None
 
 
