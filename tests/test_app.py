@@ -422,6 +422,23 @@ def test_a_crashing_step_exits_70_and_the_other_subject_finishes(tmp_path, monke
     assert crash_files and "simulated crash" in crash_files[0].read_text()
 
 
+def test_a_mask_too_small_for_vsharp_fails_that_run_with_the_reason_and_the_fix(tmp_path, capsys):
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6", "--echoes", "2"]) == 0
+    image = nib.load(next((bids / "sub-01" / "anat").glob("*_echo-1_part-mag_MEGRE.nii.gz")))
+    tiny = np.zeros(image.shape, np.uint8)
+    tiny[15:18, 15:18, 15:18] = 1  # 27 voxels of 6 mm: no V-SHARP sphere (12 mm and more) fits
+    nib.save(nib.Nifti1Image(tiny, image.affine), tmp_path / "tiny.nii.gz")
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd",
+            "--mask", str(tmp_path / "tiny.nii.gz")]
+    assert main(argv) == 70
+    summary = capsys.readouterr().out
+    assert "sub-01 [FAILED]" in summary
+    assert "(27 voxels) has no voxel left after vsharp's erosion" in summary and "--bgremove pdf" in summary
+    assert not list(out.rglob("*_Chimap.nii.gz")) and not list(out.rglob("*_desc-local_fieldmap.nii.gz"))
+
+
 def test_an_internal_bug_exits_70_with_a_traceback(tmp_path, monkeypatch, capsys):
     import qsmprep.cli.run as run
 

@@ -169,6 +169,19 @@ def test_background_removal_equals_the_library(gre, total_field, tmp_path, metho
         assert np.abs(along_k - expected)[mask].max() > 1e-3
 
 
+def test_background_removal_refuses_an_empty_mask(total_field, tmp_path):
+    from qsmprep.errors import DataError
+    from qsmprep.interfaces.field import BackgroundRemoval
+
+    _, affine = _load(total_field)
+    empty = tmp_path / "empty_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(nib.load(total_field).shape, np.uint8), affine), empty)
+    with pytest.raises(DataError, match="the brain mask is empty"):
+        BackgroundRemoval(total_field=total_field, mask=str(empty), method="pdf", b0_tesla=B0_TESLA,
+                          b0_dir=[0.0, 0.0, 1.0]).run(cwd=str(tmp_path))
+    assert not list(tmp_path.glob("local_field*"))
+
+
 @pytest.fixture
 def untrained_checkpoint(tmp_path):
     """An untrained CFL2-prior U-Net declared as trained at 4 mm (the test grid), so no resampling to 1 mm."""

@@ -296,12 +296,14 @@ _SUBJECT_WF = re.compile(r"single_subject_([a-zA-Z0-9]+)_wf")
 
 
 def crashed_nodes(log_dir):
-    """{subject label: [failed node names]} from the text crash files in ``log_dir``."""
+    """{subject label: ["<failed node>: <its error>"]} from the text crash files in ``log_dir``."""
     failed = {}
     for crash in sorted(Path(log_dir).glob("crash-*.txt")):
-        for node in _CRASHED_NODE.findall(crash.read_text(errors="replace")):
+        text = crash.read_text(errors="replace")
+        error = text.strip().splitlines()[-1].strip()  # the exception's last line, e.g. "...DataError: <why, fix>"
+        for node in _CRASHED_NODE.findall(text):
             match = _SUBJECT_WF.search(node)
-            failed.setdefault(match.group(1) if match else "?", []).append(node)
+            failed.setdefault(match.group(1) if match else "?", []).append(f"{node}: {error}")
     return failed
 
 

@@ -6,6 +6,7 @@ import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits, isdefined
 from scipy import fft as spfft
 
+from ..errors import DataError
 from ..io import load_nifti, save_nifti
 from ..physics import voxel_size_from_affine
 
@@ -141,6 +142,12 @@ class BackgroundRemoval(SimpleInterface):
         with spfft.set_workers(self.inputs.num_threads):
             local, valid = remove(hz_to_ppm(field_hz, self.inputs.b0_tesla), mask,
                                   voxel_size_from_affine(affine), **params)
+        if not mask.any():  # nothing to invert: stop here rather than write empty maps
+            raise DataError("the brain mask is empty: check the magnitude images, or give a brain mask with --mask.")
+        if not valid.any():
+            raise DataError(
+                f"the brain mask ({int(mask.sum())} voxels) has no voxel left after {self.inputs.method}'s erosion "
+                "(its spheres do not fit inside it): give a larger --mask, or --bgremove pdf, which does not erode.")
         cwd = Path(runtime.cwd)
         self._results["local_field"] = str(save_nifti(cwd / "local_field_ppm.nii.gz", local, affine))
         self._results["mask"] = str(save_nifti(cwd / "local_field_mask.nii.gz", valid, affine, dtype=np.uint8))
