@@ -121,13 +121,15 @@ def write_subject(out_dir, subject, session, gre, phase_units="arbitrary"):
         "Manufacturer": "qsmprep-simulate",
     }
     written = []
+    multi_echo = len(gre.te_s) > 1  # BIDS: echo-<n>_..._MEGRE for several echoes, ..._T2starw for one
+    suffix = "MEGRE" if multi_echo else "T2starw"
     for n, te in enumerate(gre.te_s, start=1):
-        stem = out_dir / folder / f"{prefix}_echo-{n}"
-        mag = stem.with_name(stem.name + "_part-mag_MEGRE.nii.gz")
+        stem = out_dir / folder / (f"{prefix}_echo-{n}" if multi_echo else prefix)
+        mag = stem.with_name(f"{stem.name}_part-mag_{suffix}.nii.gz")
         save_nifti(mag, gre.magnitude[..., n - 1], gre.affine, header)
         _write_json(mag.with_name(mag.name.replace(".nii.gz", ".json")),
                     {**common, "EchoTime": te, "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"]})  # fmt: skip
-        phase = stem.with_name(stem.name + "_part-phase_MEGRE.nii.gz")
+        phase = stem.with_name(f"{stem.name}_part-phase_{suffix}.nii.gz")
         if phase_units == "arbitrary":
             save_nifti(phase, phase_to_vendor_units(gre.phase_rad[..., n - 1]), gre.affine, header, dtype=np.int16)
         else:

@@ -1,5 +1,6 @@
 """The per-run QSM workflow: GRE magnitude + phase -> Chimap(s), masks and field maps."""
 
+import logging
 from importlib import resources
 
 import nipype
@@ -15,6 +16,8 @@ from ..interfaces.gre import PhaseToRad, StackEchoes
 from ..interfaces.inversion import DipoleInversion, FromB0Aligned, ReferenceToMask, ToB0Aligned
 from ..physics import b0_aligned_grid, b0_dir_from_affine, b0_tilt_deg, voxel_size_from_affine
 from .outputs import init_qsm_derivatives_wf
+
+log = logging.getLogger(__name__)
 
 BOILERPLATE = resources.files("qsmprep") / "data" / "boilerplate"
 
@@ -101,13 +104,27 @@ def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, **_
             "the squared distance to the network output.")
 
 
+ECHO_WORDING = {
+    "multi": {"run_kind": "multi-echo gradient-echo", "echo_ordering": "the magnitude and phase echoes were ordered by "
+              "echo time; ", "unwrapped_phase": "The first echo's phase", "combined_magnitude": "the root-sum-of-squares "
+              "magnitude over echoes", "steep_phase": "the first echo difference"},
+    "single": {"run_kind": "single-echo gradient-echo", "echo_ordering": "", "unwrapped_phase": "The phase",
+               "combined_magnitude": "the magnitude", "steep_phase": "the phase"},
+}
+"""The methods text's words for what ``total_field_hz`` and the masks do with several echoes or with one."""
+
+
 def methods_description(run, config):
     """Methods text of one run's processing (paragraph, references), filled with the resolved parameters."""
     params = config.parameters
+    echoes = "single" if len(run.echo_times_s) == 1 else "multi"
+    wording = ECHO_WORDING[echoes]
     parts = [
-        ("intro", {"version": __version__, "nipype_version": nipype.__version__, "phase_units": run.phase_units}),
-        (f"mask-{config.mask_strategy}", params.get("mask", {}).get(config.mask_strategy, {})),
-        (f"unwrap-{config.unwrap}", {}),
+        ("intro", {"version": __version__, "nipype_version": nipype.__version__, "phase_units": run.phase_units,
+                   **wording}),
+        (f"mask-{config.mask_strategy}", {**params.get("mask", {}).get(config.mask_strategy, {}), **wording}),
+        (f"unwrap-{config.unwrap}", wording),
+        (f"echoes-{echoes}", {}),
         (f"bgremove-{config.bgremove}", params["bgremove"][config.bgremove]),
     ]
     if needs_b0_resampling(run, config):
@@ -158,6 +175,10 @@ def init_qsm_wf(run, config, name=None):
     Outputs (outputnode): magnitude, mask, total_field, local_field,
     chimaps (list, in ``config.inversion`` order), written (derivative files).
     """
+    if len(run.echo_times_s) == 1:
+        log.warning("%s: a single echo cannot separate the receive-phase offset from the field; what background "
+                    "removal leaves of the offset stays in the local field and the Chimap (docs/methods/phase.md, "
+                    "A single echo): acquire several echoes, or give phase with the offset removed.", run.name)
     workflow = Workflow(name=name or f"qsm_{workflow_label(run)}_wf")
     text, _ = methods_description(run, config)
     workflow.__desc__ = text + "\n\n"
