@@ -201,3 +201,31 @@ def test_cli_refuses_a_non_bids_directory(tmp_path):
     assert main([str(tmp_path), "--matrix", "16", "16", "16", "--voxel-size", "12", "12", "12"]) == 64
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     assert main([str(tmp_path / "ds"), "--te-first", "4"]) == 64  # milliseconds given by mistake
+
+
+def test_simulating_into_a_dataset_of_real_subjects_keeps_it(tmp_path, caplog):
+    small = ["--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]
+    real = tmp_path / "real"
+    (real / "sub-01" / "anat").mkdir(parents=True)
+    description = {"Name": "my study", "BIDSVersion": "1.9.0", "Authors": ["A. Researcher"]}
+    (real / "dataset_description.json").write_text(json.dumps(description))
+    (real / "participants.tsv").write_text("participant_id\tage\nsub-01\t34\n")
+    (real / "README").write_text("my study\n")
+    scan = real / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    scan.write_bytes(b"not touched")
+    # its sub-01 would be overwritten: refused, nothing written
+    assert main([str(real), *small]) == 64
+    assert "qsmprep-simulate did not make, and it already has sub-01" in caplog.text
+    assert sorted(p.name for p in (real / "sub-01" / "anat").iterdir()) == ["sub-01_T1w.nii.gz"]
+    # a new subject is added; the dataset's own files and columns are kept
+    (real / "sub-01").rename(real / "sub-03")
+    (real / "participants.tsv").write_text("participant_id\tage\nsub-03\t34\n")
+    assert main([str(real), *small]) == 0
+    assert json.loads((real / "dataset_description.json").read_text()) == description
+    assert (real / "README").read_text() == "my study\n" and not (real / "CHANGES").exists()
+    assert (real / "participants.tsv").read_text() == "participant_id\tage\nsub-01\tn/a\nsub-03\t34\n"
+    assert (real / "sub-03" / "anat" / "sub-01_T1w.nii.gz").read_bytes() == b"not touched"
+    assert len(list((real / "sub-01" / "anat").glob("*_MEGRE.nii.gz"))) == 4
+    # a simulated dataset may be simulated again (the Quick start run twice)
+    sim = tmp_path / "sim"
+    assert main([str(sim), *small]) == 0 and main([str(sim), *small, "--seed", "1"]) == 0

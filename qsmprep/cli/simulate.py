@@ -21,7 +21,7 @@ import numpy as np
 from scipy import fft
 
 from ..errors import QSMPrepError, UsageError
-from ..sim.bids_writer import PHASE_UNITS, write_dataset_files, write_subject
+from ..sim.bids_writer import PHASE_UNITS, made_by_simulator, write_dataset_files, write_subject
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
 from ..resources import available_cores
@@ -65,13 +65,19 @@ def build_parser():
     return p
 
 
-def _check_out_dir(out_dir):
+def _check_out_dir(out_dir, subjects):
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file: give a directory for the dataset.")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "dataset_description.json").is_file():
         raise UsageError(
             f"{out_dir} is not empty and is not a BIDS dataset (no dataset_description.json): "
             "give a new or empty directory."
+        )
+    clash = [f"sub-{s}" for s in subjects if (out_dir / f"sub-{s}").exists()]
+    if clash and not made_by_simulator(out_dir):  # a simulated dataset may be simulated again; real data never
+        raise UsageError(
+            f"{out_dir} is a BIDS dataset that qsmprep-simulate did not make, and it already has {', '.join(clash)}: "
+            "simulating would overwrite them. Give a new directory."
         )
 
 
@@ -114,12 +120,12 @@ def simulate_dataset(args):
     """Simulate and write every subject and session described by parsed ``args``."""
     out_dir = args.out_dir
     _check_args(args)
-    _check_out_dir(out_dir)
+    subjects = [f"{i + 1:02d}" for i in range(args.subjects)]
+    _check_out_dir(out_dir, subjects)
     te_s = tuple(round(args.te_first + n * args.te_spacing, 9) for n in range(args.echoes))
     sessions = [s.removeprefix("ses-") for s in args.sessions] if args.sessions else [None]
     matrix, fine = _grids(args)
     snr = args.snr if args.snr > 0 else None
-    subjects = [f"{i + 1:02d}" for i in range(args.subjects)]
     log.info(
         "Simulating %d subject(s) x %d session(s): matrix %s, voxel %s mm, oblique %g deg, TE %s s, B0 %g T, SNR %s",
         len(subjects), len(sessions), matrix, tuple(args.voxel_size), args.oblique,

@@ -84,13 +84,28 @@ def _entities(subject, session):
 
 
 def _participants(path, subjects):
-    """participants.tsv with the union of existing and new participant ids."""
-    ids = set()
+    """participants.tsv with the existing rows and columns kept and a row for each new subject (n/a beyond its id)."""
+    columns, rows = ["participant_id"], []
     if path.is_file():
         with open(path, newline="") as f:
-            ids = {row["participant_id"] for row in csv.DictReader(f, delimiter="\t")}
-    ids |= {f"sub-{s}" for s in subjects}
-    return "participant_id\n" + "".join(f"{i}\n" for i in sorted(ids))
+            reader = csv.DictReader(f, delimiter="\t")
+            columns, rows = reader.fieldnames or columns, list(reader)
+    known = {row.get("participant_id") for row in rows}
+    rows += [{"participant_id": f"sub-{s}"} for s in subjects if f"sub-{s}" not in known]
+    rows.sort(key=lambda row: row.get("participant_id") or "")
+    return "".join("\t".join(line) + "\n" for line in [columns] + [[row.get(c) or "n/a" for c in columns] for row in rows])
+
+
+def made_by_simulator(out_dir):
+    """True when ``out_dir`` holds no dataset yet, or one whose dataset_description.json names qsmprep-simulate."""
+    description = Path(out_dir) / "dataset_description.json"
+    if not description.is_file():
+        return True
+    try:
+        generated_by = json.loads(description.read_text()).get("GeneratedBy") or []
+    except (ValueError, AttributeError):
+        return False
+    return any(isinstance(g, dict) and g.get("Name") == "qsmprep-simulate" for g in generated_by)
 
 
 def write_subject(out_dir, subject, session, gre, phase_units="arbitrary"):
@@ -159,17 +174,21 @@ def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name="qsmpre
     """Write (or update) the dataset-level files of the raw and ground-truth datasets.
 
     ``subjects``: subject labels (without ``sub-``) to list in participants.tsv,
-    merged with those already there.
+    merged with the rows and columns already there. In a dataset qsmprep-simulate
+    did not make (``made_by_simulator``), its dataset_description.json, README,
+    CHANGES and .bidsignore are kept as they are.
     """
     out_dir = Path(out_dir)
     generated_by = [{"Name": "qsmprep-simulate", "Version": __version__}]
-    _write_json(out_dir / "dataset_description.json",
-                {"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "raw", "GeneratedBy": generated_by})  # fmt: skip
+    if made_by_simulator(out_dir):
+        _write_json(out_dir / "dataset_description.json",
+                    {"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "raw", "GeneratedBy": generated_by})  # fmt: skip
+        note = f" (phase_rad = value * pi / {VENDOR_PHASE_MAX})" if phase_units == "arbitrary" else ""
+        _write_text(out_dir / "README", _README.format(name=name, version=__version__, phase_units=phase_units,
+                                                       phase_note=note))
+        _write_text(out_dir / "CHANGES", f"1.0.0\n  - Simulated by qsmprep-simulate {__version__}.\n")
+        _write_text(out_dir / ".bidsignore", "derivatives/\n")
     _write_text(out_dir / "participants.tsv", _participants(out_dir / "participants.tsv", subjects))
-    note = f" (phase_rad = value * pi / {VENDOR_PHASE_MAX})" if phase_units == "arbitrary" else ""
-    _write_text(out_dir / "README", _README.format(name=name, version=__version__, phase_units=phase_units, phase_note=note))
-    _write_text(out_dir / "CHANGES", f"1.0.0\n  - Simulated by qsmprep-simulate {__version__}.\n")
-    _write_text(out_dir / ".bidsignore", "derivatives/\n")
     truth = out_dir / "derivatives" / "groundtruth"
     _write_json(truth / "dataset_description.json", {
         "Name": f"{name}: ground truth", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
@@ -185,7 +204,8 @@ def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name="qsmprep
     Parameters
     ----------
     out_dir : str or Path
-        Dataset root (created if missing; existing files are overwritten).
+        Dataset root (created if missing; the subjects' files are overwritten, dataset-level files
+        as ``write_dataset_files`` says).
     subjects : iterable of (subject, session, SimulatedGRE)
         Subject label (no ``sub-``), session label (no ``ses-``) or None, and
         the acquisition. A generator keeps one acquisition in memory at a time.
