@@ -64,8 +64,8 @@ def init_qsm_derivatives_wf(run, config, resampled=False, b0_dir=(0.0, 0.0, 1.0)
 
     Inputs (inputnode): mask, total_field, local_field, chimaps (list in
     ``config.inversion`` order). Outputs (outputnode): written (the NIfTI
-    paths written). Nodes: ds_mask, ds_total_field, ds_local_field,
-    ds_chimap_<method>.
+    paths written). Nodes: all_outputs (waits for every input), select_<output>,
+    ds_mask, ds_total_field, ds_local_field, ds_chimap_<method>.
     """
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["mask", "total_field", "local_field", "chimaps"]),
@@ -84,15 +84,17 @@ def init_qsm_derivatives_wf(run, config, resampled=False, b0_dir=(0.0, 0.0, 1.0)
         sinks.append(node)
         return node
 
-    workflow.connect([
-        (inputnode, sink("mask"), [("mask", "in_file")]),
-        (inputnode, sink("total_field"), [("total_field", "in_file")]),
-        (inputnode, sink("local_field"), [("local_field", "in_file")]),
-    ])
-    for index, method in enumerate(config.inversion):
-        select = pe.Node(niu.Select(index=index), name=f"select_chimap_{method}", run_without_submitting=True)
-        workflow.connect([(inputnode, select, [("chimaps", "inlist")]),
-                          (select, sink("chimap", method), [("out", "in_file")])])
+    # Nipype wires an identity inputnode's sources straight to the sinks, so each file would be written as soon as
+    # its step finished; a Merge waits for all of them, so a run that fails at any step writes none (no partial run).
+    all_outputs = pe.Node(niu.Merge(4), name="all_outputs", run_without_submitting=True)
+    workflow.connect([(inputnode, all_outputs, [("mask", "in1"), ("total_field", "in2"), ("local_field", "in3"),
+                                                ("chimaps", "in4")])])  # [mask, total, local, chimap per method]
+    for index, (output, method) in enumerate([("mask", None), ("total_field", None), ("local_field", None)]
+                                             + [("chimap", method) for method in config.inversion]):
+        select = pe.Node(niu.Select(index=index), name=f"select_{output}" + (f"_{method}" if method else ""),
+                         run_without_submitting=True)
+        workflow.connect([(all_outputs, select, [("out", "inlist")]),
+                          (select, sink(output, method), [("out", "in_file")])])
     written = pe.Node(niu.Merge(len(sinks)), name="merge_written", run_without_submitting=True)
     for index, node in enumerate(sinks, start=1):
         workflow.connect(node, "out_file", written, f"in{index}")
