@@ -103,6 +103,14 @@ def test_sphere_fits_is_erosion_by_the_ball_in_mm():
     assert 0 < expected.sum() < mask.sum()
 
 
+def test_padded_shape_holds_the_whole_sphere_on_a_small_grid():
+    # 8 voxels + 8 of padding would be 16, under the 17-voxel width of an 8 mm ball at 1 mm
+    shape = smv_padded_shape((8, 8, 8), (1.0, 1.0, 1.0), 8.0)
+    assert all(n >= 17 for n in shape)
+    assert smv_kernel(shape, (1.0, 1.0, 1.0), 8.0, rfft=True)[0, 0, 0] == pytest.approx(1.0)
+    assert smv_padded_shape((64, 64, 64), (1.0, 1.0, 1.0), 8.0) == (72, 72, 72)  # large grids: as before
+
+
 # --- V-SHARP ----------------------------------------------------------------
 
 

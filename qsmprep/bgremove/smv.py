@@ -56,11 +56,14 @@ def smv_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=5.0, rfft=False):
 def smv_padded_shape(shape, voxel_size_mm, radius_mm):
     """Grid shape, padded at the far end of each axis, on which a circular SMV of ``radius_mm`` does not wrap.
 
-    Each axis grows by ceil(radius / voxel size) voxels of zeros, rounded up
-    to a fast real-FFT size.
+    Each axis grows by ceil(radius / voxel size) voxels of zeros, and at least
+    to the sphere's own width (a small grid must still hold the kernel), rounded
+    up to a fast real-FFT size.
     """
+    ball = ball_mm(radius_mm, voxel_size_mm).shape
     return tuple(
-        spfft.next_fast_len(int(n + np.ceil(radius_mm / d - 1e-9)), real=True) for n, d in zip(shape, voxel_size_mm)
+        spfft.next_fast_len(int(max(n + np.ceil(radius_mm / d - 1e-9), b)), real=True)
+        for n, d, b in zip(shape, voxel_size_mm, ball)
     )
 
 
