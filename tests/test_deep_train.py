@@ -17,7 +17,7 @@ from qsmprep.deep.registry import load_model, read_tensors
 from qsmprep.deep.trainer import (
     TargetDomainFields, Trainer, learning_rate, make_optimizer, optimizer_tensors, restore_optimizer, train,
 )
-from qsmprep.errors import NoInputError, UsageError
+from qsmprep.errors import NoInputError, QSMPrepError, UsageError
 
 SHIPPED = ["cfl2unet", "jochmann", "metaqsm", "qsmgan", "qsminvnet", "siqsm", "smoke"]
 
@@ -134,6 +134,8 @@ def test_deterministic_and_resumable(tmp_path):
     with open(tmp_path / "c" / "losses.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))
     assert read_tensors(tmp_path / "c" / "checkpoint.safetensors")[1]["step"] == 8
+    done = train(tiny("smoke", steps=8), tmp_path / "c", device="cpu", resume=True)  # nothing left to train
+    assert done["step"] == 8 and done["losses"] == [] and done["validation"] == rest["validation"]
     with pytest.raises(Exception, match="holds a unet"):
         other = tiny("smoke", steps=8)
         other["model"]["width"] = 8
@@ -251,3 +253,20 @@ def test_recipe_overrides():
         load_recipe("smoke", ["loss.name=l1"])
     with pytest.raises(UsageError, match="positive integer"):
         load_recipe("smoke", ["train.steps=0"])
+    # a mistyped key or a bad value is a usage error naming it, not a silent default or a crash
+    for override, words in [("train.batchsize=4", "unknown [train] key(s) ['batchsize']"),
+                            ("optim.learning_rate=1e-5", "unknown [optim] key(s) ['learning_rate']"),
+                            ('optim.lr="abc"', "[optim] lr must be a positive number"),
+                            ("optim.lr=-1", "[optim] lr must be a positive number"),
+                            ("optim.betas=[0.9]", "[optim] betas must be two numbers"),
+                            ("model.widht=8", "check the key names"),
+                            ("model.width=0", "[model] width must be a positive integer")]:
+        with pytest.raises(UsageError) as exc:
+            load_recipe("smoke", [override])
+        assert words in str(exc.value), override
+
+
+def test_a_refused_run_leaves_no_folder(tmp_path):
+    with pytest.raises(QSMPrepError):  # nothing to resume
+        train(tiny("smoke", steps=2), tmp_path / "gone", device="cpu", resume=True)
+    assert not (tmp_path / "gone").exists()

@@ -20,7 +20,8 @@ TRAIN_DEFAULTS = {
     "batch_size": 2, "steps": 1000, "val_every": 100, "val_samples": 8, "seed": 0, "num_workers": 0, "amp": True,
     "init": "",  # a shipped model name or checkpoint path to fine-tune from; "" = random initialisation
 }
-OPTIM_DEFAULTS = {"name": "adam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "schedule": "constant"}
+OPTIM_DEFAULTS = {"name": "adam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "schedule": "constant",
+                  "decay_steps": 1000, "decay_rate": 0.96}  # the decay: lr x decay_rate^(step // decay_steps)
 OPTIMIZERS = ("adam", "rmsprop")
 SCHEDULES = ("constant", "exponential")
 
@@ -83,6 +84,30 @@ def _apply_override(recipe, override):
     recipe[section][key] = value
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_model(model, source):
+    """Build the recipe's network once (on the CPU), so an unknown or bad [model] key is a usage error, not a crash."""
+    from qsmprep.deep.models import build_model
+
+    params = {k: v for k, v in model.items() if k != "arch"}
+    for key in ("width", "depth"):
+        if key in params and not (_is_int(params[key]) and params[key] >= 1):
+            raise UsageError(f"{source}: [model] {key} must be a positive integer, got {params[key]!r}.")
+    try:
+        build_model(model["arch"], **params)
+    except TypeError as exc:  # an unknown keyword
+        raise UsageError(f"{source}: [model] {params} is not a {model['arch']} ({exc}); check the key names.") from exc
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"{source}: [model] {params} does not build a {model['arch']} ({exc}).") from exc
+
+
 def validate_recipe(recipe, source="recipe"):
     """Check a recipe dict and return a copy with defaults filled in.
 
@@ -102,16 +127,34 @@ def validate_recipe(recipe, source="recipe"):
         raise UsageError(f"{source}: [model] arch {arch!r} is not one of {sorted(ARCHITECTURES)}.")
     if ("name" in recipe["loss"]) == ("terms" in recipe["loss"]):
         raise UsageError(f"{source}: [loss] needs a name or terms (a weighted sum of named losses), not both.")
-    recipe["train"] = {**TRAIN_DEFAULTS, **recipe["train"]}
-    recipe["optim"] = {**OPTIM_DEFAULTS, **recipe["optim"]}
-    if recipe["optim"]["name"] not in OPTIMIZERS:
+    for section, defaults in (("train", TRAIN_DEFAULTS), ("optim", OPTIM_DEFAULTS)):
+        unknown = sorted(set(recipe[section]) - set(defaults))
+        if unknown:
+            raise UsageError(f"{source}: unknown [{section}] key(s) {unknown}; known: {sorted(defaults)}.")
+        recipe[section] = {**defaults, **recipe[section]}
+    optim, train = recipe["optim"], recipe["train"]
+    if optim["name"] not in OPTIMIZERS:
         raise UsageError(f"{source}: [optim] name must be one of {OPTIMIZERS}.")
-    if recipe["optim"]["schedule"] not in SCHEDULES:
+    if optim["schedule"] not in SCHEDULES:
         raise UsageError(f"{source}: [optim] schedule must be one of {SCHEDULES}.")
-    for key in ("batch_size", "steps", "val_every", "val_samples"):
-        value = recipe["train"][key]
-        if not isinstance(value, int) or value < 1:
-            raise UsageError(f"{source}: [train] {key} must be a positive integer, got {value!r}.")
+    checks = [("train", key, train[key], "a positive integer", _is_int(train[key]) and train[key] >= 1)
+              for key in ("batch_size", "steps", "val_every", "val_samples")]
+    checks += [
+        ("train", "seed", train["seed"], "an integer", _is_int(train["seed"])),
+        ("train", "num_workers", train["num_workers"], "0 or more", _is_int(train["num_workers"]) and train["num_workers"] >= 0),
+        ("train", "amp", train["amp"], "true or false", isinstance(train["amp"], bool)),
+        ("train", "init", train["init"], "a model name or checkpoint path (\"\" for none)", isinstance(train["init"], str)),
+        ("optim", "lr", optim["lr"], "a positive number", _is_number(optim["lr"]) and optim["lr"] > 0),
+        ("optim", "weight_decay", optim["weight_decay"], "0 or more", _is_number(optim["weight_decay"]) and optim["weight_decay"] >= 0),
+        ("optim", "betas", optim["betas"], "two numbers in [0, 1)", isinstance(optim["betas"], list) and len(optim["betas"]) == 2
+         and all(_is_number(b) and 0 <= b < 1 for b in optim["betas"])),
+        ("optim", "decay_steps", optim["decay_steps"], "a positive integer", _is_int(optim["decay_steps"]) and optim["decay_steps"] >= 1),
+        ("optim", "decay_rate", optim["decay_rate"], "a number in (0, 1]", _is_number(optim["decay_rate"]) and 0 < optim["decay_rate"] <= 1),
+    ]
+    for section, key, value, what, ok in checks:
+        if not ok:
+            raise UsageError(f"{source}: [{section}] {key} must be {what}, got {value!r}.")
+    _check_model(recipe["model"], source)
     b0_dir = recipe["data"].get("b0_dir", [0.0, 0.0, 1.0])
     if [float(v) for v in b0_dir] != [0.0, 0.0, 1.0]:
         raise UsageError(

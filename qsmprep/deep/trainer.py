@@ -69,7 +69,7 @@ def learning_rate(optim_cfg, step):
     """Learning rate at ``step``: constant, or lr x decay_rate^(step // decay_steps)."""
     lr = float(optim_cfg["lr"])
     if optim_cfg["schedule"] == "exponential":
-        lr *= float(optim_cfg.get("decay_rate", 0.96)) ** (step // int(optim_cfg.get("decay_steps", 1000)))
+        lr *= float(optim_cfg["decay_rate"]) ** (step // int(optim_cfg["decay_steps"]))  # defaults: OPTIM_DEFAULTS
     return lr
 
 
@@ -264,6 +264,7 @@ class Trainer:
             self.domain_loss = build_loss(self.domain.get("loss", {"name": "data_consistency", "magnitude_weights": True}))
         self.step = 0
         self.best_nrmse = math.inf
+        self.last_validation = {}  # NRMSE / HFEN of the checkpoint restored, if any
         if tr["init"]:
             self.initialise_from(tr["init"])
 
@@ -425,6 +426,7 @@ class Trainer:
             restore_optimizer(self.critic_opt, opt_tensors, opt_meta["param_groups"]["critic"], "critic")
         self.step = int(meta["step"])
         self.best_nrmse = float(meta.get("best_nrmse", math.inf))
+        self.last_validation = meta.get("validation") or {}
         return self.step
 
 
@@ -457,21 +459,25 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
 
     recipe = validate_recipe(recipe)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(recipe, out, resolve_device(device))
+    device = resolve_device(device)
+    if not resume and (out / "checkpoint.safetensors").exists():
+        raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out.")
+    trainer = Trainer(recipe, out, device)
     if resume:
         trainer.restore()
         log.info("resuming at step %d from %s", trainer.step, out)
-    elif (out / "checkpoint.safetensors").exists():
-        raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out.")
     trainer.start_data()
+    out.mkdir(parents=True, exist_ok=True)  # only once every check has passed: a refused run leaves no folder
     tr = recipe["train"]
     last = min(int(tr["steps"]), int(max_steps)) if max_steps is not None else int(tr["steps"])
+    if trainer.step >= last:
+        log.info("%s is already at step %d, not under %d: nothing to train (its last validation is reported)",
+                 out, trainer.step, last)
     loss_fields = ["step", "loss", "lr", "samples_per_s", "critic_loss", "adversarial_loss", "domain_loss", "domain_weight"]
     loss_log = _CsvLog(out / "losses.csv", loss_fields, trainer.step if resume else None)
     val_log = _CsvLog(out / "validation.csv", ["step", "nrmse", "hfen"], trainer.step if resume else None)
     started = time.monotonic()
-    losses, metrics = [], {}
+    losses, metrics = [], trainer.last_validation
     with tqdm(total=last, initial=min(trainer.step, last), desc=f"train {recipe['model']['arch']}", unit="step", disable=None) as bar:
         while trainer.step < last:
             tick = time.perf_counter()
