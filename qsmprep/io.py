@@ -40,6 +40,13 @@ def load_nifti(path, what="image"):
     return data, img.affine, img.header
 
 
+def as_3d_volume(data, path, what="image"):
+    """``data`` as a 3D array, trailing singleton axes (e.g. a 4D file of one volume) dropped; else DataError."""
+    if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
+        raise DataError(f"{what} {path} has shape {data.shape}: give a single 3D volume.")
+    return data.reshape(data.shape[:3])
+
+
 def nifti_values(path, what="image"):
     """Read every voxel of a NIfTI file once and summarise its values.
 

@@ -171,3 +171,22 @@ def test_non_integer_label_map_is_refused(files, capsys):
     code, err = _error_run(_args(files, "--labels", files["chi"]), capsys)
     assert code == 65 and len(err.splitlines()) == 1
     assert f"label map {files['chi']} holds non-integer values" in err and "dseg" in err
+
+
+def test_constant_reference_is_refused_and_a_single_volume_4d_file_is_read(files, maps, tmp_path, capsys):
+    flat = tmp_path / "flat_ref.nii.gz"
+    save_nifti(flat, np.full((28, 28, 24), 0.05), AFFINE)
+    code, err = _error_run([str(files["chi"]), str(flat), str(files["mask"])], capsys)
+    assert code == 65 and "flat_ref.nii.gz is constant inside the mask" in err and len(err.splitlines()) == 1
+    one_voxel = tmp_path / "one_voxel.nii.gz"
+    single = np.zeros((28, 28, 24))
+    single[14, 14, 12] = 1
+    save_nifti(one_voxel, single, AFFINE)
+    code, err = _error_run([str(files["chi"]), str(files["ref"]), str(one_voxel)], capsys)
+    assert code == 65 and "constant inside the mask (1 voxels)" in err
+    four_d = tmp_path / "chi_4d.nii.gz"
+    save_nifti(four_d, maps[0][..., None], AFFINE)  # (x, y, z, 1), as some tools write
+    assert main([str(four_d), str(files["ref"]), str(files["mask"]), "--json", "-"]) == 0
+    from_4d = json.loads(capsys.readouterr().out)
+    assert main([str(files["chi"]), str(files["ref"]), str(files["mask"]), "--json", "-"]) == 0
+    assert from_4d == json.loads(capsys.readouterr().out)

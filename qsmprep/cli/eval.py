@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, NoInputError, QSMPrepError, UsageError
-from ..io import check_same_grid, load_nifti
+from ..io import as_3d_volume, check_same_grid, load_nifti
 from ..metrics import evaluate
 from .common import run_cli
 
@@ -74,30 +74,33 @@ def read_label_names(path):
         raise DataError(f"label names {path}: every 'index' must be an integer ({exc}).") from exc
 
 
+def _load_volume(path, what):
+    data, affine, _ = load_nifti(path, what)
+    return as_3d_volume(data, path, what), affine
+
+
 def _load_inputs(args):
-    chi, chi_affine, _ = load_nifti(args.chi, "reconstruction")
-    ref, ref_affine, _ = load_nifti(args.ref, "reference")
-    mask, mask_affine, _ = load_nifti(args.mask, "mask")
-    images = {args.chi: chi, args.ref: ref, args.mask: mask}
+    chi, chi_affine = _load_volume(args.chi, "reconstruction")
+    ref, ref_affine = _load_volume(args.ref, "reference")
+    mask, mask_affine = _load_volume(args.mask, "mask")
     check_same_grid(args.ref, (ref.shape, ref_affine), args.chi, (chi.shape, chi_affine))
     check_same_grid(args.ref, (ref.shape, ref_affine), args.mask, (mask.shape, mask_affine))
     labels = None
     if args.labels is not None:
-        labels, labels_affine, _ = load_nifti(args.labels, "label map")
+        labels, labels_affine = _load_volume(args.labels, "label map")
         check_same_grid(args.ref, (ref.shape, ref_affine), args.labels, (labels.shape, labels_affine))
-        images[args.labels] = labels
         if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
             raise DataError(f"label map {args.labels} holds non-integer values: give an integer label map "
                             "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
-    for path, data in images.items():
-        if data.ndim != 3:
-            raise DataError(f"{path} has {data.ndim} dimensions: give a single 3D volume.")
     inside = mask > 0
     if not inside.any():
         raise DataError(f"mask {args.mask} is empty (no voxel > 0): give a mask of the region to evaluate.")
     for path, data in ((args.chi, chi), (args.ref, ref)):
         if not np.isfinite(data[inside]).all():
             raise DataError(f"{path} has NaN or infinite values inside the mask: fix the map or shrink the mask.")
+    if np.ptp(ref[inside]) == 0:  # NRMSE and HFEN divide by the reference's variation in the mask
+        raise DataError(f"reference {args.ref} is constant inside the mask ({int(inside.sum())} voxels): the metrics "
+                        "are relative to its variation; give a reference map and a mask of a region where it varies.")
     return chi, ref, mask, labels
 
 

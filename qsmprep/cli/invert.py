@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import DEFAULT_MODEL, MIN_TILE, REFINE_ITERS, REFINE_LAMBDA
-from ..io import check_same_grid, load_nifti, save_nifti
+from ..io import as_3d_volume, check_same_grid, load_nifti, save_nifti
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
 from .common import run_cli
@@ -126,18 +126,11 @@ def _check_options(args):
                              "output file name.")
 
 
-def _as_3d(data, path, what):
-    """``data`` as a 3D array (trailing singleton axes dropped), or DataError."""
-    if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
-        raise DataError(f"{what} {path} has shape {data.shape}: give a single 3D volume.")
-    return data.reshape(data.shape[:3])
-
-
 def _load_inputs(args):
     """Field (ppm), mask and the field's affine and header; raise QSMPrepError for unusable inputs."""
     field, affine, header = load_nifti(args.field, "field map")
     mask, mask_affine, _ = load_nifti(args.mask, "mask")
-    field, mask = _as_3d(field, args.field, "field map"), _as_3d(mask, args.mask, "mask")
+    field, mask = as_3d_volume(field, args.field, "field map"), as_3d_volume(mask, args.mask, "mask")
     check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine))
     inside = mask > 0
     if not inside.any():
