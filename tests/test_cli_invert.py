@@ -216,3 +216,14 @@ def test_output_that_is_an_input_exits_64_and_leaves_it_intact(inputs, capsys, w
     assert len(err) == 1 and err[0].startswith("qsmprep-invert: error: ")
     assert f"is the input {which.upper()}, which it would overwrite" in err[0]
     assert paths[which].read_bytes() == before
+
+
+def test_deep_uses_every_core_even_when_omp_says_one(inputs):
+    import torch
+
+    from qsmprep.resources import available_cores
+
+    paths, *_ = inputs
+    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 (set in the container) gives torch
+    assert _run(paths, "--method", "deep", "--refine", "0") == 0
+    assert torch.get_num_threads() == available_cores()

@@ -239,6 +239,8 @@ def test_cli_list_and_errors(capsys, tmp_path):
     assert train_main(["smoke"]) == 64
     assert train_main(["smoke", "--out", str(tmp_path), "--set", "train.batch_size"]) == 64
     assert "section.key=value" in capsys.readouterr().err
+    assert train_main(["smoke", "--out", str(tmp_path / "m"), "--max-minutes", "-5"]) == 64
+    assert "--max-minutes must be a positive" in capsys.readouterr().err
 
 
 def test_recipe_overrides():

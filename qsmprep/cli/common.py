@@ -37,6 +37,14 @@ def _add_verbosity(parser):
         pass
 
 
+def torch_on_all_cores():
+    """Let torch use every core this process may use: the container sets OMP_NUM_THREADS=1 (for the pipeline's
+    worker processes, which set their own threads), which would otherwise leave torch on one core."""
+    import torch
+
+    torch.set_num_threads(available_cores())
+
+
 def run_cli(parser, run, argv=None):
     """Parse ``argv`` with ``parser``, run ``run(args)`` and return the process exit code.
 

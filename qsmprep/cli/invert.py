@@ -22,7 +22,7 @@ from ..inversion.deep import DEFAULT_MODEL, MIN_TILE, REFINE_ITERS, REFINE_LAMBD
 from ..io import as_3d_volume, check_same_grid, load_nifti, save_nifti
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
-from .common import run_cli
+from .common import run_cli, torch_on_all_cores
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,8 @@ def run(args):
     options.update({key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None})
     log.info("%s on %s: voxel size %s mm, B0 direction %s", args.method, args.field,
              np.round(voxel_size, 4), np.round(b0_dir, 4))  # fmt: skip
+    if args.method == "deep":
+        torch_on_all_cores()
     start = time.perf_counter()
     chi = INVERSION_METHODS[args.method](field, mask, voxel_size, b0_dir, **options)
     log.info("inverted in %.1f s", time.perf_counter() - start)

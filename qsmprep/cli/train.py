@@ -58,7 +58,12 @@ def run(args):
         recipe["domain"]["source"] = args.target_domain
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}.")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise UsageError(f"--max-minutes must be a positive number of minutes, got {args.max_minutes}.")
+    from qsmprep.cli.common import torch_on_all_cores
     from qsmprep.deep.trainer import train
+
+    torch_on_all_cores()
 
     result = train(
         recipe, args.out, device=args.device, max_steps=args.max_steps, max_minutes=args.max_minutes, resume=args.resume
