@@ -346,3 +346,15 @@ def test_deep_node_declares_memory_for_the_grid_its_network_runs_on():
     assert declared["3mm"][1] == declared["1mm"][1]
     # the deep inversion of the 3 mm run works on 192 x 192 x 144 voxels at 1 mm
     assert declared["3mm"][0] == pytest.approx(27 * declared["1mm"][0], rel=0.01)
+
+
+def test_methods_text_names_mask_steps_too_small_for_the_voxels():
+    from qsmprep.workflows.qsm import mask_steps_without_effect
+
+    params = {"separate_mm": 4.0, "erode_mm": 3.0, "smooth_mm": 2.0}
+    assert mask_steps_without_effect(params, (1.0, 1.0, 1.0)) == ""
+    assert mask_steps_without_effect(params, (3.0, 3.0, 3.0)) == (
+        " At this run's voxel size (3 x 3 x 3 mm) the opening by 2 mm reached no neighbouring voxel and had no effect.")
+    everything = mask_steps_without_effect(params, (6.0, 6.0, 6.0))
+    assert "the erosion by 4 mm before the largest component is kept, the erosion by 3 mm and the opening by 2 mm" in everything
+    assert mask_steps_without_effect({**params, "smooth_mm": 0.0}, (3.0, 3.0, 3.0)) == ""  # 0: the step is off

@@ -14,6 +14,7 @@ from ..config import B0_RESAMPLE_TILT_DEG
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
 from ..interfaces.gre import PhaseToRad, StackEchoes
 from ..interfaces.inversion import DipoleInversion, FromB0Aligned, ReferenceToMask, ToB0Aligned
+from ..masking import ball_mm
 from ..physics import b0_aligned_grid, b0_dir_from_affine, b0_tilt_deg, voxel_size_from_affine
 from .outputs import init_qsm_derivatives_wf
 
@@ -114,15 +115,32 @@ ECHO_WORDING = {
 """The methods text's words for what ``total_field_hz`` and the masks do with several echoes or with one."""
 
 
+MASK_STEP_NAMES = {"separate_mm": "erosion by {} mm before the largest component is kept",
+                   "erode_mm": "erosion by {} mm", "smooth_mm": "opening by {} mm"}
+
+
+def mask_steps_without_effect(mask_params, voxel_size_mm):
+    """The methods sentence on mask steps whose ball is a single voxel at this voxel size (they change nothing)."""
+    idle = [MASK_STEP_NAMES[key].format(f"{mask_params[key]:g}") for key in MASK_STEP_NAMES
+            if key in mask_params and mask_params[key] > 0 and ball_mm(mask_params[key], voxel_size_mm).sum() == 1]
+    if not idle:
+        return ""
+    voxel = " x ".join(f"{v:g}" for v in np.round(voxel_size_mm, 2))
+    steps = "the " + (", the ".join(idle[:-1]) + " and the " if len(idle) > 1 else "") + idle[-1]
+    return f" At this run's voxel size ({voxel} mm) {steps} reached no neighbouring voxel and had no effect."
+
+
 def methods_description(run, config):
     """Methods text of one run's processing (paragraph, references), filled with the resolved parameters."""
     params = config.parameters
     echoes = "single" if len(run.echo_times_s) == 1 else "multi"
     wording = ECHO_WORDING[echoes]
+    mask_params = params.get("mask", {}).get(config.mask_strategy, {})
     parts = [
         ("intro", {"version": __version__, "nipype_version": nipype.__version__, "phase_units": run.phase_units,
                    **wording}),
-        (f"mask-{config.mask_strategy}", {**params.get("mask", {}).get(config.mask_strategy, {}), **wording}),
+        (f"mask-{config.mask_strategy}", {**mask_params, **wording, "steps_without_effect": mask_steps_without_effect(
+            mask_params, voxel_size_from_affine(np.asarray(run.affine)))}),
         (f"unwrap-{config.unwrap}", wording),
         (f"echoes-{echoes}", {}),
         (f"bgremove-{config.bgremove}", params["bgremove"][config.bgremove]),
