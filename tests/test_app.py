@@ -437,6 +437,8 @@ def test_a_mask_too_small_for_vsharp_fails_that_run_with_the_reason_and_the_fix(
     assert "sub-01 [FAILED]" in summary
     assert "(27 voxels) has no voxel left after vsharp's erosion" in summary and "--bgremove pdf" in summary
     assert not list(out.rglob("sub-01/**/*.nii.gz"))  # no partial run: not even the total field made before the failure
+    report = (out / "sub-01.html").read_text()  # the report says what failed, as the summary does
+    assert "Errors" in report and "has no voxel left after vsharp&#x27;s erosion" in report
 
 
 def test_an_internal_bug_exits_70_with_a_traceback(tmp_path, monkeypatch, capsys):

@@ -307,14 +307,16 @@ def crashed_nodes(log_dir):
     return failed
 
 
-def _reports_for_rejected_subjects(config):
-    """A report listing the problems for subjects none of whose runs could be processed."""
+def _error_reports(config, failed):
+    """A report listing the problems for subjects none of whose runs could be processed, and for subjects
+    where a step failed (their report step never ran): the input problems and each failed step's error."""
     from ..reports import build_subject_report
 
     processed = {run.subject for run in config.runs}
-    rejected = sorted({p["subject"] for p in config.problems} - processed)
-    for subject in rejected:
+    rejected = {p["subject"] for p in config.problems} - processed
+    for subject in sorted(rejected | set(failed)):
         errors = [p["message"] for p in config.problems if p["subject"] == subject]
+        errors += [f"processing failed at {step} (crash files in {config.log_dir})" for step in failed.get(subject, [])]
         build_subject_report(config.output_dir, subject, [], command=shlex.join(config.command), errors=errors)
 
 
@@ -369,7 +371,7 @@ def run(config, filter_file=None):
     except RuntimeError as exc:  # Nipype: "Workflow did not execute cleanly"; crash files say where
         log.error("%s", exc)
     failed = crashed_nodes(config.log_dir)
-    _reports_for_rejected_subjects(config)
+    _error_reports(config, failed)
     log.info("finished in %.1f s", time.perf_counter() - start)
     return summarize(config, failed)
 
