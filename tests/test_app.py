@@ -185,6 +185,9 @@ def test_sidecars(runs):
         total = json.loads((out / folder / f"{name}_desc-total_fieldmap.json").read_text())
         local = json.loads((out / folder / f"{name}_desc-local_fieldmap.json").read_text())
         assert total["Units"] == "Hz" and local["Units"] == "ppm"
+        # V-SHARP's radii as used: 12 mm down to twice the largest voxel dimension (3 mm, or 4 mm for sub-02)
+        expected_radii = [12.0, 8.0] if name.startswith("sub-02") else [12.0, 9.0, 6.0]
+        assert local["BackgroundFieldRemoval"]["radii_mm"] == expected_radii
     oblique = json.loads((out / "sub-02/anat/sub-02_desc-tkd_Chimap.json").read_text())
     assert b0_tilt_deg(oblique["B0Direction"]) == pytest.approx(15.0, abs=0.5)
     config = json.loads(next((out / "logs").glob("*/config.json")).read_text())

@@ -5,13 +5,16 @@ Names (docs/outputs.md) come from ``qsmprep/data/bids_config.json`` through
 ``output_metadata`` below.
 """
 
+import numpy as np
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
+from ..bgremove.vsharp import default_radii_mm
 from ..bids.derivatives import OUTPUTS, bids_uri
 from ..config import ALGORITHM_NAMES, B0_RESAMPLE_TILT_DEG
 from ..interfaces.bids import DerivativesDataSink
+from ..physics import voxel_size_from_affine
 
 REFERENCING = "mean of the susceptibility within the brain mask (desc-brain_mask) set to 0"
 
@@ -27,6 +30,8 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
     if units:
         common["Units"] = units
     bgremove = {"Method": config.bgremove, **config.parameters["bgremove"][config.bgremove]}
+    if config.bgremove == "vsharp" and bgremove.get("radii_mm") is None:  # the default depends on the voxel size
+        bgremove["radii_mm"] = [round(float(r), 4) for r in default_radii_mm(voxel_size_from_affine(np.asarray(run.affine)))]
     if output == "mask":
         mask = ({"Method": "user", "File": str(run.mask)} if config.mask_strategy == "user"
                 else {"Method": config.mask_strategy, **config.parameters["mask"][config.mask_strategy]})
