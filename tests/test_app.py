@@ -477,3 +477,18 @@ def test_single_echo_dataset_runs_and_its_methods_text_says_so(tmp_path, capsys)
     assert "For each single-echo gradient-echo run, phase images were converted" in text
     assert "The phase was unwrapped spatially" in text and "divided by 2 pi times the echo time" in text
     assert "echo difference" not in text and "over echoes" not in text and "Dymerska" not in text
+
+
+def test_a_rerun_into_the_same_output_leaves_nothing_of_the_earlier_options(tmp_path):
+    bids, out, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
+    assert simulate.main([str(bids), "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6", "--echoes", "2"]) == 0
+    argv = [str(bids), str(out), "participant", "-w", str(work)]
+    assert main([*argv, "--inversion", "tkd", "cfl2", "--bgremove", "pdf"]) == 0
+    anat = out / "sub-01" / "anat"
+    assert (anat / "sub-01_desc-cfl2_Chimap.nii.gz").is_file()
+    assert main([*argv, "--inversion", "tkd"]) == 0
+    assert sorted(p.name for p in anat.glob("*_Chimap.*")) == ["sub-01_desc-tkd_Chimap.json",
+                                                               "sub-01_desc-tkd_Chimap.nii.gz"]
+    assert not list((out / "sub-01" / "figures").glob("*cfl2*"))
+    local = json.loads((anat / "sub-01_desc-local_fieldmap.json").read_text())
+    assert local["BackgroundFieldRemoval"]["Method"] == "vsharp"  # the new run's, not pdf's

@@ -352,6 +352,23 @@ def summarize(config, failed):
     return code
 
 
+def remove_earlier_outputs(config):
+    """Delete the derivatives and figures an earlier qsmprep run wrote for the runs about to be processed, so that
+    none made with other options (e.g. a Chimap of a method no longer asked for) is left beside the new ones."""
+    from ..bids.derivatives import derivative_path
+
+    out = Path(config.output_dir)
+    for run in config.runs:
+        mask = out / derivative_path(run, "mask")
+        stem = mask.name.removesuffix("_desc-brain_mask.nii.gz")
+        earlier = [*mask.parent.glob(f"{stem}_desc-*"), *(out / f"sub-{run.subject}" / "figures").glob(f"{run.name}_desc-*")]
+        for path in earlier:
+            path.unlink()
+        if earlier:
+            log.info("%s: removed %d files of an earlier qsmprep run from %s; this run writes them anew",
+                     run.name, len(earlier), out)
+
+
 def run(config, filter_file=None):
     """Discover, validate, build and run the workflow; return the exit code."""
     start = time.perf_counter()
@@ -362,6 +379,7 @@ def run(config, filter_file=None):
         print(f"methods text written to {citation}")
         return 0
     _configure_nipype(config)
+    remove_earlier_outputs(config)
     from ..workflows.base import init_qsmprep_wf
 
     workflow = init_qsmprep_wf(config)
