@@ -98,7 +98,8 @@ def build_parser():
                    help="B0 direction in the images' voxel coordinates (i, j, k); default: from the NIfTI affine")
     g.add_argument("--resample-b0", action="store_true",
                    help="invert on a B0-aligned grid when the acquisition is oblique by more than 1 degree "
-                   "(not needed by the classical inversions, which handle any B0 direction)")
+                   "(helps TKD; deep already works in its own aligned frame and loses accuracy to the double "
+                   "interpolation; docs/methods/pipeline.md)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device for 'deep'")
     g.add_argument("--refine-radius", type=float, metavar="MM",
                    help="'deep': compare fields in its data-consistency refinement after an MM-radius spherical-mean "
