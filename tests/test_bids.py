@@ -243,6 +243,7 @@ def test_derivative_names_and_description(tmp_path):
     desc = json.loads(write_dataset_description(tmp_path / "out", tmp_path / "bids").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "qsmprep"
     assert desc["DatasetLinks"]["raw"] == (tmp_path / "bids").as_uri()
+    assert desc["SourceDatasets"] == [{"URL": (tmp_path / "bids").as_uri()}]
     assert "logs/" in (tmp_path / "out" / ".bidsignore").read_text().split()
     assert bids_uri(tmp_path / "bids" / "sub-01" / "anat" / "x.nii.gz", tmp_path / "bids") == "bids:raw:sub-01/anat/x.nii.gz"
 

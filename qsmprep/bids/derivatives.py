@@ -87,6 +87,7 @@ def write_dataset_description(output_dir, bids_dir):
         "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "qsmprep", "Version": __version__, "CodeURL": CODE_URL}],
         "DatasetLinks": {RAW_DATASET_NAME: Path(bids_dir).absolute().as_uri()},
+        "SourceDatasets": [{"URL": Path(bids_dir).absolute().as_uri()}],  # recommended for derivatives
     }
     path = output_dir / "dataset_description.json"
     _write_atomic(path, json.dumps(description, indent=2) + "\n")
