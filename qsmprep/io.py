@@ -40,11 +40,13 @@ def load_nifti(path, what="image"):
     return data, img.affine, img.header
 
 
-def as_3d_volume(data, path, what="image"):
-    """``data`` as a 3D array, trailing singleton axes (e.g. a 4D file of one volume) dropped; else DataError."""
+def load_volume(path, what="image"):
+    """``load_nifti`` for a single 3D volume: trailing singleton axes (e.g. a 4D file of one volume) are dropped,
+    anything else with more than one volume is a DataError. Returns (data, affine, header)."""
+    data, affine, header = load_nifti(path, what)
     if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
         raise DataError(f"{what} {path} has shape {data.shape}: give a single 3D volume.")
-    return data.reshape(data.shape[:3])
+    return data.reshape(data.shape[:3]), affine, header
 
 
 def nifti_values(path, what="image"):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, NoInputError, QSMPrepError, UsageError
-from ..io import as_3d_volume, check_same_grid, load_nifti
+from ..io import check_same_grid, load_volume
 from ..metrics import evaluate
 from .common import run_cli
 
@@ -74,20 +74,15 @@ def read_label_names(path):
         raise DataError(f"label names {path}: every 'index' must be an integer ({exc}).") from exc
 
 
-def _load_volume(path, what):
-    data, affine, _ = load_nifti(path, what)
-    return as_3d_volume(data, path, what), affine
-
-
 def _load_inputs(args):
-    chi, chi_affine = _load_volume(args.chi, "reconstruction")
-    ref, ref_affine = _load_volume(args.ref, "reference")
-    mask, mask_affine = _load_volume(args.mask, "mask")
+    chi, chi_affine, _ = load_volume(args.chi, "reconstruction")
+    ref, ref_affine, _ = load_volume(args.ref, "reference")
+    mask, mask_affine, _ = load_volume(args.mask, "mask")
     check_same_grid(args.ref, (ref.shape, ref_affine), args.chi, (chi.shape, chi_affine))
     check_same_grid(args.ref, (ref.shape, ref_affine), args.mask, (mask.shape, mask_affine))
     labels = None
     if args.labels is not None:
-        labels, labels_affine = _load_volume(args.labels, "label map")
+        labels, labels_affine, _ = load_volume(args.labels, "label map")
         check_same_grid(args.ref, (ref.shape, ref_affine), args.labels, (labels.shape, labels_affine))
         if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
             raise DataError(f"label map {args.labels} holds non-integer values: give an integer label map "

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import DEFAULT_MODEL, MIN_TILE, REFINE_ITERS, REFINE_LAMBDA
-from ..io import as_3d_volume, check_same_grid, load_nifti, save_nifti
+from ..io import check_same_grid, load_volume, save_nifti
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
 from .common import run_cli, torch_on_all_cores
@@ -128,9 +128,8 @@ def _check_options(args):
 
 def _load_inputs(args):
     """Field (ppm), mask and the field's affine and header; raise QSMPrepError for unusable inputs."""
-    field, affine, header = load_nifti(args.field, "field map")
-    mask, mask_affine, _ = load_nifti(args.mask, "mask")
-    field, mask = as_3d_volume(field, args.field, "field map"), as_3d_volume(mask, args.mask, "mask")
+    field, affine, header = load_volume(args.field, "field map")
+    mask, mask_affine, _ = load_volume(args.mask, "mask")
     check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine))
     inside = mask > 0
     if not inside.any():

@@ -135,6 +135,8 @@ class BackgroundRemoval(SimpleInterface):
 
         field_hz, affine, _ = load_nifti(self.inputs.total_field, "total field")
         mask = load_nifti(self.inputs.mask, "mask")[0] > 0
+        if not mask.any():  # nothing to invert: stop before the removal rather than write empty maps
+            raise DataError("the brain mask is empty: check the magnitude images, or give a brain mask with --mask.")
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
         if self.inputs.method == "pdf":
             params["b0_dir"] = tuple(self.inputs.b0_dir)
@@ -142,9 +144,7 @@ class BackgroundRemoval(SimpleInterface):
         with spfft.set_workers(self.inputs.num_threads):
             local, valid = remove(hz_to_ppm(field_hz, self.inputs.b0_tesla), mask,
                                   voxel_size_from_affine(affine), **params)
-        if not mask.any():  # nothing to invert: stop here rather than write empty maps
-            raise DataError("the brain mask is empty: check the magnitude images, or give a brain mask with --mask.")
-        if not valid.any():
+        if not valid.any():  # eroded to nothing: stop here rather than write empty maps
             raise DataError(
                 f"the brain mask ({int(mask.sum())} voxels) has no voxel left after {self.inputs.method}'s erosion "
                 "(its spheres do not fit inside it): give a larger --mask, or --bgremove pdf, which does not erode.")
