@@ -5,15 +5,48 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+
+def _bench_module(name):
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def accuracy():
-    path = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
-    spec = importlib.util.spec_from_file_location("bench_accuracy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench_module("accuracy")
+
+
+class _ScaledTruth(torch.nn.Module):
+    """Stand-in network: answers ``scale`` x chi + ``offset`` of each sample, in the order given."""
+
+    crop_margin = 0
+
+    def __init__(self, samples, scale, offset):
+        super().__init__()
+        self.answers = iter([scale * s["chi"] + offset for s in samples])
+
+    def forward(self, field, mask=None, voxel_size=None, domain=0):
+        return next(self.answers)[None]
+
+
+def test_held_out_scores_per_sample_against_known_answers():
+    validation = _bench_module("validation")
+    from qsmprep.deep.data import build_validation_set
+    from qsmprep.deep.recipes import load_recipe
+
+    samples = build_validation_set(load_recipe("smoke")["data"], 3, seed=5)
+    # demeaned in the mask, 1.5 chi + 0.2 is 50 % off chi and 0 chi 100 %, whatever the sample
+    nrmse, hfen = validation.per_sample_scores(_ScaledTruth(samples, 1.5, 0.2), samples)
+    np.testing.assert_allclose(nrmse, 50.0, rtol=1e-4)
+    np.testing.assert_allclose(hfen, 50.0, rtol=1e-4)
+    nrmse, _ = validation.per_sample_scores(_ScaledTruth(samples, 0.0, 0.0), samples)
+    np.testing.assert_allclose(nrmse, 100.0, rtol=1e-6)
+    assert validation.standard_error(np.array([1.0, 3.0, 5.0])) == pytest.approx(2 / np.sqrt(3))
 
 
 def test_error_split_at_a_frequency_keeps_only_the_slow_part(accuracy):

@@ -114,6 +114,39 @@ def _stacked(samples):
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
+@torch.no_grad()
+def validation_scores(model, samples, device="cpu"):
+    """Mean NRMSE and HFEN (%, demeaned in the mask) of ``model`` on ``samples``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A network with the ``model(field, mask=, voxel_size=, domain=)`` call of
+        ``qsmprep.deep.models``; left in eval mode.
+    samples : list of dict
+        Tensor dicts from ``build_validation_set`` (field, chi, mask, voxel_size).
+    device : str or torch.device, default "cpu"
+
+    Samples whose mask holds fewer than two voxels or no chi contrast are
+    skipped; a set with none left raises DataError.
+    """
+    model.eval()
+    m = model.crop_margin
+    scores = []
+    for sample in samples:
+        batch = _to({k: v[None] for k, v in sample.items()}, device)
+        chi = model(batch["field"], mask=batch["mask"], voxel_size=batch["voxel_size"], domain=0).float()
+        ref = _crop(batch["chi"], m)[0, 0].cpu().numpy()
+        mask = _crop(batch["mask"], m)[0, 0].cpu().numpy()
+        if mask.sum() < 2 or np.ptp(ref[mask > 0]) == 0:
+            continue
+        pred = chi[0, 0].cpu().numpy()
+        scores.append((nrmse(pred, ref, mask), hfen(pred, ref, mask)))
+    if not scores:
+        raise DataError("the validation set has no sample with structure inside its mask: check the [data] section.")
+    return {"nrmse": float(np.mean([s[0] for s in scores])), "hfen": float(np.mean([s[1] for s in scores]))}
+
+
 class TargetDomainFields:
     """Unlabelled target-domain local fields for QSMInvNet+ (``[domain]``).
 
@@ -383,24 +416,9 @@ class Trainer:
         return row
 
     # -- validation and checkpoints -----------------------------------------
-    @torch.no_grad()
     def validate(self):
-        """Mean NRMSE and HFEN (%, demeaned in the mask) on the held-out synthetic set."""
-        self.model.eval()
-        m = self.model.crop_margin
-        scores = []
-        for sample in self.validation:
-            batch = _to({k: v[None] for k, v in sample.items()}, self.device)
-            chi = self.model(batch["field"], mask=batch["mask"], voxel_size=batch["voxel_size"], domain=0).float()
-            ref = _crop(batch["chi"], m)[0, 0].cpu().numpy()
-            mask = _crop(batch["mask"], m)[0, 0].cpu().numpy()
-            if mask.sum() < 2 or np.ptp(ref[mask > 0]) == 0:
-                continue
-            pred = chi[0, 0].cpu().numpy()
-            scores.append((nrmse(pred, ref, mask), hfen(pred, ref, mask)))
-        if not scores:
-            raise DataError("the validation set has no sample with structure inside its mask: check the [data] section.")
-        return {"nrmse": float(np.mean([s[0] for s in scores])), "hfen": float(np.mean([s[1] for s in scores]))}
+        """Mean NRMSE and HFEN (%) of the model on the held-out synthetic set."""
+        return validation_scores(self.model, self.validation, self.device)
 
     def save(self, metrics):
         meta = {"recipe": self.recipe, "step": self.step, "validation": metrics, "best_nrmse": self.best_nrmse}
