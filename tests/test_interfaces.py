@@ -262,3 +262,24 @@ def test_command_line_tools_give_the_library_every_usable_core(fft_threads_used)
         assert run_cli(ArgumentParser(prog="t"), run, []) == 0
         forward_field_ppm(np.ones((8, 8, 8), np.float32), (1, 1, 1), (0, 0, 1))
     assert fft_threads_used == [available_cores()] * 2 + [1] * 2
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path):
+    """``qsmprep-eval ... | head -1``: the reader closes the pipe; no traceback, the SIGPIPE exit code."""
+    import os
+    import subprocess
+    import sys
+
+    from qsmprep.cli.common import BROKEN_PIPE_EXIT
+
+    chi = np.linspace(-0.1, 0.1, 512, dtype=np.float32).reshape(8, 8, 8)  # a map, its reference and mask
+    for name, data in (("a", chi), ("b", chi[::-1].copy()), ("m", np.ones_like(chi))):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}.nii"))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone: every write fails with EPIPE
+    command = "import sys; from qsmprep.cli.eval import main; sys.exit(main(['a.nii', 'b.nii', 'm.nii', '--json', '-']))"
+    result = subprocess.run([sys.executable, "-c", command], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    os.close(write_end)
+    assert result.returncode == BROKEN_PIPE_EXIT, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr

@@ -11,6 +11,7 @@ argparse's own usage errors exit with 64 instead of 2.
 
 import argparse
 import logging
+import os
 import sys
 
 from ..errors import QSMPrepError, UsageError
@@ -25,6 +26,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
+
+
+BROKEN_PIPE_EXIT = 141
+"""Exit code when the reader of standard output closed it early (a shell reports 128 + SIGPIPE for tools it kills)."""
 
 
 def _add_verbosity(parser):
@@ -60,9 +65,23 @@ def run_cli(parser, run, argv=None):
 
     Returns
     -------
-    int : 0 on success, else the error's exit code.
+    int : 0 on success, else the error's exit code; ``BROKEN_PIPE_EXIT`` when standard output
+    was closed by its reader.
     """
     _add_verbosity(parser)
+    try:
+        code = _parse_and_run(parser, run, argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        # the reader (``| head``) closed the pipe: stop quietly, as a SIGPIPE'd tool would (exit 128 + 13);
+        # stdout goes to /dev/null so the interpreter's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
+    return code
+
+
+def _parse_and_run(parser, run, argv):
+    """``run_cli`` without the closed-pipe handling: parse, set up logging and FFT workers, run."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or an argparse usage error (2), already printed
