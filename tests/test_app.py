@@ -492,3 +492,15 @@ def test_a_rerun_into_the_same_output_leaves_nothing_of_the_earlier_options(tmp_
     assert not list((out / "sub-01" / "figures").glob("*cfl2*"))
     local = json.loads((anat / "sub-01_desc-local_fieldmap.json").read_text())
     assert local["BackgroundFieldRemoval"]["Method"] == "vsharp"  # the new run's, not pdf's
+
+
+def test_resample_b0_with_deep_alone_warns_that_it_does_nothing(tmp_path, caplog):
+    from qsmprep.cli.run import build_parser, resolve_config
+
+    argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--inversion", "deep", "--resample-b0"]
+    resolve_config(build_parser().parse_args(argv), argv)
+    assert "--resample-b0 has no effect with --inversion deep alone" in caplog.text
+    caplog.clear()
+    argv[4:5] = ["deep", "tkd"]
+    resolve_config(build_parser().parse_args(argv), argv)
+    assert "no effect" not in caplog.text

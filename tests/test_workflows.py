@@ -60,6 +60,10 @@ COMMON_NODES = {"inputnode", "stack_magnitude", "phase_to_rad", "total_field", "
         ({"inversion": ("tkd", "ilsqr"), "resample_b0": True}, 20.0,
          {"to_b0_aligned", "from_b0_aligned_tkd", "from_b0_aligned_ilsqr"}, set()),
         ({"inversion": ("tkd",), "resample_b0": True}, 0.5, {"invert_tkd"}, {"to_b0_aligned"}),
+        # deep resamples into its own frame: --resample-b0 leaves it on the acquisition grid
+        ({"inversion": ("deep", "tkd"), "resample_b0": True}, 20.0, {"to_b0_aligned", "from_b0_aligned_tkd"},
+         {"from_b0_aligned_deep"}),
+        ({"inversion": ("deep",), "resample_b0": True}, 20.0, {"invert_deep"}, {"to_b0_aligned"}),
         ({"inversion": ("deep", "tkd")}, 0.0, {"invert_deep", "reference_deep", "ds_chimap_deep"}, set()),
     ],
 )
@@ -111,8 +115,12 @@ def test_b0_direction_hints_and_override():
     # --b0-dir overrides the affine (normalised); --resample-b0 inverts with B0 along k
     wf = init_qsm_wf(run, make_config([run], inversion=("tkd",), b0_dir=(0.0, 0.0, 2.0)))
     assert wf.get_node("invert_tkd").inputs.b0_dir == [0.0, 0.0, 1.0]
-    wf = init_qsm_wf(run, make_config([run], inversion=("tkd",), resample_b0=True))
+    wf = init_qsm_wf(run, make_config([run], inversion=("tkd", "deep"), resample_b0=True))
     assert wf.get_node("invert_tkd").inputs.b0_dir == [0.0, 0.0, 1.0]
+    assert wf.get_node("invert_deep").inputs.b0_dir == pytest.approx(expected)
+    sidecars = wf.get_node("qsm_derivatives_wf")
+    assert sidecars.get_node("ds_chimap_tkd").inputs.meta_dict["ResampledToB0AlignedGrid"] is True
+    assert sidecars.get_node("ds_chimap_deep").inputs.meta_dict["ResampledToB0AlignedGrid"] is False
 
 
 def test_sinks_name_and_describe_outputs():
@@ -139,6 +147,10 @@ def test_methods_text_follows_the_options():
     assert "threshold 0.19" in text and "Shmueli K" in text and "Liu T, Khalidov I" in text
     assert "tolerance 0.01, at most 50 iterations" in text and "oblique to B0 by more than 1.0 degrees" in text
     assert "Bilgic" not in text and "V-SHARP" not in text
+    assert "deep inversion was run on the acquisition grid" not in text
+    text = methods_text(make_config([run], inversion=("deep", "tkd"), resample_b0=True))
+    assert "oblique to B0" in text and "deep inversion was run on the acquisition grid" in text
+    assert "oblique to B0" not in methods_text(make_config([run], inversion=("deep",), resample_b0=True))
 
 
 def test_presets_and_parameters():

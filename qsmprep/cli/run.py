@@ -97,9 +97,9 @@ def build_parser():
     g.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
                    help="B0 direction in the images' voxel coordinates (i, j, k); default: from the NIfTI affine")
     g.add_argument("--resample-b0", action="store_true",
-                   help="invert on a B0-aligned grid when the acquisition is oblique by more than 1 degree "
-                   "(helps TKD; deep already works in its own aligned frame and loses accuracy to the double "
-                   "interpolation; docs/methods/pipeline.md)")
+                   help="invert TKD, CFL2 and iLSQR on a B0-aligned grid when the acquisition is oblique by more "
+                   "than 1 degree (helps TKD); deep always works in its own aligned frame and is not resampled "
+                   "twice (docs/methods/pipeline.md)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device for 'deep'")
     g.add_argument("--refine-radius", type=float, metavar="MM",
                    help="'deep': compare fields in its data-consistency refinement after an MM-radius spherical-mean "
@@ -181,6 +181,9 @@ def resolve_config(args, argv):
         raise UsageError("--b0-dir must be a non-zero vector, e.g. 0 0 1.")
     if args.b0_dir is not None and args.resample_b0:
         raise UsageError("--resample-b0 aligns to the scanner's B0 from the affine; it cannot be combined with --b0-dir.")
+    if args.resample_b0 and inversions == ("deep",):
+        log.warning("--resample-b0 has no effect with --inversion deep alone: deep resamples into its model's "
+                    "B0-aligned frame itself.")
     if args.mask not in MASK_STRATEGIES and not Path(args.mask).exists():
         raise UsageError(f"--mask {args.mask}: neither a strategy ({', '.join(MASK_STRATEGIES)}) nor an existing file "
                          "or folder: check the path.")

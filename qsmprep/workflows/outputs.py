@@ -64,11 +64,12 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
     return metadata
 
 
-def init_qsm_derivatives_wf(run, config, resampled=False, b0_dir=(0.0, 0.0, 1.0), name="qsm_derivatives_wf"):
+def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0, 1.0), name="qsm_derivatives_wf"):
     """Write one run's mask, total field, local field and Chimap(s) into the derivatives dataset.
 
     Inputs (inputnode): mask, total_field, local_field, chimaps (list in
-    ``config.inversion`` order). Outputs (outputnode): written (the NIfTI
+    ``config.inversion`` order); ``resampled_methods`` are those inverted on a B0-aligned grid (their
+    sidecars say so). Outputs (outputnode): written (the NIfTI
     paths written). Nodes: all_outputs (waits for every input), select_<output>,
     ds_mask, ds_total_field, ds_local_field, ds_chimap_<method>.
     """
@@ -84,7 +85,7 @@ def init_qsm_derivatives_wf(run, config, resampled=False, b0_dir=(0.0, 0.0, 1.0)
             DerivativesDataSink(
                 base_directory=config.output_dir, source_file=run.magnitude[0], dismiss_entities=("echo", "part"),
                 desc=spec["desc"].format(method=method), suffix=spec["suffix"], compress=True,
-                meta_dict=output_metadata(run, config, output, method, resampled, b0_dir)),
+                meta_dict=output_metadata(run, config, output, method, method in resampled_methods, b0_dir)),
             name=f"ds_{output}" + (f"_{method}" if method else ""), run_without_submitting=True, mem_gb=0.1)
         sinks.append(node)
         return node

@@ -60,9 +60,15 @@ def run_b0_dir(run, config):
     return list(b0_dir_from_affine(np.asarray(run.affine)))
 
 
-def needs_b0_resampling(run, config):
-    """True when ``--resample-b0`` is on and the run's B0 tilt exceeds ``B0_RESAMPLE_TILT_DEG``."""
-    return bool(config.resample_b0) and b0_tilt_deg(run_b0_dir(run, config)) > B0_RESAMPLE_TILT_DEG
+def b0_resampled_methods(run, config):
+    """The inversions that ``--resample-b0`` runs on a B0-aligned grid for this run (a tuple, maybe empty).
+
+    Every method but deep, when the option is on and the run's B0 tilt exceeds ``B0_RESAMPLE_TILT_DEG``: deep
+    resamples into its own model's frame (``inversion.deep``), so resampling before it would interpolate twice.
+    """
+    if not config.resample_b0 or b0_tilt_deg(run_b0_dir(run, config)) <= B0_RESAMPLE_TILT_DEG:
+        return ()
+    return tuple(method for method in config.inversion if method != "deep")
 
 
 def mem_gb(run, node, shape=None):
@@ -145,8 +151,11 @@ def methods_description(run, config):
         (f"echoes-{echoes}", {}),
         (f"bgremove-{config.bgremove}", params["bgremove"][config.bgremove]),
     ]
-    if needs_b0_resampling(run, config):
-        parts.append(("resample-b0", {"threshold_deg": B0_RESAMPLE_TILT_DEG}))
+    resampled = b0_resampled_methods(run, config)
+    if resampled:
+        exempt = " The deep inversion was run on the acquisition grid, as it resamples into its model's frame itself."
+        parts.append(("resample-b0", {"threshold_deg": B0_RESAMPLE_TILT_DEG,
+                                      "deep_exempt": exempt if "deep" in config.inversion else ""}))
     for method in config.inversion:
         context = params.get("inversion", {}).get(method, {})
         if method == "deep":
@@ -240,24 +249,23 @@ def init_qsm_wf(run, config, name=None):
                           (phase_to_rad, mask, [("out_file", "phase_rad")])])
     workflow.connect([(mask, total_field, [("out_file", "mask")]), (mask, bgremove, [("out_file", "mask")])])
 
-    resample = needs_b0_resampling(run, config)
+    resampled_methods = b0_resampled_methods(run, config)
     # the grid the inversions work on: the B0-aligned grid covers the tilted field of view, so it is larger
-    aligned_shape = b0_aligned_grid(run.shape, np.asarray(run.affine))[0] if resample else run.shape
+    aligned_shape = b0_aligned_grid(run.shape, np.asarray(run.affine))[0] if resampled_methods else run.shape
     inversion_shape = max(aligned_shape, run.shape, key=np.prod)
-    if resample:
+    if resampled_methods:
         to_b0 = pe.Node(ToB0Aligned(), name="to_b0_aligned", mem_gb=mem_gb(run, "to_b0_aligned", inversion_shape))
         workflow.connect([(bgremove, to_b0, [("local_field", "local_field"), ("mask", "mask")])])
-        field_source, inversion_b0_dir = to_b0, [0.0, 0.0, 1.0]
-    else:
-        field_source, inversion_b0_dir = bgremove, b0_dir
 
     merge_chimaps = pe.Node(niu.Merge(len(config.inversion)), name="merge_chimaps", run_without_submitting=True)
     for index, method in enumerate(config.inversion, start=1):
+        resample = method in resampled_methods
+        field_source, inversion_b0_dir = (to_b0, [0.0, 0.0, 1.0]) if resample else (bgremove, b0_dir)
         invert = pe.Node(
             DipoleInversion(method=method, parameters=config.parameters.get("inversion", {}).get(method, {}),
                             b0_dir=inversion_b0_dir, device=config.device, num_threads=threads),
             name=f"invert_{method}", n_procs=threads,
-            mem_gb=(mem_gb(run, "invert_deep", deep_network_shape(run, config, inversion_shape, inversion_b0_dir))
+            mem_gb=(mem_gb(run, "invert_deep", deep_network_shape(run, config, run.shape, inversion_b0_dir))
                     if method == "deep" else mem_gb(run, "invert", inversion_shape)))
         reference = pe.Node(ReferenceToMask(), name=f"reference_{method}", mem_gb=mem_gb(run, "reference"))
         workflow.connect([
@@ -275,7 +283,7 @@ def init_qsm_wf(run, config, name=None):
             workflow.connect(invert, "out_file", reference, "in_file")
     workflow.connect(merge_chimaps, "out", outputnode, "chimaps")
 
-    derivatives_wf = init_qsm_derivatives_wf(run, config, resampled=resample, b0_dir=b0_dir)
+    derivatives_wf = init_qsm_derivatives_wf(run, config, resampled_methods=resampled_methods, b0_dir=b0_dir)
     workflow.connect([
         (bgremove, derivatives_wf, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
         (total_field, derivatives_wf, [("out_file", "inputnode.total_field")]),
