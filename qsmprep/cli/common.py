@@ -69,11 +69,19 @@ def run_cli(parser, run, argv=None):
     was closed by its reader.
     """
     _add_verbosity(parser)
+    return quiet_on_closed_pipe(_parse_and_run, parser, run, argv)
+
+
+def quiet_on_closed_pipe(main, *args):
+    """Call ``main(*args)`` and return its exit code, or ``BROKEN_PIPE_EXIT`` if its reader closed stdout.
+
+    ``qsmprep-eval ... | head -1``: the reader goes away before the output is written. A tool killed by
+    SIGPIPE would stop quietly; Python raises BrokenPipeError instead, which this turns into that exit.
+    """
     try:
-        code = _parse_and_run(parser, run, argv)
+        code = main(*args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except BrokenPipeError:
-        # the reader (``| head``) closed the pipe: stop quietly, as a SIGPIPE'd tool would (exit 128 + 13);
         # stdout goes to /dev/null so the interpreter's own flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE_EXIT

@@ -35,7 +35,7 @@ from ..config import (
 )
 from ..errors import DataError, QSMPrepError, UsageError
 from ..resources import available_cores
-from .common import ArgumentParser
+from .common import ArgumentParser, quiet_on_closed_pipe
 
 log = logging.getLogger("qsmprep")
 
@@ -400,6 +400,11 @@ def run(config, filter_file=None):
 
 def main(argv=None):
     """Entry point of ``qsmprep``; returns the exit code."""
+    return quiet_on_closed_pipe(_main, argv)
+
+
+def _main(argv):
+    """``main`` without the closed-pipe handling."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no network check for Nipype updates
@@ -410,6 +415,8 @@ def main(argv=None):
     except QSMPrepError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    except BrokenPipeError:  # the reader of the summary went away: not a bug (quiet_on_closed_pipe)
+        raise
     except Exception:  # a bug in qsmprep itself: the traceback is for the bug report
         log.exception("internal error in qsmprep %s; please report it with this traceback", __version__)
         return EXIT_PROCESSING_FAILED
