@@ -398,24 +398,28 @@ def test_simulate_usage_error_exits_64(tmp_path):
     assert exc.value.code == 64
 
 
-def test_a_crashing_step_exits_70_and_the_other_subject_finishes(tmp_path, monkeypatch):
+def _crash_the_second_tkd_call(monkeypatch):
+    """Make TKD raise on its second call; with --nprocs 1 the nodes run one by one, so exactly one run fails."""
     import importlib
 
     tkd_module = importlib.import_module("qsmprep.inversion.tkd")  # the package re-exports the function by that name
-
-    bids = tmp_path / "bids"
-    assert simulate.main([str(bids), "--subjects", "2", "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6",
-                          "--echoes", "2"]) == 0
     real, calls = tkd_module.tkd, []
 
     @functools.wraps(real)  # keeps the signature the workflow reads the parameters from
-    def tkd_crashing_on_its_second_call(*args, **kwargs):  # nodes run one by one (--nprocs 1): one subject crashes
+    def tkd_crashing_on_its_second_call(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tkd_module, "tkd", tkd_crashing_on_its_second_call)
+
+
+def test_a_crashing_step_exits_70_and_the_other_subject_finishes(tmp_path, monkeypatch):
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--subjects", "2", "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6",
+                          "--echoes", "2"]) == 0
+    _crash_the_second_tkd_call(monkeypatch)
     out = tmp_path / "out"
     argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd", "--nprocs", "1"]
     assert main(argv) == 70
@@ -423,6 +427,25 @@ def test_a_crashing_step_exits_70_and_the_other_subject_finishes(tmp_path, monke
     assert sorted(chimaps) == [False, True], chimaps  # the other subject finished
     crash_files = list((out / "logs").rglob("crash-*"))
     assert crash_files and "simulated crash" in crash_files[0].read_text()
+
+
+def test_a_failed_session_leaves_the_finished_one_in_the_subject_report(tmp_path, monkeypatch):
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--sessions", "1", "2", "--matrix", "32", "32", "32", "--voxel-size", "6", "6",
+                          "6", "--echoes", "2"]) == 0
+    _crash_the_second_tkd_call(monkeypatch)
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd", "--nprocs", "1"]
+    assert main(argv) == 70
+    finished = [s for s in ("1", "2") if (out / "sub-01" / f"ses-{s}" / "anat" /
+                                          f"sub-01_ses-{s}_desc-tkd_Chimap.nii.gz").is_file()]
+    assert len(finished) == 1, finished
+    report = (out / "sub-01.html").read_text()
+    # the failure, and the finished session's figures and methods, in the one subject report
+    assert "processing failed at" in report and "invert_tkd" in report
+    assert f"<h2>sub-01_ses-{finished[0]}</h2>" in report and "Chimap" in report and "<h2>Methods</h2>" in report
+    other = "2" if finished[0] == "1" else "1"
+    assert f"<h2>sub-01_ses-{other}</h2>" not in report
 
 
 def test_a_mask_too_small_for_vsharp_fails_that_run_with_the_reason_and_the_fix(tmp_path, capsys):

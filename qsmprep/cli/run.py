@@ -313,15 +313,21 @@ def crashed_nodes(log_dir):
 
 def _error_reports(config, failed):
     """A report listing the problems for subjects none of whose runs could be processed, and for subjects
-    where a step failed (their report step never ran): the input problems and each failed step's error."""
+    where a step failed (their report step never ran): the input problems, each failed step's error, and the
+    figures and methods of the subject's runs that did finish (a run writes its derivatives only when complete)."""
     from ..reports import build_subject_report
+    from ..workflows.base import methods_text, report_runs
 
     processed = {run.subject for run in config.runs}
     rejected = {p["subject"] for p in config.problems} - processed
     for subject in sorted(rejected | set(failed)):
         errors = [p["message"] for p in config.problems if p["subject"] == subject]
         errors += [f"processing failed at {step} (crash files in {config.log_dir})" for step in failed.get(subject, [])]
-        build_subject_report(config.output_dir, subject, [], command=shlex.join(config.command), errors=errors)
+        runs = [run for run in config.runs if run.subject == subject]
+        finished = [(run, entry) for run, entry in zip(runs, report_runs(runs, config)) if Path(entry["mask"]).is_file()]
+        build_subject_report(config.output_dir, subject, [entry for _, entry in finished],
+                             methods_text=methods_text(config, [run for run, _ in finished]) if finished else "",
+                             command=shlex.join(config.command), errors=errors)
 
 
 def summarize(config, failed):
