@@ -30,11 +30,14 @@ MASK_STRATEGIES = ("quality", "magnitude")
 PIPELINE_REFINE_RADIUS_MM = 8.0
 """The pipeline's high-pass radius for the deep refinement (``deep_invert``'s ``refine_radius_mm``; the
 library's default is off). qsmprep's own local fields carry residual background fields, which the plain
-refinement turns into susceptibility: with 8 mm the shipped model scores 7-21 points better on them and
-the same on the 2016 challenge data (docs/benchmarks.md, Pipeline-made local fields)."""
+refinement turns into susceptibility: with 8 mm the shipped model scores 6-21 points better on them and
+1 point better on the 2016 challenge data (docs/benchmarks.md, Pipeline-made local fields)."""
 
 B0_RESAMPLE_TILT_DEG = 1.0
 """With ``--resample-b0``, runs whose B0 is tilted more than this from the third voxel axis are inverted on a B0-aligned grid."""
+SELF_RESAMPLING_INVERSIONS = ("deep",)
+"""Inversions that resample into their own B0-aligned frame (the deep model's), which ``--resample-b0`` leaves
+on the acquisition grid so that their data are not interpolated twice."""
 
 LIBRARY_FUNCTIONS = {
     ("mask", "magnitude"): "qsmprep.masking:brain_mask",

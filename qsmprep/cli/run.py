@@ -28,6 +28,7 @@ from ..config import (
     MASK_STRATEGIES,
     PIPELINE_REFINE_RADIUS_MM,
     PRESETS,
+    SELF_RESAMPLING_INVERSIONS,
     UNWRAP_METHODS,
     Config,
     deep_model_available,
@@ -181,7 +182,7 @@ def resolve_config(args, argv):
         raise UsageError("--b0-dir must be a non-zero vector, e.g. 0 0 1.")
     if args.b0_dir is not None and args.resample_b0:
         raise UsageError("--resample-b0 aligns to the scanner's B0 from the affine; it cannot be combined with --b0-dir.")
-    if args.resample_b0 and inversions == ("deep",):
+    if args.resample_b0 and set(inversions) <= set(SELF_RESAMPLING_INVERSIONS):
         log.warning("--resample-b0 has no effect with --inversion deep alone: deep resamples into its model's "
                     "B0-aligned frame itself.")
     if args.mask not in MASK_STRATEGIES and not Path(args.mask).exists():

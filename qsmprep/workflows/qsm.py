@@ -10,7 +10,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
-from ..config import B0_RESAMPLE_TILT_DEG
+from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
 from ..interfaces.gre import PhaseToRad, StackEchoes
 from ..interfaces.inversion import DipoleInversion, FromB0Aligned, ReferenceToMask, ToB0Aligned
@@ -63,12 +63,12 @@ def run_b0_dir(run, config):
 def b0_resampled_methods(run, config):
     """The inversions that ``--resample-b0`` runs on a B0-aligned grid for this run (a tuple, maybe empty).
 
-    Every method but deep, when the option is on and the run's B0 tilt exceeds ``B0_RESAMPLE_TILT_DEG``: deep
-    resamples into its own model's frame (``inversion.deep``), so resampling before it would interpolate twice.
+    Every method but ``SELF_RESAMPLING_INVERSIONS`` (deep, which resamples into its own model's frame), when the
+    option is on and the run's B0 tilt exceeds ``B0_RESAMPLE_TILT_DEG``.
     """
     if not config.resample_b0 or b0_tilt_deg(run_b0_dir(run, config)) <= B0_RESAMPLE_TILT_DEG:
         return ()
-    return tuple(method for method in config.inversion if method != "deep")
+    return tuple(method for method in config.inversion if method not in SELF_RESAMPLING_INVERSIONS)
 
 
 def mem_gb(run, node, shape=None):
@@ -155,7 +155,7 @@ def methods_description(run, config):
     if resampled:
         exempt = " The deep inversion was run on the acquisition grid, as it resamples into its model's frame itself."
         parts.append(("resample-b0", {"threshold_deg": B0_RESAMPLE_TILT_DEG,
-                                      "deep_exempt": exempt if "deep" in config.inversion else ""}))
+                                      "deep_exempt": exempt if len(resampled) < len(config.inversion) else ""}))
     for method in config.inversion:
         context = params.get("inversion", {}).get(method, {})
         if method == "deep":
