@@ -12,7 +12,7 @@ import torch
 
 from qsmprep.deep.models import build_model
 from qsmprep.deep.registry import save_checkpoint
-from qsmprep.inversion import cfl2
+from qsmprep.inversion import cfl2, deep
 from qsmprep.inversion.deep import (
     FALLBACK_TILE,
     MIN_TILE,
@@ -62,10 +62,21 @@ def test_oblique_field_is_inverted_in_a_b0_aligned_frame(untrained_checkpoint):
     assert nrmse(out, chi, mask) < nrmse(cfl2(field, mask, (1, 1, 1), (0, 0, 1)), chi, mask)
 
 
-def test_anisotropic_voxels_are_resampled_to_the_training_resolution(untrained_checkpoint):
-    chi, field, mask = _phantom(shape=(48, 48, 20), voxel_size=(1.0, 1.0, 2.0))
-    out = deep_invert(field, mask, (1, 1, 2), (0, 0, 1), model=untrained_checkpoint, device="cpu", refine_iters=0)
-    assert nrmse(out, cfl2(field, mask, (1, 1, 2)), mask) < 30
+def test_anisotropic_voxels_are_resampled_to_the_training_resolution(untrained_checkpoint, monkeypatch):
+    """The untrained network is its CFL2 prior on the 1 mm grid: what separates it from CFL2 on the
+    0.75x0.75x2 mm grid is mostly the resampling there and back, which cubic B-splines keep small
+    (8.8 % NRMSE; trilinear 15.6 %)."""
+    vs = (0.75, 0.75, 2.0)
+    chi, field, mask = _phantom(shape=(64, 64, 24), voxel_size=vs)
+    native_cfl2 = cfl2(field, mask, vs, lam=0.1)
+
+    def distance():
+        out = deep_invert(field, mask, vs, (0, 0, 1), model=untrained_checkpoint, device="cpu", refine_iters=0)
+        return nrmse(out, native_cfl2, mask)
+
+    cubic = distance()
+    monkeypatch.setattr(deep, "RESAMPLE_ORDER", 1)
+    assert cubic < 10 and distance() > 1.5 * cubic
 
 
 def test_unlimited_resolution_tolerance_runs_the_network_on_the_native_grid(untrained_checkpoint):
@@ -259,8 +270,6 @@ def test_free_gpu_memory_counts_what_torch_holds_unused(monkeypatch):
 
 
 def test_deep_invert_tiles_when_the_free_memory_is_short(untrained_checkpoint, monkeypatch, caplog):
-    from qsmprep.inversion import deep
-
     tiles = []
     real = deep.predict_tiled
     monkeypatch.setattr(deep, "predict_tiled",
@@ -376,8 +385,6 @@ def test_asking_for_cuda_without_a_gpu_is_a_usage_error():
 @pytest.mark.parametrize(("voxel_size", "b0_dir"), [((1.0, 1.0, 1.0), (0, 0, 1)), ((3.0, 3.0, 3.0), (0, 0, 1)),
                                                      ((1.0, 1.0, 1.0), (0.0, 0.42, 0.91))])
 def test_network_grid_shape_is_the_grid_deep_invert_runs_on(untrained_checkpoint, monkeypatch, voxel_size, b0_dir):
-    from qsmprep.inversion import deep
-
     seen = []
     real = deep.predict_tiled
     monkeypatch.setattr(deep, "predict_tiled",

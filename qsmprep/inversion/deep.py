@@ -36,6 +36,14 @@ OBLIQUE_THRESHOLD_DEG = 3.0
 RESOLUTION_TOLERANCE = 0.15
 """Relative voxel-size mismatch to the model's training resolution that is tolerated without resampling."""
 
+RESAMPLE_ORDER = 3
+"""Spline order of the field's resampling into the network's frame and of chi's back (3: cubic B-spline).
+
+Trilinear interpolation blurs both ways: resampled into the 1 mm frame and back, the true chi of the
+anisotropic 0.75x0.75x2 mm simulated subject alone scores 24.25 % NRMSE with order 1 and 14.99 % with
+order 3, and the shipped model's refined inversion 28.51 % and 25.80 % (docs/methods/deep-inversion.md).
+The mask is resampled trilinearly (no overshoot) and thresholded at 0.5."""
+
 REFINE_ITERS = 10
 """Default conjugate-gradient iterations of the data-consistency refinement."""
 
@@ -326,9 +334,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     tilted more than ``OBLIQUE_THRESHOLD_DEG`` from the third axis, or the
     voxel size differs by more than ``resolution_tolerance`` from the training
     voxel size of a model that does not take the voxel size as an input, the
-    field and mask are resampled (trilinear, anti-aliased) onto a B0-aligned
-    grid at the training resolution, inverted there and the result resampled
-    back. Volumes too large for the free memory are inverted in overlapping
+    field (cubic B-spline, ``RESAMPLE_ORDER``) and mask (trilinear) are
+    resampled, anti-aliased, onto a B0-aligned grid at the training
+    resolution, inverted there and the result resampled back (cubic). Volumes too large for the free memory are inverted in overlapping
     tiles (``predict_tiled``).
     An optional data-consistency refinement follows (``refine_data_consistency``).
 
@@ -390,7 +398,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         log.info("deep inversion in a B0-aligned frame (tilt %.1f deg, voxel size %s -> %s)", b0_tilt_deg(b0_dir),
                  voxel_size_mm, target_vs or "kept")
         native = _frame_affine(voxel_size_mm, b0_dir)
-        field_n, affine_a = to_b0_aligned(field, native, target_vs)
+        field_n, affine_a = to_b0_aligned(field, native, target_vs, order=RESAMPLE_ORDER)
         mask_n = to_b0_aligned(m.astype(np.float32), native, target_vs)[0] > 0.5
         field_n = field_n * mask_n
         vs_n = tuple(float(v) for v in np.linalg.norm(affine_a[:3, :3], axis=0))
@@ -402,7 +410,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     predict, context = network_predictor(net, vs_n, dev)
     chi = predict_tiled(predict, field_n, mask_n, tile_shape, overlap, context=partial(context, field_n, mask_n))
     if aligned:
-        chi = from_b0_aligned(chi * mask_n, affine_a, field.shape, native)
+        chi = from_b0_aligned(chi * mask_n, affine_a, field.shape, native, order=RESAMPLE_ORDER)
     chi = np.where(m, chi, 0).astype(np.float32)
     if refine_iters:
         chi = refine_data_consistency(chi, field, m, voxel_size_mm, b0_dir, lam=refine_lambda, n_iter=refine_iters,
