@@ -153,6 +153,22 @@ def test_methods_text_follows_the_options():
     assert "oblique to B0" not in methods_text(make_config([run], inversion=("deep",), resample_b0=True))
 
 
+@pytest.mark.parametrize(("tilt", "voxel", "frame"), [
+    (20.0, (3.0, 3.0, 4.0), "resampled (cubic B-splines) onto a grid whose third axis is along B0 with 1 x 1 x 1 mm "
+                            "voxels, the model's training resolution, and the network's output back"),
+    (20.0, (1.0, 1.0, 1.0), "along B0 at the acquisition's voxel size, and the network's output back"),
+    (2.0, (1.0, 1.0, 1.1), "The network ran on the acquisition grid, which matched that frame. The network output was"),
+])
+def test_methods_text_says_where_the_deep_network_ran(tilt, voxel, frame):
+    """Beyond 3 degrees of tilt or 15 % of the shipped model's 1 mm the field is resampled into its frame."""
+    from dataclasses import replace
+
+    from qsmprep.workflows.base import methods_text
+
+    run = replace(make_run(), affine=_oblique_affine(tilt, voxel))
+    assert frame in methods_text(make_config([run], inversion=("deep",)))
+
+
 def test_presets_and_parameters():
     assert preset_methods("fast") == ("laplacian", "vsharp", ("tkd",))
     assert preset_methods("default") == ("laplacian", "vsharp", ("deep",))  # the shipped model

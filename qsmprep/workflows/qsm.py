@@ -100,6 +100,28 @@ def read_boilerplate(key, **context):
     return body.strip().format(**context), [r.strip() for r in refs.strip().splitlines() if r.strip()]
 
 
+def deep_frame_text(run, config):
+    """The methods sentence on where this run's deep network ran: on the acquisition grid, or resampled into its
+    model's frame (``deep_invert``'s ``network_frame``) and back, with a trailing space; empty when the model
+    cannot be read (its node reports that)."""
+    from ..deep import read_metadata
+    from ..errors import QSMPrepError
+    from ..inversion.deep import DEFAULT_MODEL, network_frame
+
+    model = config.parameters.get("inversion", {}).get("deep", {}).get("model", DEFAULT_MODEL)
+    try:
+        aligned, target_vs = network_frame(voxel_size_from_affine(np.asarray(run.affine)), run_b0_dir(run, config),
+                                           read_metadata(model))
+    except QSMPrepError:
+        return ""
+    if not aligned:
+        return "The network ran on the acquisition grid, which matched that frame. "
+    voxels = (" with " + " x ".join(f"{v:g}" for v in target_vs) + " mm voxels, the model's training resolution"
+              if target_vs else " at the acquisition's voxel size")
+    return (f"The local field was resampled (cubic B-splines) onto a grid whose third axis is along B0{voxels}, and "
+            "the network's output back onto the acquisition grid. ")
+
+
 def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, **_):
     """The methods sentence on the deep inversion's data-consistency refinement (``deep_invert``'s resolved parameters)."""
     if not refine_iters:
@@ -159,7 +181,7 @@ def methods_description(run, config):
     for method in config.inversion:
         context = params.get("inversion", {}).get(method, {})
         if method == "deep":
-            context = {**context, "refinement": deep_refinement_text(**context)}
+            context = {**context, "frame": deep_frame_text(run, config), "refinement": deep_refinement_text(**context)}
         parts.append((f"inversion-{method}", context))
     parts.append(("referencing", {}))
     paragraphs, references = [], []
