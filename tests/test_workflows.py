@@ -169,6 +169,16 @@ def test_methods_text_says_where_the_deep_network_ran(tilt, voxel, frame):
     assert frame in methods_text(make_config([run], inversion=("deep",)))
 
 
+def test_methods_text_follows_a_deep_resolution_tolerance_from_the_parameters():
+    from dataclasses import replace
+
+    from qsmprep.workflows.base import methods_text
+
+    run = replace(make_run(), affine=_oblique_affine(0.0, (3.0, 3.0, 3.0)))
+    config = make_config([run], inversion=("deep",), parameters={"inversion": {"deep": {"resolution_tolerance": 5}}})
+    assert "The network ran on the acquisition grid" in methods_text(config)
+
+
 def test_presets_and_parameters():
     assert preset_methods("fast") == ("laplacian", "vsharp", ("tkd",))
     assert preset_methods("default") == ("laplacian", "vsharp", ("deep",))  # the shipped model

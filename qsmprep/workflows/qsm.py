@@ -106,12 +106,13 @@ def deep_frame_text(run, config):
     cannot be read (its node reports that)."""
     from ..deep import read_metadata
     from ..errors import QSMPrepError
-    from ..inversion.deep import DEFAULT_MODEL, network_frame
+    from ..inversion.deep import DEFAULT_MODEL, RESOLUTION_TOLERANCE, network_frame
 
-    model = config.parameters.get("inversion", {}).get("deep", {}).get("model", DEFAULT_MODEL)
+    params = config.parameters.get("inversion", {}).get("deep", {})
     try:
         aligned, target_vs = network_frame(voxel_size_from_affine(np.asarray(run.affine)), run_b0_dir(run, config),
-                                           read_metadata(model))
+                                           read_metadata(params.get("model", DEFAULT_MODEL)),
+                                           params.get("resolution_tolerance", RESOLUTION_TOLERANCE))
     except QSMPrepError:
         return ""
     if not aligned:
