@@ -336,8 +336,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     voxel size of a model that does not take the voxel size as an input, the
     field (cubic B-spline, ``RESAMPLE_ORDER``) and mask (trilinear) are
     resampled, anti-aliased, onto a B0-aligned grid at the training
-    resolution, inverted there and the result resampled back (cubic). Volumes too large for the free memory are inverted in overlapping
-    tiles (``predict_tiled``).
+    resolution, inverted there and the result resampled back (cubic).
+    Volumes too large for the free memory are inverted in overlapping tiles
+    (``predict_tiled``).
     An optional data-consistency refinement follows (``refine_data_consistency``).
 
     Parameters

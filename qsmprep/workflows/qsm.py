@@ -106,7 +106,7 @@ def deep_frame_text(run, config):
     cannot be read (its node reports that)."""
     from ..deep import read_metadata
     from ..errors import QSMPrepError
-    from ..inversion.deep import DEFAULT_MODEL, RESOLUTION_TOLERANCE, network_frame
+    from ..inversion.deep import DEFAULT_MODEL, RESAMPLE_ORDER, RESOLUTION_TOLERANCE, network_frame
 
     params = config.parameters.get("inversion", {}).get("deep", {})
     try:
@@ -119,7 +119,8 @@ def deep_frame_text(run, config):
         return "The network ran on the acquisition grid, which matched that frame. "
     voxels = (" with " + " x ".join(f"{v:g}" for v in target_vs) + " mm voxels, the model's training resolution"
               if target_vs else " at the acquisition's voxel size")
-    return (f"The local field was resampled (cubic B-splines) onto a grid whose third axis is along B0{voxels}, and "
+    interpolation = {1: "trilinear", 3: "cubic B-splines"}[RESAMPLE_ORDER]
+    return (f"The local field was resampled ({interpolation}) onto a grid whose third axis is along B0{voxels}, and "
             "the network's output back onto the acquisition grid. ")
 
 
