@@ -517,6 +517,25 @@ def test_a_rerun_into_the_same_output_leaves_nothing_of_the_earlier_options(tmp_
     assert local["BackgroundFieldRemoval"]["Method"] == "vsharp"  # the new run's, not pdf's
 
 
+def test_a_later_invocation_for_one_session_keeps_the_other_in_the_subject_report(tmp_path):
+    bids, out, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
+    assert simulate.main([str(bids), "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6", "--echoes", "2",
+                          "--sessions", "1", "2"]) == 0
+    argv = [str(bids), str(out), "participant", "-w", str(work), "--inversion", "tkd"]
+    assert main([*argv, "--session-label", "1"]) == 0
+    assert main([*argv, "--session-label", "2", "--inversion", "tkd", "cfl2"]) == 0
+    page = (out / "sub-01.html").read_text()
+    assert "<h2>sub-01_ses-1</h2>" in page and "<h2>sub-01_ses-2</h2>" in page
+    assert "1 run(s), and 1 from an earlier invocation" in page
+    earlier = page[page.index("<h2>sub-01_ses-1</h2>"):]
+    assert earlier.index("Processed by an earlier qsmprep invocation") < earlier.index("<h2>", 5)
+    # session 1 shows its own Chimap (tkd only), from its derivatives; session 2 both of this invocation's
+    assert "sub-01_ses-1_desc-tkd_mosaic.png" in page and "sub-01_ses-1_desc-cfl2_mosaic.png" not in page
+    assert "sub-01_ses-2_desc-cfl2_mosaic.png" in page
+    for figure in ("sub-01_ses-1_desc-tkd_mosaic.png", "sub-01_ses-1_desc-local_mosaic.png"):
+        assert (out / "sub-01" / "figures" / figure).is_file()
+
+
 def test_resample_b0_with_deep_alone_warns_that_it_does_nothing(tmp_path, caplog):
     from qsmprep.cli.run import build_parser, resolve_config
 

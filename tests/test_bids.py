@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from qsmprep.bids import check_bids_dataset, discover_runs, read_filter_file, validate_runs
-from qsmprep.bids.derivatives import bids_uri, run_output_paths, write_dataset_description
+from qsmprep.bids.derivatives import (MASK_NAME_END, bids_uri, processed_runs, run_output_paths,
+                                     write_dataset_description)
 from qsmprep.bids.discovery import GRERun
 from qsmprep.errors import DataError, NoInputError, UsageError
 
@@ -246,6 +247,24 @@ def test_derivative_names_and_description(tmp_path):
     assert desc["SourceDatasets"] == [{"URL": (tmp_path / "bids").as_uri()}]
     assert "logs/" in (tmp_path / "out" / ".bidsignore").read_text().split()
     assert bids_uri(tmp_path / "bids" / "sub-01" / "anat" / "x.nii.gz", tmp_path / "bids") == "bids:raw:sub-01/anat/x.nii.gz"
+
+
+def test_processed_runs_are_found_by_their_masks(tmp_path):
+    runs = [GRERun("01", "2", "fast", "1", "MEGRE"), GRERun("01", None, None, None, "GRE")]
+    written = {"mask", "local_field", "chimap:tkd"}
+    for run in runs:
+        assert run_output_paths(run, [])["mask"].endswith(run.name + MASK_NAME_END)
+        for key, path in run_output_paths(run, ["tkd"]).items():
+            if key in written:
+                (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / path).touch()
+    (tmp_path / "sub-01" / "anat" / f"notarun{MASK_NAME_END}").touch()  # not a qsmprep run name: ignored
+    found = processed_runs(tmp_path, "01", ["tkd", "cfl2"])
+    assert sorted(found) == ["sub-01", "sub-01_ses-2_acq-fast_run-1"]
+    for run in runs:
+        assert found[run.name] == {key: tmp_path / path for key, path in run_output_paths(run, ["tkd"]).items()
+                                   if key in written}
+    assert processed_runs(tmp_path, "02", ["tkd"]) == {}
 
 
 # ------------------------------------------------ image content: truncated files, NaN, phase that misfits its Units

@@ -10,6 +10,7 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 from .. import __version__
 
@@ -62,6 +63,32 @@ def run_output_paths(run, methods):
     paths = {key: derivative_path(run, key) for key in OUTPUTS if key != "chimap"}
     paths.update({f"chimap:{m}": derivative_path(run, "chimap", m) for m in methods})
     return paths
+
+
+MASK_NAME_END = "_desc-brain_mask.nii.gz"
+"""What follows the run's name in the file name of its brain mask (``derivative_path(run, "mask")``)."""
+
+
+def processed_runs(output_dir, subject, methods):
+    """The runs of ``subject`` whose derivatives are in ``output_dir``, found by their brain masks.
+
+    Returns {run name: {output key (as in ``run_output_paths``): absolute Path}}, with only the outputs
+    present; ``methods`` are the inversions whose Chimaps are looked for.
+    """
+    from .discovery import ENTITY_KEYS
+
+    names = {key: entity for entity, key in ENTITY_KEYS.items()}
+    out = Path(output_dir)
+    found = {}
+    for mask in sorted((out / f"sub-{subject}").glob(f"**/anat/*{MASK_NAME_END}")):
+        name = mask.name.removesuffix(MASK_NAME_END)
+        pairs = [part.split("-", 1) for part in name.split("_")]
+        if not all(len(pair) == 2 and pair[0] in names for pair in pairs):
+            continue  # not a qsmprep run name
+        run = SimpleNamespace(name=name, entities={names[key]: value for key, value in pairs})
+        paths = {key: out / path for key, path in run_output_paths(run, methods).items()}
+        found[name] = {key: path for key, path in paths.items() if path.is_file()}
+    return found
 
 
 def bids_uri(path, bids_dir):

@@ -31,6 +31,10 @@ FILTER_FILE_KEY = "megre"
 """Key of the ``--bids-filter-file`` JSON whose entities restrict the GRE query."""
 
 
+ENTITY_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq", "run": "run"}
+"""The BIDS entities that tell a run apart, and their keys in file names."""
+
+
 @dataclass(frozen=True)
 class GRERun:
     """The magnitude and phase files of one gradient-echo acquisition.
@@ -69,8 +73,7 @@ class GRERun:
     @property
     def name(self):
         """Filename prefix of the run, e.g. ``sub-01_ses-2_acq-fast_run-1``."""
-        keys = {"subject": "sub", "session": "ses", "acquisition": "acq", "run": "run"}
-        return "_".join(f"{keys[k]}-{v}" for k, v in self.entities.items())
+        return "_".join(f"{ENTITY_KEYS[k]}-{v}" for k, v in self.entities.items())
 
     @property
     def files(self):

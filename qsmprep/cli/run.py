@@ -317,7 +317,7 @@ def _error_reports(config, failed):
     where a step failed (their report step never ran): the input problems, each failed step's error, and the
     figures and methods of the subject's runs that did finish (a run writes its derivatives only when complete)."""
     from ..reports import build_subject_report
-    from ..workflows.base import methods_text, report_runs
+    from ..workflows.base import earlier_report_runs, methods_text, report_runs
 
     processed = {run.subject for run in config.runs}
     rejected = {p["subject"] for p in config.problems} - processed
@@ -326,7 +326,8 @@ def _error_reports(config, failed):
         errors += [f"processing failed at {step} (crash files in {config.log_dir})" for step in failed.get(subject, [])]
         runs = [run for run in config.runs if run.subject == subject]
         finished = [(run, entry) for run, entry in zip(runs, report_runs(runs, config)) if Path(entry["mask"]).is_file()]
-        build_subject_report(config.output_dir, subject, [entry for _, entry in finished],
+        build_subject_report(config.output_dir, subject,
+                             [entry for _, entry in finished] + earlier_report_runs(config, subject, runs),
                              methods_text=methods_text(config, [run for run, _ in finished]) if finished else "",
                              command=shlex.join(config.command), errors=errors)
 
@@ -370,9 +371,9 @@ def remove_earlier_outputs(config):
 
     out = Path(config.output_dir)
     for run in config.runs:
-        mask = out / derivative_path(run, "mask")
-        stem = mask.name.removesuffix("_desc-brain_mask.nii.gz")
-        earlier = [*mask.parent.glob(f"{stem}_desc-*"), *(out / f"sub-{run.subject}" / "figures").glob(f"{run.name}_desc-*")]
+        anat = (out / derivative_path(run, "mask")).parent
+        figures = out / f"sub-{run.subject}" / "figures"
+        earlier = [*anat.glob(f"{run.name}_desc-*"), *figures.glob(f"{run.name}_desc-*")]
         for path in earlier:
             path.unlink()
         if earlier:

@@ -57,6 +57,9 @@ def _run_section(run, figures_dir, output_dir):
     mask = load_nifti(run["mask"], "brain mask")[0] > 0
     slices = slice_indices(mask)
     parts = [f"<h2>{html.escape(name)}</h2>"]
+    if run.get("earlier"):
+        parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
+                     "are in that invocation's <code>logs/</code> folder.</p>")
     if run.get("magnitude"):
         magnitude = load_nifti(run["magnitude"], "magnitude")[0]
         if magnitude.ndim == 4:
@@ -90,10 +93,12 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
         Subject label without the ``sub-`` prefix.
     runs : list of dict
         One per run: ``name`` (e.g. ``sub-01_ses-1``), ``mask`` (path, required),
-        and optionally ``magnitude``, ``total_field``, ``local_field`` (paths)
-        and ``chimaps`` (dict method -> path).
+        and optionally ``magnitude``, ``total_field``, ``local_field`` (paths),
+        ``chimaps`` (dict method -> path) and ``earlier`` (True for a run an
+        earlier invocation processed; its section says so).
     methods_text : str
-        The boilerplate methods paragraph with references (plain text).
+        The boilerplate methods paragraph with references (plain text) of the
+        runs this invocation processed.
     command : str or None
         The command line that produced the outputs.
     errors : sequence of str
@@ -102,8 +107,10 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
     output_dir = Path(output_dir)
     figures_dir = output_dir / f"sub-{subject}" / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
+    earlier = sum(bool(run.get("earlier")) for run in runs)
+    counts = f"{len(runs) - earlier} run(s)" + (f", and {earlier} from an earlier invocation" if earlier else "")
     body = [f"<h1>qsmprep report: sub-{html.escape(subject)}</h1>",
-            f"<p>qsmprep {__version__}; {len(runs)} run(s).</p>"]
+            f"<p>qsmprep {__version__}; {counts}.</p>"]
     if errors:
         items = "".join(f"<li>{html.escape(e)}</li>" for e in errors)
         body.append(f'<h2>Errors</h2><ul class="missing">{items}</ul>')

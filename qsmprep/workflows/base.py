@@ -7,7 +7,8 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from ..bids.derivatives import run_output_paths
+from ..bids.derivatives import processed_runs, run_output_paths
+from ..config import INVERSION_METHODS
 from ..interfaces.reports import SubjectReport
 from .qsm import init_qsm_wf, methods_description, workflow_label
 
@@ -39,20 +40,28 @@ def methods_text(config, runs=None):
     return "\n\n".join(paragraphs) + "\n\n" + format_references(references)
 
 
+def report_entry(name, paths, **extra):
+    """One run of ``build_subject_report``: its name, derivative paths (``run_output_paths`` keys) and ``extra``."""
+    chimaps = {key.split(":", 1)[1]: str(path) for key, path in paths.items() if key.startswith("chimap:")}
+    return {"name": name, "mask": str(paths["mask"]), "total_field": str(paths.get("total_field", "")),
+            "local_field": str(paths.get("local_field", "")), "chimaps": chimaps, **extra}
+
+
 def report_runs(runs, config):
     """What ``build_subject_report`` needs per run: name, input magnitude, and the derivative paths."""
-    out = []
-    for run in runs:
-        paths = {k: str(Path(config.output_dir) / v) for k, v in run_output_paths(run, config.inversion).items()}
-        out.append({
-            "name": run.name,
-            "magnitude": run.magnitude[0],
-            "mask": paths["mask"],
-            "total_field": paths["total_field"],
-            "local_field": paths["local_field"],
-            "chimaps": {m: paths[f"chimap:{m}"] for m in config.inversion},
-        })
-    return out
+    out = Path(config.output_dir)
+    return [report_entry(run.name, {k: out / v for k, v in run_output_paths(run, config.inversion).items()},
+                         magnitude=run.magnitude[0])
+            for run in runs]
+
+
+def earlier_report_runs(config, subject, runs):
+    """``build_subject_report`` entries of ``subject``'s runs that an earlier invocation processed and this one does
+    not (``runs``): their derivatives stay in the output folder, so the report keeps showing them."""
+    current = {run.name for run in runs}
+    return [report_entry(name, paths, earlier=True)
+            for name, paths in processed_runs(config.output_dir, subject, INVERSION_METHODS).items()
+            if name not in current]
 
 
 def init_single_subject_wf(subject, runs, config, errors=()):
@@ -75,7 +84,8 @@ def init_single_subject_wf(subject, runs, config, errors=()):
     merge_written = pe.Node(niu.Merge(len(runs), ravel_inputs=True), name="merge_written",
                             run_without_submitting=True)
     report = pe.Node(
-        SubjectReport(output_dir=str(config.output_dir), subject=subject, runs=report_runs(runs, config),
+        SubjectReport(output_dir=str(config.output_dir), subject=subject,
+                      runs=report_runs(runs, config) + earlier_report_runs(config, subject, runs),
                       methods_text=methods_text(config, runs), command=shlex.join(config.command),
                       errors=list(errors)),
         name="report", mem_gb=0.5)
