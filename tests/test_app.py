@@ -532,6 +532,7 @@ def test_a_later_invocation_for_one_session_keeps_the_other_in_the_subject_repor
     # session 1 shows its own Chimap (tkd only), from its derivatives; session 2 both of this invocation's
     assert "sub-01_ses-1_desc-tkd_mosaic.png" in page and "sub-01_ses-1_desc-cfl2_mosaic.png" not in page
     assert "sub-01_ses-2_desc-cfl2_mosaic.png" in page
+    assert "sub-01_ses-1_desc-mask_mosaic.png" in page  # the first invocation's, which read the magnitude
     for figure in ("sub-01_ses-1_desc-tkd_mosaic.png", "sub-01_ses-1_desc-local_mosaic.png"):
         assert (out / "sub-01" / "figures" / figure).is_file()
 

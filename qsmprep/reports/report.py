@@ -39,16 +39,20 @@ pre { white-space: pre-wrap; background: #f5f5f5; padding: 1em; }
 </style>"""
 
 
+def _figure_html(path, output_dir, caption):
+    rel = path.relative_to(output_dir).as_posix()
+    return (
+        f'<figure><img src="{html.escape(rel)}" alt="{html.escape(path.stem)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
 def _figure(figures_dir, output_dir, name, png_bytes, caption):
     path = figures_dir / f"{name}.png"
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_bytes(png_bytes)
     os.replace(tmp, path)
-    rel = path.relative_to(output_dir).as_posix()
-    return (
-        f'<figure><img src="{html.escape(rel)}" alt="{html.escape(name)}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-    )
+    return _figure_html(path, output_dir, caption)
 
 
 def _run_section(run, figures_dir, output_dir):
@@ -60,12 +64,16 @@ def _run_section(run, figures_dir, output_dir):
     if run.get("earlier"):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
                      "are in that invocation's <code>logs/</code> folder.</p>")
+    mask_caption = "Brain mask (red) on the first-echo magnitude."
+    mask_figure = figures_dir / f"{name}_desc-mask_mosaic.png"
     if run.get("magnitude"):
         magnitude = load_nifti(run["magnitude"], "magnitude")[0]
         if magnitude.ndim == 4:
             magnitude = magnitude[..., 0]
         png = mosaic_png(magnitude, slices, outline=mask, title="Magnitude (first echo) and brain mask")
-        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-mask_mosaic", png, "Brain mask (red) on the first-echo magnitude."))
+        parts.append(_figure(figures_dir, output_dir, mask_figure.stem, png, mask_caption))
+    elif mask_figure.is_file():  # drawn by the earlier invocation that read the magnitude
+        parts.append(_figure_html(mask_figure, output_dir, mask_caption))
     if run.get("total_field"):
         total = load_nifti(run["total_field"], "total field")[0]
         png = mosaic_png(total, slices, window=robust_window(total, mask), cmap="RdBu_r", title="Total field", units="Hz")
