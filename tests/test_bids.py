@@ -258,7 +258,9 @@ def test_processed_runs_are_found_by_their_masks(tmp_path):
             if key in written:
                 (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
                 (tmp_path / path).touch()
-    (tmp_path / "sub-01" / "anat" / f"notarun{MASK_NAME_END}").touch()  # not a qsmprep run name: ignored
+    # not a qsmprep run name, or a run's mask in another run's folder: ignored
+    for stray in ("notarun", "sub-02", "sub-01_ses-3"):
+        (tmp_path / "sub-01" / "anat" / f"{stray}{MASK_NAME_END}").touch()
     found = processed_runs(tmp_path, "01", ["tkd", "cfl2"])
     assert sorted(found) == ["sub-01", "sub-01_ses-2_acq-fast_run-1"]
     for run in runs:

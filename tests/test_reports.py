@@ -129,6 +129,15 @@ def report_dir(tmp_path):
     return out, page
 
 
+def test_an_earlier_run_whose_files_are_gone_is_named_not_fatal(report_dir, tmp_path):
+    out, _ = report_dir
+    gone = {"name": "sub-01_ses-c", "mask": str(tmp_path / "gone.nii.gz"), "earlier": True}
+    text = build_subject_report(out, "01", [gone]).read_text()
+    assert "<h2>sub-01_ses-c</h2>" in text and "its outputs cannot be read" in text and "gone.nii.gz" in text
+    with pytest.raises(Exception, match="gone.nii.gz"):  # a file of this invocation's own run is an error
+        build_subject_report(out, "01", [{**gone, "earlier": False}])
+
+
 def test_report_contains_every_figure_and_the_methods(report_dir):
     out, page = report_dir
     assert page == out / "sub-01.html"

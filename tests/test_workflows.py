@@ -157,7 +157,8 @@ def test_methods_text_follows_the_options():
     (20.0, (3.0, 3.0, 4.0), "resampled (cubic B-splines) onto a grid whose third axis is along B0 with 1 x 1 x 1 mm "
                             "voxels, the model's training resolution, and the network's output back"),
     (20.0, (1.0, 1.0, 1.0), "along B0 at the acquisition's voxel size, and the network's output back"),
-    (2.0, (1.0, 1.0, 1.1), "The network ran on the acquisition grid, which matched that frame. The network output was"),
+    (2.0, (1.0, 1.0, 1.1), "The network ran on the acquisition grid (B0 within 3 degrees of its third axis, voxel size "
+                           "within 15% of the model's or taken as an input). The network output was"),
 ])
 def test_methods_text_says_where_the_deep_network_ran(tilt, voxel, frame):
     """Beyond 3 degrees of tilt or 15 % of the shipped model's 1 mm the field is resampled into its frame."""

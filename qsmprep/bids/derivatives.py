@@ -87,6 +87,8 @@ def processed_runs(output_dir, subject, methods):
             continue  # not a qsmprep run name
         run = SimpleNamespace(name=name, entities={names[key]: value for key, value in pairs})
         paths = {key: out / path for key, path in run_output_paths(run, methods).items()}
+        if paths["mask"] != mask:
+            continue  # misplaced (another subject's or session's folder): not one of qsmprep's runs
         found[name] = {key: path for key, path in paths.items() if path.is_file()}
     return found
 

@@ -277,14 +277,16 @@ def network_frame(voxel_size_mm, b0_dir, meta, resolution_tolerance=RESOLUTION_T
     return b0_tilt_deg(b0_dir) > OBLIQUE_THRESHOLD_DEG or target_vs is not None, target_vs
 
 
-def network_grid_shape(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL):
+def network_grid_shape(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL,
+                       resolution_tolerance=RESOLUTION_TOLERANCE):
     """Shape of the grid ``deep_invert`` runs ``model``'s network on for an input of ``shape`` (memory planning).
 
     The input's own shape, or that of its B0-aligned grid at the model's
-    training resolution (``network_frame``): a 3 mm input is inverted on a
-    grid 27 times larger at 1 mm. Reads the checkpoint metadata only.
+    training resolution (``network_frame``, with ``resolution_tolerance`` as
+    in ``deep_invert``): a 3 mm input is inverted on a grid 27 times larger at
+    1 mm. Reads the checkpoint metadata only.
     """
-    aligned, target_vs = network_frame(voxel_size_mm, b0_dir, read_metadata(model))
+    aligned, target_vs = network_frame(voxel_size_mm, b0_dir, read_metadata(model), resolution_tolerance)
     if not aligned:
         return tuple(int(n) for n in shape[:3])
     return b0_aligned_grid(shape, _frame_affine(voxel_size_mm, b0_dir), target_vs)[0]
@@ -353,8 +355,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     device : "auto", "cpu" or "cuda", default "auto"
     refine_iters : int, default 10
         Conjugate-gradient iterations of data-consistency refinement (0 = off).
-        On the 2016 challenge data it takes the shipped model from 63.5 % NRMSE /
-        59.3 % HFEN to 62.1 % / 57.0 % (docs/benchmarks.md).
+        On the 2016 challenge data it takes the shipped model from 61.75 % NRMSE /
+        60.23 % HFEN to 62.03 % / 57.79 %, on the simulated subjects from
+        31-35 % to 24-26 % (docs/benchmarks.md).
     refine_lambda : float, default 0.05
         Weight of the network prior in the refinement; larger keeps more of the
         network output (0.1 scores better on the 2016 in-vivo data, 0.02 on the
@@ -369,8 +372,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         Largest relative voxel-size mismatch (per axis) to the model's training
         voxel size at which the network runs on the input grid; ``inf`` always
         runs it there. Resampling is the more accurate: on the scale-invariance
-        phantom at 3.75-1.875 mm the native grid gives 9-15 % more refined RMSE
-        (docs/benchmarks.md, Scale invariance).
+        phantom at 3.75-1.875 mm the native grid gave 9-15 % more refined RMSE
+        (stage-1 weights, trilinear resampling; docs/benchmarks.md, Scale
+        invariance).
     tile_shape : int or tuple of 3 int or None, default None
         Largest block the network sees at once (an int: a cube); the shipped
         model needs about 7.8 GB of CPU memory for 256^3, 2.2 GB for 160^3.

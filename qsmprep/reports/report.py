@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 from .. import __version__
+from ..errors import QSMPrepError
 from ..io import load_nifti
 from .mosaic import CHI_WINDOW_PPM, LOCAL_FIELD_WINDOW_PPM, mosaic_png, robust_window, slice_indices
 
@@ -40,6 +41,7 @@ pre { white-space: pre-wrap; background: #f5f5f5; padding: 1em; }
 
 
 def _figure_html(path, output_dir, caption):
+    """A figure element showing ``path`` (a PNG under ``output_dir``), linked relative to the report."""
     rel = path.relative_to(output_dir).as_posix()
     return (
         f'<figure><img src="{html.escape(rel)}" alt="{html.escape(path.stem)}">'
@@ -122,7 +124,15 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
     if errors:
         items = "".join(f"<li>{html.escape(e)}</li>" for e in errors)
         body.append(f'<h2>Errors</h2><ul class="missing">{items}</ul>')
-    body.extend(_run_section(run, figures_dir, output_dir) for run in runs)
+    for run in runs:
+        try:
+            body.append(_run_section(run, figures_dir, output_dir))
+        except QSMPrepError as exc:  # an earlier invocation's file, gone or broken since; this run's report stands
+            if not run.get("earlier"):
+                raise
+            body.append(f"<h2>{html.escape(run['name'])}</h2>"
+                        f'<p class="missing">Processed by an earlier invocation; its outputs cannot be read: '
+                        f"{html.escape(str(exc))}</p>")
     if methods_text:
         body.append(f"<h2>Methods</h2><pre>{html.escape(methods_text)}</pre>")
     if command:

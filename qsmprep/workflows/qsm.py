@@ -10,6 +10,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
+from ..bids.discovery import ENTITY_KEYS
 from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
 from ..interfaces.gre import PhaseToRad, StackEchoes
@@ -80,14 +81,22 @@ def mem_gb(run, node, shape=None):
     return max(MIN_MEM_GB, round(volumes * volume_gb + base_gb, 3))
 
 
+def deep_model_options(config):
+    """(model, resolution_tolerance) of the deep node: the run's parameters, else ``deep_invert``'s defaults."""
+    from ..inversion.deep import DEFAULT_MODEL, RESOLUTION_TOLERANCE
+
+    params = config.parameters.get("inversion", {}).get("deep", {})
+    return params.get("model", DEFAULT_MODEL), params.get("resolution_tolerance", RESOLUTION_TOLERANCE)
+
+
 def deep_network_shape(run, config, shape, b0_dir):
     """The grid the deep network runs on for a field of ``shape`` (e.g. 27x the voxels of a 3 mm run)."""
     from ..errors import QSMPrepError
-    from ..inversion.deep import DEFAULT_MODEL, network_grid_shape
+    from ..inversion.deep import network_grid_shape
 
-    model = config.parameters.get("inversion", {}).get("deep", {}).get("model", DEFAULT_MODEL)
     try:
-        network = network_grid_shape(shape, voxel_size_from_affine(np.asarray(run.affine)), b0_dir, model)
+        network = network_grid_shape(shape, voxel_size_from_affine(np.asarray(run.affine)), b0_dir,
+                                     *deep_model_options(config))
     except QSMPrepError:  # an unreadable model is reported, with its file, when the node runs
         return tuple(shape)
     return max(tuple(network), tuple(shape), key=np.prod)
@@ -106,20 +115,20 @@ def deep_frame_text(run, config):
     cannot be read (its node reports that)."""
     from ..deep import read_metadata
     from ..errors import QSMPrepError
-    from ..inversion.deep import DEFAULT_MODEL, RESAMPLE_ORDER, RESOLUTION_TOLERANCE, network_frame
+    from ..inversion.deep import OBLIQUE_THRESHOLD_DEG, RESAMPLE_ORDER, network_frame
 
-    params = config.parameters.get("inversion", {}).get("deep", {})
+    model, tolerance = deep_model_options(config)
     try:
         aligned, target_vs = network_frame(voxel_size_from_affine(np.asarray(run.affine)), run_b0_dir(run, config),
-                                           read_metadata(params.get("model", DEFAULT_MODEL)),
-                                           params.get("resolution_tolerance", RESOLUTION_TOLERANCE))
+                                           read_metadata(model), tolerance)
     except QSMPrepError:
         return ""
     if not aligned:
-        return "The network ran on the acquisition grid, which matched that frame. "
+        return (f"The network ran on the acquisition grid (B0 within {OBLIQUE_THRESHOLD_DEG:g} degrees of its third "
+                f"axis, voxel size within {tolerance:.0%} of the model's or taken as an input). ")
     voxels = (" with " + " x ".join(f"{v:g}" for v in target_vs) + " mm voxels, the model's training resolution"
               if target_vs else " at the acquisition's voxel size")
-    interpolation = {1: "trilinear", 3: "cubic B-splines"}[RESAMPLE_ORDER]
+    interpolation = {1: "trilinear", 3: "cubic B-splines"}.get(RESAMPLE_ORDER, f"order-{RESAMPLE_ORDER} B-splines")
     return (f"The local field was resampled ({interpolation}) onto a grid whose third axis is along B0{voxels}, and "
             "the network's output back onto the acquisition grid. ")
 
@@ -196,8 +205,7 @@ def methods_description(run, config):
 
 def workflow_label(run):
     """Node-name-safe label of a run inside its subject, e.g. ``ses_2_acq_fast_run_1`` (``single`` when none)."""
-    keys = {"session": "ses", "acquisition": "acq", "run": "run"}
-    parts = [f"{keys[k]}_{v}" for k, v in run.entities.items() if k != "subject"]
+    parts = [f"{ENTITY_KEYS[k]}_{v}" for k, v in run.entities.items() if k != "subject"]
     return "_".join(parts) or "single"
 
 
