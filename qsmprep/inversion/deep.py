@@ -45,7 +45,8 @@ order 3, and the shipped model's refined inversion 28.51 % and 25.80 % (docs/met
 The mask is resampled trilinearly (no overshoot) and thresholded at 0.5."""
 
 REFINE_ITERS = 10
-"""Default conjugate-gradient iterations of the data-consistency refinement."""
+"""Default conjugate-gradient iterations of the data-consistency refinement: 20 or 40 give the same figures to
+the printed digit on every benchmark (docs/benchmarks.md, Refinement prior weight)."""
 
 REFINE_LAMBDA = 0.05
 """Default weight of the network prior in the refinement (docs/benchmarks.md, Refinement prior weight)."""
