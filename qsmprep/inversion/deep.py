@@ -373,9 +373,8 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         Largest relative voxel-size mismatch (per axis) to the model's training
         voxel size at which the network runs on the input grid; ``inf`` always
         runs it there. Resampling is the more accurate: on the scale-invariance
-        phantom at 3.75-1.875 mm the native grid gave 9-15 % more refined RMSE
-        (stage-1 weights, trilinear resampling; docs/benchmarks.md, Scale
-        invariance).
+        phantom at 3.75-1.875 mm the native grid gives 12-14 % more refined RMSE
+        than the cubic resampling (docs/benchmarks.md, Scale invariance).
     tile_shape : int or tuple of 3 int or None, default None
         Largest block the network sees at once (an int: a cube); the shipped
         model needs about 7.8 GB of CPU memory for 256^3, 2.2 GB for 160^3.
