@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .. import __version__
+from .discovery import ENTITY_KEYS
 
 CODE_URL = "https://github.com/qsmprep/qsmprep"
 
@@ -75,8 +76,6 @@ def processed_runs(output_dir, subject, methods):
     Returns {run name: {output key (as in ``run_output_paths``): absolute Path}}, with only the outputs
     present; ``methods`` are the inversions whose Chimaps are looked for.
     """
-    from .discovery import ENTITY_KEYS
-
     names = {key: entity for entity, key in ENTITY_KEYS.items()}
     out = Path(output_dir)
     found = {}

@@ -128,7 +128,7 @@ def deep_frame_text(run, config):
                 f"axis, voxel size within {tolerance:.0%} of the model's or taken as an input). ")
     voxels = (" with " + " x ".join(f"{v:g}" for v in target_vs) + " mm voxels, the model's training resolution"
               if target_vs else " at the acquisition's voxel size")
-    interpolation = {1: "trilinear", 3: "cubic B-splines"}.get(RESAMPLE_ORDER, f"order-{RESAMPLE_ORDER} B-splines")
+    interpolation = "cubic B-splines" if RESAMPLE_ORDER == 3 else "trilinear"  # resample_to_grid's two orders
     return (f"The local field was resampled ({interpolation}) onto a grid whose third axis is along B0{voxels}, and "
             "the network's output back onto the acquisition grid. ")
 
