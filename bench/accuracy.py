@@ -2,7 +2,7 @@
 
     python bench/accuracy.py [--part qsm2016 variants sim pipeline wisnieff] [--methods tkd cfl2 ilsqr deep]
                              [--model NAME_OR_PATH ...] [--refine N ...] [--refine-lambda L ...]
-                             [--refine-radius MM ...] [--resolution-tolerance T ...]
+                             [--refine-radius MM ...] [--refine-tv A ...] [--resolution-tolerance T ...]
                              [--data DIR] [--json OUT] [--figure PNG] [--scale-figure PNG]
                              [--phantom-resampling {antialiased,plain}]
 
@@ -61,8 +61,9 @@ wisnieff  Scale invariance (SI-QSM protocol) on DIR/phantom_wisnieff: the phanto
 
 Deep rows use ``qsmprep.inversion.deep.deep_invert`` with each ``--model`` (default
 the shipped default model), each ``--refine`` iteration count (default 0) and,
-for refined rows, each ``--refine-lambda`` prior weight and each ``--refine-radius``
-high-pass radius in mm (0: none; default for both: deep_invert's), and for
+for refined rows, each ``--refine-lambda`` prior weight, each ``--refine-radius``
+high-pass radius in mm (0: none) and each ``--refine-tv`` total-variation weight
+in ppm mm (0: none; default for all three: deep_invert's), and for
 every deep row each ``--resolution-tolerance`` (``inf``: the network runs on
 the input grid instead of being resampled to its training voxel size);
 a model that cannot be found is skipped with a note. Tables are printed as Markdown;
@@ -111,11 +112,13 @@ PIPELINE_DATASETS = {  # qsmprep-simulate arguments: the end-to-end test's two s
 }
 
 
-def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_radii=None, tolerances=None):
+def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_radii=None, refine_tvs=None,
+               tolerances=None):
     """[(row label, f(field, mask, voxel_size, b0_dir) -> chi)] for the requested methods.
 
     Deep rows are added per model, refinement count, (for refined rows) each
-    prior weight in ``refine_lambdas`` and high-pass radius in ``refine_radii``,
+    prior weight in ``refine_lambdas``, high-pass radius in ``refine_radii`` and
+    total-variation weight in ``refine_tvs``,
     and each resolution tolerance in ``tolerances`` (None: deep_invert's
     default, unlabelled); a model that ``load_model`` cannot find is skipped
     with a printed note.
@@ -134,8 +137,9 @@ def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_r
                 print(f"note: deep model {model!r} skipped: {err}")
                 continue
             for n in refine_iters:
-                refinements = product(refine_lambdas or [None], refine_radii or [None]) if n else [(None, None)]
-                for (lam, radius), tolerance in product(refinements, tolerances or [None]):
+                refinements = (product(refine_lambdas or [None], refine_radii or [None], refine_tvs or [None]) if n
+                               else [(None, None, None)])
+                for (lam, radius, tv), tolerance in product(refinements, tolerances or [None]):
                     label = f"deep {Path(str(model)).stem}" + (f" + refine {n}" if n else "")
                     options = {"model": model, "refine_iters": n}
                     if tolerance is not None:
@@ -147,6 +151,9 @@ def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_r
                     if radius is not None:
                         label += f" radius {radius:g}"
                         options["refine_radius_mm"] = radius
+                    if tv is not None:
+                        label += f" TV {tv:g}"
+                        options["refine_tv_weight"] = tv
                     runs.append((label, partial(INVERSION_METHODS["deep"], **options)))
     return runs
 
@@ -432,6 +439,9 @@ def main():
     parser.add_argument("--refine-radius", nargs="+", type=float, metavar="MM",
                         help="SMV high-pass radius of the refinement in mm, 0 for none (default deep_invert's); "
                              "several values give several rows")
+    parser.add_argument("--refine-tv", nargs="+", type=float, metavar="A",
+                        help="total-variation weight of the refinement in ppm mm, 0 for none (default deep_invert's); "
+                             "several values give several rows")
     parser.add_argument("--resolution-tolerance", nargs="+", type=float, metavar="T",
                         help="relative voxel-size mismatch the network runs at without resampling, inf: never resample "
                              "(default deep_invert's); several values give several rows")
@@ -445,7 +455,7 @@ def main():
                              "(default) or without it")
     args = parser.parse_args()
     runs = inversions(args.methods, args.model or [DEFAULT_MODEL], args.refine, args.refine_lambda, args.refine_radius,
-                      args.resolution_tolerance)
+                      args.refine_tv, args.resolution_tolerance)
     print(f"methods: {', '.join(name for name, _ in runs)}; {available_cores()} CPUs usable, "
           f"load average {os.getloadavg()[0]:.1f}")
     results = {"methods": [name for name, _ in runs]}

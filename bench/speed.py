@@ -1,7 +1,8 @@
 """Wall time and peak memory of every dipole inversion at 160^3 and 256^3, on CPU and CUDA.
 
     python bench/speed.py [--methods tkd cfl2 ilsqr deep] [--sizes 160 256] [--threads N]
-                          [--model NAME_OR_PATH ...] [--refine N] [--devices cpu cuda] [--json OUT]
+                          [--model NAME_OR_PATH ...] [--refine N] [--refine-tv A] [--devices cpu cuda]
+                          [--json OUT]
 
 Input: the local field of the simulated head phantom (``qsmprep.sim.head_phantom``,
 seed 0) on an N^3 grid of 1 mm voxels (a deep model trained at 1 mm then runs
@@ -81,7 +82,8 @@ def worker(args):
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        kwargs = {"model": args.model[0], "device": args.devices[0], "refine_iters": args.refine}
+        kwargs = {"model": args.model[0], "device": args.devices[0], "refine_iters": args.refine,
+                  "refine_tv_weight": args.refine_tv}
     from qsmprep.inversion import INVERSION_METHODS
 
     cuda = args.devices[0] == "cuda"
@@ -125,6 +127,8 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="cores per run (default: all visible)")
     parser.add_argument("--model", action="append", help=f"deep model, repeatable (default {DEFAULT_MODEL})")
     parser.add_argument("--refine", type=int, default=0, help="deep data-consistency iterations (default 0)")
+    parser.add_argument("--refine-tv", type=float, default=0.0, metavar="A",
+                        help="deep: total-variation weight of the refinement, ppm mm (default 0: off)")
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
                         help="devices for deep (default cpu, plus cuda when torch sees a GPU)")
     parser.add_argument("--json", type=Path, help="also save the results to this JSON file")
@@ -146,9 +150,10 @@ def main():
             if not deep_available(model):
                 continue
             label = f"deep {Path(str(model)).stem}" + (f" + refine {args.refine}" if args.refine else "")
+            label += f" TV {args.refine_tv:g}" if args.refine and args.refine_tv else ""
             for device in args.devices:
                 runs.append((label, ["--methods", "deep", "--model", str(model), "--refine", str(args.refine),
-                                     "--devices", device]))
+                                     "--refine-tv", str(args.refine_tv), "--devices", device]))
     cores = args.threads or available_cores()
     print(f"{cores} cores per run; load average {os.getloadavg()[0]:.1f}", flush=True)
     env = dict(os.environ)

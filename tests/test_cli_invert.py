@@ -144,6 +144,8 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
         (["--method", "deep", "--refine-lambda", "0"], ["--refine-lambda", "> 0"]),
         (["--method", "tkd", "--refine-radius", "8"], ["--refine-radius", "deep"]),
         (["--method", "deep", "--refine-radius", "-1"], ["--refine-radius"]),
+        (["--method", "ilsqr", "--refine-tv", "3e-4"], ["--refine-tv", "deep"]),
+        (["--method", "deep", "--refine-tv", "-1"], ["--refine-tv", "ppm mm"]),
         (["--method", "tkd", "--tile", "128"], ["--tile", "deep"]),
         (["--method", "deep", "--tile", "32"], ["--tile", "64"]),
     ],
@@ -189,7 +191,7 @@ def test_deep_method_runs_a_checkpoint_and_refuses_a_missing_one(inputs, capsys,
     monkeypatch.setattr(deep, "predict_tiled",
                         lambda predict, f, m, tile, *a, **kw: tiles.append(tile) or real(predict, f, m, tile, *a, **kw))
     assert _run(paths, "--method", "deep", "--model", str(checkpoint), "--device", "cpu", "--refine", "2",
-                "--refine-lambda", "0.3", "--refine-radius", "3", "--tile", "96") == 0
+                "--refine-lambda", "0.3", "--refine-radius", "3", "--refine-tv", "1e-3", "--tile", "96") == 0
     assert tiles == [(96, 96, 96)]
     stored = nib.load(paths["field"]).affine
 
@@ -198,10 +200,10 @@ def test_deep_method_runs_a_checkpoint_and_refuses_a_missing_one(inputs, capsys,
                            model=checkpoint, device="cpu", refine_iters=2, **options)
 
     written = nib.load(paths["out"]).get_fdata()
-    np.testing.assert_allclose(written, library(refine_lambda=0.3, refine_radius_mm=3.0), atol=1e-6)
-    # each option reached the refinement
-    assert np.abs(written - library(refine_radius_mm=3.0)).max() > 1e-4
-    assert np.abs(written - library(refine_lambda=0.3)).max() > 1e-4
+    options = {"refine_lambda": 0.3, "refine_radius_mm": 3.0, "refine_tv_weight": 1e-3}
+    np.testing.assert_allclose(written, library(**options), atol=1e-6)
+    for left_out in options:  # each option reached the refinement
+        assert np.abs(written - library(**{k: v for k, v in options.items() if k != left_out})).max() > 1e-4
     paths["out"].unlink()
     _expect_error(capsys, paths, 66, ["nothere.safetensors"], "--method", "deep", "--model", str(tmp_path / "nothere.safetensors"))
 

@@ -210,6 +210,32 @@ def test_high_passed_refinement_ignores_a_residual_background_field():
     np.testing.assert_array_equal(refined(field, 0), refined(field, None))
 
 
+def test_total_variation_sharpens_a_blurred_start_and_ignores_the_mask_edge():
+    """The TV term (``tv_weight``) favours the phantom's constant spheres over a soft start.
+
+    Measured: the spheres phantom, start its 1.5 mm Gaussian blur (47.8 % NRMSE), field noise 10 % of
+    its SD, lam 0.03, 30 iterations: 25.28 % without TV, 22.95 % with weight 1e-4, 35.03 % with 1e-3
+    (too strong: it flattens the spheres).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    chi, field, mask = _phantom()
+    noisy = (field + np.random.default_rng(0).normal(0, 0.1 * field[mask].std(), field.shape) * mask).astype(np.float32)
+    start = gaussian_filter(chi, 1.5) * mask
+
+    def error(tv_weight):
+        return nrmse(refine_data_consistency(start, noisy, mask, lam=0.03, n_iter=30, tv_weight=tv_weight), chi, mask)
+
+    assert error(1e-4) < 0.93 * error(0.0)
+    assert error(1e-3) > error(1e-4)
+    # a map constant in the mask, with its exact field, is a minimiser: the drop to 0 outside the mask
+    # is not an edge of chi, so TV leaves the map as it is
+    constant = (0.05 * mask).astype(np.float32)
+    exact = forward_field_ppm(constant, pad_factor=1.5) * mask
+    out = refine_data_consistency(constant, exact, mask, lam=0.03, n_iter=30, tv_weight=3e-4)
+    np.testing.assert_allclose(out, constant, atol=1e-6)
+
+
 def _slope(out, chi, mask):
     """Least-squares slope of ``out`` regressed on ``chi`` in the mask (both demeaned, as QSM is relative)."""
     a, b = out[mask] - out[mask].mean(), chi[mask] - chi[mask].mean()

@@ -1,7 +1,8 @@
 """qsmprep-invert: dipole inversion of a local field map.
 
     qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr,deep}
-        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N --refine-lambda L --refine-radius MM --tile N]
+        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N --refine-lambda L --refine-radius MM --refine-tv A
+         --tile N]
         [--units {ppm,hz,rad} --b0-tesla T --te S] [--b0-dir X Y Z] [-v]
 
 Parses, loads, converts the field to ppm, calls ``qsmprep.inversion`` and
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 DEEP_OPTIONS = {"model": "model", "device": "device", "refine": "refine_iters", "refine_lambda": "refine_lambda",
-                "refine_radius": "refine_radius_mm", "tile": "tile_shape"}
+                "refine_radius": "refine_radius_mm", "refine_tv": "refine_tv_weight", "tile": "tile_shape"}
 """Command-line options of --method deep (argparse dest) -> keyword of ``deep_invert``."""
 
 EPILOG = """\
@@ -72,6 +73,10 @@ def build_parser():
     p.add_argument("--refine-radius", type=float, metavar="MM",
                    help="deep: compare fields in the refinement after an MM-radius spherical-mean high-pass, so "
                         "residual background fields are ignored (e.g. 8; default: off)")  # fmt: skip
+    p.add_argument("--refine-tv", type=float, metavar="A",
+                   help="deep: weight (ppm mm) of a total-variation term in the refinement, its weights renewed "
+                        "every 10 iterations; e.g. 3e-4 with --refine 30 --refine-lambda 0.03 (default 0: off; "
+                        "docs/benchmarks.md)")  # fmt: skip
     p.add_argument("--tile", type=int, metavar="N",
                    help="deep: largest block, N^3 voxels, the network sees at once; larger grids are inverted in "
                         "overlapping tiles (default: the whole grid when free memory allows, else the largest "
@@ -105,6 +110,8 @@ def _check_options(args):
         raise UsageError(f"--refine-lambda must be > 0, got {args.refine_lambda}.")
     if args.refine_radius is not None and args.refine_radius < 0:
         raise UsageError(f"--refine-radius must be 0 (off) or a radius in mm, got {args.refine_radius}.")
+    if args.refine_tv is not None and args.refine_tv < 0:
+        raise UsageError(f"--refine-tv must be 0 (off) or a weight in ppm mm (e.g. 3e-4), got {args.refine_tv}.")
     if args.tile is not None and args.tile < MIN_TILE:
         raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by 32), got {args.tile}.")
     if args.units in ("hz", "rad") and args.b0_tesla is None:

@@ -24,6 +24,7 @@ from scipy import fft as spfft
 
 from ..bgremove.smv import smv_kernel
 from ..physics import dipole_kernel, padded_shape
+from .gradient import forward_gradient, forward_gradient_adjoint
 from .solvers import lsqr
 from .tkd import tkd
 
@@ -68,36 +69,6 @@ def _masked_laplacian(field, mask, voxel_size_mm):
     return np.where(mask, lap, 0)
 
 
-def _weighted_gradient(u, weights):
-    """Periodic forward differences of ``u`` along each axis, times ``weights[axis]``: a (3, ...) array.
-
-    With ``weights[axis]`` = w / voxel size (mm) this is the weighted gradient in ppm/mm.
-    """
-    out = np.empty((3,) + u.shape, dtype=np.float32)
-    for axis, w in enumerate(weights):
-        n = u.shape[axis]
-        g = np.moveaxis(out[axis], axis, 0)
-        v = np.moveaxis(u, axis, 0)
-        np.subtract(v[1:], v[: n - 1], out=g[: n - 1])
-        np.subtract(v[0], v[n - 1], out=g[n - 1])
-        out[axis] *= w
-    return out
-
-
-def _weighted_gradient_adjoint(g, weights):
-    """Adjoint of ``_weighted_gradient``: minus the backward-difference divergence of ``weights * g``."""
-    out = np.zeros(g.shape[1:], dtype=np.float32)
-    for axis, w in enumerate(weights):
-        n = out.shape[axis]
-        t = g[axis] * w
-        out -= t
-        t = np.moveaxis(t, axis, 0)
-        o = np.moveaxis(out, axis, 0)
-        o[1:] += t[: n - 1]
-        o[0] += t[n - 1]
-    return out
-
-
 def _initial_lsqr(field, mask, d, shape, voxel_size_mm, data_weight, tol, max_iter):
     """Step 1: chi from the weighted normal equations D^T W D chi = D^T W f, by early-stopped LSQR."""
     w = data_weight * _ramp_weight(np.abs(_masked_laplacian(field, mask, voxel_size_mm)), mask, LAPLACIAN_PERCENTILES)
@@ -136,7 +107,7 @@ def _streaking_artefacts(chi_lsqr, chi_fast, mask, d, shape, voxel_size_mm, tol,
     where P x = x; so A is applied as W grad, and P once at the end.
     """
     per_mm = [np.float32(1.0 / d) for d in voxel_size_mm]
-    gradients = _weighted_gradient(chi_fast, per_mm)
+    gradients = forward_gradient(chi_fast, per_mm)
     weights = [_ramp_weight(np.abs(g), mask, GRADIENT_PERCENTILES) * s for g, s in zip(gradients, per_mm)]
     cone = (np.abs(d) < CONE_THRESHOLD).astype(np.float32)
 
@@ -144,9 +115,9 @@ def _streaking_artefacts(chi_lsqr, chi_fast, mask, d, shape, voxel_size_mm, tol,
         return spfft.irfftn(spfft.rfftn(x) * cone, s=shape, overwrite_x=True)
 
     streaks = lsqr(
-        lambda x: _weighted_gradient(x, weights),
-        lambda y: project(_weighted_gradient_adjoint(y, weights)),
-        _weighted_gradient(chi_lsqr, weights),
+        lambda x: forward_gradient(x, weights),
+        lambda y: project(forward_gradient_adjoint(y, weights)),
+        forward_gradient(chi_lsqr, weights),
         tol=tol,
         max_iter=max_iter,
     )
