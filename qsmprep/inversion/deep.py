@@ -219,17 +219,27 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     rhs = m * dipole(w2 * field) + lam * chi0
     if not tv_weight:
         return cg(normal, rhs, x0=chi0, tol=1e-4, max_iter=n_iter) * m
-    # differences only between two mask voxels: the mask's edge is no edge of chi
-    inside = [m * np.roll(m, -1, axis=axis) / np.float32(v) for axis, v in enumerate(voxel_size_mm)]
+    inside = _inner_differences(m, voxel_size_mm)
     chi = chi0
     for start in range(0, n_iter, TV_REWEIGHT_ITERS):
-        tv = tv_weight / np.sqrt((forward_gradient(chi, inside) ** 2).sum(axis=0) + np.float32(TV_EPSILON**2))
+        tv = np.float32(tv_weight) / np.sqrt((forward_gradient(chi, inside) ** 2).sum(axis=0) + np.float32(TV_EPSILON**2))
 
-        def normal_tv(x, tv=tv.astype(np.float32)):
+        def normal_tv(x):
             return normal(x) + m * forward_gradient_adjoint(tv * forward_gradient(m * x, inside), inside)
 
         chi = cg(normal_tv, rhs, x0=chi, tol=1e-4, max_iter=min(TV_REWEIGHT_ITERS, n_iter - start)) * m
     return chi
+
+
+def _inner_differences(mask, voxel_size_mm):
+    """Per-axis weights for ``forward_gradient``: 1 / voxel size (mm) where a voxel and its next one are
+    both in the mask, else 0, so the drop to zero at the mask's edge (and the grid's wrap) is no edge of chi."""
+    weights = []
+    for axis, v in enumerate(voxel_size_mm):
+        both = mask * np.roll(mask, -1, axis=axis)
+        np.moveaxis(both, axis, 0)[-1] = 0
+        weights.append(both / np.float32(v))
+    return weights
 
 
 def free_memory_bytes(device):
