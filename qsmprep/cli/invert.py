@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
-from ..inversion.deep import DEFAULT_MODEL, MIN_TILE, REFINE_ITERS, REFINE_LAMBDA
+from ..inversion.deep import DEFAULT_MODEL, MIN_TILE, REFINE_ITERS, REFINE_LAMBDA, TV_REWEIGHT_ITERS
 from ..io import check_same_grid, load_volume, save_nifti
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
@@ -75,7 +75,7 @@ def build_parser():
                         "residual background fields are ignored (e.g. 8; default: off)")  # fmt: skip
     p.add_argument("--refine-tv", type=float, metavar="A",
                    help="deep: weight (ppm mm) of a total-variation term in the refinement, its weights renewed "
-                        "every 10 iterations; e.g. 3e-4 with --refine 30 --refine-lambda 0.03 (default 0: off; "
+                        f"every {TV_REWEIGHT_ITERS} iterations; e.g. 3e-4 with --refine 30 --refine-lambda 0.03 (default 0: off; "
                         "docs/benchmarks.md)")  # fmt: skip
     p.add_argument("--tile", type=int, metavar="N",
                    help="deep: largest block, N^3 voxels, the network sees at once; larger grids are inverted in "

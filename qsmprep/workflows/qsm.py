@@ -135,12 +135,12 @@ def deep_frame_text(run, config):
 
 def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, refine_tv_weight=0.0, **_):
     """The methods sentence on the deep inversion's data-consistency refinement (``deep_invert``'s resolved parameters)."""
+    from ..inversion.deep import TV_EPSILON, TV_REWEIGHT_ITERS
+
     if not refine_iters:
         return "The network output was used without data-consistency refinement."
     high_pass = (f", both fields high-passed (their spherical mean over {refine_radius_mm:g} mm subtracted) so that "
                  "residual background fields are ignored" if refine_radius_mm else "")
-    from ..inversion.deep import TV_EPSILON, TV_REWEIGHT_ITERS
-
     tv = (f", plus {refine_tv_weight:g} ppm mm times the total variation of chi (gradients between brain voxels, "
           f"smoothed by {TV_EPSILON:g} ppm/mm, reweighted every {TV_REWEIGHT_ITERS} iterations)"
           if refine_tv_weight else "")
