@@ -223,8 +223,13 @@ def test_version(capsys):
         (["--mask", "/nonexistent/mask.nii.gz"], "neither a strategy"),
         (["--b0-tesla", "-3"], "--b0-tesla must be positive"),
         (["--nprocs", "0"], "--nprocs must be at least 1"),
-        (["--inversion", "tkd", "--refine-radius", "8"], "--refine-radius 8: it applies to --inversion deep"),
-        (["--refine-radius", "-1"], "--refine-radius -1: it applies to --inversion deep and is 0 (off)"),
+        (["--inversion", "tkd", "--refine-radius", "8"], "--refine-radius applies to the deep inversion, not --inversion tkd"),
+        (["--refine-radius", "-1"], "--refine-radius must be 0 (off) or a radius in mm"),
+        (["--inversion", "tkd", "cfl2", "--refine", "5"], "--refine applies to the deep inversion, not --inversion tkd cfl2"),
+        (["--inversion", "ilsqr", "--model", "my.safetensors"], "--model applies to the deep inversion"),
+        (["--refine", "-1"], "--refine must be 0 or more iterations"),
+        (["--refine-lambda", "0"], "--refine-lambda must be > 0"),
+        (["--refine-tv", "-0.0001"], "--refine-tv must be 0 (off) or a weight in ppm mm"),
     ],
 )
 def test_usage_errors_exit_64(tmp_path, capsys, extra, message):
@@ -301,6 +306,7 @@ def test_boilerplate_only(tmp_path, capsys):
     (command,) = out.glob("logs/*/command.txt")
     assert command.read_text().startswith("qsmprep ") and "--boilerplate-only" in command.read_text()
     assert "refined by 10 conjugate-gradient iterations" in text and "0.05 times" in text
+    assert "computed by the deep neural network qsmprep-cfl2unet shipped with qsmprep (see its model card)" in text
     # the pipeline's default high-pass (8 mm) reaches the deep node's parameters and the methods text; 0 turns it off
     assert "spherical mean over 8 mm subtracted" in text
     assert json.loads(citation.with_name("config.json").read_text())["parameters"]["inversion"]["deep"]["refine_radius_mm"] == 8
@@ -535,6 +541,70 @@ def test_a_later_invocation_for_one_session_keeps_the_other_in_the_subject_repor
     assert "sub-01_ses-1_desc-mask_mosaic.png" in page  # the first invocation's, which read the magnitude
     for figure in ("sub-01_ses-1_desc-tkd_mosaic.png", "sub-01_ses-1_desc-local_mosaic.png"):
         assert (out / "sub-01" / "figures" / figure).is_file()
+
+
+def _small_checkpoint(path, voxel_size_mm, seed):
+    """An untrained CFL2-prior U-Net as qsmprep-train writes it; seed 0 keeps its zero head (so it returns the
+    CFL2 map), another seed gives the head random weights (another map)."""
+    import torch
+
+    from qsmprep.deep.models import build_model
+    from qsmprep.deep.registry import save_checkpoint
+
+    torch.manual_seed(seed)
+    net = build_model("unet", width=4, depth=2, prior="cfl2", prior_lambda=0.1)
+    if seed:
+        torch.nn.init.normal_(net.net.head.weight, std=1.0)
+    recipe = {"description": "a test network", "data": {"voxel_size_mm": list(voxel_size_mm)}}
+    save_checkpoint(net, path, {"recipe": recipe, "step": 7})
+
+
+def test_a_trained_checkpoint_and_the_deep_options_reach_the_pipelines_inversion(tmp_path, monkeypatch):
+    from qsmprep.inversion import deep_invert
+
+    bids, out, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
+    assert simulate.main([str(bids), "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6", "--echoes", "2"]) == 0
+    monkeypatch.chdir(tmp_path)  # a relative --model path is read from here, not from the nodes' folders
+    _small_checkpoint(tmp_path / "net.safetensors", (6.0, 6.0, 6.0), seed=0)  # trained at 6 mm: no resampling
+    argv = [str(bids), str(out), "participant", "-w", str(work), "--inversion", "deep", "--model", "net.safetensors",
+            "--refine", "3", "--refine-lambda", "0.2", "--refine-radius", "0", "--nprocs", "1"]
+    anat = out / "sub-01" / "anat"
+
+    def pipeline_and_library():
+        assert main(argv) == 0
+        local = nib.load(anat / "sub-01_desc-local_fieldmap.nii.gz")
+        mask = _load(anat / "sub-01_desc-brain_mask.nii.gz") > 0
+        library = deep_invert(np.asarray(local.dataobj, np.float32), mask, voxel_size_from_affine(local.affine),
+                              b0_dir_from_affine(local.affine), model=tmp_path / "net.safetensors", device="cpu",
+                              refine_iters=3, refine_lambda=0.2, refine_radius_mm=0)
+        library = np.where(mask, library - library[mask].mean(), 0)  # referenced as the pipeline does
+        return _load(anat / "sub-01_desc-deep_Chimap.nii.gz"), library
+
+    chimap, library = pipeline_and_library()
+    np.testing.assert_allclose(chimap, library, atol=1e-5)
+    config = json.loads(next(out.glob("logs/*/config.json")).read_text())["parameters"]["inversion"]["deep"]
+    assert config["model"] == str(tmp_path / "net.safetensors")
+    assert (config["refine_iters"], config["refine_lambda"], config["refine_radius_mm"]) == (3, 0.2, 0)
+    text = next(out.glob("logs/*/CITATION.md")).read_text()
+    assert "a deep neural network from the checkpoint net.safetensors (a test network; 7 training steps" in text
+    assert "refined by 3 conjugate-gradient iterations" in text and "spherical mean" not in text
+    # retrained in place: the same path with other weights re-runs the inversion instead of reusing its cache
+    _small_checkpoint(tmp_path / "net.safetensors", (6.0, 6.0, 6.0), seed=1)
+    retrained, library = pipeline_and_library()
+    np.testing.assert_allclose(retrained, library, atol=1e-5)
+    assert np.abs(retrained - chimap).max() > 1e-3
+
+
+def test_a_missing_or_foreign_model_is_refused_before_any_work(tmp_path, capsys):
+    argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--model"]
+    assert main([*argv, str(tmp_path / "none.safetensors")]) == 66
+    assert f"--model {tmp_path / 'none.safetensors'}: checkpoint" in capsys.readouterr().err
+    (tmp_path / "notes.safetensors").write_text("not a checkpoint")
+    assert main([*argv, str(tmp_path / "notes.safetensors")]) == 65
+    assert "is not a readable safetensors file" in capsys.readouterr().err
+    assert main([*argv, "no-such-model"]) == 66
+    assert "no shipped model named 'no-such-model'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_resample_b0_with_deep_alone_warns_that_it_does_nothing(tmp_path, caplog):

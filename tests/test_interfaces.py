@@ -211,7 +211,9 @@ def test_deep_inversion_equals_the_library(gre, one_torch_thread, untrained_chec
     field = (forward_field_ppm(source.astype(np.float32), vs, TILTED_B0) * mask).astype(np.float32)
     field_file = _save(tmp_path / "local.nii.gz", field, affine)
     params = {"model": str(untrained_checkpoint), "refine_iters": 3, "refine_lambda": 0.1}
-    res = DipoleInversion(local_field=field_file, mask=gre["mask"], method="deep", parameters=params,
+    # the file input names the model the node runs, whatever the parameters' name (the pipeline sets both)
+    res = DipoleInversion(local_field=field_file, mask=gre["mask"], method="deep",
+                          parameters={**params, "model": "qsmprep-cfl2unet"}, model_file=str(untrained_checkpoint),
                           b0_dir=list(TILTED_B0), device="cpu").run(cwd=str(tmp_path))
     out = _load(res.outputs.out_file)[0]
     expected = deep_invert(field, mask, vs, TILTED_B0, device="cpu", **params)

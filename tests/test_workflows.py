@@ -397,6 +397,23 @@ def test_deep_node_declares_memory_for_the_grid_its_network_runs_on():
     assert declared["3mm"][0] == pytest.approx(27 * declared["1mm"][0], rel=0.01)
 
 
+def test_the_deep_node_hashes_its_model_files_content(tmp_path):
+    """New weights under the same name or path (a qsmprep upgrade, a model retrained in place) re-run the node."""
+    from qsmprep.deep import shipped_model_path
+    from qsmprep.inversion.deep import DEFAULT_MODEL
+    from qsmprep.workflows.qsm import init_qsm_wf
+
+    run = make_run()
+    node = init_qsm_wf(run, make_config([run], inversion=("deep",))).get_node("invert_deep")
+    assert node.inputs.model_file == str(shipped_model_path(DEFAULT_MODEL))
+    checkpoint = tmp_path / "net.safetensors"
+    checkpoint.write_bytes(b"weights, first training")
+    node.inputs.model_file = str(checkpoint)
+    before = node.inputs.get_hashval(hash_method="content")[1]
+    checkpoint.write_bytes(b"weights, second training")
+    assert node.inputs.get_hashval(hash_method="content")[1] != before
+
+
 def test_methods_text_names_mask_steps_too_small_for_the_voxels():
     from qsmprep.workflows.qsm import mask_steps_without_effect
 

@@ -42,6 +42,55 @@ def _add_verbosity(parser):
         pass
 
 
+DEEP_OPTIONS = {"model": "model", "refine": "refine_iters", "refine_lambda": "refine_lambda",
+                "refine_radius": "refine_radius_mm", "refine_tv": "refine_tv_weight"}
+"""The deep-inversion options ``qsmprep`` and ``qsmprep-invert`` share (argparse dest) -> keyword of ``deep_invert``."""
+
+
+def add_deep_options(group, refine_radius_mm=None):
+    """Add ``DEEP_OPTIONS`` to an argparse parser or group; ``refine_radius_mm`` is the radius the command uses
+    without ``--refine-radius`` (None: off)."""
+    from ..inversion.deep import DEFAULT_MODEL, REFINE_ITERS, REFINE_LAMBDA, TV_REWEIGHT_ITERS
+
+    radius_default = f"default {refine_radius_mm:g}; 0 = off" if refine_radius_mm else "default 0: off; e.g. 8"
+    group.add_argument("--model", metavar="NAME|PATH",
+                       help=f"deep: shipped model name or checkpoint path, e.g. one written by qsmprep-train "
+                            f"(default {DEFAULT_MODEL})")  # fmt: skip
+    group.add_argument("--refine", type=int, metavar="N",
+                       help=f"deep: data-consistency refinement iterations after the network, 0 = off (default "
+                            f"{REFINE_ITERS})")  # fmt: skip
+    group.add_argument("--refine-lambda", type=float, metavar="L",
+                       help=f"deep: weight of the network prior in the refinement, > 0 (default {REFINE_LAMBDA})")
+    group.add_argument("--refine-radius", type=float, metavar="MM",
+                       help="deep: compare fields in the refinement after an MM-radius spherical-mean high-pass, so "
+                            f"residual background fields are ignored ({radius_default}; "
+                            "docs/methods/deep-inversion.md)")  # fmt: skip
+    group.add_argument("--refine-tv", type=float, metavar="A",
+                       help="deep: weight (ppm mm) of a total-variation term in the refinement, its weights renewed "
+                            f"every {TV_REWEIGHT_ITERS} iterations; e.g. 3e-4 with --refine 30 --refine-lambda 0.03 "
+                            "(default 0: off; docs/benchmarks.md)")  # fmt: skip
+
+
+def check_deep_options(args, dests, deep_chosen, choice):
+    """Raise UsageError for deep options given without deep, or with values out of range.
+
+    ``dests``: the argparse dests to check (``DEEP_OPTIONS`` and any of the command's own); ``deep_chosen``:
+    whether the command runs the deep inversion; ``choice``: what the user chose instead, for the message
+    (e.g. "--method tkd").
+    """
+    for dest in dests:
+        if getattr(args, dest) is not None and not deep_chosen:
+            raise UsageError(f"--{dest.replace('_', '-')} applies to the deep inversion, not {choice}: remove it.")
+    if args.refine is not None and args.refine < 0:
+        raise UsageError(f"--refine must be 0 or more iterations, got {args.refine}.")
+    if args.refine_lambda is not None and not args.refine_lambda > 0:
+        raise UsageError(f"--refine-lambda must be > 0, got {args.refine_lambda}.")
+    if args.refine_radius is not None and args.refine_radius < 0:
+        raise UsageError(f"--refine-radius must be 0 (off) or a radius in mm, got {args.refine_radius}.")
+    if args.refine_tv is not None and args.refine_tv < 0:
+        raise UsageError(f"--refine-tv must be 0 (off) or a weight in ppm mm (e.g. 3e-4), got {args.refine_tv}.")
+
+
 def torch_on_all_cores():
     """Let torch use every core this process may use: the container sets OMP_NUM_THREADS=1 (for the pipeline's
     worker processes, which set their own threads), which would otherwise leave torch on one core."""

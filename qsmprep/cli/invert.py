@@ -19,17 +19,16 @@ import numpy as np
 
 from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
-from ..inversion.deep import DEFAULT_MODEL, MIN_TILE, REFINE_ITERS, REFINE_LAMBDA, TV_REWEIGHT_ITERS
+from ..inversion.deep import MIN_TILE
 from ..io import check_same_grid, load_volume, save_nifti
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
-from .common import run_cli, torch_on_all_cores
+from .common import DEEP_OPTIONS, add_deep_options, check_deep_options, run_cli, torch_on_all_cores
 
 log = logging.getLogger(__name__)
 
 
-DEEP_OPTIONS = {"model": "model", "device": "device", "refine": "refine_iters", "refine_lambda": "refine_lambda",
-                "refine_radius": "refine_radius_mm", "refine_tv": "refine_tv_weight", "tile": "tile_shape"}
+INVERT_DEEP_OPTIONS = {**DEEP_OPTIONS, "device": "device", "tile": "tile_shape"}
 """Command-line options of --method deep (argparse dest) -> keyword of ``deep_invert``."""
 
 EPILOG = """\
@@ -63,20 +62,8 @@ def build_parser():
     p.add_argument("--threshold", type=float, metavar="T", help="TKD kernel threshold, in (0, 1/3] (default 0.19)")
     p.add_argument("--lambda", dest="lam", type=float, metavar="L",
                    help="closed-form L2 regularisation weight, > 0 (default 0.1)")  # fmt: skip
-    p.add_argument("--model", metavar="NAME|PATH",
-                   help=f"deep: shipped model name or checkpoint path (default {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network runs (default auto)")
-    p.add_argument("--refine", type=int, metavar="N",
-                   help=f"deep: data-consistency refinement iterations after the network, 0 = off (default {REFINE_ITERS})")  # fmt: skip
-    p.add_argument("--refine-lambda", type=float, metavar="L",
-                   help=f"deep: weight of the network prior in the refinement, > 0 (default {REFINE_LAMBDA})")  # fmt: skip
-    p.add_argument("--refine-radius", type=float, metavar="MM",
-                   help="deep: compare fields in the refinement after an MM-radius spherical-mean high-pass, so "
-                        "residual background fields are ignored (e.g. 8; default: off)")  # fmt: skip
-    p.add_argument("--refine-tv", type=float, metavar="A",
-                   help="deep: weight (ppm mm) of a total-variation term in the refinement, its weights renewed "
-                        f"every {TV_REWEIGHT_ITERS} iterations; e.g. 3e-4 with --refine 30 --refine-lambda 0.03 (default 0: off; "
-                        "docs/benchmarks.md)")  # fmt: skip
+    add_deep_options(p)
     p.add_argument("--tile", type=int, metavar="N",
                    help="deep: largest block, N^3 voxels, the network sees at once; larger grids are inverted in "
                         "overlapping tiles (default: the whole grid when free memory allows, else the largest "
@@ -101,17 +88,7 @@ def _check_options(args):
             raise UsageError(f"--lambda applies to --method cfl2, not {args.method}: remove it.")
         if not args.lam > 0:
             raise UsageError(f"--lambda must be > 0, got {args.lam}.")
-    for dest in DEEP_OPTIONS:
-        if getattr(args, dest) is not None and args.method != "deep":
-            raise UsageError(f"--{dest.replace('_', '-')} applies to --method deep, not {args.method}: remove it.")
-    if args.refine is not None and args.refine < 0:
-        raise UsageError(f"--refine must be 0 or more iterations, got {args.refine}.")
-    if args.refine_lambda is not None and not args.refine_lambda > 0:
-        raise UsageError(f"--refine-lambda must be > 0, got {args.refine_lambda}.")
-    if args.refine_radius is not None and args.refine_radius < 0:
-        raise UsageError(f"--refine-radius must be 0 (off) or a radius in mm, got {args.refine_radius}.")
-    if args.refine_tv is not None and args.refine_tv < 0:
-        raise UsageError(f"--refine-tv must be 0 (off) or a weight in ppm mm (e.g. 3e-4), got {args.refine_tv}.")
+    check_deep_options(args, INVERT_DEEP_OPTIONS, args.method == "deep", f"--method {args.method}")
     if args.tile is not None and args.tile < MIN_TILE:
         raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by 32), got {args.tile}.")
     if args.units in ("hz", "rad") and args.b0_tesla is None:
@@ -161,7 +138,7 @@ def run(args):
     options = {"threshold": args.threshold} if args.threshold is not None else {}
     if args.lam is not None:
         options["lam"] = args.lam
-    options.update({key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None})
+    options.update({key: getattr(args, dest) for dest, key in INVERT_DEEP_OPTIONS.items() if getattr(args, dest) is not None})
     log.info("%s on %s: voxel size %s mm, B0 direction %s", args.method, args.field,
              np.round(voxel_size, 4), np.round(b0_dir, 4))  # fmt: skip
     if args.method == "deep":

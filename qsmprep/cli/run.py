@@ -36,7 +36,7 @@ from ..config import (
 )
 from ..errors import DataError, QSMPrepError, UsageError
 from ..resources import available_cores
-from .common import ArgumentParser, quiet_on_closed_pipe
+from .common import DEEP_OPTIONS, ArgumentParser, add_deep_options, check_deep_options, quiet_on_closed_pipe
 
 log = logging.getLogger("qsmprep")
 
@@ -90,7 +90,7 @@ def build_parser():
     g.add_argument("--bgremove", choices=BGREMOVE_METHODS, help="background field removal")
     g.add_argument("--inversion", nargs="+", choices=INVERSION_METHODS, metavar="METHOD",
                    help=f"dipole inversion(s), each written as its own desc-<method> Chimap: {', '.join(INVERSION_METHODS)}"
-                   " ('deep' uses the model shipped in the package, docs/models/)")
+                   " ('deep' uses the model shipped in the package, docs/models/, or --model)")
     g.add_argument("--mask", default="quality", metavar="STRATEGY|PATH",
                    help=f"brain mask: a strategy ({', '.join(MASK_STRATEGIES)}; default quality), a mask NIfTI on "
                    "the runs' grid, or a derivatives folder holding <run>_desc-brain_mask.nii.gz per run")
@@ -101,11 +101,11 @@ def build_parser():
                    help="invert TKD, CFL2 and iLSQR on a B0-aligned grid when the acquisition is oblique by more "
                    "than 1 degree (helps TKD); deep always works in its own aligned frame and is not resampled "
                    "twice (docs/methods/pipeline.md)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device for 'deep'")
-    g.add_argument("--refine-radius", type=float, metavar="MM",
-                   help="'deep': compare fields in its data-consistency refinement after an MM-radius spherical-mean "
-                   "high-pass, which ignores the residual background fields background removal leaves (default "
-                   f"{PIPELINE_REFINE_RADIUS_MM:g}; 0 = off, the plain data term; docs/methods/deep-inversion.md)")
+
+    g = p.add_argument_group("deep inversion")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="deep: where the network runs (default auto: CUDA when torch sees a GPU)")
+    add_deep_options(g, PIPELINE_REFINE_RADIUS_MM)
 
     g = p.add_argument_group("resources and execution")
     g.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
@@ -173,9 +173,7 @@ def resolve_config(args, argv):
         from ..inversion.deep import resolve_device
 
         resolve_device("cuda")  # refuses at once rather than when the first run reaches the inversion
-    if args.refine_radius is not None and ("deep" not in inversions or args.refine_radius < 0):
-        raise UsageError(f"--refine-radius {args.refine_radius:g}: it applies to --inversion deep and is 0 (off) or "
-                         "a radius in mm, e.g. 8.")
+    check_deep_options(args, DEEP_OPTIONS, "deep" in inversions, f"--inversion {' '.join(inversions)}")
     if args.b0_tesla is not None and args.b0_tesla <= 0:
         raise UsageError(f"--b0-tesla must be positive (tesla), got {args.b0_tesla}.")
     if args.b0_dir is not None and not any(args.b0_dir):
@@ -200,7 +198,12 @@ def resolve_config(args, argv):
             raise UsageError(f"{option} {folder} is a file, not a folder: give a folder path (it is created "
                              "if missing).")
     nprocs = args.nprocs or available_cores()
-    refine_radius = PIPELINE_REFINE_RADIUS_MM if args.refine_radius is None else args.refine_radius
+    deep = {key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None}
+    deep.setdefault("refine_radius_mm", PIPELINE_REFINE_RADIUS_MM)
+    if "model" in deep:
+        from ..deep.registry import checked_model
+
+        deep["model"] = checked_model(deep["model"])
     if args.use_plugin:
         plugin, plugin_args = _read_plugin(args.use_plugin)
     else:
@@ -221,7 +224,7 @@ def resolve_config(args, argv):
         mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
         b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
         resample_b0=args.resample_b0, device=args.device, command=["qsmprep", *argv],
-        parameters={"inversion": {"deep": {"refine_radius_mm": refine_radius}}} if "deep" in inversions else {},
+        parameters={"inversion": {"deep": deep}} if "deep" in inversions else {},
     )
     return config.resolve_parameters()
 

@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import qsmprep
-from qsmprep.deep import METADATA_KEY, checkpoint_path, file_metadata
+from qsmprep.deep import METADATA_KEY, checkpoint_path, file_metadata, shipped_model_path
 from qsmprep.deep.models import ARCHITECTURES, CONVENTION_VERSION, build_model
-from qsmprep.errors import DataError
+from qsmprep.errors import DataError, QSMPrepError
 
 FORMAT = "qsmprep-checkpoint"
 
@@ -140,3 +140,19 @@ def load_model(name_or_path, device="cpu"):
         raise DataError(f"checkpoint {path}: tensors do not match a {arch} with {meta.get('params')} ({', '.join(problems[:5])}); refused.")
     model.load_state_dict(tensors)
     return model.to(device).eval(), meta
+
+
+def checked_model(name_or_path):
+    """Load a model once, to refuse a bad one before any work; return how a pipeline run names it.
+
+    Returns the name of a shipped model, else the checkpoint's absolute path
+    (the pipeline's nodes run in other folders). Raises the ``load_model``
+    error, its message led by ``--model NAME_OR_PATH``.
+    """
+    text = str(name_or_path)
+    try:
+        load_model(text)
+    except QSMPrepError as exc:
+        raise type(exc)(f"--model {text}: {exc}") from exc
+    path = checkpoint_path(text)
+    return text if path == shipped_model_path(text) else str(path.absolute())

@@ -17,6 +17,8 @@ class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
     parameters = traits.Dict(desc="keyword parameters of the method's library function")
     b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="B0 direction in voxel coordinates")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="torch device (deep inversion only)")
+    model_file = File(exists=True, desc="deep: the model checkpoint, overriding parameters['model']; a file input "
+                      "so that a changed checkpoint (retrained, or a new qsmprep's weights) re-runs the node")
     num_threads = traits.Int(1, usedefault=True, desc="FFT (and torch) worker threads")
 
 
@@ -45,6 +47,8 @@ class DipoleInversion(SimpleInterface):
 
             torch.set_num_threads(self.inputs.num_threads)
             params["device"] = self.inputs.device
+            if isdefined(self.inputs.model_file):
+                params["model"] = self.inputs.model_file
         invert = library_function("inversion", self.inputs.method)
         with spfft.set_workers(self.inputs.num_threads):
             chi = invert(field, mask, voxel_size_from_affine(affine), tuple(self.inputs.b0_dir), **params)

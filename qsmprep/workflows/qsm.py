@@ -11,6 +11,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
 from ..bids.discovery import ENTITY_KEYS
+from ..deep import checkpoint_path, read_metadata, shipped_model_path
 from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
 from ..interfaces.gre import PhaseToRad, StackEchoes
@@ -113,7 +114,6 @@ def deep_frame_text(run, config):
     """The methods sentence on where this run's deep network ran: on the acquisition grid, or resampled into its
     model's frame (``deep_invert``'s ``network_frame``) and back, with a trailing space; empty when the model
     cannot be read (its node reports that)."""
-    from ..deep import read_metadata
     from ..errors import QSMPrepError
     from ..inversion.deep import OBLIQUE_THRESHOLD_DEG, RESAMPLE_ORDER, network_frame
 
@@ -131,6 +131,19 @@ def deep_frame_text(run, config):
     interpolation = "cubic B-splines" if RESAMPLE_ORDER == 3 else "trilinear"  # resample_to_grid's two orders
     return (f"The local field was resampled ({interpolation}) onto a grid whose third axis is along B0{voxels}, and "
             "the network's output back onto the acquisition grid. ")
+
+
+def deep_model_text(model):
+    """The methods phrase naming the deep model: a shipped one by name (its model card is in docs/models/); a
+    checkpoint by file name, with the recipe description, training steps and qsmprep version it records."""
+    if checkpoint_path(model) == shipped_model_path(model):
+        return f"the deep neural network {model} shipped with qsmprep (see its model card)"
+    meta = read_metadata(model)
+    recipe = meta.get("recipe") or {}
+    described = f"{recipe['description']}; " if recipe.get("description") else ""
+    steps = f"{meta['step']} training steps, " if "step" in meta else ""
+    return (f"a deep neural network from the checkpoint {checkpoint_path(model).name} ({described}{steps}"
+            f"{meta.get('arch', 'unknown')} architecture, trained with qsmprep {meta.get('qsmprep_version', '?')})")
 
 
 def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, refine_tv_weight=0.0, **_):
@@ -197,7 +210,8 @@ def methods_description(run, config):
     for method in config.inversion:
         context = params.get("inversion", {}).get(method, {})
         if method == "deep":
-            context = {**context, "frame": deep_frame_text(run, config), "refinement": deep_refinement_text(**context)}
+            context = {**context, "network": deep_model_text(context["model"]), "frame": deep_frame_text(run, config),
+                       "refinement": deep_refinement_text(**context)}
         parts.append((f"inversion-{method}", context))
     parts.append(("referencing", {}))
     paragraphs, references = [], []
@@ -298,9 +312,10 @@ def init_qsm_wf(run, config, name=None):
     for index, method in enumerate(config.inversion, start=1):
         resample = method in resampled_methods
         field_source, inversion_b0_dir = (to_b0, [0.0, 0.0, 1.0]) if resample else (bgremove, b0_dir)
+        model_file = {"model_file": str(checkpoint_path(deep_model_options(config)[0]))} if method == "deep" else {}
         invert = pe.Node(
             DipoleInversion(method=method, parameters=config.parameters.get("inversion", {}).get(method, {}),
-                            b0_dir=inversion_b0_dir, device=config.device, num_threads=threads),
+                            b0_dir=inversion_b0_dir, device=config.device, num_threads=threads, **model_file),
             name=f"invert_{method}", n_procs=threads,
             mem_gb=(mem_gb(run, "invert_deep", deep_network_shape(run, config, run.shape, inversion_b0_dir))
                     if method == "deep" else mem_gb(run, "invert", inversion_shape)))
