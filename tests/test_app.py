@@ -209,6 +209,25 @@ def test_help_lists_the_contract_without_heavy_imports():
     assert imported == "[]"
 
 
+@pytest.mark.parametrize(("flags", "level", "on_console"),
+                         [([], "INFO", False), (["-v"], "INFO", True), (["-vv"], "DEBUG", True)])
+def test_nipype_node_lines_reach_the_console_only_with_v(tmp_path, capsys, flags, level, on_console):
+    import logging
+
+    from qsmprep.cli.run import _configure_nipype, _setup_logging, build_parser, resolve_config
+
+    argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--inversion", "tkd", *flags]
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    _configure_nipype(resolve_config(args, argv))
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        assert logging.getLevelName(logging.getLogger(name).level) == level  # the log file has them all
+    logging.getLogger("nipype.workflow").info("[Node] Finished")
+    logging.getLogger("nipype.workflow").warning("a node warning")
+    err = capsys.readouterr().err
+    assert ("[Node] Finished" in err) == on_console and "a node warning" in err
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])

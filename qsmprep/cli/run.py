@@ -73,7 +73,8 @@ def build_parser():
     p.add_argument("output_dir", type=Path, help="the output folder, written as a BIDS derivatives dataset")
     p.add_argument("analysis_level", choices=["participant"], help="processing stage (only 'participant')")
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info from Nipype, -vv debug)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more console output: -v Nipype's per-node lines (always in the log file), -vv debug")
 
     g = p.add_argument_group("selecting data")
     g.add_argument("--participant-label", nargs="+", default=[], metavar="LABEL",
@@ -259,8 +260,9 @@ def find_inputs(config, filter_file=None):
 def _setup_logging(verbosity):
     level = logging.DEBUG if verbosity > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
-    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
-        logging.getLogger(name).setLevel(logging.INFO if verbosity else logging.WARNING)
+    if not verbosity:  # Nipype's per-node lines go to the log file only; -v shows them here too
+        logging.getLogger().handlers[0].addFilter(
+            lambda record: not (record.name.startswith("nipype") and record.levelno < logging.WARNING))
 
 
 def write_provenance(config):
@@ -293,7 +295,8 @@ def _configure_nipype(config):
         },
         # Nipype's own log file handler holds a file lock that breaks in forked MultiProc workers;
         # its messages reach OUTPUT_DIR/logs/<run_id>/qsmprep.log through the root logger instead.
-        "logging": {"log_to_file": False},
+        "logging": {"log_to_file": False, **dict.fromkeys(("workflow_level", "interface_level", "utils_level"),
+                                                          "DEBUG" if config.verbosity > 1 else "INFO")},
     })
     nipype_logging.update_logging(nipype_config)
     logging.getLogger("nipype").handlers.clear()  # one stream of messages: through qsmprep's root handlers
