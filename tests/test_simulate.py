@@ -229,3 +229,18 @@ def test_simulating_into_a_dataset_of_real_subjects_keeps_it(tmp_path, caplog):
     # a simulated dataset may be simulated again (the Quick start run twice)
     sim = tmp_path / "sim"
     assert main([str(sim), *small]) == 0 and main([str(sim), *small, "--seed", "1"]) == 0
+
+
+def test_simulating_again_replaces_the_earlier_simulation(tmp_path):
+    small = ["--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8"]
+    sim = tmp_path / "sim"
+    assert main([str(sim), *small, "--echoes", "3", "--subjects", "2"]) == 0
+    (sim / "derivatives" / "qsmprep").mkdir()  # a user's outputs beside the simulation stay
+    assert main([str(sim), *small, "--echoes", "2", "--sessions", "1"]) == 0
+    raw = sorted(p.relative_to(sim).as_posix() for p in sim.glob("sub-*/**/*.nii.gz"))
+    assert raw == [f"sub-01/ses-1/anat/sub-01_ses-1_echo-{e}_part-{part}_MEGRE.nii.gz"
+                   for e in (1, 2) for part in ("mag", "phase")]
+    truth = sim / "derivatives" / "groundtruth"
+    assert [p.name for p in truth.glob("sub-*")] == ["sub-01"] and not (truth / "sub-01" / "anat").exists()
+    assert (sim / "participants.tsv").read_text() == "participant_id\nsub-01\n"
+    assert (sim / "derivatives" / "qsmprep").is_dir()

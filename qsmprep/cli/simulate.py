@@ -21,7 +21,13 @@ import numpy as np
 from scipy import fft
 
 from ..errors import QSMPrepError, UsageError
-from ..sim.bids_writer import PHASE_UNITS, made_by_simulator, write_dataset_files, write_subject
+from ..sim.bids_writer import (
+    PHASE_UNITS,
+    made_by_simulator,
+    remove_earlier_simulation,
+    write_dataset_files,
+    write_subject,
+)
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
 from ..resources import available_cores
@@ -131,6 +137,9 @@ def simulate_dataset(args):
         len(subjects), len(sessions), matrix, tuple(args.voxel_size), args.oblique,
         ", ".join(f"{t:.4g}" for t in te_s), args.b0, snr or "inf",
     )  # fmt: skip
+    replaced = remove_earlier_simulation(out_dir)
+    if replaced:
+        log.info("Replacing the %d subject(s) of the earlier simulation in %s", replaced, out_dir)
     for i, subject in enumerate(subjects):
         start = time.perf_counter()
         shape, voxel = fine if fine else (matrix, tuple(args.voxel_size))

@@ -16,6 +16,7 @@ derivative dataset it never indexes as input.
 import csv
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -106,6 +107,24 @@ def made_by_simulator(out_dir):
     except (ValueError, AttributeError):
         return False
     return any(isinstance(g, dict) and g.get("Name") == "qsmprep-simulate" for g in generated_by)
+
+
+def remove_earlier_simulation(out_dir):
+    """Delete what an earlier qsmprep-simulate run wrote into ``out_dir``, so that simulating again replaces it.
+
+    Only in a dataset the simulator made (``made_by_simulator``, with a
+    dataset_description.json): its subject folders, their ground truth and
+    participants.tsv; anything else (e.g. derivatives/qsmprep) is left.
+    Returns the number of subject folders removed.
+    """
+    out_dir = Path(out_dir)
+    if not ((out_dir / "dataset_description.json").is_file() and made_by_simulator(out_dir)):
+        return 0
+    subjects = [p for p in out_dir.glob("sub-*") if p.is_dir()]
+    for folder in [*subjects, *(out_dir / "derivatives" / "groundtruth").glob("sub-*")]:
+        shutil.rmtree(folder)
+    (out_dir / "participants.tsv").unlink(missing_ok=True)
+    return len(subjects)
 
 
 def write_subject(out_dir, subject, session, gre, phase_units="arbitrary"):
