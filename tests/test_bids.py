@@ -100,6 +100,9 @@ def test_no_input_and_bad_filter_file(tmp_path):
     with pytest.raises(UsageError, match="f.json is not valid JSON") as err:
         read_filter_file(bad)
     assert err.value.exit_code == 64
+    bad.write_text('{"megre": {"echo": 1}, "t2starw": {"acquisition": "fast"}}')  # a filter that would filter nothing
+    with pytest.raises(UsageError, match="f.json has keys qsmprep does not read \\('t2starw'\\): put the entities under"):
+        read_filter_file(bad)
 
 
 def test_four_d_multi_echo_files(tmp_path):

@@ -93,7 +93,8 @@ def read_filter_file(path):
     """Read a ``--bids-filter-file``: JSON ``{"megre": {entity: value(s)}}``.
 
     Returns the entity dict for the GRE query (empty when the key is absent).
-    Raises UsageError when the file is missing or is not such a JSON object.
+    Raises UsageError when the file is missing, is not such a JSON object, or
+    has other top-level keys (which would filter nothing).
     """
     path = Path(path)
     try:
@@ -108,6 +109,12 @@ def read_filter_file(path):
     if not isinstance(content, dict) or not isinstance(content.get(FILTER_FILE_KEY, {}), dict):
         raise UsageError(
             f'BIDS filter file {path} must be a JSON object like {{"{FILTER_FILE_KEY}": {{"acquisition": "fast"}}}}.'
+        )
+    unknown = sorted(set(content) - {FILTER_FILE_KEY})
+    if unknown:  # e.g. "t2starw" or an fMRIPrep key: it would filter nothing, and every run would be processed
+        raise UsageError(
+            f"BIDS filter file {path} has keys qsmprep does not read ({', '.join(map(repr, unknown))}): put the "
+            f'entities under "{FILTER_FILE_KEY}", which selects every gradient-echo run (MEGRE, T2starw, GRE).'
         )
     return dict(content.get(FILTER_FILE_KEY, {}))
 
