@@ -433,7 +433,8 @@ def main():
     parser.add_argument("--model", action="append", help=f"deep model name or checkpoint path, repeatable "
                                                           f"(default {DEFAULT_MODEL})")
     parser.add_argument("--refine", nargs="+", type=int, default=[0], metavar="N",
-                        help="data-consistency iterations after the network; several values give several rows")
+                        help="data-consistency iterations after the network (default 0: the network alone; deep_invert's "
+                             "default is 10); several values give several rows")
     parser.add_argument("--refine-lambda", nargs="+", type=float, metavar="L",
                         help="prior weight of the refinement (default deep_invert's); several values give several rows")
     parser.add_argument("--refine-radius", nargs="+", type=float, metavar="MM",

@@ -53,7 +53,7 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("field", type=Path, metavar="FIELD", help="local field map, NIfTI (3D; units: --units)")
-    p.add_argument("mask", type=Path, metavar="MASK", help="brain mask, NIfTI on FIELD's grid (non-zero = inside)")
+    p.add_argument("mask", type=Path, metavar="MASK", help="brain mask, NIfTI on FIELD's grid (voxels > 0 are inside)")
     p.add_argument("out", type=Path, metavar="OUT", help="output susceptibility map, .nii or .nii.gz (ppm)")
     p.add_argument("--method", required=True, choices=tuple(INVERSION_METHODS),
                    help="tkd: thresholded k-space division; cfl2: closed-form L2 with gradient regularisation; "
