@@ -107,29 +107,40 @@ def nifti_values(path, what="image"):
             "integral": integral}
 
 
-def save_nifti(path, data, affine, header=None, dtype=np.float32):
-    """Write ``data`` to ``path`` atomically: a temporary file, then a rename.
+def write_atomic(path, write, suffix=None):
+    """Create ``path`` by ``write(temporary_path)``, then a rename: no partial file is ever left at ``path``.
 
-    No partial file is ever left at ``path``, even if writing fails.
+    The temporary file lies beside ``path`` and ends in ``suffix`` (default: ``path``'s suffixes, as writers
+    such as nibabel choose the format by name); it gets the usual umask-based mode, not mkstemp's private 0600.
+    Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine, header)
-    img.set_data_dtype(dtype)
-    suffix = "".join(path.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="".join(path.suffixes) if suffix is None else suffix,
+                               dir=path.parent)
     os.close(fd)
     try:
-        # mkstemp makes the file private (0600); give it the usual umask-based mode
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        nib.save(img, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` atomically (``write_atomic``)."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_nifti(path, data, affine, header=None, dtype=np.float32):
+    """Write ``data`` to ``path`` atomically (``write_atomic``): no partial file is ever left at ``path``."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine, header)
+    img.set_data_dtype(dtype)
+    return write_atomic(path, lambda tmp: nib.save(img, tmp), suffix="".join(Path(path).suffixes) or ".nii.gz")
 
 
 def check_same_grid(ref_path, ref_img, other_path, other_img):

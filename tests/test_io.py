@@ -2,12 +2,13 @@
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qsmprep.errors import DataError, NoInputError
-from qsmprep.io import check_same_grid, load_nifti, save_nifti
+from qsmprep.io import check_same_grid, load_nifti, save_nifti, write_atomic, write_text_atomic
 
 
 def test_round_trip_and_umask_permissions(tmp_path):
@@ -20,6 +21,22 @@ def test_round_trip_and_umask_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in path.parent.iterdir()] == ["x.nii.gz"]  # no temporary left
+
+
+def test_every_atomic_write_has_umask_permissions_and_leaves_nothing_when_it_fails(tmp_path):
+    # the one writer behind NIfTI, JSON sidecars, checkpoints and qsmprep-eval --json (mkstemp alone makes 0600)
+    path = write_text_atomic(tmp_path / "metrics.json", "{}\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "{}\n" and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+    def fails(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, fails)
+    assert path.read_text() == "{}\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_missing_and_broken_files_name_the_file(tmp_path):

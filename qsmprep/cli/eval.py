@@ -5,22 +5,20 @@
         [--json OUT.json | --json -]
 
 Prints an aligned table of the metrics of ``qsmprep.metrics.evaluate``
-(docs/metrics.md); ``--json`` writes them as JSON instead ('-': standard
-output).
+(docs/metrics.md); ``--json OUT`` also writes them as JSON, ``--json -``
+prints JSON instead of the table.
 """
 
 import argparse
 import csv
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError, NoInputError, QSMPrepError, UsageError
-from ..io import check_same_grid, load_volume
+from ..io import check_same_grid, load_volume, write_text_atomic
 from ..metrics import evaluate
 from .common import run_cli
 
@@ -115,19 +113,6 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def _write_text_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args):
     """Evaluate and write the report; raises QSMPrepError for user errors."""
     if args.json not in (None, "-") and Path(args.json).is_dir():
@@ -144,7 +129,7 @@ def run(args):
         print(json.dumps(result, indent=2))
     elif args.json:
         try:
-            _write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+            write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         except OSError as exc:
             reason = exc.strerror or exc
             raise QSMPrepError(f"cannot write {args.json} ({reason}): check the directory and its permissions.") from exc

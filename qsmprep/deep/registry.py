@@ -13,8 +13,6 @@ No pickles are read or written.
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -24,29 +22,16 @@ import qsmprep
 from qsmprep.deep import METADATA_KEY, checkpoint_path, file_metadata, shipped_model_path
 from qsmprep.deep.models import ARCHITECTURES, CONVENTION_VERSION, build_model
 from qsmprep.errors import DataError, QSMPrepError
+from qsmprep.io import write_atomic, write_text_atomic
 
 FORMAT = "qsmprep-checkpoint"
-
-
-def _atomic(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_tensors(path, tensors, metadata):
     """Write ``tensors`` (name -> tensor) and JSON ``metadata`` to ``path`` atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     text = json.dumps(metadata, sort_keys=True)
-    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: text}))
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: text}))
 
 
 def read_tensors(path, device="cpu"):
@@ -90,7 +75,7 @@ def save_checkpoint(model, path, metadata=None):
     )
     path = Path(path)
     save_tensors(path, model.state_dict(), meta)
-    _atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 

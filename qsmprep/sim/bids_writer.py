@@ -15,16 +15,14 @@ derivative dataset it never indexes as input.
 
 import csv
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from .. import __version__
-from ..io import save_nifti
+from ..io import save_nifti, write_text_atomic
 from .gre import VENDOR_PHASE_MAX, phase_to_vendor_units
 from .phantom import CHI_PPM, LABELS
 
@@ -44,29 +42,8 @@ field maps in ppm, brain mask and tissue labels) are in
 """
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_text(path, text):
-    """Write ``text`` to ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path, content):
-    _write_text(path, json.dumps(content, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(content, indent=2) + "\n")
 
 
 def _scanner_header(affine):
@@ -203,18 +180,18 @@ def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name="qsmpre
         _write_json(out_dir / "dataset_description.json",
                     {"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "raw", "GeneratedBy": generated_by})  # fmt: skip
         note = f" (phase_rad = value * pi / {VENDOR_PHASE_MAX})" if phase_units == "arbitrary" else ""
-        _write_text(out_dir / "README", _README.format(name=name, version=__version__, phase_units=phase_units,
+        write_text_atomic(out_dir / "README", _README.format(name=name, version=__version__, phase_units=phase_units,
                                                        phase_note=note))
-        _write_text(out_dir / "CHANGES", f"1.0.0\n  - Simulated by qsmprep-simulate {__version__}.\n")
-        _write_text(out_dir / ".bidsignore", "derivatives/\n")
-    _write_text(out_dir / "participants.tsv", _participants(out_dir / "participants.tsv", subjects))
+        write_text_atomic(out_dir / "CHANGES", f"1.0.0\n  - Simulated by qsmprep-simulate {__version__}.\n")
+        write_text_atomic(out_dir / ".bidsignore", "derivatives/\n")
+    write_text_atomic(out_dir / "participants.tsv", _participants(out_dir / "participants.tsv", subjects))
     truth = out_dir / "derivatives" / "groundtruth"
     _write_json(truth / "dataset_description.json", {
         "Name": f"{name}: ground truth", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
         "GeneratedBy": generated_by, "SourceDatasets": [{"URL": "../../"}],
     })  # fmt: skip
     rows = ["index\tname\tchi_ppm\n"] + [f"{v}\t{k}\t{CHI_PPM[k]}\n" for k, v in LABELS.items()]
-    _write_text(truth / "dseg.tsv", "".join(rows))
+    write_text_atomic(truth / "dseg.tsv", "".join(rows))
 
 
 def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name="qsmprep simulated MEGRE"):
