@@ -205,7 +205,7 @@ def test_target_domain_directory(tmp_path):
         TargetDomainFields({"source": str(tmp_path / "absent")}, {"patch": [8] * 3}, 0, 0)
 
 
-def test_recipes_list_load_and_validate(tmp_path):
+def test_recipes_list_load_and_validate(tmp_path, monkeypatch):
     assert [n for n, _ in list_recipes()] == SHIPPED
     assert all(d for _, d in list_recipes())
     assert load_recipe("siqsm")["optim"]["lr"] == 1.5e-4
@@ -225,6 +225,10 @@ def test_recipes_list_load_and_validate(tmp_path):
     summed["loss"]["name"] = "l1"
     with pytest.raises(UsageError, match="name or terms"):
         validate_recipe(summed)
+    shipped = load_recipe("smoke")
+    (tmp_path / "smoke").mkdir()  # a run's --out folder named like the recipe does not hide it
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("smoke") == shipped
     broken = tmp_path / "broken.toml"
     broken.write_text("[model\narch = 1")
     with pytest.raises(UsageError, match="not valid TOML"):

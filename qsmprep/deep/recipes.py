@@ -50,7 +50,7 @@ def load_recipe(name_or_path, overrides=()):
     """
     text_source = str(name_or_path)
     path = Path(text_source)
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix == ".toml" or path.is_file():  # a folder named like a recipe (a run's --out) is not one
         if not path.is_file():
             raise NoInputError(f"recipe {path} does not exist: give a TOML file or one of the shipped names.")
         text = path.read_text()
