@@ -626,6 +626,20 @@ def test_a_missing_or_foreign_model_is_refused_before_any_work(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_mem_without_multiproc_warns_that_it_does_nothing(tmp_path, caplog):
+    from qsmprep.cli.run import build_parser, resolve_config
+
+    plugin = tmp_path / "slurm.yml"
+    plugin.write_text("plugin: SLURM\n")
+    base = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--inversion", "tkd", "--mem", "8"]
+    for extra, effect in ((["--nprocs", "1"], "with one process"), (["--use-plugin", str(plugin)], "with --use-plugin"),
+                          (["--nprocs", "2"], None)):
+        caplog.clear()
+        config = resolve_config(build_parser().parse_args([*base, *extra]), [*base, *extra])
+        assert ("--mem 8 has no effect" in caplog.text) == (effect is not None) and (effect or "") in caplog.text
+    assert config.plugin_args["memory_gb"] == 8  # MultiProc schedules by it
+
+
 def test_resample_b0_with_deep_alone_warns_that_it_does_nothing(tmp_path, caplog):
     from qsmprep.cli.run import build_parser, resolve_config
 

@@ -212,6 +212,10 @@ def resolve_config(args, argv):
         plugin_args = {"n_procs": nprocs, "raise_insufficient": False} if nprocs > 1 else {}
         if args.mem and nprocs > 1:
             plugin_args["memory_gb"] = args.mem
+    if args.mem and (args.use_plugin or nprocs == 1):
+        log.warning("--mem %g has no effect %s.", args.mem,
+                    "with --use-plugin: give the cluster's memory in the plugin file's plugin_args" if args.use_plugin
+                    else "with one process (--nprocs 1), which runs the nodes one at a time")
     config = Config(
         bids_dir=str(bids_dir), output_dir=str(output_dir), work_dir=str(args.work_dir.absolute()),
         analysis_level=args.analysis_level,
