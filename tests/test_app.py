@@ -335,6 +335,21 @@ def test_boilerplate_only(tmp_path, capsys):
     assert json.loads((newest / "config.json").read_text())["parameters"]["inversion"]["deep"]["refine_radius_mm"] == 0
 
 
+def test_participant_label_filter_file_and_field_strength_reach_the_run(tmp_path):
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    assert simulate.main([str(bids), "--subjects", "2", "--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8",
+                          "--echoes", "3"]) == 0
+    (tmp_path / "filter.json").write_text('{"megre": {"echo": [1, 2]}}')
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only",
+                 "--participant-label", "02", "--bids-filter-file", str(tmp_path / "filter.json"),
+                 "--b0-tesla", "7"]) == 0
+    (logs,) = out.glob("logs/*")
+    (run,) = json.loads((logs / "config.json").read_text())["runs"]
+    assert (run["subject"], run["echo_times_s"], run["b0_tesla"]) == ("02", [0.004, 0.008], 7.0)
+    assert [Path(p).name for p in run["phase"]] == [f"sub-02_echo-{e}_part-phase_MEGRE.nii.gz" for e in (1, 2)]
+    assert "The runs described here had 2 echoes (4 and 8 ms) at 7 T." in (logs / "CITATION.md").read_text()
+
+
 def test_bad_plugin_file_exits_64(tmp_path, capsys):
     plugin = tmp_path / "plugin.yml"
     plugin.write_text("plugin_args: {}\n")

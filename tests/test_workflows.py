@@ -78,6 +78,15 @@ def test_graph_for_each_option_combination(options, tilt, extra, absent):
     assert not absent & nodes
     assert {"report"} <= nodes
     assert len([n for n in nodes if n.startswith("ds_chimap_")]) == len(options["inversion"])
+    # each chosen method reaches its node, with its own parameters
+    run_wf = workflow.get_node("single_subject_01_wf").get_node("qsm_single_wf")
+    assert run_wf.get_node("total_field").inputs.unwrap == options.get("unwrap", "laplacian")
+    bgremove = options.get("bgremove", "vsharp")
+    assert run_wf.get_node("bgremove").inputs.method == bgremove
+    assert run_wf.get_node("bgremove").inputs.parameters == default_parameters("bgremove", bgremove)
+    assert run_wf.get_node("brain_mask").inputs.strategy == options.get("mask", "quality")
+    for method in options["inversion"]:
+        assert run_wf.get_node(f"invert_{method}").inputs.method == method
 
 
 def test_user_mask_node_and_subject_layout(tmp_path):

@@ -187,6 +187,15 @@ def mask_steps_without_effect(mask_params, voxel_size_mm):
     return f" At this run's voxel size ({voxel} mm) {steps} reached no neighbouring voxel and had no effect."
 
 
+def acquisition_text(run):
+    """The methods sentence on what the field and susceptibility scaling took from the run: echo times and field
+    strength (runs that differ in them get their own paragraph)."""
+    times = [f"{te * 1e3:g}" for te in run.echo_times_s]
+    listed = times[0] if len(times) == 1 else ", ".join(times[:-1]) + " and " + times[-1]
+    count = "one echo" if len(times) == 1 else f"{len(times)} echoes"
+    return f"The runs described here had {count} ({listed} ms) at {run.b0_tesla:g} T."
+
+
 def methods_description(run, config):
     """Methods text of one run's processing (paragraph, references), filled with the resolved parameters."""
     params = config.parameters
@@ -195,7 +204,7 @@ def methods_description(run, config):
     mask_params = params.get("mask", {}).get(config.mask_strategy, {})
     parts = [
         ("intro", {"version": __version__, "nipype_version": nipype.__version__, "phase_units": run.phase_units,
-                   **wording}),
+                   "acquisition": acquisition_text(run), **wording}),
         (f"mask-{config.mask_strategy}", {**mask_params, **wording, "steps_without_effect": mask_steps_without_effect(
             mask_params, voxel_size_from_affine(np.asarray(run.affine)))}),
         (f"unwrap-{config.unwrap}", wording),
