@@ -70,6 +70,8 @@ def test_units_and_b0_direction_override(inputs):
     for units, values, extra in [
         ("hz", ppm_to_hz(field, B0_TESLA), ["--b0-tesla", "3"]),
         ("rad", ppm_to_rad(field, TE_S, B0_TESLA), ["--b0-tesla", "3", "--te", "0.02"]),
+        ("hz", ppm_to_hz(field, 7.0), ["--b0-tesla", "7"]),  # the field strength is read, not assumed
+        ("rad", ppm_to_rad(field, 0.01, 7.0), ["--b0-tesla", "7", "--te", "0.01"]),
     ]:
         nib.save(nib.Nifti1Image(values.astype(np.float32), affine), paths["field"])
         assert _run(paths, "--method", "tkd", "--units", units, *extra) == 0

@@ -193,3 +193,18 @@ def test_build_loss_data_consistency_reads_the_batch():
     loss = build_loss({"name": "data_consistency", "magnitude_weights": True, "te_s": 0.02})
     assert loss(chi, None, batch).item() < 1e-10
     assert loss(torch.zeros_like(chi), None, batch).item() > 1e-6
+    # each option reaches the loss: a non-uniform magnitude and a wrong chi, against the function itself
+    torch.manual_seed(0)
+    batch["magnitude"] = torch.rand_like(chi) * 2
+    wrong = chi * 0.5
+    options = {"te_s": 0.01, "b0_tesla": 7.0, "b0_dir": [0.0, 0.6, 0.8], "pad_factor": 1.5}
+    built = build_loss({"name": "data_consistency", "magnitude_weights": True, **options})(wrong, None, batch)
+    direct = data_consistency_loss(wrong, field, batch["mask"], weights=batch["magnitude"] / batch["magnitude"].max(),
+                                   voxel_size_mm=(1.0, 1.0, 1.0), **options)
+    assert built.item() == pytest.approx(direct.item(), rel=1e-6) and direct.item() > 1e-4
+    for name in options:  # and each one changes it
+        other = build_loss({"name": "data_consistency", "magnitude_weights": True,
+                            **{k: v for k, v in options.items() if k != name}})(wrong, None, batch)
+        assert abs(other.item() - direct.item()) > 1e-4 * direct.item(), name
+    unweighted = build_loss({"name": "data_consistency", **options})(wrong, None, batch)
+    assert abs(unweighted.item() - direct.item()) > 1e-3 * direct.item()

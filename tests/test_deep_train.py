@@ -247,6 +247,29 @@ def test_cli_list_and_errors(capsys, tmp_path):
     assert "--max-minutes must be a positive" in capsys.readouterr().err
 
 
+def test_cli_trains_keeps_the_best_resumes_and_stops_in_time(tmp_path, monkeypatch):
+    import itertools
+
+    from qsmprep.deep import read_metadata
+    from qsmprep.deep import trainer as trainer_module
+
+    out, quick = tmp_path / "run", ["--device", "cpu", "--set", "train.val_every=2"]
+    assert train_main(["smoke", "--out", str(out), "--max-steps", "4", *quick]) == 0
+    assert read_metadata(out / "checkpoint.safetensors")["step"] == 4
+    rows = list(csv.DictReader((out / "validation.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    best = min(rows, key=lambda r: float(r["nrmse"]))
+    assert read_metadata(out / "best.safetensors")["step"] == int(best["step"])
+    assert read_metadata(out / "best.safetensors")["validation"]["nrmse"] == pytest.approx(float(best["nrmse"]))
+    assert train_main(["smoke", "--out", str(out), "--max-steps", "6", "--resume", *quick]) == 0
+    assert read_metadata(out / "checkpoint.safetensors")["step"] == 6
+    # --max-minutes: a clock that runs an hour per reading stops a 30-minute run after its first step, saved
+    clock = itertools.count(0.0, 3600.0)
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: next(clock))
+    assert train_main(["smoke", "--out", str(tmp_path / "timed"), "--max-minutes", "30", *quick]) == 0
+    assert read_metadata(tmp_path / "timed" / "checkpoint.safetensors")["step"] == 1
+
+
 def test_recipe_overrides():
     recipe = load_recipe("jochmann", ["train.batch_size=2", "optim.lr = 3e-4", "augment.amplitude=[0.5, 2.0]"])
     assert recipe["train"]["batch_size"] == 2

@@ -56,6 +56,10 @@ def test_noiseless_signal_follows_the_model(phantom, noiseless):
     at7 = simulate_gre(phantom, te_s=(0.01,), b0_tesla=7.0, snr=None)
     np.testing.assert_allclose(at7.magnitude[..., 0], phantom.proton_density * np.exp(-phantom.r2star_hz * 7 / 3 * 0.01),
                                rtol=1e-5, atol=1e-6)  # fmt: skip
+    # and the phase evolves 7/3 times faster: the field in ppm is the same, in rad it scales with B0
+    error = wrap(at7.phase_rad[..., 0] - at7.phase_offset_rad - ppm_to_rad(at7.total_field_ppm, 0.01, 7.0))
+    assert np.abs(error[phantom.proton_density > 0.1]).max() < 1e-3
+    np.testing.assert_allclose(at7.total_field_ppm, noiseless.total_field_ppm, atol=1e-6)
 
 
 def test_noise_is_complex_gaussian_at_the_requested_snr(phantom, noiseless):
@@ -244,3 +248,23 @@ def test_simulating_again_replaces_the_earlier_simulation(tmp_path):
     assert [p.name for p in truth.glob("sub-*")] == ["sub-01"] and not (truth / "sub-01" / "anat").exists()
     assert (sim / "participants.tsv").read_text() == "participant_id\nsub-01\n"
     assert (sim / "derivatives" / "qsmprep").is_dir()
+
+
+def test_cli_snr_field_strength_and_phase_units_reach_the_images(tmp_path):
+    out = tmp_path / "ds"
+    assert main([str(out), "--matrix", "24", "24", "24", "--voxel-size", "8", "8", "8", "--echoes", "1",
+                 "--te-first", "0.004", "--snr", "20", "--b0", "7", "--phase-units", "rad", "--no-phase-offset"]) == 0
+    anat, truth = out / "sub-01" / "anat", out / "derivatives" / "groundtruth" / "sub-01" / "anat"
+    magnitude = nib.load(anat / "sub-01_part-mag_T2starw.nii.gz").get_fdata()
+    phase = nib.load(anat / "sub-01_part-phase_T2starw.nii.gz").get_fdata()
+    labels = nib.load(truth / "sub-01_dseg.nii.gz").get_fdata()
+    brain = nib.load(truth / "sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
+    # SNR 20 of the brain's mean magnitude: the air is Rayleigh noise of mean sigma sqrt(pi / 2)
+    sigma = magnitude[brain].mean() / 20
+    assert magnitude[labels == LABELS["background"]].mean() == pytest.approx(sigma * np.sqrt(np.pi / 2), rel=0.1)
+    # phase in rad at 7 T: the true total field (ppm) at 4 ms, within the noise (about 1 / SNR rad in the brain)
+    total = nib.load(truth / "sub-01_desc-total_fieldmap.nii.gz").get_fdata()
+    error = np.angle(np.exp(1j * (phase - ppm_to_rad(total, 0.004, 7.0))))[brain]
+    assert np.median(np.abs(error)) < 0.1
+    assert np.median(np.abs(np.angle(np.exp(1j * (phase - ppm_to_rad(total, 0.004, 3.0))))[brain])) > 0.3
+    assert json.loads((anat / "sub-01_part-phase_T2starw.json").read_text())["MagneticFieldStrength"] == 7
