@@ -182,6 +182,13 @@ def test_sidecars(runs):
             for uri in meta["Sources"]:
                 assert uri.startswith("bids:raw:") and (bids / uri.removeprefix("bids:raw:")).is_file()
             assert meta["B0Direction"] == pytest.approx(b0_dir_from_affine(affine), abs=1e-6)
+            assert (method == "deep") == ("DeepModel" in meta)
+        # the deep map says which weights made it and where its network ran: the 1 mm frame of the shipped model
+        deep = json.loads((out / folder / f"{name}_desc-deep_Chimap.json").read_text())
+        shipped = resources.files("qsmprep") / "data" / "models" / "qsmprep-cfl2unet.safetensors"
+        assert deep["DeepModel"]["Name"] == "qsmprep-cfl2unet" and deep["DeepModel"]["TrainingSteps"] == 15800
+        assert deep["DeepModel"]["SHA256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+        assert deep["ResampledToModelFrame"] is True and deep["ModelFrameVoxelSizeMm"] == [1.0, 1.0, 1.0]
         total = json.loads((out / folder / f"{name}_desc-total_fieldmap.json").read_text())
         local = json.loads((out / folder / f"{name}_desc-local_fieldmap.json").read_text())
         assert total["Units"] == "Hz" and local["Units"] == "ppm"
@@ -325,7 +332,10 @@ def test_boilerplate_only(tmp_path, capsys):
     (command,) = out.glob("logs/*/command.txt")
     assert command.read_text().startswith("qsmprep ") and "--boilerplate-only" in command.read_text()
     assert "refined by 10 conjugate-gradient iterations" in text and "0.05 times" in text
-    assert "computed by the deep neural network qsmprep-cfl2unet shipped with qsmprep (see its model card)" in text
+    shipped = resources.files("qsmprep") / "data" / "models" / "qsmprep-cfl2unet.safetensors"
+    sha = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert "computed by the deep neural network qsmprep-cfl2unet shipped with qsmprep (qsmprep default: U-Net" in text
+    assert f"; 15800 training steps; weights SHA-256 {sha[:12]}; see its model card)" in text
     # the pipeline's default high-pass (8 mm) reaches the deep node's parameters and the methods text; 0 turns it off
     assert "spherical mean over 8 mm subtracted" in text
     assert json.loads(citation.with_name("config.json").read_text())["parameters"]["inversion"]["deep"]["refine_radius_mm"] == 8
@@ -621,6 +631,10 @@ def test_a_trained_checkpoint_and_the_deep_options_reach_the_pipelines_inversion
     assert (config["refine_iters"], config["refine_lambda"], config["refine_radius_mm"]) == (3, 0.2, 0)
     text = next(out.glob("logs/*/CITATION.md")).read_text()
     assert "a deep neural network from the checkpoint net.safetensors (a test network; 7 training steps" in text
+    sidecar = json.loads((anat / "sub-01_desc-deep_Chimap.json").read_text())
+    sha = hashlib.sha256((tmp_path / "net.safetensors").read_bytes()).hexdigest()
+    assert sidecar["DeepModel"]["SHA256"] == sha and f"weights SHA-256 {sha[:12]})" in text
+    assert sidecar["ResampledToModelFrame"] is False and sidecar["ModelFrameVoxelSizeMm"] is None  # trained at 6 mm
     assert "refined by 3 conjugate-gradient iterations" in text and "spherical mean" not in text
     # retrained in place: the same path with other weights re-runs the inversion instead of reusing its cache
     _small_checkpoint(tmp_path / "net.safetensors", (6.0, 6.0, 6.0), seed=1)

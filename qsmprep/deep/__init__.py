@@ -4,6 +4,7 @@ Submodules are imported explicitly (``from qsmprep.deep import losses``) so
 that importing this package stays cheap and does not pull in PyTorch.
 """
 
+import hashlib
 import json
 import os
 from importlib import resources
@@ -61,3 +62,14 @@ def file_metadata(path):
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise DataError(f"checkpoint {path} has unreadable metadata ({exc}).") from exc
+
+
+def model_provenance(name_or_path):
+    """What identifies the weights a map came from: the model's name or file, the file's SHA-256, and the
+    training step, recipe description and qsmprep version the checkpoint records (None where it records none)."""
+    path = checkpoint_path(name_or_path)
+    meta = file_metadata(path)
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    return {"Name": str(name_or_path), "SHA256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "TrainingSteps": meta.get("step"), "Recipe": recipe.get("description"),
+            "TrainedWithQsmprep": meta.get("qsmprep_version")}

@@ -13,6 +13,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 from ..bgremove.vsharp import default_radii_mm
 from ..bids.derivatives import OUTPUTS, bids_uri
 from ..config import ALGORITHM_NAMES, B0_RESAMPLE_TILT_DEG
+from ..deep import model_provenance
 from ..interfaces.bids import DerivativesDataSink
 from ..physics import voxel_size_from_affine
 
@@ -39,11 +40,13 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
                 "Description": "brain mask after the erosion of background field removal: where the local "
                                "field and Chimap are defined"}
     if output == "total_field":
-        return {**common, "UnwrappingMethod": config.unwrap,
-                "Description": "total field (Hz) from unwrapped, echo-combined phase; 0 outside the mask"}
+        return {**common, "UnwrappingMethod": config.unwrap, "SkullStripped": True,
+                "Description": "total field (Hz) from unwrapped, echo-combined phase, in the brain mask before "
+                               "background field removal's erosion; 0 outside it"}
     if output == "local_field":
-        return {**common, "BackgroundFieldRemoval": bgremove,
-                "Description": "local (tissue) field in ppm of B0 after background field removal"}
+        return {**common, "BackgroundFieldRemoval": bgremove, "SkullStripped": True,
+                "Description": "local (tissue) field in ppm of B0 after background field removal; 0 outside "
+                               "the brain mask (desc-brain_mask)"}
     metadata = {
         **common,
         "EstimationAlgorithm": ALGORITHM_NAMES[method],
@@ -58,9 +61,17 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
         "ResampledToB0AlignedGrid": bool(resampled),
         "ReferenceRegion": REFERENCING,
         "SkullStripped": True,
+        "Description": f"magnetic susceptibility (ppm) by {ALGORITHM_NAMES[method]}; 0 outside the brain mask",
     }
     if resampled:
         metadata["ResampleThresholdDegrees"] = B0_RESAMPLE_TILT_DEG
+    if method == "deep":
+        from .qsm import deep_model_options, deep_network_frame  # qsm builds these sinks: imported when used
+
+        metadata["DeepModel"] = model_provenance(deep_model_options(config)[0])
+        aligned, target_vs = deep_network_frame(run, config) or (None, None)
+        metadata["ResampledToModelFrame"] = aligned
+        metadata["ModelFrameVoxelSizeMm"] = [float(v) for v in target_vs] if target_vs else None
     return metadata
 
 

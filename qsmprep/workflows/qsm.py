@@ -11,7 +11,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
 from ..bids.discovery import ENTITY_KEYS
-from ..deep import checkpoint_path, read_metadata, shipped_model_path
+from ..deep import checkpoint_path, model_provenance, read_metadata, shipped_model_path
 from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
 from ..interfaces.gre import PhaseToRad, StackEchoes
@@ -110,19 +110,30 @@ def read_boilerplate(key, **context):
     return body.strip().format(**context), [r.strip() for r in refs.strip().splitlines() if r.strip()]
 
 
-def deep_frame_text(run, config):
-    """The methods sentence on where this run's deep network ran: on the acquisition grid, or resampled into its
-    model's frame (``deep_invert``'s ``network_frame``) and back, with a trailing space; empty when the model
-    cannot be read (its node reports that)."""
+def deep_network_frame(run, config):
+    """Where this run's deep network runs, ``deep_invert``'s ``network_frame``: (resampled into the model's
+    B0-aligned frame, that frame's voxel size in mm or None for the acquisition's); None when the model cannot be
+    read (its node reports that)."""
     from ..errors import QSMPrepError
-    from ..inversion.deep import OBLIQUE_THRESHOLD_DEG, RESAMPLE_ORDER, network_frame
+    from ..inversion.deep import network_frame
 
     model, tolerance = deep_model_options(config)
     try:
-        aligned, target_vs = network_frame(voxel_size_from_affine(np.asarray(run.affine)), run_b0_dir(run, config),
-                                           read_metadata(model), tolerance)
+        return network_frame(voxel_size_from_affine(np.asarray(run.affine)), run_b0_dir(run, config),
+                             read_metadata(model), tolerance)
     except QSMPrepError:
+        return None
+
+
+def deep_frame_text(run, config):
+    """The methods sentence on where this run's deep network ran (``deep_network_frame``): on the acquisition
+    grid, or resampled into its model's frame and back, with a trailing space; empty when the model cannot be read."""
+    from ..inversion.deep import OBLIQUE_THRESHOLD_DEG, RESAMPLE_ORDER
+
+    frame = deep_network_frame(run, config)
+    if frame is None:
         return ""
+    (aligned, target_vs), tolerance = frame, deep_model_options(config)[1]
     if not aligned:
         return (f"The network ran on the acquisition grid (B0 within {OBLIQUE_THRESHOLD_DEG:g} degrees of its third "
                 f"axis, voxel size within {tolerance:.0%} of the model's or taken as an input). ")
@@ -134,16 +145,15 @@ def deep_frame_text(run, config):
 
 
 def deep_model_text(model):
-    """The methods phrase naming the deep model: a shipped one by name (its model card is in docs/models/); a
-    checkpoint by file name, with the recipe description, training steps and qsmprep version it records."""
-    if checkpoint_path(model) == shipped_model_path(model):
-        return f"the deep neural network {model} shipped with qsmprep (see its model card)"
-    meta = read_metadata(model)
-    recipe = meta.get("recipe") or {}
-    described = f"{recipe['description']}; " if recipe.get("description") else ""
-    steps = f"{meta['step']} training steps, " if "step" in meta else ""
-    return (f"a deep neural network from the checkpoint {checkpoint_path(model).name} ({described}{steps}"
-            f"{meta.get('arch', 'unknown')} architecture, trained with qsmprep {meta.get('qsmprep_version', '?')})")
+    """The methods phrase naming the deep model, a shipped one by name (its model card is in docs/models/), a
+    checkpoint by file name, with what identifies its weights (``model_provenance``)."""
+    shipped = checkpoint_path(model) == shipped_model_path(model)
+    known = model_provenance(model)
+    details = [known["Recipe"], known["TrainingSteps"] is not None and f"{known['TrainingSteps']} training steps",
+               f"weights SHA-256 {known['SHA256'][:12]}", shipped and "see its model card"]
+    what = (f"the deep neural network {model} shipped with qsmprep" if shipped
+            else f"a deep neural network from the checkpoint {checkpoint_path(model).name}")
+    return f"{what} ({'; '.join(d for d in details if d)})"
 
 
 def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, refine_tv_weight=0.0, **_):
