@@ -26,17 +26,21 @@ def load_nifti(path, what="image"):
 
     Raises
     ------
-    NoInputError if the file is missing or unreadable; DataError if its data
-    cannot be decoded.
+    NoInputError if the file is missing or unreadable; DataError if it holds
+    complex values.
     """
     path = Path(path)
     if not path.is_file():
         raise NoInputError(f"{what} {path} does not exist: check the path.")
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        complex_values = np.issubdtype(img.get_data_dtype(), np.complexfloating)
+        data = None if complex_values else np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for broken files
         raise NoInputError(f"{what} {path} is not a readable NIfTI file ({exc}): re-export it as .nii or .nii.gz.") from exc
+    if complex_values:  # a cast to float32 would keep the real part, silently
+        raise DataError(f"{what} {path} holds complex values: give a real image (the phase, angle(z), or the "
+                        "magnitude, |z|, each as its own file).")
     return data, img.affine, img.header
 
 
@@ -46,6 +50,7 @@ def load_volume(path, what="image"):
     data, affine, header = load_nifti(path, what)
     if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
         raise DataError(f"{what} {path} has shape {data.shape}: give a single 3D volume.")
+
     return data.reshape(data.shape[:3]), affine, header
 
 

@@ -247,7 +247,8 @@ def test_version(capsys):
         (["--b0-dir", "0", "0", "0"], "--b0-dir must be a non-zero vector"),
         (["--b0-dir", "0", "0", "1", "--resample-b0"], "cannot be combined with --b0-dir"),
         (["--mask", "/nonexistent/mask.nii.gz"], "neither a strategy"),
-        (["--b0-tesla", "-3"], "--b0-tesla must be positive"),
+        (["--b0-tesla", "-3"], "--b0-tesla is the field strength in tesla"),
+        (["--b0-tesla", "3000"], "got 3000 (it looks like millitesla)"),
         (["--nprocs", "0"], "--nprocs must be at least 1"),
         (["--inversion", "tkd", "--refine-radius", "8"], "--refine-radius applies to the deep inversion, not --inversion tkd"),
         (["--refine-radius", "-1"], "--refine-radius must be 0 (off) or a radius in mm"),
@@ -416,10 +417,23 @@ def _truncated_phase(anat):
 def _broken_sidecar(anat):
     path = anat / "sub-01_echo-1_part-phase_MEGRE.json"
     path.write_text('{"EchoTime": 0.004, "Units": "rad",}')
-    return path, ["is not valid JSON", "fix its syntax"]
+    return path, ["is not valid JSON", "fix it"]
 
 
-@pytest.mark.parametrize("breaks", [_nan_phase, _degrees_phase, _truncated_phase, _broken_sidecar])
+def _listed_sidecar(anat):
+    path = anat / "sub-01_echo-1_part-phase_MEGRE.json"
+    path.write_text(f"[{path.read_text()}]")
+    return path, ["holds a JSON list, not an object", "every sidecar must be a JSON object"]
+
+
+def _millitesla_sidecars(anat):
+    for sidecar in anat.glob("*.json"):
+        sidecar.write_text(sidecar.read_text().replace('"MagneticFieldStrength": 3', '"MagneticFieldStrength": 3000'))
+    return anat / "sub-01_echo-1_part-mag_MEGRE.json", ["MagneticFieldStrength 3000", "looks like millitesla"]
+
+
+@pytest.mark.parametrize("breaks", [_nan_phase, _degrees_phase, _truncated_phase, _broken_sidecar, _listed_sidecar,
+                                    _millitesla_sidecars])
 def test_bad_input_data_exits_65_before_writing_anything(tmp_path, capsys, breaks):
     bids = _tiny_dataset(tmp_path / "bids")
     bad_file, texts = breaks(bids / "sub-01" / "anat")

@@ -209,7 +209,7 @@ def test_grid_mismatch_is_reported_and_other_runs_proceed(tmp_path):
 def test_user_mask_file_and_folder(tmp_path):
     make_run(tmp_path / "bids")
     (run,) = discover_runs(tmp_path / "bids")
-    good = _write_image(tmp_path / "m.nii.gz")
+    good = _write_data(tmp_path / "m.nii.gz", (_ramp(-1, 1) > 0).astype(np.uint8))
     (checked,), _ = validate_runs([run], mask=good)
     assert checked.mask == str(good)
     bad = _write_image(tmp_path / "bad.nii.gz", (5, 5, 5))
@@ -218,7 +218,8 @@ def test_user_mask_file_and_folder(tmp_path):
     deriv = tmp_path / "deriv"
     _, (problem,) = validate_runs([run], mask=deriv)
     assert "no mask for sub-01" in problem.message
-    found = _write_image(deriv / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz")
+    (deriv / "sub-01" / "anat").mkdir(parents=True)
+    found = _write_data(deriv / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz", (_ramp(-1, 1) > 0).astype(np.uint8))
     (checked,), _ = validate_runs([run], mask=deriv)
     assert checked.mask == str(found)
 
@@ -359,9 +360,18 @@ def test_user_mask_must_be_3d_and_readable(tmp_path):
     four_d = _write_image(tmp_path / "m4d.nii.gz", (6, 6, 5, 2))
     _, (problem,) = validate_runs([run], mask=four_d)
     assert problem.file == str(four_d) and "has shape (6, 6, 5, 2): give a single 3D mask" in problem.message
-    _write_image(tmp_path / "singleton.nii.gz", (6, 6, 5, 1))
+    _write_data(tmp_path / "singleton.nii.gz", (_ramp(-1, 1, shape=(6, 6, 5, 1)) > 0).astype(np.uint8))
     (checked,), _ = validate_runs([run], mask=tmp_path / "singleton.nii.gz")
     assert checked.mask.endswith("singleton.nii.gz")
+    # a mask that would select nothing, or everything a threshold > 0 keeps, is refused before any work
+    for name, data, message in (
+        ("empty", np.zeros((6, 6, 5)), "is empty (no voxel > 0): give a mask that covers the brain"),
+        ("nan", np.where(_ramp(-1, 1) > 0, 1.0, np.nan), "has 90 NaN or infinite voxels"),
+        ("probability", _ramp(0.05, 1), "not whole numbers: give a binary brain mask (threshold a probability map"),
+    ):
+        bad = _write_data(tmp_path / f"{name}.nii.gz", data.astype(np.float32))
+        _, (problem,) = validate_runs([run], mask=bad)
+        assert problem.file == str(bad) and message in problem.message, name
     truncated = _write_data(tmp_path / "cut.nii.gz", _ramp(0, 1, shape=(6, 6, 5)))
     truncated.write_bytes(truncated.read_bytes()[:-40])
     _, (problem,) = validate_runs([run], mask=truncated)
@@ -375,7 +385,7 @@ def test_invalid_json_sidecar_names_the_file(tmp_path):
     with pytest.raises(DataError) as err:
         discover_runs(tmp_path)
     assert err.value.exit_code == 65
-    assert f"JSON sidecar {sidecar} is not valid JSON" in str(err.value) and "fix its syntax" in str(err.value)
+    assert f"JSON sidecar {sidecar} is not valid JSON" in str(err.value) and "fix it" in str(err.value)
 
 
 def test_unknown_session_and_unreadable_filter_file(tmp_path):

@@ -124,6 +124,14 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
     outside[0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(outside, affine), paths["field"])
     assert _run(paths, "--method", "tkd") == 0 and np.isfinite(nib.load(paths["out"]).get_fdata()).all()
+    paths["out"].unlink()
+    # FIELD and MASK swapped: a mask that is not whole numbers is refused, not inverted everywhere
+    nib.save(nib.Nifti1Image(field, affine), paths["mask"])
+    _expect_error(capsys, paths, 65, [str(paths["mask"]), "not whole numbers", "perhaps the field map"], "--method", "tkd")
+    # a complex field is refused, not cast to its real part
+    nib.save(nib.Nifti1Image(mask.astype(np.float32), affine), paths["mask"])
+    nib.save(nib.Nifti1Image((field * (1 + 1j)).astype(np.complex64), affine), paths["field"])
+    _expect_error(capsys, paths, 65, [str(paths["field"]), "holds complex values"], "--method", "tkd")
 
 
 @pytest.mark.parametrize(

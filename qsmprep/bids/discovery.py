@@ -135,16 +135,19 @@ PYBIDS_IGNORED = ("code", "derivatives", "models", "sourcedata", "stimuli")
 
 
 def invalid_json_file(bids_dir):
-    """(path, error) of the first JSON file pybids would read in ``bids_dir`` that is not valid JSON, or None."""
+    """(path, what is wrong) of the first JSON file pybids would read in ``bids_dir`` that is not a valid JSON
+    object, or None."""
     bids_dir = Path(bids_dir)
     for path in sorted(bids_dir.rglob("*.json")):
         rel = path.relative_to(bids_dir).parts
         if rel[0] in PYBIDS_IGNORED or any(part.startswith(".") for part in rel):
             continue
         try:
-            json.loads(path.read_text())
+            content = json.loads(path.read_text())
         except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            return path, exc
+            return path, f"is not valid JSON ({exc})"
+        if not isinstance(content, dict):
+            return path, f"holds a JSON {type(content).__name__}, not an object"
     return None
 
 
@@ -186,13 +189,13 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
         raise NoInputError(f"BIDS directory {bids_dir} does not exist: check the first positional argument.")
     try:
         layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False)
-    except (OSError, ValueError) as exc:  # pybids wraps a JSON syntax error of a sidecar in an OSError
+    except (OSError, ValueError, TypeError) as exc:  # pybids wraps a sidecar's JSON syntax error in an OSError
         found = invalid_json_file(bids_dir)
         if found is None:
             raise
-        path, error = found
-        raise DataError(f"JSON sidecar {path} is not valid JSON ({error}): fix its syntax (e.g. a trailing comma "
-                        "or a missing quote); every sidecar must be a JSON object.") from exc
+        path, problem = found
+        raise DataError(f"JSON sidecar {path} {problem}: fix it (e.g. a trailing comma, a missing quote, or a list "
+                        "around the object); every sidecar must be a JSON object {...}.") from exc
     query = {"suffix": list(GRE_SUFFIXES), "part": ["mag", "phase"], "extension": [".nii", ".nii.gz"]}
     query.update(bids_filters or {})
     if participant_label:

@@ -268,12 +268,23 @@ def _mask_problem(run, mask_file, grid):
         check_same_grid(run.magnitude[0], grid, mask_file, (shape, affine))
         if any(n != 1 for n in shape[3:]):
             return f"mask {mask_file} has shape {shape}: give a single 3D mask (non-zero = brain)."
-        nifti_values(mask_file, "mask")
+        values = nifti_values(mask_file, "mask")
     except (DataError, NoInputError) as exc:
         return str(exc)
     except Exception as exc:  # nibabel raises many types for unreadable files
         return f"mask {mask_file} is not a readable NIfTI image ({exc}): re-export it as .nii or .nii.gz."
+    if values["nonfinite"]:
+        return f"mask {mask_file} has {values['nonfinite']} NaN or infinite voxels: give a binary brain mask."
+    if values["max"] is None or values["max"] <= 0:
+        return f"mask {mask_file} is empty (no voxel > 0): give a mask that covers the brain."
+    if not values["integral"]:
+        return (f"mask {mask_file} has values that are not whole numbers: give a binary brain mask (threshold a "
+                "probability map first).")
     return None
+
+
+MAX_PLAUSIBLE_B0_TESLA = 30.0
+"""Largest field strength (T) taken as such: MRI magnets reach about 21 T; 3000 is 3 T written in millitesla."""
 
 
 def _b0_tesla(run, b0_tesla, problems):
@@ -294,10 +305,12 @@ def _b0_tesla(run, b0_tesla, problems):
                    "--b0-tesla.")
     else:
         ((value, names),) = files.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_PLAUSIBLE_B0_TESLA:
             return float(value)
+        hint = (" (it looks like millitesla)" if isinstance(value, (int, float)) and value > MAX_PLAUSIBLE_B0_TESLA
+                else "")
         file, message = names[0], (f"{_sidecar(names[0])}: MagneticFieldStrength {value!r} is not a field strength in "
-                                   "tesla: write a positive number, e.g. 3, or pass --b0-tesla.")
+                                   f"tesla{hint}: write a positive number, e.g. 3, or pass --b0-tesla.")
     problems.append(Problem(run.subject, run.name, str(file), message))
     return None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bids.validation import MAX_PLAUSIBLE_B0_TESLA
 from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE
@@ -93,8 +94,9 @@ def _check_options(args):
         raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by 32), got {args.tile}.")
     if args.units in ("hz", "rad") and args.b0_tesla is None:
         raise UsageError(f"--units {args.units} needs the field strength: add --b0-tesla (in T, e.g. 3).")
-    if args.b0_tesla is not None and not args.b0_tesla > 0:
-        raise UsageError(f"--b0-tesla must be a positive field strength in T (e.g. 3), got {args.b0_tesla}.")
+    if args.b0_tesla is not None and not 0 < args.b0_tesla <= MAX_PLAUSIBLE_B0_TESLA:
+        hint = " (it looks like millitesla)" if args.b0_tesla > MAX_PLAUSIBLE_B0_TESLA else ""
+        raise UsageError(f"--b0-tesla must be a positive field strength in T (e.g. 3), got {args.b0_tesla}{hint}.")
     if args.units == "rad" and args.te is None:
         raise UsageError("--units rad needs the echo time of the phase: add --te (in s, e.g. 0.02).")
     if args.te is not None and not 0 < args.te <= MAX_PLAUSIBLE_TE_S:
@@ -115,6 +117,11 @@ def _load_inputs(args):
     field, affine, header = load_volume(args.field, "field map")
     mask, mask_affine, _ = load_volume(args.mask, "mask")
     check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine))
+    not_labels = mask[mask != np.round(mask)]  # NaN included
+    if not_labels.size:
+        raise DataError(f"mask {args.mask} has {not_labels.size} voxels that are not whole numbers (e.g. "
+                        f"{not_labels[0]:g}): give a binary brain mask (threshold a probability map first); is MASK "
+                        "perhaps the field map?")
     inside = mask > 0
     if not inside.any():
         raise DataError(f"mask {args.mask} is empty (no voxel > 0): give a brain mask.")
