@@ -446,6 +446,23 @@ def test_bad_input_data_exits_65_before_writing_anything(tmp_path, capsys, break
     assert not out.exists() and not (tmp_path / "w").exists()  # no partial derivatives, no work started
 
 
+def test_echo_times_that_do_not_match_their_images_are_refused(tmp_path, capsys):
+    """Sidecars of echoes 1 and 3 swapped: processed as labelled, the field (and the map) would change sign."""
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6", "--echoes", "3"]) == 0
+    anat = bids / "sub-01" / "anat"
+    for part in ("mag", "phase"):
+        first, third = (anat / f"sub-01_echo-{e}_part-{part}_MEGRE.json" for e in (1, 3))
+        texts = first.read_text(), third.read_text()
+        first.write_text(texts[0].replace('"EchoTime": 0.004', '"EchoTime": 0.012'))
+        third.write_text(texts[1].replace('"EchoTime": 0.012', '"EchoTime": 0.004'))
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--inversion", "tkd"]) == 65
+    err = capsys.readouterr().err
+    assert "the magnitude rises by" in err and "sub-01_echo-3_part-mag_MEGRE.json" in err and "fix the sidecars" in err
+    assert not out.exists()
+
+
 def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys):
     import torch
 

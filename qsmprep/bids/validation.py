@@ -335,6 +335,34 @@ def user_mask_for_run(run, mask):
     return None
 
 
+MAX_MAGNITUDE_RISE = 1.05
+"""Largest median ratio of the magnitude at one echo time to the previous one taken as T2* decay with noise."""
+
+
+def _magnitude_decay(run, echo_times, problems):
+    """Report a magnitude that rises with echo time: T2* decay makes it fall, so the EchoTime values do not
+    belong to their images (sidecars swapped or mislabelled), which would flip the field's sign silently."""
+    import numpy as np
+
+    from ..io import load_nifti, load_volume
+
+    if run.multi_echo_4d:
+        volumes = np.moveaxis(load_nifti(run.magnitude[0], "magnitude image")[0], -1, 0)
+        files = list(run.magnitude) * len(echo_times)
+    else:
+        volumes = [load_volume(f, "magnitude image")[0] for f in run.magnitude]
+        files = list(run.magnitude)
+    signal = volumes[0] > np.median(volumes[0])  # tissue, not air
+    for k in range(len(echo_times) - 1):
+        ratio = float(np.median(volumes[k + 1][signal] / np.maximum(volumes[k][signal], 1e-12)))
+        if ratio > MAX_MAGNITUDE_RISE:
+            problems.append(Problem(run.subject, run.name, str(files[k + 1]), (
+                f"{run.name}: the magnitude rises by {ratio - 1:.0%} from echo time {echo_times[k] * 1e3:g} ms "
+                f"({_sidecar(files[k])}) to {echo_times[k + 1] * 1e3:g} ms ({_sidecar(files[k + 1])}), where T2* "
+                "decay makes it fall: the EchoTime values do not match their images; fix the sidecars.")))
+            return
+
+
 def validate_run(run, b0_tesla=None, mask=None):
     """Check one run; return (validated run or None, list of Problem).
 
@@ -368,6 +396,8 @@ def validate_run(run, b0_tesla=None, mask=None):
     grid = _grid(run, len(echo_times), problems) if echo_times is not None else None
     if grid is not None:
         _values(run, units, problems)
+    if grid is not None and not problems and len(echo_times) > 1:
+        _magnitude_decay(run, echo_times, problems)
     b0 = _b0_tesla(run, b0_tesla, problems)
     mask_file = None
     if mask is not None and grid is not None:
