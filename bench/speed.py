@@ -126,7 +126,8 @@ def main():
     parser.add_argument("--sizes", nargs="+", type=int, default=[160, 256])
     parser.add_argument("--threads", type=int, default=0, help="cores per run (default: all visible)")
     parser.add_argument("--model", action="append", help=f"deep model, repeatable (default {DEFAULT_MODEL})")
-    parser.add_argument("--refine", type=int, default=0, help="deep data-consistency iterations (default 0: the network alone; deep_invert's default is 10)")
+    parser.add_argument("--refine", type=int, default=0,
+                        help="deep data-consistency iterations (default 0: the network alone; deep_invert's default is 10)")
     parser.add_argument("--refine-tv", type=float, default=0.0, metavar="A",
                         help="deep: total-variation weight of the refinement, ppm mm (default 0: off)")
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],

@@ -50,7 +50,6 @@ def load_volume(path, what="image"):
     data, affine, header = load_nifti(path, what)
     if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
         raise DataError(f"{what} {path} has shape {data.shape}: give a single 3D volume.")
-
     return data.reshape(data.shape[:3]), affine, header
 
 

@@ -287,6 +287,12 @@ MAX_PLAUSIBLE_B0_TESLA = 30.0
 """Largest field strength (T) taken as such: MRI magnets reach about 21 T; 3000 is 3 T written in millitesla."""
 
 
+def millitesla_hint(value):
+    """" (it looks like millitesla)" for a number over ``MAX_PLAUSIBLE_B0_TESLA``, else ""."""
+    plausible = not isinstance(value, (int, float)) or isinstance(value, bool) or value <= MAX_PLAUSIBLE_B0_TESLA
+    return "" if plausible else " (it looks like millitesla)"
+
+
 def _b0_tesla(run, b0_tesla, problems):
     if b0_tesla is not None:
         return float(b0_tesla)
@@ -307,10 +313,9 @@ def _b0_tesla(run, b0_tesla, problems):
         ((value, names),) = files.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_PLAUSIBLE_B0_TESLA:
             return float(value)
-        hint = (" (it looks like millitesla)" if isinstance(value, (int, float)) and value > MAX_PLAUSIBLE_B0_TESLA
-                else "")
         file, message = names[0], (f"{_sidecar(names[0])}: MagneticFieldStrength {value!r} is not a field strength in "
-                                   f"tesla{hint}: write a positive number, e.g. 3, or pass --b0-tesla.")
+                                   f"tesla{millitesla_hint(value)}: write a positive number, e.g. 3, or pass "
+                                   "--b0-tesla.")
     problems.append(Problem(run.subject, run.name, str(file), message))
     return None
 
@@ -352,13 +357,14 @@ def _magnitude_decay(run, echo_times, problems):
     else:
         volumes = [load_volume(f, "magnitude image")[0] for f in run.magnitude]
         files = list(run.magnitude)
-    signal = volumes[0] > np.median(volumes[0])  # tissue, not air
-    for k in range(len(echo_times) - 1):
-        ratio = float(np.median(volumes[k + 1][signal] / np.maximum(volumes[k][signal], 1e-12)))
+    by_te = sorted(range(len(echo_times)), key=echo_times.__getitem__)  # a 4D file's list may run backwards
+    signal = volumes[by_te[0]] > np.median(volumes[by_te[0]])  # tissue, not air
+    for k, later in zip(by_te, by_te[1:]):
+        ratio = float(np.median(volumes[later][signal] / np.maximum(volumes[k][signal], 1e-12)))
         if ratio > MAX_MAGNITUDE_RISE:
-            problems.append(Problem(run.subject, run.name, str(files[k + 1]), (
+            problems.append(Problem(run.subject, run.name, str(files[later]), (
                 f"{run.name}: the magnitude rises by {ratio - 1:.0%} from echo time {echo_times[k] * 1e3:g} ms "
-                f"({_sidecar(files[k])}) to {echo_times[k + 1] * 1e3:g} ms ({_sidecar(files[k + 1])}), where T2* "
+                f"({_sidecar(files[k])}) to {echo_times[later] * 1e3:g} ms ({_sidecar(files[later])}), where T2* "
                 "decay makes it fall: the EchoTime values do not match their images; fix the sidecars.")))
             return
 

@@ -71,6 +71,15 @@ def add_deep_options(group, refine_radius_mm=None):
                             "(default 0: off; docs/benchmarks.md)")  # fmt: skip
 
 
+def check_b0_tesla_option(value):
+    """Raise UsageError unless ``--b0-tesla`` (None: not given) is a plausible field strength in tesla."""
+    from ..bids.validation import MAX_PLAUSIBLE_B0_TESLA, millitesla_hint
+
+    if value is not None and not 0 < value <= MAX_PLAUSIBLE_B0_TESLA:
+        raise UsageError(f"--b0-tesla is the field strength in tesla, a positive number such as 3; got "
+                         f"{value:g}{millitesla_hint(value)}.")
+
+
 def check_deep_options(args, dests, deep_chosen, choice):
     """Raise UsageError for deep options given without deep, or with values out of range.
 

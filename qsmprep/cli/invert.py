@@ -17,14 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bids.validation import MAX_PLAUSIBLE_B0_TESLA
 from ..errors import DataError, QSMPrepError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE
 from ..io import check_same_grid, load_volume, save_nifti
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
-from .common import DEEP_OPTIONS, add_deep_options, check_deep_options, run_cli, torch_on_all_cores
+from .common import (
+    DEEP_OPTIONS,
+    add_deep_options,
+    check_b0_tesla_option,
+    check_deep_options,
+    run_cli,
+    torch_on_all_cores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +100,7 @@ def _check_options(args):
         raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by 32), got {args.tile}.")
     if args.units in ("hz", "rad") and args.b0_tesla is None:
         raise UsageError(f"--units {args.units} needs the field strength: add --b0-tesla (in T, e.g. 3).")
-    if args.b0_tesla is not None and not 0 < args.b0_tesla <= MAX_PLAUSIBLE_B0_TESLA:
-        hint = " (it looks like millitesla)" if args.b0_tesla > MAX_PLAUSIBLE_B0_TESLA else ""
-        raise UsageError(f"--b0-tesla must be a positive field strength in T (e.g. 3), got {args.b0_tesla}{hint}.")
+    check_b0_tesla_option(args.b0_tesla)
     if args.units == "rad" and args.te is None:
         raise UsageError("--units rad needs the echo time of the phase: add --te (in s, e.g. 0.02).")
     if args.te is not None and not 0 < args.te <= MAX_PLAUSIBLE_TE_S:

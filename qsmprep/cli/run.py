@@ -34,10 +34,16 @@ from ..config import (
     deep_model_available,
     preset_methods,
 )
-from ..bids.validation import MAX_PLAUSIBLE_B0_TESLA
 from ..errors import DataError, QSMPrepError, UsageError
 from ..resources import available_cores
-from .common import DEEP_OPTIONS, ArgumentParser, add_deep_options, check_deep_options, quiet_on_closed_pipe
+from .common import (
+    DEEP_OPTIONS,
+    ArgumentParser,
+    add_deep_options,
+    check_b0_tesla_option,
+    check_deep_options,
+    quiet_on_closed_pipe,
+)
 
 log = logging.getLogger("qsmprep")
 
@@ -176,9 +182,7 @@ def resolve_config(args, argv):
 
         resolve_device("cuda")  # refuses at once rather than when the first run reaches the inversion
     check_deep_options(args, DEEP_OPTIONS, "deep" in inversions, f"--inversion {' '.join(inversions)}")
-    if args.b0_tesla is not None and not 0 < args.b0_tesla <= MAX_PLAUSIBLE_B0_TESLA:
-        hint = " (it looks like millitesla)" if args.b0_tesla > MAX_PLAUSIBLE_B0_TESLA else ""
-        raise UsageError(f"--b0-tesla is the field strength in tesla, e.g. 3; got {args.b0_tesla:g}{hint}.")
+    check_b0_tesla_option(args.b0_tesla)
     if args.b0_dir is not None and not any(args.b0_dir):
         raise UsageError("--b0-dir must be a non-zero vector, e.g. 0 0 1.")
     if args.b0_dir is not None and args.resample_b0:

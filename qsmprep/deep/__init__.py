@@ -64,6 +64,12 @@ def file_metadata(path):
         raise DataError(f"checkpoint {path} has unreadable metadata ({exc}).") from exc
 
 
+def is_shipped_model(name_or_path):
+    """True when ``name_or_path`` names a model shipped in the package (by name, or by its file's path)."""
+    path = checkpoint_path(name_or_path)
+    return path == shipped_model_path(path.stem)
+
+
 def model_provenance(name_or_path):
     """What identifies the weights a map came from: the model's name or file, the file's SHA-256, and the
     training step, recipe description and qsmprep version the checkpoint records (None where it records none)."""

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import qsmprep
-from qsmprep.deep import METADATA_KEY, checkpoint_path, file_metadata, shipped_model_path
+from qsmprep.deep import METADATA_KEY, checkpoint_path, file_metadata, is_shipped_model
 from qsmprep.deep.models import ARCHITECTURES, CONVENTION_VERSION, build_model
 from qsmprep.errors import DataError, QSMPrepError
 from qsmprep.io import write_atomic, write_text_atomic
@@ -139,5 +139,4 @@ def checked_model(name_or_path):
         load_model(text)
     except QSMPrepError as exc:
         raise type(exc)(f"--model {text}: {exc}") from exc
-    path = checkpoint_path(text)
-    return text if path == shipped_model_path(text) else str(path.absolute())
+    return text if is_shipped_model(text) else str(checkpoint_path(text).absolute())

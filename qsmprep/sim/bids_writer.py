@@ -181,7 +181,7 @@ def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name="qsmpre
                     {"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "raw", "GeneratedBy": generated_by})  # fmt: skip
         note = f" (phase_rad = value * pi / {VENDOR_PHASE_MAX})" if phase_units == "arbitrary" else ""
         write_text_atomic(out_dir / "README", _README.format(name=name, version=__version__, phase_units=phase_units,
-                                                       phase_note=note))
+                                                             phase_note=note))
         write_text_atomic(out_dir / "CHANGES", f"1.0.0\n  - Simulated by qsmprep-simulate {__version__}.\n")
         write_text_atomic(out_dir / ".bidsignore", "derivatives/\n")
     write_text_atomic(out_dir / "participants.tsv", _participants(out_dir / "participants.tsv", subjects))

@@ -11,7 +11,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
 from ..bids.discovery import ENTITY_KEYS
-from ..deep import checkpoint_path, model_provenance, read_metadata, shipped_model_path
+from ..deep import checkpoint_path, is_shipped_model, model_provenance, read_metadata
 from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
 from ..interfaces.gre import PhaseToRad, StackEchoes
@@ -147,7 +147,7 @@ def deep_frame_text(run, config):
 def deep_model_text(model):
     """The methods phrase naming the deep model, a shipped one by name (its model card is in docs/models/), a
     checkpoint by file name, with what identifies its weights (``model_provenance``)."""
-    shipped = checkpoint_path(model) == shipped_model_path(model)
+    shipped = is_shipped_model(model)
     known = model_provenance(model)
     details = [known["Recipe"], known["TrainingSteps"] is not None and f"{known['TrainingSteps']} training steps",
                f"weights SHA-256 {known['SHA256'][:12]}", shipped and "see its model card"]
