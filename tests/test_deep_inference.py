@@ -115,6 +115,19 @@ def test_refinement_reduces_the_data_misfit():
     np.testing.assert_array_equal(refine_data_consistency(start, field, mask, n_iter=0), start * mask)
 
 
+@pytest.mark.parametrize("options", [{}, {"harmonic_radius_mm": 4.0}, {"tv_weight": 3e-4, "n_iter": 12}])
+def test_refinement_in_torch_equals_numpy(options):
+    """A torch device (CUDA in deep_invert; here torch on the CPU) runs the refinement's FFTs and CG in torch:
+    the same map as the numpy path, to float32 round-off."""
+    chi, field, mask = _phantom()
+    start = 0.5 * chi
+    on_numpy = refine_data_consistency(start, field, mask, **options)
+    in_torch = refine_data_consistency(start, field, mask, device=torch.device("cpu"), **options)
+    assert isinstance(in_torch, np.ndarray) and in_torch.dtype == np.float32
+    np.testing.assert_allclose(in_torch, on_numpy, rtol=0, atol=1e-5 * np.abs(chi).max())
+    assert np.abs(on_numpy - start).max() > 0.1 * np.abs(chi).max()  # the refinement did change the start
+
+
 def _refinement_case(shape=(27, 25, 15), seed=0):
     """Random chi_init and field on a grid of odd fast FFT lengths.
 
@@ -386,9 +399,10 @@ def test_cuda_inversion_matches_cpu(noisy_head):
 
     fp16 has a unit roundoff of 2^-11 (4.9e-4); through the U-Net's convolutions and batch norms
     the correction it adds to the fp32 CFL2 prior can drift by a few times that, relative to its
-    range. The refinement runs on the CPU in both cases and does not amplify a change of its start
-    (its minimiser moves by lam (D^2 + lam)^-1 <= 1 times that change). So the maps should agree to
-    1 % of the true chi range (0.54 ppm here: 5.4e-3 ppm), some 20 times the fp16 roundoff.
+    range. The refinement runs in float32 on the GPU (torch.fft) and the CPU (scipy.fft), which agree
+    to float32 round-off, and does not amplify a change of its start (its minimiser moves by
+    lam (D^2 + lam)^-1 <= 1 times that change). So the maps should agree to 1 % of the true chi range
+    (0.54 ppm here: 5.4e-3 ppm), some 20 times the fp16 roundoff.
     """
     chi, field, mask = noisy_head
     tol = 1e-2 * np.ptp(chi[mask])

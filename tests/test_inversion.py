@@ -35,6 +35,19 @@ def test_cg_keeps_volume_shape_uses_x0_and_calls_back():
     assert seen and seen == list(range(1, len(seen) + 1))
 
 
+def test_cg_runs_on_torch_tensors_as_on_arrays():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    diag = rng.uniform(1.0, 4.0, (6, 7, 5)).astype(np.float32)
+    b = rng.standard_normal((6, 7, 5)).astype(np.float32)
+    on_arrays = cg(lambda v: diag * v, b, x0=np.ones_like(b), tol=0, max_iter=3)
+    diag_t = torch.from_numpy(diag)
+    on_tensors = cg(lambda v: diag_t * v, torch.from_numpy(b), x0=torch.ones(b.shape), tol=0, max_iter=3)
+    assert isinstance(on_tensors, torch.Tensor) and on_tensors.dtype == torch.float32
+    np.testing.assert_allclose(on_tensors.numpy(), on_arrays, rtol=1e-5, atol=1e-6)
+    assert np.abs(on_arrays - b / diag).max() > 1e-3  # three steps have not converged: the paths are compared
+
+
 def test_cg_stops_at_max_iter():
     a = _spd_matrix(40, 3)
     b = np.ones(40)
@@ -190,6 +203,13 @@ def test_ilsqr_gradient_operator_adjoint_and_magnitude_weighting():
     # periodic forward difference of a ramp: 1 everywhere but the wrap-around
     ramp = np.broadcast_to(np.arange(7, dtype=np.float32), (5, 6, 7)).copy()
     np.testing.assert_allclose(forward_gradient(ramp, [np.float32(1)] * 3)[2, :, :, :6], 1)
+    # torch tensors (the deep refinement's TV term on a GPU) give the same
+    torch = pytest.importorskip("torch")
+    weights_t = [torch.from_numpy(w) for w in weights]
+    np.testing.assert_allclose(forward_gradient(torch.from_numpy(u), weights_t).numpy(), forward_gradient(u, weights),
+                               atol=1e-6)
+    np.testing.assert_allclose(forward_gradient_adjoint(torch.from_numpy(g), weights_t).numpy(),
+                               forward_gradient_adjoint(g, weights), atol=1e-5)
     # a uniform magnitude is a no-op on the weights
     chi, mask = blob_phantom(shape=(48, 48, 48))
     field = forward_field_ppm(chi, (1, 1, 1), (0, 0, 1))

@@ -40,6 +40,11 @@ def test_rfft_kernel_matches_full_kernel():
     full = dipole_kernel(shape, (1, 1, 2), (0, 0.5, 1))
     half = dipole_kernel(shape, (1, 1, 2), (0, 0.5, 1), rfft=True)
     np.testing.assert_allclose(full[:, :, : half.shape[2]], half)
+    # built as a torch tensor on a device (the GPU refinement), the same kernel
+    torch = pytest.importorskip("torch")
+    on_device = dipole_kernel(shape, (1, 1, 2), (0, 0.5, 1), rfft=True, device=torch.device("cpu"))
+    assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float32
+    np.testing.assert_allclose(on_device.numpy(), half, atol=1e-7)
 
 
 @pytest.mark.parametrize("voxel_size", [(1.0, 1.0, 1.0), (0.8, 0.8, 1.6)])

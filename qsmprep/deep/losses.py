@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qsmprep.errors import UsageError
-from qsmprep.physics.forward import padded_shape
+from qsmprep.physics.forward import filter_padded, padded_shape
 from qsmprep.physics.kernel import dipole_kernel
 from qsmprep.physics.units import ppm_to_rad
 
@@ -149,15 +149,12 @@ def dipole_field_torch(chi, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0
 
     The same computation as ``qsmprep.physics.forward_field_ppm`` (kernel
     from ``qsmprep.physics.dipole_kernel``, zero padding to
-    ``padded_shape(shape, pad_factor)``, crop), in torch.fft.
+    ``padded_shape(shape, pad_factor)``, crop: ``filter_padded``), in torch.fft.
     """
     shape = tuple(chi.shape[-3:])
     big = padded_shape(shape, pad_factor) if pad_factor > 1 else shape
     voxel = tuple(float(v) for v in voxel_size_mm)
-    kernel = _kernel_rfft(big, voxel, tuple(float(b) for b in b0_dir)).to(chi.device)
-    spectrum = torch.fft.rfftn(chi.float(), s=big, dim=(-3, -2, -1)) * kernel
-    field = torch.fft.irfftn(spectrum, s=big, dim=(-3, -2, -1))
-    return field[..., : shape[0], : shape[1], : shape[2]]
+    return filter_padded(chi.float(), _kernel_rfft(big, voxel, tuple(float(b) for b in b0_dir)), big)
 
 
 def data_consistency_loss(

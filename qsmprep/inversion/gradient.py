@@ -1,6 +1,16 @@
-"""Weighted forward-difference gradient and its adjoint, shared by iLSQR and the deep refinement's TV term."""
+"""Weighted forward-difference gradient and its adjoint, shared by iLSQR and the deep refinement's TV term.
+
+Both take float32 numpy arrays or torch tensors (the refinement runs in torch on the network's device).
+"""
 
 import numpy as np
+
+from ..physics import is_tensor
+
+
+def _along(axis, start, stop):
+    """Index of the slice start:stop along ``axis`` (all of the other axes)."""
+    return (slice(None),) * axis + (slice(start, stop),)
 
 
 def forward_gradient(u, weights):
@@ -8,26 +18,24 @@ def forward_gradient(u, weights):
 
     With ``weights[axis]`` = w / voxel size (mm) this is the weighted gradient in ppm/mm.
     """
-    out = np.empty((3,) + u.shape, dtype=np.float32)
+    shape = (3,) + tuple(u.shape)
+    out = u.new_empty(shape) if is_tensor(u) else np.empty(shape, dtype=np.float32)
     for axis, w in enumerate(weights):
         n = u.shape[axis]
-        g = np.moveaxis(out[axis], axis, 0)
-        v = np.moveaxis(u, axis, 0)
-        np.subtract(v[1:], v[: n - 1], out=g[: n - 1])
-        np.subtract(v[0], v[n - 1], out=g[n - 1])
-        out[axis] *= w
+        g = out[axis]
+        g[_along(axis, 0, n - 1)] = u[_along(axis, 1, n)] - u[_along(axis, 0, n - 1)]
+        g[_along(axis, n - 1, n)] = u[_along(axis, 0, 1)] - u[_along(axis, n - 1, n)]
+        g *= w
     return out
 
 
 def forward_gradient_adjoint(g, weights):
     """Adjoint of ``forward_gradient``: minus the backward-difference divergence of ``weights * g``."""
-    out = np.zeros(g.shape[1:], dtype=np.float32)
+    out = g.new_zeros(g.shape[1:]) if is_tensor(g) else np.zeros(g.shape[1:], dtype=np.float32)
     for axis, w in enumerate(weights):
         n = out.shape[axis]
         t = g[axis] * w
         out -= t
-        t = np.moveaxis(t, axis, 0)
-        o = np.moveaxis(out, axis, 0)
-        o[1:] += t[: n - 1]
-        o[0] += t[n - 1]
+        out[_along(axis, 1, n)] += t[_along(axis, 0, n - 1)]
+        out[_along(axis, 0, 1)] += t[_along(axis, n - 1, n)]
     return out

@@ -4,6 +4,8 @@ Operators are Python callables mapping an array to an array (typically FFT
 convolutions), so no matrix is ever formed. Vectors keep their shape (3D
 volumes stay 3D) and their own dtype (float32 for images); inner products
 use BLAS in that dtype and the scalar recurrences run in Python floats.
+``cg`` also takes real torch tensors, and then runs on their device (the
+deep refinement on a GPU).
 """
 
 import logging
@@ -11,12 +13,25 @@ import math
 
 import numpy as np
 
+from ..physics import is_tensor
+
 log = logging.getLogger(__name__)
 
 
 def _dot(a, b):
-    """Real inner product <a, b> as a Python float (real part for complex arrays)."""
-    return float(np.real(np.vdot(a.ravel(), b.ravel())))
+    """Real inner product <a, b> as a Python float (real part for complex numpy arrays; real torch tensors)."""
+    if isinstance(a, np.ndarray):
+        return float(np.real(np.vdot(a.ravel(), b.ravel())))
+    return float(a.reshape(-1).dot(b.reshape(-1)))
+
+
+def _zeros_like(a):
+    return a.new_zeros(a.shape) if is_tensor(a) else np.zeros_like(a)
+
+
+def _copy(a, like):
+    """A copy of ``a`` in ``like``'s dtype (a torch tensor stays on its device)."""
+    return a.to(like.dtype, copy=True) if is_tensor(a) else np.array(a, dtype=like.dtype, copy=True)
 
 
 def _norm(a):
@@ -34,10 +49,10 @@ def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None):
     apply_A : callable
         ``apply_A(x)`` returns A x, an array shaped like ``x``. A must be
         symmetric positive definite (or semidefinite with ``b`` in its range).
-    b : array
+    b : array or real torch tensor
         Right-hand side, any shape (e.g. a 3D volume); float32 recommended.
-    x0 : array or None, default None
-        Initial guess; zeros if None.
+    x0 : array, tensor or None, default None
+        Initial guess, of ``b``'s kind; zeros if None.
     tol : float, default 1e-6
         Stop when the residual norm ||b - A x|| <= tol * ||b||.
     max_iter : int, default 100
@@ -47,15 +62,15 @@ def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None):
 
     Returns
     -------
-    x : array shaped like ``b``, in ``b``'s dtype.
+    x : array (or tensor) shaped like ``b``, in ``b``'s dtype.
     """
-    b = np.asarray(b)
-    x = np.zeros_like(b) if x0 is None else np.array(x0, dtype=b.dtype, copy=True)
-    r = b - apply_A(x) if x0 is not None else b.copy()
+    b = b if is_tensor(b) else np.asarray(b)
+    x = _zeros_like(b) if x0 is None else _copy(x0, like=b)
+    r = b - apply_A(x) if x0 is not None else _copy(b, like=b)
     b_norm = _norm(b)
     if b_norm == 0:
-        return np.zeros_like(b)
-    p = r.copy()
+        return _zeros_like(b)
+    p = _copy(r, like=r)
     rr = _dot(r, r)
     for it in range(1, max_iter + 1):
         if math.sqrt(rr) <= tol * b_norm:

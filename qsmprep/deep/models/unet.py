@@ -318,13 +318,13 @@ class UNet(InversionNet):
     def cfl2_prior(self, x, voxel_size):
         """CFL2 estimate of each batch item (B, 1, X, Y, Z) with its own voxel size (B, 3)."""
         from qsmprep.inversion.cfl2 import cfl2_filter
+        from qsmprep.physics import filter_padded
 
         size = tuple(x.shape[2:])
         priors = []
         for item, vs in zip(x, voxel_size.tolist()):
-            filt = torch.from_numpy(cfl2_filter(size, tuple(vs), (0.0, 0.0, 1.0), self.params["prior_lambda"]))
-            spectrum = torch.fft.rfftn(item.float(), dim=(-3, -2, -1)) * filt.to(x.device)
-            priors.append(torch.fft.irfftn(spectrum, s=size, dim=(-3, -2, -1)))
+            filt = cfl2_filter(size, tuple(vs), (0.0, 0.0, 1.0), self.params["prior_lambda"])
+            priors.append(filter_padded(item.float(), filt, size))
         return torch.stack(priors).to(x.dtype)
 
     def tile_context(self, field, voxel_size):
