@@ -2,7 +2,7 @@
 
     python bench/speed.py [--methods tkd cfl2 ilsqr deep] [--sizes 160 256] [--threads N]
                           [--model NAME_OR_PATH ...] [--refine N] [--refine-tv A] [--devices cpu cuda]
-                          [--json OUT]
+                          [--json OUT] [--profile N]
 
 Input: the local field of the simulated head phantom (``qsmprep.sim.head_phantom``,
 seed 0) on an N^3 grid of 1 mm voxels (a deep model trained at 1 mm then runs
@@ -13,8 +13,9 @@ temporary .npy file.
 
 Each (method, size, device) then runs in a fresh Python subprocess that loads the
 input, calls the method once (a first call, as a user's run: it includes building
-the dipole kernel and, for deep, loading the model; on CUDA the context is created
-before the clock starts, and a second, warm call is timed too) and reports its wall time and
+the dipole kernel and, for deep, loading the model, but not importing the modules it
+imports on first use, which a user's run has loaded to read its input; on CUDA the context is
+created before the clock starts, and a second, warm call is timed too) and reports its wall time and
 the peak resident memory of its own address space, VmHWM in /proc/self/status
 (Linux; psutil is not installed, tracemalloc misses the FFT buffers, and
 ``getrusage`` ru_maxrss would carry the parent's peak across fork/exec). "RSS before" is
@@ -26,13 +27,17 @@ Only deep runs on CUDA (the classical methods are NumPy/SciPy).
 
 ``--threads N`` pins each worker to N cores (``os.sched_setaffinity``; the library
 runs scipy.fft with as many workers as the affinity allows), sets
-OMP_NUM_THREADS/MKL_NUM_THREADS and ``torch.set_num_threads(N)``. Prints a Markdown
+OMP_NUM_THREADS/MKL_NUM_THREADS and ``torch.set_num_threads(N)``. ``--profile N`` prints
+where each first call's time went (cProfile, the N costliest functions). Prints a Markdown
 table; reproduces docs/benchmarks.md.
 """
 
 import argparse
+import cProfile
+import importlib
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -84,6 +89,9 @@ def worker(args):
             torch.set_num_threads(args.threads)
         kwargs = {"model": args.model[0], "device": args.devices[0], "refine_iters": args.refine,
                   "refine_tv_weight": args.refine_tv}
+        # deep_invert imports these on first use; the CLIs and the pipeline have them loaded before (nibabel
+        # reads their input), so their import (0.21 s on an H100 machine, --profile) is not the inversion's time
+        importlib.import_module("qsmprep.deep.registry")
     from qsmprep.inversion import INVERSION_METHODS
 
     cuda = args.devices[0] == "cuda"
@@ -91,13 +99,20 @@ def worker(args):
         torch.zeros(1, device="cuda")  # CUDA context creation (about a second) is not the inversion's time
     rss_before_gb = peak_rss_gb()
     times = []
-    for _ in range(2 if cuda else 1):  # on CUDA also a second, warm call (cuDNN plans and model cached)
+    profiler = cProfile.Profile() if args.profile else None
+    for call in range(2 if cuda else 1):  # on CUDA also a second, warm call (cuDNN plans and model cached)
         start = time.perf_counter()
+        if profiler and call == 0:
+            profiler.enable()
         with fft.set_workers(available_cores()):
             INVERSION_METHODS[args.methods[0]](field, mask, (voxel,) * 3, B0_DIR, **kwargs)
         if cuda:
             torch.cuda.synchronize()
+        if profiler and call == 0:
+            profiler.disable()
         times.append(time.perf_counter() - start)
+    if profiler:
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(args.profile)
     result = {"time_s": times[0], "rss_before_gb": rss_before_gb, "peak_rss_gb": peak_rss_gb()}
     if cuda:
         result["second_call_s"] = times[1]
@@ -133,6 +148,9 @@ def main():
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
                         help="devices for deep (default cpu, plus cuda when torch sees a GPU)")
     parser.add_argument("--json", type=Path, help="also save the results to this JSON file")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N functions that took longest (cumulative) in each first call (cProfile; "
+                             "its overhead is in that call's time)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or [DEFAULT_MODEL]
@@ -165,10 +183,13 @@ def main():
         for n in args.sizes:
             path = synthetic_input(n, tmp)
             for label, extra in runs:
-                cmd = [sys.executable, __file__, "--worker", str(path), "--threads", str(args.threads), *extra]
+                cmd = [sys.executable, __file__, "--worker", str(path), "--threads", str(args.threads),
+                       "--profile", str(args.profile), *extra]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if out.returncode:
                     sys.exit(f"{label} at {n}^3 failed:\n{out.stderr}")
+                if args.profile:
+                    print(f"{label} at {n}^3, first call:", *out.stdout.strip().splitlines()[:-1], sep="\n")
                 row = {"method": label, "size": n, "device": extra[extra.index("--devices") + 1],
                        **json.loads(out.stdout.strip().splitlines()[-1])}
                 results.append(row)

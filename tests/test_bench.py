@@ -94,3 +94,17 @@ def test_phantom_scaling_averages_or_samples_a_thin_slab(accuracy):
     # anti-aliased: spread over the neighbours at under half the contrast, its moment kept within 5 %
     assert averaged[:, 5, 5].max() < 0.5
     assert averaged.sum() * 64 == pytest.approx(chi.sum(), rel=0.05)
+
+
+def test_speed_profile_names_where_the_first_call_went():
+    """``bench/speed.py --profile N`` prints the first call's costliest functions above the table."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
+    out = subprocess.run([sys.executable, str(script), "--methods", "tkd", "--sizes", "32", "--profile", "3"],
+                         capture_output=True, text=True, check=True).stdout
+    profile, table = out.split("load average at the end")
+    assert "tkd at 32^3, first call:" in profile and "restriction <3>" in profile
+    assert "inversion/tkd.py" in profile  # the inversion itself heads the cumulative list
+    assert "| tkd | 32^3 | cpu |" in table

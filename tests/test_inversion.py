@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from qsmprep.inversion import INVERSION_METHODS, cfl2, cg, ilsqr, lsqr, tkd
+from qsmprep.inversion.cfl2 import cfl2_filter
 from qsmprep.inversion.gradient import forward_gradient, forward_gradient_adjoint
 from qsmprep.metrics import nrmse
 from qsmprep.physics import dipole_kernel, forward_field_ppm, kspace_grid
@@ -180,6 +181,12 @@ def test_cfl2_is_the_closed_form_gradient_tikhonov_filter():
     transfer = _transfer_function(cfl2, shape, voxel_size, TILTED, lam=lam)
     np.testing.assert_allclose(transfer.real, expected, atol=2e-4)
     np.testing.assert_allclose(transfer.imag, 0, atol=2e-4)
+    # the filter as the CFL2-prior networks build it on their torch device: the same numbers
+    torch = pytest.importorskip("torch")
+    on_arrays = cfl2_filter(shape, voxel_size, TILTED, lam)
+    on_device = cfl2_filter(shape, voxel_size, TILTED, lam, device=torch.device("cpu"))
+    assert on_arrays.dtype == np.float32 and on_device.dtype == torch.float32
+    np.testing.assert_allclose(on_device.numpy(), on_arrays, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -323,7 +323,7 @@ class UNet(InversionNet):
         size = tuple(x.shape[2:])
         priors = []
         for item, vs in zip(x, voxel_size.tolist()):
-            filt = cfl2_filter(size, tuple(vs), (0.0, 0.0, 1.0), self.params["prior_lambda"])
+            filt = cfl2_filter(size, tuple(vs), (0.0, 0.0, 1.0), self.params["prior_lambda"], device=x.device)
             priors.append(filter_padded(item.float(), filt, size))
         return torch.stack(priors).to(x.dtype)
 
