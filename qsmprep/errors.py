@@ -1,7 +1,8 @@
 """Errors a user can cause, each mapped to a BIDS execution-spec exit code.
 
 The exit codes follow BSD sysexits, as the BIDS-Apps execution specification
-asks: 64 usage, 65 bad input data, 66 no input, 70 internal software error.
+asks: 64 usage, 65 bad input data, 66 no input, 70 internal software error,
+73 an output that cannot be created.
 """
 
 
@@ -27,3 +28,9 @@ class NoInputError(QSMPrepError):
     """An input file or dataset is missing or unreadable (EX_NOINPUT)."""
 
     exit_code = 66
+
+
+class CantCreateError(QSMPrepError):
+    """An output folder or file cannot be created or written (EX_CANTCREAT)."""
+
+    exit_code = 73

@@ -381,6 +381,23 @@ def test_output_inside_a_subject_folder_exits_64_and_derivatives_is_allowed(tmp_
 
 
 @pytest.mark.parametrize("which", ["OUTPUT_DIR", "--work-dir"])
+def test_output_or_work_dir_that_cannot_be_created_exits_73_at_once(tmp_path, capsys, which):
+    """A folder path through a file (as a read-only file system or missing permissions would) is refused
+    before validation and processing, naming the folder, and leaves no folder behind."""
+    bids = _tiny_dataset(tmp_path / "bids")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    fresh = tmp_path / "new" / "nested"
+    out, work = (blocker / "out", fresh / "w") if which == "OUTPUT_DIR" else (fresh / "out", blocker / "w")
+    assert main([str(bids), str(out), "participant", "-w", str(work)]) == 73
+    err = capsys.readouterr().err
+    bad = out if which == "OUTPUT_DIR" else work
+    assert f"{which} {bad} cannot be created: {blocker} is a file" in err and "Traceback" not in err
+    assert "found 1 gradient-echo run" not in err  # before discovery
+    assert not (tmp_path / "new").exists()  # the writability check of the other folder left nothing
+
+
+@pytest.mark.parametrize("which", ["OUTPUT_DIR", "--work-dir"])
 def test_output_or_work_dir_that_is_a_file_exits_64(tmp_path, capsys, which):
     bids = _tiny_dataset(tmp_path / "bids")
     blocker = tmp_path / "blocker"

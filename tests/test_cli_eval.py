@@ -162,7 +162,7 @@ def test_json_output_that_is_a_folder_or_unwritable(files, tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory should be")
     code, err = _error_run(_args(files, "--json", blocker / "metrics.json"), capsys)
-    assert code == 70 and len(err.splitlines()) == 1 and err.startswith("qsmprep-eval: error: cannot write")
+    assert code == 73 and len(err.splitlines()) == 1 and err.startswith("qsmprep-eval: error: cannot write")
     assert str(blocker / "metrics.json") in err and "Traceback" not in err
     assert blocker.read_text().startswith("a file") and not list(tmp_path.glob(".tmp-*"))
 

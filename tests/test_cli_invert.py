@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from qsmprep.cli import invert
 from qsmprep.cli.invert import main
 from qsmprep.inversion import cfl2, ilsqr, tkd
 from qsmprep.physics import b0_dir_from_affine, forward_field_ppm, ppm_to_hz, ppm_to_rad, voxel_size_from_affine
@@ -173,14 +174,17 @@ def test_argparse_errors_exit_64(inputs, capsys):
     _expect_error(capsys, paths, 64, ["chi.img"], "--method", "tkd")
 
 
-def test_unwritable_output_exits_70(inputs, capsys):
+def test_unwritable_output_exits_73_before_inverting(inputs, capsys, monkeypatch):
     paths, *_ = inputs
     blocker = paths["out"].parent.parent / "blocker"
     blocker.write_text("a file where the output directory should be")
     paths["out"] = blocker / "chi.nii.gz"
-    assert _run(paths, "--method", "tkd") == 70
+    inverted = []
+    monkeypatch.setitem(invert.INVERSION_METHODS, "tkd", lambda *a, **k: inverted.append(1))
+    assert _run(paths, "--method", "tkd") == 73
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("qsmprep-invert: error: cannot write") and str(paths["out"]) in err[0]
+    assert len(err) == 1 and err[0].startswith(f"qsmprep-invert: error: output folder {blocker} cannot be created")
+    assert f"{blocker} is a file" in err[0] and not inverted  # refused before any inversion
     assert blocker.read_text().startswith("a file")
 
 

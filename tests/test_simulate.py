@@ -207,6 +207,14 @@ def test_cli_refuses_a_non_bids_directory(tmp_path):
     assert main([str(tmp_path / "ds"), "--te-first", "4"]) == 64  # milliseconds given by mistake
 
 
+def test_cli_refuses_a_folder_it_cannot_create(tmp_path, caplog):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    assert main([str(blocker / "ds"), "--matrix", "16", "16", "16", "--voxel-size", "12", "12", "12"]) == 73
+    assert f"out_dir {blocker / 'ds'} cannot be created: {blocker} is a file" in caplog.text
+    assert "Simulating" not in caplog.text  # refused before any simulation
+
+
 def test_simulating_into_a_dataset_of_real_subjects_keeps_it(tmp_path, caplog):
     small = ["--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]
     real = tmp_path / "real"

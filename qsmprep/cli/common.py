@@ -13,8 +13,9 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 
-from ..errors import QSMPrepError, UsageError
+from ..errors import CantCreateError, QSMPrepError, UsageError
 from ..resources import available_cores
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
@@ -165,3 +166,35 @@ def _parse_and_run(parser, run, argv):
         sys.stderr.write(f"{parser.prog}: error: {message}\n")
         return exc.exit_code
     return 0 if code is None else int(code)
+
+
+def check_writable_folder(option, folder):
+    """Raise CantCreateError unless ``folder`` can be created and a file written in it.
+
+    Checked before any work, so that a read-only or mistyped location fails in
+    seconds with its path rather than after validation and processing. The
+    check leaves nothing behind: folders it created are removed again.
+
+    Parameters
+    ----------
+    option : str
+        How the command line names the folder (e.g. "OUTPUT_DIR"), for the message.
+    folder : pathlib.Path
+        The folder; it and its missing parents are created, probed and removed.
+    """
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+    nearest = folder.parents[len(created) - 1] if created else folder
+    if not nearest.is_dir():
+        raise CantCreateError(f"{option} {folder} cannot be created: {nearest} is a file. Give a folder path that "
+                              "does not run through a file.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise CantCreateError(f"{option} {folder} cannot be created or written ({exc.strerror}): give a folder "
+                              "you can write to, or fix the permissions of the nearest existing one.") from None
+    finally:
+        for parent in created:  # deepest first
+            if parent.is_dir():
+                parent.rmdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, NoInputError, QSMPrepError, UsageError
+from ..errors import CantCreateError, DataError, NoInputError, UsageError
 from ..io import check_same_grid, load_volume, write_text_atomic
 from ..metrics import evaluate
 from .common import run_cli
@@ -132,7 +132,7 @@ def run(args):
             write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         except OSError as exc:
             reason = exc.strerror or exc
-            raise QSMPrepError(f"cannot write {args.json} ({reason}): check the directory and its permissions.") from exc
+            raise CantCreateError(f"cannot write {args.json} ({reason}): check the directory and its permissions.") from exc
         print(format_table(result))
     else:
         print(format_table(result))

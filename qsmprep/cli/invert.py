@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, QSMPrepError, UsageError
+from ..errors import CantCreateError, DataError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE
 from ..io import check_same_grid, load_volume, save_nifti
@@ -28,6 +28,7 @@ from .common import (
     add_deep_options,
     check_b0_tesla_option,
     check_deep_options,
+    check_writable_folder,
     run_cli,
     torch_on_all_cores,
 )
@@ -114,6 +115,7 @@ def _check_options(args):
         if args.out.resolve() == path.resolve():
             raise UsageError(f"output {args.out} is the input {name}, which it would overwrite: give another "
                              "output file name.")
+    check_writable_folder("output folder", args.out.absolute().parent)  # before a deep inversion's minutes
 
 
 def _load_inputs(args):
@@ -161,7 +163,7 @@ def run(args):
         save_nifti(args.out, chi, affine, header)
     except OSError as exc:
         reason = exc.strerror or exc
-        raise QSMPrepError(f"cannot write {args.out} ({reason}): check the directory and its permissions.") from exc
+        raise CantCreateError(f"cannot write {args.out} ({reason}): check the directory and its permissions.") from exc
     log.info("wrote %s", args.out)
     return 0
 

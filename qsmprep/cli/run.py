@@ -42,6 +42,7 @@ from .common import (
     add_deep_options,
     check_b0_tesla_option,
     check_deep_options,
+    check_writable_folder,
     quiet_on_closed_pipe,
 )
 
@@ -204,6 +205,7 @@ def resolve_config(args, argv):
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{option} {folder} is a file, not a folder: give a folder path (it is created "
                              "if missing).")
+        check_writable_folder(option, folder)
     nprocs = args.nprocs or available_cores()
     deep = {key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None}
     deep.setdefault("refine_radius_mm", PIPELINE_REFINE_RADIUS_MM)

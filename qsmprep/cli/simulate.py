@@ -31,7 +31,7 @@ from ..sim.bids_writer import (
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
 from ..resources import available_cores
-from .common import ArgumentParser
+from .common import ArgumentParser, check_writable_folder
 
 log = logging.getLogger("qsmprep.simulate")
 
@@ -74,6 +74,7 @@ def build_parser():
 def _check_out_dir(out_dir, subjects):
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file: give a directory for the dataset.")
+    check_writable_folder("out_dir", out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "dataset_description.json").is_file():
         raise UsageError(
             f"{out_dir} is not empty and is not a BIDS dataset (no dataset_description.json): "
