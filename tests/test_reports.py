@@ -10,7 +10,14 @@ import pytest
 
 from qsmprep.io import save_nifti
 from qsmprep.reports import build_subject_report
-from qsmprep.reports.mosaic import comparison_png, mosaic_png, orthogonal_slices, robust_window, slice_indices
+from qsmprep.reports.mosaic import (
+    comparison_png,
+    mosaic_png,
+    orthogonal_slices,
+    robust_window,
+    slice_indices,
+    to_ras,
+)
 
 
 def test_slice_indices_span_the_mask():
@@ -106,11 +113,16 @@ def test_mosaic_shows_a_bright_block_where_it_is_at_the_top_of_the_colour_map():
     np.testing.assert_allclose(rest.reshape(-1, 3), np.broadcast_to(bottom, (rest.size // 3, 3)), atol=1 / 255)
 
 
+def _report_mask():
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in (24, 24, 20)], indexing="ij")
+    return (x**2 + y**2 + z**2) < 0.6
+
+
 @pytest.fixture
 def report_dir(tmp_path):
     shape = (24, 24, 20)
     x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    mask = (x**2 + y**2 + z**2) < 0.6
+    mask = _report_mask()
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     paths = {}
     for name, data in {
@@ -138,6 +150,44 @@ def test_an_earlier_run_whose_files_are_gone_is_named_not_fatal(report_dir, tmp_
         build_subject_report(out, "01", [{**gone, "earlier": False}])
 
 
+def test_to_ras_orders_voxel_axes_right_anterior_superior():
+    vol = np.arange(2 * 3 * 4 * 2).reshape(2, 3, 4, 2)  # 4D: echoes last, untouched
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(to_ras(vol, lps), vol[::-1, ::-1])
+    # a sagittal slab: voxel axes run anterior, superior, left
+    sagittal = np.array([[0, 0, -1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)
+    np.testing.assert_array_equal(to_ras(vol[..., 0], sagittal), vol[..., 0].transpose(2, 0, 1)[::-1])
+
+
+def test_report_figures_do_not_depend_on_the_stored_voxel_order(tmp_path):
+    """A head stored LPS (as DICOM converters often write it) is drawn as the same head stored RAS: the subject's
+    right on the right of each slice, L and R marked, anterior at the top."""
+    shape = (20, 22, 16)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    mask = (x**2 + y**2 + z**2) < 0.7
+    chi = 0.1 * (x > 0.3) * mask  # a block on the subject's right (RAS x > 0)
+    ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    lps = ras @ np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    pages = {}
+    for name, affine, flip in (("ras", ras, lambda a: a), ("lps", lps, lambda a: a[::-1, ::-1])):
+        paths = {k: save_nifti(tmp_path / name / f"{k}.nii.gz", flip(v), affine) for k, v in (("mask", mask), ("chi", chi))}
+        out = tmp_path / f"out-{name}"
+        build_subject_report(out, "01", [{"name": "sub-01", "mask": paths["mask"], "chimaps": {"tkd": paths["chi"]}}])
+        pages[name] = (out / "sub-01" / "figures" / "sub-01_desc-tkd_mosaic.png").read_bytes()
+    assert pages["ras"] == pages["lps"]
+    import matplotlib.image
+
+    plain = mosaic_png(chi, slice_indices(mask), window=(-0.15, 0.15), title="Susceptibility (tkd)", units="ppm")
+    plain, labelled = (matplotlib.image.imread(io.BytesIO(png))[..., :3] for png in (plain, pages["ras"]))
+    panels = _panels(*(matplotlib.image.imread(io.BytesIO(mosaic_png(np.full(shape, v, np.float32), slice_indices(mask),
+                                                                        window=(-1, 1))))[..., :3] for v in (-1, 1)))
+    rows, cols = np.nonzero(np.abs(plain - labelled).max(axis=-1) > 0.1)
+    first, second = panels[0], panels[1]
+    assert rows.size > 20 and cols.max() < second[1].start  # labels in the first slice only,
+    assert rows.max() < (first[0].start + first[0].stop) / 2  # at its top, near both side edges
+    assert cols.min() - first[1].start < 8 and first[1].stop - cols.max() < 8
+
+
 def test_report_contains_every_figure_and_the_methods(report_dir):
     out, page = report_dir
     assert page == out / "sub-01.html"
@@ -160,6 +210,11 @@ def test_report_contains_every_figure_and_the_methods(report_dir):
     assert (np.abs(tkd - images["sub-01_ses-a_desc-ilsqr_mosaic.png"]).max(axis=-1) > 0.1).sum() > 5000
     assert "sub-01_ses-a" in text and "sub-01_ses-b" in text
     assert "Phase was unwrapped [1]." in text and "qsmprep in out participant" in text
+    assert "neurological convention: the subject's left on the left" in text
+    # every field figure says its display window: total field 30 z Hz, z in [-1, 1], 2nd-98th percentile in the mask
+    inside = 30 * np.meshgrid(*[np.linspace(-1, 1, n) for n in (24, 24, 20)], indexing="ij")[2]
+    half = np.percentile(inside[_report_mask()], 98)
+    assert f"window {-half:.3g} to {half:.3g} Hz" in text and "window -0.05 to 0.05 ppm" in text
 
 
 def test_report_figures_load_in_a_headless_browser(report_dir):

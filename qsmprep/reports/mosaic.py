@@ -51,14 +51,29 @@ def robust_window(volume, mask, percentiles=(2, 98)):
     return (-half, half)
 
 
-def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, title="", units=""):
+def to_ras(volume, affine):
+    """``volume`` (3D, or 4D with echoes last) with its voxel axes reordered and flipped to the nearest RAS+ order.
+
+    Axis 0 then runs towards the subject's right, 1 anterior, 2 superior, whatever the acquisition's voxel
+    order (e.g. LPS from DICOM converters, sagittal slabs), so every figure is shown the same way up. Only
+    permutations and flips (``nibabel.orientations``): no resampling, an oblique slab keeps its tilt.
+    """
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
+    return apply_orientation(np.asarray(volume), transform)
+
+
+def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, title="", units="",
+               side_labels=None):
     """Render slices of ``volume`` side by side; return PNG bytes.
 
     Parameters
     ----------
     volume : 3D array
-        The image; shown in radiological-agnostic array orientation, slices
-        rotated so the first array axis runs left-right.
+        The image, shown in array orientation: the first array axis runs
+        left to right in each slice, the second bottom to top (with
+        ``to_ras`` first, an axial slice in neurological convention).
     slices : sequence of int
         Slice indices along ``axis``.
     axis : int, default 2
@@ -71,6 +86,9 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
         Contour drawn in red on every slice (e.g. the brain mask).
     title, units : str
         Figure title and colour-bar label.
+    side_labels : (str, str) or None, default None
+        Text written at the left and right edges of the first slice, e.g.
+        ("L", "R") for a volume in RAS+ order (``to_ras``) sliced axially.
     """
     plt = _pyplot()
     vol = np.asarray(volume, dtype=np.float32)
@@ -84,6 +102,10 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
         if outline is not None:
             ax.contour(np.take(outline, s, axis=axis).T.astype(float), levels=[0.5], colors="r", linewidths=0.6)
         ax.set_axis_off()
+    if side_labels:
+        for x, text, align in ((0.02, side_labels[0], "left"), (0.98, side_labels[1], "right")):
+            axes[0][0].text(x, 0.98, text, transform=axes[0][0].transAxes, ha=align, va="top", fontsize=7,
+                            color="yellow", fontweight="bold")
     fig.colorbar(shown, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label=units)
     fig.suptitle(title, fontsize=9)
     return _png_bytes(fig)

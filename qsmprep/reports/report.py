@@ -7,13 +7,17 @@ derivatives folder can be moved or shared as a whole.
 
 import html
 import os
+from functools import partial
 from pathlib import Path
 
 
 from .. import __version__
 from ..errors import QSMPrepError
 from ..io import load_nifti
-from .mosaic import CHI_WINDOW_PPM, LOCAL_FIELD_WINDOW_PPM, mosaic_png, robust_window, slice_indices
+from .mosaic import CHI_WINDOW_PPM, LOCAL_FIELD_WINDOW_PPM, mosaic_png, robust_window, slice_indices, to_ras
+
+ORIENTATION_NOTE = ("Axial slices from inferior (left) to superior (right), each in neurological convention: the "
+                    "subject's left on the left (L and R marked on the first slice), anterior at the top.")
 
 # The script marks each figure once the browser has decoded it, and replaces
 # a missing one with a visible warning instead of a broken-image icon.
@@ -57,11 +61,18 @@ def _figure(figures_dir, output_dir, name, png_bytes, caption):
     return _figure_html(path, output_dir, caption)
 
 
+def _load_ras(path, what):
+    """A NIfTI file's data in RAS+ voxel order (``to_ras``), so all figures share one orientation."""
+    data, affine, _ = load_nifti(path, what)
+    return to_ras(data, affine)
+
+
 def _run_section(run, figures_dir, output_dir):
-    """HTML for one run: magnitude with mask outline, fields, each Chimap."""
+    """HTML for one run: magnitude with mask outline, fields, each Chimap, axial in neurological convention."""
     name = run["name"]
-    mask = load_nifti(run["mask"], "brain mask")[0] > 0
+    mask = _load_ras(run["mask"], "brain mask") > 0
     slices = slice_indices(mask)
+    mosaic = partial(mosaic_png, slices=slices, side_labels=("L", "R"))
     parts = [f"<h2>{html.escape(name)}</h2>"]
     if run.get("earlier"):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
@@ -69,24 +80,29 @@ def _run_section(run, figures_dir, output_dir):
     mask_caption = "Brain mask (red) on the first-echo magnitude."
     mask_figure = figures_dir / f"{name}_desc-mask_mosaic.png"
     if run.get("magnitude"):
-        magnitude = load_nifti(run["magnitude"], "magnitude")[0]
+        magnitude = _load_ras(run["magnitude"], "magnitude")
         if magnitude.ndim == 4:
             magnitude = magnitude[..., 0]
-        png = mosaic_png(magnitude, slices, outline=mask, title="Magnitude (first echo) and brain mask")
+        png = mosaic(magnitude, outline=mask, title="Magnitude (first echo) and brain mask")
         parts.append(_figure(figures_dir, output_dir, mask_figure.stem, png, mask_caption))
     elif mask_figure.is_file():  # drawn by the earlier invocation that read the magnitude
         parts.append(_figure_html(mask_figure, output_dir, mask_caption))
     if run.get("total_field"):
-        total = load_nifti(run["total_field"], "total field")[0]
-        png = mosaic_png(total, slices, window=robust_window(total, mask), cmap="RdBu_r", title="Total field", units="Hz")
-        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-total_mosaic", png, "Total field map (Hz), before background removal."))
+        total = _load_ras(run["total_field"], "total field")
+        window = robust_window(total, mask)
+        png = mosaic(total, window=window, cmap="RdBu_r", title="Total field", units="Hz")
+        caption = (f"Total field map (Hz), before background removal, window {window[0]:.3g} to {window[1]:.3g} Hz "
+                   "(the larger of its 2nd and 98th percentiles in the mask, both ways).")
+        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-total_mosaic", png, caption))
     if run.get("local_field"):
-        local = load_nifti(run["local_field"], "local field")[0] * mask
-        png = mosaic_png(local, slices, window=LOCAL_FIELD_WINDOW_PPM, cmap="RdBu_r", title="Local field", units="ppm")
-        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-local_mosaic", png, "Local field map (ppm) after background removal."))
+        local = _load_ras(run["local_field"], "local field") * mask
+        png = mosaic(local, window=LOCAL_FIELD_WINDOW_PPM, cmap="RdBu_r", title="Local field", units="ppm")
+        caption = (f"Local field map (ppm) after background removal, window {LOCAL_FIELD_WINDOW_PPM[0]} to "
+                   f"{LOCAL_FIELD_WINDOW_PPM[1]} ppm.")
+        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-local_mosaic", png, caption))
     for method, path in sorted(run.get("chimaps", {}).items()):
-        chi = load_nifti(path, "susceptibility map")[0] * mask
-        png = mosaic_png(chi, slices, window=CHI_WINDOW_PPM, title=f"Susceptibility ({method})", units="ppm")
+        chi = _load_ras(path, "susceptibility map") * mask
+        png = mosaic(chi, window=CHI_WINDOW_PPM, title=f"Susceptibility ({method})", units="ppm")
         caption = f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm."
         parts.append(_figure(figures_dir, output_dir, f"{name}_desc-{method}_mosaic", png, caption))
     return "\n".join(parts)
@@ -120,7 +136,7 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
     earlier = sum(bool(run.get("earlier")) for run in runs)
     counts = f"{len(runs) - earlier} run(s)" + (f", and {earlier} from an earlier invocation" if earlier else "")
     body = [f"<h1>qsmprep report: sub-{html.escape(subject)}</h1>",
-            f"<p>qsmprep {__version__}; {counts}.</p>"]
+            f"<p>qsmprep {__version__}; {counts}. {ORIENTATION_NOTE}</p>"]
     if errors:
         items = "".join(f"<li>{html.escape(e)}</li>" for e in errors)
         body.append(f'<h2>Errors</h2><ul class="missing">{items}</ul>')
