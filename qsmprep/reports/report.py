@@ -77,13 +77,13 @@ def _run_section(run, figures_dir, output_dir):
     if run.get("earlier"):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
                      "are in that invocation's <code>logs/</code> folder.</p>")
-    mask_caption = "Brain mask (red) on the first-echo magnitude."
+    mask_caption = "Brain mask (red) on the first-echo magnitude (arbitrary units, window its 1st to 99th percentile)."
     mask_figure = figures_dir / f"{name}_desc-mask_mosaic.png"
     if run.get("magnitude"):
         magnitude = _load_ras(run["magnitude"], "magnitude")
         if magnitude.ndim == 4:
             magnitude = magnitude[..., 0]
-        png = mosaic(magnitude, outline=mask, title="Magnitude (first echo) and brain mask")
+        png = mosaic(magnitude, outline=mask, title="Magnitude (first echo) and brain mask", units="a.u.")
         parts.append(_figure(figures_dir, output_dir, mask_figure.stem, png, mask_caption))
     elif mask_figure.is_file():  # drawn by the earlier invocation that read the magnitude
         parts.append(_figure_html(mask_figure, output_dir, mask_caption))
