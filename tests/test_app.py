@@ -9,6 +9,7 @@ sub-03, a copy of sub-02 whose phase sidecars lack ``Units``; it runs
 import functools
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,9 @@ def test_exit_code_and_file_list(runs):
     assert _derivative_files(runs["out"]) == sorted(expected)
     report = (runs["out"] / "sub-03.html").read_text()
     assert "sub-03_echo-1_part-phase_MEGRE.nii.gz" in report and "Units" in report
+    for subject in ("01", "03"):  # a processed subject's report and a refused one's link this invocation's log
+        log = re.search(r'<a href="(logs/[^"]+/qsmprep.log)">', (runs["out"] / f"sub-{subject}.html").read_text())
+        assert log and "sub-03" in (runs["out"] / log.group(1)).read_text()
 
 
 def test_rerun_reuses_cache_and_gives_identical_outputs(runs):
@@ -563,6 +567,8 @@ def test_a_mask_too_small_for_vsharp_fails_that_run_with_the_reason_and_the_fix(
     assert not list(out.rglob("sub-01/**/*.nii.gz"))  # no partial run: not even the total field made before the failure
     report = (out / "sub-01.html").read_text()  # the report says what failed, as the summary does
     assert "Errors" in report and "has no voxel left after vsharp&#x27;s erosion" in report
+    log = re.search(r'<a href="(logs/[^"]+/qsmprep.log)">', report).group(1)  # and links the log with the crash
+    assert "vsharp" in (out / log).read_text() and list((out / log).parent.glob("crash-*.txt"))
 
 
 def test_an_internal_bug_exits_70_with_a_traceback(tmp_path, monkeypatch, capsys):

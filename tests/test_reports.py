@@ -137,7 +137,8 @@ def report_dir(tmp_path):
         {"name": "sub-01_ses-b", "mask": paths["mask"], "chimaps": {"tkd": paths["chi_tkd"]}},
     ]
     out = tmp_path / "derivatives"
-    page = build_subject_report(out, "01", runs, methods_text="Phase was unwrapped [1].", command="qsmprep in out participant")
+    page = build_subject_report(out, "01", runs, methods_text="Phase was unwrapped [1].", command="qsmprep in out participant",
+                                log_dir=out / "logs" / "20261123-120000_abcd")
     return out, page
 
 
@@ -211,6 +212,7 @@ def test_report_contains_every_figure_and_the_methods(report_dir):
     assert "sub-01_ses-a" in text and "sub-01_ses-b" in text
     assert "Phase was unwrapped [1]." in text and "qsmprep in out participant" in text
     assert "neurological convention: the subject's left on the left" in text
+    assert '<a href="logs/20261123-120000_abcd/qsmprep.log">' in text  # relative: the folder may be moved
     # every field figure says its display window: total field 30 z Hz, z in [-1, 1], 2nd-98th percentile in the mask
     inside = 30 * np.meshgrid(*[np.linspace(-1, 1, n) for n in (24, 24, 20)], indexing="ij")[2]
     half = np.percentile(inside[_report_mask()], 98)

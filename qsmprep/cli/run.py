@@ -14,6 +14,7 @@ line is parsed, so ``--help`` and usage errors answer at once.
 
 import argparse
 import logging
+import logging.handlers
 import os
 import re
 import shlex
@@ -275,6 +276,9 @@ def _setup_logging(verbosity):
     if not verbosity:  # Nipype's per-node lines go to the log file only; -v shows them here too
         logging.getLogger().handlers[0].addFilter(
             lambda record: not (record.name.startswith("nipype") and record.levelno < logging.WARNING))
+    # the log file opens once the output folder is known to be valid (write_provenance): until then its records
+    # (discovery, each run refused by validation) wait here, so that the file holds them too
+    logging.getLogger().addHandler(logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1))
 
 
 def write_provenance(config):
@@ -291,7 +295,12 @@ def write_provenance(config):
     citation.write_text("# Methods\n\n" + methods_text(config))
     handler = logging.FileHandler(log_dir / "qsmprep.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    root = logging.getLogger()
+    for early in [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        early.setTarget(handler)
+        early.close()  # writes what it held, in order
+        root.removeHandler(early)
+    root.addHandler(handler)
     return citation
 
 
@@ -347,7 +356,7 @@ def _error_reports(config, failed):
         build_subject_report(config.output_dir, subject,
                              [entry for _, entry in finished] + earlier_report_runs(config, subject, runs),
                              methods_text=methods_text(config, [run for run, _ in finished]) if finished else "",
-                             command=shlex.join(config.command), errors=errors)
+                             command=shlex.join(config.command), errors=errors, log_dir=config.log_dir)
 
 
 def summarize(config, failed):

@@ -9,6 +9,7 @@ class _SubjectReportInputSpec(BaseInterfaceInputSpec):
     runs = traits.List(traits.Dict, mandatory=True, desc="per run: name, mask, magnitude, total_field, local_field, chimaps")
     methods_text = traits.Str("", usedefault=True, desc="boilerplate methods text")
     command = traits.Str("", usedefault=True, desc="the command line")
+    log_dir = traits.Str("", usedefault=True, desc="this invocation's log folder, linked from the report")
     errors = traits.List(traits.Str, desc="problems met for this subject")
     written = traits.List(File(exists=True), desc="the derivatives files (a dependency: the report waits for them)")
 
@@ -30,7 +31,7 @@ class SubjectReport(SimpleInterface):
         path = build_subject_report(
             self.inputs.output_dir, self.inputs.subject, list(self.inputs.runs),
             methods_text=self.inputs.methods_text, command=self.inputs.command or None,
-            errors=list(self.inputs.errors) if self.inputs.errors else (),
+            errors=list(self.inputs.errors) if self.inputs.errors else (), log_dir=self.inputs.log_dir or None,
         )
         self._results["out_report"] = str(path)
         return runtime

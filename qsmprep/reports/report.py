@@ -108,7 +108,7 @@ def _run_section(run, figures_dir, output_dir):
     return "\n".join(parts)
 
 
-def build_subject_report(output_dir, subject, runs, methods_text="", command=None, errors=()):
+def build_subject_report(output_dir, subject, runs, methods_text="", command=None, errors=(), log_dir=None):
     """Write ``OUTPUT_DIR/sub-<subject>.html`` and its figures; return its path.
 
     Parameters
@@ -129,6 +129,9 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
         The command line that produced the outputs.
     errors : sequence of str
         Problems met for this subject (e.g. runs skipped by validation).
+    log_dir : str or Path or None
+        This invocation's log folder (``OUTPUT_DIR/logs/<run_id>``), linked
+        from the report relative to it.
     """
     output_dir = Path(output_dir)
     figures_dir = output_dir / f"sub-{subject}" / "figures"
@@ -153,6 +156,10 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
         body.append(f"<h2>Methods</h2><pre>{html.escape(methods_text)}</pre>")
     if command:
         body.append(f"<h2>About</h2><p>Command:</p><pre>{html.escape(command)}</pre>")
+    if log_dir:
+        folder = Path(log_dir).relative_to(output_dir).as_posix()
+        body.append(f'<p>Log: <a href="{html.escape(folder)}/qsmprep.log">{html.escape(folder)}/qsmprep.log</a>; '
+                    "the command, configuration, citations and any crash files are beside it.</p>")
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>qsmprep: sub-{html.escape(subject)}</title>{_STYLE}</head><body>"

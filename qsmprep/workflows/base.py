@@ -87,7 +87,7 @@ def init_single_subject_wf(subject, runs, config, errors=()):
         SubjectReport(output_dir=str(config.output_dir), subject=subject,
                       runs=report_runs(runs, config) + earlier_report_runs(config, subject, runs),
                       methods_text=methods_text(config, runs), command=shlex.join(config.command),
-                      errors=list(errors)),
+                      errors=list(errors), log_dir=str(config.log_dir)),
         name="report", mem_gb=0.5)
     for index, run in enumerate(runs, start=1):
         qsm_wf = init_qsm_wf(run, config)
