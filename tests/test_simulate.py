@@ -207,15 +207,17 @@ def test_cli_refuses_a_non_bids_directory(tmp_path):
     assert main([str(tmp_path / "ds"), "--te-first", "4"]) == 64  # milliseconds given by mistake
 
 
-def test_cli_refuses_a_folder_it_cannot_create(tmp_path, caplog):
+def test_cli_refuses_a_folder_it_cannot_create(tmp_path, caplog, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
     assert main([str(blocker / "ds"), "--matrix", "16", "16", "16", "--voxel-size", "12", "12", "12"]) == 73
-    assert f"out_dir {blocker / 'ds'} cannot be created: {blocker} is a file" in caplog.text
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"qsmprep-simulate: error: out_dir {blocker / 'ds'} cannot be created: {blocker} is a file. "
+                   "Give a folder path that does not run through a file."]
     assert "Simulating" not in caplog.text  # refused before any simulation
 
 
-def test_simulating_into_a_dataset_of_real_subjects_keeps_it(tmp_path, caplog):
+def test_simulating_into_a_dataset_of_real_subjects_keeps_it(tmp_path, caplog, capsys):
     small = ["--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]
     real = tmp_path / "real"
     (real / "sub-01" / "anat").mkdir(parents=True)
@@ -227,7 +229,7 @@ def test_simulating_into_a_dataset_of_real_subjects_keeps_it(tmp_path, caplog):
     scan.write_bytes(b"not touched")
     # its sub-01 would be overwritten: refused, nothing written
     assert main([str(real), *small]) == 64
-    assert "qsmprep-simulate did not make, and it already has sub-01" in caplog.text
+    assert "qsmprep-simulate did not make, and it already has sub-01" in capsys.readouterr().err
     assert sorted(p.name for p in (real / "sub-01" / "anat").iterdir()) == ["sub-01_T1w.nii.gz"]
     # a new subject is added; the dataset's own files and columns are kept
     (real / "sub-01").rename(real / "sub-03")

@@ -162,10 +162,15 @@ def _parse_and_run(parser, run, argv):
         with fft.set_workers(available_cores()):
             code = run(args)
     except QSMPrepError as exc:
-        message = " ".join(str(exc).split())  # one line
-        sys.stderr.write(f"{parser.prog}: error: {message}\n")
-        return exc.exit_code
+        return print_error(parser.prog, exc)
     return 0 if code is None else int(code)
+
+
+def print_error(prog, exc):
+    """Write ``exc`` (a QSMPrepError) as one line, ``PROG: error: ...``, on stderr; return its exit code."""
+    message = " ".join(str(exc).split())
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    return exc.exit_code
 
 
 def check_writable_folder(option, folder):
