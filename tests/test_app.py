@@ -398,7 +398,27 @@ def test_output_or_work_dir_that_cannot_be_created_exits_73_at_once(tmp_path, ca
     bad = out if which == "OUTPUT_DIR" else work
     assert f"{which} {bad} cannot be created: {blocker} is a file" in err and "Traceback" not in err
     assert "found 1 gradient-echo run" not in err  # before discovery
-    assert not (tmp_path / "new").exists()  # the writability check of the other folder left nothing
+    if which == "--work-dir":  # OUTPUT_DIR is checked first: its probe left nothing behind
+        assert not (tmp_path / "new").exists()
+
+
+def test_writable_folder_check_refuses_what_cannot_be_written_and_keeps_what_exists(tmp_path, monkeypatch):
+    import tempfile
+
+    from qsmprep.cli.common import check_writable_folder
+    from qsmprep.errors import CantCreateError
+
+    (tmp_path / "out").mkdir()
+    check_writable_folder("OUTPUT_DIR", tmp_path / "new" / ".." / "out")  # the existing, empty "out" is kept
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "new").exists()
+
+    def denied(*args, **kwargs):  # a read-only file system or missing permissions (root may write anywhere)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    with pytest.raises(CantCreateError, match=r"/x/y cannot be created or written \(Permission denied\)"):
+        check_writable_folder("OUTPUT_DIR", tmp_path / "x" / "y")
+    assert not (tmp_path / "x").exists()  # the folders it made are removed again
 
 
 @pytest.mark.parametrize("which", ["OUTPUT_DIR", "--work-dir"])

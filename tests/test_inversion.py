@@ -186,6 +186,7 @@ def test_cfl2_is_the_closed_form_gradient_tikhonov_filter():
     on_arrays = cfl2_filter(shape, voxel_size, TILTED, lam)
     on_device = cfl2_filter(shape, voxel_size, TILTED, lam, device=torch.device("cpu"))
     assert on_arrays.dtype == np.float32 and on_device.dtype == torch.float32
+    assert cfl2_filter(shape, np.array(voxel_size), TILTED, lam).dtype == np.float32  # numpy float64 voxel sizes
     np.testing.assert_allclose(on_device.numpy(), on_arrays, rtol=1e-6, atol=1e-6)
 
 

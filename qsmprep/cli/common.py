@@ -5,7 +5,8 @@ parses ``argv``, configures logging and calls ``run(args)`` with scipy.fft using
 every core the process may run on (the library's FFTs follow
 ``scipy.fft.set_workers``, one thread unless a caller sets more). A
 ``QSMPrepError`` becomes one line on standard error, "PROG: error: MESSAGE",
-and its BIDS execution-spec exit code (64 usage, 65 data, 66 no input);
+and its BIDS execution-spec exit code (64 usage, 65 data, 66 no input, 73 an
+output that cannot be created);
 argparse's own usage errors exit with 64 instead of 2.
 """
 
@@ -14,6 +15,7 @@ import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 from ..errors import CantCreateError, QSMPrepError, UsageError
 from ..resources import available_cores
@@ -185,21 +187,31 @@ def check_writable_folder(option, folder):
     option : str
         How the command line names the folder (e.g. "OUTPUT_DIR"), for the message.
     folder : pathlib.Path
-        The folder; it and its missing parents are created, probed and removed.
+        The folder; it and its missing parents are created, probed, and removed
+        again (only those this call made).
     """
-    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
-    nearest = folder.parents[len(created) - 1] if created else folder
-    if not nearest.is_dir():
-        raise CantCreateError(f"{option} {folder} cannot be created: {nearest} is a file. Give a folder path that "
-                              "does not run through a file.")
+    folder = Path(os.path.abspath(folder))  # "new/../out" is "out": never probe (or remove) through ".."
+    made = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+        nearest = folder.parents[len(missing) - 1] if missing else folder
+        if not nearest.is_dir():
+            raise CantCreateError(f"{option} {folder} cannot be created: {nearest} is a file. Give a folder path "
+                                  "that does not run through a file.")
+        for parent in reversed(missing):  # shallowest first; one a parallel run makes meanwhile is not ours
+            try:
+                parent.mkdir()
+                made.append(parent)
+            except FileExistsError:
+                pass
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
         raise CantCreateError(f"{option} {folder} cannot be created or written ({exc.strerror}): give a folder "
                               "you can write to, or fix the permissions of the nearest existing one.") from None
     finally:
-        for parent in created:  # deepest first
-            if parent.is_dir():
+        for parent in reversed(made):  # deepest first; a parallel run may have put files in it meanwhile
+            try:
                 parent.rmdir()
+            except OSError:
+                pass

@@ -6,7 +6,8 @@ Follows the BIDS-Apps contract (Gorgolewski et al., PLoS Comput Biol 2017)
 and its exit codes: 0 success, 64 usage error, 65 bad input data (some runs
 could not be used; the others were processed), 66 no input data, 70 a
 processing step failed (the other subjects still finished; crash files are
-in OUTPUT_DIR/logs/<run_id>/). See docs/usage.md.
+in OUTPUT_DIR/logs/<run_id>/), 73 OUTPUT_DIR or --work-dir cannot be created
+or written. See docs/usage.md.
 
 Heavy libraries (nipype, pybids, torch) are imported only after the command
 line is parsed, so ``--help`` and usage errors answer at once.
@@ -59,7 +60,8 @@ EPILOG = """presets (explicit --unwrap/--bgremove/--inversion override them):
             one Chimap per method
 
 exit codes: 0 success; 64 usage error; 65 some input runs unusable (the others were processed) or none
-usable; 66 no input data found; 70 a processing step failed (crash files in OUTPUT_DIR/logs/).
+usable; 66 no input data found; 70 a processing step failed (crash files in OUTPUT_DIR/logs/); 73 OUTPUT_DIR
+or --work-dir cannot be created or written.
 
 examples:
   qsmprep /data/bids /data/derivatives/qsmprep participant --participant-label 01 02
@@ -281,6 +283,11 @@ def _setup_logging(verbosity):
     logging.getLogger().addHandler(logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1))
 
 
+def _early_records():
+    """The handlers holding the records logged before the log file opened (``_setup_logging``)."""
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.handlers.MemoryHandler)]
+
+
 def write_provenance(config):
     """Write the derivatives dataset files and OUTPUT_DIR/logs/<run_id>/{command.txt,config.json,CITATION.md}."""
     from ..bids.derivatives import write_dataset_description
@@ -295,12 +302,11 @@ def write_provenance(config):
     citation.write_text("# Methods\n\n" + methods_text(config))
     handler = logging.FileHandler(log_dir / "qsmprep.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    for early in [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+    for early in _early_records():
         early.setTarget(handler)
         early.close()  # writes what it held, in order
-        root.removeHandler(early)
-    root.addHandler(handler)
+        logging.getLogger().removeHandler(early)
+    logging.getLogger().addHandler(handler)
     return citation
 
 
@@ -455,6 +461,9 @@ def _main(argv):
     except Exception:  # a bug in qsmprep itself: the traceback is for the bug report
         log.exception("internal error in qsmprep %s; please report it with this traceback", __version__)
         return EXIT_PROCESSING_FAILED
+    finally:  # refused before the log file opened: what was held for it is dropped
+        for early in _early_records():
+            logging.getLogger().removeHandler(early)
 
 
 if __name__ == "__main__":

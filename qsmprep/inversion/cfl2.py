@@ -32,7 +32,7 @@ def gradient_power_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), rfft=False, devi
     mean_voxel = float(np.prod(voxel_size_mm)) ** (1.0 / 3.0)
     k = kspace_grid(shape, voxel_size_mm, rfft=rfft)
     # one term per axis, each a broadcastable 1-D profile; only their sum fills the grid
-    terms = [(2.0 * np.sin(np.pi * ki * di) * mean_voxel / di) ** 2 for ki, di in zip(k, voxel_size_mm)]
+    terms = [(2.0 * np.sin(np.pi * ki * di) * mean_voxel / di) ** 2 for ki, di in zip(k, map(float, voxel_size_mm))]
     if device is not None:
         import torch
 

@@ -10,7 +10,6 @@ import os
 from functools import partial
 from pathlib import Path
 
-
 from .. import __version__
 from ..errors import QSMPrepError
 from ..io import load_nifti
@@ -157,7 +156,7 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
     if command:
         body.append(f"<h2>About</h2><p>Command:</p><pre>{html.escape(command)}</pre>")
     if log_dir:
-        folder = Path(log_dir).relative_to(output_dir).as_posix()
+        folder = Path(os.path.relpath(log_dir, output_dir)).as_posix()
         body.append(f'<p>Log: <a href="{html.escape(folder)}/qsmprep.log">{html.escape(folder)}/qsmprep.log</a>; '
                     "the command, configuration, citations and any crash files are beside it.</p>")
     page = (
