@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CantCreateError, QSMPrepError, UsageError
@@ -173,6 +174,16 @@ def print_error(prog, exc):
     message = " ".join(str(exc).split())
     sys.stderr.write(f"{prog}: error: {message}\n")
     return exc.exit_code
+
+
+@contextmanager
+def exit_73_if_unwritable(path):
+    """Turn an OSError raised while writing ``path`` into a CantCreateError (exit 73) naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise CantCreateError(f"cannot write {path} ({exc.strerror or exc}): check the directory and its "
+                              "permissions.") from exc
 
 
 def check_writable_folder(option, folder):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CantCreateError, DataError, NoInputError, UsageError
+from ..errors import DataError, NoInputError, UsageError
 from ..io import check_same_grid, load_volume, write_text_atomic
 from ..metrics import evaluate
-from .common import run_cli
+from .common import exit_73_if_unwritable, run_cli
 
 METRIC_ROWS = (
     ("nrmse_pct", "NRMSE (demeaned)", "%"),
@@ -128,11 +128,8 @@ def run(args):
     if args.json == "-":
         print(json.dumps(result, indent=2))
     elif args.json:
-        try:
+        with exit_73_if_unwritable(args.json):
             write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise CantCreateError(f"cannot write {args.json} ({reason}): check the directory and its permissions.") from exc
         print(format_table(result))
     else:
         print(format_table(result))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CantCreateError, DataError, UsageError
+from ..errors import DataError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE
 from ..io import check_same_grid, load_volume, save_nifti
@@ -29,6 +29,7 @@ from .common import (
     check_b0_tesla_option,
     check_deep_options,
     check_writable_folder,
+    exit_73_if_unwritable,
     run_cli,
     torch_on_all_cores,
 )
@@ -116,7 +117,7 @@ def _check_options(args):
         if args.out.resolve() == path.resolve():
             raise UsageError(f"output {args.out} is the input {name}, which it would overwrite: give another "
                              "output file name.")
-    check_writable_folder("output folder", args.out.absolute().parent)  # before a deep inversion's minutes
+    check_writable_folder("output folder", args.out.parent)  # before a deep inversion's minutes
 
 
 def _load_inputs(args):
@@ -160,11 +161,8 @@ def run(args):
     start = time.perf_counter()
     chi = INVERSION_METHODS[args.method](field, mask, voxel_size, b0_dir, **options)
     log.info("inverted in %.1f s", time.perf_counter() - start)
-    try:
+    with exit_73_if_unwritable(args.out):
         save_nifti(args.out, chi, affine, header)
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise CantCreateError(f"cannot write {args.out} ({reason}): check the directory and its permissions.") from exc
     log.info("wrote %s", args.out)
     return 0
 

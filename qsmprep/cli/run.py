@@ -40,6 +40,7 @@ from ..errors import DataError, QSMPrepError, UsageError
 from ..resources import available_cores
 from .common import (
     DEEP_OPTIONS,
+    LOG_FORMAT,
     ArgumentParser,
     add_deep_options,
     check_b0_tesla_option,
@@ -274,7 +275,7 @@ def find_inputs(config, filter_file=None):
 
 def _setup_logging(verbosity):
     level = logging.DEBUG if verbosity > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
     if not verbosity:  # Nipype's per-node lines go to the log file only; -v shows them here too
         logging.getLogger().handlers[0].addFilter(
             lambda record: not (record.name.startswith("nipype") and record.levelno < logging.WARNING))
@@ -301,7 +302,7 @@ def write_provenance(config):
     citation = log_dir / "CITATION.md"
     citation.write_text("# Methods\n\n" + methods_text(config))
     handler = logging.FileHandler(log_dir / "qsmprep.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     for early in _early_records():
         early.setTarget(handler)
         early.close()  # writes what it held, in order

@@ -31,7 +31,7 @@ from ..sim.bids_writer import (
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
 from ..resources import available_cores
-from .common import ArgumentParser, check_writable_folder, print_error
+from .common import LOG_FORMAT, ArgumentParser, check_writable_folder, print_error
 
 log = logging.getLogger("qsmprep.simulate")
 
@@ -162,7 +162,7 @@ def main(argv=None):
     """Entry point; returns the exit code (0, or a BIDS execution-spec code on error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         with fft.set_workers(available_cores()):
             simulate_dataset(args)

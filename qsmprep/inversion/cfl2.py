@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ..physics import dipole_kernel, filter_padded, kspace_grid, padded_shape
+from ..physics import dipole_kernel, filter_padded, kspace_grid, padded_shape, to_device
 
 
 def gradient_power_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), rfft=False, device=None):
@@ -34,9 +34,7 @@ def gradient_power_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), rfft=False, devi
     # one term per axis, each a broadcastable 1-D profile; only their sum fills the grid
     terms = [(2.0 * np.sin(np.pi * ki * di) * mean_voxel / di) ** 2 for ki, di in zip(k, map(float, voxel_size_mm))]
     if device is not None:
-        import torch
-
-        terms = [torch.as_tensor(t, device=device) for t in terms]
+        terms = [to_device(t, device) for t in terms]
     return terms[0] + terms[1] + terms[2]
 
 

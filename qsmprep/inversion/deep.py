@@ -15,7 +15,7 @@ from scipy import fft as spfft
 from ..bgremove.smv import smv_kernel, smv_padded_shape, sphere_fits
 from ..deep import read_metadata, shipped_model_path
 from ..errors import UsageError
-from ..physics import b0_tilt_deg, dipole_kernel, filter_padded, is_tensor, padded_shape
+from ..physics import b0_tilt_deg, dipole_kernel, filter_padded, is_tensor, padded_shape, to_device
 from ..physics.resample import b0_aligned_grid, from_b0_aligned, rotation_between, to_b0_aligned
 from ..resources import available_memory_bytes
 from .gradient import forward_gradient, forward_gradient_adjoint
@@ -208,7 +208,7 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     if n_iter <= 0:
         return chi0
     torch_device = None if isinstance(device, str) and device == "cpu" else device
-    on_device = (lambda a: a) if torch_device is None else partial(_tensor, device=torch_device)
+    on_device = (lambda a: a) if torch_device is None else partial(to_device, device=torch_device)
     big = padded_shape(chi0.shape, pad_factor)
     if harmonic_radius_mm:  # the SMV must not wrap either
         big = tuple(max(a, b) for a, b in zip(big, smv_padded_shape(chi0.shape, voxel_size_mm, harmonic_radius_mm)))
@@ -247,13 +247,6 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
 def _numpy(a):
     """A float32 numpy array of a numpy array or a torch tensor on any device."""
     return a.cpu().numpy() if is_tensor(a) else np.asarray(a, dtype=np.float32)
-
-
-def _tensor(array, device):
-    """A float32 torch tensor of ``array`` on ``device`` (a copy: cached kernels are read-only)."""
-    import torch
-
-    return torch.tensor(np.asarray(array, dtype=np.float32), device=device)
 
 
 def _inner_differences(mask, voxel_size_mm):
@@ -380,7 +373,7 @@ def network_predictor(model, voxel_size_mm, device):
     voxel_size = torch.tensor(voxel_size_mm, dtype=torch.float32, device=device)
 
     def tensor(array):  # a (1, 1, i, j, k) batch
-        return _tensor(array, device)[None, None]
+        return to_device(array, device)[None, None]
 
     def predict(field, mask, **context):
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):

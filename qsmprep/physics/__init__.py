@@ -1,6 +1,7 @@
 """MRI susceptibility physics: units, dipole kernel, forward model, orientation."""
 
-from .forward import filter_padded, forward_field_ppm, is_tensor, padded_shape
+from .arrays import is_tensor, to_device
+from .forward import filter_padded, forward_field_ppm, padded_shape
 from .kernel import dipole_kernel, kspace_grid
 from .orientation import b0_dir_from_affine, b0_tilt_deg, voxel_rotation, voxel_size_from_affine
 from .resample import b0_aligned_grid, from_b0_aligned, resample_to_grid, to_b0_aligned
@@ -34,6 +35,7 @@ __all__ = [
     "rad_to_ppm",
     "resample_to_grid",
     "to_b0_aligned",
+    "to_device",
     "voxel_rotation",
     "voxel_size_from_affine",
 ]

@@ -5,18 +5,13 @@ import sys
 import numpy as np
 from scipy import fft as spfft
 
+from .arrays import is_tensor, to_device
 from .kernel import dipole_kernel
 
 
 def padded_shape(shape, pad_factor=2.0):
     """Grid shape at least ``pad_factor`` times ``shape``, rounded up to fast FFT sizes."""
     return tuple(spfft.next_fast_len(int(np.ceil(n * pad_factor)), real=True) for n in shape)
-
-
-def is_tensor(a):
-    """Whether ``a`` is a torch tensor (torch is not imported where nothing has loaded it)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(a, torch.Tensor)
 
 
 def filter_padded(volume, kernel_rfft, big_shape):
@@ -33,9 +28,9 @@ def filter_padded(volume, kernel_rfft, big_shape):
     axes = (-3, -2, -1)
     crop = (Ellipsis,) + tuple(slice(0, n) for n in np.shape(volume)[-3:])
     if is_tensor(volume):  # stay on its device (GPU refinement, losses)
-        torch = sys.modules["torch"]
-        kernel = torch.as_tensor(kernel_rfft, device=volume.device)
-        return torch.fft.irfftn(torch.fft.rfftn(volume, s=big_shape, dim=axes) * kernel, s=big_shape, dim=axes)[crop]
+        fft = sys.modules["torch"].fft
+        kernel = to_device(kernel_rfft, volume.device)
+        return fft.irfftn(fft.rfftn(volume, s=big_shape, dim=axes) * kernel, s=big_shape, dim=axes)[crop]
     spectrum = spfft.rfftn(np.asarray(volume, dtype=np.float32), s=big_shape, axes=axes)
     spectrum *= kernel_rfft
     return spfft.irfftn(spectrum, s=big_shape, axes=axes)[crop].astype(np.float32)

@@ -13,6 +13,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import fft as spfft
 
+from .arrays import to_device
+
 
 def kspace_grid(shape, voxel_size_mm=(1.0, 1.0, 1.0), rfft=False):
     """Spatial frequencies (cycles/mm) along each array axis, broadcastable.
@@ -75,9 +77,7 @@ def dipole_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), 
         raise ValueError("B0 direction must be a non-zero vector")
     key = (tuple(int(n) for n in shape), tuple(float(v) for v in voxel_size_mm), tuple(float(v) for v in b / norm))
     if device is not None:
-        import torch
-
-        grid = [torch.as_tensor(k, device=device) for k in kspace_grid(key[0], key[1], rfft=rfft)]
+        grid = [to_device(k, device) for k in kspace_grid(key[0], key[1], rfft=rfft)]
         return _dipole_on_grid(*grid, key[2])
     return _cached_dipole_kernel(*key, bool(rfft))
 

@@ -1,0 +1,27 @@
+"""Numpy arrays and torch tensors: what lets one library function serve both (the deep refinement on a GPU).
+
+torch is never imported here unless a caller has loaded it or asks for a device.
+"""
+
+import sys
+
+import numpy as np
+
+
+def is_tensor(a):
+    """Whether ``a`` is a torch tensor (torch is not imported where nothing has loaded it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(a, torch.Tensor)
+
+
+def to_device(array, device):
+    """``array`` (numpy array or torch tensor) as a float32 torch tensor on ``device``.
+
+    A tensor already there is returned as it is (a kernel moved once serves every filtering); a numpy
+    array is copied, so read-only cached kernels are never shared with torch.
+    """
+    import torch
+
+    if is_tensor(array):
+        return array.to(device=device, dtype=torch.float32)
+    return torch.tensor(np.asarray(array, dtype=np.float32), device=device)
