@@ -1,7 +1,8 @@
 """Wall time and peak memory of every dipole inversion at 160^3 and 256^3, on CPU and CUDA.
 
     python bench/speed.py [--methods tkd cfl2 ilsqr deep] [--sizes 160 256] [--threads N]
-                          [--model NAME_OR_PATH ...] [--refine N] [--refine-tv A] [--devices cpu cuda]
+                          [--model NAME_OR_PATH ...] [--refine N] [--refine-radius R] [--refine-tv A]
+                          [--devices cpu cuda]
                           [--json OUT] [--profile N]
 
 Input: the local field of the simulated head phantom (``qsmprep.sim.head_phantom``,
@@ -88,7 +89,7 @@ def worker(args):
         if args.threads:
             torch.set_num_threads(args.threads)
         kwargs = {"model": args.model[0], "device": args.devices[0], "refine_iters": args.refine,
-                  "refine_tv_weight": args.refine_tv}
+                  "refine_radius_mm": args.refine_radius, "refine_tv_weight": args.refine_tv}
         # deep_invert imports these on first use; the CLIs and the pipeline have them loaded before (nibabel
         # reads their input), so their import (0.21 s on an H100 machine, --profile) is not the inversion's time
         importlib.import_module("qsmprep.deep.registry")
@@ -143,6 +144,9 @@ def main():
     parser.add_argument("--model", action="append", help=f"deep model, repeatable (default {DEFAULT_MODEL})")
     parser.add_argument("--refine", type=int, default=0,
                         help="deep data-consistency iterations (default 0: the network alone; deep_invert's default is 10)")
+    parser.add_argument("--refine-radius", type=float, default=0.0, metavar="R",
+                        help="deep: SMV high-pass radius of the refinement, mm (default 0: off, qsmprep-invert's "
+                             "default; the pipeline's is 8)")
     parser.add_argument("--refine-tv", type=float, default=0.0, metavar="A",
                         help="deep: total-variation weight of the refinement, ppm mm (default 0: off)")
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
@@ -169,10 +173,12 @@ def main():
             if not deep_available(model):
                 continue
             label = f"deep {Path(str(model)).stem}" + (f" + refine {args.refine}" if args.refine else "")
+            label += f" radius {args.refine_radius:g}" if args.refine and args.refine_radius else ""
             label += f" TV {args.refine_tv:g}" if args.refine and args.refine_tv else ""
             for device in args.devices:
                 runs.append((label, ["--methods", "deep", "--model", str(model), "--refine", str(args.refine),
-                                     "--refine-tv", str(args.refine_tv), "--devices", device]))
+                                     "--refine-radius", str(args.refine_radius), "--refine-tv", str(args.refine_tv),
+                                     "--devices", device]))
     cores = args.threads or available_cores()
     print(f"{cores} cores per run; load average {os.getloadavg()[0]:.1f}", flush=True)
     env = dict(os.environ)

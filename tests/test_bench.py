@@ -108,3 +108,17 @@ def test_speed_profile_names_where_the_first_call_went():
     assert "tkd at 32^3, first call:" in profile and "restriction <3>" in profile
     assert "inversion/tkd.py" in profile  # the inversion itself heads the cumulative list
     assert "| tkd | 32^3 | cpu |" in table
+
+
+def test_speed_times_the_refinement_with_the_pipelines_high_pass():
+    """``--refine-radius R`` times the deep inversion as the pipeline's node runs it (SMV set-up included)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
+    out = subprocess.run([sys.executable, str(script), "--methods", "deep", "--sizes", "32", "--devices", "cpu",
+                          "--refine", "2", "--refine-radius", "4", "--profile", "1000"],
+                         capture_output=True, text=True, check=True).stdout
+    profile, table = out.split("load average at the end")
+    assert "bgremove/smv.py" in profile and "(smv_kernel)" in profile  # the high-pass was built in the timed call
+    assert "| deep qsmprep-cfl2unet + refine 2 radius 4 | 32^3 | cpu |" in table

@@ -67,6 +67,12 @@ def test_smv_kernel_is_a_normalised_sphere(shape):
     assert abs(sphere[4, 0, 0]) < 1e-6 and abs(sphere[2, 2, 2]) < 1e-6  # |(2,2,2)| = 3.46 mm
     half_spectrum = smv_kernel(shape, (1, 1, 1), 3.0, rfft=True)
     np.testing.assert_allclose(half_spectrum, kernel[:, :, : shape[2] // 2 + 1], atol=1e-6)
+    # built as a torch tensor on a device (the deep refinement's high-pass on a GPU), the same kernels
+    torch = pytest.importorskip("torch")
+    for rfft, expected in ((False, kernel), (True, half_spectrum)):
+        on_device = smv_kernel(shape, (1, 1, 1), 3.0, rfft=rfft, device=torch.device("cpu"))
+        assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float32
+        np.testing.assert_allclose(on_device.numpy(), expected, atol=1e-6)
 
 
 def test_smv_kernel_anisotropic_voxels_make_a_sphere_in_mm():
@@ -101,6 +107,13 @@ def test_sphere_fits_is_erosion_by_the_ball_in_mm():
     expected = ndimage.binary_erosion(mask, ball_mm(radius, vox), border_value=0)
     np.testing.assert_array_equal(fits[:30, :28, :20], expected)
     assert 0 < expected.sum() < mask.sum()
+    # from torch.fft's spectrum and a kernel on a torch device: the same voxels, as a tensor there
+    torch = pytest.importorskip("torch")
+    mask_t, cpu = torch.tensor(mask, dtype=torch.float32), torch.device("cpu")
+    fits_t = sphere_fits(torch.fft.rfftn(mask_t, shape), smv_kernel(shape, vox, radius, rfft=True, device=cpu),
+                         shape, vox, radius)
+    assert isinstance(fits_t, torch.Tensor)
+    np.testing.assert_array_equal(fits_t.numpy(), fits)
 
 
 def test_padded_shape_holds_the_whole_sphere_on_a_small_grid():

@@ -426,6 +426,44 @@ def test_asking_for_cuda_without_a_gpu_is_a_usage_error():
     assert resolve_device("auto") == torch.device("cpu")
 
 
+def test_a_step_out_of_gpu_memory_runs_again_on_the_cpu(caplog):
+    """The refinement is not tiled: where the padded grid outgrows the GPU it runs on the CPU, with a warning."""
+    calls = []
+
+    def step(device):
+        calls.append(device)
+        if device != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.69 GiB.\nmore")
+        return "map"
+
+    with caplog.at_level("WARNING", logger="qsmprep.inversion.deep"):
+        assert deep.run_with_cpu_fallback(step, torch.device("cuda"), "the refinement") == "map"
+    assert calls == [torch.device("cuda"), "cpu"]
+    assert ("the refinement ran out of GPU memory (CUDA out of memory. Tried to allocate 1.69 GiB.); running it "
+            "on the CPU") in caplog.text
+    calls.clear()
+    assert deep.run_with_cpu_fallback(step, torch.device("cpu"), "the refinement") == "map"
+    assert calls == ["cpu"]  # numpy on a CPU device, tried once
+
+    def broken(device):
+        raise ValueError("not a memory error")
+
+    with pytest.raises(ValueError, match="not a memory error"):  # other failures are not hidden
+        deep.run_with_cpu_fallback(broken, torch.device("cuda"), "the refinement")
+
+
+def test_deep_invert_refines_through_the_cpu_fallback(untrained_checkpoint, monkeypatch):
+    seen = []
+    real = deep.run_with_cpu_fallback
+    monkeypatch.setattr(deep, "run_with_cpu_fallback",
+                        lambda step, device, what: seen.append((device, what)) or real(step, device, what))
+    chi, field, mask = _phantom(shape=(16, 16, 16))
+    refined = deep_invert(field, mask, model=untrained_checkpoint, device="cpu", refine_iters=3)
+    network = deep_invert(field, mask, model=untrained_checkpoint, device="cpu", refine_iters=0)
+    assert seen == [(torch.device("cpu"), "the refinement")]
+    np.testing.assert_allclose(refined, refine_data_consistency(network, field, mask, n_iter=3), atol=1e-6)
+
+
 @pytest.mark.parametrize(("voxel_size", "b0_dir"), [((1.0, 1.0, 1.0), (0, 0, 1)), ((3.0, 3.0, 3.0), (0, 0, 1)),
                                                      ((1.0, 1.0, 1.0), (0.0, 0.42, 0.91))])
 def test_network_grid_shape_is_the_grid_deep_invert_runs_on(untrained_checkpoint, monkeypatch, voxel_size, b0_dir):

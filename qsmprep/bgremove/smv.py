@@ -14,9 +14,10 @@ import numpy as np
 from scipy import fft as spfft
 
 from ..masking import ball_mm
+from ..physics.arrays import fft_module
 
 
-def smv_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=5.0, rfft=False):
+def smv_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=5.0, rfft=False, device=None):
     """k-space kernel of the normalised sphere (the spherical mean value operator).
 
     The sphere is built in image space as the voxels whose centres lie within
@@ -36,21 +37,32 @@ def smv_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=5.0, rfft=False):
         Sphere radius in mm.
     rfft : bool, default False
         Return the half-spectrum matching ``scipy.fft.rfftn``.
+    device : torch device or None, default None
+        Build the sphere and transform it there, returning a torch tensor: the
+        deep refinement's high-pass on a GPU (the padded 384^3 grid of a 256^3
+        volume took 0.54 s in numpy on 2 CPU cores).
 
     Returns
     -------
-    float32 array in FFT (unshifted) order.
+    float32 array (or tensor on ``device``) in FFT (unshifted) order.
     """
     ball = ball_mm(radius_mm, voxel_size_mm)
     if any(b > n for b, n in zip(ball.shape, shape)):
         raise ValueError(f"a {radius_mm} mm sphere ({ball.shape} voxels) does not fit in a {tuple(shape)} grid")
     offsets = np.nonzero(ball)
     half = [(b - 1) // 2 for b in ball.shape]
-    sphere = np.zeros(shape, dtype=np.float32)
-    sphere[tuple((o - h) % n for o, h, n in zip(offsets, half, shape))] = 1.0 / offsets[0].size
-    if rfft:
-        return spfft.rfftn(sphere).real.astype(np.float32)
-    return spfft.fftn(sphere).real.astype(np.float32)
+    wrapped = tuple((o - h) % n for o, h, n in zip(offsets, half, shape))
+    if device is None:
+        sphere = np.zeros(shape, dtype=np.float32)
+    else:
+        import torch
+
+        sphere = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
+        wrapped = tuple(torch.as_tensor(i, device=device) for i in wrapped)
+    sphere[wrapped] = 1.0 / offsets[0].size
+    fft = fft_module(sphere)
+    spectrum = (fft.rfftn if rfft else fft.fftn)(sphere).real
+    return spectrum.contiguous() if device is not None else spectrum.astype(np.float32)
 
 
 def smv_padded_shape(shape, voxel_size_mm, radius_mm):
@@ -76,10 +88,12 @@ def sphere_fits(mask_spectrum, kernel, shape, voxel_size_mm, radius_mm):
 
     Parameters
     ----------
-    mask_spectrum : complex array
-        ``scipy.fft.rfftn`` of the (zero-padded) mask on ``shape``.
-    kernel : float array
-        ``smv_kernel(shape, voxel_size_mm, radius_mm, rfft=True)``.
+    mask_spectrum : complex array or tensor
+        ``scipy.fft.rfftn`` of the (zero-padded) mask on ``shape``, or
+        ``torch.fft.rfftn`` of it (the result is then a tensor on its device).
+    kernel : float array or tensor
+        ``smv_kernel(shape, voxel_size_mm, radius_mm, rfft=True)`` (with the
+        same ``device`` for a tensor spectrum).
     shape : tuple of 3 int
         The padded grid shape.
     voxel_size_mm : tuple of 3 float
@@ -89,8 +103,8 @@ def sphere_fits(mask_spectrum, kernel, shape, voxel_size_mm, radius_mm):
 
     Returns
     -------
-    bool array of ``shape``.
+    bool array (or tensor) of ``shape``.
     """
     n_ball = int(ball_mm(radius_mm, voxel_size_mm).sum())
-    mean_of_mask = spfft.irfftn(mask_spectrum * kernel, s=shape)
+    mean_of_mask = fft_module(mask_spectrum).irfftn(mask_spectrum * kernel, shape)
     return mean_of_mask > 1.0 - 0.5 / n_ball

@@ -10,12 +10,11 @@ from functools import partial
 from itertools import product
 
 import numpy as np
-from scipy import fft as spfft
 
 from ..bgremove.smv import smv_kernel, smv_padded_shape, sphere_fits
 from ..deep import read_metadata, shipped_model_path
 from ..errors import UsageError
-from ..physics import b0_tilt_deg, dipole_kernel, filter_padded, is_tensor, padded_shape, to_device
+from ..physics import b0_tilt_deg, dipole_kernel, fft_module, filter_padded, is_tensor, padded_shape, to_device
 from ..physics.resample import b0_aligned_grid, from_b0_aligned, rotation_between, to_b0_aligned
 from ..resources import available_memory_bytes
 from .gradient import forward_gradient, forward_gradient_adjoint
@@ -215,13 +214,13 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True, device=torch_device)
     w2 = m if weights is None else m * np.asarray(weights, dtype=np.float32) ** 2
     field = np.asarray(local_field_ppm, dtype=np.float32) * m
+    w2, field, m_t, chi0_t = (on_device(a) for a in (w2, field, m, chi0))
     if harmonic_radius_mm:
-        smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True)
-        fits = sphere_fits(spfft.rfftn(m, s=big), smv, big, voxel_size_mm, harmonic_radius_mm)
+        smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True, device=torch_device)
+        fits = sphere_fits(fft_module(m_t).rfftn(m_t, big), smv, big, voxel_size_mm, harmonic_radius_mm)
         w2 = w2 * fits[tuple(slice(0, n) for n in m.shape)]
         field = filter_padded(field, 1 - smv, big)
-        d = on_device(1 - smv) * d
-    w2, field, m_t, chi0_t = (on_device(a) for a in (w2, field, m, chi0))
+        d = (1 - smv) * d
 
     def dipole(x):  # real-symmetric kernel (H D too), so it is its own adjoint
         return filter_padded(x, d, big)
@@ -484,7 +483,28 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         chi = from_b0_aligned(chi * mask_n, affine_a, field.shape, native, order=RESAMPLE_ORDER)
     chi = np.where(m, chi, 0).astype(np.float32)
     if refine_iters:
-        chi = refine_data_consistency(chi, field, m, voxel_size_mm, b0_dir, lam=refine_lambda, n_iter=refine_iters,
-                                      harmonic_radius_mm=refine_radius_mm, tv_weight=refine_tv_weight,
-                                      device="cpu" if dev.type == "cpu" else dev)
+        refine = partial(refine_data_consistency, chi, field, m, voxel_size_mm, b0_dir, lam=refine_lambda,
+                         n_iter=refine_iters, harmonic_radius_mm=refine_radius_mm, tv_weight=refine_tv_weight)
+        chi = run_with_cpu_fallback(refine, dev, "the refinement")
     return chi
+
+
+def run_with_cpu_fallback(step, device, what):
+    """``step(device=...)`` on ``device``, run again on the CPU if a CUDA device runs out of memory.
+
+    The refinement is not tiled: it works on the whole zero-padded grid (1.5 times each axis), so a
+    large volume can outgrow a small or shared GPU where the network's tiles fit. The CPU gives the
+    same map more slowly, so the run goes on with a warning instead of failing. ``step`` takes "cpu"
+    (numpy) or the torch device; ``what`` names it in the warning.
+    """
+    import torch
+
+    if device.type == "cpu":
+        return step(device="cpu")
+    try:
+        return step(device=device)
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        log.warning("deep inversion: %s ran out of GPU memory (%s); running it on the CPU, which is slower",
+                    what, str(err).splitlines()[0])
+        return step(device="cpu")

@@ -1,6 +1,6 @@
 """MRI susceptibility physics: units, dipole kernel, forward model, orientation."""
 
-from .arrays import is_tensor, to_device
+from .arrays import fft_module, is_tensor, to_device
 from .forward import filter_padded, forward_field_ppm, padded_shape
 from .kernel import dipole_kernel, kspace_grid
 from .orientation import b0_dir_from_affine, b0_tilt_deg, voxel_rotation, voxel_size_from_affine
@@ -21,6 +21,7 @@ __all__ = [
     "b0_dir_from_affine",
     "b0_tilt_deg",
     "dipole_kernel",
+    "fft_module",
     "filter_padded",
     "forward_field_ppm",
     "from_b0_aligned",

@@ -6,6 +6,7 @@ torch is never imported here unless a caller has loaded it or asks for a device.
 import sys
 
 import numpy as np
+from scipy import fft as spfft
 
 
 def is_tensor(a):
@@ -25,3 +26,12 @@ def to_device(array, device):
     if is_tensor(array):
         return array.to(device=device, dtype=torch.float32)
     return torch.tensor(np.asarray(array, dtype=np.float32), device=device)
+
+
+def fft_module(a):
+    """``torch.fft`` for a torch tensor, ``scipy.fft`` for a numpy array.
+
+    Their transforms agree when called positionally, ``rfftn(x, s, axes)`` and ``irfftn(x, s, axes)``,
+    so one call serves both (a tensor stays on its device).
+    """
+    return sys.modules["torch"].fft if is_tensor(a) else spfft

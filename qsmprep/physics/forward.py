@@ -1,11 +1,9 @@
 """Forward model: susceptibility (ppm) -> field perturbation (ppm of B0)."""
 
-import sys
-
 import numpy as np
 from scipy import fft as spfft
 
-from .arrays import is_tensor, to_device
+from .arrays import fft_module, is_tensor, to_device
 from .kernel import dipole_kernel
 
 
@@ -28,7 +26,7 @@ def filter_padded(volume, kernel_rfft, big_shape):
     axes = (-3, -2, -1)
     crop = (Ellipsis,) + tuple(slice(0, n) for n in np.shape(volume)[-3:])
     if is_tensor(volume):  # stay on its device (GPU refinement, losses)
-        fft = sys.modules["torch"].fft
+        fft = fft_module(volume)
         kernel = to_device(kernel_rfft, volume.device)
         return fft.irfftn(fft.rfftn(volume, s=big_shape, dim=axes) * kernel, s=big_shape, dim=axes)[crop]
     spectrum = spfft.rfftn(np.asarray(volume, dtype=np.float32), s=big_shape, axes=axes)
