@@ -9,6 +9,7 @@ sub-03, a copy of sub-02 whose phase sidecars lack ``Units``; it runs
 import functools
 import hashlib
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -115,6 +116,33 @@ def test_exit_code_and_file_list(runs):
     for subject in ("01", "03"):  # a processed subject's report and a refused one's link this invocation's log
         log = re.search(r'<a href="(logs/[^"]+/qsmprep.log)">', (runs["out"] / f"sub-{subject}.html").read_text())
         assert log and "sub-03" in (runs["out"] / log.group(1)).read_text()
+
+
+def test_node_log_lines_name_their_run(runs):
+    """Runs are processed side by side (--nprocs 2): each node's lines in the log say which run they are about."""
+    logs = "".join(p.read_text() for p in (runs["out"] / "logs").glob("*/qsmprep.log"))
+    for name in ("sub-01_ses-1", "sub-01_ses-2", "sub-02"):
+        assert re.search(rf"qsmprep.phase.combine INFO: {name}: total field: 3 echoes", logs), name
+
+
+def test_node_run_filter_reads_the_run_from_the_nodes_folder(tmp_path, monkeypatch):
+    from qsmprep.cli.run import RUN_LOG_FORMAT, NodeRunFilter
+
+    node_run = NodeRunFilter()
+    node_run.folders = {"single_subject_01_wf": ("sub-01", {"qsm_ses_2_wf": "sub-01_ses-2"})}
+    formatter = logging.Formatter(RUN_LOG_FORMAT)
+
+    def line_logged_in(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        monkeypatch.chdir(folder)
+        record = logging.makeLogRecord({"name": "qsmprep.phase.combine", "levelname": "INFO", "msg": "total field"})
+        assert node_run.filter(record)
+        return formatter.format(record).split(" ", 2)[2]  # without the time
+
+    subject = tmp_path / "work" / "qsmprep_wf" / "single_subject_01_wf"
+    assert line_logged_in(subject / "qsm_ses_2_wf" / "total_field") == "qsmprep.phase.combine INFO: sub-01_ses-2: total field"
+    assert line_logged_in(subject / "report") == "qsmprep.phase.combine INFO: sub-01: total field"
+    assert line_logged_in(tmp_path) == "qsmprep.phase.combine INFO: total field"  # not in a node
 
 
 def test_rerun_reuses_cache_and_gives_identical_outputs(runs):

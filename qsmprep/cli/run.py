@@ -273,9 +273,43 @@ def find_inputs(config, filter_file=None):
     return config
 
 
+class NodeRunFilter(logging.Filter):
+    """Sets ``record.run`` to "<run name>: " for a record logged by a node of a run ("sub-<label>: " by a node of
+    a subject, its report), else to "", so that the lines of runs processed side by side say whose they are.
+
+    Nipype runs each node in its own folder, <work dir>/qsmprep_wf/<subject workflow>/<run workflow>/<node>, in
+    whichever process runs it (MultiProc workers too), so the working folder names the run. ``folders`` maps the
+    folder names to runs (``qsmprep.workflows.base.work_folder_names``); it is empty until the runs are known.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.folders = {}
+
+    def filter(self, record):
+        record.run = ""
+        try:
+            parts = Path.cwd().parts
+        except OSError:  # the working folder was removed
+            return True
+        for subject_folder, run_folder in zip(parts, parts[1:]):
+            if subject_folder in self.folders:
+                subject, runs = self.folders[subject_folder]
+                record.run = f"{runs.get(run_folder, subject)}: "
+        return True
+
+
+RUN_LOG_FORMAT = LOG_FORMAT.replace("%(message)s", "%(run)s%(message)s")
+"""``LOG_FORMAT`` with the run a node processes before its message (``NodeRunFilter``)."""
+
+_node_run = NodeRunFilter()
+
+
 def _setup_logging(verbosity):
     level = logging.DEBUG if verbosity > 1 else logging.INFO
-    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
+    logging.basicConfig(level=level, format=RUN_LOG_FORMAT, force=True)
+    _node_run.folders = {}
+    logging.getLogger().handlers[0].addFilter(_node_run)
     if not verbosity:  # Nipype's per-node lines go to the log file only; -v shows them here too
         logging.getLogger().handlers[0].addFilter(
             lambda record: not (record.name.startswith("nipype") and record.levelno < logging.WARNING))
@@ -302,7 +336,8 @@ def write_provenance(config):
     citation = log_dir / "CITATION.md"
     citation.write_text("# Methods\n\n" + methods_text(config))
     handler = logging.FileHandler(log_dir / "qsmprep.log")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT))
+    handler.addFilter(_node_run)
     for early in _early_records():
         early.setTarget(handler)
         early.close()  # writes what it held, in order
@@ -426,9 +461,10 @@ def run(config, filter_file=None):
         return 0
     _configure_nipype(config)
     remove_earlier_outputs(config)
-    from ..workflows.base import init_qsmprep_wf
+    from ..workflows.base import init_qsmprep_wf, work_folder_names
 
     workflow = init_qsmprep_wf(config)
+    _node_run.folders = work_folder_names(config.runs)
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
     try:
         workflow.run(plugin=config.plugin, plugin_args=config.plugin_args)

@@ -10,12 +10,22 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 from ..bids.derivatives import processed_runs, run_output_paths
 from ..config import INVERSION_METHODS
 from ..interfaces.reports import SubjectReport
-from .qsm import init_qsm_wf, methods_description, workflow_label
+from .qsm import init_qsm_wf, methods_description, run_workflow_name, workflow_label
 
 
 def subject_workflow_name(subject):
     """Name of the workflow of ``subject`` (label without ``sub-``)."""
     return f"single_subject_{subject}_wf"
+
+
+def work_folder_names(runs):
+    """{subject workflow name: ("sub-<label>", {run workflow name: run name})}: the folders of the work directory
+    in which each subject's and each run's nodes work (``init_qsmprep_wf``), by what they process."""
+    folders = {}
+    for run in runs:
+        subject = folders.setdefault(subject_workflow_name(run.subject), (f"sub-{run.subject}", {}))
+        subject[1][run_workflow_name(run)] = run.name
+    return folders
 
 
 def collect_methods(config, runs=None):
@@ -115,4 +125,5 @@ def init_qsmprep_wf(config):
     return workflow
 
 
-__all__ = ["init_qsmprep_wf", "init_single_subject_wf", "methods_text", "subject_workflow_name", "workflow_label"]
+__all__ = ["init_qsmprep_wf", "init_single_subject_wf", "methods_text", "subject_workflow_name", "work_folder_names",
+           "workflow_label"]

@@ -247,6 +247,11 @@ def workflow_label(run):
     return "_".join(parts) or "single"
 
 
+def run_workflow_name(run):
+    """Name of ``init_qsm_wf``'s workflow for ``run`` (and of its folder in the work directory)."""
+    return f"qsm_{workflow_label(run)}_wf"
+
+
 def init_qsm_wf(run, config, name=None):
     """Build the workflow that turns one GRE run into QSM derivatives.
 
@@ -267,7 +272,7 @@ def init_qsm_wf(run, config, name=None):
     config : qsmprep.config.Config
         Resolved configuration (``resolve_parameters`` called).
     name : str or None
-        Workflow name; default ``qsm_<label>_wf``.
+        Workflow name; default ``run_workflow_name(run)``, ``qsm_<label>_wf``.
 
     Outputs (outputnode): magnitude, mask, total_field, local_field,
     chimaps (list, in ``config.inversion`` order), written (derivative files).
@@ -276,7 +281,7 @@ def init_qsm_wf(run, config, name=None):
         log.warning("%s: a single echo cannot separate the receive-phase offset from the field; what background "
                     "removal leaves of the offset stays in the local field and the Chimap (docs/methods/phase.md, "
                     "A single echo): acquire several echoes, or give phase with the offset removed.", run.name)
-    workflow = Workflow(name=name or f"qsm_{workflow_label(run)}_wf")
+    workflow = Workflow(name=name or run_workflow_name(run))
     text, _ = methods_description(run, config)
     workflow.__desc__ = text + "\n\n"
     b0_dir = run_b0_dir(run, config)
