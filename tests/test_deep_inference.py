@@ -452,15 +452,49 @@ def test_a_step_out_of_gpu_memory_runs_again_on_the_cpu(caplog):
         deep.run_with_cpu_fallback(broken, torch.device("cuda"), "the refinement")
 
 
-def test_deep_invert_refines_through_the_cpu_fallback(untrained_checkpoint, monkeypatch):
+def test_network_out_of_gpu_memory_runs_again_in_smaller_tiles(caplog):
+    """Tiles are sized by the memory free at the start; when another process takes it, the pass is retried in
+    tiles of half the edge, down to 64^3, then refused with the fixes named."""
+    from qsmprep.errors import QSMPrepError
+
+    tried = []
+
+    def network_pass(fits_below):
+        def run(tiles):
+            tried.append(tuple(tiles))
+            if max(tiles) > fits_below:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.20 GiB.")
+            return "chi"
+        return run
+
+    cuda = torch.device("cuda")
+    with caplog.at_level("WARNING", logger="qsmprep.inversion.deep"):
+        assert deep.run_with_smaller_tiles_on_oom(network_pass(100), (168, 204, 168), cuda) == "chi"
+    assert tried == [(168, 204, 168), (96, 96, 96)]  # half of the longest edge, a multiple of 16
+    assert "out of GPU memory in 168x204x168 tiles (CUDA out of memory. Tried to allocate 3.20 GiB.); trying " \
+           "96^3 tiles" in caplog.text
+    tried.clear()
+    with pytest.raises(QSMPrepError, match=r"even in 64\^3 tiles: free the GPU .* --device cpu"):
+        deep.run_with_smaller_tiles_on_oom(network_pass(0), (256, 256, 256), cuda)
+    assert tried == [(256, 256, 256), (128, 128, 128), (64, 64, 64)]
+    tried.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # on a CPU, not retried
+        deep.run_with_smaller_tiles_on_oom(network_pass(0), (96, 96, 96), torch.device("cpu"))
+    assert tried == [(96, 96, 96)]
+
+
+def test_deep_invert_runs_through_the_out_of_memory_handlers(untrained_checkpoint, monkeypatch):
     seen = []
-    real = deep.run_with_cpu_fallback
+    real_fallback, real_tiles = deep.run_with_cpu_fallback, deep.run_with_smaller_tiles_on_oom
     monkeypatch.setattr(deep, "run_with_cpu_fallback",
-                        lambda step, device, what: seen.append((device, what)) or real(step, device, what))
+                        lambda step, device, what: seen.append((device, what)) or real_fallback(step, device, what))
+    monkeypatch.setattr(deep, "run_with_smaller_tiles_on_oom",
+                        lambda run, tiles, device: seen.append((device, tiles)) or real_tiles(run, tiles, device))
     chi, field, mask = _phantom(shape=(16, 16, 16))
-    refined = deep_invert(field, mask, model=untrained_checkpoint, device="cpu", refine_iters=3)
+    refined = deep_invert(field, mask, model=untrained_checkpoint, device="cpu", refine_iters=3, tile_shape=64)
+    cpu = torch.device("cpu")
+    assert seen == [(cpu, (64, 64, 64)), (cpu, "the refinement")]
     network = deep_invert(field, mask, model=untrained_checkpoint, device="cpu", refine_iters=0)
-    assert seen == [(torch.device("cpu"), "the refinement")]
     np.testing.assert_allclose(refined, refine_data_consistency(network, field, mask, n_iter=3), atol=1e-6)
 
 

@@ -47,8 +47,8 @@ geometry: voxel size and B0 direction come from FIELD's affine (B0 along
 world z, the scanner axis); --b0-dir X Y Z overrides the direction, in voxel
 coordinates (i, j, k).
 exit codes: 0 success; 64 usage error; 65 unusable data (grid mismatch, NaN
-in the mask, empty mask); 66 missing or unreadable input; 73 OUT cannot be
-written.
+in the mask, empty mask); 66 missing or unreadable input; 70 deep inversion
+out of GPU memory even in 64^3 tiles; 73 OUT cannot be written.
 example:
   qsmprep-invert sub-01_localfield.nii.gz sub-01_mask.nii.gz sub-01_Chimap.nii.gz --method ilsqr
 """

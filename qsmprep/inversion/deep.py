@@ -13,7 +13,7 @@ import numpy as np
 
 from ..bgremove.smv import smv_kernel, smv_padded_shape, sphere_fits
 from ..deep import read_metadata, shipped_model_path
-from ..errors import UsageError
+from ..errors import QSMPrepError, UsageError
 from ..physics import b0_tilt_deg, dipole_kernel, fft_module, filter_padded, is_tensor, padded_shape, to_device
 from ..physics.resample import b0_aligned_grid, from_b0_aligned, rotation_between, to_b0_aligned
 from ..resources import available_memory_bytes
@@ -478,7 +478,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         tile_shape = tile_for_memory(field_n.shape, free_memory_bytes(dev), NETWORK_BYTES_PER_VOXEL[dev.type])
     tile_shape = (int(tile_shape),) * 3 if np.ndim(tile_shape) == 0 else tuple(int(n) for n in tile_shape)
     predict, context = network_predictor(net, vs_n, dev)
-    chi = predict_tiled(predict, field_n, mask_n, tile_shape, overlap, context=partial(context, field_n, mask_n))
+    whole = partial(context, field_n, mask_n)
+    chi = run_with_smaller_tiles_on_oom(lambda tiles: predict_tiled(predict, field_n, mask_n, tiles, overlap, whole),
+                                        tile_shape, dev)
     if aligned:
         chi = from_b0_aligned(chi * mask_n, affine_a, field.shape, native, order=RESAMPLE_ORDER)
     chi = np.where(m, chi, 0).astype(np.float32)
@@ -487,6 +489,31 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
                          n_iter=refine_iters, harmonic_radius_mm=refine_radius_mm, tv_weight=refine_tv_weight)
         chi = run_with_cpu_fallback(refine, dev, "the refinement")
     return chi
+
+
+def run_with_smaller_tiles_on_oom(run, tile_shape, device):
+    """``run(tile_shape)``, run again in tiles of half the edge (down to ``MIN_TILE``) while CUDA runs out of memory.
+
+    Tiles are sized by the memory free when the inversion starts (``tile_for_memory``), which another process on
+    the same GPU can take meanwhile: a second run's deep inversion started beside it by MultiProc, or another
+    job. Out of memory even in ``MIN_TILE`` cubes, a QSMPrepError names the fixes.
+    """
+    import torch
+
+    while True:
+        try:
+            return run(tile_shape)
+        except torch.cuda.OutOfMemoryError as err:
+            if device.type == "cpu":
+                raise
+            if max(tile_shape) <= MIN_TILE:
+                raise QSMPrepError(f"deep inversion: out of GPU memory even in {MIN_TILE}^3 tiles: free the GPU "
+                                   "(other processes on it), or run on the CPU with --device cpu.") from err
+            torch.cuda.empty_cache()
+            side = max(MIN_TILE, max(tile_shape) // 2 // TILE_MULTIPLE * TILE_MULTIPLE)
+            log.warning("deep inversion: out of GPU memory in %s tiles (%s); trying %d^3 tiles",
+                        "x".join(map(str, tile_shape)), str(err).splitlines()[0], side)
+            tile_shape = (side,) * 3
 
 
 def run_with_cpu_fallback(step, device, what):
