@@ -10,8 +10,10 @@ import pytest
 
 from qsmprep.io import save_nifti
 from qsmprep.reports import build_subject_report
+from qsmprep.reports.report import run_mosaic_png
 from qsmprep.reports.mosaic import (
     comparison_png,
+    in_plane_box,
     mosaic_png,
     orthogonal_slices,
     robust_window,
@@ -25,6 +27,34 @@ def test_slice_indices_span_the_mask():
     mask[2:8, 2:8, 10:31] = True
     idx = slice_indices(mask, n_slices=5)
     assert idx[0] == 12 and idx[-1] == 28 and len(idx) == 5
+
+
+def test_in_plane_box_frames_the_mask_with_a_margin():
+    mask = np.zeros((100, 120, 40), bool)
+    mask[20:60, 10:110, 5:30] = True  # 40 x 100 voxels in plane
+    assert in_plane_box(mask) == (slice(14, 66), slice(0, 120))  # 15 %: 6 voxels; 15 clipped at the grid's edge
+    assert in_plane_box(mask, axis=0, margin=0.0) == (slice(10, 110), slice(5, 30))
+    assert in_plane_box(np.zeros((8, 9, 4))) == (slice(0, 8), slice(0, 9))  # empty: the whole plane
+
+
+def test_run_figures_show_eight_cropped_slices_in_two_rows_of_four():
+    import matplotlib.image
+
+    mask = np.zeros((100, 60, 30), bool)
+    mask[30:70, 10:50, 5:25] = True  # a 40 x 40 voxel box in a 100 x 60 plane
+
+    def render(value, **options):
+        png = run_mosaic_png(np.full(mask.shape, value, np.float32), mask, window=(-1, 1), **options)
+        return matplotlib.image.imread(io.BytesIO(png))[..., :3]
+
+    panels = _panels(render(-1.0), render(1.0))
+    assert len(panels) == 8
+    assert len({rows.start for rows, _ in panels}) == 2 and len({cols.start for _, cols in panels}) == 4
+    rows, cols = panels[0]
+    # each panel shows the box grown by 6 voxels a side (52 x 52), not the 100 x 60 plane
+    assert (rows.stop - rows.start) == pytest.approx(cols.stop - cols.start, abs=2)
+    whole = _panels(render(-1.0, crop=None), render(1.0, crop=None))[0]
+    assert (whole[1].stop - whole[1].start) / (whole[0].stop - whole[0].start) == pytest.approx(100 / 60, rel=0.05)
 
 
 def test_orthogonal_slices_pass_through_the_mask_centre_demeaned():
@@ -72,12 +102,13 @@ def test_robust_window_ignores_voxels_outside_the_mask():
 
 
 def _panels(png_low, png_high):
-    """Pixel boxes (rows, cols) of the image panels, left to right: where an all-low and an all-high volume differ."""
+    """Pixel boxes (rows, cols) of the image panels, row by row, left to right: where an all-low and an all-high
+    volume differ."""
     from scipy import ndimage
 
     differ = np.abs(png_low - png_high).max(axis=-1) > 0
     labels, n = ndimage.label(differ)
-    boxes = sorted(ndimage.find_objects(labels), key=lambda box: box[1].start)
+    boxes = sorted(ndimage.find_objects(labels), key=lambda box: (box[0].start, box[1].start))
     return [box for box in boxes if (box[0].stop - box[0].start) > 20]  # drop specks of anti-aliasing
 
 
@@ -178,15 +209,16 @@ def test_report_figures_do_not_depend_on_the_stored_voxel_order(tmp_path):
     assert pages["ras"] == pages["lps"]
     import matplotlib.image
 
-    plain = mosaic_png(chi, slice_indices(mask), window=(-0.15, 0.15), title="Susceptibility (tkd)", units="ppm")
+    plain = run_mosaic_png(chi, mask, window=(-0.15, 0.15), title="Susceptibility (tkd)", units="ppm", side_labels=None)
     plain, labelled = (matplotlib.image.imread(io.BytesIO(png))[..., :3] for png in (plain, pages["ras"]))
-    panels = _panels(*(matplotlib.image.imread(io.BytesIO(mosaic_png(np.full(shape, v, np.float32), slice_indices(mask),
-                                                                        window=(-1, 1))))[..., :3] for v in (-1, 1)))
+    panels = _panels(*(matplotlib.image.imread(io.BytesIO(run_mosaic_png(np.full(shape, v, np.float32), mask,
+                                                                         window=(-1, 1))))[..., :3] for v in (-1, 1)))
     rows, cols = np.nonzero(np.abs(plain - labelled).max(axis=-1) > 0.1)
     first, second = panels[0], panels[1]
     assert rows.size > 20 and cols.max() < second[1].start  # labels in the first slice only,
     assert rows.max() < (first[0].start + first[0].stop) / 2  # at its top, near both side edges
-    assert cols.min() - first[1].start < 8 and first[1].stop - cols.max() < 8
+    near = 0.06 * (first[1].stop - first[1].start)
+    assert cols.min() - first[1].start < near and first[1].stop - cols.max() < near
 
 
 def test_report_contains_every_figure_and_the_methods(report_dir):
@@ -203,7 +235,7 @@ def test_report_contains_every_figure_and_the_methods(report_dir):
         png = (out / src).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         images[src.rsplit("/", 1)[-1]] = matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3]
-    assert all(img.shape[0] > 100 and img.shape[1] > 3 * img.shape[0] for img in images.values())  # a row of slices
+    assert all(img.shape[0] > 200 and img.shape[1] > 500 for img in images.values())  # two rows of large slices
     # the same map in the same mask gives the same figure; another map (0.1 x, not 0.1 y) changes the slices,
     # far more pixels than the title's method name alone (about 600 of them)
     tkd = images["sub-01_ses-a_desc-tkd_mosaic.png"]

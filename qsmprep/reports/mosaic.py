@@ -41,6 +41,27 @@ def slice_indices(mask, n_slices=8, axis=2):
     return np.unique(np.linspace(lo + margin, hi - margin, n_slices).round().astype(int))
 
 
+def in_plane_box(mask, axis=2, margin=0.15):
+    """In-plane crop (two slices, for the axes other than ``axis``) around the mask, for ``mosaic_png``.
+
+    The mask's bounding box across all slices, grown on each side by ``margin`` (default 0.15) of its
+    extent (about 20-25 mm around an adult brain: the scalp shows, so a mask that misses brain does too),
+    and clipped to the grid. The whole plane for an empty mask.
+    """
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return tuple(slice(0, n) for a, n in enumerate(m.shape) if a != axis)
+    box = []
+    for a, n in enumerate(m.shape):
+        if a == axis:
+            continue
+        occupied = np.flatnonzero(m.any(axis=tuple(b for b in range(m.ndim) if b != a)))
+        lo, hi = occupied[0], occupied[-1] + 1
+        grow = int(round(margin * (hi - lo)))
+        box.append(slice(max(lo - grow, 0), min(hi + grow, n)))
+    return tuple(box)
+
+
 def robust_window(volume, mask, percentiles=(2, 98)):
     """Symmetric display window from the robust range of ``volume`` inside ``mask``."""
     values = np.asarray(volume)[np.asarray(mask) > 0]
@@ -65,8 +86,8 @@ def to_ras(volume, affine):
 
 
 def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, title="", units="",
-               side_labels=None):
-    """Render slices of ``volume`` side by side; return PNG bytes.
+               side_labels=None, columns=None, crop=None):
+    """Render slices of ``volume`` in rows of ``columns`` panels; return PNG bytes.
 
     Parameters
     ----------
@@ -75,7 +96,7 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
         left to right in each slice, the second bottom to top (with
         ``to_ras`` first, an axial slice in neurological convention).
     slices : sequence of int
-        Slice indices along ``axis``.
+        Slice indices along ``axis``, shown left to right, then row by row.
     axis : int, default 2
         Slicing axis (2 = axial for an axial acquisition).
     window : (float, float) or None
@@ -89,24 +110,39 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
     side_labels : (str, str) or None, default None
         Text written at the left and right edges of the first slice, e.g.
         ("L", "R") for a volume in RAS+ order (``to_ras``) sliced axially.
+    columns : int or None, default None
+        Panels per row; None puts every slice in one row.
+    crop : (slice, slice) or None, default None
+        The part of each slice shown (``in_plane_box``), in the order of the
+        axes other than ``axis``; None shows the whole slice.
     """
     plt = _pyplot()
     vol = np.asarray(volume, dtype=np.float32)
     if window is None:
         window = tuple(np.percentile(vol, (1, 99)))
-    n = len(slices)
-    fig, axes = plt.subplots(1, n, figsize=(1.6 * n + 0.8, 2.2), squeeze=False)
-    for ax, s in zip(axes[0], slices):
-        img = np.take(vol, s, axis=axis).T
+    crop = crop or (slice(None), slice(None))
+    panels = [np.take(vol, s, axis=axis)[crop].T for s in slices]
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    height, width = panels[0].shape
+    panel_in = 1.6 if rows == 1 else 2.6  # one row: a strip; several: larger panels, for reading detail
+    fig, axes = plt.subplots(rows, columns, squeeze=False, layout="constrained",
+                             figsize=(panel_in * columns + 0.8, panel_in * rows * min(height / width, 1.5) + 0.4))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, s, img in zip(axes.flat, slices, panels):
         shown = ax.imshow(img, cmap=cmap, vmin=window[0], vmax=window[1], origin="lower", interpolation="nearest")
         if outline is not None:
-            ax.contour(np.take(outline, s, axis=axis).T.astype(float), levels=[0.5], colors="r", linewidths=0.6)
-        ax.set_axis_off()
+            ax.contour(np.take(outline, s, axis=axis)[crop].T.astype(float), levels=[0.5], colors="r",
+                       linewidths=0.6)
     if side_labels:
+        from matplotlib.patheffects import withStroke
+
         for x, text, align in ((0.02, side_labels[0], "left"), (0.98, side_labels[1], "right")):
-            axes[0][0].text(x, 0.98, text, transform=axes[0][0].transAxes, ha=align, va="top", fontsize=7,
-                            color="yellow", fontweight="bold")
-    fig.colorbar(shown, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label=units)
+            axes[0][0].text(x, 0.98, text, transform=axes[0][0].transAxes, ha=align, va="top", fontsize=8,
+                            color="yellow", fontweight="bold",  # outlined: legible on dark and light maps alike
+                            path_effects=[withStroke(linewidth=2, foreground="black")])
+    fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01, label=units)
     fig.suptitle(title, fontsize=9)
     return _png_bytes(fig)
 

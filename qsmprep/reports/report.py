@@ -13,10 +13,19 @@ from pathlib import Path
 from .. import __version__
 from ..errors import QSMPrepError
 from ..io import load_nifti
-from .mosaic import CHI_WINDOW_PPM, LOCAL_FIELD_WINDOW_PPM, mosaic_png, robust_window, slice_indices, to_ras
+from .mosaic import (
+    CHI_WINDOW_PPM,
+    LOCAL_FIELD_WINDOW_PPM,
+    in_plane_box,
+    mosaic_png,
+    robust_window,
+    slice_indices,
+    to_ras,
+)
 
-ORIENTATION_NOTE = ("Axial slices from inferior (left) to superior (right), each in neurological convention: the "
-                    "subject's left on the left (L and R marked on the first slice), anterior at the top.")
+ORIENTATION_NOTE = ("Axial slices from inferior (top left) to superior (bottom right), row by row, each in "
+                    "neurological convention: the subject's left on the left (L and R marked on the first slice), "
+                    "anterior at the top.")
 
 # The script marks each figure once the browser has decoded it, and replaces
 # a missing one with a visible warning instead of a broken-image icon.
@@ -66,12 +75,18 @@ def _load_ras(path, what):
     return to_ras(data, affine)
 
 
+def run_mosaic_png(volume, mask, **options):
+    """A run's figure of ``volume`` (RAS+, ``to_ras``): 8 axial slices through ``mask`` in two rows of 4, each
+    cropped to the mask's box with a margin (``in_plane_box``), L and R marked; ``options`` go to ``mosaic_png``."""
+    return mosaic_png(volume, slice_indices(mask), **{"side_labels": ("L", "R"), "columns": 4,
+                                                      "crop": in_plane_box(mask), **options})
+
+
 def _run_section(run, figures_dir, output_dir):
     """HTML for one run: magnitude with mask outline, fields, each Chimap, axial in neurological convention."""
     name = run["name"]
     mask = _load_ras(run["mask"], "brain mask") > 0
-    slices = slice_indices(mask)
-    mosaic = partial(mosaic_png, slices=slices, side_labels=("L", "R"))
+    mosaic = partial(run_mosaic_png, mask=mask)
     parts = [f"<h2>{html.escape(name)}</h2>"]
     if run.get("earlier"):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
