@@ -123,6 +123,9 @@ def test_node_log_lines_name_their_run(runs):
     logs = "".join(p.read_text() for p in (runs["out"] / "logs").glob("*/qsmprep.log"))
     for name in ("sub-01_ses-1", "sub-01_ses-2", "sub-02"):
         assert re.search(rf"qsmprep.phase.combine INFO: {name}: total field: 3 echoes", logs), name
+    # the right name on each: sub-02 is the oblique subject (B0 tilted 15 degrees), sub-01 is axial
+    tilts = dict(re.findall(r"INFO: (sub-\S+): deep inversion in a B0-aligned frame \(tilt ([\d.]+) deg", logs))
+    assert tilts == {"sub-01_ses-1": "0.0", "sub-01_ses-2": "0.0", "sub-02": "15.0"}
 
 
 def test_node_run_filter_reads_the_run_from_the_nodes_folder(tmp_path, monkeypatch):
@@ -769,6 +772,8 @@ def test_mem_without_multiproc_warns_that_it_does_nothing(tmp_path, caplog):
         config = resolve_config(build_parser().parse_args([*base, *extra]), [*base, *extra])
         assert ("--mem 8 has no effect" in caplog.text) == (effect is not None) and (effect or "") in caplog.text
     assert config.plugin_args["memory_gb"] == 8  # MultiProc schedules by it
+    # forked workers keep the log set-up on any Python (3.14 made forkserver the default on Linux)
+    assert config.plugin_args.get("mp_context") == ("fork" if sys.platform == "linux" else None)
 
 
 def test_resample_b0_inverts_an_oblique_run_on_an_aligned_grid_and_writes_it_back_on_the_acquisition_grid(tmp_path):

@@ -430,26 +430,31 @@ def test_a_step_out_of_gpu_memory_runs_again_on_the_cpu(caplog):
     """The refinement is not tiled: where the padded grid outgrows the GPU it runs on the CPU, with a warning."""
     calls = []
 
-    def step(device):
-        calls.append(device)
-        if device != "cpu":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.69 GiB.\nmore")
-        return "map"
+    def failing_on_gpu(error):
+        def step(device):
+            calls.append(device)
+            if device != "cpu":
+                raise error
+            return "map"
+        return step
 
-    with caplog.at_level("WARNING", logger="qsmprep.inversion.deep"):
-        assert deep.run_with_cpu_fallback(step, torch.device("cuda"), "the refinement") == "map"
-    assert calls == [torch.device("cuda"), "cpu"]
-    assert ("the refinement ran out of GPU memory (CUDA out of memory. Tried to allocate 1.69 GiB.); running it "
-            "on the CPU") in caplog.text
+    # torch's allocator, and cuFFT when it cannot make a plan (a plain RuntimeError)
+    for error, reason in ((torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.69 GiB.\nmore"),
+                           "CUDA out of memory. Tried to allocate 1.69 GiB."),
+                          (RuntimeError("cuFFT error: CUFFT_INTERNAL_ERROR"), "cuFFT error: CUFFT_INTERNAL_ERROR")):
+        calls.clear()
+        with caplog.at_level("WARNING", logger="qsmprep.inversion.deep"):
+            assert deep.run_with_cpu_fallback(failing_on_gpu(error), torch.device("cuda"), "the refinement") == "map"
+        assert calls == [torch.device("cuda"), "cpu"]
+        assert f"the refinement ran out of GPU memory ({reason}); running it on the CPU" in caplog.text
+    step = failing_on_gpu(None)
     calls.clear()
     assert deep.run_with_cpu_fallback(step, torch.device("cpu"), "the refinement") == "map"
     assert calls == ["cpu"]  # numpy on a CPU device, tried once
 
-    def broken(device):
-        raise ValueError("not a memory error")
-
-    with pytest.raises(ValueError, match="not a memory error"):  # other failures are not hidden
-        deep.run_with_cpu_fallback(broken, torch.device("cuda"), "the refinement")
+    for other in (ValueError("not a memory error"), RuntimeError("CUDA error: an illegal memory access")):
+        with pytest.raises(type(other), match=str(other)):  # other failures are not hidden
+            deep.run_with_cpu_fallback(failing_on_gpu(other), torch.device("cuda"), "the refinement")
 
 
 def test_network_out_of_gpu_memory_runs_again_in_smaller_tiles(caplog):
@@ -474,13 +479,20 @@ def test_network_out_of_gpu_memory_runs_again_in_smaller_tiles(caplog):
     assert "out of GPU memory in 168x204x168 tiles (CUDA out of memory. Tried to allocate 3.20 GiB.); trying " \
            "96^3 tiles" in caplog.text
     tried.clear()
-    with pytest.raises(QSMPrepError, match=r"even in 64\^3 tiles: free the GPU .* --device cpu"):
+    with pytest.raises(QSMPrepError, match=r"\(CUDA out of memory. .*\), in tiles down to 64\^3: free the GPU .* "
+                                           r"--device cpu"):
         deep.run_with_smaller_tiles_on_oom(network_pass(0), (256, 256, 256), cuda)
     assert tried == [(256, 256, 256), (128, 128, 128), (64, 64, 64)]
     tried.clear()
-    with pytest.raises(torch.cuda.OutOfMemoryError):  # on a CPU, not retried
-        deep.run_with_smaller_tiles_on_oom(network_pass(0), (96, 96, 96), torch.device("cpu"))
-    assert tried == [(96, 96, 96)]
+
+    def cudnn_fails(tiles):  # cuDNN's way of saying the same
+        tried.append(tuple(tiles))
+        if max(tiles) > 64:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_MEMORY")
+        return "chi"
+
+    assert deep.run_with_smaller_tiles_on_oom(cudnn_fails, (128, 128, 128), cuda) == "chi"
+    assert tried == [(128, 128, 128), (64, 64, 64)]
 
 
 def test_deep_invert_runs_through_the_out_of_memory_handlers(untrained_checkpoint, monkeypatch):

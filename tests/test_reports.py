@@ -10,7 +10,7 @@ import pytest
 
 from qsmprep.io import save_nifti
 from qsmprep.reports import build_subject_report
-from qsmprep.reports.report import run_mosaic_png
+from qsmprep.reports.report import run_mosaic
 from qsmprep.reports.mosaic import (
     comparison_png,
     in_plane_box,
@@ -33,8 +33,12 @@ def test_in_plane_box_frames_the_mask_with_a_margin():
     mask = np.zeros((100, 120, 40), bool)
     mask[20:60, 10:110, 5:30] = True  # 40 x 100 voxels in plane
     assert in_plane_box(mask) == (slice(14, 66), slice(0, 120))  # 15 %: 6 voxels; 15 clipped at the grid's edge
-    assert in_plane_box(mask, axis=0, margin=0.0) == (slice(10, 110), slice(5, 30))
+    assert in_plane_box(mask, axis=0, margin=0.0) == (slice(8, 112), slice(3, 32))  # at least 2 voxels a side
     assert in_plane_box(np.zeros((8, 9, 4))) == (slice(0, 8), slice(0, 9))  # empty: the whole plane
+    thin = np.zeros((20, 30, 10), bool)
+    thin[5, 5:15, 2:8] = True  # one voxel wide in plane: still a panel of 5 voxels, at least 2 a side
+    assert in_plane_box(thin) == (slice(3, 8), slice(3, 17))
+    assert run_mosaic(thin)(thin.astype(np.float32), outline=thin)[:8] == b"\x89PNG\r\n\x1a\n"  # the outline draws
 
 
 def test_run_figures_show_eight_cropped_slices_in_two_rows_of_four():
@@ -44,7 +48,7 @@ def test_run_figures_show_eight_cropped_slices_in_two_rows_of_four():
     mask[30:70, 10:50, 5:25] = True  # a 40 x 40 voxel box in a 100 x 60 plane
 
     def render(value, **options):
-        png = run_mosaic_png(np.full(mask.shape, value, np.float32), mask, window=(-1, 1), **options)
+        png = run_mosaic(mask)(np.full(mask.shape, value, np.float32), window=(-1, 1), **options)
         return matplotlib.image.imread(io.BytesIO(png))[..., :3]
 
     panels = _panels(render(-1.0), render(1.0))
@@ -209,10 +213,10 @@ def test_report_figures_do_not_depend_on_the_stored_voxel_order(tmp_path):
     assert pages["ras"] == pages["lps"]
     import matplotlib.image
 
-    plain = run_mosaic_png(chi, mask, window=(-0.15, 0.15), title="Susceptibility (tkd)", units="ppm", side_labels=None)
+    plain = run_mosaic(mask)(chi, window=(-0.15, 0.15), title="Susceptibility (tkd)", units="ppm", side_labels=None)
     plain, labelled = (matplotlib.image.imread(io.BytesIO(png))[..., :3] for png in (plain, pages["ras"]))
-    panels = _panels(*(matplotlib.image.imread(io.BytesIO(run_mosaic_png(np.full(shape, v, np.float32), mask,
-                                                                         window=(-1, 1))))[..., :3] for v in (-1, 1)))
+    panels = _panels(*(matplotlib.image.imread(io.BytesIO(run_mosaic(mask)(np.full(shape, v, np.float32),
+                                                                           window=(-1, 1))))[..., :3] for v in (-1, 1)))
     rows, cols = np.nonzero(np.abs(plain - labelled).max(axis=-1) > 0.1)
     first, second = panels[0], panels[1]
     assert rows.size > 20 and cols.max() < second[1].start  # labels in the first slice only,

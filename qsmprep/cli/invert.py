@@ -72,7 +72,7 @@ def build_parser():
     p.add_argument("--threshold", type=float, metavar="T", help="TKD kernel threshold, in (0, 1/3] (default 0.19)")
     p.add_argument("--lambda", dest="lam", type=float, metavar="L",
                    help="closed-form L2 regularisation weight, > 0 (default 0.1)")  # fmt: skip
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network runs (default auto)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network and its refinement run (default auto)")
     add_deep_options(p)
     p.add_argument("--tile", type=int, metavar="N",
                    help="deep: largest block, N^3 voxels, the network sees at once; larger grids are inverted in "

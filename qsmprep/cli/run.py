@@ -117,7 +117,7 @@ def build_parser():
 
     g = p.add_argument_group("deep inversion")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="deep: where the network runs (default auto: CUDA when torch sees a GPU)")
+                   help="deep: where the network and its refinement run (default auto: CUDA when torch sees a GPU)")
     add_deep_options(g, PIPELINE_REFINE_RADIUS_MM)
 
     g = p.add_argument_group("resources and execution")
@@ -222,6 +222,10 @@ def resolve_config(args, argv):
     else:
         plugin = "MultiProc" if nprocs > 1 else "Linear"
         plugin_args = {"n_procs": nprocs, "raise_insufficient": False} if nprocs > 1 else {}
+        if nprocs > 1 and sys.platform == "linux":
+            # forked workers inherit the logging set-up: their lines reach qsmprep.log, each naming its run
+            # (NodeRunFilter); Python 3.14 makes forkserver Linux's default, whose workers would start without it
+            plugin_args["mp_context"] = "fork"
         if args.mem and nprocs > 1:
             plugin_args["memory_gb"] = args.mem
     if args.mem and (args.use_plugin or nprocs == 1):
@@ -278,8 +282,9 @@ class NodeRunFilter(logging.Filter):
     a subject, its report), else to "", so that the lines of runs processed side by side say whose they are.
 
     Nipype runs each node in its own folder, <work dir>/qsmprep_wf/<subject workflow>/<run workflow>/<node>, in
-    whichever process runs it (MultiProc workers too), so the working folder names the run. ``folders`` maps the
-    folder names to runs (``qsmprep.workflows.base.work_folder_names``); it is empty until the runs are known.
+    whichever process runs it (MultiProc workers too: forked, they inherit this filter), so the working folder
+    names the run. ``folders`` maps the folder names to runs (``qsmprep.workflows.base.work_folder_names``); it is
+    empty until the runs are known. Nodes that ``--use-plugin`` sends to cluster jobs log in those jobs' output.
     """
 
     def __init__(self):

@@ -6,7 +6,7 @@ or tiled inference, and an optional data-consistency refinement.
 """
 
 import logging
-from functools import partial
+from functools import cache, partial
 from itertools import product
 
 import numpy as np
@@ -478,7 +478,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         tile_shape = tile_for_memory(field_n.shape, free_memory_bytes(dev), NETWORK_BYTES_PER_VOXEL[dev.type])
     tile_shape = (int(tile_shape),) * 3 if np.ndim(tile_shape) == 0 else tuple(int(n) for n in tile_shape)
     predict, context = network_predictor(net, vs_n, dev)
-    whole = partial(context, field_n, mask_n)
+    whole = cache(partial(context, field_n, mask_n))  # the whole volume's prior, once however often tiles shrink
     chi = run_with_smaller_tiles_on_oom(lambda tiles: predict_tiled(predict, field_n, mask_n, tiles, overlap, whole),
                                         tile_shape, dev)
     if aligned:
@@ -491,29 +491,48 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     return chi
 
 
+GPU_OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUFFT_ALLOC_FAILED", "CUFFT_INTERNAL_ERROR",
+                              "CUDNN_STATUS_NOT_ENOUGH_MEMORY", "CUDNN_STATUS_ALLOC_FAILED")
+"""Texts of the RuntimeErrors by which cuFFT and cuDNN, rather than torch's allocator, report that GPU memory ran out
+(cuFFT cannot make a plan, pytorch/pytorch#119420)."""
+
+
+def gpu_out_of_memory(err):
+    """Why ``err`` says a CUDA device ran out of memory (its first line), or None if it does not."""
+    import torch
+
+    text = str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError) or (
+            isinstance(err, RuntimeError) and any(m in text for m in GPU_OUT_OF_MEMORY_MESSAGES)):
+        return text.splitlines()[0] if text else type(err).__name__
+    return None
+
+
 def run_with_smaller_tiles_on_oom(run, tile_shape, device):
     """``run(tile_shape)``, run again in tiles of half the edge (down to ``MIN_TILE``) while CUDA runs out of memory.
 
     Tiles are sized by the memory free when the inversion starts (``tile_for_memory``), which another process on
     the same GPU can take meanwhile: a second run's deep inversion started beside it by MultiProc, or another
-    job. Out of memory even in ``MIN_TILE`` cubes, a QSMPrepError names the fixes.
+    job. Out of memory even in ``MIN_TILE`` cubes, a QSMPrepError names the fixes. On a CPU ``run`` is called once.
     """
     import torch
 
     while True:
         try:
             return run(tile_shape)
-        except torch.cuda.OutOfMemoryError as err:
-            if device.type == "cpu":
+        except RuntimeError as err:
+            reason = gpu_out_of_memory(err) if device.type == "cuda" else None
+            if reason is None:
                 raise
             if max(tile_shape) <= MIN_TILE:
-                raise QSMPrepError(f"deep inversion: out of GPU memory even in {MIN_TILE}^3 tiles: free the GPU "
-                                   "(other processes on it), or run on the CPU with --device cpu.") from err
-            torch.cuda.empty_cache()
-            side = max(MIN_TILE, max(tile_shape) // 2 // TILE_MULTIPLE * TILE_MULTIPLE)
-            log.warning("deep inversion: out of GPU memory in %s tiles (%s); trying %d^3 tiles",
-                        "x".join(map(str, tile_shape)), str(err).splitlines()[0], side)
-            tile_shape = (side,) * 3
+                raise QSMPrepError(f"deep inversion: out of GPU memory ({reason}), in tiles down to {MIN_TILE}^3: "
+                                   "free the GPU (other processes on it), or run on the CPU with --device cpu.") from err
+        # out of the except block: the failed pass's frames, and the GPU memory they hold, are released now
+        torch.cuda.empty_cache()
+        side = max(MIN_TILE, max(tile_shape) // 2 // TILE_MULTIPLE * TILE_MULTIPLE)
+        log.warning("deep inversion: out of GPU memory in %s tiles (%s); trying %d^3 tiles",
+                    "x".join(map(str, tile_shape)), reason, side)
+        tile_shape = (side,) * 3
 
 
 def run_with_cpu_fallback(step, device, what):
@@ -521,13 +540,23 @@ def run_with_cpu_fallback(step, device, what):
 
     The refinement is not tiled: it works on the whole zero-padded grid (1.5 times each axis), so a
     large volume can outgrow a small or shared GPU where the network's tiles fit. The CPU gives the
-    same map more slowly, so the run goes on with a warning instead of failing. ``step`` takes "cpu"
-    (numpy) or the torch device; ``what`` names it in the warning.
+    same map, to float32 round-off, more slowly, so the run goes on with a warning instead of failing.
+    ``step`` takes "cpu" (numpy) or the torch device; ``what`` names it in the warning.
     """
     import torch
 
     if device.type == "cpu":
         return step(device="cpu")
+    try:
+        return step(device=device)
+    except RuntimeError as err:
+        reason = gpu_out_of_memory(err)
+        if reason is None:
+            raise
+    # out of the except block: the failed step's frames, and the GPU memory they hold, are released now
+    torch.cuda.empty_cache()
+    log.warning("deep inversion: %s ran out of GPU memory (%s); running it on the CPU, which is slower", what, reason)
+    return step(device="cpu")
     try:
         return step(device=device)
     except torch.cuda.OutOfMemoryError as err:

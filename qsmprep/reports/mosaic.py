@@ -45,8 +45,8 @@ def in_plane_box(mask, axis=2, margin=0.15):
     """In-plane crop (two slices, for the axes other than ``axis``) around the mask, for ``mosaic_png``.
 
     The mask's bounding box across all slices, grown on each side by ``margin`` (default 0.15) of its
-    extent (about 20-25 mm around an adult brain: the scalp shows, so a mask that misses brain does too),
-    and clipped to the grid. The whole plane for an empty mask.
+    extent (about 20-25 mm around an adult brain: the scalp shows, so a mask that misses brain does too)
+    and by at least 2 voxels, and clipped to the grid. The whole plane for an empty mask.
     """
     m = np.asarray(mask) > 0
     if not m.any():
@@ -57,8 +57,8 @@ def in_plane_box(mask, axis=2, margin=0.15):
             continue
         occupied = np.flatnonzero(m.any(axis=tuple(b for b in range(m.ndim) if b != a)))
         lo, hi = occupied[0], occupied[-1] + 1
-        grow = int(round(margin * (hi - lo)))
-        box.append(slice(max(lo - grow, 0), min(hi + grow, n)))
+        grow = max(int(round(margin * (hi - lo))), 2)  # a thin mask still gets panels a contour can be drawn in
+        box.append(slice(int(max(lo - grow, 0)), int(min(hi + grow, n))))
     return tuple(box)
 
 

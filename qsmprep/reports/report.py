@@ -75,18 +75,18 @@ def _load_ras(path, what):
     return to_ras(data, affine)
 
 
-def run_mosaic_png(volume, mask, **options):
-    """A run's figure of ``volume`` (RAS+, ``to_ras``): 8 axial slices through ``mask`` in two rows of 4, each
-    cropped to the mask's box with a margin (``in_plane_box``), L and R marked; ``options`` go to ``mosaic_png``."""
-    return mosaic_png(volume, slice_indices(mask), **{"side_labels": ("L", "R"), "columns": 4,
-                                                      "crop": in_plane_box(mask), **options})
+def run_mosaic(mask):
+    """``mosaic_png`` as a run's figures use it, for volumes in RAS+ order (``to_ras``) like ``mask``: 8 axial
+    slices through the mask in two rows of 4, each cropped to the mask's box with a margin (``in_plane_box``),
+    L and R marked. Further keywords of the returned function go to ``mosaic_png`` (and may override these)."""
+    return partial(mosaic_png, slices=slice_indices(mask), side_labels=("L", "R"), columns=4, crop=in_plane_box(mask))
 
 
 def _run_section(run, figures_dir, output_dir):
     """HTML for one run: magnitude with mask outline, fields, each Chimap, axial in neurological convention."""
     name = run["name"]
     mask = _load_ras(run["mask"], "brain mask") > 0
-    mosaic = partial(run_mosaic_png, mask=mask)
+    mosaic = run_mosaic(mask)
     parts = [f"<h2>{html.escape(name)}</h2>"]
     if run.get("earlier"):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
