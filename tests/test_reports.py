@@ -16,6 +16,7 @@ from qsmprep.reports.mosaic import (
     in_plane_box,
     mosaic_png,
     orthogonal_slices,
+    ras_voxel_size,
     robust_window,
     slice_indices,
     to_ras,
@@ -59,6 +60,9 @@ def test_run_figures_show_eight_cropped_slices_in_two_rows_of_four():
     assert (rows.stop - rows.start) == pytest.approx(cols.stop - cols.start, abs=2)
     whole = _panels(render(-1.0, crop=None), render(1.0, crop=None))[0]
     assert (whole[1].stop - whole[1].start) / (whole[0].stop - whole[0].start) == pytest.approx(100 / 60, rel=0.05)
+    # drawn to scale: voxels twice as long front to back make the square box twice as tall as wide
+    rows, cols = _panels(render(-1.0, voxel_size=(1.0, 2.0, 1.0)), render(1.0, voxel_size=(1.0, 2.0, 1.0)))[0]
+    assert (rows.stop - rows.start) / (cols.stop - cols.start) == pytest.approx(2.0, rel=0.05)
 
 
 def test_orthogonal_slices_pass_through_the_mask_centre_demeaned():
@@ -193,6 +197,8 @@ def test_to_ras_orders_voxel_axes_right_anterior_superior():
     # a sagittal slab: voxel axes run anterior, superior, left
     sagittal = np.array([[0, 0, -1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)
     np.testing.assert_array_equal(to_ras(vol[..., 0], sagittal), vol[..., 0].transpose(2, 0, 1)[::-1])
+    # its voxel sizes follow the axes: 0.8 mm anterior, 0.9 mm superior, 2 mm slices left to right
+    assert ras_voxel_size(sagittal @ np.diag([0.8, 0.9, 2.0, 1.0])) == pytest.approx((2.0, 0.8, 0.9))
 
 
 def test_report_figures_do_not_depend_on_the_stored_voxel_order(tmp_path):

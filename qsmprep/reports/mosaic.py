@@ -41,6 +41,16 @@ def slice_indices(mask, n_slices=8, axis=2):
     return np.unique(np.linspace(lo + margin, hi - margin, n_slices).round().astype(int))
 
 
+def ras_voxel_size(affine):
+    """Voxel size in mm along each axis of the volume ``to_ras`` makes of an image with this ``affine``."""
+    from nibabel.orientations import io_orientation
+
+    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    ras = np.empty(3)
+    ras[io_orientation(affine)[:, 0].astype(int)] = sizes  # stored axis i becomes RAS axis ornt[i, 0]
+    return tuple(float(v) for v in ras)
+
+
 def in_plane_box(mask, axis=2, margin=0.15):
     """In-plane crop (two slices, for the axes other than ``axis``) around the mask, for ``mosaic_png``.
 
@@ -86,7 +96,7 @@ def to_ras(volume, affine):
 
 
 def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, title="", units="",
-               side_labels=None, columns=None, crop=None):
+               side_labels=None, columns=None, crop=None, voxel_size=None):
     """Render slices of ``volume`` in rows of ``columns`` panels; return PNG bytes.
 
     Parameters
@@ -115,6 +125,9 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
     crop : (slice, slice) or None, default None
         The part of each slice shown (``in_plane_box``), in the order of the
         axes other than ``axis``; None shows the whole slice.
+    voxel_size : tuple of 3 float or None, default None
+        Voxel size (mm) along the volume's axes, so that a slice of
+        non-square voxels is drawn to scale; None draws square pixels.
     """
     plt = _pyplot()
     vol = np.asarray(volume, dtype=np.float32)
@@ -124,14 +137,17 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
     panels = [np.take(vol, s, axis=axis)[crop].T for s in slices]
     columns = columns or len(panels)
     rows = -(-len(panels) // columns)
+    across, up = (a for a in range(3) if a != axis)  # the axes drawn left to right and bottom to top
+    aspect = 1.0 if voxel_size is None else voxel_size[up] / voxel_size[across]
     height, width = panels[0].shape
     panel_in = 1.6 if rows == 1 else 2.6  # one row: a strip; several: larger panels, for reading detail
     fig, axes = plt.subplots(rows, columns, squeeze=False, layout="constrained",
-                             figsize=(panel_in * columns + 0.8, panel_in * rows * min(height / width, 1.5) + 0.4))
+                             figsize=(panel_in * columns + 0.8, panel_in * rows * min(aspect * height / width, 1.5) + 0.4))
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, s, img in zip(axes.flat, slices, panels):
-        shown = ax.imshow(img, cmap=cmap, vmin=window[0], vmax=window[1], origin="lower", interpolation="nearest")
+        shown = ax.imshow(img, cmap=cmap, vmin=window[0], vmax=window[1], origin="lower", interpolation="nearest",
+                          aspect=aspect)
         if outline is not None:
             ax.contour(np.take(outline, s, axis=axis)[crop].T.astype(float), levels=[0.5], colors="r",
                        linewidths=0.6)

@@ -18,6 +18,7 @@ from .mosaic import (
     LOCAL_FIELD_WINDOW_PPM,
     in_plane_box,
     mosaic_png,
+    ras_voxel_size,
     robust_window,
     slice_indices,
     to_ras,
@@ -75,18 +76,21 @@ def _load_ras(path, what):
     return to_ras(data, affine)
 
 
-def run_mosaic(mask):
-    """``mosaic_png`` as a run's figures use it, for volumes in RAS+ order (``to_ras``) like ``mask``: 8 axial
-    slices through the mask in two rows of 4, each cropped to the mask's box with a margin (``in_plane_box``),
-    L and R marked. Further keywords of the returned function go to ``mosaic_png`` (and may override these)."""
-    return partial(mosaic_png, slices=slice_indices(mask), side_labels=("L", "R"), columns=4, crop=in_plane_box(mask))
+def run_mosaic(mask, voxel_size=None):
+    """``mosaic_png`` as a run's figures use it, for volumes in RAS+ order (``to_ras``) like ``mask``, with
+    ``voxel_size`` (mm, ``ras_voxel_size``; None: square pixels): 8 axial slices through the mask in two rows of 4,
+    drawn to scale, each cropped to the mask's box with a margin (``in_plane_box``), L and R marked. Further
+    keywords of the returned function go to ``mosaic_png`` (and may override these)."""
+    return partial(mosaic_png, slices=slice_indices(mask), side_labels=("L", "R"), columns=4, crop=in_plane_box(mask),
+                   voxel_size=voxel_size)
 
 
 def _run_section(run, figures_dir, output_dir):
     """HTML for one run: magnitude with mask outline, fields, each Chimap, axial in neurological convention."""
     name = run["name"]
-    mask = _load_ras(run["mask"], "brain mask") > 0
-    mosaic = run_mosaic(mask)
+    data, affine, _ = load_nifti(run["mask"], "brain mask")
+    mask = to_ras(data, affine) > 0
+    mosaic = run_mosaic(mask, ras_voxel_size(affine))
     parts = [f"<h2>{html.escape(name)}</h2>"]
     if run.get("earlier"):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
