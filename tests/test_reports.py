@@ -181,6 +181,35 @@ def report_dir(tmp_path):
     return out, page
 
 
+def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
+    import json
+
+    shape = (12, 12, 8)
+    mask = np.zeros(shape, bool)
+    mask[1:11, 1:11, 1:7] = True  # 600 voxels of 2 x 2 x 2.5 mm = 10 mm^3: 6 ml
+    chi = np.zeros(shape, np.float32)
+    chi[mask] = np.linspace(-0.1, 0.1, 600)  # 1st and 99th percentiles -0.098 and 0.098 ppm
+    affine = np.diag([2.0, 2.0, 2.5, 1.0])
+    paths = {name: save_nifti(tmp_path / f"{name}.nii.gz", data, affine) for name, data in (("mask", mask), ("chi", chi))}
+    tilt = np.radians(20)
+    (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": [0.004, 0.008, 0.012], "MagneticFieldStrength": 7}))
+    (tmp_path / "chi.json").write_text(json.dumps({"B0Direction": [0, np.sin(tilt), np.cos(tilt)]}))
+    text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
+                                                          "chimaps": {"tkd": paths["chi"]}}]).read_text()
+    assert "<th>Grid</th><td>12 x 12 x 8 voxels of 2 x 2 x 2.5 mm</td>" in text
+    assert "<th>Echo times</th><td>4, 8, 12 ms (3 echoes)</td>" in text
+    assert "<th>Field strength</th><td>7 T</td>" in text
+    assert "<th>B0 direction</th><td>20.0 degrees from the third voxel axis</td>" in text
+    assert "<th>Brain mask</th><td>6 ml (600 voxels)" in text
+    assert "in the brain mask its 1st to 99th percentile is -0.098 to 0.098 ppm" in text
+    # without sidecars (a run made elsewhere), what the images themselves say
+    (tmp_path / "mask.json").unlink()
+    (tmp_path / "chi.json").unlink()
+    text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
+                                                          "chimaps": {"tkd": paths["chi"]}}]).read_text()
+    assert "<th>Grid</th>" in text and "<th>Brain mask</th>" in text and "Echo times" not in text
+
+
 def test_an_earlier_run_whose_files_are_gone_is_named_not_fatal(report_dir, tmp_path):
     out, _ = report_dir
     gone = {"name": "sub-01_ses-c", "mask": str(tmp_path / "gone.nii.gz"), "earlier": True}

@@ -6,13 +6,17 @@ derivatives folder can be moved or shared as a whole.
 """
 
 import html
+import json
 import os
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..errors import QSMPrepError
 from ..io import load_nifti
+from ..physics import b0_tilt_deg
 from .mosaic import (
     CHI_WINDOW_PPM,
     LOCAL_FIELD_WINDOW_PPM,
@@ -50,6 +54,7 @@ h1 { border-bottom: 2px solid #446; } h2 { color: #446; margin-top: 2em; }
 figure { margin: 0.5em 0 1.5em 0; } img { max-width: 100%; }
 figcaption { font-size: 0.9em; color: #555; } .missing { color: #b00; font-weight: bold; }
 pre { white-space: pre-wrap; background: #f5f5f5; padding: 1em; }
+table.summary th { text-align: left; font-weight: normal; color: #555; padding-right: 1.5em; }
 </style>"""
 
 
@@ -85,13 +90,45 @@ def run_mosaic(mask, voxel_size=None):
                    voxel_size=voxel_size)
 
 
+def _sidecar(path):
+    """The JSON sidecar beside a NIfTI file ({} when there is none or it cannot be read)."""
+    try:
+        return json.loads(Path(str(path).replace(".nii.gz", ".json").replace(".nii", ".json")).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
+    """A table of what a run's figures show: grid and voxel size, echoes, field strength, B0 direction and the
+    brain mask's volume, from the mask (array, affine) and the sidecars of the mask and of one Chimap (dicts)."""
+    voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    voxels = int(np.count_nonzero(mask))
+    rows = [("Grid", f"{' x '.join(map(str, np.shape(mask)[:3]))} voxels of "
+                     f"{' x '.join(f'{v:.3g}' for v in voxel_mm)} mm")]
+    echo_times = mask_sidecar.get("EchoTime")
+    if echo_times:
+        rows.append(("Echo times", f"{', '.join(f'{1000 * t:.3g}' for t in echo_times)} ms ({len(echo_times)} "
+                                   f"echo{'es' if len(echo_times) > 1 else ''})"))
+    if "MagneticFieldStrength" in mask_sidecar:
+        rows.append(("Field strength", f"{mask_sidecar['MagneticFieldStrength']:g} T"))
+    if "B0Direction" in chimap_sidecar:
+        rows.append(("B0 direction", f"{b0_tilt_deg(chimap_sidecar['B0Direction']):.1f} degrees from the third "
+                                     "voxel axis"))
+    rows.append(("Brain mask", f"{voxels * np.prod(voxel_mm) / 1000:.0f} ml ({voxels} voxels), where the local "
+                               "field and the Chimaps are defined"))
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f'<table class="summary">{cells}</table>'
+
+
 def _run_section(run, figures_dir, output_dir):
     """HTML for one run: magnitude with mask outline, fields, each Chimap, axial in neurological convention."""
     name = run["name"]
     data, affine, _ = load_nifti(run["mask"], "brain mask")
     mask = to_ras(data, affine) > 0
     mosaic = run_mosaic(mask, ras_voxel_size(affine))
-    parts = [f"<h2>{html.escape(name)}</h2>"]
+    chimaps = sorted(run.get("chimaps", {}).items())
+    parts = [f"<h2>{html.escape(name)}</h2>",
+             run_summary_html(mask, affine, _sidecar(run["mask"]), _sidecar(chimaps[0][1]) if chimaps else {})]
     if run.get("earlier"):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
                      "are in that invocation's <code>logs/</code> folder.</p>")
@@ -118,10 +155,12 @@ def _run_section(run, figures_dir, output_dir):
         caption = (f"Local field map (ppm) after background removal, window {LOCAL_FIELD_WINDOW_PPM[0]} to "
                    f"{LOCAL_FIELD_WINDOW_PPM[1]} ppm.")
         parts.append(_figure(figures_dir, output_dir, f"{name}_desc-local_mosaic", png, caption))
-    for method, path in sorted(run.get("chimaps", {}).items()):
+    for method, path in chimaps:
         chi = _load_ras(path, "susceptibility map") * mask
         png = mosaic(chi, window=CHI_WINDOW_PPM, title=f"Susceptibility ({method})", units="ppm")
-        caption = f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm."
+        low, high = np.percentile(chi[mask], (1, 99)) if mask.any() else (0.0, 0.0)
+        caption = (f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm; in the brain "
+                   f"mask its 1st to 99th percentile is {low:.3f} to {high:.3f} ppm.")
         parts.append(_figure(figures_dir, output_dir, f"{name}_desc-{method}_mosaic", png, caption))
     return "\n".join(parts)
 
