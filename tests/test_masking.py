@@ -23,6 +23,25 @@ def test_ball_mm_is_a_sphere_in_mm():
         ball_mm(-1)
 
 
+def test_ball_mm_ignores_the_float32_noise_of_oblique_affines():
+    """A 20-degree oblique 3 mm grid stored in a float32 sform reads back as 3.00000011 mm voxels (its qform as
+    3.0): the 3 mm ball must hold the 6 neighbours either way, or the same data get different brain masks."""
+    import nibabel as nib
+
+    from qsmprep.physics import voxel_size_from_affine
+
+    tilt = np.radians(20)
+    rotation = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * 3.0
+    header = nib.Nifti1Header()
+    header.set_sform(affine, code="scanner")
+    stored = voxel_size_from_affine(header.get_sform())
+    assert stored != (3.0, 3.0, 3.0) and max(abs(v / 3 - 1) for v in stored) < 1e-6  # float32 noise
+    assert ball_mm(3.0, stored).sum() == ball_mm(3.0, (3.0, 3.0, 3.0)).sum() == 7
+    assert ball_mm(6.0, stored).sum() == ball_mm(6.0, (3.0, 3.0, 3.0)).sum() == 33
+
+
 def _head(voxel_size_mm=(1.0, 1.0, 1.0), n=64, seed=1):
     """Ellipsoid 'head' of magnitude 1 with a dark hole, in Rician background noise."""
     rng = np.random.default_rng(seed)

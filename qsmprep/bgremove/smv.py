@@ -13,7 +13,7 @@ approach to in vivo brain iron metabolism? NeuroImage 2011;54:2789-2807.
 import numpy as np
 from scipy import fft as spfft
 
-from ..masking import ball_mm
+from ..masking import VOXEL_SIZE_RTOL, ball_mm
 from ..physics.arrays import fft_module
 
 
@@ -74,7 +74,7 @@ def smv_padded_shape(shape, voxel_size_mm, radius_mm):
     """
     ball = ball_mm(radius_mm, voxel_size_mm).shape
     return tuple(
-        spfft.next_fast_len(int(max(n + np.ceil(radius_mm / d - 1e-9), b)), real=True)
+        spfft.next_fast_len(int(max(n + np.ceil(radius_mm / d * (1 - VOXEL_SIZE_RTOL)), b)), real=True)
         for n, d, b in zip(shape, voxel_size_mm, ball)
     )
 
