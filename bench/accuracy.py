@@ -1,6 +1,6 @@
 """Accuracy of every dipole inversion: 2016 challenge data, simulated subjects, pipeline-made fields, scale invariance.
 
-    python bench/accuracy.py [--part qsm2016 variants sim pipeline wisnieff] [--methods tkd cfl2 ilsqr deep]
+    python bench/accuracy.py [--part qsm2016 variants sim pipeline storage wisnieff] [--methods tkd cfl2 ilsqr deep]
                              [--model NAME_OR_PATH ...] [--refine N ...] [--refine-lambda L ...]
                              [--refine-radius MM ...] [--refine-tv A ...] [--resolution-tolerance T ...]
                              [--data DIR] [--json OUT] [--figure PNG] [--scale-figure PNG]
@@ -32,6 +32,11 @@ pipeline  What the inversions make of the pipeline's own local fields: the
           through ``qsmprep`` (default front end: quality mask, Laplacian
           unwrapping, V-SHARP), then every method inverts the output local field
           in the output mask. NRMSE and HFEN vs the simulator's true chi.
+storage   The pipeline's oblique subject (float radians phase) stored RAS, LPS
+          (flips, as a DICOM converter writes) and PSL (axes permuted too), each
+          run through ``qsmprep --inversion METHODS``: each Chimap's and the
+          local field's difference from the RAS run (relative norm, maps
+          compared in RAS order) and NRMSE vs the true chi. Not in the default parts.
 wisnieff  Scale invariance (SI-QSM protocol) on DIR/phantom_wisnieff: the phantom
           (256x256x98 at 0.9375x0.9375x1.5 mm) is resampled (trilinear,
           anti-aliased, ``qsmprep.physics.resample_to_grid``) onto N^3 grids of
@@ -74,6 +79,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -101,7 +108,7 @@ DEEP_GM_LABELS = (1, 2, 3, 4, 5, 6)
 SCALES = (64, 96, 128, 256)
 SNR = 100.0
 SIM_FOV_MM = (160, 192, 144)  # the brain (132x168x122 mm) with a margin
-PARTS = ("qsm2016", "variants", "sim", "pipeline", "wisnieff")
+PARTS = ("qsm2016", "variants", "sim", "pipeline", "storage", "wisnieff")
 PIPELINE_DATASETS = {  # qsmprep-simulate arguments: the end-to-end test's two subjects and the Quick start's
     "axial 3 mm": ["--matrix", "64", "64", "64", "--voxel-size", "3", "3", "3", "--echoes", "3", "--te-first", "0.004",
                    "--te-spacing", "0.004"],
@@ -307,6 +314,60 @@ def part_pipeline(runs):
     return results
 
 
+STORAGE_ORDERS = ("LPS", "PSL")  # a DICOM converter's order; a permuted one, as a sagittal slab stores it
+
+
+def stored_as(bids, axcodes):
+    """Rewrite every image of the BIDS dataset ``bids`` in place, flipped and permuted into ``axcodes`` order."""
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    for path in sorted(Path(bids).glob("sub-*/**/*.nii.gz")):
+        image = nib.load(path)
+        nib.save(image.as_reoriented(ornt_transform(io_orientation(image.affine), axcodes2ornt(axcodes))), path)
+
+
+def part_storage(methods):
+    """The same acquisition stored in RAS and other orders through the whole pipeline: Chimaps should not differ."""
+    print("\n## storage: the oblique subject stored " + ", ".join(("RAS",) + STORAGE_ORDERS) + "\n")
+    import nibabel as nib
+
+    from qsmprep.cli import simulate
+
+    def in_ras(path):
+        return np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float64)
+
+    dataset = "oblique 15 deg, 3x3x4 mm"
+    results, maps = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for axcodes in ("RAS",) + STORAGE_ORDERS:
+            bids, out = Path(tmp) / axcodes, Path(tmp) / f"out-{axcodes}"
+            if simulate.main([str(bids), "--subjects", "1", "--phase-units", "rad", *PIPELINE_DATASETS[dataset]]):
+                raise SystemExit("qsmprep-simulate failed")
+            if axcodes != "RAS":
+                stored_as(bids, axcodes)
+            # a process of its own: its workers fork, which hangs once this process has run torch's threads
+            if subprocess.run([sys.executable, "-m", "qsmprep.cli.run", str(bids), str(out), "participant", "-w",
+                               str(Path(tmp) / f"work-{axcodes}"), "--inversion", *methods]).returncode:
+                raise SystemExit(f"qsmprep failed on the {dataset} dataset stored {axcodes}")
+            anat = out / "sub-01" / "anat"
+            maps[axcodes] = {m: in_ras(anat / f"sub-01_desc-{m}_Chimap.nii.gz") for m in methods}
+            maps[axcodes]["local field"] = in_ras(anat / "sub-01_desc-local_fieldmap.nii.gz")
+        truth = bids / "derivatives" / "groundtruth" / "sub-01" / "anat" / "sub-01_Chimap.nii.gz"
+        chi_true, mask = in_ras(truth), in_ras(anat / "sub-01_desc-brain_mask.nii.gz") > 0
+    for axcodes in STORAGE_ORDERS:
+        for name, ras_map in maps["RAS"].items():
+            other = maps[axcodes][name]
+            results.append({"stored": axcodes, "map": name,
+                            "relative_difference": float(np.linalg.norm(other - ras_map) / np.linalg.norm(ras_map)),
+                            "nrmse_ras": None if name == "local field" else nrmse(ras_map, chi_true, mask),
+                            "nrmse_stored": None if name == "local field" else nrmse(other, chi_true, mask)})
+    markdown(["stored", "map", "difference from RAS (relative norm)", "NRMSE % (RAS)", "NRMSE % (stored)"],
+             [[r["stored"], r["map"], f"{r['relative_difference']:.2e}", r["nrmse_ras"] or "", r["nrmse_stored"] or ""]
+              for r in results])
+    return results
+
+
 def scaled_phantom(chi, mask, affine, n, antialias=True):
     """The phantom on an n^3 grid of isotropic voxels covering its in-plane FOV as a cube, centred on it,
     resampled trilinearly with (``antialias``, default) or without the Gaussian anti-aliasing pre-filter."""
@@ -462,6 +523,7 @@ def main():
     results = {"methods": [name for name, _ in runs]}
     parts = {"qsm2016": lambda: part_qsm2016(args.data, runs, args.figure), "variants": lambda: part_variants(args.data),
              "sim": lambda: part_sim(runs), "pipeline": lambda: part_pipeline(runs),
+             "storage": lambda: part_storage(args.methods),
              "wisnieff": lambda: part_wisnieff(args.data, runs, args.scale_figure,
                                                args.phantom_resampling == "antialiased")}
     with fft.set_workers(available_cores()):  # the library's FFTs are single-threaded unless told otherwise

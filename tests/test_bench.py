@@ -122,3 +122,17 @@ def test_speed_times_the_refinement_with_the_pipelines_high_pass():
     profile, table = out.split("load average at the end")
     assert "bgremove/smv.py" in profile and "(smv_kernel)" in profile  # the high-pass was built in the timed call
     assert "| deep qsmprep-cfl2unet + refine 2 radius 4 | 32^3 | cpu |" in table
+
+
+def test_storage_part_rewrites_a_dataset_in_another_order_losslessly(accuracy, tmp_path):
+    import nibabel as nib
+
+    image = tmp_path / "sub-01" / "anat" / "sub-01_echo-1_part-phase_MEGRE.nii.gz"
+    image.parent.mkdir(parents=True)
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 2.0, 3.0, 1.0])), image)
+    accuracy.stored_as(tmp_path, "PSL")
+    stored = nib.load(image)
+    assert nib.aff2axcodes(stored.affine) == ("P", "S", "L") and stored.shape == (3, 4, 2)
+    np.testing.assert_array_equal(np.asarray(nib.as_closest_canonical(stored).dataobj), data)
+    np.testing.assert_allclose(nib.as_closest_canonical(stored).affine, np.diag([1.0, 2.0, 3.0, 1.0]))

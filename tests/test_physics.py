@@ -25,14 +25,24 @@ def _grid(shape, voxel_size):
 def test_dipole_kernel_dc_zero_symmetric_and_zero_mean(shape):
     d = dipole_kernel(shape, (1.0, 0.8, 1.5), (0.2, -0.3, 0.9))
     assert d[0, 0, 0] == 0
-    # D(k) = D(-k) (the image-space kernel is real and even), away from the
-    # Nyquist planes of even axes, where -k is not on the grid
+    # D(k) = D(-k) on the periodic grid (the image-space kernel is real and
+    # even), the Nyquist planes of even axes included
     flipped = np.roll(d[::-1, ::-1, ::-1], 1, axis=(0, 1, 2))
-    inner = tuple(slice(0, n // 2) if n % 2 == 0 else slice(None) for n in shape)
-    np.testing.assert_allclose(d[inner], flipped[inner], atol=1e-7)
+    np.testing.assert_allclose(d, flipped, atol=1e-7)
     assert d.max() <= 1 / 3 + 1e-6 and d.min() >= -2 / 3 - 1e-6
     # zero mean in image space: the kernel's value at DC
     assert abs(np.real(np.fft.ifftn(d)).sum()) < 1e-5
+
+
+def test_dipole_kernel_at_nyquist_is_the_mean_over_both_signs():
+    # on an 8^3 grid of 1 mm voxels, k = (-0.5, 0.25, 0.125) cycles/mm sits on the
+    # first axis's Nyquist plane, where +0.5 is the same sample
+    b = np.array([0.6, 0.0, 0.8])
+    k_minus, k_plus = np.array([-0.5, 0.25, 0.125]), np.array([0.5, 0.25, 0.125])
+    expected = np.mean([1 / 3 - (k @ b) ** 2 / (k @ k) for k in (k_minus, k_plus)])
+    assert dipole_kernel((8, 8, 8), (1, 1, 1), b)[4, 2, 1] == pytest.approx(expected, abs=1e-7)
+    assert dipole_kernel((8, 8, 8), (1, 1, 1), b)[3, 2, 1] == pytest.approx(1 / 3 - (3 / 8 * 0.6 + 0.1) ** 2 / (
+        (3 / 8) ** 2 + 1 / 16 + 1 / 64), abs=1e-7)
 
 
 def test_rfft_kernel_matches_full_kernel():
@@ -152,3 +162,67 @@ def test_b0_dir_identity_flip_and_override():
     # sagittal slab: voxel k axis along world x
     sag = np.array([[0, 0, 1.2, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=float)
     assert b0_dir_from_affine(sag) == pytest.approx((0, 1, 0))
+
+
+def _oblique_blobs(shape=(32, 30, 24), seed=0):
+    """Smooth random chi (ppm) and an ellipsoidal mask on an even grid."""
+    chi = gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 1.5).astype(np.float32)
+    i, j, k = np.indices(shape)
+    mask = ((i - 16) / 14) ** 2 + ((j - 15) / 13) ** 2 + ((k - 12) / 10) ** 2 < 1
+    return chi, mask
+
+
+@pytest.mark.parametrize("method", ["forward", "tkd", "cfl2"])
+def test_kspace_filters_commute_with_axis_flips(method):
+    from qsmprep.inversion import cfl2, tkd
+
+    # B0 oblique to every axis of an even grid: the case where the Nyquist planes
+    # break the symmetry unless the kernel is averaged there (8 % apart before)
+    chi, mask = _oblique_blobs()
+    voxel_size, b0 = (1.0, 1.2, 2.0), np.array([0.2, 0.34, 0.92]) / np.linalg.norm([0.2, 0.34, 0.92])
+    filters = {"forward": lambda a, m, b: forward_field_ppm(a, voxel_size, b),
+               "tkd": lambda a, m, b: tkd(a, m, voxel_size, b),
+               "cfl2": lambda a, m, b: cfl2(a, m, voxel_size, b)}  # fmt: skip
+    flip = (slice(None, None, -1), slice(None), slice(None, None, -1))  # i and k reversed: LPS-like storage
+    direct = filters[method](chi, mask, b0)
+    flipped = filters[method](chi[flip], mask[flip], b0 * [-1, 1, -1])[flip]
+    assert np.linalg.norm(flipped - direct) / np.linalg.norm(direct) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["ilsqr", "deep"])
+def test_inversion_in_ras_order_does_not_depend_on_storage_order(method):
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+
+    from qsmprep.inversion import INVERSION_METHODS
+    from qsmprep.physics import invert_in_ras_order, voxel_size_from_affine
+
+    chi, mask = _oblique_blobs()
+    ras_affine = _affine(_rot_x(20.0), (1.0, 1.2, 2.0))
+    field = forward_field_ppm(chi, (1.0, 1.2, 2.0), b0_dir_from_affine(ras_affine)) * mask
+    # the same data stored P-S-L (axes permuted, two of them reversed)
+    to_psl = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("PSL"))
+    stored = nib.Nifti1Image(field, ras_affine).as_reoriented(to_psl)
+    stored_field, psl_affine = np.asarray(stored.dataobj), stored.affine
+    stored_mask = np.asarray(nib.Nifti1Image(mask.astype(np.uint8), ras_affine).as_reoriented(to_psl).dataobj) > 0
+    assert nib.aff2axcodes(psl_affine) == ("P", "S", "L") and stored_field.shape == (30, 24, 32)
+    invert = INVERSION_METHODS[method]
+    calls = []
+
+    def spy(f, m, voxel_size, b0, **params):
+        calls.append((voxel_size, b0))
+        return invert(f, m, voxel_size, b0, **params)
+
+    in_ras = invert_in_ras_order(spy, field, mask, ras_affine, b0_dir_from_affine(ras_affine))
+    in_psl = invert_in_ras_order(spy, stored_field, stored_mask, psl_affine, b0_dir_from_affine(psl_affine))
+    def ras_order(volume):  # a P-S-L volume stored R-A-S
+        return np.asarray(nib.as_closest_canonical(nib.Nifti1Image(volume, psl_affine)).dataobj)
+
+    assert in_psl.shape == stored_field.shape
+    # the method saw the same voxel size and B0 direction (RAS order) both times, and gave the same map
+    np.testing.assert_allclose(calls[1][0], (1.0, 1.2, 2.0))
+    np.testing.assert_allclose(calls[1][1], calls[0][1], atol=1e-12)
+    assert np.linalg.norm(ras_order(in_psl) - in_ras) / np.linalg.norm(in_ras) < 1e-5
+    # while the method called on the stored order directly does depend on it
+    direct = invert(stored_field, stored_mask, voxel_size_from_affine(psl_affine), b0_dir_from_affine(psl_affine))
+    assert np.linalg.norm(ras_order(direct) - in_ras) / np.linalg.norm(in_ras) > 0.02

@@ -22,7 +22,7 @@ from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE
 from ..io import check_same_grid, load_volume, save_nifti
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
-from ..physics import b0_dir_from_affine, hz_to_ppm, rad_to_ppm, voxel_size_from_affine
+from ..physics import b0_dir_from_affine, hz_to_ppm, invert_in_ras_order, rad_to_ppm, voxel_size_from_affine
 from .common import (
     DEEP_OPTIONS,
     add_deep_options,
@@ -159,7 +159,7 @@ def run(args):
     if args.method == "deep":
         torch_on_all_cores()
     start = time.perf_counter()
-    chi = INVERSION_METHODS[args.method](field, mask, voxel_size, b0_dir, **options)
+    chi = invert_in_ras_order(INVERSION_METHODS[args.method], field, mask, affine, b0_dir, **options)
     log.info("inverted in %.1f s", time.perf_counter() - start)
     with exit_73_if_unwritable(args.out):
         save_nifti(args.out, chi, affine, header)

@@ -7,7 +7,7 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface
 from scipy import fft as spfft
 
 from ..io import load_nifti, save_nifti
-from ..physics import voxel_size_from_affine
+from ..physics import invert_in_ras_order
 
 
 class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
@@ -51,7 +51,7 @@ class DipoleInversion(SimpleInterface):
                 params["model"] = self.inputs.model_file
         invert = library_function("inversion", self.inputs.method)
         with spfft.set_workers(self.inputs.num_threads):
-            chi = invert(field, mask, voxel_size_from_affine(affine), tuple(self.inputs.b0_dir), **params)
+            chi = invert_in_ras_order(invert, field, mask, affine, tuple(self.inputs.b0_dir), **params)
         out = Path(runtime.cwd) / f"chi_{self.inputs.method}_ppm.nii.gz"
         self._results["out_file"] = str(save_nifti(out, chi, affine))
         return runtime

@@ -3,7 +3,7 @@
 from .arrays import fft_module, is_tensor, to_device
 from .forward import filter_padded, forward_field_ppm, padded_shape
 from .kernel import dipole_kernel, kspace_grid
-from .orientation import b0_dir_from_affine, b0_tilt_deg, voxel_rotation, voxel_size_from_affine
+from .orientation import b0_dir_from_affine, b0_tilt_deg, invert_in_ras_order, voxel_rotation, voxel_size_from_affine
 from .resample import b0_aligned_grid, from_b0_aligned, resample_to_grid, to_b0_aligned
 from .units import (
     GAMMA_BAR_MHZ_PER_T,
@@ -20,6 +20,7 @@ __all__ = [
     "b0_aligned_grid",
     "b0_dir_from_affine",
     "b0_tilt_deg",
+    "invert_in_ras_order",
     "dipole_kernel",
     "fft_module",
     "filter_padded",

@@ -1,6 +1,7 @@
-"""B0 direction in voxel coordinates from a NIfTI affine."""
+"""B0 direction, voxel size and storage order from a NIfTI affine."""
 
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 SCANNER_B0_WORLD = (0.0, 0.0, 1.0)
 """B0 in NIfTI world (scanner RAS+) coordinates: along the z (S-I) axis."""
@@ -51,3 +52,42 @@ def b0_tilt_deg(b0_dir):
     """Angle in degrees between ``b0_dir`` (voxel coordinates) and the k axis."""
     b = np.asarray(b0_dir, dtype=np.float64)
     return float(np.degrees(np.arccos(min(1.0, abs(b[2]) / np.linalg.norm(b)))))
+
+
+def invert_in_ras_order(invert, local_field_ppm, mask, affine, b0_dir, **params):
+    """Run a dipole inversion on the arrays flipped and permuted into RAS+ storage order; chi back in the input's.
+
+    The convolutional network and iLSQR's finite differences are not
+    invariant to flipping or permuting the array axes: the same 15-degree
+    oblique subject stored LPS and RAS gave maps 11 % apart (deep and
+    iLSQR, relative norm; ``bench/accuracy.py --part storage``). Storing
+    both in the closest RAS+ order
+    (``nibabel.as_closest_canonical``'s flips and transposes, which are
+    lossless) makes the map depend on the data alone.
+
+    Parameters
+    ----------
+    invert : callable
+        ``invert(local_field_ppm, mask, voxel_size_mm, b0_dir, **params)``,
+        one of ``qsmprep.inversion``'s functions.
+    local_field_ppm, mask : arrays (i, j, k)
+        The inversion's inputs, on the grid of ``affine``.
+    affine : (4, 4) array
+        Their voxel-to-world (RAS+, mm) affine; gives the order and the voxel size.
+    b0_dir : tuple of 3 float
+        B0 direction in the input's voxel coordinates.
+    **params
+        Passed to ``invert``.
+
+    Returns
+    -------
+    chi (ppm) in the input's storage order.
+    """
+    to_ras = io_orientation(affine)  # row i: (RAS axis of stored axis i, +1 or -1 for a flip)
+    axes, signs = to_ras[:, 0].astype(int), to_ras[:, 1]
+    b0_ras = np.empty(3)
+    b0_ras[axes] = signs * np.asarray(b0_dir, dtype=np.float64)
+    ras_affine = np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(to_ras, np.shape(local_field_ppm))
+    chi = invert(apply_orientation(local_field_ppm, to_ras), apply_orientation(mask, to_ras),
+                 voxel_size_from_affine(ras_affine), tuple(float(v) for v in b0_ras), **params)  # fmt: skip
+    return np.ascontiguousarray(apply_orientation(chi, ornt_transform(axcodes2ornt("RAS"), to_ras)))
