@@ -1,6 +1,7 @@
 """BIDS discovery, validation and derivatives naming on tiny hand-made BIDS trees."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -179,6 +180,15 @@ def test_missing_echo_time_names_the_sidecar(tmp_path):
     _, (problem,) = validate_runs(discover_runs(tmp_path))
     assert problem.file.endswith("sub-01_echo-2_part-mag_MEGRE.nii.gz")
     assert f"no numeric EchoTime in its JSON sidecar {sidecar}" in problem.message
+
+
+def test_every_sidecar_with_echo_times_in_milliseconds_is_named(tmp_path):
+    make_run(tmp_path, echo_times=(4.0, 8.0))
+    _, problems = validate_runs(discover_runs(tmp_path))
+    named = sorted(Path(p.file).name for p in problems)
+    assert named == [f"sub-01_echo-{e}_part-{part}_MEGRE.nii.gz" for e in (1, 2) for part in ("mag", "phase")]
+    assert [p.message.split(": EchoTime ")[1][:3] for p in problems if "echo-2" in p.file] == ["8.0", "8.0"]
+    assert all("looks like milliseconds" in p.message for p in problems)
 
 
 def test_b0_override_and_single_echo_t2starw_are_accepted(tmp_path):

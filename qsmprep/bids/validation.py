@@ -113,24 +113,28 @@ def _echo_times(run, problems):
     def report(file, message):
         problems.append(Problem(run.subject, run.name, str(file), message))
 
-    per_part = []
+    per_part, unusable = [], 0
     for files, metas in ((run.magnitude, run.magnitude_meta), (run.phase, run.phase_meta)):
         tes = []
-        for file, meta in zip(files, metas):
+        for file, meta in zip(files, metas):  # every sidecar is checked, so one run lists all that need fixing
             te = meta.get("EchoTime")
             values = te if isinstance(te, list) else [te]
             if te is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 report(file, f"{file}: no numeric EchoTime in its JSON sidecar {_sidecar(file)}: add \"EchoTime\" "
                              "in seconds (a list of seconds for a 4D multi-echo file).")
-                return None
+                unusable += 1
+                continue
             bad = [v for v in values if not 0 < v < 1]
             if bad:
                 hint = " (it looks like milliseconds)" if all(1 <= v < 1000 for v in bad) else ""
                 report(file, f"{file}: EchoTime {bad[0]} is not in seconds{hint}: write it in seconds in "
                              f"{_sidecar(file)}, e.g. 0.02 for 20 ms.")
-                return None
+                unusable += 1
+                continue
             tes.extend(float(v) for v in values)
         per_part.append(tes)
+    if unusable:
+        return None
     mag_tes, phase_tes = per_part
 
     def sidecar_of(files, echo):  # one file per echo, or one 4D file holding every echo
