@@ -50,11 +50,14 @@ def test_axial_deep_inversion_equals_its_cfl2_prior(untrained_checkpoint):
     assert out.dtype == np.float32 and not out[~mask].any()
 
 
-def test_oblique_field_is_inverted_in_a_b0_aligned_frame(untrained_checkpoint):
+def test_oblique_field_is_inverted_in_a_b0_aligned_frame(untrained_checkpoint, caplog):
     tilt = np.radians(25)
     b0 = (0.0, np.sin(tilt), np.cos(tilt))
     chi, field, mask = _phantom(b0_dir=b0)
-    out = deep_invert(field, mask, (1, 1, 1), b0, model=untrained_checkpoint, device="cpu", refine_iters=0)
+    noisy_1mm = (1.0, 1.00000011, 1.0)  # an oblique affine's column norms in float32
+    with caplog.at_level("INFO", logger="qsmprep.inversion.deep"):
+        out = deep_invert(field, mask, noisy_1mm, b0, model=untrained_checkpoint, device="cpu", refine_iters=0)
+    assert "B0-aligned frame (tilt 25.0 deg, voxel size 1x1x1 mm -> kept)" in caplog.text
     direct = cfl2(field, mask, (1, 1, 1), b0, lam=0.1)
     # the aligned-frame result matches CFL2 with the true tilt up to interpolation,
     # and is far better than ignoring the tilt

@@ -243,6 +243,11 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     return _numpy(chi)
 
 
+def _mm(voxel_size_mm):
+    """'3x3x3 mm' for a log line: 4 significant digits hide an oblique affine's float32 noise (3.00000011)."""
+    return "x".join(f"{v:.4g}" for v in voxel_size_mm) + " mm"
+
+
 def _numpy(a):
     """A float32 numpy array of a numpy array or a torch tensor on any device."""
     return a.cpu().numpy() if is_tensor(a) else np.asarray(a, dtype=np.float32)
@@ -466,7 +471,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     aligned, target_vs = network_frame(voxel_size_mm, b0_dir, meta, resolution_tolerance)
     if aligned:
         log.info("deep inversion in a B0-aligned frame (tilt %.1f deg, voxel size %s -> %s)", b0_tilt_deg(b0_dir),
-                 voxel_size_mm, target_vs or "kept")
+                 _mm(voxel_size_mm), _mm(target_vs) if target_vs else "kept")
         native = _frame_affine(voxel_size_mm, b0_dir)
         field_n, affine_a = to_b0_aligned(field, native, target_vs, order=RESAMPLE_ORDER)
         mask_n = to_b0_aligned(m.astype(np.float32), native, target_vs)[0] > 0.5
