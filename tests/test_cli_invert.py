@@ -85,6 +85,27 @@ def test_units_and_b0_direction_override(inputs):
     assert abs(b0[2]) < 0.95  # the affine's direction is really tilted
 
 
+def test_a_field_stored_lps_gives_the_map_it_gives_stored_ras(inputs, tmp_path):
+    """iLSQR's finite differences depend on the array order; the CLI inverts in RAS order and writes in the input's."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    paths, field, mask, affine = inputs
+    assert _run(paths, "--method", "ilsqr") == 0
+    ras_map = nib.load(paths["out"]).get_fdata()
+    lps = {"field": tmp_path / "field_lps.nii.gz", "mask": tmp_path / "mask_lps.nii.gz", "out": tmp_path / "chi_lps.nii"}
+    for name in ("field", "mask"):
+        image = nib.load(paths[name])
+        nib.save(image.as_reoriented(ornt_transform(io_orientation(image.affine), axcodes2ornt("LPS"))), lps[name])
+    assert _run(lps, "--method", "ilsqr") == 0
+    out = nib.load(lps["out"])
+    assert nib.aff2axcodes(out.affine) == ("L", "P", "S")  # written in the input's order
+    np.testing.assert_allclose(nib.as_closest_canonical(out).get_fdata(), ras_map, rtol=1e-4, atol=1e-6)
+    # inverted in the stored order the two differ: the test would catch a CLI that skipped the reordering
+    in_lps_order = ilsqr(np.asarray(nib.load(lps["field"]).dataobj), np.asarray(nib.load(lps["mask"]).dataobj) > 0,
+                         voxel_size_from_affine(out.affine), b0_dir_from_affine(out.affine))
+    assert np.abs(in_lps_order[::-1, ::-1] - ras_map).max() > 1e-3 * np.abs(ras_map).max()
+
+
 def _expect_error(capsys, paths, code, names, *options):
     assert _run(paths, *options) == code
     err = capsys.readouterr().err.strip().splitlines()
