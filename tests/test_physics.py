@@ -226,3 +226,21 @@ def test_inversion_in_ras_order_does_not_depend_on_storage_order(method):
     # while the method called on the stored order directly does depend on it
     direct = invert(stored_field, stored_mask, voxel_size_from_affine(psl_affine), b0_dir_from_affine(psl_affine))
     assert np.linalg.norm(ras_order(direct) - in_ras) / np.linalg.norm(in_ras) > 0.02
+
+
+def test_inversion_in_ras_order_reorders_parameters_on_the_grid_with_the_field():
+    from qsmprep.physics import invert_in_ras_order
+
+    lps_affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    field = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    seen = {}
+
+    def spy(f, m, voxel_size, b0, magnitude=None, tol=None):
+        seen.update(field=f, magnitude=magnitude, tol=tol)
+        return f
+
+    out = invert_in_ras_order(spy, field, field > 0, lps_affine, (0.0, 0.0, 1.0), magnitude=2 * field, tol=0.01)
+    np.testing.assert_array_equal(seen["field"], field[::-1, ::-1])  # L->R and P->A flipped
+    np.testing.assert_array_equal(seen["magnitude"], 2 * seen["field"])
+    assert seen["tol"] == 0.01
+    np.testing.assert_array_equal(out, field)  # and back in the input's order

@@ -77,7 +77,8 @@ def invert_in_ras_order(invert, local_field_ppm, mask, affine, b0_dir, **params)
     b0_dir : tuple of 3 float
         B0 direction in the input's voxel coordinates.
     **params
-        Passed to ``invert``.
+        Passed to ``invert``; arrays on the input's grid (iLSQR's
+        ``magnitude``) are reordered with the field.
 
     Returns
     -------
@@ -88,6 +89,9 @@ def invert_in_ras_order(invert, local_field_ppm, mask, affine, b0_dir, **params)
     b0_ras = np.empty(3)
     b0_ras[axes] = signs * np.asarray(b0_dir, dtype=np.float64)
     ras_affine = np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(to_ras, np.shape(local_field_ppm))
+    grid = np.shape(local_field_ppm)[:3]
+    params = {k: apply_orientation(v, to_ras) if isinstance(v, np.ndarray) and v.shape[:3] == grid else v
+              for k, v in params.items()}
     chi = invert(apply_orientation(local_field_ppm, to_ras), apply_orientation(mask, to_ras),
                  voxel_size_from_affine(ras_affine), tuple(float(v) for v in b0_ras), **params)  # fmt: skip
     return np.ascontiguousarray(apply_orientation(chi, ornt_transform(axcodes2ornt("RAS"), to_ras)))
