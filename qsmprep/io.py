@@ -27,7 +27,7 @@ def load_nifti(path, what="image"):
     Raises
     ------
     NoInputError if the file is missing or unreadable; DataError if it holds
-    complex values.
+    complex values or its affine is degenerate (``check_affine``).
     """
     path = Path(path)
     if not path.is_file():
@@ -41,7 +41,22 @@ def load_nifti(path, what="image"):
     if complex_values:  # a cast to float32 would keep the real part, silently
         raise DataError(f"{what} {path} holds complex values: give a real image (the phase, angle(z), or the "
                         "magnitude, |z|, each as its own file).")
+    check_affine(path, img.affine)
     return data, img.affine, img.header
+
+
+def check_affine(path, affine):
+    """Raise DataError unless the affine maps the three voxel axes onto three independent world directions.
+
+    A zero or repeated column (a broken sform/qform) gives no voxel size,
+    B0 direction or storage order, so nothing downstream could be trusted.
+    """
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    if not np.isfinite(m).all() or not norms.all() or abs(np.linalg.det(m)) < 1e-6 * np.prod(norms):
+        raise DataError(f"{path} has a degenerate affine (voxel-to-world axes {np.round(m, 4).tolist()}): each voxel "
+                        "axis needs a non-zero, independent direction; repair the header's sform/qform (re-convert "
+                        "the DICOMs, e.g. with dcm2niix).")
 
 
 def load_volume(path, what="image"):

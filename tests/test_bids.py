@@ -182,6 +182,18 @@ def test_missing_echo_time_names_the_sidecar(tmp_path):
     assert f"no numeric EchoTime in its JSON sidecar {sidecar}" in problem.message
 
 
+def test_a_degenerate_affine_is_reported_with_the_file(tmp_path):
+    anat = make_run(tmp_path)
+    degenerate = np.eye(4)
+    degenerate[:3, 2] = degenerate[:3, 1]  # the k axis repeats the j axis
+    for path in sorted(anat.glob("*.nii.gz")):
+        nib.save(nib.Nifti1Image(np.asarray(nib.load(path).dataobj), degenerate), path)
+    valid, problems = validate_runs(discover_runs(tmp_path))
+    assert valid == [] and len(problems) == 1
+    assert problems[0].file.endswith("echo-1_part-mag_MEGRE.nii.gz")
+    assert "has a degenerate affine" in problems[0].message and "sform/qform" in problems[0].message
+
+
 def test_every_sidecar_with_echo_times_in_milliseconds_is_named(tmp_path):
     make_run(tmp_path, echo_times=(4.0, 8.0))
     _, problems = validate_runs(discover_runs(tmp_path))

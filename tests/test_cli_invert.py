@@ -126,6 +126,15 @@ def test_missing_and_unreadable_inputs_exit_66(inputs, capsys):
     assert len(err) == 1
 
 
+def test_degenerate_affine_exits_65_naming_the_file(inputs, capsys):
+    paths, field, mask, affine = inputs
+    flat = affine.copy()
+    flat[:3, 2] = flat[:3, 1]  # the k axis repeats the j axis
+    for name, data in (("field", field), ("mask", mask.astype(np.float32))):
+        nib.save(nib.Nifti1Image(data, flat), paths[name])
+    _expect_error(capsys, paths, 65, [str(paths["field"]), "degenerate affine"], "--method", "tkd")
+
+
 def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
     paths, field, mask, affine = inputs
     nib.save(nib.Nifti1Image(mask[:-1].astype(np.float32), affine), paths["mask"])

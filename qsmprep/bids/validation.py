@@ -179,11 +179,12 @@ def _phase_units(run, problems):
 
 def _grid(run, n_echoes, problems):
     """(shape3, affine) shared by every image of the run, or None after a problem."""
-    from ..io import check_same_grid
+    from ..io import check_affine, check_same_grid
 
     ref = file = run.magnitude[0]
     try:
         ref_shape, ref_affine = _header(ref)
+        check_affine(ref, ref_affine)  # every other file must share it
         for file in run.files:
             shape, affine = _header(file)
             check_same_grid(ref, (ref_shape, ref_affine), file, (shape, affine))
