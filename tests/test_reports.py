@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qsmprep.io import save_nifti
+from qsmprep.physics import ras_voxel_size, to_ras
 from qsmprep.reports import build_subject_report
 from qsmprep.reports.report import run_mosaic
 from qsmprep.reports.mosaic import (
@@ -16,10 +17,8 @@ from qsmprep.reports.mosaic import (
     in_plane_box,
     mosaic_png,
     orthogonal_slices,
-    ras_voxel_size,
     robust_window,
     slice_indices,
-    to_ras,
 )
 
 

@@ -3,7 +3,16 @@
 from .arrays import fft_module, is_tensor, to_device
 from .forward import filter_padded, forward_field_ppm, padded_shape
 from .kernel import dipole_kernel, kspace_grid
-from .orientation import b0_dir_from_affine, b0_tilt_deg, invert_in_ras_order, voxel_rotation, voxel_size_from_affine
+from .orientation import (
+    b0_dir_from_affine,
+    b0_tilt_deg,
+    from_ras,
+    invert_in_ras_order,
+    ras_voxel_size,
+    to_ras,
+    voxel_rotation,
+    voxel_size_from_affine,
+)
 from .resample import b0_aligned_grid, from_b0_aligned, resample_to_grid, to_b0_aligned
 from .units import (
     GAMMA_BAR_MHZ_PER_T,
@@ -26,11 +35,13 @@ __all__ = [
     "filter_padded",
     "forward_field_ppm",
     "from_b0_aligned",
+    "from_ras",
     "hz_to_ppm",
     "hz_to_rad",
     "is_tensor",
     "kspace_grid",
     "padded_shape",
+    "ras_voxel_size",
     "ppm_to_hz",
     "ppm_to_rad",
     "rad_to_hz",
@@ -38,6 +49,7 @@ __all__ = [
     "resample_to_grid",
     "to_b0_aligned",
     "to_device",
+    "to_ras",
     "voxel_rotation",
     "voxel_size_from_affine",
 ]

@@ -1,7 +1,7 @@
 """B0 direction, voxel size and storage order from a NIfTI affine."""
 
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 SCANNER_B0_WORLD = (0.0, 0.0, 1.0)
 """B0 in NIfTI world (scanner RAS+) coordinates: along the z (S-I) axis."""
@@ -54,6 +54,28 @@ def b0_tilt_deg(b0_dir):
     return float(np.degrees(np.arccos(min(1.0, abs(b[2]) / np.linalg.norm(b)))))
 
 
+def to_ras(volume, affine):
+    """``volume`` (3D, or 4D with echoes last) with its voxel axes reordered and flipped to the nearest RAS+ order.
+
+    Axis 0 then runs towards the subject's right, 1 anterior, 2 superior, whatever the acquisition's voxel
+    order (e.g. LPS from DICOM converters, sagittal slabs). Only permutations and flips
+    (``nibabel.orientations``): no resampling, an oblique slab keeps its tilt.
+    """
+    return apply_orientation(np.asarray(volume), io_orientation(affine))
+
+
+def from_ras(volume, affine):
+    """The inverse of ``to_ras``: a volume in RAS+ order back in the voxel order of ``affine``."""
+    return apply_orientation(np.asarray(volume), ornt_transform(axcodes2ornt("RAS"), io_orientation(affine)))
+
+
+def ras_voxel_size(affine):
+    """Voxel size in mm along each axis of the volume ``to_ras`` makes of an image with this ``affine``."""
+    ras = np.empty(3)
+    ras[io_orientation(affine)[:, 0].astype(int)] = voxel_size_from_affine(affine)  # stored axis i -> RAS axis
+    return tuple(float(v) for v in ras)
+
+
 def invert_in_ras_order(invert, local_field_ppm, mask, affine, b0_dir, **params):
     """Run a dipole inversion on the arrays flipped and permuted into RAS+ storage order; chi back in the input's.
 
@@ -84,14 +106,12 @@ def invert_in_ras_order(invert, local_field_ppm, mask, affine, b0_dir, **params)
     -------
     chi (ppm) in the input's storage order.
     """
-    to_ras = io_orientation(affine)  # row i: (RAS axis of stored axis i, +1 or -1 for a flip)
-    axes, signs = to_ras[:, 0].astype(int), to_ras[:, 1]
+    ornt = io_orientation(affine)  # row i: (RAS axis of stored axis i, +1 or -1 for a flip)
     b0_ras = np.empty(3)
-    b0_ras[axes] = signs * np.asarray(b0_dir, dtype=np.float64)
-    ras_affine = np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(to_ras, np.shape(local_field_ppm))
+    b0_ras[ornt[:, 0].astype(int)] = ornt[:, 1] * np.asarray(b0_dir, dtype=np.float64)
     grid = np.shape(local_field_ppm)[:3]
-    params = {k: apply_orientation(v, to_ras) if isinstance(v, np.ndarray) and v.shape[:3] == grid else v
+    params = {k: to_ras(v, affine) if isinstance(v, np.ndarray) and v.shape[:3] == grid else v
               for k, v in params.items()}
-    chi = invert(apply_orientation(local_field_ppm, to_ras), apply_orientation(mask, to_ras),
-                 voxel_size_from_affine(ras_affine), tuple(float(v) for v in b0_ras), **params)  # fmt: skip
-    return np.ascontiguousarray(apply_orientation(chi, ornt_transform(axcodes2ornt("RAS"), to_ras)))
+    chi = invert(to_ras(local_field_ppm, affine), to_ras(mask, affine), ras_voxel_size(affine),
+                 tuple(float(v) for v in b0_ras), **params)  # fmt: skip
+    return np.ascontiguousarray(from_ras(chi, affine))

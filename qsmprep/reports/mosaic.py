@@ -41,16 +41,6 @@ def slice_indices(mask, n_slices=8, axis=2):
     return np.unique(np.linspace(lo + margin, hi - margin, n_slices).round().astype(int))
 
 
-def ras_voxel_size(affine):
-    """Voxel size in mm along each axis of the volume ``to_ras`` makes of an image with this ``affine``."""
-    from nibabel.orientations import io_orientation
-
-    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-    ras = np.empty(3)
-    ras[io_orientation(affine)[:, 0].astype(int)] = sizes  # stored axis i becomes RAS axis ornt[i, 0]
-    return tuple(float(v) for v in ras)
-
-
 def in_plane_box(mask, axis=2, margin=0.15):
     """In-plane crop (two slices, for the axes other than ``axis``) around the mask, for ``mosaic_png``.
 
@@ -80,19 +70,6 @@ def robust_window(volume, mask, percentiles=(2, 98)):
     lo, hi = np.percentile(values, percentiles)
     half = max(abs(lo), abs(hi), 1e-6)
     return (-half, half)
-
-
-def to_ras(volume, affine):
-    """``volume`` (3D, or 4D with echoes last) with its voxel axes reordered and flipped to the nearest RAS+ order.
-
-    Axis 0 then runs towards the subject's right, 1 anterior, 2 superior, whatever the acquisition's voxel
-    order (e.g. LPS from DICOM converters, sagittal slabs), so every figure is shown the same way up. Only
-    permutations and flips (``nibabel.orientations``): no resampling, an oblique slab keeps its tilt.
-    """
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-
-    transform = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
-    return apply_orientation(np.asarray(volume), transform)
 
 
 def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, title="", units="",

@@ -16,16 +16,14 @@ import numpy as np
 from .. import __version__
 from ..errors import QSMPrepError
 from ..io import load_nifti
-from ..physics import b0_tilt_deg
+from ..physics import b0_tilt_deg, ras_voxel_size, to_ras
 from .mosaic import (
     CHI_WINDOW_PPM,
     LOCAL_FIELD_WINDOW_PPM,
     in_plane_box,
     mosaic_png,
-    ras_voxel_size,
     robust_window,
     slice_indices,
-    to_ras,
 )
 
 ORIENTATION_NOTE = ("Axial slices from inferior (top left) to superior (bottom right), row by row, each in "
