@@ -322,6 +322,31 @@ def test_argparse_errors_exit_64(tmp_path):
     assert exc.value.code == 64
 
 
+@pytest.mark.parametrize(
+    ("command", "argv", "message"),
+    [
+        ("run", ["bids", "out", "participant", "--b0-dir", "inf", "0", "1"], "--b0-dir: 'inf' is not a finite number"),
+        ("run", ["bids", "out", "participant", "--refine-tv", "nan"], "--refine-tv: 'nan' is not a finite number"),
+        ("run", ["bids", "out", "participant", "--mem", "NaN"], "--mem: 'NaN' is not a finite number"),
+        ("invert", ["f.nii", "m.nii", "o.nii.gz", "--method", "deep", "--refine-lambda", "inf"], "'inf' is not a finite"),
+        ("invert", ["f.nii", "m.nii", "o.nii.gz", "--method", "deep", "--refine-radius", "nan"], "'nan' is not a finite"),
+        ("invert", ["f.nii", "m.nii", "o.nii.gz", "--method", "tkd", "--threshold", "abc"], "'abc' is not a number"),
+        ("simulate", ["out", "--voxel-size", "nan", "3", "3"], "--voxel-size: 'nan' is not a finite number"),
+        ("train", ["recipe", "--out", "o", "--max-minutes", "inf"], "'inf' is not a finite number"),
+    ],
+)
+def test_nan_or_infinite_numbers_exit_64(tmp_path, capsys, command, argv, message):
+    """Every numeric option refuses NaN and infinity, which pass range checks and gave NaN maps with exit 0."""
+    import importlib
+
+    cli = importlib.import_module(f"qsmprep.cli.{command}")
+    with pytest.raises(SystemExit) as exc:
+        code = cli.main([str(tmp_path / a) if a in ("bids", "out", "o") else a for a in argv])
+        raise SystemExit(code)
+    assert exc.value.code == 64 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
 def test_no_input_exits_66(tmp_path, capsys):
     assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "participant"]) == 66
     bids = tmp_path / "bids"

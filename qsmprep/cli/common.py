@@ -12,6 +12,7 @@ argparse's own usage errors exit with 64 instead of 2.
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -30,6 +31,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
+
+
+def finite_float(text):
+    """argparse type of every numeric option: a float, refusing NaN and infinity (a usage error, exit 64), which
+    would otherwise pass every range check (all comparisons with NaN are false) and give NaN maps."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 BROKEN_PIPE_EXIT = 141
@@ -63,13 +76,13 @@ def add_deep_options(group, refine_radius_mm=None):
     group.add_argument("--refine", type=int, metavar="N",
                        help=f"deep: data-consistency refinement iterations after the network, 0 = off (default "
                             f"{REFINE_ITERS})")  # fmt: skip
-    group.add_argument("--refine-lambda", type=float, metavar="L",
+    group.add_argument("--refine-lambda", type=finite_float, metavar="L",
                        help=f"deep: weight of the network prior in the refinement, > 0 (default {REFINE_LAMBDA})")
-    group.add_argument("--refine-radius", type=float, metavar="MM",
+    group.add_argument("--refine-radius", type=finite_float, metavar="MM",
                        help="deep: compare fields in the refinement after an MM-radius spherical-mean high-pass, so "
                             f"residual background fields are ignored ({radius_default}; "
                             "docs/methods/deep-inversion.md)")  # fmt: skip
-    group.add_argument("--refine-tv", type=float, metavar="A",
+    group.add_argument("--refine-tv", type=finite_float, metavar="A",
                        help="deep: weight (ppm mm) of a total-variation term in the refinement, its weights renewed "
                             f"every {TV_REWEIGHT_ITERS} iterations; e.g. 3e-4 with --refine 30 --refine-lambda 0.03 "
                             "(default 0: off; docs/benchmarks.md)")  # fmt: skip

@@ -30,6 +30,7 @@ from .common import (
     check_deep_options,
     check_writable_folder,
     exit_73_if_unwritable,
+    finite_float,
     run_cli,
     torch_on_all_cores,
 )
@@ -69,8 +70,8 @@ def build_parser():
                    help="tkd: thresholded k-space division; cfl2: closed-form L2 with gradient regularisation; "
                         "ilsqr: LSQR with streaking-artefact removal (Li et al. 2015); "
                         "deep: a trained network (docs/models/)")  # fmt: skip
-    p.add_argument("--threshold", type=float, metavar="T", help="TKD kernel threshold, in (0, 1/3] (default 0.19)")
-    p.add_argument("--lambda", dest="lam", type=float, metavar="L",
+    p.add_argument("--threshold", type=finite_float, metavar="T", help="TKD kernel threshold, in (0, 1/3] (default 0.19)")
+    p.add_argument("--lambda", dest="lam", type=finite_float, metavar="L",
                    help="closed-form L2 regularisation weight, > 0 (default 0.1)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network and its refinement run (default auto)")
     add_deep_options(p)
@@ -79,9 +80,9 @@ def build_parser():
                         "overlapping tiles (default: the whole grid when free memory allows, else the largest "
                         "tile that fits; on a CPU 256 needs about 8 GB, 160 about 2.2 GB)")  # fmt: skip
     p.add_argument("--units", choices=("ppm", "hz", "rad"), default="ppm", help="units of FIELD (default ppm)")
-    p.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in tesla (for --units hz or rad)")
-    p.add_argument("--te", type=float, metavar="S", help="echo time in seconds (for --units rad)")
-    p.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
+    p.add_argument("--b0-tesla", type=finite_float, metavar="T", help="field strength in tesla (for --units hz or rad)")
+    p.add_argument("--te", type=finite_float, metavar="S", help="echo time in seconds (for --units rad)")
+    p.add_argument("--b0-dir", type=finite_float, nargs=3, metavar=("X", "Y", "Z"),
                    help="B0 direction in voxel coordinates (default: from FIELD's affine)")  # fmt: skip
     return p
 

@@ -46,6 +46,7 @@ from .common import (
     check_b0_tesla_option,
     check_deep_options,
     check_writable_folder,
+    finite_float,
     quiet_on_closed_pipe,
 )
 
@@ -107,8 +108,8 @@ def build_parser():
     g.add_argument("--mask", default="quality", metavar="STRATEGY|PATH",
                    help=f"brain mask: a strategy ({', '.join(MASK_STRATEGIES)}; default quality), a mask NIfTI on "
                    "the runs' grid, or a derivatives folder holding <run>_desc-brain_mask.nii.gz per run")
-    g.add_argument("--b0-tesla", type=float, metavar="T", help="field strength in T (overrides MagneticFieldStrength)")
-    g.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
+    g.add_argument("--b0-tesla", type=finite_float, metavar="T", help="field strength in T (overrides MagneticFieldStrength)")
+    g.add_argument("--b0-dir", type=finite_float, nargs=3, metavar=("X", "Y", "Z"),
                    help="B0 direction in the images' voxel coordinates (i, j, k); default: from the NIfTI affine")
     g.add_argument("--resample-b0", action="store_true",
                    help="invert TKD, CFL2 and iLSQR on a B0-aligned grid when the acquisition is oblique by more "
@@ -126,7 +127,7 @@ def build_parser():
     g.add_argument("--nprocs", type=int, default=None, metavar="N", help="processes run at once (default: all CPUs)")
     g.add_argument("--omp-nthreads", type=int, default=None, metavar="N",
                    help="threads per process for FFTs (default: min(nprocs, 8))")
-    g.add_argument("--mem", type=float, default=None, metavar="GB", help="memory limit for scheduling, in GB")
+    g.add_argument("--mem", type=finite_float, default=None, metavar="GB", help="memory limit for scheduling, in GB")
     g.add_argument("--use-plugin", type=Path, metavar="FILE",
                    help="Nipype plugin YAML ({plugin: SLURM, plugin_args: {...}}) for SLURM/SGE/PBS execution")
     g.add_argument("--stop-on-first-crash", action="store_true", help="stop everything at the first failure")

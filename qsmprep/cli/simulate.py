@@ -31,7 +31,7 @@ from ..sim.bids_writer import (
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
 from ..resources import available_cores
-from .common import LOG_FORMAT, ArgumentParser, check_writable_folder, print_error
+from .common import LOG_FORMAT, ArgumentParser, check_writable_folder, finite_float, print_error
 
 log = logging.getLogger("qsmprep.simulate")
 
@@ -50,20 +50,20 @@ def build_parser():
     p.add_argument("--subjects", type=int, default=1, help="number of subjects, labelled 01, 02, ... (default 1)")
     p.add_argument("--sessions", nargs="+", default=None, metavar="LABEL", help="session labels (default: no sessions)")
     p.add_argument("--echoes", type=int, default=4, help="number of echoes (default 4)")
-    p.add_argument("--te-first", type=float, default=0.004, help="first echo time in s (default 0.004)")
-    p.add_argument("--te-spacing", type=float, default=0.004, help="echo spacing in s (default 0.004)")
-    p.add_argument("--b0", type=float, default=3.0, help="field strength in T (default 3)")
-    p.add_argument("--voxel-size", type=float, nargs=3, default=DEFAULT_VOXEL_SIZE_MM, metavar=("X", "Y", "Z"),
+    p.add_argument("--te-first", type=finite_float, default=0.004, help="first echo time in s (default 0.004)")
+    p.add_argument("--te-spacing", type=finite_float, default=0.004, help="echo spacing in s (default 0.004)")
+    p.add_argument("--b0", type=finite_float, default=3.0, help="field strength in T (default 3)")
+    p.add_argument("--voxel-size", type=finite_float, nargs=3, default=DEFAULT_VOXEL_SIZE_MM, metavar=("X", "Y", "Z"),
                    help="voxel size in mm (default 1.5 1.5 1.5)")  # fmt: skip
-    p.add_argument("--oblique", type=float, default=0.0, metavar="DEG", help="slab tilt about the L-R axis in degrees (default 0)")
-    p.add_argument("--snr", type=float, default=100.0, help="first-echo brain SNR; 0 for noiseless data (default 100)")
+    p.add_argument("--oblique", type=finite_float, default=0.0, metavar="DEG", help="slab tilt about the L-R axis in degrees (default 0)")
+    p.add_argument("--snr", type=finite_float, default=100.0, help="first-echo brain SNR; 0 for noiseless data (default 100)")
     p.add_argument("--phase-units", choices=PHASE_UNITS, default="arbitrary",
                    help="phase storage: vendor-style int16 -4096..4095 ('arbitrary', default) or float radians ('rad')")  # fmt: skip
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--matrix", type=int, nargs=3, metavar=("X", "Y", "Z"), help="matrix size (default: FOV / voxel size)")
-    grid.add_argument("--fov-mm", type=float, nargs=3, metavar=("X", "Y", "Z"),
+    grid.add_argument("--fov-mm", type=finite_float, nargs=3, metavar=("X", "Y", "Z"),
                       help=f"field of view in mm (default {' '.join(f'{v:g}' for v in DEFAULT_FOV_MM)})")  # fmt: skip
-    p.add_argument("--fine-voxel-size", type=float, default=None, metavar="MM",
+    p.add_argument("--fine-voxel-size", type=finite_float, default=None, metavar="MM",
                    help="isotropic voxel size (mm) of the grid oblique/anisotropic data are simulated on "
                    "(default: the smallest output voxel size, at most 1 mm)")  # fmt: skip
     p.add_argument("--no-phase-offset", action="store_true", help="no receive-phase offset (phase is the field alone)")

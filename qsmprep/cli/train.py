@@ -13,6 +13,7 @@ losses.csv, validation.csv and losses.png to DIR.
 import argparse
 import sys
 
+from qsmprep.cli.common import finite_float
 from qsmprep.errors import UsageError
 
 
@@ -25,7 +26,7 @@ def build_parser():
     parser.add_argument("--out", help="output directory for checkpoints and loss curves")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (CUDA when available)")
     parser.add_argument("--max-steps", type=int, help="stop at this step (default: the recipe's steps)")
-    parser.add_argument("--max-minutes", type=float, help="stop, after saving, once this much time has passed")
+    parser.add_argument("--max-minutes", type=finite_float, help="stop, after saving, once this much time has passed")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument(
         "--target-domain", metavar="DIR",
