@@ -440,6 +440,55 @@ def test_output_inside_a_subject_folder_exits_64_and_derivatives_is_allowed(tmp_
     assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only"]) == 0
 
 
+def test_work_dir_inside_the_dataset_exits_64_and_dotdot_paths_are_normalised(tmp_path, capsys, monkeypatch):
+    bids = _tiny_dataset(tmp_path / "bids")
+    monkeypatch.chdir(bids)  # the default -w ./work would be a folder at the dataset's top level
+    assert main([".", "../out", "participant"]) == 64
+    err = capsys.readouterr().err
+    assert f"--work-dir {bids / 'work'} must not be the input dataset" in err and "/tmp/qsmprep-work" in err
+    assert not (bids / "work").exists() and not (tmp_path / "out").exists()
+    # an output folder beside the dataset, written through it, is outside it
+    argv = [str(bids), str(bids / ".." / "out"), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only"]
+    assert main(argv) == 0 and (tmp_path / "out" / "dataset_description.json").is_file()
+    argv = [str(bids), str(bids / ".." / "bids" / "sub-01" / "anat"), "participant", "-w", str(tmp_path / "w")]
+    assert main(argv) == 64 and "is inside the input dataset" in capsys.readouterr().err
+
+
+def test_another_tools_dataset_is_refused_as_output_folder(tmp_path, capsys):
+    bids = _tiny_dataset(tmp_path / "bids")
+    out = tmp_path / "fmriprep"
+    out.mkdir()
+    description = '{"Name": "fMRIPrep outputs", "DatasetType": "derivative", "GeneratedBy": [{"Name": "fMRIPrep"}]}'
+    (out / "dataset_description.json").write_text(description)
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only"]) == 64
+    err = capsys.readouterr().err
+    assert f"output folder {out} holds another dataset" in err and "it is made by fMRIPrep" in err
+    assert (out / "dataset_description.json").read_text() == description and sorted(out.iterdir()) == [
+        out / "dataset_description.json"]
+    (out / "dataset_description.json").unlink()  # qsmprep's own dataset is run into again
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only"]) == 0
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only"]) == 0
+
+
+def test_rerun_removes_only_qsmprep_files(tmp_path):
+    from types import SimpleNamespace
+
+    from qsmprep.cli.run import remove_earlier_outputs
+
+    run = SimpleNamespace(name="sub-01_ses-1", subject="01", entities={"subject": "01", "session": "1"})
+    ours = ["sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz", "sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.json",
+            "sub-01/ses-1/anat/sub-01_ses-1_desc-cfl2_Chimap.nii.gz", "sub-01/ses-1/anat/sub-01_ses-1_desc-cfl2_Chimap.json",
+            "sub-01/ses-1/anat/sub-01_ses-1_desc-local_fieldmap.json", "sub-01/figures/sub-01_ses-1_desc-cfl2_mosaic.png",
+            "sub-01/figures/sub-01_ses-1_desc-mask_mosaic.png"]
+    others = ["sub-01/ses-1/anat/sub-01_ses-1_desc-preproc_T1w.nii.gz", "sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.json.keep",
+              "sub-01/figures/sub-01_ses-1_desc-brain_mask.svg", "sub-01/ses-2/anat/sub-01_ses-2_desc-brain_mask.nii.gz"]
+    for name in ours + others:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    remove_earlier_outputs(SimpleNamespace(output_dir=str(tmp_path), runs=[run]))
+    assert [n for n in ours if (tmp_path / n).exists()] == [] and all((tmp_path / n).exists() for n in others)
+
+
 @pytest.mark.parametrize("which", ["OUTPUT_DIR", "--work-dir"])
 def test_output_or_work_dir_that_cannot_be_created_exits_73_at_once(tmp_path, capsys, which):
     """A folder path through a file (as a read-only file system or missing permissions would) is refused

@@ -106,6 +106,25 @@ def test_no_input_and_bad_filter_file(tmp_path):
         read_filter_file(bad)
 
 
+@pytest.mark.parametrize(
+    ("entities", "texts"),
+    [
+        ({"foo": "bar"}, ["filters on 'foo', which pybids does not know as entities", "one of acquisition, ceagent"]),
+        ({"acq": "fast"}, ["'acq' (did you mean 'acquisition'?)", "use the full entity names"]),
+        ({"extension": ".json"}, ["filters on 'extension', which qsmprep's own query sets", "remove it"]),
+        ({"part": "mag", "suffix": "MEGRE"}, ["filters on 'part', 'suffix', which qsmprep's own query sets"]),
+    ],
+)
+def test_filter_file_entities_pybids_does_not_know_or_qsmprep_sets_are_refused(tmp_path, entities, texts):
+    bad = tmp_path / "filter.json"
+    bad.write_text(json.dumps({"megre": entities}))
+    with pytest.raises(UsageError) as err:
+        read_filter_file(bad)
+    assert err.value.exit_code == 64
+    assert str(err.value).startswith(f"BIDS filter file {bad} filters on ")
+    assert all(text in str(err.value) for text in texts)
+
+
 def test_four_d_multi_echo_files(tmp_path):
     make_run(tmp_path)  # for dataset_description.json
     anat = tmp_path / "sub-02" / "anat"
@@ -210,6 +229,45 @@ def test_b0_override_and_single_echo_t2starw_are_accepted(tmp_path):
     make_run(other, echo_times=(0.02,), suffix="T2starw")
     (run,), problems = validate_runs(discover_runs(other))
     assert problems == [] and run.echo_times_s == (0.02,) and run.suffix == "T2starw"
+
+
+def test_an_echo_missing_one_part_names_that_echos_file(tmp_path):
+    make_run(tmp_path, echo_times=(0.004, 0.008, 0.012), skip={("phase", 2)})
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert problem.file.endswith("sub-01_echo-2_part-mag_MEGRE.nii.gz")
+    assert problem.message.startswith(f"{problem.file}: no part-phase image of echo 2 (sub-01 has 3 magnitude and 2 ")
+    assert "add sub-01_echo-2_part-phase_MEGRE.nii.gz beside it" in problem.message
+
+
+def test_an_echo_given_twice_names_both_files(tmp_path):
+    anat = make_run(tmp_path, echo_times=(0.004, 0.008, 0.012))
+    gz = anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz"
+    plain = gz.with_name(gz.name.replace(".nii.gz", ".nii"))
+    nib.save(nib.load(gz), plain)
+    valid, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert valid == [] and problem.file == str(gz)
+    assert problem.message.startswith(f"{plain} and {gz} are both the part-phase image of echo 2 of sub-01: keep one")
+
+
+def test_runs_differing_only_in_suffix_are_refused_and_other_runs_proceed(tmp_path):
+    multi = make_run(tmp_path, sub="01")
+    single = make_run(tmp_path, sub="01", echo_times=(0.02,), suffix="T2starw")
+    make_run(tmp_path, sub="02")
+    valid, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert [run.name for run in valid] == ["sub-02"]
+    assert problem.run == "sub-01" and problem.file == str(multi / "sub-01_echo-1_part-mag_MEGRE.nii.gz")
+    assert (f"the MEGRE run ({multi / 'sub-01_echo-1_part-mag_MEGRE.nii.gz'} and 3 more) and the T2starw run "
+            f"({single / 'sub-01_part-mag_T2starw.nii.gz'} and 1 more) have the same entities") in problem.message
+    assert "give one of them an acq-<label> or run-<index> entity" in problem.message
+
+
+def test_a_2d_image_is_a_problem_of_its_run_and_other_runs_proceed(tmp_path):
+    make_run(tmp_path, sub="01")
+    anat = make_run(tmp_path, sub="02", shape=(6, 6))
+    valid, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert [run.name for run in valid] == ["sub-01"]
+    assert problem.file == str(anat / "sub-02_echo-1_part-mag_MEGRE.nii.gz")
+    assert problem.message.startswith(f"{problem.file} has shape (6, 6), a 2D image: give each echo as a 3D volume")
 
 
 def test_grid_mismatch_is_reported_and_other_runs_proceed(tmp_path):

@@ -66,6 +66,13 @@ def run_output_paths(run, methods):
     return paths
 
 
+def run_output_files(run, methods):
+    """Every file qsmprep writes for ``run`` in the derivatives dataset (relative): each NIfTI output of
+    ``run_output_paths`` and its JSON sidecar."""
+    return [path for nifti in run_output_paths(run, methods).values()
+            for path in (nifti, nifti.removesuffix(".nii.gz") + ".json")]
+
+
 MASK_NAME_END = "_desc-brain_mask.nii.gz"
 """What follows the run's name in the file name of its brain mask (``derivative_path(run, "mask")``)."""
 

@@ -14,6 +14,7 @@ Discovery only finds files; it judges nothing.
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,14 @@ GRE_SUFFIXES = ("MEGRE", "T2starw", "GRE")
 SINGLE_ECHO_SUFFIXES = ("T2starw", "GRE")
 """Suffixes for which a single echo is a valid acquisition (MEGRE needs two or more)."""
 
+GRE_QUERY = {"suffix": list(GRE_SUFFIXES), "part": ["mag", "phase"], "extension": [".nii", ".nii.gz"]}
+"""The pybids query for GRE magnitude and phase images; a ``--bids-filter-file`` may not change these entities."""
+
 FILTER_FILE_KEY = "megre"
 """Key of the ``--bids-filter-file`` JSON whose entities restrict the GRE query."""
+
+PYBIDS_CONFIG = "bids"
+"""The pybids configuration ``BIDSLayout`` uses (its default): it names the entities a query may filter on."""
 
 
 ENTITY_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq", "run": "run"}
@@ -41,8 +48,9 @@ class GRERun:
 
     ``magnitude`` and ``phase`` hold one file per echo, ordered by echo time,
     or a single 4D file each (``multi_echo_4d``). ``*_meta`` are their sidecar
-    metadata (BIDS inheritance applied). The fields after ``phase_meta`` are
-    filled in by ``qsmprep.bids.validation.validate_runs`` once the run
+    metadata (BIDS inheritance applied), ``*_echoes`` their ``echo`` entity
+    labels (None where a file has none). The fields after ``multi_echo_4d``
+    are filled in by ``qsmprep.bids.validation.validate_runs`` once the run
     passed every check; they are None before.
     """
 
@@ -55,6 +63,8 @@ class GRERun:
     phase: tuple = ()
     magnitude_meta: tuple = field(default=(), compare=False, repr=False)
     phase_meta: tuple = field(default=(), compare=False, repr=False)
+    magnitude_echoes: tuple = field(default=(), compare=False, repr=False)
+    phase_echoes: tuple = field(default=(), compare=False, repr=False)
     multi_echo_4d: bool = False
     echo_times_s: tuple | None = None
     phase_units: str | None = None
@@ -93,8 +103,10 @@ def read_filter_file(path):
     """Read a ``--bids-filter-file``: JSON ``{"megre": {entity: value(s)}}``.
 
     Returns the entity dict for the GRE query (empty when the key is absent).
-    Raises UsageError when the file is missing, is not such a JSON object, or
-    has other top-level keys (which would filter nothing).
+    Raises UsageError when the file is missing, is not such a JSON object,
+    has other top-level keys (which would filter nothing), or names an entity
+    pybids does not know or one qsmprep's own query sets
+    (``_check_filter_entities``).
     """
     path = Path(path)
     try:
@@ -116,11 +128,41 @@ def read_filter_file(path):
             f"BIDS filter file {path} has keys qsmprep does not read ({', '.join(map(repr, unknown))}): put the "
             f'entities under "{FILTER_FILE_KEY}", which selects every gradient-echo run (MEGRE, T2starw, GRE).'
         )
-    return dict(content.get(FILTER_FILE_KEY, {}))
+    filters = dict(content.get(FILTER_FILE_KEY, {}))
+    _check_filter_entities(path, filters)
+    return filters
+
+
+def _check_filter_entities(path, filters):
+    """Raise UsageError, naming the filter file ``path``, when ``filters`` has a key that is not an entity of
+    pybids' ``PYBIDS_CONFIG`` (e.g. the file-name key "acq" for "acquisition"), or one of ``GRE_QUERY``'s keys,
+    which qsmprep sets itself (a filter on them would find other files and mislead the later checks)."""
+    from bids.layout.models import Config  # heavy import: only with a filter file
+
+    entities = Config.load(PYBIDS_CONFIG).entities
+    allowed = ", ".join(sorted(set(entities) - set(GRE_QUERY)))
+    unknown = sorted(set(filters) - set(entities))
+    if unknown:
+        full_names = {key.group(1): name for name, entity in entities.items()
+                      if (key := re.search(r"(\w+)-\(", entity.pattern or ""))}
+        named = [f"{key!r} (did you mean {full_names[key]!r}?)" if key in full_names else repr(key) for key in unknown]
+        raise UsageError(f"BIDS filter file {path} filters on {', '.join(named)}, which pybids does not know as "
+                         f"entities: use the full entity names, one of {allowed}.")
+    own = sorted(set(filters) & set(GRE_QUERY))
+    if own:
+        query = "; ".join(f"{key} {'/'.join(values)}" for key, values in GRE_QUERY.items())
+        raise UsageError(f"BIDS filter file {path} filters on {', '.join(map(repr, own))}, which qsmprep's own "
+                         f"query sets ({query}): remove {'it' if len(own) == 1 else 'them'}, and filter on other "
+                         f"entities, one of {allowed}.")
 
 
 def _strip_prefix(labels, prefix):
     return [str(lab)[len(prefix):] if str(lab).startswith(prefix) else str(lab) for lab in labels]
+
+
+def _echo_label(entities):
+    """The ``echo`` entity of a file as a string, or None when it has none."""
+    return None if entities.get("echo") is None else str(entities["echo"])
 
 
 def _echo_number(entities):
@@ -196,8 +238,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
         path, problem = found
         raise DataError(f"JSON sidecar {path} {problem}: fix it (e.g. a trailing comma, a missing quote, or a list "
                         "around the object); every sidecar must be a JSON object {...}.") from exc
-    query = {"suffix": list(GRE_SUFFIXES), "part": ["mag", "phase"], "extension": [".nii", ".nii.gz"]}
-    query.update(bids_filters or {})
+    query = {**GRE_QUERY, **(bids_filters or {})}
     if participant_label:
         wanted = _strip_prefix(participant_label, "sub-")
         missing = sorted(set(wanted) - set(layout.get_subjects()))
@@ -245,6 +286,8 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
             subject=subject, session=session, acquisition=acquisition, run=run, suffix=suffix,
             magnitude=tuple(p for p, _, _ in mag), phase=tuple(p for p, _, _ in phase),
             magnitude_meta=tuple(m for _, _, m in mag), phase_meta=tuple(m for _, _, m in phase),
+            magnitude_echoes=tuple(_echo_label(e) for _, e, _ in mag),
+            phase_echoes=tuple(_echo_label(e) for _, e, _ in phase),
             multi_echo_4d=multi_echo_4d,
         ))
     runs.sort(key=lambda r: (r.name, r.suffix))

@@ -1,16 +1,20 @@
 """Check discovered GRE runs before any work, and say what to fix.
 
 Every check reports a ``Problem`` naming the file and the fix; a run with
-any problem is left out and the others proceed. Checks, per run:
+any problem is left out and the others proceed. Runs that differ only in
+suffix share a name, and so their output names: they are reported together
+and left out unchecked. Checks, per run:
 
-- magnitude and phase images both present, with the same number of echoes;
+- magnitude and phase images both present, one of each per echo (paired by
+  the ``echo`` entity; an echo given twice, e.g. as .nii and .nii.gz, is
+  reported with both files);
 - ``EchoTime`` in every sidecar, in seconds (> 0 and < 1), equal between the
   magnitude and phase of one echo, and distinct between echoes;
 - phase ``Units`` present and one of 'rad' / 'arbitrary';
 - one echo only for suffixes ``T2starw`` and ``GRE`` (single-echo GRE is a
   valid acquisition there); a ``MEGRE`` run with one echo is reported,
   since it usually means echoes went missing on export;
-- all images on one grid (shape and affine), and a 4D file holding as many
+- all images 3D, on one grid (shape and affine), and a 4D file holding as many
   volumes as its ``EchoTime`` list has entries;
 - a B0 field strength: ``MagneticFieldStrength`` in the sidecars, or the
   ``--b0-tesla`` override;
@@ -187,6 +191,9 @@ def _grid(run, n_echoes, problems):
         check_affine(ref, ref_affine)  # every other file must share it
         for file in run.files:
             shape, affine = _header(file)
+            if len(shape) < 3:
+                raise DataError(f"{file} has shape {shape}, a {len(shape)}D image: give each echo as a 3D volume "
+                                "(or every echo in one 4D file); re-export the whole acquisition, not one slice.")
             check_same_grid(ref, (ref_shape, ref_affine), file, (shape, affine))
             volumes = shape[3] if len(shape) > 3 else 1
             expected = n_echoes if run.multi_echo_4d else 1
@@ -374,6 +381,34 @@ def _magnitude_decay(run, echo_times, problems):
             return
 
 
+def _echoes_paired(run, problems):
+    """Pair the magnitude and phase images by their ``echo`` entity; report every echo with two images of one part
+    (naming both) and every image whose other part is missing. Returns True when each echo has one of each."""
+    def report(file, message):
+        problems.append(Problem(run.subject, run.name, str(file), message))
+
+    def of_echo(echo):
+        return "" if echo is None else f" of echo {echo}"
+
+    found = len(problems)
+    by_part = {}  # part -> {echo label: file}
+    for part, files, echoes in (("mag", run.magnitude, run.magnitude_echoes), ("phase", run.phase, run.phase_echoes)):
+        by_part[part] = by_echo = {}
+        for file, echo in zip(files, echoes):
+            if echo in by_echo:
+                report(file, f"{by_echo[echo]} and {file} are both the part-{part} image{of_echo(echo)} of "
+                             f"{run.name}: keep one of them (remove the other, or move it out of the dataset).")
+            by_echo.setdefault(echo, file)
+    counts = f"{run.name} has {len(run.magnitude)} magnitude and {len(run.phase)} phase echo(es)"
+    for part, other in (("mag", "phase"), ("phase", "mag")):
+        for echo, file in by_part[part].items():
+            if echo not in by_part[other]:
+                twin = Path(file).name.replace(f"_part-{part}_", f"_part-{other}_")
+                report(file, f"{file}: no part-{other} image{of_echo(echo)} ({counts}): add {twin} beside it, "
+                             "with its JSON sidecar; each echo needs both a part-mag and a part-phase image.")
+    return len(problems) == found
+
+
 def validate_run(run, b0_tesla=None, mask=None):
     """Check one run; return (validated run or None, list of Problem).
 
@@ -393,10 +428,7 @@ def validate_run(run, b0_tesla=None, mask=None):
         report(run.magnitude[0], f"{run.magnitude[0]}: no phase image (part-phase) for {run.name}: export the phase "
                                  "images too; QSM is computed from phase.")
         return None, problems
-    if not run.multi_echo_4d and len(run.magnitude) != len(run.phase):
-        longer = run.magnitude if len(run.magnitude) > len(run.phase) else run.phase
-        report(longer[-1], f"{run.name} has {len(run.magnitude)} magnitude and {len(run.phase)} phase echo(es) "
-                           f"(e.g. {longer[-1]}): give each echo both a part-mag and a part-phase image.")
+    if not _echoes_paired(run, problems):
         return None, problems
 
     echo_times = _echo_times(run, problems)
@@ -426,10 +458,38 @@ def validate_run(run, b0_tesla=None, mask=None):
                    shape=grid[0], affine=grid[1], mask=mask_file), problems
 
 
-def validate_runs(runs, b0_tesla=None, mask=None):
-    """Check every run; return (valid runs, problems). Each problem is logged as an error."""
-    valid, problems = [], []
+def _first_file(run):
+    """The first image of ``run``, and how many more it has, for messages."""
+    more = len(run.files) - 1
+    return str(run.files[0]) + (f" and {more} more" if more else "")
+
+
+def _same_name_problems(runs):
+    """A Problem for each group of runs with one name: runs that differ only in suffix (e.g. a MEGRE and a
+    T2starw run with the same entities) would write the same output files, so none of them is processed."""
+    by_name = {}
     for run in runs:
+        by_name.setdefault(run.name, []).append(run)
+    problems = []
+    for name, group in by_name.items():
+        if len(group) > 1:
+            listed = " and ".join(f"the {run.suffix} run ({_first_file(run)})" for run in group)
+            problems.append(Problem(group[0].subject, name, str(group[0].files[0]), (
+                f"{name}: {listed} have the same entities, so their outputs would have the same names "
+                f"({name}_*): give one of them an acq-<label> or run-<index> entity of its own (rename its images "
+                "and sidecars) to tell them apart.")))
+    return problems
+
+
+def validate_runs(runs, b0_tesla=None, mask=None):
+    """Check every run; return (valid runs, problems). Each problem is logged as an error.
+
+    Runs that share a name (``_same_name_problems``) are left out unchecked; the others are checked one by one.
+    """
+    problems = _same_name_problems(runs)
+    clashing = {problem.run for problem in problems}
+    valid = []
+    for run in (run for run in runs if run.name not in clashing):
         checked, found = validate_run(run, b0_tesla=b0_tesla, mask=mask)
         problems.extend(found)
         if checked is not None:

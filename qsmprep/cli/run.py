@@ -14,6 +14,7 @@ line is parsed, so ``--help`` and usage errors answer at once.
 """
 
 import argparse
+import json
 import logging
 import logging.handlers
 import os
@@ -152,24 +153,43 @@ def _read_plugin(path):
     return str(content["plugin"]), dict(content.get("plugin_args") or {})
 
 
-def check_output_location(bids_dir, output_dir):
-    """Raise UsageError unless ``output_dir`` leaves the input dataset ``bids_dir`` untouched.
+def check_output_location(bids_dir, output_dir, what="output folder"):
+    """Raise UsageError unless ``output_dir`` (the ``what``, named in the message) leaves the input dataset
+    ``bids_dir`` untouched.
 
     The output may lie outside the dataset, or inside it under
     ``BIDS_DIR/derivatives/<name>`` (the BIDS convention); never the dataset
-    itself, a folder at its top level, or a folder inside a subject.
+    itself, a folder at its top level, or a folder inside a subject. Paths are
+    compared as written with ``..`` resolved, and with symbolic links followed.
     """
-    bids_dir, output_dir = Path(bids_dir).absolute(), Path(output_dir).absolute()
-    hint = "use a folder outside it or BIDS_DIR/derivatives/<name>, e.g. BIDS_DIR/derivatives/qsmprep"
-    if bids_dir in (output_dir, output_dir.parent):
-        raise UsageError(f"output folder {output_dir} must not be the input dataset or a folder at its top level "
-                         f"({hint}).")
-    for inside in {(bids_dir, output_dir), (bids_dir.resolve(), output_dir.resolve())}:
-        base, out = inside
+    bids_dir, output_dir = Path(os.path.abspath(bids_dir)), Path(os.path.abspath(output_dir))
+    example = "BIDS_DIR/derivatives/qsmprep" if what == "output folder" else "/tmp/qsmprep-work"
+    hint = f"use a folder outside it or BIDS_DIR/derivatives/<name>, e.g. {example}"
+    for base, out in {(bids_dir, output_dir), (bids_dir.resolve(), output_dir.resolve())}:
+        if base in (out, out.parent):
+            raise UsageError(f"{what} {output_dir} must not be the input dataset or a folder at its top level "
+                             f"({hint}).")
         if out.is_relative_to(base) and out.relative_to(base).parts[0] != "derivatives":
-            raise UsageError(f"output folder {output_dir} is inside the input dataset {bids_dir} (under "
+            raise UsageError(f"{what} {output_dir} is inside the input dataset {bids_dir} (under "
                              f"{base / out.relative_to(base).parts[0]}), where the outputs would mix with the "
                              f"raw data: {hint}.")
+
+
+def check_output_dataset(output_dir):
+    """Raise UsageError when ``output_dir`` is another tool's dataset: its ``dataset_description.json`` does not
+    name qsmprep in ``GeneratedBy``. qsmprep would replace that description, and its files would mix with the
+    other tool's."""
+    description = Path(output_dir) / "dataset_description.json"
+    if not description.is_file():
+        return
+    try:
+        makers = [str(entry.get("Name")) for entry in json.loads(description.read_text()).get("GeneratedBy", [])]
+    except (OSError, ValueError, AttributeError, TypeError):  # unreadable, not JSON, or not the BIDS layout
+        makers = []
+    if "qsmprep" not in makers:
+        made_by = f"made by {', '.join(makers)}" if makers else "not made by qsmprep"
+        raise UsageError(f"output folder {output_dir} holds another dataset ({description} says it is {made_by}): "
+                         "give qsmprep a folder of its own, e.g. BIDS_DIR/derivatives/qsmprep.")
 
 
 def resolve_config(args, argv):
@@ -206,6 +226,8 @@ def resolve_config(args, argv):
         raise UsageError("--mem is in GB and must be positive.")
     bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
     check_output_location(bids_dir, output_dir)
+    check_output_location(bids_dir, args.work_dir, "--work-dir")
+    check_output_dataset(output_dir)
     for option, folder in (("OUTPUT_DIR", output_dir), ("--work-dir", args.work_dir.absolute())):
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{option} {folder} is a file, not a folder: give a folder path (it is created "
@@ -441,14 +463,18 @@ def summarize(config, failed):
 
 def remove_earlier_outputs(config):
     """Delete the derivatives and figures an earlier qsmprep run wrote for the runs about to be processed, so that
-    none made with other options (e.g. a Chimap of a method no longer asked for) is left beside the new ones."""
-    from ..bids.derivatives import derivative_path
+    none made with other options (e.g. a Chimap of a method no longer asked for) is left beside the new ones.
+    Only the names qsmprep writes are deleted: other tools' files (e.g. fMRIPrep's ``sub-01_desc-preproc_T1w``)
+    in the same folders are kept."""
+    from ..bids.derivatives import run_output_files
+    from ..reports.report import FIGURE_DESCS, figure_stem
 
     out = Path(config.output_dir)
     for run in config.runs:
-        anat = (out / derivative_path(run, "mask")).parent
-        figures = out / f"sub-{run.subject}" / "figures"
-        earlier = [*anat.glob(f"{run.name}_desc-*"), *figures.glob(f"{run.name}_desc-*")]
+        figures = Path(f"sub-{run.subject}", "figures")
+        names = [*run_output_files(run, INVERSION_METHODS),
+                 *(figures / f"{figure_stem(run.name, desc)}.png" for desc in (*FIGURE_DESCS, *INVERSION_METHODS))]
+        earlier = [out / name for name in names if (out / name).is_file()]
         for path in earlier:
             path.unlink()
         if earlier:

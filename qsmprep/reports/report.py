@@ -118,6 +118,15 @@ def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
     return f'<table class="summary">{cells}</table>'
 
 
+FIGURE_DESCS = ("mask", "total", "local")
+"""What a run's figures show besides its Chimaps (one figure per inversion method, named by the method)."""
+
+
+def figure_stem(run_name, desc):
+    """File name, without .png, of a run's report figure of ``desc`` (in ``FIGURE_DESCS``, or an inversion method)."""
+    return f"{run_name}_desc-{desc}_mosaic"
+
+
 def _run_section(run, figures_dir, output_dir):
     """HTML for one run: magnitude with mask outline, fields, each Chimap, axial in neurological convention."""
     name = run["name"]
@@ -131,7 +140,7 @@ def _run_section(run, figures_dir, output_dir):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
                      "are in that invocation's <code>logs/</code> folder.</p>")
     mask_caption = "Brain mask (red) on the first-echo magnitude (arbitrary units, window its 1st to 99th percentile)."
-    mask_figure = figures_dir / f"{name}_desc-mask_mosaic.png"
+    mask_figure = figures_dir / f"{figure_stem(name, 'mask')}.png"
     if run.get("magnitude"):
         magnitude = _load_ras(run["magnitude"], "magnitude")
         if magnitude.ndim == 4:
@@ -146,20 +155,20 @@ def _run_section(run, figures_dir, output_dir):
         png = mosaic(total, window=window, cmap="RdBu_r", title="Total field", units="Hz")
         caption = (f"Total field map (Hz), before background removal, window {window[0]:.3g} to {window[1]:.3g} Hz "
                    "(the larger of its 2nd and 98th percentiles in the mask, both ways).")
-        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-total_mosaic", png, caption))
+        parts.append(_figure(figures_dir, output_dir, figure_stem(name, "total"), png, caption))
     if run.get("local_field"):
         local = _load_ras(run["local_field"], "local field") * mask
         png = mosaic(local, window=LOCAL_FIELD_WINDOW_PPM, cmap="RdBu_r", title="Local field", units="ppm")
         caption = (f"Local field map (ppm) after background removal, window {LOCAL_FIELD_WINDOW_PPM[0]} to "
                    f"{LOCAL_FIELD_WINDOW_PPM[1]} ppm.")
-        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-local_mosaic", png, caption))
+        parts.append(_figure(figures_dir, output_dir, figure_stem(name, "local"), png, caption))
     for method, path in chimaps:
         chi = _load_ras(path, "susceptibility map") * mask
         png = mosaic(chi, window=CHI_WINDOW_PPM, title=f"Susceptibility ({method})", units="ppm")
         low, high = np.percentile(chi[mask], (1, 99)) if mask.any() else (0.0, 0.0)
         caption = (f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm; in the brain "
                    f"mask its 1st to 99th percentile is {low:.3f} to {high:.3f} ppm.")
-        parts.append(_figure(figures_dir, output_dir, f"{name}_desc-{method}_mosaic", png, caption))
+        parts.append(_figure(figures_dir, output_dir, figure_stem(name, method), png, caption))
     return "\n".join(parts)
 
 
