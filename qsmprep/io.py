@@ -10,6 +10,16 @@ import numpy as np
 from .errors import DataError, NoInputError
 
 
+def require_file(path, what):
+    """``path`` as a Path; NoInputError naming ``what`` (e.g. "local field") when it is a folder or missing."""
+    path = Path(path)
+    if path.is_dir():
+        raise NoInputError(f"{what} {path} is a folder, not a file: give the path of the file itself.")
+    if not path.is_file():
+        raise NoInputError(f"{what} {path} does not exist: check the path.")
+    return path
+
+
 def load_nifti(path, what="image"):
     """Read a NIfTI file as float32.
 
@@ -29,9 +39,7 @@ def load_nifti(path, what="image"):
     NoInputError if the file is missing or unreadable; DataError if it holds
     complex values or its affine is degenerate (``check_affine``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise NoInputError(f"{what} {path} does not exist: check the path.")
+    path = require_file(path, what)
     try:
         img = nib.load(str(path))
         complex_values = np.issubdtype(img.get_data_dtype(), np.complexfloating)
@@ -95,9 +103,7 @@ def nifti_values(path, what="image"):
     NoInputError if the file is missing, or its header or data cannot be read
     in full.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise NoInputError(f"{what} {path} does not exist: check the path.")
+    path = require_file(path, what)
     try:
         img = nib.load(str(path))
         proxy = img.dataobj

@@ -364,7 +364,8 @@ def _tiny_dataset(root, units="rad"):
     for echo, te in ((1, 0.004), (2, 0.008)):
         for part in ("mag", "phase"):
             stem = anat / f"sub-01_echo-{echo}_part-{part}_MEGRE"
-            ramp = np.linspace(0.1, 3.0, 512, dtype=np.float32).reshape(8, 8, 8)  # a magnitude, or a phase in rad
+            low = 0.1 if part == "mag" else -3.0  # a magnitude, or a phase in rad spanning most of a cycle
+            ramp = np.linspace(low, 3.0, 512, dtype=np.float32).reshape(8, 8, 8)
             nib.save(nib.Nifti1Image(ramp, np.diag([2.0, 2, 2, 1])), f"{stem}.nii.gz")
             meta = {"EchoTime": te, "MagneticFieldStrength": 3}
             if part == "phase" and units:
@@ -539,7 +540,7 @@ def test_output_or_work_dir_that_is_a_file_exits_64(tmp_path, capsys, which):
 
 
 def _nan_phase(anat):
-    data = np.linspace(0.1, 3.0, 512, dtype=np.float32).reshape(8, 8, 8)
+    data = np.linspace(-3.0, 3.0, 512, dtype=np.float32).reshape(8, 8, 8)
     data[3, 3, 3] = np.nan
     nib.save(nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1])), str(anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz"))
     return anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz", ["NaN or infinite", "re-export"]

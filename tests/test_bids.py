@@ -19,7 +19,9 @@ def _write_image(path, shape=(6, 6, 5), affine=None, meta=None):
     n = int(np.prod(shape))
     if (meta or {}).get("Units") == "arbitrary":  # vendor integers over the -4096..4095 range
         data = np.round(np.linspace(-4096, 4095, n)).astype(np.float32).reshape(shape)
-    else:  # valid as magnitude or as phase in rad
+    elif "_part-phase" in path.name:  # phase in rad, spanning most of a cycle as wrapped phase does
+        data = np.linspace(-3.0, 3.0, n, dtype=np.float32).reshape(shape)
+    else:  # a magnitude
         data = np.linspace(0.1, 3.0, n, dtype=np.float32).reshape(shape)
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     if meta is not None:
@@ -261,13 +263,15 @@ def test_runs_differing_only_in_suffix_are_refused_and_other_runs_proceed(tmp_pa
     assert "give one of them an acq-<label> or run-<index> entity" in problem.message
 
 
-def test_a_2d_image_is_a_problem_of_its_run_and_other_runs_proceed(tmp_path):
+@pytest.mark.parametrize("shape", [(6, 6), (6, 6, 1), (6, 2, 6)])
+def test_a_2d_image_is_a_problem_of_its_run_and_other_runs_proceed(tmp_path, shape):
     make_run(tmp_path, sub="01")
-    anat = make_run(tmp_path, sub="02", shape=(6, 6))
+    anat = make_run(tmp_path, sub="02", shape=shape)
     valid, (problem,) = validate_runs(discover_runs(tmp_path))
     assert [run.name for run in valid] == ["sub-01"]
     assert problem.file == str(anat / "sub-02_echo-1_part-mag_MEGRE.nii.gz")
-    assert problem.message.startswith(f"{problem.file} has shape (6, 6), a 2D image: give each echo as a 3D volume")
+    assert problem.message.startswith(f"{problem.file} has shape {shape}, not a volume: give each echo as a 3D volume "
+                                      "of at least 3 voxels along each axis")
 
 
 def test_grid_mismatch_is_reported_and_other_runs_proceed(tmp_path):
@@ -387,6 +391,26 @@ def test_phase_values_that_misfit_units_are_refused(tmp_path, units, data, texts
         assert text in problem.message
     if "Units" in " ".join(texts):
         assert str(anat / "sub-01_echo-1_part-phase_MEGRE.json") in problem.message
+
+
+@pytest.mark.parametrize(
+    ("units", "low", "high", "dtype", "texts"),
+    [("arbitrary", -3142, 3141, np.int16, ["77% of the range -4096..4095", "milliradians", "x * pi / M"]),
+     ("arbitrary", -2048, 2047, np.int16, ["50% of the range -4096..4095"]),
+     ("rad", -1.0, 1.0, np.float32, ["32% of a 2-pi cycle", "divided by pi"])],
+)
+def test_phase_rescaled_in_every_echo_is_refused(tmp_path, units, low, high, dtype, texts):
+    """Phase that fits its Units file by file but spans too little of a cycle over the run's echoes (GE-style
+    milliradians, half the Siemens range, radians / pi) was read as declared: field and chi scaled by 0.77, 0.5
+    or 1/pi, exit 0."""
+    anat = make_run(tmp_path, units=units)
+    for echo in (1, 2):
+        _write_data(anat / f"sub-01_echo-{echo}_part-phase_MEGRE.nii.gz", _ramp(low, high, dtype))
+    valid, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert valid == [] and problem.file == str(anat / "sub-01_echo-1_part-phase_MEGRE.nii.gz")
+    assert problem.message.startswith(f"sub-01: the phase of its 2 image(s) spans {low:g}..{high:g}, ")
+    for text in [*texts, 'set "Units" to "rad"']:
+        assert text in problem.message
 
 
 @pytest.mark.parametrize(

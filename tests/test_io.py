@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsmprep.errors import DataError, NoInputError
-from qsmprep.io import check_same_grid, load_nifti, save_nifti, write_atomic, write_text_atomic
+from qsmprep.io import check_same_grid, load_nifti, nifti_values, save_nifti, write_atomic, write_text_atomic
 
 
 def test_round_trip_and_umask_permissions(tmp_path):
@@ -46,6 +46,10 @@ def test_missing_and_broken_files_name_the_file(tmp_path):
     broken.write_bytes(b"not a nifti")
     with pytest.raises(NoInputError, match="broken.nii.gz"):
         load_nifti(broken)
+    with pytest.raises(NoInputError, match=f"field map {tmp_path} is a folder, not a file"):
+        load_nifti(tmp_path, "field map")
+    with pytest.raises(NoInputError, match=f"phase image {tmp_path} is a folder, not a file"):
+        nifti_values(tmp_path, "phase image")
 
 
 def test_check_same_grid():

@@ -94,6 +94,8 @@ def test_refuses_non_safetensors_and_missing(tmp_path):
         load_model(bad)
     with pytest.raises(NoInputError, match="no shipped model named 'nonexistent'"):
         load_model("nonexistent")
+    with pytest.raises(NoInputError, match=f"checkpoint {tmp_path} is a folder, not a file"):  # e.g. qsmprep-train's
+        load_model(tmp_path)
 
 
 def test_round_trip_keeps_amplitude_normalisation(tmp_path):

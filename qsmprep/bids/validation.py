@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 PHASE_UNITS = ("rad", "arbitrary")
 """Phase ``Units`` qsmprep interprets (see qsmprep.phase.scaling.phase_to_rad)."""
 
+MIN_VOXELS_PER_AXIS = 3
+"""Fewest voxels along each axis of an image: the field of a source reaches across slices, and unwrapping,
+masking and background removal need neighbours on every side (one or two slices ended in an internal error)."""
+
 VENDOR_RANGE = (-4096, 4095)
 """Integer range that 'arbitrary' phase is read as (``phase_to_rad``'s default, Siemens -pi..pi)."""
 
@@ -191,9 +195,10 @@ def _grid(run, n_echoes, problems):
         check_affine(ref, ref_affine)  # every other file must share it
         for file in run.files:
             shape, affine = _header(file)
-            if len(shape) < 3:
-                raise DataError(f"{file} has shape {shape}, a {len(shape)}D image: give each echo as a 3D volume "
-                                "(or every echo in one 4D file); re-export the whole acquisition, not one slice.")
+            if len(shape) < 3 or min(shape[:3]) < MIN_VOXELS_PER_AXIS:
+                raise DataError(f"{file} has shape {shape}, not a volume: give each echo as a 3D volume of at least "
+                                f"{MIN_VOXELS_PER_AXIS} voxels along each axis (or every echo in one 4D file); "
+                                "re-export the whole acquisition, not one slice.")
             check_same_grid(ref, (ref_shape, ref_affine), file, (shape, affine))
             volumes = shape[3] if len(shape) > 3 else 1
             expected = n_echoes if run.multi_echo_4d else 1
@@ -239,13 +244,42 @@ def _phase_range_problem(file, units, values):
     return None
 
 
+PHASE_SPAN_NEEDED = {"rad": 0.5, "arbitrary": 0.9}
+"""Least fraction of its cycle (2 pi, or ``VENDOR_RANGE``) that a run's wrapped phase must span over all echoes."""
+
+
+def _phase_span_problem(run, units, low, high):
+    """Why the phase of ``run``, values ``low``..``high`` over all its echoes, cannot be wrapped phase in ``units``,
+    or None.
+
+    Wrapped phase fills its cycle over a run: the noise outside the head alone takes every value, and later
+    echoes wrap inside it. Phase rescaled to another range (radians divided by pi; GE-style milliradians
+    -3142..3141 read as Siemens' -4096..4095) would otherwise pass and scale the field and chi wrongly.
+    """
+    if units == "rad":
+        cycle, where = 2 * math.pi, "a 2-pi cycle, though wrapped phase in radians spans -pi..pi"
+        fix = "they are not radians as the sidecars say (e.g. divided by pi): convert the phase to radians"
+    else:
+        lo, hi = VENDOR_RANGE
+        cycle, where = hi - lo, f"the range {lo}..{hi} that 'arbitrary' phase is read with as -pi..pi"
+        fix = ("another range stands for -pi..pi (e.g. -3142..3141, milliradians): convert the phase to radians "
+               "(x * pi / M for values -M..M)")
+    if high - low >= PHASE_SPAN_NEEDED[units] * cycle:
+        return None
+    return (f"{run.name}: the phase of its {len(run.phase)} image(s) spans {low:g}..{high:g}, "
+            f"{(high - low) / cycle:.0%} of {where}, so {fix} and set \"Units\" to \"rad\", or give the phase "
+            "as exported from the scanner.")
+
+
 def _values(run, units, problems):
-    """Read every image of the run in full; report unreadable data, NaN, and phase that does not fit ``units``.
+    """Read every image of the run in full; report unreadable data, NaN, and phase that does not fit ``units``
+    (each file by ``_phase_range_problem``, the run's whole span by ``_phase_span_problem``).
 
     Stops at the first problem (one message per run); returns True when all is well.
     """
     from ..io import nifti_values
 
+    phase_low, phase_high = math.inf, -math.inf
     parts = [(f, "magnitude") for f in run.magnitude] + [(f, "phase") for f in run.phase]
     for file, part in parts:
         try:
@@ -265,10 +299,15 @@ def _values(run, units, problems):
                        f"re-export the {part} image from the scanner (check that the right series was converted).")
         elif part == "phase" and units is not None:
             message = _phase_range_problem(file, units, values)
+            if values["min"] is not None:
+                phase_low, phase_high = min(phase_low, values["min"]), max(phase_high, values["max"])
         if message:
             problems.append(Problem(run.subject, run.name, str(file), message))
             return False
-    return True
+    message = _phase_span_problem(run, units, phase_low, phase_high) if units and phase_low <= phase_high else None
+    if message:
+        problems.append(Problem(run.subject, run.name, str(run.phase[0]), message))
+    return message is None
 
 
 def _mask_problem(run, mask_file, grid):

@@ -48,9 +48,9 @@ def file_metadata(path):
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise NoInputError(f"checkpoint {path} does not exist: check the path.")
+    from ..io import require_file
+
+    path = require_file(path, "checkpoint")
     try:
         with safe_open(str(path), framework="numpy") as f:  # the header only
             raw = (f.metadata() or {}).get(METADATA_KEY)
