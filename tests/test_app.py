@@ -471,6 +471,16 @@ def test_another_tools_dataset_is_refused_as_output_folder(tmp_path, capsys):
     assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only"]) == 0
 
 
+def test_mask_folder_inside_output_dir_is_refused(tmp_path, capsys):
+    """The run would replace the masks it reads (before: deleted them first, then an internal error, exit 70)."""
+    bids = _tiny_dataset(tmp_path / "bids")
+    out = tmp_path / "out"
+    (out / "sub-01" / "anat").mkdir(parents=True)
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--mask", str(out)]
+    assert main(argv) == 64
+    assert f"--mask {out} is in OUTPUT_DIR {out}, whose masks this run replaces" in capsys.readouterr().err
+
+
 def test_rerun_removes_only_qsmprep_files(tmp_path):
     from types import SimpleNamespace
 

@@ -113,8 +113,8 @@ def test_no_input_and_bad_filter_file(tmp_path):
     [
         ({"foo": "bar"}, ["filters on 'foo', which pybids does not know as entities", "one of acquisition, ceagent"]),
         ({"acq": "fast"}, ["'acq' (did you mean 'acquisition'?)", "use the full entity names"]),
-        ({"extension": ".json"}, ["filters on 'extension', which qsmprep's own query sets", "remove it"]),
-        ({"part": "mag", "suffix": "MEGRE"}, ["filters on 'part', 'suffix', which qsmprep's own query sets"]),
+        ({"extension": ".json"}, ["filters on 'extension' with values outside qsmprep's own query", "choose among"]),
+        ({"part": ["mag", "real"], "suffix": "MEGRE"}, ["filters on 'part' with values outside qsmprep's own query"]),
     ],
 )
 def test_filter_file_entities_pybids_does_not_know_or_qsmprep_sets_are_refused(tmp_path, entities, texts):
@@ -249,6 +249,16 @@ def test_an_echo_given_twice_names_both_files(tmp_path):
     valid, (problem,) = validate_runs(discover_runs(tmp_path))
     assert valid == [] and problem.file == str(gz)
     assert problem.message.startswith(f"{plain} and {gz} are both the part-phase image of echo 2 of sub-01: keep one")
+    assert '--bids-filter-file, e.g. {"megre": {"extension": ".nii.gz"}}' in problem.message
+
+
+def test_echo_labels_pair_by_number(tmp_path):
+    """BIDS reads echo-02 as echo 2: a phase labelled so pairs with the magnitude labelled echo-2."""
+    anat = make_run(tmp_path)
+    for ext in (".nii.gz", ".json"):
+        (anat / f"sub-01_echo-2_part-phase_MEGRE{ext}").rename(anat / f"sub-01_echo-02_part-phase_MEGRE{ext}")
+    (run,), problems = validate_runs(discover_runs(tmp_path))
+    assert problems == [] and run.echo_times_s == (0.004, 0.008)
 
 
 def test_runs_differing_only_in_suffix_are_refused_and_other_runs_proceed(tmp_path):
@@ -261,6 +271,12 @@ def test_runs_differing_only_in_suffix_are_refused_and_other_runs_proceed(tmp_pa
     assert (f"the MEGRE run ({multi / 'sub-01_echo-1_part-mag_MEGRE.nii.gz'} and 3 more) and the T2starw run "
             f"({single / 'sub-01_part-mag_T2starw.nii.gz'} and 1 more) have the same entities") in problem.message
     assert "give one of them an acq-<label> or run-<index> entity" in problem.message
+    assert 'chosen with --bids-filter-file (e.g. {"megre": {"suffix": "MEGRE"}})' in problem.message
+    # that filter narrows qsmprep's own query, so it is accepted and leaves the T2starw run out
+    (tmp_path / "f.json").write_text('{"megre": {"suffix": "MEGRE"}}')
+    filters = read_filter_file(tmp_path / "f.json")
+    valid, problems = validate_runs(discover_runs(tmp_path, bids_filters=filters))
+    assert [(run.name, run.suffix) for run in valid] == [("sub-01", "MEGRE"), ("sub-02", "MEGRE")] and problems == []
 
 
 @pytest.mark.parametrize("shape", [(6, 6), (6, 6, 1), (6, 2, 6)])

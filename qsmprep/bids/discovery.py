@@ -148,12 +148,18 @@ def _check_filter_entities(path, filters):
         named = [f"{key!r} (did you mean {full_names[key]!r}?)" if key in full_names else repr(key) for key in unknown]
         raise UsageError(f"BIDS filter file {path} filters on {', '.join(named)}, which pybids does not know as "
                          f"entities: use the full entity names, one of {allowed}.")
-    own = sorted(set(filters) & set(GRE_QUERY))
-    if own:
+    widened = sorted(key for key in set(filters) & set(GRE_QUERY) if not _narrows(filters[key], GRE_QUERY[key]))
+    if widened:
         query = "; ".join(f"{key} {'/'.join(values)}" for key, values in GRE_QUERY.items())
-        raise UsageError(f"BIDS filter file {path} filters on {', '.join(map(repr, own))}, which qsmprep's own "
-                         f"query sets ({query}): remove {'it' if len(own) == 1 else 'them'}, and filter on other "
-                         f"entities, one of {allowed}.")
+        raise UsageError(f"BIDS filter file {path} filters on {', '.join(map(repr, widened))} with values outside "
+                         f"qsmprep's own query ({query}): choose among those (e.g. {{\"suffix\": \"MEGRE\"}}), or "
+                         f"filter on other entities, one of {allowed}.")
+
+
+def _narrows(value, own_values):
+    """Whether a filter value (one or a list) only selects among ``own_values``, as ``{"suffix": "MEGRE"}`` does."""
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(v in own_values for v in values)
 
 
 def _strip_prefix(labels, prefix):
@@ -161,8 +167,10 @@ def _strip_prefix(labels, prefix):
 
 
 def _echo_label(entities):
-    """The ``echo`` entity of a file as a string, or None when it has none."""
-    return None if entities.get("echo") is None else str(entities["echo"])
+    """The ``echo`` entity of a file as a string, or None when it has none; a number is written without leading
+    zeros, as BIDS reads echo-02 as echo 2."""
+    echo = entities.get("echo")
+    return None if echo is None else str(int(echo)) if str(echo).isdigit() else str(echo)
 
 
 def _echo_number(entities):

@@ -14,7 +14,7 @@ and left out unchecked. Checks, per run:
 - one echo only for suffixes ``T2starw`` and ``GRE`` (single-echo GRE is a
   valid acquisition there); a ``MEGRE`` run with one echo is reported,
   since it usually means echoes went missing on export;
-- all images 3D, on one grid (shape and affine), and a 4D file holding as many
+- all images 3D (at least ``MIN_VOXELS_PER_AXIS`` voxels along each axis), on one grid (shape and affine), and a 4D file holding as many
   volumes as its ``EchoTime`` list has entries;
 - a B0 field strength: ``MagneticFieldStrength`` in the sidecars, or the
   ``--b0-tesla`` override;
@@ -23,7 +23,8 @@ and left out unchecked. Checks, per run:
   that is not one constant value;
 - phase values that fit the declared ``Units``: wrapped radians for 'rad'
   (not degrees, not vendor integers), signed vendor integers for 'arbitrary'
-  (not unsigned 0..4095, not non-integer values);
+  (not unsigned 0..4095, not non-integer values), and over all echoes most
+  of a wrapped cycle (``_phase_span_problem``);
 - a user mask (``--mask PATH``), when given, on the run's grid, 3D and
   readable in full.
 
@@ -436,7 +437,9 @@ def _echoes_paired(run, problems):
         for file, echo in zip(files, echoes):
             if echo in by_echo:
                 report(file, f"{by_echo[echo]} and {file} are both the part-{part} image{of_echo(echo)} of "
-                             f"{run.name}: keep one of them (remove the other, or move it out of the dataset).")
+                             f"{run.name}: keep one of them (remove the other, or move it out of the dataset), or select one "
+                             "with --bids-filter-file, e.g. {\"megre\": {\"extension\": \".nii.gz\"}} or on the "
+                             "entity that tells them apart (such as \"reconstruction\").")
             by_echo.setdefault(echo, file)
     counts = f"{run.name} has {len(run.magnitude)} magnitude and {len(run.phase)} phase echo(es)"
     for part, other in (("mag", "phase"), ("phase", "mag")):
@@ -515,8 +518,9 @@ def _same_name_problems(runs):
             listed = " and ".join(f"the {run.suffix} run ({_first_file(run)})" for run in group)
             problems.append(Problem(group[0].subject, name, str(group[0].files[0]), (
                 f"{name}: {listed} have the same entities, so their outputs would have the same names "
-                f"({name}_*): give one of them an acq-<label> or run-<index> entity of its own (rename its images "
-                "and sidecars) to tell them apart.")))
+                f"({name}_*): process one of them, chosen with --bids-filter-file (e.g. {{\"megre\": "
+                f"{{\"suffix\": \"{group[0].suffix}\"}}}}), or give one of them an acq-<label> or run-<index> entity "
+                "of its own (rename its images and sidecars) to tell them apart.")))
     return problems
 
 

@@ -165,7 +165,7 @@ def check_output_location(bids_dir, output_dir, what="output folder"):
     bids_dir, output_dir = Path(os.path.abspath(bids_dir)), Path(os.path.abspath(output_dir))
     example = "BIDS_DIR/derivatives/qsmprep" if what == "output folder" else "/tmp/qsmprep-work"
     hint = f"use a folder outside it or BIDS_DIR/derivatives/<name>, e.g. {example}"
-    for base, out in {(bids_dir, output_dir), (bids_dir.resolve(), output_dir.resolve())}:
+    for base, out in dict.fromkeys([(bids_dir, output_dir), (bids_dir.resolve(), output_dir.resolve())]):
         if base in (out, out.parent):
             raise UsageError(f"{what} {output_dir} must not be the input dataset or a folder at its top level "
                              f"({hint}).")
@@ -227,12 +227,16 @@ def resolve_config(args, argv):
     bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
     check_output_location(bids_dir, output_dir)
     check_output_location(bids_dir, args.work_dir, "--work-dir")
-    check_output_dataset(output_dir)
+    if args.mask not in MASK_STRATEGIES and Path(args.mask).resolve().is_relative_to(output_dir.resolve()):
+        raise UsageError(f"--mask {args.mask} is in OUTPUT_DIR {output_dir}, whose masks this run replaces with its "
+                         "own (eroded by V-SHARP or RESHARP): copy the masks to another folder and give that, "
+                         "or write to another OUTPUT_DIR.")
     for option, folder in (("OUTPUT_DIR", output_dir), ("--work-dir", args.work_dir.absolute())):
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{option} {folder} is a file, not a folder: give a folder path (it is created "
                              "if missing).")
         check_writable_folder(option, folder)
+    check_output_dataset(output_dir)
     nprocs = args.nprocs or available_cores()
     deep = {key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None}
     deep.setdefault("refine_radius_mm", PIPELINE_REFINE_RADIUS_MM)
