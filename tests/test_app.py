@@ -455,6 +455,23 @@ def test_work_dir_inside_the_dataset_exits_64_and_dotdot_paths_are_normalised(tm
     assert main(argv) == 64 and "is inside the input dataset" in capsys.readouterr().err
 
 
+def test_boilerplate_only_exits_65_when_runs_were_left_out(tmp_path, capsys):
+    bids = _tiny_dataset(tmp_path / "bids")
+    shutil.copytree(bids / "sub-01", bids / "sub-02")
+    for sidecar in (bids / "sub-02" / "anat").glob("*.json"):
+        sidecar.rename(sidecar.with_name(sidecar.name.replace("sub-01", "sub-02")))
+    for image in (bids / "sub-02" / "anat").glob("*.nii.gz"):
+        image.rename(image.with_name(image.name.replace("sub-01", "sub-02")))
+    (bids / "sub-02" / "anat" / "sub-02_echo-2_part-phase_MEGRE.json").write_text('{"MagneticFieldStrength": 3, "Units": "rad"}')
+    argv = [str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only"]
+    assert main(argv) == 65
+    out = capsys.readouterr().out
+    assert "methods text written to" in out and "; 1 input problem(s), those runs left out" in out
+    (bids / "sub-02" / "anat" / "sub-02_echo-2_part-phase_MEGRE.json").write_text(
+        (bids / "sub-01" / "anat" / "sub-01_echo-2_part-phase_MEGRE.json").read_text())
+    assert main(argv) == 0
+
+
 def test_another_tools_dataset_is_refused_as_output_folder(tmp_path, capsys):
     bids = _tiny_dataset(tmp_path / "bids")
     out = tmp_path / "fmriprep"

@@ -492,9 +492,10 @@ def run(config, filter_file=None):
     find_inputs(config, filter_file)
     citation = write_provenance(config)
     log.info("%d run(s) to process; methods text in %s", len(config.runs), citation)
-    if config.boilerplate_only:
-        print(f"methods text written to {citation}")
-        return 0
+    if config.boilerplate_only:  # the exit code says, as after a whole run, whether runs were left out
+        skipped = f"; {len(config.problems)} input problem(s), those runs left out" if config.problems else ""
+        print(f"methods text written to {citation}{skipped}")
+        return DataError.exit_code if config.problems else 0
     _configure_nipype(config)
     remove_earlier_outputs(config)
     from ..workflows.base import init_qsmprep_wf, work_folder_names
