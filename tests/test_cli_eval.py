@@ -167,6 +167,20 @@ def test_json_output_that_is_a_folder_or_unwritable(files, tmp_path, capsys):
     assert blocker.read_text().startswith("a file") and not list(tmp_path.glob(".tmp-*"))
 
 
+def test_json_output_that_is_an_input_is_refused(files, capsys):
+    """--json MASK overwrote the mask with the metrics (exit 0)."""
+    before = files["mask"].read_bytes()
+    code, err = _error_run(_args(files, "--json", files["mask"]), capsys)
+    assert code == 64 and f"--json {files['mask']} is the input MASK, which it would overwrite" in err
+    assert files["mask"].read_bytes() == before
+
+
+def test_a_map_given_as_mask_is_refused(files, capsys):
+    """A field or probability map as MASK was thresholded at 0 silently (54.5 % NRMSE instead of 41.1 %)."""
+    code, err = _error_run([str(files["chi"]), str(files["ref"]), str(files["ref"])], capsys)
+    assert code == 65 and f"mask {files['ref']} has" in err and "not whole numbers" in err
+
+
 def test_non_integer_label_map_is_refused(files, capsys):
     code, err = _error_run(_args(files, "--labels", files["chi"]), capsys)
     assert code == 65 and len(err.splitlines()) == 1

@@ -158,7 +158,7 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
     paths["out"].unlink()
     # FIELD and MASK swapped: a mask that is not whole numbers is refused, not inverted everywhere
     nib.save(nib.Nifti1Image(field, affine), paths["mask"])
-    _expect_error(capsys, paths, 65, [str(paths["mask"]), "not whole numbers", "perhaps the field map"], "--method", "tkd")
+    _expect_error(capsys, paths, 65, [str(paths["mask"]), "not whole numbers", "perhaps a field or susceptibility map"], "--method", "tkd")
     # a complex field is refused, not cast to its real part
     nib.save(nib.Nifti1Image(mask.astype(np.float32), affine), paths["mask"])
     nib.save(nib.Nifti1Image((field * (1 + 1j)).astype(np.complex64), affine), paths["field"])
@@ -170,6 +170,8 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
     [
         (["--method", "tkd", "--units", "hz"], ["--b0-tesla"]),
         (["--method", "tkd", "--units", "rad", "--b0-tesla", "3"], ["--te"]),
+        (["--method", "tkd", "--b0-tesla", "3", "--te", "0.02"], ["--b0-tesla applies to --units hz or rad"]),
+        (["--method", "tkd", "--units", "hz", "--b0-tesla", "3", "--te", "0.02"], ["--te applies to --units rad"]),
         (["--method", "tkd", "--units", "hz", "--b0-tesla", "-3"], ["--b0-tesla", "positive"]),
         (["--method", "tkd", "--units", "rad", "--b0-tesla", "3", "--te", "10"], ["--te", "milliseconds"]),
         (["--method", "tkd", "--units", "rad", "--b0-tesla", "3", "--te", "0"], ["--te", "seconds"]),

@@ -207,6 +207,24 @@ def test_cli_refuses_a_non_bids_directory(tmp_path):
     assert main([str(tmp_path / "ds"), "--te-first", "4"]) == 64  # milliseconds given by mistake
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seed", "-1"], "--seed must be 0 or more"),
+        (["--fine-voxel-size", "0"], "--fine-voxel-size must be positive and at most the smallest --voxel-size (4 mm)"),
+        (["--fine-voxel-size", "100"], "--fine-voxel-size must be positive and at most"),
+        (["--fine-voxel-size", "0.01"], "fine simulation grid would have 12800 x 12800 x 9600 voxels"),
+        (["--matrix", "1000", "1000", "1000"], "output grid would have 1000 x 1000 x 1000 voxels"),
+    ],
+)
+def test_cli_refuses_grids_it_cannot_simulate(tmp_path, capsys, extra, message):
+    """Each of these ended in a traceback (a negative seed, a TiB allocation) or, for a fine voxel larger than the
+    output voxel, in an empty dataset with exit 0."""
+    argv = [str(tmp_path / "ds"), "--matrix", "32", "32", "24", "--voxel-size", "4", "4", "4", "--echoes", "2", *extra]
+    assert main(argv) == 64 and message in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+
+
 def test_cli_refuses_a_folder_it_cannot_create(tmp_path, caplog, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import DataError, NoInputError, UsageError
 from ..io import check_same_grid, load_volume, write_text_atomic
 from ..metrics import evaluate
-from .common import exit_73_if_unwritable, run_cli
+from .common import exit_73_if_unwritable, mask_inside, run_cli
 
 METRIC_ROWS = (
     ("nrmse_pct", "NRMSE (demeaned)", "%"),
@@ -85,9 +85,7 @@ def _load_inputs(args):
         if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
             raise DataError(f"label map {args.labels} holds non-integer values: give an integer label map "
                             "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
-    inside = mask > 0
-    if not inside.any():
-        raise DataError(f"mask {args.mask} is empty (no voxel > 0): give a mask of the region to evaluate.")
+    inside = mask_inside(args.mask, mask, "a mask of the region to evaluate")
     for path, data in ((args.chi, chi), (args.ref, ref)):
         if not np.isfinite(data[inside]).all():
             raise DataError(f"{path} has NaN or infinite values inside the mask: fix the map or shrink the mask.")
@@ -117,6 +115,11 @@ def run(args):
     """Evaluate and write the report; raises QSMPrepError for user errors."""
     if args.json not in (None, "-") and Path(args.json).is_dir():
         raise UsageError(f"--json {args.json} is a folder: give a file name, e.g. {Path(args.json) / 'metrics.json'}.")
+    inputs = {"CHI": args.chi, "REF": args.ref, "MASK": args.mask, "--labels": args.labels}
+    for name, path in inputs.items():
+        if args.json not in (None, "-") and path is not None and Path(args.json).resolve() == Path(path).resolve():
+            raise UsageError(f"--json {args.json} is the input {name}, which it would overwrite: give another file "
+                             "name.")
     chi, ref, mask, labels = _load_inputs(args)
     if labels is None and (args.calc_label is not None or args.deep_gm_labels or args.label_names):
         raise UsageError("--calc-label, --deep-gm-labels and --label-names need a label map: add --labels.")

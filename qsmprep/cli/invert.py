@@ -31,6 +31,7 @@ from .common import (
     check_writable_folder,
     exit_73_if_unwritable,
     finite_float,
+    mask_inside,
     run_cli,
     torch_on_all_cores,
 )
@@ -102,6 +103,12 @@ def _check_options(args):
     check_deep_options(args, INVERT_DEEP_OPTIONS, args.method == "deep", f"--method {args.method}")
     if args.tile is not None and args.tile < MIN_TILE:
         raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by 32), got {args.tile}.")
+    if args.units == "ppm" and args.b0_tesla is not None:  # a forgotten --units would scale chi silently
+        raise UsageError("--b0-tesla applies to --units hz or rad; the field is read in ppm: add --units, or remove "
+                         "--b0-tesla.")
+    if args.units != "rad" and args.te is not None:
+        raise UsageError(f"--te applies to --units rad; the field is read in {args.units}: add --units rad, or remove "
+                         "--te.")
     if args.units in ("hz", "rad") and args.b0_tesla is None:
         raise UsageError(f"--units {args.units} needs the field strength: add --b0-tesla (in T, e.g. 3).")
     check_b0_tesla_option(args.b0_tesla)
@@ -126,14 +133,7 @@ def _load_inputs(args):
     field, affine, header = load_volume(args.field, "field map")
     mask, mask_affine, _ = load_volume(args.mask, "mask")
     check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine))
-    not_labels = mask[mask != np.round(mask)]  # NaN included
-    if not_labels.size:
-        raise DataError(f"mask {args.mask} has {not_labels.size} voxels that are not whole numbers (e.g. "
-                        f"{not_labels[0]:g}): give a binary brain mask (threshold a probability map first); is MASK "
-                        "perhaps the field map?")
-    inside = mask > 0
-    if not inside.any():
-        raise DataError(f"mask {args.mask} is empty (no voxel > 0): give a brain mask.")
+    inside = mask_inside(args.mask, mask, "a brain mask")
     bad = int((~np.isfinite(field[inside])).sum())
     if bad:
         raise DataError(f"field map {args.field} has {bad} NaN or infinite values inside the mask: "

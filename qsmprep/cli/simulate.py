@@ -99,6 +99,22 @@ def _check_args(args):
         raise UsageError("--b0 and --voxel-size must be positive and --snr non-negative.")
     if args.matrix is not None and min(args.matrix) < 8:
         raise UsageError("--matrix must be at least 8 voxels per axis.")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {args.seed}.")
+    if args.fine_voxel_size is not None and not 0 < args.fine_voxel_size <= min(args.voxel_size):
+        raise UsageError(f"--fine-voxel-size must be positive and at most the smallest --voxel-size "
+                         f"({min(args.voxel_size):g} mm), got {args.fine_voxel_size:g}.")
+
+
+MAX_GRID_VOXELS = 2**26
+"""Largest output or fine simulation grid (67 M voxels, e.g. 406^3; the default head is 5.8 M at 1 mm): beyond it
+the phantom does not fit in memory."""
+
+
+def _check_grid_size(shape, what, fix):
+    if np.prod(shape, dtype=float) > MAX_GRID_VOXELS:
+        raise UsageError(f"the {what} would have {' x '.join(map(str, shape))} voxels, more than {MAX_GRID_VOXELS}: "
+                         f"{fix}.")
 
 
 def _grids(args):
@@ -109,14 +125,17 @@ def _grids(args):
     else:
         fov = args.fov_mm if args.fov_mm is not None else DEFAULT_FOV_MM
         matrix = tuple(max(8, int(round(f / v))) for f, v in zip(fov, voxel))
+    _check_grid_size(matrix, "output grid", "give a smaller --fov-mm or --matrix, or a larger --voxel-size")
     if args.oblique == 0 and len(set(voxel)) == 1 and args.fine_voxel_size is None:
         return matrix, None
-    fine = args.fine_voxel_size or min(1.0, min(voxel))
+    fine = args.fine_voxel_size if args.fine_voxel_size is not None else min(1.0, min(voxel))
     # The fine grid covers the bounding box of the tilted slab, within the whole-head field of view
     # (the head fits in it: beyond it a slab would only see air and neck).
     extent = np.abs(slab_affine(matrix, voxel, args.oblique)[:3, :3]) @ np.asarray(matrix, dtype=float)
     extent = np.minimum(extent, DEFAULT_FOV_MM)
-    return matrix, (tuple(int(np.ceil(e / fine)) for e in extent), (fine,) * 3)
+    shape = tuple(int(np.ceil(e / fine)) for e in extent)
+    _check_grid_size(shape, "fine simulation grid", "give a larger --fine-voxel-size")
+    return matrix, (shape, (fine,) * 3)
 
 
 def _seed(*parts):
