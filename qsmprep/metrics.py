@@ -194,11 +194,12 @@ def deep_gm_slope(recon, ref, labels, label_ids):
     means underestimation, typical of over-regularisation). 2019 challenge
     (Milovic 2021), "DGM slope".
 
-    Raises DataError if fewer than two labels have voxels.
+    Raises DataError if fewer than two distinct labels have voxels (a label
+    given twice counts once: a line through one point twice has no slope).
     """
     x = label_means(recon, labels, label_ids)
     y = label_means(ref, labels, label_ids)
-    present = [label for label in label_ids if np.isfinite(x[label]) and np.isfinite(y[label])]
+    present = [label for label in dict.fromkeys(label_ids) if np.isfinite(x[label]) and np.isfinite(y[label])]
     if len(present) < 2:
         raise DataError(f"Deep grey matter slope needs at least two labels with voxels; found {present}.")
     slope, _ = _linear_fit(np.array([y[lab] for lab in present]), np.array([x[lab] for lab in present]))

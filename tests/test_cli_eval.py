@@ -3,6 +3,7 @@
 import json
 import re
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
@@ -173,6 +174,17 @@ def test_json_output_that_is_an_input_is_refused(files, capsys):
     code, err = _error_run(_args(files, "--json", files["mask"]), capsys)
     assert code == 64 and f"--json {files['mask']} is the input MASK, which it would overwrite" in err
     assert files["mask"].read_bytes() == before
+
+
+def test_negative_labels_are_refused_and_a_repeated_gm_label_counts_once(files, tmp_path, capsys):
+    """Negative labels ended in a traceback (np.bincount); --deep-gm-labels 4 4 fitted a line through one point."""
+    img = nib.load(files["labels"])
+    negative = tmp_path / "negative_dseg.nii.gz"
+    nib.save(nib.Nifti1Image(-np.asarray(img.dataobj, dtype=np.int16), img.affine), str(negative))
+    code, err = _error_run(_args(files, "--labels", negative), capsys)
+    assert code == 65 and f"label map {negative} holds negative labels" in err
+    code, err = _error_run(_args(files, "--labels", files["labels"], "--deep-gm-labels", 4, 4), capsys)
+    assert code == 65 and "needs at least two labels with voxels; found [4]" in err
 
 
 def test_a_map_given_as_mask_is_refused(files, capsys):

@@ -85,6 +85,9 @@ def _load_inputs(args):
         if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
             raise DataError(f"label map {args.labels} holds non-integer values: give an integer label map "
                             "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
+        if labels.min() < 0:
+            raise DataError(f"label map {args.labels} holds negative labels (e.g. {labels.min():g}): labels are 0 "
+                            "(background) or positive integers, as in a *_dseg.nii.gz.")
     inside = mask_inside(args.mask, mask, "a mask of the region to evaluate")
     for path, data in ((args.chi, chi), (args.ref, ref)):
         if not np.isfinite(data[inside]).all():
