@@ -254,6 +254,15 @@ def test_deep_method_runs_a_checkpoint_and_refuses_a_missing_one(inputs, capsys,
     _expect_error(capsys, paths, 66, ["nothere.safetensors"], "--method", "deep", "--model", str(tmp_path / "nothere.safetensors"))
 
 
+@pytest.mark.parametrize("name", ["chi.txt", ".nii.gz", ".nii"])
+def test_output_that_is_not_a_nifti_file_name_exits_64(inputs, capsys, name):
+    """An OUT named only ".nii.gz" ended in nibabel's traceback (its suffix read as ".gz")."""
+    paths, *_ = inputs
+    paths["out"] = paths["out"].parent / name
+    _expect_error(capsys, paths, 64, [f"output {paths['out']} must be a file name ending in .nii or .nii.gz"],
+                  "--method", "tkd")
+
+
 @pytest.mark.parametrize("which", ["field", "mask"])
 def test_output_that_is_an_input_exits_64_and_leaves_it_intact(inputs, capsys, which):
     paths, *_ = inputs

@@ -119,8 +119,8 @@ def _check_options(args):
         raise UsageError(f"--te is the echo time in seconds, e.g. 0.02 for 20 ms; got {args.te}{hint}.")
     if args.b0_dir is not None and not np.linalg.norm(args.b0_dir) > 0:
         raise UsageError("--b0-dir must be a non-zero vector.")
-    if not (args.out.name.endswith(".nii") or args.out.name.endswith(".nii.gz")):
-        raise UsageError(f"output {args.out} must end in .nii or .nii.gz.")
+    if args.out.name in (".nii", ".nii.gz") or not args.out.name.endswith((".nii", ".nii.gz")):
+        raise UsageError(f"output {args.out} must be a file name ending in .nii or .nii.gz, e.g. chi.nii.gz.")
     for name, path in (("FIELD", args.field), ("MASK", args.mask)):
         if args.out.resolve() == path.resolve():
             raise UsageError(f"output {args.out} is the input {name}, which it would overwrite: give another "
