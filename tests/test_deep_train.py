@@ -245,6 +245,12 @@ def test_cli_list_and_errors(capsys, tmp_path):
     assert "section.key=value" in capsys.readouterr().err
     assert train_main(["smoke", "--out", str(tmp_path / "m"), "--max-minutes", "-5"]) == 64
     assert "--max-minutes must be a positive" in capsys.readouterr().err
+    afile = tmp_path / "afile"  # an --out that is a file, or under one, ended in a traceback once training began
+    afile.write_text("x")
+    assert train_main(["smoke", "--out", str(afile), "--max-steps", "1"]) == 64
+    assert f"--out {afile} is a file, not a folder" in capsys.readouterr().err
+    assert train_main(["smoke", "--out", str(afile / "run"), "--max-steps", "1"]) == 73
+    assert f"{afile / 'run'}" in capsys.readouterr().err and afile.read_text() == "x"
 
 
 def test_cli_trains_keeps_the_best_resumes_and_stops_in_time(tmp_path, monkeypatch):

@@ -211,6 +211,10 @@ def test_cli_refuses_a_non_bids_directory(tmp_path):
     ("extra", "message"),
     [
         (["--seed", "-1"], "--seed must be 0 or more"),
+        (["--sessions", "a_b"], "--sessions a_b: give distinct BIDS labels of letters and digits (e.g. pre post, or 1 2); "
+                                "not ['a_b']"),
+        (["--sessions", "pre", "ses-pre"], "--sessions pre ses-pre: give distinct BIDS labels"),
+        (["--sessions", "ses-"], "not ['']"),
         (["--fine-voxel-size", "0"], "--fine-voxel-size must be positive and at most the smallest --voxel-size (4 mm)"),
         (["--fine-voxel-size", "100"], "--fine-voxel-size must be positive and at most"),
         (["--fine-voxel-size", "0.01"], "fine simulation grid would have 12800 x 12800 x 9600 voxels"),

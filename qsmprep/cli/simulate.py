@@ -13,6 +13,7 @@ anisotropic data on a finer isotropic grid resampled onto the slab
 """
 
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,11 @@ def _check_args(args):
         raise UsageError("--b0 and --voxel-size must be positive and --snr non-negative.")
     if args.matrix is not None and min(args.matrix) < 8:
         raise UsageError("--matrix must be at least 8 voxels per axis.")
+    labels = [s.removeprefix("ses-") for s in args.sessions or []]
+    bad = [s for s in labels if not re.fullmatch(r"[A-Za-z0-9]+", s)]
+    if bad or len(set(labels)) != len(labels):
+        raise UsageError(f"--sessions {' '.join(args.sessions)}: give distinct BIDS labels of letters and digits "
+                         f"(e.g. pre post, or 1 2){f'; not {bad}' if bad else ''}.")
     if args.seed < 0:
         raise UsageError(f"--seed must be 0 or more, got {args.seed}.")
     if args.fine_voxel_size is not None and not 0 < args.fine_voxel_size <= min(args.voxel_size):
