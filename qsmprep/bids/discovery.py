@@ -49,7 +49,7 @@ class GRERun:
     ``magnitude`` and ``phase`` hold one file per echo, ordered by echo time,
     or a single 4D file each (``multi_echo_4d``). ``*_meta`` are their sidecar
     metadata (BIDS inheritance applied), ``*_echoes`` their ``echo`` entity
-    labels (None where a file has none). The fields after ``multi_echo_4d``
+    numbers (None where a file has none). The fields after ``multi_echo_4d``
     are filled in by ``qsmprep.bids.validation.validate_runs`` once the run
     passed every check; they are None before.
     """
@@ -167,10 +167,9 @@ def _strip_prefix(labels, prefix):
 
 
 def _echo_label(entities):
-    """The ``echo`` entity of a file as a string, or None when it has none; a number is written without leading
-    zeros, as BIDS reads echo-02 as echo 2."""
-    echo = entities.get("echo")
-    return None if echo is None else str(int(echo)) if str(echo).isdigit() else str(echo)
+    """The ``echo`` entity of a file as its number (``_echo_number``: echo-02 is echo 2, as BIDS reads it), or
+    None when it has none."""
+    return None if entities.get("echo") is None else _echo_number(entities)
 
 
 def _echo_number(entities):

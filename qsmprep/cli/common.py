@@ -216,6 +216,22 @@ def exit_73_if_unwritable(path):
                               "permissions.") from exc
 
 
+def check_output_folder(option, folder):
+    """``check_writable_folder`` for a folder the command writes into, after refusing (UsageError) a path that is
+    a file."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise UsageError(f"{option} {folder} is a file, not a folder: give a folder path (it is created if missing).")
+    check_writable_folder(option, folder)
+
+
+def check_not_an_input(option, out, inputs):
+    """Raise UsageError when the output file ``out`` (given as ``option``) is one of ``inputs`` ({name: path, or
+    None for an input not given}), which writing it would overwrite."""
+    for name, path in inputs.items():
+        if path is not None and Path(out).resolve() == Path(path).resolve():
+            raise UsageError(f"{option} {out} is the input {name}, which it would overwrite: give another file name.")
+
+
 def check_writable_folder(option, folder):
     """Raise CantCreateError unless ``folder`` can be created and a file written in it.
 

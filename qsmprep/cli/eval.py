@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import DataError, NoInputError, UsageError
 from ..io import check_same_grid, load_volume, write_text_atomic
 from ..metrics import evaluate
-from .common import exit_73_if_unwritable, mask_inside, run_cli
+from .common import check_not_an_input, exit_73_if_unwritable, mask_inside, run_cli
 
 METRIC_ROWS = (
     ("nrmse_pct", "NRMSE (demeaned)", "%"),
@@ -118,11 +118,9 @@ def run(args):
     """Evaluate and write the report; raises QSMPrepError for user errors."""
     if args.json not in (None, "-") and Path(args.json).is_dir():
         raise UsageError(f"--json {args.json} is a folder: give a file name, e.g. {Path(args.json) / 'metrics.json'}.")
-    inputs = {"CHI": args.chi, "REF": args.ref, "MASK": args.mask, "--labels": args.labels}
-    for name, path in inputs.items():
-        if args.json not in (None, "-") and path is not None and Path(args.json).resolve() == Path(path).resolve():
-            raise UsageError(f"--json {args.json} is the input {name}, which it would overwrite: give another file "
-                             "name.")
+    if args.json not in (None, "-"):
+        check_not_an_input("--json", args.json, {"CHI": args.chi, "REF": args.ref, "MASK": args.mask,
+                                                 "--labels": args.labels})
     chi, ref, mask, labels = _load_inputs(args)
     if labels is None and (args.calc_label is not None or args.deep_gm_labels or args.label_names):
         raise UsageError("--calc-label, --deep-gm-labels and --label-names need a label map: add --labels.")

@@ -28,6 +28,7 @@ from .common import (
     add_deep_options,
     check_b0_tesla_option,
     check_deep_options,
+    check_not_an_input,
     check_writable_folder,
     exit_73_if_unwritable,
     finite_float,
@@ -121,10 +122,7 @@ def _check_options(args):
         raise UsageError("--b0-dir must be a non-zero vector.")
     if args.out.name in (".nii", ".nii.gz") or not args.out.name.endswith((".nii", ".nii.gz")):
         raise UsageError(f"output {args.out} must be a file name ending in .nii or .nii.gz, e.g. chi.nii.gz.")
-    for name, path in (("FIELD", args.field), ("MASK", args.mask)):
-        if args.out.resolve() == path.resolve():
-            raise UsageError(f"output {args.out} is the input {name}, which it would overwrite: give another "
-                             "output file name.")
+    check_not_an_input("output", args.out, {"FIELD": args.field, "MASK": args.mask})
     check_writable_folder("output folder", args.out.parent)  # before a deep inversion's minutes
 
 

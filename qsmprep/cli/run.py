@@ -46,7 +46,7 @@ from .common import (
     add_deep_options,
     check_b0_tesla_option,
     check_deep_options,
-    check_writable_folder,
+    check_output_folder,
     finite_float,
     quiet_on_closed_pipe,
 )
@@ -232,10 +232,7 @@ def resolve_config(args, argv):
                          "own (eroded by V-SHARP or RESHARP): copy the masks to another folder and give that, "
                          "or write to another OUTPUT_DIR.")
     for option, folder in (("OUTPUT_DIR", output_dir), ("--work-dir", args.work_dir.absolute())):
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"{option} {folder} is a file, not a folder: give a folder path (it is created "
-                             "if missing).")
-        check_writable_folder(option, folder)
+        check_output_folder(option, folder)
     check_output_dataset(output_dir)
     nprocs = args.nprocs or available_cores()
     deep = {key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None}

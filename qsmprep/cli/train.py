@@ -62,13 +62,10 @@ def run(args):
         raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}.")
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise UsageError(f"--max-minutes must be a positive number of minutes, got {args.max_minutes}.")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder: give a folder path (it is created if missing).")
-    from qsmprep.cli.common import check_writable_folder, torch_on_all_cores
+    from qsmprep.cli.common import check_output_folder, torch_on_all_cores
     from qsmprep.deep.trainer import train
 
-    check_writable_folder("--out", out)  # a read-only location fails now (exit 73), not after the first steps
+    check_output_folder("--out", Path(args.out))  # a file or read-only location fails now, not after training steps
 
     torch_on_all_cores()
 
