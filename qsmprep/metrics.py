@@ -224,6 +224,13 @@ def _calcification_regions(calc_mask, margin_vox, rim_vox, shell_vox):
     box = _grown_box(calc, margin_vox)
     rim = _grown_box(calc, margin_vox + rim_vox) & ~box
     shell = _grown_box(calc, margin_vox + shell_vox) & ~box
+    # The rim's straight-line fit needs 3 voxels to leave a residual; the shell sets the segmentation threshold.
+    if not shell.any() or (rim_vox and rim.sum() < 3):
+        raise DataError(
+            f"The calcification label fills its image up to {margin_vox} voxels from every edge, so there is no "
+            "surrounding tissue to measure streaking or segment it against: use a smaller calcification label "
+            "or a larger field of view."
+        )
     return calc, box, rim, shell
 
 
@@ -253,6 +260,8 @@ def calcification_moment_error(recon, ref, calc_mask, margin_vox=3, shell_vox=8)
     ref = np.asarray(ref, np.float64)
     calc, box, _, shell = _calcification_regions(calc_mask, margin_vox, 0, shell_vox)
     moment_ref = ref[calc].sum()
+    if moment_ref == 0:
+        raise DataError("The reference sums to 0 over the calcification label: its moment error is undefined.")
     moment_recon = recon[_segment_calcification(recon, box, shell)].sum()
     return float(abs(moment_recon - moment_ref) / abs(moment_ref))
 

@@ -216,3 +216,14 @@ def test_constant_reference_is_refused_and_a_single_volume_4d_file_is_read(files
     from_4d = json.loads(capsys.readouterr().out)
     assert main([str(files["chi"]), str(files["ref"]), str(files["mask"]), "--json", "-"]) == 0
     assert from_4d == json.loads(capsys.readouterr().out)
+
+
+def test_calcification_without_surroundings_is_refused(files, maps, tmp_path, capsys):
+    """A calcification label reaching every edge left no rim: NaN went into the JSON with exit 0."""
+    labels = maps[3].copy()
+    labels[1:-1, 1:-1, 1:-1] = 11
+    big = tmp_path / "big_calc_dseg.nii.gz"
+    save_nifti(big, labels, AFFINE, dtype=np.uint8)
+    out = tmp_path / "metrics.json"
+    code, err = _error_run(_args(files, "--labels", big, "--calc-label", 11, "--json", out), capsys)
+    assert code == 65 and "no surrounding tissue" in err and not out.exists()

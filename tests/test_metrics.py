@@ -309,3 +309,14 @@ def test_evaluate_collects_all_metrics():
     assert result["label_means_ppm"]["putamen"]["ref"] == pytest.approx(ref[labels == 1].mean())
     assert result["label_means_ppm"]["putamen"]["voxels"] == 64
     assert set(evaluate(recon, ref, m)) == {"nrmse_pct", "nrmse_detrended_pct", "hfen_pct", "xsim"}
+
+
+def test_calcification_metrics_need_surroundings_and_a_moment():
+    ref, calc = _calcification_phantom((12, 12, 12))  # the box grown by 3 voxels reaches every edge
+    for metric in (calcification_moment_error, calcification_streak):
+        with pytest.raises(DataError, match="no surrounding tissue"):
+            metric(ref, ref, calc)
+    ref, calc = _calcification_phantom()
+    ref[calc] = 0.0
+    with pytest.raises(DataError, match="sums to 0"):
+        calcification_moment_error(ref, ref, calc)
