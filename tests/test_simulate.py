@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from qsmprep.cli import simulate
 from qsmprep.cli.simulate import main
+from qsmprep.errors import DataError
 from qsmprep.physics import b0_dir_from_affine, b0_tilt_deg, forward_field_ppm, ppm_to_rad, voxel_size_from_affine
 from qsmprep.sim import LABELS, acquire, head_phantom, phase_to_vendor_units, simulate_gre, write_bids_dataset
+from qsmprep.sim.bids_writer import acquisition_bytes
 
 TE = (0.004, 0.008, 0.012)
 
@@ -141,6 +144,13 @@ def test_written_phase_round_trips_to_radians(tmp_path, phantom, units):
         assert int(img.header["sform_code"]) == int(img.header["qform_code"]) == 1
 
 
+def test_write_bids_dataset_checks_the_dataset_files_first(tmp_path, noiseless):
+    (tmp_path / "dataset_description.json").write_text("{")
+    with pytest.raises(DataError, match="dataset_description.json is not valid JSON"):
+        write_bids_dataset(tmp_path, [("01", None, noiseless)])
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset_description.json"]
+
+
 @pytest.fixture(scope="module")
 def cli_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "ds"
@@ -169,6 +179,24 @@ def test_cli_dataset_indexes_with_pybids(cli_dataset):
     assert description["DatasetType"] == "derivative"
     assert json.loads((cli_dataset / "dataset_description.json").read_text())["DatasetType"] == "raw"
     assert (cli_dataset / "participants.tsv").read_text().split() == ["participant_id", "sub-01", "sub-02"]
+
+
+def test_ground_truth_is_a_derivative_linked_to_the_raw_dataset(cli_dataset):
+    """The BIDS validator refused SourceDatasets URL "../../" (not a URI) and warned of the missing README."""
+    truth = cli_dataset / "derivatives" / "groundtruth"
+    description = json.loads((truth / "dataset_description.json").read_text())
+    assert description["SourceDatasets"] == [{"URL": "bids:raw:"}]
+    assert (truth / description["DatasetLinks"]["raw"]).resolve() == cli_dataset.resolve()
+    readme = (truth / "README").read_text()
+    assert readme.startswith("# qsmprep simulated MEGRE: ground truth\n") and "dseg.tsv" in readme
+    assert len(readme) > 150  # the validator's README_FILE_SMALL threshold
+
+
+def test_acquisition_bytes_bound_the_dataset_on_disk(cli_dataset):
+    images = sum(f.stat().st_size for f in cli_dataset.rglob("sub-*.nii.gz"))
+    bound = 2 * 2 * acquisition_bytes((40, 48, 40), 3, "arbitrary")  # subjects x sessions
+    assert bound == 4 * 40 * 48 * 40 * (3 * (4 + 2) + 4 * 4 + 2)
+    assert 0.5 * bound < images < bound
 
 
 def test_cli_subjects_differ_and_sessions_share_the_head(cli_dataset):
@@ -227,6 +255,97 @@ def test_cli_refuses_grids_it_cannot_simulate(tmp_path, capsys, extra, message):
     argv = [str(tmp_path / "ds"), "--matrix", "32", "32", "24", "--voxel-size", "4", "4", "4", "--echoes", "2", *extra]
     assert main(argv) == 64 and message in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--fov-mm", "1", "1", "1"], "--fov-mm 1 1 1 at --voxel-size 1.5 1.5 1.5 gives a 1 x 1 x 1 matrix, and the "
+                                      "simulator needs at least 8 voxels per axis: give --fov-mm 12 12 12 or more"),
+        (["--fov-mm", "20", "20", "20", "--voxel-size", "2", "2", "3"], "gives a 10 x 10 x 7 matrix, and the simulator "
+                                                                        "needs at least 8 voxels per axis: give "
+                                                                        "--fov-mm 16 16 24 or more"),
+        (["--fov-mm", "0", "60", "60"], "--fov-mm 0 60 60: give the field of view in mm, each positive"),
+        (["--fov-mm", "-60", "60", "60"], "--fov-mm -60 60 60: give the field of view in mm, each positive"),
+        (["--b0", "3000"], "--b0-tesla is the field strength in tesla, a positive number such as 3; got 3000 (it looks "
+                           "like millitesla)"),
+        (["--b0-tesla", "0"], "--b0-tesla is the field strength in tesla, a positive number such as 3; got 0."),
+        (["--oblique", "91"], "--oblique is the slab tilt in degrees, from -90 to 90 (e.g. 15), got 91"),
+        (["--oblique", "-400"], "got -400"),
+        (["--voxel-size", "8", "8", "100", "--matrix", "8", "8", "8"], "--voxel-size 8 8 100: give sizes in mm, each "
+                                                                       "positive and at most 20"),
+        (["--voxel-size", "0", "1", "1"], "--voxel-size 0 1 1: give sizes in mm"),
+        (["--snr", "-1"], "--snr must be 0 (noiseless) or positive, got -1"),
+        (["--echoes", "20", "--te-spacing", "0.06"], "the last echo time, --te-first + (--echoes - 1) x --te-spacing, "
+                                                     "would be 1.144 s, over 1 s"),
+        (["--te-first", "4"], "would be 4.004 s, over 1 s: --te-first and --te-spacing are in seconds, not milliseconds"),
+        (["--matrix", "512", "512", "256", "--echoes", "5"], "the echo images would have 512 x 512 x 256 x 5 voxels, "
+                                                             "more than 268435456: give fewer --echoes"),
+    ],
+)
+def test_cli_refuses_implausible_acquisitions(tmp_path, capsys, extra, message):
+    """A field of view under 8 voxels was silently enlarged to 8; a B0 in millitesla, a tilt of 400 degrees, an echo
+    at 1.1 s were simulated; a 100 mm voxel missed the brain and gave NaN images; 5 echoes of 67 M voxels ran out of
+    memory."""
+    argv = [str(tmp_path / "ds"), "--echoes", "2", *extra]
+    assert main(argv) == 64 and message in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_cli_refuses_a_dataset_that_does_not_fit_on_disk(tmp_path, capsys, monkeypatch):
+    free = 10**6  # bytes; the dataset needs 8 x 16^3 x (2 x (4 + 2) + 18) = 983040
+    usage = type(simulate.shutil.disk_usage(tmp_path))
+    monkeypatch.setattr(simulate.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - free, free))
+    small = [str(tmp_path / "ds"), "--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]
+    assert main([*small, "--subjects", "8"]) == 0
+    assert main([*small, "--subjects", "9"]) == 73
+    assert capsys.readouterr().err.endswith(
+        f"error: the dataset needs up to 1.1 MB and {tmp_path / 'ds'} has 1.0 MB free: simulate fewer --subjects, "
+        "--sessions or --echoes, a smaller grid, or free space.\n")
+    assert sorted(p.name for p in (tmp_path / "ds").glob("sub-*")) == [f"sub-{i:02d}" for i in range(1, 9)]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("participants.tsv", b"participant_id\tname\nsub-05\tJos\xe9\n",
+         "is not UTF-8 text (byte 0xe9 at offset 30): save it as UTF-8, as BIDS requires, then simulate again."),
+        ("participants.tsv", b"subject\tage\nsub-05\t34\n",
+         "has no participant_id column (its header is 'subject age'): make participant_id its first column, as BIDS "
+         "requires, then simulate again."),
+        ("dataset_description.json", b'{"Name": "my study", "BIDSVersion": "1.9.0",}',
+         "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 45 (char 44)): fix it (a "
+         "JSON object with Name and BIDSVersion), or give another directory."),
+        ("dataset_description.json", b'["my study"]',
+         "holds a JSON list, not an object: BIDS needs an object with Name and BIDSVersion; fix it, or give another "
+         "directory."),
+        ("dataset_description.json", b'{"Name": "\xe9tude", "BIDSVersion": "1.9.0"}',
+         "is not UTF-8 text (byte 0xe9 at offset 10): save it as UTF-8, as BIDS requires, then simulate again."),
+    ],
+)
+def test_cli_refuses_unreadable_dataset_files_before_writing(tmp_path, capsys, name, content, message):
+    """A participants.tsv in Latin-1 ended in a traceback after sub-01 was written; a broken description was kept, or
+    taken for a real dataset's."""
+    real = tmp_path / "real"
+    (real / "sub-05" / "anat").mkdir(parents=True)
+    (real / "dataset_description.json").write_text('{"Name": "my study", "BIDSVersion": "1.9.0"}')
+    (real / "participants.tsv").write_text("participant_id\nsub-05\n")
+    (real / name).write_bytes(content)
+    assert main([str(real), "--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]) == 65
+    assert capsys.readouterr().err == f"qsmprep-simulate: error: {real / name} {message}\n"
+    assert sorted(p.name for p in real.iterdir()) == ["dataset_description.json", "participants.tsv", "sub-05"]
+    assert (real / name).read_bytes() == content
+
+
+def test_participants_with_a_byte_order_mark_are_merged(tmp_path):
+    """A UTF-8 participants.tsv saved with a byte-order mark (e.g. by a spreadsheet) lost its participant_id column:
+    the new subject's row read n/a."""
+    real = tmp_path / "real"
+    (real / "sub-05").mkdir(parents=True)
+    (real / "dataset_description.json").write_text('{"Name": "my study", "BIDSVersion": "1.9.0"}')
+    (real / "participants.tsv").write_bytes("\ufeffparticipant_id\tname\nsub-05\tJosé\n".encode())
+    assert main([str(real), "--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]) == 0
+    assert (real / "participants.tsv").read_text(encoding="utf-8") == "participant_id\tname\nsub-01\tn/a\nsub-05\tJosé\n"
 
 
 def test_cli_refuses_a_folder_it_cannot_create(tmp_path, caplog, capsys):

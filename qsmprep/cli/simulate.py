@@ -1,7 +1,7 @@
 """qsmprep-simulate: write a simulated multi-echo GRE BIDS dataset with its ground truth.
 
     qsmprep-simulate OUT_DIR [--subjects N] [--sessions LABEL ...] [--echoes 4]
-        [--te-first 0.004] [--te-spacing 0.004] [--b0 3] [--voxel-size X Y Z]
+        [--te-first 0.004] [--te-spacing 0.004] [--b0-tesla 3] [--voxel-size X Y Z]
         [--oblique DEG] [--snr 100] [--phase-units arbitrary|rad]
         [--matrix X Y Z | --fov-mm X Y Z] [--seed 0]
 
@@ -14,6 +14,7 @@ anisotropic data on a finer isotropic grid resampled onto the slab
 
 import logging
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,11 @@ from pathlib import Path
 import numpy as np
 from scipy import fft
 
-from ..errors import QSMPrepError, UsageError
+from ..errors import CantCreateError, QSMPrepError, UsageError
 from ..sim.bids_writer import (
     PHASE_UNITS,
+    acquisition_bytes,
+    check_dataset_files,
     made_by_simulator,
     remove_earlier_simulation,
     write_dataset_files,
@@ -32,13 +35,30 @@ from ..sim.bids_writer import (
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
 from ..resources import available_cores
-from .common import LOG_FORMAT, ArgumentParser, check_writable_folder, finite_float, print_error
+from .common import (
+    LOG_FORMAT,
+    ArgumentParser,
+    check_b0_tesla_option,
+    check_writable_folder,
+    finite_float,
+    print_error,
+)
 
 log = logging.getLogger("qsmprep.simulate")
 
 DEFAULT_VOXEL_SIZE_MM = (1.5, 1.5, 1.5)
 DEFAULT_FOV_MM = (168.0, 204.0, 168.0)
 """Whole-head field of view of the default dataset (112 x 136 x 112 at 1.5 mm)."""
+MIN_MATRIX = 8
+"""Fewest voxels per axis of the output grid."""
+MAX_VOXEL_MM = 20.0
+"""Largest output voxel size (mm): the phantom's brain (about 120 x 156 x 112 mm) is then at least 5 voxels
+across. Beyond about 70 mm no voxel centre need fall in it, and an empty brain mask gave NaN images."""
+MAX_OBLIQUE_DEG = 90.0
+"""Largest slab tilt (degrees, either way): 90 is a coronal slab; a larger tilt is a smaller one upside down."""
+MAX_TE_S = 1.0
+"""Latest echo time (s): a GRE echo is milliseconds to tens of milliseconds; more is milliseconds given as
+seconds, or too many echoes."""
 
 
 def build_parser():
@@ -53,7 +73,8 @@ def build_parser():
     p.add_argument("--echoes", type=int, default=4, help="number of echoes (default 4)")
     p.add_argument("--te-first", type=finite_float, default=0.004, help="first echo time in s (default 0.004)")
     p.add_argument("--te-spacing", type=finite_float, default=0.004, help="echo spacing in s (default 0.004)")
-    p.add_argument("--b0", type=finite_float, default=3.0, help="field strength in T (default 3)")
+    p.add_argument("--b0-tesla", "--b0", type=finite_float, default=3.0, metavar="T",
+                   help="field strength in tesla (default 3)")  # fmt: skip
     p.add_argument("--voxel-size", type=finite_float, nargs=3, default=DEFAULT_VOXEL_SIZE_MM, metavar=("X", "Y", "Z"),
                    help="voxel size in mm (default 1.5 1.5 1.5)")  # fmt: skip
     p.add_argument("--oblique", type=finite_float, default=0.0, metavar="DEG", help="slab tilt about the L-R axis in degrees (default 0)")
@@ -81,6 +102,7 @@ def _check_out_dir(out_dir, subjects):
             f"{out_dir} is not empty and is not a BIDS dataset (no dataset_description.json): "
             "give a new or empty directory."
         )
+    check_dataset_files(out_dir)
     clash = [f"sub-{s}" for s in subjects if (out_dir / f"sub-{s}").exists()]
     if clash and not made_by_simulator(out_dir):  # a simulated dataset may be simulated again; real data never
         raise UsageError(
@@ -89,17 +111,42 @@ def _check_out_dir(out_dir, subjects):
         )
 
 
+def _check_free_space(out_dir, needed):
+    """Raise CantCreateError when the file system of ``out_dir`` has less than ``needed`` bytes free."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # out_dir itself may not exist yet
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise CantCreateError(f"the dataset needs up to {needed / 1e6:,.1f} MB and {existing} has {free / 1e6:,.1f} MB "
+                              "free: simulate fewer --subjects, --sessions or --echoes, a smaller grid, or free space.")
+
+
+def _mm(values):
+    """Numbers as a command line gives them, e.g. "1.5 1.5 2" (mm)."""
+    return " ".join(f"{v:g}" for v in values)
+
+
 def _check_args(args):
     if args.subjects < 1 or args.echoes < 1:
         raise UsageError("--subjects and --echoes must be at least 1.")
     if args.te_first <= 0 or args.te_spacing <= 0:
         raise UsageError("--te-first and --te-spacing are in seconds and must be positive (e.g. 0.004).")
-    if args.te_first > 1 or args.te_spacing > 1:
-        raise UsageError("--te-first and --te-spacing are in seconds, not milliseconds (e.g. 0.004).")
-    if args.b0 <= 0 or min(args.voxel_size) <= 0 or args.snr < 0:
-        raise UsageError("--b0 and --voxel-size must be positive and --snr non-negative.")
-    if args.matrix is not None and min(args.matrix) < 8:
-        raise UsageError("--matrix must be at least 8 voxels per axis.")
+    last_te = args.te_first + (args.echoes - 1) * args.te_spacing
+    if last_te > MAX_TE_S:
+        raise UsageError(f"the last echo time, --te-first + (--echoes - 1) x --te-spacing, would be {last_te:g} s, over "
+                         f"{MAX_TE_S:g} s: --te-first and --te-spacing are in seconds, not milliseconds (e.g. 0.004).")
+    check_b0_tesla_option(args.b0_tesla)
+    if not (min(args.voxel_size) > 0 and max(args.voxel_size) <= MAX_VOXEL_MM):
+        raise UsageError(f"--voxel-size {_mm(args.voxel_size)}: give sizes in mm, each positive and at most "
+                         f"{MAX_VOXEL_MM:g} (coarser voxels can miss the phantom's brain).")
+    if args.snr < 0:
+        raise UsageError(f"--snr must be 0 (noiseless) or positive, got {args.snr:g}.")
+    if abs(args.oblique) > MAX_OBLIQUE_DEG:
+        raise UsageError(f"--oblique is the slab tilt in degrees, from -{MAX_OBLIQUE_DEG:g} to {MAX_OBLIQUE_DEG:g} "
+                         f"(e.g. 15), got {args.oblique:g}.")
+    if args.matrix is not None and min(args.matrix) < MIN_MATRIX:
+        raise UsageError(f"--matrix must be at least {MIN_MATRIX} voxels per axis.")
+    if args.fov_mm is not None and min(args.fov_mm) <= 0:
+        raise UsageError(f"--fov-mm {_mm(args.fov_mm)}: give the field of view in mm, each positive.")
     labels = [s.removeprefix("ses-") for s in args.sessions or []]
     bad = [s for s in labels if not re.fullmatch(r"[A-Za-z0-9]+", s)]
     if bad or len(set(labels)) != len(labels):
@@ -115,12 +162,14 @@ def _check_args(args):
 MAX_GRID_VOXELS = 2**26
 """Largest output or fine simulation grid (67 M voxels, e.g. 406^3; the default head is 5.8 M at 1 mm): beyond it
 the phantom does not fit in memory."""
+MAX_ECHO_VOXELS = 2**28
+"""Largest output grid times echoes (268 M; 16 bytes each while simulating, 4.3 GB: complex signal, magnitude and
+phase): e.g. 157 echoes of the default 112 x 136 x 112 grid, 41 of 200 x 200 x 160."""
 
 
-def _check_grid_size(shape, what, fix):
-    if np.prod(shape, dtype=float) > MAX_GRID_VOXELS:
-        raise UsageError(f"the {what} would have {' x '.join(map(str, shape))} voxels, more than {MAX_GRID_VOXELS}: "
-                         f"{fix}.")
+def _check_grid_size(shape, what, fix, limit=MAX_GRID_VOXELS):
+    if np.prod(shape, dtype=float) > limit:
+        raise UsageError(f"the {what} would have {' x '.join(map(str, shape))} voxels, more than {limit}: {fix}.")
 
 
 def _grids(args):
@@ -129,9 +178,14 @@ def _grids(args):
     if args.matrix is not None:
         matrix = tuple(args.matrix)
     else:
-        fov = args.fov_mm if args.fov_mm is not None else DEFAULT_FOV_MM
-        matrix = tuple(max(8, int(round(f / v))) for f, v in zip(fov, voxel))
+        fov = args.fov_mm if args.fov_mm is not None else DEFAULT_FOV_MM  # the default gives >= 8 up to 20 mm voxels
+        matrix = tuple(int(round(f / v)) for f, v in zip(fov, voxel))
+        if min(matrix) < MIN_MATRIX:
+            raise UsageError(f"--fov-mm {_mm(fov)} at --voxel-size {_mm(voxel)} gives a {' x '.join(map(str, matrix))} "
+                             f"matrix, and the simulator needs at least {MIN_MATRIX} voxels per axis: give --fov-mm "
+                             f"{_mm(MIN_MATRIX * v for v in voxel)} or more, or a smaller --voxel-size.")
     _check_grid_size(matrix, "output grid", "give a smaller --fov-mm or --matrix, or a larger --voxel-size")
+    _check_grid_size((*matrix, args.echoes), "echo images", "give fewer --echoes or a smaller grid", MAX_ECHO_VOXELS)
     if args.oblique == 0 and len(set(voxel)) == 1 and args.fine_voxel_size is None:
         return matrix, None
     fine = args.fine_voxel_size if args.fine_voxel_size is not None else min(1.0, min(voxel))
@@ -152,16 +206,17 @@ def simulate_dataset(args):
     """Simulate and write every subject and session described by parsed ``args``."""
     out_dir = args.out_dir
     _check_args(args)
-    subjects = [f"{i + 1:02d}" for i in range(args.subjects)]
-    _check_out_dir(out_dir, subjects)
-    te_s = tuple(round(args.te_first + n * args.te_spacing, 9) for n in range(args.echoes))
-    sessions = [s.removeprefix("ses-") for s in args.sessions] if args.sessions else [None]
     matrix, fine = _grids(args)
+    subjects = [f"{i + 1:02d}" for i in range(args.subjects)]
+    sessions = [s.removeprefix("ses-") for s in args.sessions] if args.sessions else [None]
+    _check_out_dir(out_dir, subjects)
+    _check_free_space(out_dir, len(subjects) * len(sessions) * acquisition_bytes(matrix, args.echoes, args.phase_units))
+    te_s = tuple(round(args.te_first + n * args.te_spacing, 9) for n in range(args.echoes))
     snr = args.snr if args.snr > 0 else None
     log.info(
         "Simulating %d subject(s) x %d session(s): matrix %s, voxel %s mm, oblique %g deg, TE %s s, B0 %g T, SNR %s",
         len(subjects), len(sessions), matrix, tuple(args.voxel_size), args.oblique,
-        ", ".join(f"{t:.4g}" for t in te_s), args.b0, snr or "inf",
+        ", ".join(f"{t:.4g}" for t in te_s), args.b0_tesla, snr or "inf",
     )  # fmt: skip
     replaced = remove_earlier_simulation(out_dir)
     if replaced:
@@ -171,7 +226,7 @@ def simulate_dataset(args):
         shape, voxel = fine if fine else (matrix, tuple(args.voxel_size))
         phantom = head_phantom(shape, voxel, seed=_seed(args.seed, i))
         for j, session in enumerate(sessions):
-            common = dict(te_s=te_s, b0_tesla=args.b0, snr=snr, phase_offset=not args.no_phase_offset,
+            common = dict(te_s=te_s, b0_tesla=args.b0_tesla, snr=snr, phase_offset=not args.no_phase_offset,
                           seed=_seed(args.seed, i, j))  # fmt: skip
             if fine:
                 gre = acquire(phantom, tuple(args.voxel_size), args.oblique, shape=matrix, **common)

@@ -14,6 +14,7 @@ derivative dataset it never indexes as input.
 """
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
+from ..errors import DataError
 from ..io import save_nifti, write_text_atomic
 from .gre import VENDOR_PHASE_MAX, phase_to_vendor_units
 from .phantom import CHI_PPM, LABELS
@@ -39,6 +41,16 @@ phantom: no subject data. Phase is stored in `{phase_units}` units{phase_note}.
 The known answers (susceptibility `Chimap` in ppm, local/total/background
 field maps in ppm, brain mask and tissue labels) are in
 `derivatives/groundtruth/`. See qsmprep's docs/simulator.md for the model.
+"""
+
+_TRUTH_README = """\
+# {name}: ground truth
+
+The known answers of the simulated dataset two levels up (`bids:raw:`), on
+the grid of its images: `Chimap` (susceptibility in ppm relative to CSF,
+inside the brain mask), `desc-local`, `desc-total` and `desc-background`
+`fieldmap` (ppm), `desc-brain_mask` and the tissue labels `dseg` (names and
+chi in `dseg.tsv`). Written by `qsmprep-simulate` (qsmprep {version}).
 """
 
 
@@ -61,29 +73,82 @@ def _entities(subject, session):
     return prefix, folder
 
 
+def _read_utf8(path):
+    """Text of the file at ``path`` (a UTF-8 byte-order mark is dropped); DataError when it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): save it "
+                        "as UTF-8, as BIDS requires, then simulate again.") from None
+
+
+def _read_participants(path):
+    """Columns and rows (dicts) of the participants.tsv at ``path``; (["participant_id"], []) if there is none.
+
+    DataError when it is not UTF-8 text or has no participant_id column, which merging new subjects needs.
+    """
+    if not path.is_file():
+        return ["participant_id"], []
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""), delimiter="\t")
+    columns, rows = reader.fieldnames or ["participant_id"], list(reader)
+    if "participant_id" not in columns:
+        raise DataError(f"{path} has no participant_id column (its header is {' '.join(columns)!r}): make "
+                        "participant_id its first column, as BIDS requires, then simulate again.")
+    return columns, rows
+
+
 def _participants(path, subjects):
     """participants.tsv with the existing rows and columns kept and a row for each new subject (n/a beyond its id)."""
-    columns, rows = ["participant_id"], []
-    if path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            columns, rows = reader.fieldnames or columns, list(reader)
-    known = {row.get("participant_id") for row in rows}
+    columns, rows = _read_participants(path)
+    known = {row["participant_id"] for row in rows}
     rows += [{"participant_id": f"sub-{s}"} for s in subjects if f"sub-{s}" not in known]
-    rows.sort(key=lambda row: row.get("participant_id") or "")
+    rows.sort(key=lambda row: row["participant_id"] or "")
     return "".join("\t".join(line) + "\n" for line in [columns] + [[row.get(c) or "n/a" for c in columns] for row in rows])
 
 
-def made_by_simulator(out_dir):
-    """True when ``out_dir`` holds no dataset yet, or one whose dataset_description.json names qsmprep-simulate."""
-    description = Path(out_dir) / "dataset_description.json"
-    if not description.is_file():
-        return True
+def _read_description(out_dir):
+    """The dataset_description.json of ``out_dir`` as a dict, or None when there is none.
+
+    DataError when it is not UTF-8 JSON holding an object: a dataset whose description cannot be read is
+    neither kept as it is nor taken for a simulated one.
+    """
+    path = Path(out_dir) / "dataset_description.json"
+    if not path.is_file():
+        return None
     try:
-        generated_by = json.loads(description.read_text()).get("GeneratedBy") or []
-    except (ValueError, AttributeError):
-        return False
-    return any(isinstance(g, dict) and g.get("Name") == "qsmprep-simulate" for g in generated_by)
+        description = json.loads(_read_utf8(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}): fix it (a JSON object with Name and BIDSVersion), or give "
+                        "another directory.") from None
+    if not isinstance(description, dict):
+        raise DataError(f"{path} holds a JSON {type(description).__name__}, not an object: BIDS needs an object with "
+                        "Name and BIDSVersion; fix it, or give another directory.")
+    return description
+
+
+def made_by_simulator(out_dir):
+    """True when ``out_dir`` holds no dataset yet, or one whose dataset_description.json names qsmprep-simulate.
+
+    DataError when its dataset_description.json cannot be read (``_read_description``).
+    """
+    description = _read_description(out_dir)
+    if description is None:
+        return True
+    generated_by = description.get("GeneratedBy")
+    return isinstance(generated_by, list) and any(
+        isinstance(g, dict) and g.get("Name") == "qsmprep-simulate" for g in generated_by
+    )
+
+
+def check_dataset_files(out_dir):
+    """Raise DataError unless the files of ``out_dir`` that ``write_dataset_files`` reads can be read.
+
+    They are its dataset_description.json and, in a dataset qsmprep-simulate did not make, participants.tsv
+    (a simulated dataset's is replaced). Call it before writing any subject, so that a bad file stops the run
+    before anything is written rather than after.
+    """
+    if not made_by_simulator(out_dir):
+        _read_participants(Path(out_dir) / "participants.tsv")
 
 
 def remove_earlier_simulation(out_dir):
@@ -102,6 +167,18 @@ def remove_earlier_simulation(out_dir):
         shutil.rmtree(folder)
     (out_dir / "participants.tsv").unlink(missing_ok=True)
     return len(subjects)
+
+
+def acquisition_bytes(shape, echoes, phase_units="arbitrary"):
+    """Bytes of the images ``write_subject`` writes for one acquisition on a ``shape`` matrix, uncompressed.
+
+    Per voxel: each echo's float32 magnitude and phase (int16 for "arbitrary" units, float32 for "rad"), and
+    the ground truth's float32 chi and three field maps and uint8 mask and labels. gzip saves little on noisy
+    images (the default dataset takes 50 MB on disk of 72 MB), so this bounds the disk space the acquisition
+    needs, the sidecars' few kB aside.
+    """
+    phase_bytes = 2 if phase_units == "arbitrary" else 4
+    return int(np.prod(shape, dtype=float)) * (echoes * (4 + phase_bytes) + 4 * 4 + 2)
 
 
 def write_subject(out_dir, subject, session, gre, phase_units="arbitrary"):
@@ -188,8 +265,9 @@ def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name="qsmpre
     truth = out_dir / "derivatives" / "groundtruth"
     _write_json(truth / "dataset_description.json", {
         "Name": f"{name}: ground truth", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
-        "GeneratedBy": generated_by, "SourceDatasets": [{"URL": "../../"}],
+        "GeneratedBy": generated_by, "SourceDatasets": [{"URL": "bids:raw:"}], "DatasetLinks": {"raw": "../../"},
     })  # fmt: skip
+    write_text_atomic(truth / "README", _TRUTH_README.format(name=name, version=__version__))
     rows = ["index\tname\tchi_ppm\n"] + [f"{v}\t{k}\t{CHI_PPM[k]}\n" for k, v in LABELS.items()]
     write_text_atomic(truth / "dseg.tsv", "".join(rows))
 
@@ -213,7 +291,11 @@ def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name="qsmprep
     Returns
     -------
     list of the raw MEGRE NIfTI paths written.
+
+    Raises DataError, before writing anything, when a dataset file it would read cannot be read
+    (``check_dataset_files``).
     """
+    check_dataset_files(out_dir)
     written, labels = [], []
     for subject, session, gre in subjects:
         written += write_subject(out_dir, subject, session, gre, phase_units)
