@@ -305,3 +305,91 @@ def test_a_refused_run_leaves_no_folder(tmp_path):
     with pytest.raises(QSMPrepError):  # nothing to resume
         train(tiny("smoke", steps=2), tmp_path / "gone", device="cpu", resume=True)
     assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize(("name", "override", "words"), [
+    # the audit's cases: once tracebacks deep in training, or (lr=inf) a "diverged" data error after training
+    ("jochmann", "augment.amplitude=nan", "[augment] amplitude must be a range [low, high] with low <= high"),
+    ("jochmann", "augment.amplitude=[2.0, 0.5]", "[augment] amplitude must be a range"),
+    ("jochmann", "data.patch=nan", "[data] patch must be [X, Y, Z], each a positive integer, got nan"),
+    ("jochmann", "optim.lr=inf", "[optim] lr must be a positive number, got inf"),
+    ("smoke", "optim.betas=[0.9, nan]", "[optim] betas must be two numbers in [0, 1)"),
+    ("smoke", "train.seed=1.5", "[train] seed must be an integer"),
+    ("smoke", "data.patch=[16, 16]", "[data] patch must be [X, Y, Z]"),
+    ("smoke", "data.voxel_size_mm=[1, 1, inf]", "[data] voxel_size_mm must be"),
+    ("smoke", "data.generator={patterns = -1, brain = 2}", "[data] generator must be one of"),
+    ("smoke", 'data.generator="noise"', "[data] generator must be one of"),
+    ("smoke", "data.pad_factor=1", "[data] pad_factor must be a number >= 2"),
+    ("smoke", 'data.mask="disc"', "[data] mask must be one of ['full', 'border', 'blob']"),
+    ("smoke", "data.b0_dir=[1, 0, 0]", "[data] b0_dir must be [0, 0, 1]"),
+    ("smoke", "data.blur=1", "unknown [data] key(s) ['blur']; known: ["),
+    ("smoke", "data.patterns={large_share = 1.5}", "[data.patterns] large_share must be a probability in [0, 1]"),
+    ("smoke", "data.patterns={n_structures = [48, 16]}", "[data.patterns] n_structures must be a range"),
+    ("smoke", 'data.patterns={shapes = ["star"]}', "[data.patterns] shapes must be a non-empty list"),
+    ("smoke", "data.brain={sigma = 1}", "unknown [data.brain] key(s) ['sigma']"),
+    ("smoke", "data.voxel_size_range_mm=[[0.5, 1], [0.5, 1], [2, 4]]", "voxel_size_range_mm, not both"),
+    ("smoke", "data.border_vox=8", "[data] border_vox 8 leaves no voxel of the [16, 16, 16] patch: make it at most 7"),
+    ("smoke", "augment.rician_snr=[0, 20]", "[augment] rician_snr must be a range"),
+    ("smoke", "augment.flip=1", "[augment] flip must be true or false, got 1"),
+    ("smoke", "augment.background_residual=[-0.5, 0.5]", "[augment] background_residual must be a range"),
+    ("smoke", "augment.crop=[32, 8, 8]", "[augment] crop [32, 8, 8] does not fit the [data] patch [16, 16, 16]"),
+    ("smoke", "augment.noise=0.1", "unknown [augment] key(s) ['noise']; known: ["),
+    ("smoke", "loss.masked=0", "[loss] masked must be true or false"),
+    ("smoke", "loss.gamma=1", "[loss] loss l2 takes no options besides masked"),
+    ("siqsm", "loss.gamma=nan", "[loss] gamma must be a number >= 0, got nan"),
+    ("jochmann", "model.prior_lambda=inf", "[model] prior_lambda must be a positive number"),
+    ("qsmgan", "adversarial.gp_weight=-1", "[adversarial] gp_weight must be a number >= 0"),
+    ("qsmgan", "adversarial.n_critik=5", "unknown [adversarial] key(s) ['n_critik']"),
+    ("qsmgan", "model.crop_margin=32", "[model] crop_margin 32 crops all of a 64-voxel training input"),
+    ("qsminvnet", "domain.lambda_max=inf", "[domain] lambda_max must be a number >= 0, got inf"),
+    ("qsminvnet", "domain.batch_size=0", "[domain] batch_size must be a positive integer"),
+    ("qsminvnet", 'domain.source=""', "[domain] source must be"),
+    ("qsminvnet", "domain.augment={amplitude = [1.4, 0.7]}", "[domain.augment] amplitude must be a range"),
+    ("qsminvnet", 'domain.loss={name = "data_consistency", te_s = 0}', "[domain.loss] te_s must be a positive number"),
+    ("qsminvnet", "model.num_domains=1", "[model] num_domains must be at least 2 with a [domain] section"),
+])
+def test_bad_recipe_values_are_usage_errors_naming_the_key(name, override, words):
+    with pytest.raises(UsageError) as exc:
+        load_recipe(name, [override])
+    assert str(exc.value).startswith(f"{name}: ") and words in str(exc.value), str(exc.value)
+
+
+def test_recipe_tables_name_every_key_the_code_reads():
+    """The validation tables cover exactly the keys the data, augmentation, generator and trainer code take."""
+    import inspect
+
+    from qsmprep.deep import generators, recipes
+    from qsmprep.deep.augment import AUGMENT_KEYS
+    from qsmprep.deep.data import DATA_KEYS
+
+    checks = recipes._library_checks()
+    assert set(checks["data"]) == set(DATA_KEYS)
+    assert set(recipes.AUGMENT_CHECKS) == set(AUGMENT_KEYS)
+    assert set(recipes.TRAIN_CHECKS) == set(recipes.TRAIN_DEFAULTS)
+    assert set(recipes.OPTIM_CHECKS) == set(recipes.OPTIM_DEFAULTS)
+    for name, function in [("patterns", generators.random_patterns_chi), ("analytic", generators.analytic_spheres_cylinders),
+                           ("brain", generators.brain_like_sample)]:
+        options = set(inspect.signature(function).parameters) - {"rng", "shape", "voxel_size_mm", "b0_dir"}
+        assert set(checks[f"data.{name}"]) == options, name
+    # a weighted sum's terms and a missing QSMGAN key are checked too
+    summed = load_recipe("smoke")
+    summed["loss"] = {"terms": [{"name": "l1"}, {"name": "gradient_difference", "weight": math.nan}]}
+    with pytest.raises(UsageError, match=r"\[loss\] term 2 weight must be a number >= 0, got nan"):
+        validate_recipe(summed)
+    summed["loss"]["terms"][1] = {"weight": 0.5}
+    with pytest.raises(UsageError, match=r"\[loss\] term 2 lacks the key\(s\) \['name'\]"):
+        validate_recipe(summed)
+    gan = load_recipe("qsmgan")
+    del gan["adversarial"]["lr"]
+    with pytest.raises(UsageError, match=r"\[adversarial\] lacks the key\(s\) \['lr'\]"):
+        validate_recipe(gan)
+
+
+@pytest.mark.parametrize("override", ["augment.amplitude=nan", "augment.amplitude=[2.0, 0.5]", "data.patch=nan",
+                                      "optim.lr=inf", "data.patterns={border_vox = 40}"])
+def test_cli_refuses_a_bad_recipe_value_before_creating_out(capsys, tmp_path, override):
+    out = tmp_path / "new" / "run"
+    assert train_main(["jochmann", "--out", str(out), "--max-steps", "1", "--device", "cpu", "--set", override]) == 64
+    err = capsys.readouterr().err
+    assert err.startswith("qsmprep-train: error: jochmann: [") and "Traceback" not in err
+    assert not (tmp_path / "new").exists()

@@ -8,6 +8,8 @@ Sections (see docs/deep/models-and-training.md): ``[model]`` arch + params,
 """
 
 import copy
+import functools
+import math
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -89,34 +91,229 @@ def _is_int(value):
 
 
 def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float, not a bool: NaN passes no range test and infinity is never a usable setting."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# A check is (what the value must be, predicate); tables map a section's keys to checks.
+def _number(what, ok=lambda v: True, integer=False):
+    """Check of a finite number (an integer if ``integer``) for which ``ok`` holds."""
+    kind = _is_int if integer else _is_number
+    return what, lambda v: kind(v) and ok(v)
+
+
+def _one_of(*choices):
+    return f"one of {list(choices)}", lambda v: isinstance(v, str) and v in choices
+
+
+def _sequence(value, n):
+    return isinstance(value, (list, tuple)) and len(value) == n
+
+
+def _each(check, n, shape):
+    """``n`` values written as ``shape`` (e.g. "[X, Y, Z]"), each passing ``check``."""
+    what, ok = check
+    return f"{shape}, each {what}", lambda v: _sequence(v, n) and all(map(ok, v))
+
+
+def _range(check):
+    """A range [low, high] with low <= high, both passing ``check``."""
+    what, ok = check
+    return f"a range [low, high] with low <= high, each {what}", lambda v: _sequence(v, 2) and all(map(ok, v)) and v[0] <= v[1]
+
+
+POSITIVE = _number("a positive number", lambda v: v > 0)
+NON_NEGATIVE = _number("a number >= 0", lambda v: v >= 0)
+NUMBER = _number("a finite number")
+PROBABILITY = _number("a probability in [0, 1]", lambda v: 0 <= v <= 1)
+POSITIVE_INT = _number("a positive integer", lambda v: v >= 1, integer=True)
+COUNT = _number("an integer >= 0", lambda v: v >= 0, integer=True)
+BOOL = ("true or false", lambda v: isinstance(v, bool))
+TABLE = ("a table", lambda v: isinstance(v, dict))
+BETAS = ("two numbers in [0, 1)", lambda v: _sequence(v, 2) and all(_is_number(b) and 0 <= b < 1 for b in v))
+B0_ALONG_K = ("[0, 0, 1]: models are trained with B0 along the k axis and inference resamples data to that orientation",
+              lambda v: _sequence(v, 3) and all(map(_is_number, v)) and [float(b) for b in v] == [0.0, 0.0, 1.0])
+TRAIN_CHECKS = {
+    "batch_size": POSITIVE_INT, "steps": POSITIVE_INT, "val_every": POSITIVE_INT, "val_samples": POSITIVE_INT,
+    "seed": _number("an integer", integer=True), "num_workers": COUNT, "amp": BOOL,
+    "init": ("a model name or checkpoint path (\"\" for none)", lambda v: isinstance(v, str)),
+}
+OPTIM_CHECKS = {
+    "name": _one_of(*OPTIMIZERS), "lr": POSITIVE, "betas": BETAS, "weight_decay": NON_NEGATIVE,
+    "schedule": _one_of(*SCHEDULES), "decay_steps": POSITIVE_INT, "decay_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
+}
+MODEL_CHECKS = {  # values of the keys an architecture may take; which keys it takes, build_model decides
+    "width": POSITIVE_INT, "depth": POSITIVE_INT, "hidden": POSITIVE_INT, "crop_margin": COUNT, "num_domains": POSITIVE_INT,
+    "residual": BOOL, "normalise_amplitude": BOOL, "prior": _one_of("none", "cfl2"), "prior_lambda": POSITIVE,
+}
+AUGMENT_CHECKS = {  # qsmprep.deep.augment.Augmenter
+    "rot90_b0": BOOL, "flip": BOOL, "amplitude": _range(POSITIVE), "field_noise_ppm": _range(POSITIVE),
+    "rician_snr": _range(POSITIVE), "te_s": POSITIVE, "b0_tesla": POSITIVE, "crop": _each(POSITIVE_INT, 3, "[X, Y, Z]"),
+    "background_residual": _range(NON_NEGATIVE),
+}
+ADVERSARIAL_CHECKS = {  # qsmprep.deep.trainer (QSMGAN); all but betas and critic_width are required
+    "generator_pretrain_steps": COUNT, "critic_pretrain_steps": COUNT, "n_critic": POSITIVE_INT, "gp_weight": NON_NEGATIVE,
+    "lr": POSITIVE, "betas": BETAS, "content_weight": NON_NEGATIVE, "adversarial_weight": NON_NEGATIVE,
+    "critic_width": POSITIVE_INT,
+}
+ADVERSARIAL_OPTIONAL = ("betas", "critic_width")
+DOMAIN_CHECKS = {  # qsmprep.deep.trainer (QSMInvNet+)
+    "source": ("\"simulated\" or a folder of <name>_field and <name>_mask NIfTI files", lambda v: isinstance(v, str) and v != ""),
+    "lambda_max": NON_NEGATIVE, "lambda_ramp_steps": COUNT, "batch_size": POSITIVE_INT, "loss": TABLE, "augment": TABLE,
+}
+
+
+@functools.cache
+def _library_checks():
+    """The tables that need names from the torch-importing modules (kept out of ``import recipes``).
+
+    Returns a dict: "data", "data.patterns", "data.analytic", "data.brain"
+    (the generators' keyword options), "loss" and "loss term".
+    """
+    from qsmprep.deep.data import GENERATORS
+    from qsmprep.deep.generators import PATTERN_SHAPES
+    from qsmprep.deep.losses import LOSS_NAMES
+
+    def generator_ok(v):
+        if isinstance(v, str):
+            return v in GENERATORS
+        return (isinstance(v, dict) and set(v) <= set(GENERATORS) and all(_is_number(w) and w >= 0 for w in v.values())
+                and sum(v.values()) > 0)
+
+    count_range, positive_range = _range(COUNT), _range(POSITIVE)
+    loss_options = {"name": _one_of(*LOSS_NAMES), "masked": BOOL, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
+                    "gamma": NON_NEGATIVE, "magnitude_weights": BOOL, "b0_dir": B0_ALONG_K, "te_s": POSITIVE,
+                    "b0_tesla": POSITIVE, "pad_factor": _number("a number >= 1", lambda v: v >= 1)}
+    return {
+        "data": {  # qsmprep.deep.data
+            "generator": (f"one of {list(GENERATORS)} or a table of weights >= 0 over them with a positive sum, "
+                          "e.g. {patterns = 0.5, brain = 0.5}", generator_ok),
+            "patch": _each(POSITIVE_INT, 3, "[X, Y, Z]"), "voxel_size_mm": _each(POSITIVE, 3, "[x, y, z] in mm"),
+            "voxel_size_range_mm": _each(positive_range, 3, "[[low, high], [low, high], [low, high]] in mm"),
+            "b0_dir": B0_ALONG_K, "border_vox": COUNT, "pad_factor": _number("a number >= 2", lambda v: v >= 2),
+            "mask": _one_of("full", "border", "blob"), "mask_border_vox": COUNT, "magnitude": _one_of("random", "ones"),
+            **{name: TABLE for name in GENERATORS},
+        },
+        "data.patterns": {  # qsmprep.deep.generators.random_patterns_chi
+            "border_vox": COUNT, "large_share": PROBABILITY, "n_structures": count_range, "amplitude_ppm": NON_NEGATIVE,
+            "large_size": positive_range, "small_size": positive_range, "blur_mm": _range(NON_NEGATIVE),
+            "texture_share": PROBABILITY,
+            "shapes": (f"a non-empty list of {list(PATTERN_SHAPES)}",
+                       lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(s in PATTERN_SHAPES for s in v)),
+        },
+        "data.analytic": {  # qsmprep.deep.generators.analytic_spheres_cylinders
+            "n_spheres": count_range, "n_cylinders": count_range, "chi_max_ppm": NON_NEGATIVE,
+            "sphere_radius_mm": positive_range, "cylinder_radius_mm": positive_range,
+        },
+        "data.brain": {  # qsmprep.deep.generators.brain_like_sample
+            "subjects": ("a non-empty list of phantom seeds (integers >= 0)",
+                         lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(COUNT[1](s) for s in v)),
+            "reference_voxel_mm": POSITIVE, "rotation_deg": NON_NEGATIVE, "elastic_mm": NON_NEGATIVE,
+            "elastic_correlation_mm": POSITIVE, "contrast_scale": _range(NON_NEGATIVE), "contrast_offset_ppm": NON_NEGATIVE,
+            "n_haemorrhages": count_range, "haemorrhage_ppm": _range(NUMBER), "haemorrhage_radius_mm": positive_range,
+            "n_calcifications": count_range, "calcification_ppm": _range(NUMBER), "calcification_radius_mm": positive_range,
+            "te_s": POSITIVE,
+        },
+        "loss": {  # qsmprep.deep.losses.build_loss
+            **loss_options,
+            "terms": ("a non-empty list of tables such as {name = \"l1\", weight = 0.5}",
+                      lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(t, dict) for t in v)),
+        },
+        "loss term": {**loss_options, "weight": NON_NEGATIVE},
+    }
+
+
+def _check_table(table, checks, where, source, closed=True, required=()):
+    """Raise UsageError naming ``source`` and ``where`` (e.g. "[data]") for a key of ``table`` that ``checks``
+    lacks (when ``closed``), a key of ``required`` that ``table`` lacks, or a value its check refuses."""
+    unknown = sorted(set(table) - set(checks)) if closed else []
+    if unknown:
+        raise UsageError(f"{source}: unknown {where} key(s) {unknown}; known: {sorted(checks)}.")
+    missing = [key for key in required if key not in table]
+    if missing:
+        raise UsageError(f"{source}: {where} lacks the key(s) {missing}; add them (see the shipped recipes).")
+    for key, value in table.items():
+        if key in checks and not checks[key][1](value):
+            raise UsageError(f"{source}: {where} {key} must be {checks[key][0]}, got {value!r}.")
+
+
+def _check_loss(loss, where, source):
+    """Check a [loss]-like table: its values, its terms, and (``build_loss``) which options each loss takes."""
+    from qsmprep.deep.losses import build_loss
+
+    checks = _library_checks()
+    _check_table(loss, checks["loss"], where, source)
+    if ("name" in loss) == ("terms" in loss):
+        raise UsageError(f"{source}: {where} needs a name or terms (a weighted sum of named losses), not both.")
+    for number, term in enumerate(loss.get("terms", []), start=1):
+        _check_table(term, checks["loss term"], f"{where} term {number}", source, required=("name",))
+    try:
+        build_loss(loss)
+    except UsageError as exc:
+        raise UsageError(f"{source}: {where} {exc}.") from exc
 
 
 def _check_model(model, source):
-    """Build the recipe's network once (on the CPU), so an unknown or bad [model] key is a usage error, not a crash."""
+    """Build the recipe's network once (on the CPU), so an unknown or bad [model] key is a usage error, not a
+    crash; returns it."""
     from qsmprep.deep.models import build_model
 
     params = {k: v for k, v in model.items() if k != "arch"}
-    for key in ("width", "depth"):
-        if key in params and not (_is_int(params[key]) and params[key] >= 1):
-            raise UsageError(f"{source}: [model] {key} must be a positive integer, got {params[key]!r}.")
+    _check_table(params, MODEL_CHECKS, "[model]", source, closed=False)
     try:
-        build_model(model["arch"], **params)
+        return build_model(model["arch"], **params)
     except TypeError as exc:  # an unknown keyword
         raise UsageError(f"{source}: [model] {params} is not a {model['arch']} ({exc}); check the key names.") from exc
     except (ValueError, RuntimeError) as exc:
         raise UsageError(f"{source}: [model] {params} does not build a {model['arch']} ({exc}).") from exc
 
 
+def _check_fit(recipe, network, source):
+    """Refuse borders, crops and a crop margin that leave nothing of the [data] patch (defaults: build_dataset's)."""
+    from qsmprep.deep.data import build_dataset
+
+    try:
+        data = build_dataset(recipe["data"], recipe["augment"], 0).make  # resolves the defaults; draws nothing
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}.") from exc
+    patch, largest = list(data.patch), (min(data.patch) - 1) // 2
+    border_where = "[data.patterns]" if "border_vox" in recipe["data"].get("patterns", {}) else "[data]"
+    borders = [(border_where, "border_vox", data.options["patterns"]["border_vox"], "patterns" in data.names),
+               ("[data]", "mask_border_vox", data.mask_border_vox, data.mask == "border" and set(data.names) - {"brain"})]
+    for where, key, value, used in borders:
+        if used and value > largest:
+            raise UsageError(f"{source}: {where} {key} {value} leaves no voxel of the {patch} patch: make it at most "
+                             f"{largest}, or the [data] patch larger.")
+    augments = [("[augment]", recipe["augment"]), ("[domain.augment]", recipe.get("domain", {}).get("augment", {}))]
+    for where, augment in augments:
+        if any(c > n for c, n in zip(augment.get("crop") or patch, patch)):
+            raise UsageError(f"{source}: {where} crop {augment['crop']} does not fit the [data] patch {patch}: make it "
+                             "at most the patch size.")
+    size = min(recipe["augment"].get("crop") or patch)
+    if 2 * network.crop_margin >= size:
+        raise UsageError(f"{source}: [model] crop_margin {network.crop_margin} crops all of a {size}-voxel training "
+                         f"input: make it below {(size + 1) // 2}, or the [data] patch larger.")
+    if "domain" in recipe and network.params["num_domains"] < 2:
+        raise UsageError(f"{source}: [model] num_domains must be at least 2 with a [domain] section (domain 0 "
+                         f"synthetic, 1 target), got {network.params['num_domains']}.")
+
+
 def validate_recipe(recipe, source="recipe"):
     """Check a recipe dict and return a copy with defaults filled in.
 
-    Raises UsageError naming ``source`` and the offending key.
+    Every key of every section is checked against the tables above (unknown
+    keys, wrong types, values out of range, NaN and infinity refused), the
+    [model] is built once, and the patch must hold the borders, crops and
+    crop margin asked of it. Raises UsageError naming ``source``, the
+    section and key, what the value must be, and the value.
     """
     recipe = copy.deepcopy(dict(recipe))
     for section in REQUIRED_SECTIONS:
-        if not isinstance(recipe.get(section), dict):
+        if section not in recipe:
             raise UsageError(f"{source}: missing [{section}] section.")
+    for section in REQUIRED_SECTIONS + OPTIONAL_SECTIONS:
+        if section in recipe and not isinstance(recipe[section], dict):
+            raise UsageError(f"{source}: [{section}] must be a section (a TOML table), got {recipe[section]!r}.")
     unknown = set(recipe) - set(REQUIRED_SECTIONS) - set(OPTIONAL_SECTIONS) - {"description", "reference"}
     if unknown:
         raise UsageError(f"{source}: unknown section(s) {sorted(unknown)}.")
@@ -125,44 +322,26 @@ def validate_recipe(recipe, source="recipe"):
     arch = recipe["model"].get("arch")
     if arch not in ARCHITECTURES:
         raise UsageError(f"{source}: [model] arch {arch!r} is not one of {sorted(ARCHITECTURES)}.")
-    if ("name" in recipe["loss"]) == ("terms" in recipe["loss"]):
-        raise UsageError(f"{source}: [loss] needs a name or terms (a weighted sum of named losses), not both.")
-    for section, defaults in (("train", TRAIN_DEFAULTS), ("optim", OPTIM_DEFAULTS)):
-        unknown = sorted(set(recipe[section]) - set(defaults))
-        if unknown:
-            raise UsageError(f"{source}: unknown [{section}] key(s) {unknown}; known: {sorted(defaults)}.")
-        recipe[section] = {**defaults, **recipe[section]}
-    optim, train = recipe["optim"], recipe["train"]
-    if optim["name"] not in OPTIMIZERS:
-        raise UsageError(f"{source}: [optim] name must be one of {OPTIMIZERS}.")
-    if optim["schedule"] not in SCHEDULES:
-        raise UsageError(f"{source}: [optim] schedule must be one of {SCHEDULES}.")
-    checks = [("train", key, train[key], "a positive integer", _is_int(train[key]) and train[key] >= 1)
-              for key in ("batch_size", "steps", "val_every", "val_samples")]
-    checks += [
-        ("train", "seed", train["seed"], "an integer", _is_int(train["seed"])),
-        ("train", "num_workers", train["num_workers"], "0 or more", _is_int(train["num_workers"]) and train["num_workers"] >= 0),
-        ("train", "amp", train["amp"], "true or false", isinstance(train["amp"], bool)),
-        ("train", "init", train["init"], "a model name or checkpoint path (\"\" for none)", isinstance(train["init"], str)),
-        ("optim", "lr", optim["lr"], "a positive number", _is_number(optim["lr"]) and optim["lr"] > 0),
-        ("optim", "weight_decay", optim["weight_decay"], "0 or more", _is_number(optim["weight_decay"]) and optim["weight_decay"] >= 0),
-        ("optim", "betas", optim["betas"], "two numbers in [0, 1)", isinstance(optim["betas"], list) and len(optim["betas"]) == 2
-         and all(_is_number(b) and 0 <= b < 1 for b in optim["betas"])),
-        ("optim", "decay_steps", optim["decay_steps"], "a positive integer", _is_int(optim["decay_steps"]) and optim["decay_steps"] >= 1),
-        ("optim", "decay_rate", optim["decay_rate"], "a number in (0, 1]", _is_number(optim["decay_rate"]) and 0 < optim["decay_rate"] <= 1),
-    ]
-    for section, key, value, what, ok in checks:
-        if not ok:
-            raise UsageError(f"{source}: [{section}] {key} must be {what}, got {value!r}.")
-    _check_model(recipe["model"], source)
-    b0_dir = recipe["data"].get("b0_dir", [0.0, 0.0, 1.0])
-    if [float(v) for v in b0_dir] != [0.0, 0.0, 1.0]:
-        raise UsageError(
-            f"{source}: [data] b0_dir must be [0, 0, 1]: models are trained with B0 along the k axis "
-            "and inference resamples data to that orientation."
-        )
     if "adversarial" in recipe and arch != "qsmgan":
         raise UsageError(f"{source}: [adversarial] training needs arch 'qsmgan', not {arch!r}.")
     if "domain" in recipe and arch != "qsminvnet":
         raise UsageError(f"{source}: [domain] adaptation needs arch 'qsminvnet' (domain-specific batch norm), not {arch!r}.")
+    recipe["train"] = {**TRAIN_DEFAULTS, **recipe["train"]}
+    recipe["optim"] = {**OPTIM_DEFAULTS, **recipe["optim"]}
+    checks = _library_checks()
+    tables = [(recipe["train"], TRAIN_CHECKS, "[train]", ()), (recipe["optim"], OPTIM_CHECKS, "[optim]", ()),
+              (recipe["data"], checks["data"], "[data]", ()), (recipe["augment"], AUGMENT_CHECKS, "[augment]", ())]
+    tables += [(recipe["data"].get(key[len("data."):], {}), checks[key], f"[{key}]", ()) for key in checks if key.startswith("data.")]
+    if "adversarial" in recipe:
+        required = [key for key in ADVERSARIAL_CHECKS if key not in ADVERSARIAL_OPTIONAL]
+        tables.append((recipe["adversarial"], ADVERSARIAL_CHECKS, "[adversarial]", required))
+    if "domain" in recipe:
+        tables.append((recipe["domain"], DOMAIN_CHECKS, "[domain]", ()))
+        tables.append((recipe["domain"].get("augment", {}), AUGMENT_CHECKS, "[domain.augment]", ()))
+    for table, table_checks, where, required in tables:
+        _check_table(table, table_checks, where, source, required=required)
+    _check_loss(recipe["loss"], "[loss]", source)
+    if "loss" in recipe.get("domain", {}):
+        _check_loss(recipe["domain"]["loss"], "[domain.loss]", source)
+    _check_fit(recipe, _check_model(recipe["model"], source), source)
     return recipe
