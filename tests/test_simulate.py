@@ -419,3 +419,15 @@ def test_cli_snr_field_strength_and_phase_units_reach_the_images(tmp_path):
     assert np.median(np.abs(error)) < 0.1
     assert np.median(np.abs(np.angle(np.exp(1j * (phase - ppm_to_rad(total, 0.004, 3.0))))[brain])) > 0.3
     assert json.loads((anat / "sub-01_part-phase_T2starw.json").read_text())["MagneticFieldStrength"] == 7
+
+
+def test_cli_logs_progress_without_verbose_and_detail_with_it(tmp_path, caplog):
+    import logging
+
+    small = ["--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]
+    with caplog.at_level(logging.DEBUG):
+        assert main([str(tmp_path / "a"), *small]) == 0
+        assert logging.getLogger("qsmprep").level == logging.INFO
+        assert "sub-01 written" in caplog.text
+        assert main([str(tmp_path / "b"), *small, "-v"]) == 0
+        assert logging.getLogger("qsmprep").level == logging.DEBUG

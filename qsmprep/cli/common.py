@@ -142,7 +142,7 @@ def torch_on_all_cores():
     torch.set_num_threads(available_cores())
 
 
-def run_cli(parser, run, argv=None):
+def run_cli(parser, run, argv=None, verbosity=0):
     """Parse ``argv`` with ``parser``, run ``run(args)`` and return the process exit code.
 
     Parameters
@@ -154,6 +154,9 @@ def run_cli(parser, run, argv=None):
         ``qsmprep.errors.QSMPrepError`` for anything the user can fix.
     argv : list of str or None, default None
         Arguments (``sys.argv[1:]`` if None).
+    verbosity : int, default 0
+        Log level without ``-v``: 0 warnings, 1 progress (for commands whose work takes minutes); each
+        ``-v`` adds one, 2 and more is debugging detail.
 
     Returns
     -------
@@ -161,7 +164,7 @@ def run_cli(parser, run, argv=None):
     was closed by its reader.
     """
     _add_verbosity(parser)
-    return quiet_on_closed_pipe(_parse_and_run, parser, run, argv)
+    return quiet_on_closed_pipe(_parse_and_run, parser, run, argv, verbosity)
 
 
 def quiet_on_closed_pipe(main, *args):
@@ -180,13 +183,13 @@ def quiet_on_closed_pipe(main, *args):
     return code
 
 
-def _parse_and_run(parser, run, argv):
+def _parse_and_run(parser, run, argv, verbosity):
     """``run_cli`` without the closed-pipe handling: parse, set up logging and FFT workers, run."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or an argparse usage error (2), already printed
         return UsageError.exit_code if exc.code == 2 else (exc.code or 0)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity + args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format=LOG_FORMAT)
     logging.getLogger("qsmprep").setLevel(level)
     from scipy import fft

@@ -3,7 +3,7 @@
     qsmprep-simulate OUT_DIR [--subjects N] [--sessions LABEL ...] [--echoes 4]
         [--te-first 0.004] [--te-spacing 0.004] [--b0-tesla 3] [--voxel-size X Y Z]
         [--oblique DEG] [--snr 100] [--phase-units arbitrary|rad]
-        [--matrix X Y Z | --fov-mm X Y Z] [--seed 0]
+        [--matrix X Y Z | --fov-mm X Y Z] [--seed 0] [-v]
 
 Each subject's head is drawn from (seed, subject index); sessions of a
 subject share the head and differ in noise and receive phase. Axial
@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import fft
 
-from ..errors import CantCreateError, QSMPrepError, UsageError
+from ..errors import CantCreateError, UsageError
 from ..sim.bids_writer import (
     PHASE_UNITS,
     acquisition_bytes,
@@ -34,14 +33,12 @@ from ..sim.bids_writer import (
 )
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
-from ..resources import available_cores
 from .common import (
-    LOG_FORMAT,
     ArgumentParser,
     check_b0_tesla_option,
     check_writable_folder,
     finite_float,
-    print_error,
+    run_cli,
 )
 
 log = logging.getLogger("qsmprep.simulate")
@@ -90,6 +87,8 @@ def build_parser():
                    "(default: the smallest output voxel size, at most 1 mm)")  # fmt: skip
     p.add_argument("--no-phase-offset", action="store_true", help="no receive-phase offset (phase is the field alone)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="debugging detail on standard error (progress is logged without it)")  # fmt: skip
     return p
 
 
@@ -239,16 +238,9 @@ def simulate_dataset(args):
 
 
 def main(argv=None):
-    """Entry point; returns the exit code (0, or a BIDS execution-spec code on error)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        with fft.set_workers(available_cores()):
-            simulate_dataset(args)
-    except QSMPrepError as exc:
-        return print_error(parser.prog, exc)
-    return 0
+    """Entry point; returns the exit code (0, or a BIDS execution-spec code on error). Progress is logged
+    without -v (a default dataset takes tens of seconds); -v adds debugging detail."""
+    return run_cli(build_parser(), simulate_dataset, argv, verbosity=1)
 
 
 if __name__ == "__main__":
