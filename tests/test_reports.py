@@ -198,7 +198,9 @@ def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
     assert "<th>Grid</th><td>12 x 12 x 8 voxels of 2 x 2 x 2.5 mm</td>" in text
     assert "<th>Echo times</th><td>4, 8, 12 ms (3 echoes)</td>" in text
     assert "<th>Field strength</th><td>7 T</td>" in text
-    assert "<th>B0 direction</th><td>20.0 degrees from the third voxel axis</td>" in text
+    # B0 tilted 20 degrees in voxel coordinates while the affine is not: the direction was given with --b0-dir
+    assert ("<th>B0 direction</th><td>20.0 degrees from the third voxel axis (given with --b0-dir; the image "
+            "orientation gives 0.0 degrees)</td>") in text
     assert "<th>Brain mask</th><td>6 ml (600 voxels)" in text
     assert "in the brain mask its 1st to 99th percentile is -0.098 to 0.098 ppm" in text
     # without sidecars (a run made elsewhere), what the images themselves say
@@ -207,6 +209,24 @@ def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
     text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
                                                           "chimaps": {"tkd": paths["chi"]}}]).read_text()
     assert "<th>Grid</th>" in text and "<th>Brain mask</th>" in text and "Echo times" not in text
+
+
+@pytest.mark.parametrize(("sign", "given", "words"), [
+    (1, False, "20.0 degrees from the third voxel axis (from the image orientation)"),
+    (-1, False, "20.0 degrees from the third voxel axis (from the image orientation)"),  # the sign is moot
+    (1, True, "0.0 degrees from the third voxel axis (given with --b0-dir; the image orientation gives 20.0 degrees)"),
+])
+def test_report_says_whether_b0_came_from_the_affine_or_was_given(sign, given, words):
+    """A slab tilted 20 degrees about the L-R axis: B0 (world z) is 20 degrees from its third voxel axis. A Chimap
+    computed with that direction took it from the affine; one computed with B0 along the third axis was given it."""
+    from qsmprep.physics import b0_dir_from_affine
+    from qsmprep.reports.report import b0_direction_text
+
+    t = np.radians(20)
+    affine = np.eye(4)
+    affine[:3, :3] = 1.5 * np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    b0_dir = (0.0, 0.0, 1.0) if given else sign * np.asarray(b0_dir_from_affine(affine))
+    assert b0_direction_text(b0_dir, affine) == words
 
 
 def test_an_earlier_run_whose_files_are_gone_is_named_not_fatal(report_dir, tmp_path):

@@ -195,8 +195,9 @@ def test_methods_text_names_a_total_variation_term_in_the_refinement():
     plain = methods_text(make_config([make_run()], inversion=("deep",)))
     assert "total variation" not in plain and "squared distance to the network output." in plain
     config = make_config([make_run()], inversion=("deep",), parameters={"inversion": {"deep": {"refine_tv_weight": 3e-4}}})
-    assert ("squared distance to the network output, plus 0.0003 ppm mm times the total variation of chi (gradients "
-            "between brain voxels, smoothed by 0.001 ppm/mm, reweighted every 10 iterations).") in methods_text(config)
+    assert ("squared distance to the network output, plus 0.0003 ppm mm times the total variation of chi (as in MEDI, "
+            "Liu et al. 2011; gradients between brain voxels, smoothed by 0.001 ppm/mm, reweighted every 10 iterations "
+            "by lagged diffusivity, Vogel and Oman 1996).") in methods_text(config)
 
 
 def test_presets_and_parameters():

@@ -91,8 +91,8 @@ def add_deep_options(group, refine_radius_mm=None):
                        help=f"deep: shipped model name or checkpoint path, e.g. one written by qsmprep-train "
                             f"(default {DEFAULT_MODEL})")  # fmt: skip
     group.add_argument("--refine", type=int, metavar="N",
-                       help=f"deep: data-consistency refinement iterations after the network, 0 = off (default "
-                            f"{REFINE_ITERS})")  # fmt: skip
+                       help=f"deep: data-consistency refinement iterations after the network, at most (they stop "
+                            f"once converged), 0 = off (default {REFINE_ITERS})")  # fmt: skip
     group.add_argument("--refine-lambda", type=finite_float, metavar="L",
                        help=f"deep: weight of the network prior in the refinement, > 0 (default {REFINE_LAMBDA})")
     group.add_argument("--refine-radius", type=finite_float, metavar="MM",

@@ -16,7 +16,7 @@ import numpy as np
 from .. import __version__
 from ..errors import QSMPrepError
 from ..io import load_nifti
-from ..physics import b0_tilt_deg, ras_voxel_size, to_ras
+from ..physics import b0_dir_from_affine, b0_tilt_deg, ras_voxel_size, to_ras
 from .mosaic import (
     CHI_WINDOW_PPM,
     LOCAL_FIELD_WINDOW_PPM,
@@ -96,9 +96,27 @@ def _sidecar(path):
         return {}
 
 
+B0_AGREES_DEG = 0.1
+"""Largest angle (degrees) between the B0 direction a Chimap was computed with and the one its images' affine gives
+at which the report says the direction came from the affine (float32 affines of oblique grids are off by 1e-5)."""
+
+
+def b0_direction_text(b0_dir, affine):
+    """The report's words on the B0 direction ``b0_dir`` (voxel coordinates) a run's Chimaps were computed with: its
+    angle to the third voxel axis, and whether it is the direction the images' ``affine`` gives or another one (given
+    with ``--b0-dir``)."""
+    given = np.asarray(b0_dir, dtype=np.float64)
+    from_affine = b0_dir_from_affine(np.asarray(affine, dtype=np.float64))
+    cosine = abs(given @ from_affine) / np.linalg.norm(given)
+    source = ("from the image orientation" if np.degrees(np.arccos(min(1.0, cosine))) <= B0_AGREES_DEG else
+              f"given with --b0-dir; the image orientation gives {b0_tilt_deg(from_affine):.1f} degrees")
+    return f"{b0_tilt_deg(given):.1f} degrees from the third voxel axis ({source})"
+
+
 def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
-    """A table of what a run's figures show: grid and voxel size, echoes, field strength, B0 direction and the
-    brain mask's volume, from the mask (array, affine) and the sidecars of the mask and of one Chimap (dicts)."""
+    """A table of what a run's figures show: grid and voxel size, echoes, field strength, B0 direction (with its
+    source, ``b0_direction_text``) and the brain mask's volume, from the mask (array, affine) and the sidecars of
+    the mask and of one Chimap (dicts)."""
     voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     voxels = int(np.count_nonzero(mask))
     rows = [("Grid", f"{' x '.join(map(str, np.shape(mask)[:3]))} voxels of "
@@ -110,8 +128,7 @@ def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
     if "MagneticFieldStrength" in mask_sidecar:
         rows.append(("Field strength", f"{mask_sidecar['MagneticFieldStrength']:g} T"))
     if "B0Direction" in chimap_sidecar:
-        rows.append(("B0 direction", f"{b0_tilt_deg(chimap_sidecar['B0Direction']):.1f} degrees from the third "
-                                     "voxel axis"))
+        rows.append(("B0 direction", b0_direction_text(chimap_sidecar["B0Direction"], affine)))
     rows.append(("Brain mask", f"{voxels * np.prod(voxel_mm) / 1000:.0f} ml ({voxels} voxels), where the local "
                                "field and the Chimaps are defined"))
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)

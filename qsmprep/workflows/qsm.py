@@ -2,6 +2,7 @@
 
 import logging
 from importlib import resources
+from importlib.metadata import version
 
 import nipype
 import numpy as np
@@ -10,6 +11,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
+from ..bgremove.vsharp import MAX_RADIUS_MM, default_radii_mm
 from ..bids.discovery import ENTITY_KEYS
 from ..deep import checkpoint_path, is_shipped_model, model_provenance, read_metadata
 from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS
@@ -104,10 +106,21 @@ def deep_network_shape(run, config, shape, b0_dir):
 
 
 def read_boilerplate(key, **context):
-    """Render template ``qsmprep/data/boilerplate/<key>.txt``: (paragraph, list of references)."""
+    """Render template ``qsmprep/data/boilerplate/<key>.txt``: (paragraph, list of references).
+
+    A reference line ``if NAME: reference`` is kept only when ``context[NAME]`` is true: the paragraph cites
+    that work only with the option NAME is set by.
+    """
     text = (BOILERPLATE / f"{key}.txt").read_text()
     body, _, refs = text.partition("References:")
-    return body.strip().format(**context), [r.strip() for r in refs.strip().splitlines() if r.strip()]
+    kept = []
+    for line in filter(None, map(str.strip, refs.splitlines())):
+        condition, colon, reference = line.partition(": ")
+        if not (line.startswith("if ") and colon):
+            kept.append(line)
+        elif context.get(condition.removeprefix("if ")):
+            kept.append(reference)
+    return body.strip().format(**context), kept
 
 
 def deep_network_frame(run, config):
@@ -157,19 +170,42 @@ def deep_model_text(model):
 
 
 def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, refine_tv_weight=0.0, **_):
-    """The methods sentence on the deep inversion's data-consistency refinement (``deep_invert``'s resolved parameters)."""
+    """The methods sentence on the deep inversion's data-consistency refinement (``deep_invert``'s resolved parameters).
+
+    ``refine_iters`` is an upper bound: the conjugate gradients stop once their residual is small (on the simulated
+    head at 1.5 mm, after 11 iterations of ``--refine 100``)."""
     from ..inversion.deep import TV_EPSILON, TV_REWEIGHT_ITERS
 
     if not refine_iters:
         return "The network output was used without data-consistency refinement."
-    high_pass = (f", both fields high-passed (their spherical mean over {refine_radius_mm:g} mm subtracted) so that "
-                 "residual background fields are ignored" if refine_radius_mm else "")
-    tv = (f", plus {refine_tv_weight:g} ppm mm times the total variation of chi (gradients between brain voxels, "
-          f"smoothed by {TV_EPSILON:g} ppm/mm, reweighted every {TV_REWEIGHT_ITERS} iterations)"
+    high_pass = (f", both fields high-passed (their spherical mean over {refine_radius_mm:g} mm subtracted, as in "
+                 "SHARP (Schweser et al. 2011), and "
+                 "compared only where that sphere fits in the brain mask) so that residual background fields are "
+                 "ignored" if refine_radius_mm else "")
+    tv = (f", plus {refine_tv_weight:g} ppm mm times the total variation of chi (as in MEDI, Liu et al. 2011; "
+          f"gradients between brain voxels, smoothed by {TV_EPSILON:g} ppm/mm, reweighted every {TV_REWEIGHT_ITERS} "
+          "iterations by lagged diffusivity, Vogel and Oman 1996)"
           if refine_tv_weight else "")
-    return (f"The network output was then refined by {refine_iters} conjugate-gradient iterations minimising the "
-            f"squared misfit between the modelled and the measured local field{high_pass}, plus {refine_lambda:g} times "
-            f"the squared distance to the network output{tv}.")
+    return (f"The network output was then refined by {refine_iters} conjugate-gradient iterations at most (fewer once "
+            f"the solver converged), minimising the squared misfit between the modelled and the measured local "
+            f"field{high_pass}, plus {refine_lambda:g} times the squared distance to the network output{tv}.")
+
+
+DEEP_DEVICES = {"cpu": "on the CPU, in single precision", "cuda": "on a CUDA GPU, {gpu}",
+                "auto": "on a CUDA GPU where the processing node had one ({gpu}), else on the CPU in single "
+                        "precision"}
+"""Where ``--device`` runs the deep network and its refinement (``deep_invert``'s ``resolve_device``), and in which
+precision; ``{gpu}`` is the precision on a GPU (``deep_runtime_text``)."""
+
+
+def deep_runtime_text(device, refine_iters):
+    """The methods sentence on the software and hardware of the deep inversion: the PyTorch version and the device
+    with its precision (``DEEP_DEVICES``). On a GPU ``network_predictor`` autocasts the network to float16; the
+    refinement stays in float32 and falls back to the CPU when the GPU's memory runs out (``run_with_cpu_fallback``)."""
+    steps = "The network and its refinement" if refine_iters else "The network"
+    gpu = "the network's pass in float16 automatic mixed precision" + (
+        ", the refinement in single precision, on the CPU if the GPU ran out of memory for it" if refine_iters else "")
+    return f"{steps} ran in PyTorch {version('torch')} {DEEP_DEVICES[device].format(gpu=gpu)}."
 
 
 ECHO_WORDING = {
@@ -180,6 +216,13 @@ ECHO_WORDING = {
                "combined_magnitude": "the magnitude", "steep_phase": "the phase"},
 }
 """The methods text's words for what ``total_field_hz`` and the masks do with several echoes or with one."""
+
+
+MASK_THRESHOLDED = {
+    "magnitude": "{combined_magnitude}",
+    "quality": "both {combined_magnitude} and a phase quality map (magnitude times local phase coherence)",
+}
+"""What the ``--mask`` strategies threshold (``BrainMask``; ``mask-automatic.txt`` describes the rest)."""
 
 
 MASK_STEP_NAMES = {"separate_mm": "erosion by {} mm before the largest component is kept",
@@ -197,13 +240,53 @@ def mask_steps_without_effect(mask_params, voxel_size_mm):
     return f" At this run's voxel size ({voxel} mm) {steps} reached no neighbouring voxel and had no effect."
 
 
-def acquisition_text(run):
-    """The methods sentence on what the field and susceptibility scaling took from the run: echo times and field
-    strength (runs that differ in them get their own paragraph)."""
-    times = [f"{te * 1e3:g}" for te in run.echo_times_s]
-    listed = times[0] if len(times) == 1 else ", ".join(times[:-1]) + " and " + times[-1]
+def spoken_list(items):
+    """Strings listed as a sentence lists them: "a", "a and b", "a, b and c"."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def acquisition_text(run, config):
+    """The methods sentences on what the field and susceptibility scaling took from the run: echo times, field
+    strength and B0 direction, with where the last two came from (runs that differ in them get their own paragraph)."""
+    times = [f"{te * 1e3:g}" for te in sorted(run.echo_times_s)]
     count = "one echo" if len(times) == 1 else f"{len(times)} echoes"
-    return f"The runs described here had {count} ({listed} ms) at {run.b0_tesla:g} T."
+    return (f"The runs described here had {count} ({spoken_list(times)} ms) at {run.b0_tesla:g} T. "
+            f"{b0_source_text(run, config)}")
+
+
+def b0_source_text(run, config):
+    """The methods sentence on where the field strength (``--b0-tesla`` or the sidecars) and B0's direction in the
+    run's voxel coordinates (``--b0-dir`` or the NIfTI affine, ``run_b0_dir``) came from, with B0's tilt."""
+    strength = ("given with --b0-tesla, overriding MagneticFieldStrength in the sidecars" if config.b0_tesla is not None
+                else "read from MagneticFieldStrength in the sidecars")
+    direction = ("taken from the image orientation (the NIfTI affine)" if config.b0_dir is None
+                 else f"given with --b0-dir as ({', '.join(f'{v:g}' for v in config.b0_dir)}) in voxel coordinates")
+    return (f"The field strength was {strength}; B0's direction, {b0_tilt_deg(run_b0_dir(run, config)):.1f} degrees "
+            f"from the third voxel axis, was {direction}.")
+
+
+def bgremove_context(run, config):
+    """Values of the background removal's template: the method's parameters and, for V-SHARP, its kernels as
+    ``vsharp`` uses them (``radii_mm``, by default ``default_radii_mm`` of the run's voxel size)."""
+    params = config.parameters["bgremove"][config.bgremove]
+    if config.bgremove != "vsharp":
+        return params
+    radii = params.get("radii_mm")
+    rule = ""
+    if radii is None:
+        radii = default_radii_mm(voxel_size_from_affine(np.asarray(run.affine)))
+        rule = (f" ({MAX_RADIUS_MM:g} mm down to twice the largest voxel dimension, in steps of about one voxel)"
+                if len(radii) > 1 else " (twice the largest voxel dimension)")
+    listed = spoken_list([f"{r:.3g}" for r in sorted(radii, reverse=True)])
+    kernels = f"spherical kernels of {listed} mm" if len(radii) > 1 else f"a spherical kernel of {listed} mm"
+    return {**params, "kernels": kernels + rule}
+
+
+def software_text():
+    """The numerical libraries qsmprep's methods run in, with their versions, as the methods text names them."""
+    names = {"numpy": "NumPy", "scipy": "SciPy", "scikit-image": "scikit-image"}
+    return spoken_list([f"{name} {version(package)}" for package, name in names.items()])
 
 
 def methods_description(run, config):
@@ -212,25 +295,32 @@ def methods_description(run, config):
     echoes = "single" if len(run.echo_times_s) == 1 else "multi"
     wording = ECHO_WORDING[echoes]
     mask_params = params.get("mask", {}).get(config.mask_strategy, {})
+    mask_context = {} if config.mask_strategy == "user" else {
+        **mask_params, **wording, "thresholded": MASK_THRESHOLDED[config.mask_strategy].format(**wording),
+        "steps_without_effect": mask_steps_without_effect(mask_params, voxel_size_from_affine(np.asarray(run.affine)))}
     parts = [
-        ("intro", {"version": __version__, "nipype_version": nipype.__version__, "phase_units": run.phase_units,
-                   "acquisition": acquisition_text(run), **wording}),
-        (f"mask-{config.mask_strategy}", {**mask_params, **wording, "steps_without_effect": mask_steps_without_effect(
-            mask_params, voxel_size_from_affine(np.asarray(run.affine)))}),
+        ("intro", {"version": __version__, "nipype_version": nipype.__version__, "libraries": software_text(),
+                   "phase_units": run.phase_units, "acquisition": acquisition_text(run, config), **wording}),
+        ("mask-user" if config.mask_strategy == "user" else "mask-automatic", mask_context),
         (f"unwrap-{config.unwrap}", wording),
         (f"echoes-{echoes}", {}),
-        (f"bgremove-{config.bgremove}", params["bgremove"][config.bgremove]),
+        (f"bgremove-{config.bgremove}", bgremove_context(run, config)),
     ]
     resampled = b0_resampled_methods(run, config)
     if resampled:
-        exempt = " The deep inversion was run on the acquisition grid, as it resamples into its model's frame itself."
+        exempt = (" The deep inversion was run on the acquisition grid, as it resamples into its model's frame itself "
+                  "where it needs to (see below).")
         parts.append(("resample-b0", {"threshold_deg": B0_RESAMPLE_TILT_DEG,
                                       "deep_exempt": exempt if len(resampled) < len(config.inversion) else ""}))
     for method in config.inversion:
         context = params.get("inversion", {}).get(method, {})
         if method == "deep":
             context = {**context, "network": deep_model_text(context["model"]), "frame": deep_frame_text(run, config),
-                       "refinement": deep_refinement_text(**context)}
+                       "refinement": deep_refinement_text(**context),
+                       # which of the refinement's optional terms the text cites (its template's references)
+                       "cites_high_pass": bool(context["refine_iters"] and context.get("refine_radius_mm")),
+                       "cites_tv": bool(context["refine_iters"] and context.get("refine_tv_weight")),
+                       "runtime": deep_runtime_text(config.device, context["refine_iters"])}
         parts.append((f"inversion-{method}", context))
     parts.append(("referencing", {}))
     paragraphs, references = [], []

@@ -1,0 +1,205 @@
+"""The methods text (CITATION.md, the report's Methods): each statement true of what the options make qsmprep run."""
+
+import json
+from dataclasses import replace
+from importlib.metadata import version
+
+import numpy as np
+import pytest
+
+from qsmprep.bids.discovery import GRERun
+from qsmprep.config import Config
+
+
+def _affine(tilt_deg=0.0, voxel=(3.0, 3.0, 4.0)):
+    """A slab tilted ``tilt_deg`` about the L-R axis (B0, world z, is that far from its third voxel axis)."""
+    t = np.radians(tilt_deg)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]]) @ np.diag(voxel)
+    return tuple(tuple(float(v) for v in row) for row in affine)
+
+
+def _run(tilt_deg=0.0, voxel=(3.0, 3.0, 4.0), echo_times_s=(0.004, 0.008, 0.012), b0_tesla=3.0):
+    anat = "/data/sub-01/anat/sub-01"
+    echoes = range(1, len(echo_times_s) + 1)
+    return GRERun("01", None, None, None, "MEGRE",
+                  magnitude=tuple(f"{anat}_echo-{e}_part-mag_MEGRE.nii.gz" for e in echoes),
+                  phase=tuple(f"{anat}_echo-{e}_part-phase_MEGRE.nii.gz" for e in echoes),
+                  echo_times_s=tuple(echo_times_s), phase_units="arbitrary", b0_tesla=b0_tesla, shape=(64, 64, 48),
+                  affine=_affine(tilt_deg, voxel))
+
+
+def _text(run=None, **options):
+    """``methods_text`` of one run processed with ``options`` (Config fields)."""
+    from qsmprep.workflows.base import methods_text
+
+    config = Config(bids_dir="/data", output_dir="/out", work_dir="/work", **options).resolve_parameters()
+    config.runs = [run or _run()]
+    return methods_text(config)
+
+
+def test_b0_strength_and_direction_say_where_they_came_from():
+    """--b0-tesla and --b0-dir change the field scaling and every dipole kernel: the text named neither."""
+    assert ("The runs described here had 3 echoes (4, 8 and 12 ms) at 3 T. The field strength was read from "
+            "MagneticFieldStrength in the sidecars; B0's direction, 20.0 degrees from the third voxel axis, was taken "
+            "from the image orientation (the NIfTI affine).") in _text(_run(tilt_deg=20.0), inversion=("tkd",))
+    text = _text(_run(b0_tesla=7.0), inversion=("tkd",), b0_tesla=7.0, b0_dir=(0.0, 0.1, 1.0))
+    assert ("at 7 T. The field strength was given with --b0-tesla, overriding MagneticFieldStrength in the sidecars; "
+            "B0's direction, 5.7 degrees from the third voxel axis, was given with --b0-dir as (0, 0.1, 1) in voxel "
+            "coordinates.") in text
+
+
+def test_echo_times_are_listed_in_order_of_echo_time():
+    """A 4D file's EchoTime list may run backwards; the text says the echoes were ordered by echo time."""
+    assert "had 3 echoes (4, 8 and 12 ms)" in _text(_run(echo_times_s=(0.012, 0.008, 0.004)), inversion=("tkd",))
+
+
+def test_the_software_versions_include_the_numerical_libraries():
+    text = _text(inversion=("tkd",))
+    assert (f"built on Nipype {version('nipype')} (Gorgolewski et al. 2011), with NumPy {version('numpy')}, SciPy "
+            f"{version('scipy')} and scikit-image {version('scikit-image')}.") in text
+
+
+@pytest.mark.parametrize(("voxel", "kernels"), [
+    ((3.0, 3.0, 4.0), "with spherical kernels of 12 and 8 mm (12 mm down to twice the largest voxel dimension, in "
+                      "steps of about one voxel) and a deconvolution threshold of 0.05"),
+    ((1.5, 1.5, 1.5), "with spherical kernels of 12, 10.5, 9, 7.5, 6, 4.5 and 3 mm (12 mm down"),
+    ((7.0, 7.0, 7.0), "with a spherical kernel of 14 mm (twice the largest voxel dimension) and"),
+])
+def test_vsharp_names_the_kernels_it_used(voxel, kernels):
+    """The radii depend on the voxel size (``default_radii_mm``): beyond 6 mm voxels there is one, above 12 mm."""
+    assert kernels in _text(_run(voxel=voxel), inversion=("tkd",))
+
+
+def test_vsharp_radii_from_the_parameters_replace_the_default_rule():
+    text = _text(inversion=("tkd",), parameters={"bgremove": {"vsharp": {"radii_mm": [6.0, 10.0]}}})
+    assert "with spherical kernels of 10 and 6 mm and a deconvolution threshold" in text
+    assert "twice the largest voxel dimension" not in text
+
+
+def test_resharp_and_pdf_name_their_solver_and_what_they_do_to_the_mask():
+    """RESHARP erodes the mask (the text did not say so); PDF does not; both solve by CG with their own settings."""
+    resharp = _text(bgremove="resharp", inversion=("tkd",))
+    assert ("RESHARP (Sun and Wilman 2014) with a 4 mm spherical kernel and Tikhonov parameter 0.001, solved by "
+            "conjugate gradients (tolerance 1e-06, at most 200 iterations), which also erodes the mask to where the "
+            "sphere fits;") in resharp
+    pdf = _text(bgremove="pdf", inversion=("tkd",))
+    assert ("(PDF; Liu et al. 2011): the field of susceptibility sources outside the brain mask, on a grid zero-padded "
+            "to 1.5 times its size, was fitted to the total field with equal weights for every mask voxel by conjugate "
+            "gradients (tolerance 1e-05, at most 100 iterations) and subtracted; PDF does not erode the mask") in pdf
+
+
+@pytest.mark.parametrize(("mask", "thresholded"), [
+    ("quality", "Otsu thresholding (Otsu 1979) of both the root-sum-of-squares magnitude over echoes and a phase "
+                "quality map (magnitude times local phase coherence), followed by"),
+    ("magnitude", "Otsu thresholding (Otsu 1979) of the root-sum-of-squares magnitude over echoes, followed by"),
+])
+def test_mask_strategies_share_one_description_with_the_closing(mask, thresholded):
+    """``brain_mask`` closes the opened mask within the eroded one; the text named only the opening."""
+    text = _text(mask=mask, inversion=("tkd",))
+    assert thresholded in text
+    assert ("morphological opening by 2.0 mm (then the largest connected component, closed by the same ball within "
+            "the eroded mask)") in text
+
+
+def test_deep_refinement_iterations_are_an_upper_bound(monkeypatch):
+    """The refinement's conjugate gradients stop once converged: --refine 100 ran far fewer than 100 iterations."""
+    from qsmprep.inversion import deep
+    from qsmprep.workflows.qsm import deep_refinement_text
+
+    ran = []
+    solve = deep.cg
+
+    def counting_cg(*args, max_iter, **kwargs):
+        iterations = []
+        result = solve(*args, max_iter=max_iter, callback=lambda x, it: iterations.append(it), **kwargs)
+        ran.append(len(iterations))
+        return result
+
+    monkeypatch.setattr(deep, "cg", counting_cg)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
+    mask = x**2 + y**2 + z**2 < 0.7
+    field = (0.05 * x * y * mask).astype(np.float32)
+    deep.refine_data_consistency(np.zeros_like(field), field, mask, (2.0,) * 3, n_iter=100)
+    assert ran and ran[0] < 100
+    assert deep_refinement_text(100, 0.05).startswith(
+        "The network output was then refined by 100 conjugate-gradient iterations at most (fewer once the solver "
+        "converged), minimising")
+
+
+def test_deep_refinement_high_pass_says_where_the_fields_are_compared():
+    from qsmprep.workflows.qsm import deep_refinement_text
+
+    assert ("both fields high-passed (their spherical mean over 8 mm subtracted, as in SHARP (Schweser et al. 2011), "
+            "and compared only where that sphere fits in the brain mask)") in deep_refinement_text(10, 0.05, refine_radius_mm=8.0)
+
+
+@pytest.mark.parametrize(("device", "refine", "sentence"), [
+    ("cpu", 10, "The network and its refinement ran in PyTorch {} on the CPU, in single precision."),
+    ("cpu", 0, "The network ran in PyTorch {} on the CPU, in single precision."),
+    ("cuda", 10, "The network and its refinement ran in PyTorch {} on a CUDA GPU, the network's pass in float16 "
+                 "automatic mixed precision, the refinement in single precision, on the CPU if the GPU ran out of "
+                 "memory for it."),
+    ("auto", 0, "The network ran in PyTorch {} on a CUDA GPU where the processing node had one (the network's pass in "
+                "float16 automatic mixed precision), else on the CPU in single precision."),
+])
+def test_deep_text_names_pytorch_the_device_and_the_precision(device, refine, sentence):
+    """--device decides where the network runs, and on a GPU it is autocast to float16: the text said neither."""
+    text = _text(inversion=("deep",), device=device, parameters={"inversion": {"deep": {"refine_iters": refine}}})
+    assert sentence.format(version("torch")) in text
+
+
+def test_resample_b0_deep_exemption_holds_where_deep_keeps_the_acquisition_grid():
+    """At 2 degrees of tilt and the model's 1 mm, --resample-b0 resamples TKD but deep runs on the acquisition grid
+    without resampling at all: "as it resamples into its model's frame itself" was false there."""
+    text = _text(_run(tilt_deg=2.0, voxel=(1.0, 1.0, 1.0)), inversion=("deep", "tkd"), resample_b0=True)
+    assert ("The deep inversion was run on the acquisition grid, as it resamples into its model's frame itself where "
+            "it needs to (see below).") in text
+    assert "The network ran on the acquisition grid (B0 within 3 degrees of its third axis" in text
+
+
+def test_the_report_gets_the_text_the_citation_file_gets():
+    """The subject's report node carries ``methods_text`` of its runs, as written to CITATION.md."""
+    from qsmprep.workflows.base import init_single_subject_wf, methods_text
+
+    config = Config(bids_dir="/data", output_dir="/out", work_dir="/work", inversion=("tkd", "cfl2"),
+                    bgremove="resharp", b0_dir=(0.0, 0.1, 1.0)).resolve_parameters()
+    config.runs = [_run(), replace(_run(tilt_deg=20.0), session="2")]
+    report = init_single_subject_wf("01", config.runs, config).get_node("report")
+    assert report.inputs.methods_text == methods_text(config)
+
+
+def test_boilerplate_only_writes_the_b0_sources_and_the_kernels(tmp_path):
+    """End to end through the command line: --b0-tesla and --b0-dir reach CITATION.md (a 16^3 dataset of 8 mm)."""
+    from qsmprep.cli import simulate
+    from qsmprep.cli.run import main
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    assert simulate.main([str(bids), "--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]) == 0
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only",
+                 "--inversion", "tkd", "--bgremove", "vsharp", "--b0-tesla", "7", "--b0-dir", "0", "0.1", "1"]) == 0
+    (citation,) = out.glob("logs/*/CITATION.md")
+    text = citation.read_text()
+    assert ("at 7 T. The field strength was given with --b0-tesla, overriding MagneticFieldStrength in the sidecars; "
+            "B0's direction, 5.7 degrees from the third voxel axis, was given with --b0-dir as (0, 0.1, 1)") in text
+    assert "with a spherical kernel of 16 mm (twice the largest voxel dimension)" in text
+    assert json.loads(citation.with_name("config.json").read_text())["b0_dir"] == [0.0, 0.1, 1.0]
+
+
+
+@pytest.mark.parametrize(("refine", "radius", "tv", "cited"), [
+    (10, 8.0, 0.0, ["Schweser"]),
+    (30, 8.0, 3e-4, ["Schweser", "Liu T", "Vogel"]),
+    (10, 0.0, 3e-4, ["Liu T", "Vogel"]),
+    (0, 8.0, 3e-4, []),  # no refinement: neither term is used, so neither is cited
+])
+def test_deep_paragraph_cites_the_refinement_terms_it_uses(refine, radius, tv, cited):
+    """The deep paragraph named the SHARP high-pass and the total variation but cited neither (V-SHARP's paragraph
+    cites Schweser 2011 too, so the pipeline runs PDF here; references are listed as "- <authors>")."""
+    deep = {"refine_iters": refine, "refine_radius_mm": radius, "refine_tv_weight": tv}
+    text = _text(inversion=("deep",), bgremove="pdf", parameters={"inversion": {"deep": deep}})
+    references = text.partition("References")[2]
+    first_authors = {"Schweser": "- Schweser F", "Liu T": "- Liu T, Liu J", "Vogel": "- Vogel CR"}
+    assert [name for name, line in first_authors.items() if line in references] == cited
+    assert ("SHARP (Schweser et al. 2011)" in text) == ("Schweser" in cited)
+    assert ("as in MEDI, Liu et al. 2011" in text) == ("Liu T" in cited)
