@@ -25,6 +25,13 @@ BIDS_VERSION = "1.10.0"
 RAW_DATASET_NAME = "raw"
 """Name of the input dataset in ``DatasetLinks``: sources are ``bids:raw:<path>``."""
 
+def generated_by_names(description):
+    """The ``Name`` of each ``GeneratedBy`` entry of a parsed dataset_description.json (a dict); [] where it has
+    none or they are not in the BIDS layout (a list of objects)."""
+    entries = description.get("GeneratedBy")
+    return [str(e.get("Name")) for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
 BIDSIGNORE = ("logs/", "*.html", "sub-*/figures/")
 """Paths in the output dataset that are not BIDS files (logs, reports, report figures)."""
 

@@ -179,12 +179,14 @@ def check_output_dataset(output_dir):
     """Raise UsageError when ``output_dir`` is another tool's dataset: its ``dataset_description.json`` does not
     name qsmprep in ``GeneratedBy``. qsmprep would replace that description, and its files would mix with the
     other tool's."""
+    from ..bids.derivatives import generated_by_names
+
     description = Path(output_dir) / "dataset_description.json"
     if not description.is_file():
         return
     try:
-        makers = [str(entry.get("Name")) for entry in json.loads(description.read_text()).get("GeneratedBy", [])]
-    except (OSError, ValueError, AttributeError, TypeError):  # unreadable, not JSON, or not the BIDS layout
+        makers = generated_by_names(json.loads(description.read_text()))
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not the BIDS layout
         makers = []
     if "qsmprep" not in makers:
         made_by = f"made by {', '.join(makers)}" if makers else "not made by qsmprep"

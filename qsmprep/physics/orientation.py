@@ -48,10 +48,11 @@ def b0_dir_from_affine(affine, b0_world=SCANNER_B0_WORLD):
     return tuple(float(v) for v in b / np.linalg.norm(b))
 
 
-def b0_tilt_deg(b0_dir):
-    """Angle in degrees between ``b0_dir`` (voxel coordinates) and the k axis."""
-    b = np.asarray(b0_dir, dtype=np.float64)
-    return float(np.degrees(np.arccos(min(1.0, abs(b[2]) / np.linalg.norm(b)))))
+def b0_tilt_deg(b0_dir, reference=(0.0, 0.0, 1.0)):
+    """Angle in degrees (0-90: a direction and its opposite are one axis) between ``b0_dir`` and ``reference``,
+    both in voxel coordinates; ``reference`` defaults to the k axis."""
+    b, r = np.asarray(b0_dir, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    return float(np.degrees(np.arccos(min(1.0, abs(b @ r) / (np.linalg.norm(b) * np.linalg.norm(r))))))
 
 
 def to_ras(volume, affine):

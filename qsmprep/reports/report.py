@@ -107,8 +107,7 @@ def b0_direction_text(b0_dir, affine):
     with ``--b0-dir``)."""
     given = np.asarray(b0_dir, dtype=np.float64)
     from_affine = b0_dir_from_affine(np.asarray(affine, dtype=np.float64))
-    cosine = abs(given @ from_affine) / np.linalg.norm(given)
-    source = ("from the image orientation" if np.degrees(np.arccos(min(1.0, cosine))) <= B0_AGREES_DEG else
+    source = ("from the image orientation" if b0_tilt_deg(given, from_affine) <= B0_AGREES_DEG else
               f"given with --b0-dir; the image orientation gives {b0_tilt_deg(from_affine):.1f} degrees")
     return f"{b0_tilt_deg(given):.1f} degrees from the third voxel axis ({source})"
 

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
+from ..bids.derivatives import generated_by_names
 from ..errors import DataError
 from ..io import save_nifti, write_text_atomic
 from .gre import VENDOR_PHASE_MAX, phase_to_vendor_units
@@ -134,10 +135,7 @@ def made_by_simulator(out_dir):
     description = _read_description(out_dir)
     if description is None:
         return True
-    generated_by = description.get("GeneratedBy")
-    return isinstance(generated_by, list) and any(
-        isinstance(g, dict) and g.get("Name") == "qsmprep-simulate" for g in generated_by
-    )
+    return "qsmprep-simulate" in generated_by_names(description)
 
 
 def check_dataset_files(out_dir):
