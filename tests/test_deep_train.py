@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from qsmprep.cli.train import main as train_main
-from qsmprep.deep.data import build_dataset
+from qsmprep.deep.data import DEFAULT_PATCH, build_dataset
 from qsmprep.deep.recipes import list_recipes, load_recipe, validate_recipe
 from qsmprep.deep.registry import load_model, read_tensors
 from qsmprep.deep.trainer import (
@@ -198,6 +198,8 @@ def test_target_domain_directory(tmp_path):
     f0, m0 = batch["field"][0, 0], batch["mask"][0, 0]
     assert torch.all(torch.diff(f0[:, :, :6], dim=0) == 72) and torch.all(torch.diff(f0[:, :, :6], dim=2) == 1)
     assert float(m0[:, :, 6:].abs().sum()) == 0  # zero-padded beyond the 6 slices
+    # a [data] section without a patch cuts the data generator's default patch
+    assert TargetDomainFields({"source": str(tmp_path)}, {}, 0, 0).next()["field"].shape == (1, 1, *DEFAULT_PATCH)
     (tmp_path / "empty").mkdir()
     with pytest.raises(NoInputError, match="holds no"):
         TargetDomainFields({"source": str(tmp_path / "empty")}, {"patch": [8] * 3}, 0, 0)

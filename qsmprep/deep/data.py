@@ -79,6 +79,9 @@ DATA_KEYS = (
 ) + GENERATORS
 """Keys a data config may hold."""
 
+DEFAULT_PATCH = (64, 64, 64)
+"""Generated grid shape (voxels) when a data config gives no ``patch``."""
+
 SAMPLE_KEYS = ("field", "chi", "mask", "magnitude", "voxel_size")
 """Keys of every yielded sample."""
 
@@ -102,7 +105,7 @@ class _SampleMaker:
         self.names = list(weights)
         self.probs = np.asarray([weights[n] for n in self.names], dtype=np.float64)
         self.probs /= self.probs.sum()
-        self.patch = tuple(int(n) for n in cfg.get("patch", (64, 64, 64)))
+        self.patch = tuple(int(n) for n in cfg.get("patch", DEFAULT_PATCH))
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise UsageError(f"data.patch must be three positive sizes, got {cfg.get('patch')}")
         if "voxel_size_mm" in cfg and "voxel_size_range_mm" in cfg:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from qsmprep.deep.data import build_dataset, build_validation_set
+from qsmprep.deep.data import DEFAULT_PATCH, build_dataset, build_validation_set
 from qsmprep.deep.losses import (
     build_loss, tanh_target, wgan_generator_loss, wgan_gp_critic_loss,
 )
@@ -160,7 +160,7 @@ class TargetDomainFields:
 
     def __init__(self, domain_cfg, data_cfg, seed, num_workers):
         self.batch_size = int(domain_cfg.get("batch_size", 1))
-        self.patch = tuple(int(n) for n in data_cfg["patch"])
+        self.patch = tuple(int(n) for n in data_cfg.get("patch", DEFAULT_PATCH))
         source = domain_cfg.get("source", "simulated")
         if source == "simulated":
             target_data = {**data_cfg, "generator": "brain"}
