@@ -203,3 +203,33 @@ def test_deep_paragraph_cites_the_refinement_terms_it_uses(refine, radius, tv, c
     assert [name for name, line in first_authors.items() if line in references] == cited
     assert ("SHARP (Schweser et al. 2011)" in text) == ("Schweser" in cited)
     assert ("as in MEDI, Liu et al. 2011" in text) == ("Liu T" in cited)
+
+
+@pytest.mark.parametrize(("arch", "params", "phrase", "cited"), [
+    ("unet", {"prior": "cfl2"}, "a 3D U-Net (Ronneberger et al. 2015) that corrects the closed-form L2 estimate "
+     "(Bilgic et al. 2014)", ["Ronneberger", "Bilgic"]),
+    ("unet", {}, "a 3D U-Net (Ronneberger et al. 2015), applied", ["Ronneberger"]),
+    ("qsmgan", {}, "generator of QSMGAN (Chen et al. 2020; Ronneberger et al. 2015)", ["Ronneberger", "Chen"]),
+    ("qsminvnet", {}, "(QSMInvNet+, Liu and Koch; Ronneberger et al. 2015)", ["Ronneberger", "Liu J"]),
+    ("metaqsm", {}, "(Meta-QSM, Liu and Koch 2019; Ronneberger et al. 2015)", ["Ronneberger", "Liu J"]),
+    ("siqsm", {}, "of SI-QSM (Larrain 2022; Ronneberger et al. 2015)", ["Ronneberger", "Larrain"]),
+])
+def test_deep_paragraph_names_and_cites_the_network_architecture(tmp_path, arch, params, phrase, cited):
+    """The deep paragraph named the checkpoint but not what network it holds, nor cited its design."""
+    from qsmprep.deep.models import build_model
+    from qsmprep.deep.registry import save_checkpoint
+
+    path = tmp_path / f"{arch}.safetensors"
+    save_checkpoint(build_model(arch, width=4, depth=2, **params), path)
+    text = _text(inversion=("deep",), bgremove="pdf", parameters={"inversion": {"deep": {"model": str(path)}}})
+    assert phrase in text
+    references = text.partition("References")[2]
+    first_authors = {"Ronneberger": "- Ronneberger O", "Bilgic": "- Bilgic B", "Chen": "- Chen Y, Jakary A",
+                     "Liu J": "- Liu J, Koch KM", "Larrain": "- Larrain JM"}
+    assert [name for name, line in first_authors.items() if line in references] == cited
+
+
+def test_cfl2_and_the_deep_prior_cite_bilgic_once():
+    """Both paragraphs cite Bilgic et al. 2014 with the same reference, so the list holds it once."""
+    references = _text(inversion=("deep", "cfl2")).partition("References")[2]
+    assert references.count("- Bilgic B") == 1

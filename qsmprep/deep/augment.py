@@ -13,9 +13,9 @@ Amplitude scaling commutes with the (linear) forward model; noise is added
 to the field only. Functions act on the last three axes, so (X, Y, Z) and
 (C, X, Y, Z) NumPy arrays both work.
 
-Reference: Jochmann T, Hauelsen J, Schweser F. How to train a deep
+Reference: Jochmann T, Haueisen J, Schweser F. How to train a deep
 convolutional neural network for QSM. ISMRM poster (90-degree rotations
-about B0, flips, amplitude scaling 0.1-2, Rician noise). Larrain C. SI-QSM,
+about B0, flips, amplitude scaling 0.1-2, Rician noise). Larrain JM. SI-QSM,
 MSc thesis, PUC Chile 2022 (Gaussian field noise, std 1e-5 to 1e-3).
 
 ``Augmenter`` configuration keys (all optional; absent means off):

@@ -6,7 +6,7 @@ generator state gives the same sample. Arrays are float32 in voxel order
 susceptibility and field are in ppm.
 
 - ``random_patterns_chi``: random blurred shapes with a source-free border
-  (Jochmann, Hauelsen, Schweser, ISMRM poster).
+  (Jochmann, Haueisen, Schweser, ISMRM poster).
 - ``analytic_spheres_cylinders``: spheres and infinite cylinders with their
   closed-form fields (SI-QSM, Larrain 2022).
 - ``brain_like_chi``: the built-in head phantom, elastically deformed, with
@@ -153,7 +153,7 @@ def random_patterns_chi(
     structures is large, so that large uniform regions (white matter) are
     represented and the volume is not mostly empty background.
 
-    Reference: Jochmann T, Hauelsen J, Schweser F. How to train a deep
+    Reference: Jochmann T, Haueisen J, Schweser F. How to train a deep
     convolutional neural network for quantitative susceptibility mapping
     (QSM). ISMRM poster (random patterns, per-structure blur, ~10 voxel
     source-free border).
@@ -420,8 +420,8 @@ def analytic_spheres_cylinders(
     so their field is that of an infinite object, which an FFT of the grid's
     chi cannot reproduce near the faces.
 
-    Reference: Larrain C. SI-QSM: scale-invariant quantitative susceptibility
-    mapping. MSc thesis, Pontificia Universidad Catolica de Chile, 2022
+    Reference: Larrain JM. Scale-invariant deep learning approach for QSM
+    reconstruction: SI-QSM. MSc thesis, Pontificia Universidad Catolica de Chile, 2022
     (up to 128 spheres and 32 cylinders, |chi| <= 0.01 ppm, 48^3 FOV).
 
     Parameters

@@ -67,7 +67,7 @@ def amplitude_invariant_l2(pred, target, mask=None, eps=1e-12):
     a prediction of 0 scores mean(y^2) / var(y), and a prediction of
     mean(y) scores exactly 1.
 
-    Reference: Jochmann T, Hauelsen J, Schweser F. ISMRM poster.
+    Reference: Jochmann T, Haueisen J, Schweser F. ISMRM poster.
     """
     err = _per_sample_mean((pred - target) ** 2, mask)
     mean = _per_sample_mean(target, mask)
@@ -91,7 +91,7 @@ def siqsm_loss(pred, target, alpha=1.0, beta=1e-4, gamma=1.0):
     TV is ``total_variation`` of the prediction. Defaults are the thesis'
     (alpha 1, beta 1e-4, gamma 1).
 
-    Reference: Larrain C. SI-QSM, MSc thesis, PUC Chile 2022, eq. 2.3.
+    Reference: Larrain JM. SI-QSM, MSc thesis, PUC Chile 2022, eq. 2.3.
     """
     diff = pred - target
     return alpha * (diff**2).mean() + beta * diff.abs().mean() + gamma * total_variation(pred)

@@ -169,6 +169,31 @@ def deep_model_text(model):
     return f"{what} ({'; '.join(d for d in details if d)})"
 
 
+DEEP_ARCHITECTURES = {
+    "unet": "a 3D U-Net (Ronneberger et al. 2015)",
+    "qsminvnet": "a 3D U-Net with domain-specific batch normalisation (QSMInvNet+, Liu and Koch; Ronneberger et al. "
+                 "2015)",
+    "metaqsm": "a 3D U-Net whose convolution weights are predicted from the voxel size (Meta-QSM, Liu and Koch 2019; "
+               "Ronneberger et al. 2015)",
+    "qsmgan": "the 3D U-Net generator of QSMGAN (Chen et al. 2020; Ronneberger et al. 2015)",
+    "siqsm": "the residual 3D U-Net of SI-QSM (Larrain 2022; Ronneberger et al. 2015)",
+}
+"""The methods phrase, with its citations, for each network architecture (``qsmprep.deep.models.ARCHITECTURES``);
+``inversion-deep.txt`` lists the references, each kept with its ``arch_<name>`` flag (``deep_architecture_context``)."""
+
+
+def deep_architecture_context(model):
+    """The deep template's words on the model's architecture: ``architecture`` (``DEEP_ARCHITECTURES``, with the
+    CFL2 prior a U-Net may correct), and the flags ``arch_<name>`` and ``prior_cfl2`` that keep their references."""
+    from ..deep.models import ARCHITECTURES
+
+    meta = read_metadata(model)
+    arch, prior = meta["arch"], meta.get("params", {}).get("prior", "none")
+    text = DEEP_ARCHITECTURES[arch] + (
+        " that corrects the closed-form L2 estimate (Bilgic et al. 2014) computed inside it" if prior == "cfl2" else "")
+    return {"architecture": text, "prior_cfl2": prior == "cfl2", **{f"arch_{name}": name == arch for name in ARCHITECTURES}}
+
+
 def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, refine_tv_weight=0.0, **_):
     """The methods sentence on the deep inversion's data-consistency refinement (``deep_invert``'s resolved parameters).
 
@@ -315,7 +340,8 @@ def methods_description(run, config):
     for method in config.inversion:
         context = params.get("inversion", {}).get(method, {})
         if method == "deep":
-            context = {**context, "network": deep_model_text(context["model"]), "frame": deep_frame_text(run, config),
+            context = {**context, "network": deep_model_text(context["model"]), **deep_architecture_context(context["model"]),
+                       "frame": deep_frame_text(run, config),
                        "refinement": deep_refinement_text(**context),
                        # which of the refinement's optional terms the text cites (its template's references)
                        "cites_high_pass": bool(context["refine_iters"] and context.get("refine_radius_mm")),

@@ -8,8 +8,8 @@ connection; LeakyReLU activations.  Down-sampling by stride-2 convolutions,
 up-sampling by transposed convolutions (no pooling); with 4 levels the input
 is zero-padded to multiples of 16.
 
-Reference: Larrain C. SI-QSM: scale-invariant deep learning for quantitative
-susceptibility mapping. MSc thesis, Pontificia Universidad Catolica de Chile, 2022.
+Reference: Larrain JM. Scale-invariant deep learning approach for QSM
+reconstruction: SI-QSM. MSc thesis, Pontificia Universidad Catolica de Chile, 2022.
 """
 
 import torch
