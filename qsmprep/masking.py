@@ -53,6 +53,24 @@ def ball_mm(radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     return x**2 + y**2 + z**2 <= radius_mm**2 * (1 + VOXEL_SIZE_RTOL) ** 2
 
 
+def dilate_mm(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
+    """Binary dilation of ``mask`` by ``ball_mm(radius_mm, voxel_size_mm)``, by the Euclidean distance transform.
+
+    A voxel joins when a mask voxel lies within ``radius_mm`` of it (``ball_mm``'s tolerance), the same voxels as
+    ``scipy.ndimage.binary_dilation`` with that ball, in a time independent of the radius: at 0.7 mm the scalp
+    separation's 6 mm ball took 26 s that way and takes 3 s this way (docs/methods/masking.md).
+
+    Parameters
+    ----------
+    mask : bool array (i, j, k)
+    radius_mm : float
+        Ball radius in mm.
+    voxel_size_mm : tuple of 3 float, default (1, 1, 1)
+    """
+    distance_mm = ndimage.distance_transform_edt(~np.asarray(mask, dtype=bool), sampling=voxel_size_mm)
+    return distance_mm <= radius_mm * (1 + VOXEL_SIZE_RTOL)
+
+
 def largest_component(mask):
     """The largest 26-connected component of a boolean mask (empty stays empty)."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
@@ -105,7 +123,7 @@ def separate_largest(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     core = largest_component(ndimage.binary_erosion(mask, ball_mm(radius_mm, voxel_size_mm)))
     if not core.any():  # everything thinner than the ball: keep the plain largest component
         return largest_component(mask)
-    return ndimage.binary_dilation(core, ball_mm(radius_mm + SEPARATION_MARGIN_MM, voxel_size_mm)) & mask
+    return dilate_mm(core, radius_mm + SEPARATION_MARGIN_MM, voxel_size_mm) & mask
 
 
 def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold=None, erode_mm=3.0,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qsmprep.errors import DataError
-from qsmprep.masking import ball_mm, brain_mask, check_mask, largest_component
+from qsmprep.masking import ball_mm, brain_mask, check_mask, dilate_mm, largest_component
 
 
 def test_ball_mm_is_a_sphere_in_mm():
@@ -96,6 +96,21 @@ def test_erosion_by_2mm_on_anisotropic_voxels_removes_2mm_per_side():
     assert extent(full, 1) - extent(eroded, 1) == 8
     assert extent(full, 2) - extent(eroded, 2) == 2
     assert eroded.sum() < full.sum() and not (eroded & ~full).any()
+
+
+@pytest.mark.parametrize(("radius", "voxel"), [(6.0, (0.7, 0.7, 0.7)), (3.0, (0.75, 0.75, 2.0)), (3.0, (3.0, 3.0, 3.0)),
+                                               (1.0, (1.5, 1.5, 1.5))])
+def test_dilate_mm_is_the_binary_dilation_by_ball_mm(radius, voxel):
+    """The distance-transform dilation gives the voxels scipy's dilation by the same ball gives, at the faces too."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((40, 36, 30)) > 0.995
+    mask[0, 5, 5] = mask[-1, -1, -1] = True  # seeds on the faces and a corner
+    expected = ndimage.binary_dilation(mask, ball_mm(radius, voxel))
+    np.testing.assert_array_equal(dilate_mm(mask, radius, voxel), expected)
+    assert 0 < mask.sum() <= expected.sum() < mask.size  # equal where the ball is one voxel (1 mm at 1.5 mm)
+    assert dilate_mm(np.ones((4, 4, 4), bool), radius, voxel).all()
 
 
 def test_largest_component_and_bridge_opening():
