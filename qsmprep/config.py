@@ -148,6 +148,7 @@ class Config:
     b0_tesla: float | None = None
     b0_dir: tuple | None = None
     resample_b0: bool = False
+    invert_phase: bool = False
     device: str = "auto"
     parameters: dict = field(default_factory=dict)
     command: list = field(default_factory=list)

@@ -909,3 +909,34 @@ def test_resample_b0_with_deep_alone_warns_that_it_does_nothing(tmp_path, caplog
     argv[4:5] = ["deep", "tkd"]
     resolve_config(build_parser().parse_args(argv), argv)
     assert "no effect" not in caplog.text
+
+
+def test_phase_of_the_opposite_polarity_is_flagged_and_undone_by_invert_phase(tmp_path, capfd):
+    """Phase stored negated (another scanner's convention) gives a Chimap of the wrong sign, which the report and the
+    log flag; --invert-phase negates it back: the map is the negative of the flagged one, correlates positively with
+    the true chi, and the sidecars and methods text say the phase was inverted."""
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--matrix", "48", "48", "48", "--voxel-size", "3.5", "3.5", "3.5",
+                          "--echoes", "3", "--phase-units", "rad"]) == 0
+    for path in (bids / "sub-01" / "anat").glob("*_part-phase_MEGRE.nii.gz"):
+        image = nib.load(path)
+        nib.save(nib.Nifti1Image(-image.get_fdata(dtype=np.float32), image.affine, image.header), path)
+    chimap = "sub-01/anat/sub-01_desc-tkd_Chimap"
+    maps = {}
+    for flags in ([], ["--invert-phase"]):
+        out = tmp_path / f"out{len(flags)}"
+        assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd",
+                     "--nprocs", "1", *flags]) == 0
+        maps[bool(flags)] = _load(out / f"{chimap}.nii.gz")
+        report = (out / "sub-01.html").read_text()
+        flagged = "the phase polarity is most likely inverted" in report
+        assert flagged == (not flags)
+        assert ("WARNING: sub-01: The tkd Chimap's positive tail is shorter" in capfd.readouterr().err) == (not flags)
+        assert ("run qsmprep again with --invert-phase" in report) == (not flags)
+        assert json.loads((out / f"{chimap}.json").read_text())["PhaseInverted"] is bool(flags)
+        (citation,) = out.glob("logs/*/CITATION.md")
+        assert ("and negated, as they were stored with the opposite polarity" in citation.read_text()) == bool(flags)
+    np.testing.assert_allclose(maps[True], -maps[False], atol=1e-5)
+    truth = _load(bids / "derivatives" / "groundtruth" / "sub-01" / "anat" / "sub-01_Chimap.nii.gz")
+    inside = maps[True] != 0
+    assert np.corrcoef(maps[True][inside], truth[inside])[0, 1] > 0.5

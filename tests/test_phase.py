@@ -9,6 +9,7 @@ from conftest import require_shared
 from qsmprep.errors import DataError
 from qsmprep.phase import (
     fit_total_field_hz,
+    invert_phase,
     noise_std_hz,
     phase_quality_map,
     phase_to_rad,
@@ -19,6 +20,21 @@ from qsmprep.phase import (
 
 
 # --- scaling ---------------------------------------------------------------------------------
+
+def test_invert_phase_negates_and_wraps_into_minus_pi_to_pi():
+    phase = np.array([-np.pi, -1.0, 0.0, 2.5, np.nan], dtype=np.float32)
+    inverted = invert_phase(phase)
+    assert inverted.dtype == np.float32
+    np.testing.assert_allclose(inverted[:4], [-np.pi, 1.0, 0.0, -2.5], atol=1e-6)  # -(-pi) = pi wraps to -pi
+    assert np.isnan(inverted[4])
+    # the total field of negated phase is the negated field (unwrapping and the echo fit are linear)
+    te = [0.004, 0.008, 0.012]
+    field = np.linspace(-40, 40, 4 * 4 * 2, dtype=np.float32).reshape(4, 4, 2)  # Hz, under half a cycle per echo
+    phase = np.stack([np.angle(np.exp(2j * np.pi * field * t)) for t in te], -1).astype(np.float32)
+    magnitude, mask = np.ones_like(phase), np.ones(field.shape, bool)
+    np.testing.assert_allclose(total_field_hz(invert_phase(phase), te, magnitude, mask),
+                               -total_field_hz(phase, te, magnitude, mask), atol=1e-3)
+
 
 def test_vendor_range_maps_onto_minus_pi_to_pi():
     levels = np.array([-4096, -2048, 0, 2048, 4095], dtype=np.int16)

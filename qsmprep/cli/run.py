@@ -117,6 +117,11 @@ def build_parser():
                    "than 1 degree (helps TKD); deep always works in its own aligned frame and is not resampled "
                    "twice (docs/methods/pipeline.md)")
 
+    g.add_argument("--invert-phase", action="store_true",
+                   help="negate the phase of every echo: for data stored with the opposite polarity, whose "
+                   "veins and iron-rich deep grey matter come out negative (dark) in the Chimaps; the report "
+                   "warns when a Chimap looks so (docs/methods/phase.md)")
+
     g = p.add_argument_group("deep inversion")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="deep: where the network and its refinement run (default auto: CUDA when torch sees a GPU)")
@@ -270,7 +275,7 @@ def resolve_config(args, argv):
         bgremove=args.bgremove or bgremove, inversion=inversions,
         mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
         b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
-        resample_b0=args.resample_b0, device=args.device, command=["qsmprep", *argv],
+        resample_b0=args.resample_b0, invert_phase=args.invert_phase, device=args.device, command=["qsmprep", *argv],
         parameters={"inversion": {"deep": deep}} if "deep" in inversions else {},
     )
     return config.resolve_parameters()

@@ -43,6 +43,8 @@ class StackEchoes(SimpleInterface):
 class _PhaseToRadInputSpec(BaseInterfaceInputSpec):
     in_files = traits.List(File(exists=True), mandatory=True, minlen=1, desc="phase echoes, ordered by echo time")
     units = traits.Enum("rad", "arbitrary", mandatory=True, desc="BIDS Units of the phase images")
+    invert = traits.Bool(False, usedefault=True, desc="negate the phase (data of the opposite polarity, "
+                         "``qsmprep.phase.scaling.invert_phase``)")
 
 
 class _PhaseToRadOutputSpec(TraitedSpec):
@@ -50,13 +52,14 @@ class _PhaseToRadOutputSpec(TraitedSpec):
 
 
 class PhaseToRad(SimpleInterface):
-    """Phase echo files -> one 4D image in radians (``qsmprep.phase.scaling.phase_to_rad``)."""
+    """Phase echo files -> one 4D image in radians (``qsmprep.phase.scaling.phase_to_rad``), negated with
+    ``invert`` (``invert_phase``)."""
 
     input_spec = _PhaseToRadInputSpec
     output_spec = _PhaseToRadOutputSpec
 
     def _run_interface(self, runtime):
-        from ..phase.scaling import phase_to_rad
+        from ..phase.scaling import invert_phase, phase_to_rad
 
         volumes, affine, header = [], None, None
         for path in self.inputs.in_files:
@@ -64,6 +67,8 @@ class PhaseToRad(SimpleInterface):
             if affine is None:
                 affine, header = affine_i, header_i
             rad = phase_to_rad(data, self.inputs.units, source=str(path))
+            if self.inputs.invert:
+                rad = invert_phase(rad)
             volumes.append(rad if rad.ndim == 4 else rad[..., None])
         out = Path(runtime.cwd) / "phase_rad.nii.gz"
         self._results["out_file"] = str(save_nifti(out, np.concatenate(volumes, axis=-1), affine, header))

@@ -2,7 +2,7 @@
 
 from .combine import check_echo_times, fit_total_field_hz, total_field_hz
 from .quality import noise_std_hz, phase_quality_map, steep_phase_voxels
-from .scaling import phase_to_rad, to_complex, wrap_to_pi
+from .scaling import invert_phase, phase_to_rad, to_complex, wrap_to_pi
 from .unwrap import unwrap_laplacian, unwrap_quality
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "fit_total_field_hz",
     "noise_std_hz",
     "phase_quality_map",
+    "invert_phase",
     "phase_to_rad",
     "steep_phase_voxels",
     "to_complex",

@@ -100,6 +100,19 @@ def phase_to_rad(phase, units, vendor_range=(-4096, 4095), source="phase image")
     return wrap_to_pi(-np.pi + _TWO_PI * (data - lo) / span)
 
 
+def invert_phase(phase_rad):
+    """The phase of the opposite polarity, -phase wrapped into [-pi, pi) as float32 (NaN stays NaN).
+
+    qsmprep takes the phase to grow with the field, phase = 2 pi gamma_bar dB TE
+    (as ``qsmprep.physics.ppm_to_rad``, the simulator and the 2016 challenge
+    data have it). Scanners and reconstructions differ in the sign they store;
+    phase of the opposite polarity gives every field and susceptibility with
+    the wrong sign, veins and iron-rich nuclei negative (docs/methods/phase.md).
+    ``qsmprep --invert-phase`` applies this to every echo.
+    """
+    return wrap_to_pi(-np.asarray(phase_rad, dtype=np.float64))
+
+
 def to_complex(magnitude, phase_rad):
     """Complex64 signal magnitude * exp(i phase); magnitude and phase broadcast."""
     mag = np.asarray(magnitude, dtype=np.float32)

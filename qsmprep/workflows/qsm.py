@@ -325,7 +325,9 @@ def methods_description(run, config):
         "steps_without_effect": mask_steps_without_effect(mask_params, voxel_size_from_affine(np.asarray(run.affine)))}
     parts = [
         ("intro", {"version": __version__, "nipype_version": nipype.__version__, "libraries": software_text(),
-                   "phase_units": run.phase_units, "acquisition": acquisition_text(run, config), **wording}),
+                   "phase_units": run.phase_units, "acquisition": acquisition_text(run, config), **wording,
+                   "phase_polarity": " and negated, as they were stored with the opposite polarity (phase decreasing "
+                                     "with the field; --invert-phase)" if config.invert_phase else ""}),
         ("mask-user" if config.mask_strategy == "user" else "mask-automatic", mask_context),
         (f"unwrap-{config.unwrap}", wording),
         (f"echoes-{echoes}", {}),
@@ -410,7 +412,7 @@ def init_qsm_wf(run, config, name=None):
         fields=["magnitude", "mask", "total_field", "local_field", "chimaps", "written"]), name="outputnode")
 
     stack_magnitude = pe.Node(StackEchoes(), name="stack_magnitude", mem_gb=mem_gb(run, "stack_magnitude"))
-    phase_to_rad = pe.Node(PhaseToRad(units=run.phase_units), name="phase_to_rad", mem_gb=mem_gb(run, "phase_to_rad"))
+    phase_to_rad = pe.Node(PhaseToRad(units=run.phase_units, invert=config.invert_phase), name="phase_to_rad", mem_gb=mem_gb(run, "phase_to_rad"))
     total_field = pe.Node(TotalField(te_s=list(run.echo_times_s), unwrap=config.unwrap, num_threads=threads),
                           name="total_field", mem_gb=mem_gb(run, "total_field"), n_procs=threads)
     bgremove = pe.Node(
