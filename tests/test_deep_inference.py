@@ -58,6 +58,7 @@ def test_oblique_field_is_inverted_in_a_b0_aligned_frame(untrained_checkpoint, c
     with caplog.at_level("INFO", logger="qsmprep.inversion.deep"):
         out = deep_invert(field, mask, noisy_1mm, b0, model=untrained_checkpoint, device="cpu", refine_iters=0)
     assert "B0-aligned frame (tilt 25.0 deg, voxel size 1x1x1 mm -> kept)" in caplog.text
+    assert f"deep inversion on the CPU ({torch.get_num_threads()} threads)" in caplog.text  # the log names the device
     direct = cfl2(field, mask, (1, 1, 1), b0, lam=0.1)
     # the aligned-frame result matches CFL2 with the true tilt up to interpolation,
     # and is far better than ignoring the tilt

@@ -375,6 +375,15 @@ def resolve_device(device="auto"):
     return torch.device(device)
 
 
+def device_text(device):
+    """How the log names a torch device: "the CPU (2 threads)", or the GPU's name with its float16 autocast."""
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)}), the network in float16 autocast"
+    return f"the CPU ({torch.get_num_threads()} threads)"
+
+
 def network_predictor(model, voxel_size_mm, device):
     """``predict(field, mask, **context) -> chi`` for numpy tiles, running ``model`` on ``device`` (fp16 autocast
     on CUDA), and ``context(field, mask)``: the model's ``tile_context`` of a whole volume, as numpy arrays."""
@@ -468,6 +477,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     from ..deep.registry import load_model
 
     dev = resolve_device(device)
+    log.info("deep inversion on %s", device_text(dev))
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     net, meta = load_model(model, device=dev)
