@@ -9,11 +9,27 @@ Sections (see docs/deep/models-and-training.md): ``[model]`` arch + params,
 
 import copy
 import functools
-import math
 import tomllib
 from importlib import resources
 from pathlib import Path
 
+from qsmprep.checks import (
+    BOOL,
+    COUNT,
+    NON_NEGATIVE,
+    NUMBER,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    TABLE,
+    check_table,
+    each,
+    is_number,
+    is_sequence,
+    number,
+    one_of,
+    value_range,
+)
 from qsmprep.errors import NoInputError, UsageError
 
 REQUIRED_SECTIONS = ("model", "data", "augment", "loss", "optim", "train")
@@ -86,70 +102,26 @@ def _apply_override(recipe, override):
     recipe[section][key] = value
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    """A finite int or float, not a bool: NaN passes no range test and infinity is never a usable setting."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# A check is (what the value must be, predicate); tables map a section's keys to checks.
-def _number(what, ok=lambda v: True, integer=False):
-    """Check of a finite number (an integer if ``integer``) for which ``ok`` holds."""
-    kind = _is_int if integer else _is_number
-    return what, lambda v: kind(v) and ok(v)
-
-
-def _one_of(*choices):
-    return f"one of {list(choices)}", lambda v: isinstance(v, str) and v in choices
-
-
-def _sequence(value, n):
-    return isinstance(value, (list, tuple)) and len(value) == n
-
-
-def _each(check, n, shape):
-    """``n`` values written as ``shape`` (e.g. "[X, Y, Z]"), each passing ``check``."""
-    what, ok = check
-    return f"{shape}, each {what}", lambda v: _sequence(v, n) and all(map(ok, v))
-
-
-def _range(check):
-    """A range [low, high] with low <= high, both passing ``check``."""
-    what, ok = check
-    return f"a range [low, high] with low <= high, each {what}", lambda v: _sequence(v, 2) and all(map(ok, v)) and v[0] <= v[1]
-
-
-POSITIVE = _number("a positive number", lambda v: v > 0)
-NON_NEGATIVE = _number("a number >= 0", lambda v: v >= 0)
-NUMBER = _number("a finite number")
-PROBABILITY = _number("a probability in [0, 1]", lambda v: 0 <= v <= 1)
-POSITIVE_INT = _number("a positive integer", lambda v: v >= 1, integer=True)
-COUNT = _number("an integer >= 0", lambda v: v >= 0, integer=True)
-BOOL = ("true or false", lambda v: isinstance(v, bool))
-TABLE = ("a table", lambda v: isinstance(v, dict))
-BETAS = ("two numbers in [0, 1)", lambda v: _sequence(v, 2) and all(_is_number(b) and 0 <= b < 1 for b in v))
+BETAS = ("two numbers in [0, 1)", lambda v: is_sequence(v, 2) and all(is_number(b) and 0 <= b < 1 for b in v))
 B0_ALONG_K = ("[0, 0, 1]: models are trained with B0 along the k axis and inference resamples data to that orientation",
-              lambda v: _sequence(v, 3) and all(map(_is_number, v)) and [float(b) for b in v] == [0.0, 0.0, 1.0])
+              lambda v: is_sequence(v, 3) and all(map(is_number, v)) and [float(b) for b in v] == [0.0, 0.0, 1.0])
 TRAIN_CHECKS = {
     "batch_size": POSITIVE_INT, "steps": POSITIVE_INT, "val_every": POSITIVE_INT, "val_samples": POSITIVE_INT,
-    "seed": _number("an integer", integer=True), "num_workers": COUNT, "amp": BOOL,
+    "seed": number("an integer", integer=True), "num_workers": COUNT, "amp": BOOL,
     "init": ("a model name or checkpoint path (\"\" for none)", lambda v: isinstance(v, str)),
 }
 OPTIM_CHECKS = {
-    "name": _one_of(*OPTIMIZERS), "lr": POSITIVE, "betas": BETAS, "weight_decay": NON_NEGATIVE,
-    "schedule": _one_of(*SCHEDULES), "decay_steps": POSITIVE_INT, "decay_rate": _number("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "name": one_of(*OPTIMIZERS), "lr": POSITIVE, "betas": BETAS, "weight_decay": NON_NEGATIVE,
+    "schedule": one_of(*SCHEDULES), "decay_steps": POSITIVE_INT, "decay_rate": number("a number in (0, 1]", lambda v: 0 < v <= 1),
 }
 MODEL_CHECKS = {  # values of the keys an architecture may take; which keys it takes, build_model decides
     "width": POSITIVE_INT, "depth": POSITIVE_INT, "hidden": POSITIVE_INT, "crop_margin": COUNT, "num_domains": POSITIVE_INT,
-    "residual": BOOL, "normalise_amplitude": BOOL, "prior": _one_of("none", "cfl2"), "prior_lambda": POSITIVE,
+    "residual": BOOL, "normalise_amplitude": BOOL, "prior": one_of("none", "cfl2"), "prior_lambda": POSITIVE,
 }
 AUGMENT_CHECKS = {  # qsmprep.deep.augment.Augmenter
-    "rot90_b0": BOOL, "flip": BOOL, "amplitude": _range(POSITIVE), "field_noise_ppm": _range(POSITIVE),
-    "rician_snr": _range(POSITIVE), "te_s": POSITIVE, "b0_tesla": POSITIVE, "crop": _each(POSITIVE_INT, 3, "[X, Y, Z]"),
-    "background_residual": _range(NON_NEGATIVE),
+    "rot90_b0": BOOL, "flip": BOOL, "amplitude": value_range(POSITIVE), "field_noise_ppm": value_range(POSITIVE),
+    "rician_snr": value_range(POSITIVE), "te_s": POSITIVE, "b0_tesla": POSITIVE, "crop": each(POSITIVE_INT, 3, "[X, Y, Z]"),
+    "background_residual": value_range(NON_NEGATIVE),
 }
 ADVERSARIAL_CHECKS = {  # qsmprep.deep.trainer (QSMGAN); all but betas and critic_width are required
     "generator_pretrain_steps": COUNT, "critic_pretrain_steps": COUNT, "n_critic": POSITIVE_INT, "gp_weight": NON_NEGATIVE,
@@ -177,26 +149,26 @@ def _library_checks():
     def generator_ok(v):
         if isinstance(v, str):
             return v in GENERATORS
-        return (isinstance(v, dict) and set(v) <= set(GENERATORS) and all(_is_number(w) and w >= 0 for w in v.values())
+        return (isinstance(v, dict) and set(v) <= set(GENERATORS) and all(is_number(w) and w >= 0 for w in v.values())
                 and sum(v.values()) > 0)
 
-    count_range, positive_range = _range(COUNT), _range(POSITIVE)
-    loss_options = {"name": _one_of(*LOSS_NAMES), "masked": BOOL, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
+    count_range, positive_range = value_range(COUNT), value_range(POSITIVE)
+    loss_options = {"name": one_of(*LOSS_NAMES), "masked": BOOL, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
                     "gamma": NON_NEGATIVE, "magnitude_weights": BOOL, "b0_dir": B0_ALONG_K, "te_s": POSITIVE,
-                    "b0_tesla": POSITIVE, "pad_factor": _number("a number >= 1", lambda v: v >= 1)}
+                    "b0_tesla": POSITIVE, "pad_factor": number("a number >= 1", lambda v: v >= 1)}
     return {
         "data": {  # qsmprep.deep.data
             "generator": (f"one of {list(GENERATORS)} or a table of weights >= 0 over them with a positive sum, "
                           "e.g. {patterns = 0.5, brain = 0.5}", generator_ok),
-            "patch": _each(POSITIVE_INT, 3, "[X, Y, Z]"), "voxel_size_mm": _each(POSITIVE, 3, "[x, y, z] in mm"),
-            "voxel_size_range_mm": _each(positive_range, 3, "[[low, high], [low, high], [low, high]] in mm"),
-            "b0_dir": B0_ALONG_K, "border_vox": COUNT, "pad_factor": _number("a number >= 2", lambda v: v >= 2),
-            "mask": _one_of("full", "border", "blob"), "mask_border_vox": COUNT, "magnitude": _one_of("random", "ones"),
+            "patch": each(POSITIVE_INT, 3, "[X, Y, Z]"), "voxel_size_mm": each(POSITIVE, 3, "[x, y, z] in mm"),
+            "voxel_size_range_mm": each(positive_range, 3, "[[low, high], [low, high], [low, high]] in mm"),
+            "b0_dir": B0_ALONG_K, "border_vox": COUNT, "pad_factor": number("a number >= 2", lambda v: v >= 2),
+            "mask": one_of("full", "border", "blob"), "mask_border_vox": COUNT, "magnitude": one_of("random", "ones"),
             **{name: TABLE for name in GENERATORS},
         },
         "data.patterns": {  # qsmprep.deep.generators.random_patterns_chi
             "border_vox": COUNT, "large_share": PROBABILITY, "n_structures": count_range, "amplitude_ppm": NON_NEGATIVE,
-            "large_size": positive_range, "small_size": positive_range, "blur_mm": _range(NON_NEGATIVE),
+            "large_size": positive_range, "small_size": positive_range, "blur_mm": value_range(NON_NEGATIVE),
             "texture_share": PROBABILITY,
             "shapes": (f"a non-empty list of {list(PATTERN_SHAPES)}",
                        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(s in PATTERN_SHAPES for s in v)),
@@ -209,9 +181,9 @@ def _library_checks():
             "subjects": ("a non-empty list of phantom seeds (integers >= 0)",
                          lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(COUNT[1](s) for s in v)),
             "reference_voxel_mm": POSITIVE, "rotation_deg": NON_NEGATIVE, "elastic_mm": NON_NEGATIVE,
-            "elastic_correlation_mm": POSITIVE, "contrast_scale": _range(NON_NEGATIVE), "contrast_offset_ppm": NON_NEGATIVE,
-            "n_haemorrhages": count_range, "haemorrhage_ppm": _range(NUMBER), "haemorrhage_radius_mm": positive_range,
-            "n_calcifications": count_range, "calcification_ppm": _range(NUMBER), "calcification_radius_mm": positive_range,
+            "elastic_correlation_mm": POSITIVE, "contrast_scale": value_range(NON_NEGATIVE), "contrast_offset_ppm": NON_NEGATIVE,
+            "n_haemorrhages": count_range, "haemorrhage_ppm": value_range(NUMBER), "haemorrhage_radius_mm": positive_range,
+            "n_calcifications": count_range, "calcification_ppm": value_range(NUMBER), "calcification_radius_mm": positive_range,
             "te_s": POSITIVE,
         },
         "loss": {  # qsmprep.deep.losses.build_loss
@@ -223,30 +195,16 @@ def _library_checks():
     }
 
 
-def _check_table(table, checks, where, source, closed=True, required=()):
-    """Raise UsageError naming ``source`` and ``where`` (e.g. "[data]") for a key of ``table`` that ``checks``
-    lacks (when ``closed``), a key of ``required`` that ``table`` lacks, or a value its check refuses."""
-    unknown = sorted(set(table) - set(checks)) if closed else []
-    if unknown:
-        raise UsageError(f"{source}: unknown {where} key(s) {unknown}; known: {sorted(checks)}.")
-    missing = [key for key in required if key not in table]
-    if missing:
-        raise UsageError(f"{source}: {where} lacks the key(s) {missing}; add them (see the shipped recipes).")
-    for key, value in table.items():
-        if key in checks and not checks[key][1](value):
-            raise UsageError(f"{source}: {where} {key} must be {checks[key][0]}, got {value!r}.")
-
-
 def _check_loss(loss, where, source):
     """Check a [loss]-like table: its values, its terms, and (``build_loss``) which options each loss takes."""
     from qsmprep.deep.losses import build_loss
 
     checks = _library_checks()
-    _check_table(loss, checks["loss"], where, source)
+    check_table(loss, checks["loss"], where, source)
     if ("name" in loss) == ("terms" in loss):
         raise UsageError(f"{source}: {where} needs a name or terms (a weighted sum of named losses), not both.")
-    for number, term in enumerate(loss.get("terms", []), start=1):
-        _check_table(term, checks["loss term"], f"{where} term {number}", source, required=("name",))
+    for index, term in enumerate(loss.get("terms", []), start=1):
+        check_table(term, checks["loss term"], f"{where} term {index}", source, required=("name",))
     try:
         build_loss(loss)
     except UsageError as exc:
@@ -259,7 +217,7 @@ def _check_model(model, source):
     from qsmprep.deep.models import build_model
 
     params = {k: v for k, v in model.items() if k != "arch"}
-    _check_table(params, MODEL_CHECKS, "[model]", source, closed=False)
+    check_table(params, MODEL_CHECKS, "[model]", source, closed=False)
     try:
         return build_model(model["arch"], **params)
     except TypeError as exc:  # an unknown keyword
@@ -339,7 +297,7 @@ def validate_recipe(recipe, source="recipe"):
         tables.append((recipe["domain"], DOMAIN_CHECKS, "[domain]", ()))
         tables.append((recipe["domain"].get("augment", {}), AUGMENT_CHECKS, "[domain.augment]", ()))
     for table, table_checks, where, required in tables:
-        _check_table(table, table_checks, where, source, required=required)
+        check_table(table, table_checks, where, source, required=required)
     _check_loss(recipe["loss"], "[loss]", source)
     if "loss" in recipe.get("domain", {}):
         _check_loss(recipe["domain"]["loss"], "[domain.loss]", source)
