@@ -233,3 +233,81 @@ def test_cfl2_and_the_deep_prior_cite_bilgic_once():
     """Both paragraphs cite Bilgic et al. 2014 with the same reference, so the list holds it once."""
     references = _text(inversion=("deep", "cfl2")).partition("References")[2]
     assert references.count("- Bilgic B") == 1
+
+
+MASK_DEFAULT = (
+    "A brain mask was obtained by Otsu thresholding (Otsu 1979) of both the root-sum-of-squares magnitude over echoes "
+    "and a phase quality map (magnitude times local phase coherence), followed by separation of the brain from the "
+    "scalp (erosion by 4.0 mm, largest connected component, dilation back within the thresholded mask; Soille 2003), "
+    "hole filling, erosion by 3.0 mm, morphological opening by 2.0 mm (then the largest connected component, closed by "
+    "the same ball within the eroded mask), and removal of surface voxels whose phase changed by more than 2pi/3 rad "
+    "between neighbours in the first echo difference (too steep to unwrap reliably; Itoh 1982). At this run's voxel "
+    "size (3 x 3 x 4 mm) the opening by 2 mm reached no neighbouring voxel and had no effect.")
+STEEP_VOXELS_REMOVED = (" whose phase changed by more than 2pi/3 rad between neighbours in the first echo difference "
+                        "(too steep to unwrap reliably; Itoh 1982).")
+
+
+def _mask_text(mask, **params):
+    """Methods text of a TKD run whose ``--mask`` strategy ``mask`` ran ``brain_mask`` with ``params``."""
+    return _text(mask=mask, inversion=("tkd",), parameters={"mask": {mask: params}})
+
+
+def test_default_mask_sentence_is_unchanged():
+    assert MASK_DEFAULT in _text(inversion=("tkd",))
+
+
+@pytest.mark.parametrize(("mask", "thresholding"), [
+    ("magnitude", "by thresholding of the root-sum-of-squares magnitude over echoes at 0.2 (the given threshold), "
+                  "followed by separation"),
+    ("quality", "by thresholding of the root-sum-of-squares magnitude over echoes at 0.2 (the given threshold) and Otsu "
+                "thresholding (Otsu 1979) of a phase quality map (magnitude times local phase coherence), followed by"),
+])
+def test_a_given_threshold_replaces_otsu_on_the_magnitude_only(mask, thresholding):
+    """``brain_mask`` thresholds the magnitude at ``threshold``, but the quality map always by Otsu's method."""
+    assert thresholding in _mask_text(mask, threshold=0.2)
+
+
+@pytest.mark.parametrize(("params", "steps"), [
+    ({"separate_mm": 0.0}, "followed by selection of the largest connected component, hole filling, erosion by 3.0 mm, "
+                           "morphological opening"),
+    ({"fill_holes": False}, "Soille 2003), erosion by 3.0 mm, morphological opening by 2.0 mm (then the largest "
+                            "connected component, closed by the same ball within the eroded mask), and removal of "
+                            "voxels" + STEEP_VOXELS_REMOVED),
+    ({"erode_mm": 0.0}, "Soille 2003), hole filling, morphological opening by 2.0 mm (then the largest connected "
+                        "component, closed by the same ball within the mask before the opening), and removal of "
+                        "surface voxels"),
+    ({"smooth_mm": 0.0}, "Soille 2003), hole filling, erosion by 3.0 mm, and removal of surface voxels"
+                         + STEEP_VOXELS_REMOVED + " The first echo's phase"),
+])
+def test_mask_steps_switched_off_are_not_described(params, steps):
+    """A radius of 0 or no ``fill_holes`` skips that step of ``brain_mask``; without hole filling the steep voxels
+    inside the brain stay out too, and a step that is off is not named as having had no effect."""
+    assert steps in _mask_text("magnitude", **params)
+
+
+@pytest.mark.parametrize(("mask", "thresholding"), [
+    ("magnitude", "thresholding of the root-sum-of-squares magnitude over echoes at 0.2 (the given threshold)"),
+    ("quality", "thresholding of the root-sum-of-squares magnitude over echoes at 0.2 (the given threshold) and Otsu "
+                "thresholding (Otsu 1979) of a phase quality map (magnitude times local phase coherence)"),
+])
+def test_mask_with_every_optional_step_off(mask, thresholding):
+    text = _mask_text(mask, threshold=0.2, separate_mm=0.0, fill_holes=False, erode_mm=0.0, smooth_mm=0.0)
+    assert (f"A brain mask was obtained by {thresholding}, followed by selection of the largest connected component, "
+            "and removal of voxels" + STEEP_VOXELS_REMOVED + " The first echo's phase") in text
+
+
+@pytest.mark.parametrize(("mask", "params", "cited"), [
+    ("quality", {}, ["Otsu", "Soille"]),
+    ("magnitude", {"threshold": 0.2}, ["Soille"]),
+    ("quality", {"threshold": 0.2}, ["Otsu", "Soille"]),  # the quality map is still thresholded by Otsu's method
+    ("magnitude", {"separate_mm": 0.0}, ["Otsu"]),
+    ("magnitude", {"threshold": 0.2, "separate_mm": 0.0}, []),
+])
+def test_mask_references_are_the_methods_the_mask_used(mask, params, cited):
+    """Otsu 1979 and Soille 2003 were listed whatever the threshold and the scalp separation."""
+    text = _mask_text(mask, **params)
+    references = text.partition("References")[2]
+    first_authors = {"Otsu": "- Otsu N.", "Soille": "- Soille P."}
+    assert [name for name, line in first_authors.items() if line in references] == cited
+    assert ("(Otsu 1979)" in text) == ("Otsu" in cited)
+    assert ("Soille 2003" in text) == ("Soille" in cited)

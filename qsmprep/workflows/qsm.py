@@ -243,11 +243,44 @@ ECHO_WORDING = {
 """The methods text's words for what ``total_field_hz`` and the masks do with several echoes or with one."""
 
 
-MASK_THRESHOLDED = {
-    "magnitude": "{combined_magnitude}",
-    "quality": "both {combined_magnitude} and a phase quality map (magnitude times local phase coherence)",
-}
-"""What the ``--mask`` strategies threshold (``BrainMask``; ``mask-automatic.txt`` describes the rest)."""
+def mask_threshold_text(strategy, threshold, wording):
+    """What ``brain_mask`` thresholded for the ``--mask`` strategy and how: the magnitude at the given ``threshold``,
+    by Otsu's method when it is None; strategy "quality"'s phase quality map always by Otsu's method."""
+    magnitude, quality = wording["combined_magnitude"], "a phase quality map (magnitude times local phase coherence)"
+    if threshold is None:
+        return "Otsu thresholding (Otsu 1979) of " + (f"both {magnitude} and {quality}" if strategy == "quality"
+                                                      else magnitude)
+    given = f"thresholding of {magnitude} at {threshold:g} (the given threshold)"
+    return f"{given} and Otsu thresholding (Otsu 1979) of {quality}" if strategy == "quality" else given
+
+
+def mask_steps_text(params):
+    """The morphology ``brain_mask`` ran with ``params`` between thresholding and the removal of steep-phase voxels,
+    as the methods text lists it: only the steps the parameters switch on (a radius of 0 or no ``fill_holes``)."""
+    steps = [f"separation of the brain from the scalp (erosion by {params['separate_mm']} mm, largest connected "
+             "component, dilation back within the thresholded mask; Soille 2003)" if params["separate_mm"] > 0
+             else "selection of the largest connected component"]
+    if params["fill_holes"]:
+        steps.append("hole filling")
+    if params["erode_mm"] > 0:
+        steps.append(f"erosion by {params['erode_mm']} mm")
+    if params["smooth_mm"] > 0:
+        closed_within = "the eroded mask" if params["erode_mm"] > 0 else "the mask before the opening"
+        steps.append(f"morphological opening by {params['smooth_mm']} mm (then the largest connected component, "
+                     f"closed by the same ball within {closed_within})")
+    return ", ".join(steps)
+
+
+def automatic_mask_context(strategy, params, wording, voxel_size_mm):
+    """Values of ``mask-automatic.txt`` for ``brain_mask`` run with ``params`` (strategy "quality" or "magnitude"),
+    with the flags that keep its references to Otsu's and Soille's methods only where the paragraph uses them."""
+    return {**wording, "thresholding": mask_threshold_text(strategy, params["threshold"], wording),
+            "steps": mask_steps_text(params),
+            # hole filling after the removal brings back the steep voxels inside the brain: only its surface loses them
+            "steep_voxels": "surface voxels" if params["fill_holes"] else "voxels",
+            "cites_otsu": params["threshold"] is None or strategy == "quality",
+            "cites_soille": params["separate_mm"] > 0,
+            "steps_without_effect": mask_steps_without_effect(params, voxel_size_mm)}
 
 
 MASK_STEP_NAMES = {"separate_mm": "erosion by {} mm before the largest component is kept",
@@ -319,10 +352,9 @@ def methods_description(run, config):
     params = config.parameters
     echoes = "single" if len(run.echo_times_s) == 1 else "multi"
     wording = ECHO_WORDING[echoes]
-    mask_params = params.get("mask", {}).get(config.mask_strategy, {})
-    mask_context = {} if config.mask_strategy == "user" else {
-        **mask_params, **wording, "thresholded": MASK_THRESHOLDED[config.mask_strategy].format(**wording),
-        "steps_without_effect": mask_steps_without_effect(mask_params, voxel_size_from_affine(np.asarray(run.affine)))}
+    mask_context = {} if config.mask_strategy == "user" else automatic_mask_context(
+        config.mask_strategy, params["mask"][config.mask_strategy], wording,
+        voxel_size_from_affine(np.asarray(run.affine)))
     parts = [
         ("intro", {"version": __version__, "nipype_version": nipype.__version__, "libraries": software_text(),
                    "phase_units": run.phase_units, "acquisition": acquisition_text(run, config), **wording,
