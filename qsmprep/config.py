@@ -74,6 +74,85 @@ def library_function(step, method):
     return getattr(importlib.import_module(module), name)
 
 
+def parameter_checks(step, method):
+    """The checks (``qsmprep.checks``) of every tunable parameter of ``(step, method)``'s library function that a
+    parameters file may set (``read_parameters_file``); the deep options with their own flags are not among them."""
+    from .checks import BOOL, COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, is_int, number
+    from .inversion.deep import MIN_TILE
+
+    at_least_one = number("a number >= 1", lambda v: v >= 1)
+    mask = {"threshold": POSITIVE, "erode_mm": NON_NEGATIVE, "fill_holes": BOOL, "smooth_mm": NON_NEGATIVE,
+            "separate_mm": NON_NEGATIVE}
+    tile = (f"an integer >= {MIN_TILE} (a cube) or three of them",
+            lambda v: (is_int(v) and v >= MIN_TILE) or (isinstance(v, list) and len(v) == 3
+                                                         and all(is_int(n) and n >= MIN_TILE for n in v)))
+    return {
+        ("mask", "magnitude"): mask, ("mask", "quality"): mask,
+        ("bgremove", "vsharp"): {
+            "radii_mm": ("a non-empty list of radii in mm, each > 0",
+                         lambda v: isinstance(v, list) and len(v) > 0 and all(map(POSITIVE[1], v))),
+            "threshold": number("a number in (0, 1)", lambda v: 0 < v < 1)},
+        ("bgremove", "resharp"): {"radius_mm": POSITIVE, "lam": POSITIVE, "tol": POSITIVE, "max_iter": POSITIVE_INT},
+        ("bgremove", "pdf"): {"tol": POSITIVE, "max_iter": POSITIVE_INT, "pad_factor": at_least_one},
+        ("inversion", "tkd"): {"threshold": number("a number in (0, 1/3]", lambda v: 0 < v <= 1 / 3),
+                               "pad_factor": at_least_one},
+        ("inversion", "cfl2"): {"lam": POSITIVE, "pad_factor": at_least_one},
+        ("inversion", "ilsqr"): {"tol": POSITIVE, "max_iter": POSITIVE_INT, "pad_factor": at_least_one},
+        ("inversion", "deep"): {
+            "resolution_tolerance": ("a number >= 0 (inf: always the acquisition grid)",
+                                     lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+            "tile_shape": tile, "overlap": COUNT},
+    }[(step, method)]
+
+
+DEEP_FLAG_PARAMETERS = {"model": "--model", "refine_iters": "--refine", "refine_lambda": "--refine-lambda",
+                        "refine_radius_mm": "--refine-radius", "refine_tv_weight": "--refine-tv"}
+"""The deep inversion's parameters that have their own ``qsmprep`` options, which a parameters file leaves to them."""
+
+
+def read_parameters_file(path):
+    """Method parameters from a TOML file, ``{step: {method: {name: value}}}``, checked.
+
+    The file has a table per method, named ``[step.method]`` (``[mask.quality]``, ``[bgremove.vsharp]``,
+    ``[inversion.tkd]``, ...), holding parameters of that method's library function (docs/usage.md, Method
+    parameters). Raises NoInputError for a missing file, UsageError for invalid TOML, an unknown step, method
+    or parameter, or a value its check (``parameter_checks``) refuses; each message names the file.
+    """
+    import tomllib
+
+    from .checks import check_table
+    from .errors import NoInputError
+
+    path = Path(path)
+    try:
+        parameters = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise NoInputError(f"parameters file {path} does not exist: check --parameters.") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"parameters file {path} is not valid TOML ({exc}): fix its syntax.") from exc
+    except OSError as exc:
+        raise UsageError(f"parameters file {path} cannot be read ({exc.strerror or exc}): check --parameters.") from exc
+    methods = {}
+    for step, method in LIBRARY_FUNCTIONS:
+        methods.setdefault(step, []).append(method)
+    for step, tables in parameters.items():
+        if step not in methods or not isinstance(tables, dict):
+            raise UsageError(f"{path}: [{step}] is not a step with parameters; use tables [step.method] with "
+                             f"step one of {list(methods)}.")
+        for method, values in tables.items():
+            where = f"[{step}.{method}]"
+            if not isinstance(values, dict):
+                raise UsageError(f"{path}: {method} under [{step}] is not in a method's table: put the parameters "
+                                 f"of each method in its own, e.g. [{step}.{methods[step][-1]}].")
+            if method not in methods[step]:
+                raise UsageError(f"{path}: {where} is not a method of {step}; choose among {methods[step]}.")
+            flags = [f"{name} (give {DEEP_FLAG_PARAMETERS[name]})" for name in values if name in DEEP_FLAG_PARAMETERS]
+            if step == "inversion" and method == "deep" and flags:
+                raise UsageError(f"{path}: {where} sets {', '.join(flags)}: these have their own options.")
+            check_table(values, parameter_checks(step, method), where, path)
+    return parameters
+
+
 def default_parameters(step, method):
     """The keyword parameters of the library function of ``(step, method)`` with their default values."""
     signature = inspect.signature(library_function(step, method))

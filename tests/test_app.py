@@ -940,3 +940,27 @@ def test_phase_of_the_opposite_polarity_is_flagged_and_undone_by_invert_phase(tm
     truth = _load(bids / "derivatives" / "groundtruth" / "sub-01" / "anat" / "sub-01_Chimap.nii.gz")
     inside = maps[True] != 0
     assert np.corrcoef(maps[True][inside], truth[inside])[0, 1] > 0.5
+
+
+def test_parameters_file_sets_the_methods_parameters(tmp_path, capsys):
+    """--parameters: its values reach the resolved configuration (which the nodes and sidecars read) and the methods
+    text; a table for a method the run does not use is dropped with a warning; a bad file exits 64, none 66."""
+    bids, out = _tiny_dataset(tmp_path / "bids"), tmp_path / "out"
+    parameters = tmp_path / "parameters.toml"
+    parameters.write_text("[inversion.tkd]\nthreshold = 0.1\n[bgremove.vsharp]\nradii_mm = [6, 4]\n"
+                          "[inversion.ilsqr]\nmax_iter = 20\n")
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only", "--inversion", "tkd",
+            "--parameters", str(parameters)]
+    assert main(argv) == 0
+    assert "[inversion.ilsqr] has no effect: this run does not use ilsqr for inversion" in capsys.readouterr().err
+    (logs,) = out.glob("logs/*")
+    resolved = json.loads((logs / "config.json").read_text())["parameters"]
+    assert resolved["inversion"] == {"tkd": {"threshold": 0.1, "pad_factor": 1.0}}
+    assert resolved["bgremove"]["vsharp"] == {"radii_mm": [6, 4], "threshold": 0.05}
+    text = (logs / "CITATION.md").read_text()
+    assert "with threshold 0.1." in text and "spherical kernels of 6 and 4 mm and a deconvolution threshold" in text
+    parameters.write_text("[inversion.tkd]\nthreshold = 1\n")
+    assert main(argv) == 64
+    assert "[inversion.tkd] threshold must be a number in (0, 1/3], got 1" in capsys.readouterr().err
+    parameters.unlink()
+    assert main(argv) == 66

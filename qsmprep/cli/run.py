@@ -122,6 +122,11 @@ def build_parser():
                    "veins and iron-rich deep grey matter come out negative (dark) in the Chimaps; the report "
                    "warns when a Chimap looks so (docs/methods/phase.md)")
 
+    g.add_argument("--parameters", type=Path, metavar="FILE",
+                   help="TOML file of method parameters, a table per method, e.g. [inversion.tkd] threshold = 0.15 "
+                   "or [mask.quality] erode_mm = 2 (docs/usage.md, Method parameters); the defaults are the "
+                   "library's, recorded in logs/<run_id>/config.json")
+
     g = p.add_argument_group("deep inversion")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="deep: where the network and its refinement run (default auto: CUDA when torch sees a GPU)")
@@ -199,6 +204,23 @@ def check_output_dataset(output_dir):
                          "give qsmprep a folder of its own, e.g. BIDS_DIR/derivatives/qsmprep.")
 
 
+def chosen_parameters(path, bgremove, inversions, mask):
+    """The method parameters of the parameters file ``path`` (``read_parameters_file``) for the methods this run
+    uses; a table for a method it does not use is dropped with a warning naming it."""
+    from ..config import read_parameters_file
+
+    chosen = {"mask": {mask}, "bgremove": {bgremove}, "inversion": set(inversions)}
+    parameters = {}
+    for step, tables in read_parameters_file(path).items():
+        for method, values in tables.items():
+            if method in chosen[step]:
+                parameters.setdefault(step, {})[method] = values
+            else:
+                log.warning("%s: [%s.%s] has no effect: this run does not use %s for %s.", path, step, method,
+                            method, "the brain mask" if step == "mask" else step)
+    return parameters
+
+
 def resolve_config(args, argv):
     """Check the options and turn them into a Config (runs not yet discovered)."""
     unwrap, bgremove, inversions = preset_methods(args.preset)
@@ -231,6 +253,8 @@ def resolve_config(args, argv):
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     if args.mem is not None and args.mem <= 0:
         raise UsageError("--mem is in GB and must be positive.")
+    parameters = chosen_parameters(args.parameters, bgremove=args.bgremove or bgremove, inversions=inversions,
+                                   mask=args.mask) if args.parameters else {}
     bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
     check_output_location(bids_dir, output_dir)
     check_output_location(bids_dir, args.work_dir, "--work-dir")
@@ -248,6 +272,8 @@ def resolve_config(args, argv):
         from ..deep.registry import checked_model
 
         deep["model"] = checked_model(deep["model"])
+    if "deep" in inversions:
+        parameters.setdefault("inversion", {}).setdefault("deep", {}).update(deep)
     if args.use_plugin:
         plugin, plugin_args = _read_plugin(args.use_plugin)
     else:
@@ -276,7 +302,7 @@ def resolve_config(args, argv):
         mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
         b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
         resample_b0=args.resample_b0, invert_phase=args.invert_phase, device=args.device, command=["qsmprep", *argv],
-        parameters={"inversion": {"deep": deep}} if "deep" in inversions else {},
+        parameters=parameters,
     )
     return config.resolve_parameters()
 
