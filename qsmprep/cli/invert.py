@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import parameter_checks
 from ..errors import DataError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE
@@ -91,16 +92,15 @@ def build_parser():
 
 def _check_options(args):
     """Raise UsageError for options that do not fit together."""
-    if args.threshold is not None:
-        if args.method != "tkd":
-            raise UsageError(f"--threshold applies to --method tkd, not {args.method}: remove it.")
-        if not 0 < args.threshold <= 1 / 3:
-            raise UsageError(f"--threshold must be in (0, 1/3], got {args.threshold}.")
-    if args.lam is not None:
-        if args.method != "cfl2":
-            raise UsageError(f"--lambda applies to --method cfl2, not {args.method}: remove it.")
-        if not args.lam > 0:
-            raise UsageError(f"--lambda must be > 0, got {args.lam}.")
+    for flag, value, method, name in (("--threshold", args.threshold, "tkd", "threshold"),
+                                      ("--lambda", args.lam, "cfl2", "lam")):
+        if value is None:
+            continue
+        if args.method != method:
+            raise UsageError(f"{flag} applies to --method {method}, not {args.method}: remove it.")
+        what, ok = parameter_checks("inversion", method)[name]  # the pipeline's --parameters check of the same value
+        if not ok(value):
+            raise UsageError(f"{flag} must be {what}, got {value:g}.")
     check_deep_options(args, INVERT_DEEP_OPTIONS, args.method == "deep", f"--method {args.method}")
     if args.tile is not None and args.tile < MIN_TILE:
         raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by 32), got {args.tile}.")
