@@ -79,7 +79,7 @@ def cfl2(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0,
         B0 direction in voxel coordinates.
     lam : float, default 0.1
         Regularisation weight (dimensionless, > 0). 0.1 gave the lowest
-        NRMSE against COSMOS on the 2016 challenge data (65.1 %, HFEN 62.9 %;
+        NRMSE against COSMOS on the 2016 challenge data (65.17 %, HFEN 63.95 %;
         0.05 gives the lowest HFEN; see docs/benchmarks.md). Larger values
         smooth more.
     pad_factor : float, default 1.0

@@ -578,10 +578,3 @@ def run_with_cpu_fallback(step, device, what):
     torch.cuda.empty_cache()
     log.warning("deep inversion: %s ran out of GPU memory (%s); running it on the CPU, which is slower", what, reason)
     return step(device="cpu")
-    try:
-        return step(device=device)
-    except torch.cuda.OutOfMemoryError as err:
-        torch.cuda.empty_cache()
-        log.warning("deep inversion: %s ran out of GPU memory (%s); running it on the CPU, which is slower",
-                    what, str(err).splitlines()[0])
-        return step(device="cpu")
