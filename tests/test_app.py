@@ -318,7 +318,7 @@ def test_argparse_errors_exit_64(tmp_path):
         main([str(tmp_path), str(tmp_path / "out"), "participant", "--inversion", "magic"])
     assert exc.value.code == 64
     with pytest.raises(SystemExit) as exc:
-        main([str(tmp_path), str(tmp_path / "out"), "group"])
+        main([str(tmp_path), str(tmp_path / "out"), "session"])  # levels are participant and group
     assert exc.value.code == 64
 
 
@@ -964,3 +964,43 @@ def test_parameters_file_sets_the_methods_parameters(tmp_path, capsys):
     assert "[inversion.tkd] threshold must be a number in (0, 1/3], got 1" in capsys.readouterr().err
     parameters.unlink()
     assert main(argv) == 66
+
+
+def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_path, capsys):
+    """``qsmprep BIDS OUT group`` over the end-to-end outputs (a copy): a row per run and method whose numbers are
+    those of the files, and a Chimap negated in place (as inverted phase gives) flagged in the table, page and
+    console."""
+    import csv
+
+    from qsmprep.reports.report import chimap_percentiles, paramagnetic_tail_ratio
+
+    out = tmp_path / "out"
+    shutil.copytree(runs["out"], out)
+    name, folder = "sub-02", RUNS["sub-02"]
+    chimap = out / folder / f"{name}_desc-tkd_Chimap.nii.gz"
+    image = nib.load(chimap)
+    nib.save(nib.Nifti1Image(-np.asarray(image.dataobj), image.affine, image.header), chimap)
+    assert main([str(runs["bids"]), str(out), "group"]) == 0
+    printed = capsys.readouterr().out
+    assert f"3 run(s), {3 * len(METHODS)} Chimap(s)" in printed and "flagged sub-02: tail ratio" in printed
+    with open(out / "group_Chimap.tsv", newline="") as table:
+        rows = list(csv.DictReader(table, delimiter="\t"))
+    assert sorted((row["run"], row["method"]) for row in rows) == sorted((r, m) for r in RUNS for m in METHODS)
+    for row in rows:
+        mask = _load(out / RUNS[row["run"]] / f"{row['run']}_desc-brain_mask.nii.gz") > 0
+        chi = _load(out / RUNS[row["run"]] / f"{row['run']}_desc-{row['method']}_Chimap.nii.gz")
+        ratio = paramagnetic_tail_ratio(chimap_percentiles(chi, mask))
+        assert float(row["tail_ratio"]) == pytest.approx(ratio, rel=1e-3)
+        voxel_ml = np.prod(voxel_size_from_affine(nib.load(out / RUNS[row["run"]] / f"{row['run']}_desc-brain_mask"
+                                                           ".nii.gz").affine)) / 1000
+        assert float(row["mask_ml"]) == pytest.approx(mask.sum() * voxel_ml, abs=0.05)
+        assert (row["echoes"], row["b0_tesla"], row["phase_inverted"]) == ("3", "3", "false")
+        assert (row["flags"] != "n/a") == (row["run"] == name and row["method"] == "tkd"), row
+    assert json.loads((out / "group_Chimap.json").read_text())["tail_ratio"]["Description"].startswith("(chi_p99")
+    page = (out / "group_Chimap.html").read_text()
+    assert page.index("sub-02</a>") < page.index("sub-01_ses-1</a>")  # the flagged run first
+    assert '<a href="sub-02.html">' in page and "data:image/png;base64," in page
+    # no qsmprep derivatives there, or an unknown subject: exit 66
+    assert main([str(runs["bids"]), str(tmp_path / "empty"), "group"]) == 66
+    assert main([str(runs["bids"]), str(out), "group", "--participant-label", "09"]) == 66
+    assert "--participant-label 09: no such subject" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 from qsmprep.io import save_nifti
 from qsmprep.physics import ras_voxel_size, to_ras
 from qsmprep.reports import build_subject_report
-from qsmprep.reports.report import paramagnetic_tail_ratio, polarity_warning, run_mosaic
+from qsmprep.reports.report import chimap_percentiles, paramagnetic_tail_ratio, polarity_warning, run_mosaic
 from qsmprep.reports.mosaic import (
     comparison_png,
     in_plane_box,
@@ -332,12 +332,15 @@ def test_paramagnetic_tail_ratio_and_the_polarity_warning():
     """A brain-like map (most voxels near 0, a long paramagnetic tail) scores above 1, its negative below 1."""
     chi = np.concatenate([np.linspace(-0.05, 0.05, 970), np.linspace(0.1, 0.4, 30)])  # 3 % veins up to 0.4 ppm
     mask = np.ones(chi.shape, bool)
-    ratio = paramagnetic_tail_ratio(chi, mask)
-    low, median, high = np.percentile(chi, (1, 50, 99))
+    percentiles = chimap_percentiles(chi, mask)
+    assert percentiles == pytest.approx(tuple(np.percentile(chi, (1, 50, 99))))
+    low, median, high = percentiles
+    ratio = paramagnetic_tail_ratio(percentiles)
     assert ratio == pytest.approx((high - median) / (median - low)) and ratio > 3
-    assert paramagnetic_tail_ratio(-chi, mask) == pytest.approx(1 / ratio)
-    assert paramagnetic_tail_ratio(chi, np.zeros(chi.shape, bool)) is None
-    assert paramagnetic_tail_ratio(np.zeros(10), np.ones(10, bool)) is None  # flat: no tails to compare
+    assert paramagnetic_tail_ratio(chimap_percentiles(-chi, mask)) == pytest.approx(1 / ratio)
+    assert chimap_percentiles(chi, np.zeros(chi.shape, bool)) is None
+    assert paramagnetic_tail_ratio(None) is None
+    assert paramagnetic_tail_ratio(chimap_percentiles(np.zeros(10), np.ones(10, bool))) is None  # flat: no tails
     assert polarity_warning("deep", ratio, inverted=False) == ""
     assert "run qsmprep again with --invert-phase" in polarity_warning("deep", 1 / ratio, inverted=False)
     assert "run qsmprep again without --invert-phase" in polarity_warning("deep", 1 / ratio, inverted=True)

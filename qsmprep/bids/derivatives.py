@@ -7,13 +7,13 @@ qsmprep/data/expected_outputs/) cannot drift apart.
 """
 
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
 
 from .. import __version__
 from .discovery import ENTITY_KEYS
+from ..io import write_text_atomic
 
 CODE_URL = "https://github.com/qsmprep/qsmprep"
 
@@ -32,8 +32,8 @@ def generated_by_names(description):
     return [str(e.get("Name")) for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
-BIDSIGNORE = ("logs/", "*.html", "sub-*/figures/")
-"""Paths in the output dataset that are not BIDS files (logs, reports, report figures)."""
+BIDSIGNORE = ("logs/", "*.html", "sub-*/figures/", "group_Chimap.*")
+"""Paths in the output dataset that are not BIDS files (logs, reports, report figures, the group level's table)."""
 
 OUTPUTS = {
     "chimap": {"suffix": "Chimap", "desc": "{method}", "units": "ppm"},
@@ -112,14 +112,6 @@ def bids_uri(path, bids_dir):
     return f"bids:{RAW_DATASET_NAME}:{rel.as_posix()}"
 
 
-def _write_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_dataset_description(output_dir, bids_dir):
     """Write ``dataset_description.json`` and ``.bidsignore`` of the derivatives dataset; return the former's path."""
     output_dir = Path(output_dir)
@@ -132,6 +124,6 @@ def write_dataset_description(output_dir, bids_dir):
         "SourceDatasets": [{"URL": Path(bids_dir).absolute().as_uri()}],  # recommended for derivatives
     }
     path = output_dir / "dataset_description.json"
-    _write_atomic(path, json.dumps(description, indent=2) + "\n")
-    _write_atomic(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+    write_text_atomic(path, json.dumps(description, indent=2) + "\n")
+    write_text_atomic(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
     return path

@@ -85,7 +85,9 @@ def build_parser():
     )
     p.add_argument("bids_dir", type=Path, help="the input BIDS dataset")
     p.add_argument("output_dir", type=Path, help="the output folder, written as a BIDS derivatives dataset")
-    p.add_argument("analysis_level", choices=["participant"], help="processing stage (only 'participant')")
+    p.add_argument("analysis_level", choices=["participant", "group"],
+                   help="'participant': process the runs; 'group': a table and page of quality measures over "
+                   "the runs OUTPUT_DIR holds (group_Chimap.tsv/.html; reads only --participant-label)")
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more console output: -v Nipype's per-node lines (always in the log file), -vv debug")
@@ -543,6 +545,39 @@ def run(config, filter_file=None):
     return summarize(config, failed)
 
 
+def run_group(args):
+    """The group level: ``group_Chimap.tsv``/``.html`` over the runs the participant level wrote in OUTPUT_DIR
+    (``qsmprep.reports.group``) for ``--participant-label`` (default every subject); returns the exit code."""
+    from ..bids.derivatives import generated_by_names
+    from ..errors import NoInputError
+    from ..reports.group import write_group_report
+
+    out = args.output_dir.absolute()
+    description = out / "dataset_description.json"
+    try:
+        made_by_qsmprep = "qsmprep" in generated_by_names(json.loads(description.read_text()))
+    except (OSError, ValueError, AttributeError):
+        made_by_qsmprep = False
+    if not made_by_qsmprep:
+        raise NoInputError(f"{out} holds no qsmprep derivatives ({description} missing or not written by qsmprep): "
+                           "run the participant level into it first.")
+    present = sorted(p.name.removeprefix("sub-") for p in out.glob("sub-*") if p.is_dir())
+    wanted = [s.removeprefix("sub-") for s in args.participant_label] or present
+    missing = sorted(set(wanted) - set(present))
+    if missing:
+        raise NoInputError(f"--participant-label {' '.join(missing)}: no such subject in {out} (it has "
+                           f"{', '.join(present) or 'none'}).")
+    tsv, page, rows = write_group_report(out, wanted)
+    if not rows:
+        raise NoInputError(f"{out} holds no processed run with a Chimap for subject(s) {', '.join(wanted)}: run the "
+                           "participant level first.")
+    flagged = sorted({row["run"] for row in rows if row["flags"]})
+    print(f"{len({row['run'] for row in rows})} run(s), {len(rows)} Chimap(s): {tsv}\ngroup report: {page}")
+    for run in flagged:
+        print(f"  flagged {run}: " + "; ".join(row["flags"] for row in rows if row["run"] == run and row["flags"]))
+    return 0
+
+
 def main(argv=None):
     """Entry point of ``qsmprep``; returns the exit code."""
     return quiet_on_closed_pipe(_main, argv)
@@ -555,6 +590,8 @@ def _main(argv):
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no network check for Nipype updates
     _setup_logging(args.verbose)
     try:
+        if args.analysis_level == "group":
+            return run_group(args)
         config = resolve_config(args, argv)
         return run(config, args.bids_filter_file)
     except QSMPrepError as exc:

@@ -115,12 +115,19 @@ def b0_direction_text(b0_dir, affine):
     return f"{b0_tilt_deg(given):.1f} degrees from the third voxel axis ({source})"
 
 
+def mask_volume_ml(mask, affine):
+    """Volume of a mask in ml: its voxel count times the voxel volume of ``affine``."""
+    voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return float(np.count_nonzero(mask) * np.prod(voxel_mm) / 1000)
+
+
 def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
     """A table of what a run's figures show: grid and voxel size, echoes, field strength, B0 direction (with its
     source, ``b0_direction_text``) and the brain mask's volume, from the mask (array, affine) and the sidecars of
     the mask and of one Chimap (dicts)."""
     voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     voxels = int(np.count_nonzero(mask))
+    volume_ml = mask_volume_ml(mask, affine)
     rows = [("Grid", f"{' x '.join(map(str, np.shape(mask)[:3]))} voxels of "
                      f"{' x '.join(f'{v:.3g}' for v in voxel_mm)} mm")]
     echo_times = mask_sidecar.get("EchoTime")
@@ -131,15 +138,21 @@ def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
         rows.append(("Field strength", f"{mask_sidecar['MagneticFieldStrength']:g} T"))
     if "B0Direction" in chimap_sidecar:
         rows.append(("B0 direction", b0_direction_text(chimap_sidecar["B0Direction"], affine)))
-    rows.append(("Brain mask", f"{voxels * np.prod(voxel_mm) / 1000:.0f} ml ({voxels} voxels), where the local "
+    rows.append(("Brain mask", f"{volume_ml:.0f} ml ({voxels} voxels), where the local "
                                "field and the Chimaps are defined"))
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f'<table class="summary">{cells}</table>'
 
 
-def paramagnetic_tail_ratio(chi, mask):
-    """How far a Chimap's positive tail reaches against its negative one in the brain mask:
-    (99th percentile - median) / (median - 1st percentile), or None when the mask is empty or flat.
+def chimap_percentiles(chi, mask):
+    """(1st percentile, median, 99th percentile) in ppm of a Chimap in the brain mask; None for an empty mask."""
+    values = np.asarray(chi)[np.asarray(mask, dtype=bool)]
+    return tuple(float(p) for p in np.percentile(values, (1, 50, 99))) if values.size else None
+
+
+def paramagnetic_tail_ratio(percentiles):
+    """How far a Chimap's positive tail reaches against its negative one, from its ``chimap_percentiles``:
+    (99th percentile - median) / (median - 1st percentile), or None when there are none or the map is flat.
 
     Veins and iron-rich deep grey matter are strongly paramagnetic and few brain tissues strongly diamagnetic, so a
     brain's positive tail is the longer: 1.37-1.61 on the 2016 challenge data by TKD, CFL2 and the deep model (2.00
@@ -147,11 +160,10 @@ def paramagnetic_tail_ratio(chi, mask):
     polarity has the tails swapped (the 2016 deep map of the negated field: 0.57), so a ratio below
     ``POLARITY_WARNING_RATIO`` makes the report warn (docs/outputs.md, The report).
     """
-    values = np.asarray(chi)[np.asarray(mask, dtype=bool)]
-    if values.size == 0:
+    if percentiles is None:
         return None
-    low, median, high = np.percentile(values, (1, 50, 99))
-    return float((high - median) / (median - low)) if median > low else None
+    low, median, high = percentiles
+    return (high - median) / (median - low) if median > low else None
 
 
 POLARITY_WARNING_RATIO = 1.0
@@ -216,8 +228,9 @@ def _run_section(run, figures_dir, output_dir):
     for method, path in chimaps:
         chi = _load_ras(path, "susceptibility map") * mask
         png = mosaic(chi, window=CHI_WINDOW_PPM, title=f"Susceptibility ({method})", units="ppm")
-        low, high = np.percentile(chi[mask], (1, 99)) if mask.any() else (0.0, 0.0)
-        ratio = paramagnetic_tail_ratio(chi, mask)
+        percentiles = chimap_percentiles(chi, mask)
+        low, _, high = percentiles or (0.0, 0.0, 0.0)
+        ratio = paramagnetic_tail_ratio(percentiles)
         tails = ("" if ratio is None else f" Its positive tail (99th percentile minus median) is {ratio:.2f} times "
                  "its negative one (median minus 1st percentile).")
         caption = (f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm; in the brain "
