@@ -345,3 +345,18 @@ def test_paramagnetic_tail_ratio_and_the_polarity_warning():
     assert "run qsmprep again with --invert-phase" in polarity_warning("deep", 1 / ratio, inverted=False)
     assert "run qsmprep again without --invert-phase" in polarity_warning("deep", 1 / ratio, inverted=True)
     assert polarity_warning("deep", None, inverted=False) == ""
+
+
+def test_group_flags_a_mask_volume_far_from_the_others_only_with_five_runs_or_more():
+    from qsmprep.reports.group import flag_rows
+
+    def rows(volumes):
+        return [{"run": f"sub-{i:02d}", "mask_ml": v, "tail_ratio": 1.5} for i, v in enumerate(volumes, 1)]
+
+    # median 1195 ml, absolute deviations 5, 5, 10, 15, 20, 695 (median 12.5): robust SD 1.4826 x 12.5 = 18.5 ml,
+    # so 500 ml is 37.5 robust SD below and 1215 ml 1.1 above
+    flagged = flag_rows(rows([1190, 1200, 1210, 1215, 1185, 500]))
+    assert [r["run"] for r in flagged if r["flags"]] == ["sub-06"]
+    assert flagged[5]["flags"] == "brain mask 500 ml, -37.5 robust SD from the median 1195 ml"
+    assert not any(r["flags"] for r in flag_rows(rows([1190, 1200, 1210, 500])))  # 4 runs: no group to compare with
+    assert flag_rows([{"run": "sub-01", "mask_ml": 1000, "tail_ratio": 0.6}])[0]["flags"].startswith("tail ratio 0.60")
