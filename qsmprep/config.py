@@ -74,13 +74,20 @@ def library_function(step, method):
     return getattr(importlib.import_module(module), name)
 
 
+MAX_PAD_FACTOR = 4.0
+"""Largest ``pad_factor`` a parameters file may give. The memory of every array on the padded FFT grid grows with
+its cube: 64 times at 4 (8.6 GB per complex array for a 256^3 acquisition). Without a bound, a factor of 1e300 passed
+the check and crashed the inversion node (OverflowError) after the earlier steps had run."""
+
+
 def parameter_checks(step, method):
     """The checks (``qsmprep.checks``) of every tunable parameter of ``(step, method)``'s library function that a
     parameters file may set (``read_parameters_file``); the deep options with their own flags are not among them."""
-    from .checks import BOOL, COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, is_int, number
+    from .checks import BOOL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, is_int, number
     from .inversion.deep import MIN_TILE
 
-    at_least_one = number("a number >= 1", lambda v: v >= 1)
+    pad_factor = number(f"a number from 1 to {MAX_PAD_FACTOR:g} (the padded grid's memory grows with its cube)",
+                        lambda v: 1 <= v <= MAX_PAD_FACTOR)
     mask = {"threshold": POSITIVE, "erode_mm": NON_NEGATIVE, "fill_holes": BOOL, "smooth_mm": NON_NEGATIVE,
             "separate_mm": NON_NEGATIVE}
     tile = (f"an integer >= {MIN_TILE} (a cube) or three of them",
@@ -93,15 +100,17 @@ def parameter_checks(step, method):
                          lambda v: isinstance(v, list) and len(v) > 0 and all(map(POSITIVE[1], v))),
             "threshold": number("a number in (0, 1)", lambda v: 0 < v < 1)},
         ("bgremove", "resharp"): {"radius_mm": POSITIVE, "lam": POSITIVE, "tol": POSITIVE, "max_iter": POSITIVE_INT},
-        ("bgremove", "pdf"): {"tol": POSITIVE, "max_iter": POSITIVE_INT, "pad_factor": at_least_one},
+        ("bgremove", "pdf"): {"tol": POSITIVE, "max_iter": POSITIVE_INT, "pad_factor": pad_factor},
         ("inversion", "tkd"): {"threshold": number("a number in (0, 1/3]", lambda v: 0 < v <= 1 / 3),
-                               "pad_factor": at_least_one},
-        ("inversion", "cfl2"): {"lam": POSITIVE, "pad_factor": at_least_one},
-        ("inversion", "ilsqr"): {"tol": POSITIVE, "max_iter": POSITIVE_INT, "pad_factor": at_least_one},
+                               "pad_factor": pad_factor},
+        ("inversion", "cfl2"): {"lam": POSITIVE, "pad_factor": pad_factor},
+        ("inversion", "ilsqr"): {"tol": POSITIVE, "max_iter": POSITIVE_INT, "pad_factor": pad_factor},
         ("inversion", "deep"): {
             "resolution_tolerance": ("a number >= 0 (inf: always the acquisition grid)",
                                      lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
-            "tile_shape": tile, "overlap": COUNT},
+            "tile_shape": tile,
+            "overlap": number(f"an integer from 0 to {MIN_TILE - 1} (below the smallest tile edge, {MIN_TILE}, so "
+                              "that tiles advance)", lambda v: 0 <= v < MIN_TILE, integer=True)},
     }[(step, method)]
 
 
@@ -124,11 +133,14 @@ def read_parameters_file(path):
     from .errors import NoInputError
 
     path = Path(path)
-    try:
-        parameters = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: the byte-order mark some Windows editors write is no TOML syntax, but not an error either
+        parameters = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError as exc:
         raise NoInputError(f"parameters file {path} does not exist: check --parameters.") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"parameters file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as "
+                         "UTF-8.") from exc
+    except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"parameters file {path} is not valid TOML ({exc}): fix its syntax.") from exc
     except OSError as exc:
         raise UsageError(f"parameters file {path} cannot be read ({exc.strerror or exc}): check --parameters.") from exc
@@ -136,7 +148,10 @@ def read_parameters_file(path):
     for step, method in LIBRARY_FUNCTIONS:
         methods.setdefault(step, []).append(method)
     for step, tables in parameters.items():
-        if step not in methods or not isinstance(tables, dict):
+        if not isinstance(tables, dict):
+            raise UsageError(f"{path}: {step} = {tables!r} is outside any table: put each parameter in its method's "
+                             "table [step.method], e.g. threshold = 0.15 under [inversion.tkd].")
+        if step not in methods:
             raise UsageError(f"{path}: [{step}] is not a step with parameters; use tables [step.method] with "
                              f"step one of {list(methods)}.")
         for method, values in tables.items():

@@ -1004,3 +1004,49 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
     assert main([str(runs["bids"]), str(tmp_path / "empty"), "group"]) == 66
     assert main([str(runs["bids"]), str(out), "group", "--participant-label", "09"]) == 66
     assert "--participant-label 09: no such subject" in capsys.readouterr().err
+
+
+def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_measure(tmp_path, capsys):
+    """V-SHARP radii smaller than a voxel (a parameters file's) give a local field, so a Chimap, of zeros: the run
+    exits 0, so the report and the group level must say so. The group level then: counts a label given twice once;
+    lists a truncated Chimap's run, flagged, and exits 65; refuses (66) a folder with no run, or a file, writing
+    nothing over an earlier table; and its files do not disturb a later participant run in the same folder."""
+    import csv
+
+    bids, out, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
+    assert simulate.main([str(bids), "--matrix", "48", "48", "48", "--voxel-size", "3.5", "3.5", "3.5",
+                          "--echoes", "3"]) == 0
+    parameters = tmp_path / "parameters.toml"
+    parameters.write_text("[bgremove.vsharp]\nradii_mm = [0.1]\n")
+    participant = [str(bids), str(out), "participant", "-w", str(work), "--inversion", "tkd", "--nprocs", "1"]
+    assert main([*participant, "--parameters", str(parameters)]) == 0
+    chimap = out / "sub-01" / "anat" / "sub-01_desc-tkd_Chimap.nii.gz"
+    assert not _load(chimap).any()
+    assert "The tkd Chimap shows no susceptibility contrast" in (out / "sub-01.html").read_text()
+    capsys.readouterr()
+
+    def table():
+        with open(out / "group_Chimap.tsv", newline="") as file:
+            return list(csv.DictReader(file, delimiter="\t"))
+
+    assert main([str(bids), str(out), "group", "--participant-label", "01", "sub-01"]) == 0
+    assert "1 run(s), 1 Chimap(s)" in capsys.readouterr().out
+    (row,) = table()
+    assert row["flags"] == "no contrast: its 1st and 99th percentiles in the brain mask are both 0 ppm"
+    chimap.write_bytes(chimap.read_bytes()[:-20])  # truncated: its gzip stream ends early
+    assert main([str(bids), str(out), "group"]) == 65
+    printed = capsys.readouterr()
+    assert "1 run(s), 0 Chimap(s)" in printed.out and "1 run(s) could not be measured, flagged in the table: sub-01" \
+        in printed.err
+    (row,) = table()
+    assert row["flags"].startswith(f"cannot be measured (susceptibility map {chimap} is not a readable NIfTI file")
+    earlier = (out / "group_Chimap.tsv").read_text()
+    mask = out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"
+    mask.rename(tmp_path / "mask.nii.gz")
+    assert main([str(bids), str(out), "group"]) == 66
+    assert f"{out} holds no processed run for subject(s) 01" in capsys.readouterr().err
+    assert (out / "group_Chimap.tsv").read_text() == earlier
+    assert main([str(bids), str(out / "group_Chimap.tsv"), "group"]) == 66
+    assert "group_Chimap.tsv is a file, not a folder" in capsys.readouterr().err
+    assert main(participant) == 0  # the group files in OUTPUT_DIR are no obstacle, and are left as they were
+    assert _load(chimap).any() and (out / "group_Chimap.tsv").read_text() == earlier

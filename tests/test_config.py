@@ -1,5 +1,6 @@
 """Presets and the default inversion, with and without the shipped deep model (docs/usage.md, Presets)."""
 
+import numpy as np
 import pytest
 
 from qsmprep import config
@@ -75,3 +76,44 @@ def test_parameters_file_is_read_and_checked(tmp_path):
         assert str(bad) in str(exc.value) and words in str(exc.value), str(exc.value)
     with pytest.raises(NoInputError, match="does not exist: check --parameters"):
         config.read_parameters_file(tmp_path / "absent.toml")
+
+
+def test_parameters_file_messes_a_researcher_makes_are_read_or_named(tmp_path):
+    """A byte-order mark (Windows editors) is read as UTF-8; Latin-1 text, a key outside any table, a pad_factor
+    whose padded grid would not fit in memory, and a deep tile overlap that tiles could not advance past are
+    refused (exit 64) naming the file and what to do."""
+    path = tmp_path / "parameters.toml"
+    path.write_bytes(b"\xef\xbb\xbf[inversion.tkd]\nthreshold = 0.1\n")
+    assert config.read_parameters_file(path) == {"inversion": {"tkd": {"threshold": 0.1}}}
+    path.write_text("[inversion.tkd]\npad_factor = 4\n[inversion.deep]\noverlap = 63\n")
+    assert config.read_parameters_file(path) == {"inversion": {"tkd": {"pad_factor": 4}, "deep": {"overlap": 63}}}
+    for content, words in [
+        ("# réglages\n[inversion.tkd]\n".encode("latin-1"), "is not UTF-8 text (byte 3: invalid continuation byte): "
+                                                           "save it as UTF-8."),
+        (b"threshold = 0.1\n[inversion.tkd]\n", "threshold = 0.1 is outside any table: put each parameter in its "
+                                                "method's table [step.method], e.g. threshold = 0.15 under "
+                                                "[inversion.tkd]."),
+        (b"[inversion.cfl2]\npad_factor = 1e300\n", "[inversion.cfl2] pad_factor must be a number from 1 to 4 (the "
+                                                    "padded grid's memory grows with its cube), got 1e+300."),
+        (b"[bgremove.pdf]\npad_factor = 4.5\n", "[bgremove.pdf] pad_factor must be a number from 1 to 4"),
+        (b"[inversion.deep]\noverlap = 64\n", "[inversion.deep] overlap must be an integer from 0 to 63 (below the "
+                                              "smallest tile edge, 64, so that tiles advance), got 64."),
+    ]:
+        path.write_bytes(content)
+        with pytest.raises(UsageError) as exc:
+            config.read_parameters_file(path)
+        assert str(path) in str(exc.value) and words in str(exc.value), str(exc.value)
+
+
+def test_the_deep_overlap_check_is_what_tiling_needs():
+    """Tiles of the smallest edge (MIN_TILE, which the memory sizing and the out-of-memory retries may choose)
+    cover a volume exactly for every overlap the parameters file accepts; the first it refuses leaves voxels out."""
+    from qsmprep.inversion.deep import MIN_TILE, predict_tiled
+
+    field = np.random.default_rng(0).random((100, 70, 65)).astype(np.float32)
+    ok = config.parameter_checks("inversion", "deep")["overlap"][1]
+    for overlap in (0, 32, MIN_TILE - 1):
+        assert ok(overlap)
+        np.testing.assert_array_equal(predict_tiled(lambda f, m: f, field, field, (MIN_TILE,) * 3, overlap), field)
+    assert not ok(MIN_TILE + 36)
+    assert (predict_tiled(lambda f, m: f, field, field, (MIN_TILE,) * 3, MIN_TILE + 36) == 0).mean() > 0.5

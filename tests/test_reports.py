@@ -360,3 +360,100 @@ def test_group_flags_a_mask_volume_far_from_the_others_only_with_five_runs_or_mo
     assert flagged[5]["flags"] == "brain mask 500 ml, -37.5 robust SD from the median 1195 ml"
     assert not any(r["flags"] for r in flag_rows(rows([1190, 1200, 1210, 500])))  # 4 runs: no group to compare with
     assert flag_rows([{"run": "sub-01", "mask_ml": 1000, "tail_ratio": 0.6}])[0]["flags"].startswith("tail ratio 0.60")
+
+
+def test_a_chimap_without_contrast_is_named_in_the_report_and_the_log(tmp_path, caplog):
+    """A Chimap of zeros (what V-SHARP radii smaller than a voxel leave) has no tail ratio, so the polarity check is
+    silent on it; the report and the log say it shows no contrast, a map with contrast gets no such warning, and a
+    sidecar that is JSON but no object (hand-edited) reads as none."""
+    from qsmprep.reports.report import no_contrast_reason, no_contrast_warning
+
+    assert no_contrast_reason(None) == "the brain mask is empty"
+    assert no_contrast_reason((0.0, 0.0, 0.0)) == "its 1st and 99th percentiles in the brain mask are both 0 ppm"
+    assert "not finite" in no_contrast_reason((float("nan"),) * 3)
+    assert no_contrast_reason((-0.05, 0.0, 0.1)) == "" and no_contrast_warning("tkd", (-0.05, 0.0, 0.1)) == ""
+    mask = _report_mask()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    paths = {name: save_nifti(tmp_path / f"{name}.nii.gz", data, affine)
+             for name, data in (("mask", mask), ("zero", np.zeros(mask.shape)), ("chi", 0.1 * mask * np.arange(20)))}
+    (tmp_path / "zero.json").write_text("[true]")
+    text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"], "chimaps": {
+        "tkd": paths["zero"], "cfl2": paths["chi"]}}]).read_text()
+    assert text.count("Chimap shows no susceptibility contrast") == 1
+    assert ("The tkd Chimap shows no susceptibility contrast: its 1st and 99th percentiles in the brain mask are both "
+            "0 ppm. A processing step lost the signal") in text
+    assert "The tkd Chimap shows no susceptibility contrast" in caplog.text
+
+
+def _derivatives(out, runs):
+    """A qsmprep derivatives dataset in ``out`` with, for each run name of ``runs``, a brain mask (sidecar with three
+    echo times) and the Chimaps ``runs[name]`` ({method: array}, on the mask's grid)."""
+    import json
+
+    from qsmprep.bids.derivatives import write_dataset_description
+
+    write_dataset_description(out, out.parent / "bids")
+    mask = _report_mask()
+    for name, chimaps in runs.items():
+        anat = out / name.split("_")[0] / "anat"
+        save_nifti(anat / f"{name}_desc-brain_mask.nii.gz", mask, np.diag([2.0, 2.0, 2.0, 1.0]))
+        (anat / f"{name}_desc-brain_mask.json").write_text(json.dumps({"EchoTime": [0.004, 0.008, 0.012]}))
+        for method, chi in chimaps.items():
+            save_nifti(anat / f"{name}_desc-{method}_Chimap.nii.gz", chi, np.diag([2.0, 2.0, 2.0, 1.0]))
+    return out
+
+
+def test_group_rows_list_runs_they_cannot_measure_and_flag_chimaps_without_contrast(tmp_path):
+    """Every run gets its rows: a Chimap of zeros is flagged as without contrast, a truncated Chimap, one on another
+    grid and a mask without any Chimap each with the reason and the fix (``problem``); a mask sidecar that is no
+    JSON object gives n/a echoes; the others are measured."""
+    from qsmprep.reports.group import group_rows
+
+    mask = _report_mask()
+    rng = np.random.default_rng(0)  # tissue around 0 ppm, and 5 % veins up to 0.3 ppm: tail ratio above 1
+    brain = mask * (rng.normal(0, 0.02, mask.shape) + 0.3 * rng.random(mask.shape) * (rng.random(mask.shape) < 0.05))
+    out = _derivatives(tmp_path / "out", {"sub-01": {"tkd": brain, "cfl2": np.zeros(mask.shape)},
+                                          "sub-02": {"tkd": brain, "cfl2": brain[:-1]}, "sub-03": {}})
+    truncated = out / "sub-02" / "anat" / "sub-02_desc-tkd_Chimap.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    (out / "sub-01" / "anat" / "sub-01_desc-brain_mask.json").write_text('"not an object"')
+    rows = {(row["run"], row["method"]): row for row in group_rows(out, ["01", "02", "03"])}
+    assert sorted(rows, key=str) == sorted([("sub-01", "tkd"), ("sub-01", "cfl2"), ("sub-02", "tkd"),
+                                            ("sub-02", "cfl2"), ("sub-03", None)], key=str)
+    assert rows["sub-01", "tkd"]["flags"] == "" and rows["sub-01", "tkd"]["tail_ratio"] > 1
+    assert rows["sub-01", "tkd"]["echoes"] is None and rows["sub-03", None]["echoes"] == 3
+    assert rows["sub-01", "cfl2"]["flags"] == ("no contrast: its 1st and 99th percentiles in the brain mask are both "
+                                               "0 ppm") and not rows["sub-01", "cfl2"]["problem"]
+    assert rows["sub-02", "tkd"]["flags"].startswith(f"cannot be measured (susceptibility map {truncated} is not a "
+                                                     "readable NIfTI file")
+    assert "sub-02_desc-cfl2_Chimap.nii.gz has shape (23, 24, 20) but" in rows["sub-02", "cfl2"]["flags"]
+    assert rows["sub-03", None]["flags"] == ("no Chimap beside its brain mask: run the participant level again for "
+                                             "this run")
+    for key in (("sub-02", "tkd"), ("sub-02", "cfl2"), ("sub-03", None)):
+        assert rows[key]["problem"] and rows[key]["flags"].endswith("run the participant level again for this run")
+        assert rows[key]["chi_p1_ppm"] is None and rows[key]["tail_ratio"] is None
+
+
+def test_group_report_is_written_whole_or_refused_with_exit_73(tmp_path, recwarn):
+    """A row per run without a tail ratio draws its figure without matplotlib's empty-legend warning; the TSV keeps
+    each flag on one line; a table that cannot be written (a folder in its place) is a CantCreateError naming it,
+    and leaves no temporary file."""
+    import csv
+
+    from qsmprep.errors import CantCreateError
+    from qsmprep.reports.group import group_rows, write_group_report
+
+    out = _derivatives(tmp_path / "out", {"sub-01": {}})
+    rows = group_rows(out, ["01"])
+    rows[0]["flags"] += "\ttab\nnewline"
+    tsv, page = write_group_report(out, rows)
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+    with open(tsv, newline="") as table:
+        (row,) = list(csv.DictReader(table, delimiter="\t"))
+    assert row["method"] == "n/a" and row["flags"].endswith("this run tab newline")
+    assert "no Chimap beside its brain mask" in page.read_text()
+    tsv.unlink()
+    tsv.mkdir()
+    with pytest.raises(CantCreateError, match=f"cannot write {tsv} \\(Is a directory\\): make OUTPUT_DIR writable"):
+        write_group_report(out, rows)
+    assert not list(out.glob(".tmp-*"))

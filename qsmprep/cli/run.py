@@ -547,12 +547,16 @@ def run(config, filter_file=None):
 
 def run_group(args):
     """The group level: ``group_Chimap.tsv``/``.html`` over the runs the participant level wrote in OUTPUT_DIR
-    (``qsmprep.reports.group``) for ``--participant-label`` (default every subject); returns the exit code."""
+    (``qsmprep.reports.group``) for ``--participant-label`` (default every subject); returns the exit code: 0, or
+    65 when some run could not be measured (its row says why; the others are in the table)."""
     from ..bids.derivatives import generated_by_names
     from ..errors import NoInputError
-    from ..reports.group import write_group_report
+    from ..reports.group import group_rows, write_group_report
 
     out = args.output_dir.absolute()
+    if not out.is_dir():
+        raise NoInputError(f"OUTPUT_DIR {out} {'is a file, not a folder' if out.exists() else 'does not exist'}: give "
+                           "the folder the participant level wrote.")
     description = out / "dataset_description.json"
     try:
         made_by_qsmprep = "qsmprep" in generated_by_names(json.loads(description.read_text()))
@@ -562,19 +566,25 @@ def run_group(args):
         raise NoInputError(f"{out} holds no qsmprep derivatives ({description} missing or not written by qsmprep): "
                            "run the participant level into it first.")
     present = sorted(p.name.removeprefix("sub-") for p in out.glob("sub-*") if p.is_dir())
-    wanted = [s.removeprefix("sub-") for s in args.participant_label] or present
+    wanted = list(dict.fromkeys(s.removeprefix("sub-") for s in args.participant_label)) or present
     missing = sorted(set(wanted) - set(present))
     if missing:
         raise NoInputError(f"--participant-label {' '.join(missing)}: no such subject in {out} (it has "
                            f"{', '.join(present) or 'none'}).")
-    tsv, page, rows = write_group_report(out, wanted)
-    if not rows:
-        raise NoInputError(f"{out} holds no processed run with a Chimap for subject(s) {', '.join(wanted)}: run the "
-                           "participant level first.")
+    rows = group_rows(out, wanted)
+    if not rows:  # refused before writing: an earlier table is kept, not replaced by an empty one
+        raise NoInputError(f"{out} holds no processed run for subject(s) {', '.join(wanted)}: run the participant "
+                           "level first.")
+    tsv, page = write_group_report(out, rows)
     flagged = sorted({row["run"] for row in rows if row["flags"]})
-    print(f"{len({row['run'] for row in rows})} run(s), {len(rows)} Chimap(s): {tsv}\ngroup report: {page}")
+    print(f"{len({row['run'] for row in rows})} run(s), {sum(not row['problem'] for row in rows)} Chimap(s): "
+          f"{tsv}\ngroup report: {page}")
     for run in flagged:
         print(f"  flagged {run}: " + "; ".join(row["flags"] for row in rows if row["run"] == run and row["flags"]))
+    unmeasured = sorted({row["run"] for row in rows if row["problem"]})
+    if unmeasured:
+        log.error("%d run(s) could not be measured, flagged in the table: %s", len(unmeasured), ", ".join(unmeasured))
+        return DataError.exit_code
     return 0
 
 

@@ -15,16 +15,25 @@ import numpy as np
 
 from ..bids.derivatives import processed_runs
 from ..config import INVERSION_METHODS
-from ..io import load_nifti, write_text_atomic
+from ..errors import CantCreateError, QSMPrepError
+from ..io import check_same_grid, load_nifti, write_text_atomic
 from .mosaic import _png_bytes, _pyplot
-from .report import POLARITY_WARNING_RATIO, _sidecar, chimap_percentiles, mask_volume_ml, paramagnetic_tail_ratio
+from .report import (
+    POLARITY_WARNING_RATIO,
+    _sidecar,
+    chimap_percentiles,
+    mask_volume_ml,
+    no_contrast_reason,
+    paramagnetic_tail_ratio,
+)
 
 GROUP_STEM = "group_Chimap"
 
 COLUMNS = {
     "run": "run name, as in its derivatives' file names (e.g. sub-01_ses-1)",
     "subject": "subject label without sub-",
-    "method": "inversion method of the Chimap (desc-<method>_Chimap)",
+    "method": "inversion method of the Chimap (desc-<method>_Chimap); n/a for a run without a readable brain mask or "
+              "without any Chimap (flagged)",
     "mask_ml": "brain mask volume in ml (desc-brain_mask)",
     "echoes": "number of echoes (the mask sidecar's EchoTime)",
     "b0_tesla": "field strength in T (MagneticFieldStrength)",
@@ -34,8 +43,9 @@ COLUMNS = {
     "chi_p99_ppm": "99th percentile of the Chimap in the brain mask, ppm",
     "tail_ratio": "(chi_p99_ppm - chi_median_ppm) / (chi_median_ppm - chi_p1_ppm): above 1 in brains; below 1 the "
                   "phase polarity is most likely inverted (docs/outputs.md, The report)",
-    "flags": "why the row stands out (tail ratio below 1; brain mask volume more than 3 robust standard deviations "
-             "from the group's median, with 5 runs or more), n/a when it does not",
+    "flags": "why the row stands out (a file that cannot be read, or no Chimap: run the participant level again; a "
+             "Chimap with no contrast in the brain mask, e.g. all zeros; tail ratio below 1; brain mask volume more "
+             "than 3 robust standard deviations from the group's median, with 5 runs or more), n/a when it does not",
 }
 """The table's columns and what each holds (``group_Chimap.json``, the BIDS description of a TSV's columns)."""
 
@@ -48,37 +58,61 @@ MIN_RUNS_FOR_OUTLIERS = 5
 
 
 def run_rows(name, paths):
-    """The table's rows of one run (``processed_runs`` paths): one per Chimap, measured from the files."""
-    mask_data, affine, _ = load_nifti(paths["mask"], "brain mask")
+    """The table's rows of one run (``processed_runs`` paths): one per Chimap, measured from the files (``chimap_row``).
+    A run whose brain mask cannot be read, or that has no Chimap beside it, gets one row without a method or measures
+    whose ``problem`` says so (flagged, and ``run_group`` exits 65): it is listed rather than left out of the table."""
+    row = {**dict.fromkeys(COLUMNS), "run": name, "subject": name.split("_")[0].removeprefix("sub-"), "problem": ""}
+    try:
+        mask_data, affine, _ = load_nifti(paths["mask"], "brain mask")
+    except QSMPrepError as exc:
+        return [with_problem(row, None, f"cannot be measured ({exc})")]
     mask = mask_data > 0
     meta = _sidecar(paths["mask"])
-    common = {"run": name, "subject": name.split("_")[0].removeprefix("sub-"),
-              "mask_ml": round(mask_volume_ml(mask, affine), 1), "echoes": len(meta.get("EchoTime") or []) or None,
-              "b0_tesla": meta.get("MagneticFieldStrength"), "phase_inverted": meta.get("PhaseInverted")}
-    rows = []
-    for method in INVERSION_METHODS:
-        if f"chimap:{method}" not in paths:
-            continue
-        chi = load_nifti(paths[f"chimap:{method}"], "susceptibility map")[0]
-        percentiles = chimap_percentiles(chi, mask)
-        ratio = paramagnetic_tail_ratio(percentiles)
-        low, median, high = percentiles or (None, None, None)
-        rows.append({**common, "method": method, "chi_p1_ppm": low, "chi_median_ppm": median, "chi_p99_ppm": high,
-                     "tail_ratio": ratio})
-    return rows
+    echo_times = meta.get("EchoTime")
+    row.update(mask_ml=round(mask_volume_ml(mask, affine), 1),
+               echoes=len(echo_times) if isinstance(echo_times, list) and echo_times else None,
+               b0_tesla=meta.get("MagneticFieldStrength"), phase_inverted=meta.get("PhaseInverted"))
+    methods = [method for method in INVERSION_METHODS if f"chimap:{method}" in paths]
+    if not methods:
+        return [with_problem(row, None, "no Chimap beside its brain mask")]
+    return [chimap_row(row, method, paths[f"chimap:{method}"], paths["mask"], mask, affine) for method in methods]
+
+
+def with_problem(row, method, why):
+    """``row`` of ``method`` (None: the run's only row) with the ``problem`` ``why`` no Chimap of it was measured,
+    and its fix."""
+    return {**row, "method": method, "problem": f"{why}: run the participant level again for this run"}
+
+
+def chimap_row(row, method, path, mask_path, mask, affine):
+    """``row`` (a run's measures) completed with its ``method`` Chimap's at ``path``: percentiles in the brain
+    ``mask`` (read from ``mask_path`` with ``affine``), tail ratio and ``no_contrast`` (``no_contrast_reason``); a
+    Chimap that cannot be read, or lies on another grid than the mask, gives its ``problem`` instead."""
+    try:
+        chi, chi_affine, _ = load_nifti(path, "susceptibility map")
+        check_same_grid(mask_path, (mask.shape, affine), path, (chi.shape, chi_affine))
+    except QSMPrepError as exc:
+        return with_problem(row, method, f"cannot be measured ({exc})")
+    percentiles = chimap_percentiles(chi, mask)
+    low, median, high = percentiles or (None, None, None)
+    return {**row, "method": method, "chi_p1_ppm": low, "chi_median_ppm": median, "chi_p99_ppm": high,
+            "tail_ratio": paramagnetic_tail_ratio(percentiles), "no_contrast": no_contrast_reason(percentiles)}
 
 
 def flag_rows(rows):
-    """Add each row's ``flags``: a tail ratio below ``POLARITY_WARNING_RATIO``, and a brain mask volume beyond
-    ``MASK_OUTLIER_Z`` robust standard deviations of the runs' median (with ``MIN_RUNS_FOR_OUTLIERS`` runs)."""
-    volumes = {row["run"]: row["mask_ml"] for row in rows}
+    """Add each row's ``flags``: its ``problem`` and ``no_contrast`` (optional keys, set by ``run_rows``), a tail
+    ratio below ``POLARITY_WARNING_RATIO``, and a brain mask volume beyond ``MASK_OUTLIER_Z`` robust standard
+    deviations of the runs' median (with ``MIN_RUNS_FOR_OUTLIERS`` runs whose mask was measured)."""
+    volumes = {row["run"]: row["mask_ml"] for row in rows if row["mask_ml"] is not None}
     median = float(np.median(list(volumes.values()))) if volumes else 0.0
     spread = 1.4826 * float(np.median([abs(v - median) for v in volumes.values()])) if volumes else 0.0
     for row in rows:
-        flags = []
+        flags = [row["problem"]] if row.get("problem") else []
+        if row.get("no_contrast"):
+            flags.append(f"no contrast: {row['no_contrast']}")
         if row["tail_ratio"] is not None and row["tail_ratio"] < POLARITY_WARNING_RATIO:
             flags.append(f"tail ratio {row['tail_ratio']:.2f} < 1: phase polarity inverted?")
-        if len(volumes) >= MIN_RUNS_FOR_OUTLIERS and spread > 0:
+        if len(volumes) >= MIN_RUNS_FOR_OUTLIERS and spread > 0 and row["mask_ml"] is not None:
             z = (row["mask_ml"] - median) / spread
             if abs(z) > MASK_OUTLIER_Z:
                 flags.append(f"brain mask {row['mask_ml']:g} ml, {z:+.1f} robust SD from the median {median:g} ml")
@@ -87,12 +121,13 @@ def flag_rows(rows):
 
 
 def _cell(value):
-    """A TSV cell: n/a for a missing value (BIDS), numbers to 4 significant digits."""
+    """A TSV cell: n/a for a missing value (BIDS), numbers to 4 significant digits, text on one line (a flag may quote
+    an error message over several, or with tabs)."""
     if value is None or value == "":
         return "n/a"
     if isinstance(value, bool):
         return str(value).lower()
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else " ".join(str(value).split())
 
 
 def group_figure_png(rows):
@@ -102,7 +137,7 @@ def group_figure_png(rows):
     flagged = {row["run"] for row in rows if row["flags"]}
     fig, (volume_ax, ratio_ax) = plt.subplots(1, 2, figsize=(9.0, 0.3 * len(runs) + 1.6), layout="constrained")
     positions = {run: i for i, run in enumerate(runs)}
-    volumes = {row["run"]: row["mask_ml"] for row in rows}
+    volumes = {row["run"]: row["mask_ml"] for row in rows if row["mask_ml"] is not None}
     volume_ax.scatter(list(volumes.values()), [positions[r] for r in volumes],
                       c=["tab:red" if r in flagged else "tab:blue" for r in volumes])
     volume_ax.set_xlabel("brain mask (ml)")
@@ -114,7 +149,8 @@ def group_figure_png(rows):
                              edgecolors=["tab:red" if runs[int(p)] in flagged else "tab:blue" for _, p in points])
     ratio_ax.axvline(POLARITY_WARNING_RATIO, color="0.5", linestyle="--", linewidth=1)
     ratio_ax.set_xlabel("Chimap tail ratio (above 1 in brains)")
-    ratio_ax.legend(fontsize=7, loc="best")
+    if ratio_ax.get_legend_handles_labels()[0]:  # no Chimap with a tail ratio: no legend to draw
+        ratio_ax.legend(fontsize=7, loc="best")
     for ax in (volume_ax, ratio_ax):
         ax.set_yticks(range(len(runs)), runs if ax is volume_ax else [""] * len(runs), fontsize=7)
         ax.invert_yaxis()
@@ -122,21 +158,30 @@ def group_figure_png(rows):
     return _png_bytes(fig)
 
 
-def write_group_report(output_dir, subjects):
-    """Measure every run of ``subjects`` (labels without sub-) in the derivatives dataset ``output_dir`` and write
-    ``group_Chimap.tsv``, its ``.json`` column descriptions and ``group_Chimap.html`` (its figure inside);
-    return (tsv path, html path, rows)."""
-    out = Path(output_dir)
-    rows = flag_rows([row for subject in subjects
-                      for name, paths in processed_runs(out, subject, INVERSION_METHODS).items()
+def group_rows(output_dir, subjects):
+    """The flagged rows (``run_rows``, ``flag_rows``) of every run of ``subjects`` (labels without sub-) in the
+    derivatives dataset ``output_dir``."""
+    return flag_rows([row for subject in subjects
+                      for name, paths in processed_runs(output_dir, subject, INVERSION_METHODS).items()
                       for row in run_rows(name, paths)])
-    tsv = out / f"{GROUP_STEM}.tsv"
+
+
+def write_group_report(output_dir, rows):
+    """Write ``group_Chimap.tsv`` of ``rows`` (``group_rows``), its ``.json`` column descriptions and
+    ``group_Chimap.html`` (its figure inside) into ``output_dir``; return (tsv path, html path). Every text is made
+    before the first is written, so that a failure leaves the earlier files; CantCreateError when one cannot be."""
+    out = Path(output_dir)
     lines = ["\t".join(COLUMNS)] + ["\t".join(_cell(row[column]) for column in COLUMNS) for row in rows]
-    write_text_atomic(tsv, "\n".join(lines) + "\n")
-    write_text_atomic(tsv.with_suffix(".json"),
-                      json.dumps({c: {"Description": d} for c, d in COLUMNS.items()}, indent=2) + "\n")
-    page = write_text_atomic(out / f"{GROUP_STEM}.html", _group_html(rows))
-    return tsv, page, rows
+    texts = {out / f"{GROUP_STEM}.tsv": "\n".join(lines) + "\n",
+             out / f"{GROUP_STEM}.json": json.dumps({c: {"Description": d} for c, d in COLUMNS.items()}, indent=2) + "\n",
+             out / f"{GROUP_STEM}.html": _group_html(rows)}
+    for path, text in texts.items():
+        try:
+            write_text_atomic(path, text)
+        except OSError as exc:
+            raise CantCreateError(f"cannot write {path} ({exc.strerror or exc}): make OUTPUT_DIR writable and "
+                                  "remove what stands in the way.") from exc
+    return out / f"{GROUP_STEM}.tsv", out / f"{GROUP_STEM}.html"
 
 
 def _group_html(rows):

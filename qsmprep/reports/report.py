@@ -92,11 +92,13 @@ def run_mosaic(mask, voxel_size=None):
 
 
 def _sidecar(path):
-    """The JSON sidecar beside a NIfTI file ({} when there is none or it cannot be read)."""
+    """The JSON sidecar beside a NIfTI file ({} when there is none, it cannot be read, or it holds no JSON object,
+    as a hand-edited one may: its fields are read with ``.get``)."""
     try:
-        return json.loads(Path(str(path).replace(".nii.gz", ".json").replace(".nii", ".json")).read_text())
+        meta = json.loads(Path(str(path).replace(".nii.gz", ".json").replace(".nii", ".json")).read_text())
     except (OSError, ValueError):
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 B0_AGREES_DEG = 0.1
@@ -181,6 +183,27 @@ def polarity_warning(method, ratio, inverted):
             f"nuclei look dark in it, the phase polarity is most likely inverted: run qsmprep again {fix}.")
 
 
+def no_contrast_reason(percentiles):
+    """Why a Chimap shows no susceptibility contrast in the brain mask, from its ``chimap_percentiles``, or "" when
+    it does: an empty mask, values that are not finite, or equal 1st and 99th percentiles, as in the map of zeros a
+    step that lost the signal leaves (e.g. V-SHARP radii smaller than a voxel: a local field of zeros). Such a map
+    has no tail ratio, so ``polarity_warning`` says nothing of it."""
+    if percentiles is None:
+        return "the brain mask is empty"
+    low, _, high = percentiles
+    if not np.all(np.isfinite(percentiles)):
+        return "it holds values that are not finite (NaN or infinite) in the brain mask"
+    return "" if high > low else f"its 1st and 99th percentiles in the brain mask are both {low:.3g} ppm"
+
+
+def no_contrast_warning(method, percentiles):
+    """The report's warning on a Chimap with no susceptibility contrast (``no_contrast_reason``), or ""."""
+    reason = no_contrast_reason(percentiles)
+    return (f"The {method} Chimap shows no susceptibility contrast: {reason}. A processing step lost the signal: "
+            "check the local field figure above and the method parameters in the run's logs/<run_id>/config.json, "
+            "then run qsmprep again.") if reason else ""
+
+
 FIGURE_DESCS = ("mask", "total", "local")
 """What a run's figures show besides its Chimaps (one figure per inversion method, named by the method)."""
 
@@ -236,10 +259,11 @@ def _run_section(run, figures_dir, output_dir):
         caption = (f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm; in the brain "
                    f"mask its 1st to 99th percentile is {low:.3f} to {high:.3f} ppm.{tails}")
         parts.append(_figure(figures_dir, output_dir, figure_stem(name, method), png, caption))
-        warning = polarity_warning(method, ratio, _sidecar(path).get("PhaseInverted", False))
-        if warning:
-            log.warning(warning)
-            parts.append(f'<p class="missing">{html.escape(warning)}</p>')
+        for warning in (no_contrast_warning(method, percentiles),
+                        polarity_warning(method, ratio, _sidecar(path).get("PhaseInverted", False))):
+            if warning:
+                log.warning(warning)
+                parts.append(f'<p class="missing">{html.escape(warning)}</p>')
     return "\n".join(parts)
 
 
