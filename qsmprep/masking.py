@@ -53,12 +53,18 @@ def ball_mm(radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     return x**2 + y**2 + z**2 <= radius_mm**2 * (1 + VOXEL_SIZE_RTOL) ** 2
 
 
-def dilate_mm(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
-    """Binary dilation of ``mask`` by ``ball_mm(radius_mm, voxel_size_mm)``, by the Euclidean distance transform.
+DISTANCE_TRANSFORM_MIN_BALL_VOXELS = 1000
+"""Balls of at least this many voxels are applied by the Euclidean distance transform (``dilation_mm``,
+``erosion_mm``), smaller ones by scipy's binary morphology; both give the same voxels. scipy's time and memory grow
+with the ball, the transform's do not: on a 0.7 mm head (240 x 292 x 240) a 3 mm ball (about 330 voxels) erodes in
+1.3 s by ``binary_erosion`` and 3.0 s by the transform, a 6 mm ball (about 2,600) dilates in 26 s and 3.4 s, and an
+erosion by 100 mm ran out of memory (docs/methods/masking.md)."""
 
-    A voxel joins when a mask voxel lies within ``radius_mm`` of it (``ball_mm``'s tolerance), the same voxels as
-    ``scipy.ndimage.binary_dilation`` with that ball, in a time independent of the radius: at 0.7 mm the scalp
-    separation's 6 mm ball took 26 s that way and takes 3 s this way (docs/methods/masking.md).
+
+def dilation_mm(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
+    """Binary dilation of ``mask`` by ``ball_mm(radius_mm, voxel_size_mm)``: every voxel within ``radius_mm`` of a
+    mask voxel (``ball_mm``'s tolerance); by the distance transform for large balls
+    (``DISTANCE_TRANSFORM_MIN_BALL_VOXELS``).
 
     Parameters
     ----------
@@ -67,8 +73,25 @@ def dilate_mm(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
         Ball radius in mm.
     voxel_size_mm : tuple of 3 float, default (1, 1, 1)
     """
-    distance_mm = ndimage.distance_transform_edt(~np.asarray(mask, dtype=bool), sampling=voxel_size_mm)
-    return distance_mm <= radius_mm * (1 + VOXEL_SIZE_RTOL)
+    mask = np.asarray(mask, dtype=bool)
+    ball = ball_mm(radius_mm, voxel_size_mm)
+    if ball.sum() < DISTANCE_TRANSFORM_MIN_BALL_VOXELS:
+        return ndimage.binary_dilation(mask, ball)
+    return ndimage.distance_transform_edt(~mask, sampling=voxel_size_mm) <= radius_mm * (1 + VOXEL_SIZE_RTOL)
+
+
+def erosion_mm(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
+    """Binary erosion of ``mask`` by ``ball_mm(radius_mm, voxel_size_mm)``, outside the grid counting as background
+    (as ``scipy.ndimage.binary_erosion``): the voxels farther than ``radius_mm`` from any voxel outside the mask; by
+    the distance transform for large balls (``DISTANCE_TRANSFORM_MIN_BALL_VOXELS``). Parameters as ``dilation_mm``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    ball = ball_mm(radius_mm, voxel_size_mm)
+    if ball.sum() < DISTANCE_TRANSFORM_MIN_BALL_VOXELS:
+        return ndimage.binary_erosion(mask, ball)
+    # one background voxel around the grid: the nearest voxel outside it is always on that ring
+    distance_mm = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=voxel_size_mm)[1:-1, 1:-1, 1:-1]
+    return distance_mm > radius_mm * (1 + VOXEL_SIZE_RTOL)
 
 
 def largest_component(mask):
@@ -120,10 +143,10 @@ def separate_largest(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     """
     if radius_mm <= 0:
         return largest_component(mask)
-    core = largest_component(ndimage.binary_erosion(mask, ball_mm(radius_mm, voxel_size_mm)))
+    core = largest_component(erosion_mm(mask, radius_mm, voxel_size_mm))
     if not core.any():  # everything thinner than the ball: keep the plain largest component
         return largest_component(mask)
-    return dilate_mm(core, radius_mm + SEPARATION_MARGIN_MM, voxel_size_mm) & mask
+    return dilation_mm(core, radius_mm + SEPARATION_MARGIN_MM, voxel_size_mm) & mask
 
 
 def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold=None, erode_mm=3.0,
@@ -182,6 +205,11 @@ def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold
     Returns
     -------
     bool array (i, j, k).
+
+    Raises
+    ------
+    DataError when the mask comes out empty (a ``threshold`` above the brain's magnitude, or no signal), naming
+    the fix.
     """
     mag = np.nan_to_num(np.asarray(magnitude, dtype=np.float64))
     if mag.ndim == 4:
@@ -202,13 +230,12 @@ def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold
     if fill_holes:
         mask = _fill_holes(mask, slice_axis)
     if erode_mm > 0:
-        mask = ndimage.binary_erosion(mask, ball_mm(erode_mm, vox))
+        mask = erosion_mm(mask, erode_mm, vox)
     eroded = mask
     if smooth_mm > 0:
-        ball = ball_mm(smooth_mm, vox)
-        mask = largest_component(ndimage.binary_opening(mask, ball))
-        padding = [(h, h) for h in np.asarray(ball.shape) // 2]
-        closed = ndimage.binary_closing(np.pad(mask, padding), ball)
+        mask = largest_component(dilation_mm(erosion_mm(mask, smooth_mm, vox), smooth_mm, vox))  # opening
+        padding = [(h, h) for h in np.asarray(ball_mm(smooth_mm, vox).shape) // 2]  # closing, the grid's faces kept
+        closed = erosion_mm(dilation_mm(np.pad(mask, padding), smooth_mm, vox), smooth_mm, vox)
         mask = closed[tuple(slice(h, h + n) for (h, _), n in zip(padding, mask.shape))] & eroded
     if exclude is not None:
         exclude = np.asarray(exclude, dtype=bool)
@@ -217,8 +244,11 @@ def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold
         mask = largest_component(mask & ~exclude)
     if fill_holes:
         mask = _fill_holes(mask, slice_axis)
-    if not mask.any():
-        log.warning("brain mask is empty: check the magnitude image or give a threshold")
+    if not mask.any():  # nothing to process: every later step would fail on it, less clearly
+        given = (f"the threshold {threshold:g} (a --parameters [mask.*] threshold) is above the brain's magnitude: "
+                 "lower it or leave it to Otsu's method" if threshold is not None else
+                 "check the magnitude images, or give a brain mask with --mask")
+        raise DataError(f"the brain mask is empty: {given}.")
     return mask
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qsmprep.errors import DataError
-from qsmprep.masking import ball_mm, brain_mask, check_mask, dilate_mm, largest_component
+from qsmprep.masking import ball_mm, brain_mask, check_mask, dilation_mm, erosion_mm, largest_component
 
 
 def test_ball_mm_is_a_sphere_in_mm():
@@ -99,18 +99,32 @@ def test_erosion_by_2mm_on_anisotropic_voxels_removes_2mm_per_side():
 
 
 @pytest.mark.parametrize(("radius", "voxel"), [(6.0, (0.7, 0.7, 0.7)), (3.0, (0.75, 0.75, 2.0)), (3.0, (3.0, 3.0, 3.0)),
-                                               (1.0, (1.5, 1.5, 1.5))])
-def test_dilate_mm_is_the_binary_dilation_by_ball_mm(radius, voxel):
-    """The distance-transform dilation gives the voxels scipy's dilation by the same ball gives, at the faces too."""
+                                               (1.0, (1.5, 1.5, 1.5)), (4.0, (0.5, 0.5, 0.5))])
+def test_dilation_and_erosion_mm_are_scipys_by_ball_mm(radius, voxel):
+    """Both paths (scipy's for small balls, the distance transform for large ones: 6 mm at 0.7 mm and 4 mm at 0.5 mm
+    hold over 1000 voxels) give the voxels scipy's dilation and erosion by the same ball give, at the faces too."""
     from scipy import ndimage
 
     rng = np.random.default_rng(0)
-    mask = rng.random((40, 36, 30)) > 0.995
-    mask[0, 5, 5] = mask[-1, -1, -1] = True  # seeds on the faces and a corner
-    expected = ndimage.binary_dilation(mask, ball_mm(radius, voxel))
-    np.testing.assert_array_equal(dilate_mm(mask, radius, voxel), expected)
-    assert 0 < mask.sum() <= expected.sum() < mask.size  # equal where the ball is one voxel (1 mm at 1.5 mm)
-    assert dilate_mm(np.ones((4, 4, 4), bool), radius, voxel).all()
+    seeds = rng.random((40, 36, 30)) > 0.995
+    seeds[0, 5, 5] = seeds[-1, -1, -1] = True  # seeds on the faces and a corner
+    ball = ball_mm(radius, voxel)
+    expected = ndimage.binary_dilation(seeds, ball)
+    np.testing.assert_array_equal(dilation_mm(seeds, radius, voxel), expected)
+    assert 0 < seeds.sum() <= expected.sum() < seeds.size  # equal where the ball is one voxel (1 mm at 1.5 mm)
+    assert dilation_mm(np.ones((4, 4, 4), bool), radius, voxel).all()
+    solid = ~seeds  # eroded from its holes and from the grid's faces, as binary_erosion's border counts as outside
+    np.testing.assert_array_equal(erosion_mm(solid, radius, voxel), ndimage.binary_erosion(solid, ball))
+    assert (ball.sum() >= 1000) == ((radius, voxel) in [(6.0, (0.7, 0.7, 0.7)), (4.0, (0.5, 0.5, 0.5))])
+
+
+def test_a_threshold_above_the_brain_is_a_data_error_naming_it():
+    magnitude = np.zeros((20, 20, 20))
+    magnitude[5:15, 5:15, 5:15] = 100.0
+    with pytest.raises(DataError, match=r"the brain mask is empty: the threshold 500 \(a --parameters \[mask.\*\] "):
+        brain_mask(magnitude, (2.0, 2.0, 2.0), threshold=500)
+    with pytest.raises(DataError, match="check the magnitude images"):
+        brain_mask(np.zeros((20, 20, 20)), (2.0, 2.0, 2.0))
 
 
 def test_largest_component_and_bridge_opening():
