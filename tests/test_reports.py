@@ -203,12 +203,16 @@ def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
             "orientation gives 0.0 degrees)</td>") in text
     assert "<th>Brain mask</th><td>6 ml (600 voxels)" in text
     assert "in the brain mask its 1st to 99th percentile is -0.098 to 0.098 ppm" in text
-    # without sidecars (a run made elsewhere), what the images themselves say
-    (tmp_path / "mask.json").unlink()
-    (tmp_path / "chi.json").unlink()
-    text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
-                                                          "chimaps": {"tkd": paths["chi"]}}]).read_text()
-    assert "<th>Grid</th>" in text and "<th>Brain mask</th>" in text and "Echo times" not in text
+    # sidecars edited by hand into other types, or none at all (a run made elsewhere): what the images say
+    (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": "4 ms", "MagneticFieldStrength": "3T"}))
+    (tmp_path / "chi.json").write_text(json.dumps({"B0Direction": [0, 0]}))
+    for _ in range(2):
+        text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
+                                                              "chimaps": {"tkd": paths["chi"]}}]).read_text()
+        assert "<th>Grid</th>" in text and "<th>Brain mask</th>" in text
+        assert "Echo times" not in text and "Field strength" not in text and "B0 direction" not in text
+        (tmp_path / "mask.json").unlink(missing_ok=True)
+        (tmp_path / "chi.json").unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize(("sign", "given", "words"), [

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..checks import is_number
 from ..errors import QSMPrepError
 from ..io import load_nifti
 from ..physics import b0_dir_from_affine, b0_tilt_deg, ras_voxel_size, to_ras
@@ -132,14 +133,16 @@ def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
     volume_ml = mask_volume_ml(mask, affine)
     rows = [("Grid", f"{' x '.join(map(str, np.shape(mask)[:3]))} voxels of "
                      f"{' x '.join(f'{v:.3g}' for v in voxel_mm)} mm")]
+    # sidecars of an earlier invocation may have been edited by hand: a field of another type is left out
     echo_times = mask_sidecar.get("EchoTime")
-    if echo_times:
+    if isinstance(echo_times, list) and echo_times and all(map(is_number, echo_times)):
         rows.append(("Echo times", f"{', '.join(f'{1000 * t:.3g}' for t in echo_times)} ms ({len(echo_times)} "
                                    f"echo{'es' if len(echo_times) > 1 else ''})"))
-    if "MagneticFieldStrength" in mask_sidecar:
+    if is_number(mask_sidecar.get("MagneticFieldStrength")):
         rows.append(("Field strength", f"{mask_sidecar['MagneticFieldStrength']:g} T"))
-    if "B0Direction" in chimap_sidecar:
-        rows.append(("B0 direction", b0_direction_text(chimap_sidecar["B0Direction"], affine)))
+    b0_dir = chimap_sidecar.get("B0Direction")
+    if isinstance(b0_dir, list) and len(b0_dir) == 3 and all(map(is_number, b0_dir)) and any(b0_dir):
+        rows.append(("B0 direction", b0_direction_text(b0_dir, affine)))
     rows.append(("Brain mask", f"{volume_ml:.0f} ml ({voxels} voxels), where the local "
                                "field and the Chimaps are defined"))
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
