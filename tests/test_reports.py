@@ -191,13 +191,15 @@ def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
     affine = np.diag([2.0, 2.0, 2.5, 1.0])
     paths = {name: save_nifti(tmp_path / f"{name}.nii.gz", data, affine) for name, data in (("mask", mask), ("chi", chi))}
     tilt = np.radians(20)
-    (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": [0.004, 0.008, 0.012], "MagneticFieldStrength": 7}))
+    (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": [0.004, 0.008, 0.012], "MagneticFieldStrength": 7,
+                                                    "PhaseInverted": True}))
     (tmp_path / "chi.json").write_text(json.dumps({"B0Direction": [0, np.sin(tilt), np.cos(tilt)]}))
     text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
                                                           "chimaps": {"tkd": paths["chi"]}}]).read_text()
     assert "<th>Grid</th><td>12 x 12 x 8 voxels of 2 x 2 x 2.5 mm</td>" in text
     assert "<th>Echo times</th><td>4, 8, 12 ms (3 echoes)</td>" in text
     assert "<th>Field strength</th><td>7 T</td>" in text
+    assert "<th>Phase</th><td>negated before processing (--invert-phase)</td>" in text
     # B0 tilted 20 degrees in voxel coordinates while the affine is not: the direction was given with --b0-dir
     assert ("<th>B0 direction</th><td>20.0 degrees from the third voxel axis (given with --b0-dir; the image "
             "orientation gives 0.0 degrees)</td>") in text
@@ -210,7 +212,7 @@ def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
         text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
                                                               "chimaps": {"tkd": paths["chi"]}}]).read_text()
         assert "<th>Grid</th>" in text and "<th>Brain mask</th>" in text
-        assert "Echo times" not in text and "Field strength" not in text and "B0 direction" not in text
+        assert all(f"<th>{row}</th>" not in text for row in ("Echo times", "Field strength", "Phase", "B0 direction"))
         (tmp_path / "mask.json").unlink(missing_ok=True)
         (tmp_path / "chi.json").unlink(missing_ok=True)
 

@@ -140,6 +140,9 @@ def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
                                    f"echo{'es' if len(echo_times) > 1 else ''})"))
     if is_number(mask_sidecar.get("MagneticFieldStrength")):
         rows.append(("Field strength", f"{mask_sidecar['MagneticFieldStrength']:g} T"))
+    if isinstance(mask_sidecar.get("PhaseInverted"), bool):
+        rows.append(("Phase", "negated before processing (--invert-phase)" if mask_sidecar["PhaseInverted"]
+                     else "used with the sign stored"))
     b0_dir = chimap_sidecar.get("B0Direction")
     if isinstance(b0_dir, list) and len(b0_dir) == 3 and all(map(is_number, b0_dir)) and any(b0_dir):
         rows.append(("B0 direction", b0_direction_text(b0_dir, affine)))
