@@ -71,6 +71,7 @@ examples:
   qsmprep bids out participant --preset research --nprocs 8 --omp-nthreads 4 -w /scratch/work
   qsmprep bids out participant --inversion tkd ilsqr --mask /data/derivatives/qsmprep-masks
   qsmprep bids out participant --use-plugin workflows/nipype_slurm.yml
+  qsmprep bids out group      # after the participant level: group_Chimap.tsv/.html over every run
 """
 
 
