@@ -116,7 +116,8 @@ def parameter_checks(step, method):
 
 DEEP_FLAG_PARAMETERS = {"model": "--model", "refine_iters": "--refine", "refine_lambda": "--refine-lambda",
                         "refine_radius_mm": "--refine-radius", "refine_tv_weight": "--refine-tv"}
-"""The deep inversion's parameters that have their own ``qsmprep`` options, which a parameters file leaves to them."""
+"""The deep inversion's parameters that have their own options (``qsmprep``, ``qsmprep-invert``; their argparse dests,
+``qsmprep.cli.common.DEEP_OPTIONS``, follow from the flags), which a parameters file leaves to them."""
 
 
 def read_parameters_file(path):

@@ -32,6 +32,18 @@ def generated_by_names(description):
     return [str(e.get("Name")) for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
+def dataset_makers(folder):
+    """``generated_by_names`` of ``folder``'s dataset_description.json: None when it has none, [] when it cannot be
+    read or is not a JSON object in the BIDS layout (then no tool, qsmprep included, may be taken for its maker)."""
+    description = Path(folder) / "dataset_description.json"
+    if not description.is_file():
+        return None
+    try:
+        return generated_by_names(json.loads(description.read_text()))
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not an object
+        return []
+
+
 BIDSIGNORE = ("logs/", "*.html", "sub-*/figures/", "group_Chimap.*")
 """Paths in the output dataset that are not BIDS files (logs, reports, report figures, the group level's table)."""
 

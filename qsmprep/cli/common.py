@@ -19,6 +19,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..config import DEEP_FLAG_PARAMETERS
 from ..errors import CantCreateError, DataError, QSMPrepError, UsageError
 from ..resources import available_cores
 
@@ -76,8 +77,7 @@ def _add_verbosity(parser):
         pass
 
 
-DEEP_OPTIONS = {"model": "model", "refine": "refine_iters", "refine_lambda": "refine_lambda",
-                "refine_radius": "refine_radius_mm", "refine_tv": "refine_tv_weight"}
+DEEP_OPTIONS = {flag.removeprefix("--").replace("-", "_"): key for key, flag in DEEP_FLAG_PARAMETERS.items()}
 """The deep-inversion options ``qsmprep`` and ``qsmprep-invert`` share (argparse dest) -> keyword of ``deep_invert``."""
 
 

@@ -14,7 +14,6 @@ line is parsed, so ``--help`` and usage errors answer at once.
 """
 
 import argparse
-import json
 import logging
 import logging.handlers
 import os
@@ -192,16 +191,11 @@ def check_output_dataset(output_dir):
     """Raise UsageError when ``output_dir`` is another tool's dataset: its ``dataset_description.json`` does not
     name qsmprep in ``GeneratedBy``. qsmprep would replace that description, and its files would mix with the
     other tool's."""
-    from ..bids.derivatives import generated_by_names
+    from ..bids.derivatives import dataset_makers
 
     description = Path(output_dir) / "dataset_description.json"
-    if not description.is_file():
-        return
-    try:
-        makers = generated_by_names(json.loads(description.read_text()))
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not the BIDS layout
-        makers = []
-    if "qsmprep" not in makers:
+    makers = dataset_makers(output_dir)
+    if makers is not None and "qsmprep" not in makers:
         made_by = f"made by {', '.join(makers)}" if makers else "not made by qsmprep"
         raise UsageError(f"output folder {output_dir} holds another dataset ({description} says it is {made_by}): "
                          "give qsmprep a folder of its own, e.g. BIDS_DIR/derivatives/qsmprep.")
@@ -550,7 +544,7 @@ def run_group(args):
     """The group level: ``group_Chimap.tsv``/``.html`` over the runs the participant level wrote in OUTPUT_DIR
     (``qsmprep.reports.group``) for ``--participant-label`` (default every subject); returns the exit code: 0, or
     65 when some run could not be measured (its row says why; the others are in the table)."""
-    from ..bids.derivatives import generated_by_names
+    from ..bids.derivatives import dataset_makers
     from ..errors import NoInputError
     from ..reports.group import group_rows, write_group_report
 
@@ -558,14 +552,9 @@ def run_group(args):
     if not out.is_dir():
         raise NoInputError(f"OUTPUT_DIR {out} {'is a file, not a folder' if out.exists() else 'does not exist'}: give "
                            "the folder the participant level wrote.")
-    description = out / "dataset_description.json"
-    try:
-        made_by_qsmprep = "qsmprep" in generated_by_names(json.loads(description.read_text()))
-    except (OSError, ValueError, AttributeError):
-        made_by_qsmprep = False
-    if not made_by_qsmprep:
-        raise NoInputError(f"{out} holds no qsmprep derivatives ({description} missing or not written by qsmprep): "
-                           "run the participant level into it first.")
+    if "qsmprep" not in (dataset_makers(out) or []):
+        raise NoInputError(f"{out} holds no qsmprep derivatives ({out / 'dataset_description.json'} missing or not "
+                           "written by qsmprep): run the participant level into it first.")
     present = sorted(p.name.removeprefix("sub-") for p in out.glob("sub-*") if p.is_dir())
     wanted = list(dict.fromkeys(s.removeprefix("sub-") for s in args.participant_label)) or present
     missing = sorted(set(wanted) - set(present))
