@@ -8,6 +8,7 @@ sub-03, a copy of sub-02 whose phase sidecars lack ``Units``; it runs
 
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import re
@@ -962,6 +963,14 @@ def test_parameters_file_sets_the_methods_parameters(tmp_path, capsys):
     parameters.write_text("[inversion.tkd]\nthreshold = 1\n")
     assert main(argv) == 64
     assert "[inversion.tkd] threshold must be a number in (0, 1/3], got 1" in capsys.readouterr().err
+    # radii are checked against the runs' voxels (2 mm) before anything is written
+    shutil.rmtree(out)
+    parameters.write_text("[bgremove.vsharp]\nradii_mm = [6, 1.5]\n")
+    assert main(argv) == 64
+    assert ("[bgremove.vsharp] radii_mm in the --parameters file: a 1.5 mm sphere reaches no neighbouring voxel at "
+            "2 x 2 x 2 mm voxels, so its high-pass field would be zero: give at least 2 mm (4 mm, twice the largest "
+            "voxel dimension, is advised) (run sub-01).") in capsys.readouterr().err
+    assert not out.exists()
     parameters.unlink()
     assert main(argv) == 66
 
@@ -1006,9 +1015,10 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
     assert "--participant-label 09: no such subject" in capsys.readouterr().err
 
 
-def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_measure(tmp_path, capsys):
-    """V-SHARP radii smaller than a voxel (a parameters file's) give a local field, so a Chimap, of zeros: the run
-    exits 0, so the report and the group level must say so. The group level then: counts a label given twice once;
+def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_measure(tmp_path, capsys, monkeypatch):
+    """A step that loses the signal (here a V-SHARP that returns zeros, as radii smaller than a voxel did before they
+    were refused) gives a Chimap of zeros: the run exits 0, so the report and the group level must say so. The group
+    level then: counts a label given twice once;
     lists a truncated Chimap's run, flagged, and exits 65; refuses (66) a folder with no run, or a file, writing
     nothing over an earlier table; and its files do not disturb a later participant run in the same folder."""
     import csv
@@ -1016,10 +1026,12 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
     bids, out, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
     assert simulate.main([str(bids), "--matrix", "48", "48", "48", "--voxel-size", "3.5", "3.5", "3.5",
                           "--echoes", "3"]) == 0
-    parameters = tmp_path / "parameters.toml"
-    parameters.write_text("[bgremove.vsharp]\nradii_mm = [0.1]\n")
     participant = [str(bids), str(out), "participant", "-w", str(work), "--inversion", "tkd", "--nprocs", "1"]
-    assert main([*participant, "--parameters", str(parameters)]) == 0
+    with monkeypatch.context() as patch:  # --nprocs 1 runs the nodes in this process
+        module = importlib.import_module("qsmprep.bgremove.vsharp")  # not the package attribute: the function
+        zeros = functools.wraps(module.vsharp)(lambda field, mask, *_, **__: (np.zeros_like(field), mask > 0))
+        patch.setattr(module, "vsharp", zeros)  # wraps: its parameters, which the methods text reads, are V-SHARP's
+        assert main(participant) == 0
     chimap = out / "sub-01" / "anat" / "sub-01_desc-tkd_Chimap.nii.gz"
     assert not _load(chimap).any()
     assert "The tkd Chimap shows no susceptibility contrast" in (out / "sub-01.html").read_text()
@@ -1048,5 +1060,6 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
     assert (out / "group_Chimap.tsv").read_text() == earlier
     assert main([str(bids), str(out / "group_Chimap.tsv"), "group"]) == 66
     assert "group_Chimap.tsv is a file, not a folder" in capsys.readouterr().err
-    assert main(participant) == 0  # the group files in OUTPUT_DIR are no obstacle, and are left as they were
+    # the group files in OUTPUT_DIR are no obstacle, and are left as they were (a new work folder: the real V-SHARP)
+    assert main([*participant, "-w", str(tmp_path / "work2")]) == 0
     assert _load(chimap).any() and (out / "group_Chimap.tsv").read_text() == earlier

@@ -6,7 +6,7 @@ from scipy import ndimage
 from scipy import fft as spfft
 
 from qsmprep.bgremove import BGREMOVE_METHODS, pdf, resharp, smv_kernel, vsharp
-from qsmprep.bgremove.smv import smv_padded_shape, sphere_fits
+from qsmprep.bgremove.smv import check_high_pass_radius, smv_padded_shape, sphere_fits
 from qsmprep.bgremove.vsharp import default_radii_mm
 from qsmprep.masking import ball_mm
 from qsmprep.physics import forward_field_ppm, kspace_grid
@@ -94,6 +94,24 @@ def test_smv_kernel_anisotropic_voxels_make_a_sphere_in_mm():
 def test_smv_kernel_refuses_a_sphere_larger_than_the_grid():
     with pytest.raises(ValueError, match="does not fit"):
         smv_kernel((16, 16, 16), (1, 1, 1), 9.0)
+
+
+@pytest.mark.parametrize("voxel,smallest", [((1, 1, 1), 1.0), ((0.75, 0.75, 2), 0.75), ((2, 1.5, 3), 1.5)])
+def test_a_radius_that_reaches_no_neighbour_is_refused_by_every_high_pass(voxel, smallest):
+    """A sphere smaller than the smallest voxel dimension is its centre alone: its high-pass is zero, and V-SHARP and
+    RESHARP returned a local field of zeros. The smallest voxel dimension is the smallest radius accepted, and it
+    gives a field that is not zero."""
+    mask, background, local = _head(24, voxel)
+    field = background + local
+    below = 0.99 * smallest
+    for remove in (lambda r: vsharp(field, mask, voxel, radii_mm=[r]),
+                   lambda r: resharp(field, mask, voxel, radius_mm=r, max_iter=5)):
+        with pytest.raises(ValueError, match=f"a {below:g} mm sphere reaches no neighbouring voxel"):
+            remove(below)
+        result, eroded = remove(smallest)
+        assert eroded.any() and np.abs(result[eroded]).max() > 1e-4
+    check_high_pass_radius(smallest, voxel)
+    assert ball_mm(below, voxel).sum() == 1 and ball_mm(smallest, voxel).sum() > 1
 
 
 def test_sphere_fits_is_erosion_by_the_ball_in_mm():

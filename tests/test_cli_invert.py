@@ -187,6 +187,8 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
         (["--method", "deep", "--refine-lambda", "0"], ["--refine-lambda", "> 0"]),
         (["--method", "tkd", "--refine-radius", "8"], ["--refine-radius", "deep"]),
         (["--method", "deep", "--refine-radius", "-1"], ["--refine-radius"]),
+        (["--method", "deep", "--refine-radius", "0.9"], ["--refine-radius", "a 0.9 mm sphere reaches no neighbouring "
+                                                          "voxel at 1 x 1.2 x 1.5 mm voxels", "give at least 1 mm"]),
         (["--method", "ilsqr", "--refine-tv", "3e-4"], ["--refine-tv", "deep"]),
         (["--method", "deep", "--refine-tv", "-1"], ["--refine-tv", "ppm mm"]),
         (["--method", "tkd", "--tile", "128"], ["--tile", "deep"]),

@@ -225,6 +225,8 @@ def test_high_passed_refinement_ignores_a_residual_background_field():
     assert moved_by_residual(5.0) < 0.01 * moved_by_residual(None)
     assert nrmse(refined(field + residual, 5.0), chi, mask) < 0.85 * nrmse(start, chi, mask)
     np.testing.assert_array_equal(refined(field, 0), refined(field, None))
+    with pytest.raises(ValueError, match="a 0.5 mm sphere reaches no neighbouring voxel at 1 x 1 x 1 mm voxels"):
+        refined(field, 0.5)  # its high-pass would zero the data term
 
 
 def test_total_variation_sharpens_a_blurred_start_and_ignores_the_mask_edge():

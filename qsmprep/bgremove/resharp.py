@@ -6,7 +6,7 @@ import numpy as np
 from scipy import fft as spfft
 
 from ..inversion.solvers import cg
-from .smv import smv_kernel, smv_padded_shape, sphere_fits
+from .smv import check_high_pass_radius, smv_kernel, smv_padded_shape, sphere_fits
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def resharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=4.0, lam
     voxel_size_mm : tuple of 3 float, default (1, 1, 1)
         Voxel size in mm (anisotropic allowed).
     radius_mm : float, default 4.0
-        SMV sphere radius in mm.
+        SMV sphere radius in mm; one that reaches no neighbouring voxel is
+        refused (``check_high_pass_radius``).
     lam : float, default 1e-3
         Tikhonov weight (dimensionless: the problem is linear, so it does not
         depend on the field unit).
@@ -57,6 +58,7 @@ def resharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=4.0, lam
     inside = np.asarray(mask) > 0
     if field.shape != inside.shape:
         raise ValueError(f"field {field.shape} and mask {inside.shape} must have the same shape")
+    check_high_pass_radius(radius_mm, voxel_size_mm)
     shape = smv_padded_shape(field.shape, voxel_size_mm, radius_mm)
     crop = tuple(slice(0, n) for n in field.shape)
     kernel = smv_kernel(shape, voxel_size_mm, radius_mm, rfft=True)

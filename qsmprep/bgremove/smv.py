@@ -65,6 +65,22 @@ def smv_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=5.0, rfft=False, 
     return spectrum.contiguous() if device is not None else spectrum.astype(np.float32)
 
 
+def check_high_pass_radius(radius_mm, voxel_size_mm):
+    """Raise ValueError when a sphere of ``radius_mm`` (mm) holds only its centre at ``voxel_size_mm`` (mm).
+
+    Its spherical mean is then the identity and the high-pass (delta - SMV)
+    zero, so a SHARP-type method using it (V-SHARP, RESHARP, the deep
+    refinement's high-pass) would return a zero field. The sphere reaches a
+    neighbour once the radius is the smallest voxel dimension; twice the
+    largest is advised (``qsmprep.bgremove.vsharp.default_radii_mm``).
+    """
+    if ball_mm(radius_mm, voxel_size_mm).sum() == 1:
+        voxel = " x ".join(f"{v:g}" for v in np.round(voxel_size_mm, 3))
+        raise ValueError(f"a {radius_mm:g} mm sphere reaches no neighbouring voxel at {voxel} mm voxels, so its "
+                         f"high-pass field would be zero: give at least {min(voxel_size_mm):.3g} mm "
+                         f"({2 * max(voxel_size_mm):.3g} mm, twice the largest voxel dimension, is advised)")
+
+
 def smv_padded_shape(shape, voxel_size_mm, radius_mm):
     """Grid shape, padded at the far end of each axis, on which a circular SMV of ``radius_mm`` does not wrap.
 

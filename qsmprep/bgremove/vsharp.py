@@ -5,7 +5,7 @@ import logging
 import numpy as np
 from scipy import fft as spfft
 
-from .smv import smv_kernel, smv_padded_shape, sphere_fits
+from .smv import check_high_pass_radius, smv_kernel, smv_padded_shape, sphere_fits
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def vsharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radii_mm=None, thre
         Voxel size in mm (anisotropic allowed).
     radii_mm : sequence of float or None, default None
         SMV radii in mm; None uses ``default_radii_mm(voxel_size_mm)``:
-        12 mm down to twice the largest voxel dimension in ~1 voxel steps.
+        12 mm down to twice the largest voxel dimension in ~1 voxel steps. A
+        radius that reaches no neighbouring voxel is refused
+        (``check_high_pass_radius``).
     threshold : float, default 0.05
         TSVD threshold on |1 - S_max| for the deconvolution.
 
@@ -77,6 +79,8 @@ def vsharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radii_mm=None, thre
     if field.shape != inside.shape:
         raise ValueError(f"field {field.shape} and mask {inside.shape} must have the same shape")
     radii = sorted(default_radii_mm(voxel_size_mm) if radii_mm is None else radii_mm, reverse=True)
+    for radius in radii:
+        check_high_pass_radius(radius, voxel_size_mm)
     shape = smv_padded_shape(field.shape, voxel_size_mm, radii[0])
     crop = tuple(slice(0, n) for n in field.shape)
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bgremove.smv import check_high_pass_radius
 from ..config import parameter_checks
 from ..errors import DataError, UsageError
 from ..inversion import INVERSION_METHODS
-from ..inversion.deep import MIN_TILE
+from ..inversion.deep import MIN_TILE, REFINE_ITERS
 from ..io import check_same_grid, load_volume, save_nifti
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..physics import b0_dir_from_affine, hz_to_ppm, invert_in_ras_order, rad_to_ppm, voxel_size_from_affine
@@ -153,6 +154,11 @@ def run(args):
     if args.lam is not None:
         options["lam"] = args.lam
     options.update({key: getattr(args, dest) for dest, key in INVERT_DEEP_OPTIONS.items() if getattr(args, dest) is not None})
+    if options.get("refine_radius_mm") and options.get("refine_iters", REFINE_ITERS):
+        try:
+            check_high_pass_radius(options["refine_radius_mm"], voxel_size)
+        except ValueError as exc:
+            raise UsageError(f"--refine-radius for {args.field}: {exc}.") from None
     log.info("%s on %s: voxel size %s mm, B0 direction %s", args.method, args.field,
              np.round(voxel_size, 4), np.round(b0_dir, 4))  # fmt: skip
     if args.method == "deep":

@@ -331,6 +331,41 @@ def find_inputs(config, filter_file=None):
     return config
 
 
+HIGH_PASS_RADII = {("bgremove", "vsharp", "radii_mm"): "[bgremove.vsharp] radii_mm in the --parameters file",
+                   ("bgremove", "resharp", "radius_mm"): "[bgremove.resharp] radius_mm (set it in a --parameters file)",
+                   ("inversion", "deep", "refine_radius_mm"): "--refine-radius"}
+"""The spherical-mean radii (mm) of the chosen methods' high-pass filters, and where the user sets each."""
+
+
+def check_high_pass_radii(config):
+    """Raise UsageError, before any work, for a spherical-mean radius (V-SHARP's, RESHARP's, the deep refinement's)
+    that reaches no neighbouring voxel of some run: that method's field would be zero there (``check_high_pass_radius``).
+    V-SHARP's default radii follow each run's voxel size and always fit."""
+    from ..bgremove.smv import check_high_pass_radius
+    from ..physics import voxel_size_from_affine
+
+    problems = {}  # message -> the runs it concerns: runs of one voxel size share a message
+    for (step, method, key), where in HIGH_PASS_RADII.items():
+        value = config.parameters.get(step, {}).get(method, {}).get(key)
+        if not value or (method == "deep" and not config.parameters[step][method]["refine_iters"]):
+            continue  # None: V-SHARP's defaults; 0 (or no refinement): the deep refinement's high-pass is off
+        for run in config.runs:
+            for radius in (value if isinstance(value, (list, tuple)) else [value]):
+                try:
+                    check_high_pass_radius(radius, voxel_size_from_affine(run.affine))
+                except ValueError as exc:
+                    problems.setdefault(f"{where}: {exc}", []).append(run.name)
+    if problems:
+        raise UsageError("; ".join(f"{message} (run {few_named(runs)})" for message, runs in problems.items()) + ".")
+
+
+def few_named(names, shown=3):
+    """``names`` joined by commas, the first ``shown`` of them, then how many more: "a, b, c and 7 more"."""
+    names = list(dict.fromkeys(names))
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 class NodeRunFilter(logging.Filter):
     """Sets ``record.run`` to "<run name>: " for a record logged by a node of a run ("sub-<label>: " by a node of
     a subject, its report), else to "", so that the lines of runs processed side by side say whose they are.
@@ -517,6 +552,7 @@ def run(config, filter_file=None):
     """Discover, validate, build and run the workflow; return the exit code."""
     start = time.perf_counter()
     find_inputs(config, filter_file)
+    check_high_pass_radii(config)
     citation = write_provenance(config)
     log.info("%d run(s) to process; methods text in %s", len(config.runs), citation)
     if config.boilerplate_only:  # the exit code says, as after a whole run, whether runs were left out

@@ -11,7 +11,7 @@ from itertools import product
 
 import numpy as np
 
-from ..bgremove.smv import smv_kernel, smv_padded_shape, sphere_fits
+from ..bgremove.smv import check_high_pass_radius, smv_kernel, smv_padded_shape, sphere_fits
 from ..deep import read_metadata, shipped_model_path
 from ..errors import QSMPrepError, UsageError
 from ..physics import b0_tilt_deg, dipole_kernel, fft_module, filter_padded, is_tensor, padded_shape, to_device
@@ -192,7 +192,8 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     harmonic_radius_mm : float or None, default None
         SMV radius r in mm of the high-pass H; None (or 0) compares the fields
         themselves. 8 mm helps where background removal left residuals and
-        costs accuracy on exact fields (docs/methods/deep-inversion.md).
+        costs accuracy on exact fields (docs/methods/deep-inversion.md). One
+        that reaches no neighbouring voxel is refused (``check_high_pass_radius``).
     tv_weight : float, default 0
         Weight of the total-variation term, in ppm mm (0: off). 3e-4 with
         ``lam`` 0.03 and ``n_iter`` 30 is measured in docs/benchmarks.md
@@ -216,6 +217,7 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     on_device = (lambda a: a) if torch_device is None else partial(to_device, device=torch_device)
     big = padded_shape(chi0.shape, pad_factor)
     if harmonic_radius_mm:  # the SMV must not wrap either
+        check_high_pass_radius(harmonic_radius_mm, voxel_size_mm)
         big = tuple(max(a, b) for a, b in zip(big, smv_padded_shape(chi0.shape, voxel_size_mm, harmonic_radius_mm)))
     d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True, device=torch_device)
     w2 = m if weights is None else m * np.asarray(weights, dtype=np.float32) ** 2
@@ -476,6 +478,8 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
 
     from ..deep.registry import load_model
 
+    if refine_iters and refine_radius_mm:  # refused before the network runs, not after
+        check_high_pass_radius(refine_radius_mm, voxel_size_mm)
     dev = resolve_device(device)
     log.info("deep inversion on %s", device_text(dev))
     torch.backends.cudnn.deterministic = True

@@ -192,8 +192,9 @@ def polarity_warning(method, ratio, inverted):
 def no_contrast_reason(percentiles):
     """Why a Chimap shows no susceptibility contrast in the brain mask, from its ``chimap_percentiles``, or "" when
     it does: an empty mask, values that are not finite, or equal 1st and 99th percentiles, as in the map of zeros a
-    step that lost the signal leaves (e.g. V-SHARP radii smaller than a voxel: a local field of zeros). Such a map
-    has no tail ratio, so ``polarity_warning`` says nothing of it."""
+    step that lost the signal leaves (a local field of zeros, as V-SHARP radii smaller than a voxel gave before they
+    were refused, ``check_high_pass_radius``). Such a map has no tail ratio, so ``polarity_warning`` says nothing
+    of it."""
     if percentiles is None:
         return "the brain mask is empty"
     low, _, high = percentiles
