@@ -20,7 +20,7 @@ def require_file(path, what):
     return path
 
 
-def load_nifti(path, what="image"):
+def load_nifti(path, what="image", fix="re-export it as .nii or .nii.gz"):
     """Read a NIfTI file as float32.
 
     Parameters
@@ -29,6 +29,9 @@ def load_nifti(path, what="image"):
         The file to read.
     what : str, default "image"
         What the file is meant to be, for error messages ("field map", "mask").
+    fix : str, default "re-export it as .nii or .nii.gz"
+        What the user should do with an unreadable file (a derivative of
+        qsmprep's own is rewritten by running it again, not re-exported).
 
     Returns
     -------
@@ -45,7 +48,7 @@ def load_nifti(path, what="image"):
         complex_values = np.issubdtype(img.get_data_dtype(), np.complexfloating)
         data = None if complex_values else np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for broken files
-        raise NoInputError(f"{what} {path} is not a readable NIfTI file ({exc}): re-export it as .nii or .nii.gz.") from exc
+        raise NoInputError(f"{what} {path} is not a readable NIfTI file ({exc}): {fix}.") from exc
     if complex_values:  # a cast to float32 would keep the real part, silently
         raise DataError(f"{what} {path} holds complex values: give a real image (the phase, angle(z), or the "
                         "magnitude, |z|, each as its own file).")

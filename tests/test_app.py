@@ -1051,7 +1051,7 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
     assert "1 run(s), 0 Chimap(s)" in printed.out and "1 run(s) could not be measured, flagged in the table: sub-01" \
         in printed.err
     (row,) = table()
-    assert row["flags"].startswith(f"cannot be measured (susceptibility map {chimap} is not a readable NIfTI file")
+    assert row["flags"].startswith(f"cannot be measured: susceptibility map {chimap} is not a readable NIfTI file")
     earlier = (out / "group_Chimap.tsv").read_text()
     mask = out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"
     mask.rename(tmp_path / "mask.nii.gz")

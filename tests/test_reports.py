@@ -430,10 +430,12 @@ def test_group_rows_list_runs_they_cannot_measure_and_flag_chimaps_without_contr
     assert rows["sub-01", "tkd"]["echoes"] is None and rows["sub-03", None]["echoes"] == 3
     assert rows["sub-01", "cfl2"]["flags"] == ("no contrast: its 1st and 99th percentiles in the brain mask are both "
                                                "0 ppm") and not rows["sub-01", "cfl2"]["problem"]
-    assert rows["sub-02", "tkd"]["flags"].startswith(f"cannot be measured (susceptibility map {truncated} is not a "
+    assert rows["sub-02", "tkd"]["flags"].startswith(f"cannot be measured: susceptibility map {truncated} is not a "
                                                      "readable NIfTI file")
+    assert rows["sub-02", "tkd"]["flags"].endswith("it was cut short or damaged (e.g. by an interrupted copy or a full "
+                                                   "disk); run the participant level again for this run")
     assert "sub-02_desc-cfl2_Chimap.nii.gz has shape (23, 24, 20) but" in rows["sub-02", "cfl2"]["flags"]
-    assert rows["sub-03", None]["flags"] == ("no Chimap beside its brain mask: run the participant level again for "
+    assert rows["sub-03", None]["flags"] == ("no Chimap beside its brain mask; run the participant level again for "
                                              "this run")
     for key in (("sub-02", "tkd"), ("sub-02", "cfl2"), ("sub-03", None)):
         assert rows[key]["problem"] and rows[key]["flags"].endswith("run the participant level again for this run")

@@ -57,15 +57,19 @@ MIN_RUNS_FOR_OUTLIERS = 5
 """Fewest runs for which mask volumes are compared with the group's (fewer give no stable median and spread)."""
 
 
+DAMAGED = "it was cut short or damaged (e.g. by an interrupted copy or a full disk)"
+"""What ``load_nifti`` says of a derivative it cannot read, in place of its advice to re-export an input."""
+
+
 def run_rows(name, paths):
     """The table's rows of one run (``processed_runs`` paths): one per Chimap, measured from the files (``chimap_row``).
     A run whose brain mask cannot be read, or that has no Chimap beside it, gets one row without a method or measures
     whose ``problem`` says so (flagged, and ``run_group`` exits 65): it is listed rather than left out of the table."""
     row = {**dict.fromkeys(COLUMNS), "run": name, "subject": name.split("_")[0].removeprefix("sub-"), "problem": ""}
     try:
-        mask_data, affine, _ = load_nifti(paths["mask"], "brain mask")
+        mask_data, affine, _ = load_nifti(paths["mask"], "brain mask", fix=DAMAGED)
     except QSMPrepError as exc:
-        return [with_problem(row, None, f"cannot be measured ({exc})")]
+        return [with_problem(row, None, f"cannot be measured: {exc}")]
     mask = mask_data > 0
     meta = _sidecar(paths["mask"])
     echo_times = meta.get("EchoTime")
@@ -81,7 +85,7 @@ def run_rows(name, paths):
 def with_problem(row, method, why):
     """``row`` of ``method`` (None: the run's only row) with the ``problem`` ``why`` no Chimap of it was measured,
     and its fix."""
-    return {**row, "method": method, "problem": f"{why}: run the participant level again for this run"}
+    return {**row, "method": method, "problem": f"{why.rstrip('.')}; run the participant level again for this run"}
 
 
 def chimap_row(row, method, path, mask_path, mask, affine):
@@ -89,10 +93,10 @@ def chimap_row(row, method, path, mask_path, mask, affine):
     ``mask`` (read from ``mask_path`` with ``affine``), tail ratio and ``no_contrast`` (``no_contrast_reason``); a
     Chimap that cannot be read, or lies on another grid than the mask, gives its ``problem`` instead."""
     try:
-        chi, chi_affine, _ = load_nifti(path, "susceptibility map")
+        chi, chi_affine, _ = load_nifti(path, "susceptibility map", fix=DAMAGED)
         check_same_grid(mask_path, (mask.shape, affine), path, (chi.shape, chi_affine))
     except QSMPrepError as exc:
-        return with_problem(row, method, f"cannot be measured ({exc})")
+        return with_problem(row, method, f"cannot be measured: {exc}")
     percentiles = chimap_percentiles(chi, mask)
     low, median, high = percentiles or (None, None, None)
     return {**row, "method": method, "chi_p1_ppm": low, "chi_median_ppm": median, "chi_p99_ppm": high,
