@@ -27,6 +27,7 @@ from scipy import ndimage
 from qsmprep.cli import simulate
 from qsmprep.cli.run import main
 from qsmprep.config import PIPELINE_REFINE_RADIUS_MM, library_function
+from qsmprep.inversion.deep import inference_device, resolve_device
 from qsmprep.metrics import nrmse
 from qsmprep.physics import b0_dir_from_affine, b0_tilt_deg, hz_to_ppm, voxel_size_from_affine
 
@@ -114,6 +115,9 @@ def test_exit_code_and_file_list(runs):
     assert _derivative_files(runs["out"]) == sorted(expected)
     report = (runs["out"] / "sub-03.html").read_text()
     assert "sub-03_echo-1_part-phase_MEGRE.nii.gz" in report and "Units" in report
+    device = inference_device(resolve_device("auto"))
+    where = "the CPU" if device["Device"] == "cpu" else f"{device['Name']} ({device['Device']})"
+    assert (runs["out"] / "sub-02.html").read_text().count(f"Its network ran on {where} in {device['NetworkPrecision']}.") == 1
     for subject in ("01", "03"):  # a processed subject's report and a refused one's link this invocation's log
         log = re.search(r'<a href="(logs/[^"]+/qsmprep.log)">', (runs["out"] / f"sub-{subject}.html").read_text())
         assert log and "sub-03" in (runs["out"] / log.group(1)).read_text()
@@ -225,6 +229,10 @@ def test_sidecars(runs):
         assert deep["DeepModel"]["Name"] == "qsmprep-cfl2unet" and deep["DeepModel"]["TrainingSteps"] == 15800
         assert deep["DeepModel"]["SHA256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
         assert deep["ResampledToModelFrame"] is True and deep["ModelFrameVoxelSizeMm"] == [1.0, 1.0, 1.0]
+        # and on which device, "auto" settled by the node: this machine's
+        assert deep["DeepInferenceDevice"] == inference_device(resolve_device("auto"))
+        assert all("DeepInferenceDevice" not in json.loads((out / folder / f"{name}_desc-{method}_Chimap.json")
+                                                             .read_text()) for method in METHODS if method != "deep")
         total = json.loads((out / folder / f"{name}_desc-total_fieldmap.json").read_text())
         local = json.loads((out / folder / f"{name}_desc-local_fieldmap.json").read_text())
         assert total["Units"] == "Hz" and local["Units"] == "ppm"

@@ -11,7 +11,13 @@ import pytest
 from qsmprep.io import save_nifti
 from qsmprep.physics import ras_voxel_size, to_ras
 from qsmprep.reports import build_subject_report
-from qsmprep.reports.report import chimap_percentiles, paramagnetic_tail_ratio, polarity_warning, run_mosaic
+from qsmprep.reports.report import (
+    chimap_percentiles,
+    inference_device_text,
+    paramagnetic_tail_ratio,
+    polarity_warning,
+    run_mosaic,
+)
 from qsmprep.reports.mosaic import (
     comparison_png,
     in_plane_box,
@@ -332,6 +338,16 @@ def test_report_figures_load_in_a_headless_browser(report_dir):
     assert len(loaded) == 6
     assert [src for src, ok in loaded if ok == "0"] == ["sub-01/figures/sub-01_ses-b_desc-tkd_mosaic.png"]
     assert "Figure missing: sub-01/figures/sub-01_ses-b_desc-tkd_mosaic.png" in dom
+
+
+def test_the_deep_caption_says_where_the_network_ran():
+    """From the sidecar's DeepInferenceDevice; nothing for another Chimap's sidecar or a field edited out of shape."""
+    gpu = {"Device": "cuda:0", "Name": "NVIDIA H100 80GB HBM3", "NetworkPrecision": "float16 autocast"}
+    assert inference_device_text(gpu) == " Its network ran on NVIDIA H100 80GB HBM3 (cuda:0) in float16 autocast."
+    cpu = {"Device": "cpu", "Name": "CPU", "NetworkPrecision": "float32"}
+    assert inference_device_text(cpu) == " Its network ran on the CPU in float32."
+    for edited in (None, "cuda", {**gpu, "Name": 3}, {"Device": "cpu"}):
+        assert inference_device_text(edited) == ""
 
 
 def test_paramagnetic_tail_ratio_and_the_polarity_warning():

@@ -24,6 +24,7 @@ class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
 
 class _DipoleInversionOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="susceptibility in ppm (not yet referenced)")
+    inference_device = traits.Dict(desc="deep only: where the network ran (``qsmprep.inversion.deep.inference_device``)")
 
 
 class DipoleInversion(SimpleInterface):
@@ -45,8 +46,12 @@ class DipoleInversion(SimpleInterface):
         if self.inputs.method == "deep":
             import torch
 
+            from ..inversion.deep import inference_device, resolve_device
+
             torch.set_num_threads(self.inputs.num_threads)
-            params["device"] = self.inputs.device
+            device = resolve_device(self.inputs.device)  # "auto" is settled here, on the machine that runs the node
+            params["device"] = device
+            self._results["inference_device"] = inference_device(device)
             if isdefined(self.inputs.model_file):
                 params["model"] = self.inputs.model_file
         invert = library_function("inversion", self.inputs.method)

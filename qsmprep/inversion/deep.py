@@ -377,12 +377,25 @@ def resolve_device(device="auto"):
     return torch.device(device)
 
 
+def inference_device(device):
+    """What a deep Chimap's sidecar records of the torch ``device`` its network ran on (``DeepInferenceDevice``):
+    ``Device`` ("cpu", "cuda:0"), ``Name`` (the GPU's, or "CPU") and ``NetworkPrecision`` ("float32", or "float16
+    autocast" on CUDA). The refinement runs there too, in float32 (on the CPU if the GPU's memory runs out, to the
+    same map within float32 round-off)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    return {"Device": str(device), "Name": torch.cuda.get_device_name(device) if cuda else "CPU",
+            "NetworkPrecision": "float16 autocast" if cuda else "float32"}
+
+
 def device_text(device):
     """How the log names a torch device: "the CPU (2 threads)", or the GPU's name with its float16 autocast."""
     import torch
 
     if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)}), the network in float16 autocast"
+        record = inference_device(device)
+        return f"{record['Device']} ({record['Name']}), the network in {record['NetworkPrecision']}"
     return f"the CPU ({torch.get_num_threads()} threads)"
 
 

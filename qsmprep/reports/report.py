@@ -152,6 +152,16 @@ def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
     return f'<table class="summary">{cells}</table>'
 
 
+def inference_device_text(device):
+    """The deep Chimap caption's sentence on where its network ran, from its sidecar's ``DeepInferenceDevice``
+    (``qsmprep.inversion.deep.inference_device``); "" for other Chimaps, or a field edited out of shape."""
+    if not (isinstance(device, dict) and all(isinstance(device.get(key), str)
+                                             for key in ("Device", "Name", "NetworkPrecision"))):
+        return ""
+    where = "the CPU" if device["Device"] == "cpu" else f"{device['Name']} ({device['Device']})"
+    return f" Its network ran on {where} in {device['NetworkPrecision']}."
+
+
 def chimap_percentiles(chi, mask):
     """(1st percentile, median, 99th percentile) in ppm of a Chimap in the brain mask; None for an empty mask."""
     values = np.asarray(chi)[np.asarray(mask, dtype=bool)]
@@ -264,7 +274,8 @@ def _run_section(run, figures_dir, output_dir):
         tails = ("" if ratio is None else f" Its positive tail (99th percentile minus median) is {ratio:.2f} times "
                  "its negative one (median minus 1st percentile).")
         caption = (f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm; in the brain "
-                   f"mask its 1st to 99th percentile is {low:.3f} to {high:.3f} ppm.{tails}")
+                   f"mask its 1st to 99th percentile is {low:.3f} to {high:.3f} ppm.{tails}"
+                   f"{inference_device_text(_sidecar(path).get('DeepInferenceDevice'))}")
         parts.append(_figure(figures_dir, output_dir, figure_stem(name, method), png, caption))
         for warning in (no_contrast_warning(method, percentiles),
                         polarity_warning(method, ratio, _sidecar(path).get("PhaseInverted", False))):

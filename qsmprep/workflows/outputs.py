@@ -76,29 +76,45 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
     return metadata
 
 
+def with_inference_device(metadata, device):
+    """The deep Chimap's sidecar fields ``metadata`` with ``DeepInferenceDevice``: ``device``, where its network ran."""
+    return {**metadata, "DeepInferenceDevice": device}
+
+
 def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0, 1.0), name="qsm_derivatives_wf"):
     """Write one run's mask, total field, local field and Chimap(s) into the derivatives dataset.
 
     Inputs (inputnode): mask, total_field, local_field, chimaps (list in
-    ``config.inversion`` order); ``resampled_methods`` are those inverted on a B0-aligned grid (their
-    sidecars say so). Outputs (outputnode): written (the NIfTI
+    ``config.inversion`` order), inference_device (deep only: where its network ran, known once it has run,
+    ``qsmprep.inversion.deep.inference_device``); ``resampled_methods`` are those inverted on a B0-aligned grid
+    (their sidecars say so). Outputs (outputnode): written (the NIfTI
     paths written). Nodes: all_outputs (waits for every input), select_<output>,
-    ds_mask, ds_total_field, ds_local_field, ds_chimap_<method>.
+    ds_mask, ds_total_field, ds_local_field, ds_chimap_<method>, and chimap_deep_metadata (the deep sidecar's
+    fields with the device).
     """
     workflow = Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["mask", "total_field", "local_field", "chimaps"]),
-                        name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=["mask", "total_field", "local_field", "chimaps", "inference_device"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["written"]), name="outputnode")
     sinks = []
 
     def sink(output, method=None):
         spec = OUTPUTS[output]
+        metadata = output_metadata(run, config, output, method, method in resampled_methods, b0_dir)
         node = pe.Node(
             DerivativesDataSink(
                 base_directory=config.output_dir, source_file=run.magnitude[0], dismiss_entities=("echo", "part"),
-                desc=spec["desc"].format(method=method), suffix=spec["suffix"], compress=True,
-                meta_dict=output_metadata(run, config, output, method, method in resampled_methods, b0_dir)),
+                desc=spec["desc"].format(method=method), suffix=spec["suffix"], compress=True),
             name=f"ds_{output}" + (f"_{method}" if method else ""), run_without_submitting=True, mem_gb=0.1)
+        if method == "deep":  # the device is known once the network has run ("auto" is settled on the node's machine)
+            add_device = pe.Node(niu.Function(function=with_inference_device, input_names=["metadata", "device"],
+                                              output_names=["metadata"]),
+                                 name="chimap_deep_metadata", run_without_submitting=True)
+            add_device.inputs.metadata = metadata
+            workflow.connect([(inputnode, add_device, [("inference_device", "device")]),
+                              (add_device, node, [("metadata", "meta_dict")])])
+        else:
+            node.inputs.meta_dict = metadata
         sinks.append(node)
         return node
 

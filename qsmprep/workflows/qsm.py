@@ -510,6 +510,9 @@ def init_qsm_wf(run, config, name=None):
     workflow.connect(merge_chimaps, "out", outputnode, "chimaps")
 
     derivatives_wf = init_qsm_derivatives_wf(run, config, resampled_methods=resampled_methods, b0_dir=b0_dir)
+    if "deep" in config.inversion:
+        workflow.connect(workflow.get_node("invert_deep"), "inference_device", derivatives_wf,
+                         "inputnode.inference_device")
     workflow.connect([
         (bgremove, derivatives_wf, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
         (total_field, derivatives_wf, [("out_file", "inputnode.total_field")]),
