@@ -20,6 +20,13 @@ def require_file(path, what):
     return path
 
 
+def sidecar_path(path):
+    """The path of the JSON sidecar beside the NIfTI file ``path`` (its .nii.gz or .nii replaced by .json)."""
+    path = Path(path)
+    stem = path.name.removesuffix(".gz").removesuffix(".nii")
+    return path.with_name(stem + ".json")
+
+
 def load_nifti(path, what="image", fix="re-export it as .nii or .nii.gz"):
     """Read a NIfTI file as float32.
 

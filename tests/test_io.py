@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from qsmprep.errors import DataError, NoInputError
-from qsmprep.io import check_same_grid, load_nifti, nifti_values, save_nifti, write_atomic, write_text_atomic
+from qsmprep.io import (
+    check_same_grid,
+    load_nifti,
+    nifti_values,
+    save_nifti,
+    sidecar_path,
+    write_atomic,
+    write_text_atomic,
+)
 
 
 def test_round_trip_and_umask_permissions(tmp_path):
@@ -59,3 +67,9 @@ def test_check_same_grid():
         check_same_grid("a", ((4, 4, 4), eye), "b", ((4, 4, 5), eye))
     with pytest.raises(DataError, match="different affines"):
         check_same_grid("a", ((4, 4, 4), eye), "b", ((4, 4, 4), np.diag([2, 1, 1, 1])))
+
+
+def test_sidecar_path_replaces_only_the_file_name_extension():
+    """A folder whose name holds ".nii" is kept (the report once replaced the first ".nii" anywhere in the path)."""
+    assert sidecar_path("derivatives.nii_copy/sub-01_Chimap.nii.gz") == Path("derivatives.nii_copy/sub-01_Chimap.json")
+    assert sidecar_path(Path("a/sub-01_T2starw.nii")) == Path("a/sub-01_T2starw.json")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 from .. import __version__
 from .discovery import ENTITY_KEYS
-from ..io import write_text_atomic
+from ..io import sidecar_path, write_text_atomic
 
 CODE_URL = "https://github.com/qsmprep/qsmprep"
 
@@ -89,7 +89,7 @@ def run_output_files(run, methods):
     """Every file qsmprep writes for ``run`` in the derivatives dataset (relative): each NIfTI output of
     ``run_output_paths`` and its JSON sidecar."""
     return [path for nifti in run_output_paths(run, methods).values()
-            for path in (nifti, nifti.removesuffix(".nii.gz") + ".json")]
+            for path in (nifti, str(sidecar_path(nifti)))]
 
 
 MASK_NAME_END = "_desc-brain_mask.nii.gz"

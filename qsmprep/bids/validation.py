@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import DataError, NoInputError
+from ..io import sidecar_path
 from .discovery import SINGLE_ECHO_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,6 @@ def check_bids_dataset(bids_dir):
     return invalid
 
 
-def _sidecar(path):
-    path = str(path)
-    for ext in (".nii.gz", ".nii"):
-        if path.endswith(ext):
-            return path[: -len(ext)] + ".json"
-    return path + ".json"
-
-
 def _header(path):
     import nibabel as nib
 
@@ -129,7 +122,7 @@ def _echo_times(run, problems):
             te = meta.get("EchoTime")
             values = te if isinstance(te, list) else [te]
             if te is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                report(file, f"{file}: no numeric EchoTime in its JSON sidecar {_sidecar(file)}: add \"EchoTime\" "
+                report(file, f"{file}: no numeric EchoTime in its JSON sidecar {sidecar_path(file)}: add \"EchoTime\" "
                              "in seconds (a list of seconds for a 4D multi-echo file).")
                 unusable += 1
                 continue
@@ -137,7 +130,7 @@ def _echo_times(run, problems):
             if bad:
                 hint = " (it looks like milliseconds)" if all(1 <= v < 1000 for v in bad) else ""
                 report(file, f"{file}: EchoTime {bad[0]} is not in seconds{hint}: write it in seconds in "
-                             f"{_sidecar(file)}, e.g. 0.02 for 20 ms.")
+                             f"{sidecar_path(file)}, e.g. 0.02 for 20 ms.")
                 unusable += 1
                 continue
             tes.extend(float(v) for v in values)
@@ -147,7 +140,7 @@ def _echo_times(run, problems):
     mag_tes, phase_tes = per_part
 
     def sidecar_of(files, echo):  # one file per echo, or one 4D file holding every echo
-        return _sidecar(files[echo] if len(files) == len(phase_tes) else files[0])
+        return sidecar_path(files[echo] if len(files) == len(phase_tes) else files[0])
 
     if len(mag_tes) != len(phase_tes) or any(abs(a - b) > 1e-6 for a, b in zip(mag_tes, phase_tes)):
         echo = next((i for i, (a, b) in enumerate(zip(mag_tes, phase_tes)) if abs(a - b) > 1e-6), 0)
@@ -175,7 +168,7 @@ def _phase_units(run, problems):
         if value is None or str(value).strip().lower() not in PHASE_UNITS:
             what = "no Units" if value is None else f"Units {value!r}, which qsmprep cannot interpret"
             problems.append(Problem(run.subject, run.name, str(file),
-                                    f"{file}: the phase sidecar {_sidecar(file)} has {what}: set \"Units\" to "
+                                    f"{file}: the phase sidecar {sidecar_path(file)} has {what}: set \"Units\" to "
                                     "\"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
             return None
         units.add(str(value).strip().lower())
@@ -223,7 +216,7 @@ def _phase_range_problem(file, units, values):
         return None
     if units == "rad" and low >= -math.pi - RAD_TOLERANCE and high <= 2 * math.pi + RAD_TOLERANCE:
         return None
-    sidecar = _sidecar(file)
+    sidecar = sidecar_path(file)
     seen = f"{file}: phase values {low:g}..{high:g}"
     declared = f"its sidecar {sidecar} says \"Units\": \"{units}\""
     lo, hi = VENDOR_RANGE
@@ -356,7 +349,7 @@ def _b0_tesla(run, b0_tesla, problems):
         file, message = run.phase[0], (f"{run.phase[0]}: no MagneticFieldStrength in the sidecars of {run.name}: add "
                                        "\"MagneticFieldStrength\" (tesla) to its JSON sidecars, or pass --b0-tesla.")
     elif len(files) > 1:
-        stated = "; ".join(f"{value!r} in {_sidecar(names[0])}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+        stated = "; ".join(f"{value!r} in {sidecar_path(names[0])}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
                            for value, names in files.items())
         file = min(files.values(), key=len)[0]  # the odd one out
         message = (f"{run.name}: its sidecars disagree on MagneticFieldStrength ({stated}): make them agree, or pass "
@@ -365,7 +358,7 @@ def _b0_tesla(run, b0_tesla, problems):
         ((value, names),) = files.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_PLAUSIBLE_B0_TESLA:
             return float(value)
-        file, message = names[0], (f"{_sidecar(names[0])}: MagneticFieldStrength {value!r} is not a field strength in "
+        file, message = names[0], (f"{sidecar_path(names[0])}: MagneticFieldStrength {value!r} is not a field strength in "
                                    f"tesla{millitesla_hint(value)}: write a positive number, e.g. 3, or pass "
                                    "--b0-tesla.")
     problems.append(Problem(run.subject, run.name, str(file), message))
@@ -416,7 +409,7 @@ def _magnitude_decay(run, echo_times, problems):
         if ratio > MAX_MAGNITUDE_RISE:
             problems.append(Problem(run.subject, run.name, str(files[later]), (
                 f"{run.name}: the magnitude rises by {ratio - 1:.0%} from echo time {echo_times[k] * 1e3:g} ms "
-                f"({_sidecar(files[k])}) to {echo_times[later] * 1e3:g} ms ({_sidecar(files[later])}), where T2* "
+                f"({sidecar_path(files[k])}) to {echo_times[later] * 1e3:g} ms ({sidecar_path(files[later])}), where T2* "
                 "decay makes it fall: the EchoTime values do not match their images; fix the sidecars.")))
             return
 

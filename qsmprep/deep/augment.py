@@ -37,7 +37,7 @@ MSc thesis, PUC Chile 2022 (Gaussian field noise, std 1e-5 to 1e-3).
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
-from qsmprep.deep.generators import _dipole_geometry, _unit_dipole_field
+from qsmprep.deep.generators import dipole_geometry, unit_dipole_field
 from qsmprep.errors import UsageError
 from qsmprep.physics.units import ppm_to_rad
 
@@ -183,9 +183,9 @@ def add_background_residual(field, mask, voxel_size_mm, b0_dir, relative_rms, rn
             edge_mm = (shape[axis] - 1) * voxel[axis] if side else 0.0
             source_mm[axis] = edge_mm + (1 if side else -1) * rng.uniform(clearance_mm, reach_mm)
         offsets = [np.arange(n) * v - s for n, v, s in zip(inside.shape, voxel, source_mm)]
-        r2, along_b0 = _dipole_geometry(*offsets, b)
+        r2, along_b0 = dipole_geometry(*offsets, b)
         with np.errstate(divide="ignore", invalid="ignore"):  # at the source voxel itself, outside the mask
-            residual += rng.choice((-1.0, 1.0)) * rng.uniform(0.5, 1.0) * _unit_dipole_field(r2, along_b0)
+            residual += rng.choice((-1.0, 1.0)) * rng.uniform(0.5, 1.0) * unit_dipole_field(r2, along_b0)
     values = residual[inside] - residual[inside].mean()
     scale = relative_rms * rms / max(float(np.sqrt(np.mean(values**2))), 1e-30)
     out = np.zeros(inside.shape, dtype=np.float32)

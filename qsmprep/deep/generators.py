@@ -217,14 +217,14 @@ def random_patterns_chi(
     return chi
 
 
-def _dipole_geometry(d0, d1, d2, b):
+def dipole_geometry(d0, d1, d2, b):
     """|d|^2 and (d . b) on the grid spanned by per-axis offsets d0, d1, d2 (mm)."""
     r2 = (d0**2)[:, None, None] + ((d1**2)[:, None] + (d2**2)[None, :])[None]
     along_b0 = (d0 * b[0])[:, None, None] + ((d1 * b[1])[:, None] + (d2 * b[2])[None, :])[None]
     return r2, along_b0
 
 
-def _unit_dipole_field(r2, along_b0):
+def unit_dipole_field(r2, along_b0):
     """(3 (d.b)^2 - |d|^2) / |d|^5, in place on ``along_b0``; |d| must be > 0."""
     field = np.multiply(along_b0, along_b0, out=along_b0)
     field *= 3
@@ -245,9 +245,9 @@ def _point_dipole_spectrum(big_shape, voxel, b):
     it, cancels exactly where it is subtracted again.
     """
     offsets = [np.rint(spfft.fftfreq(n) * n) * v for n, v in zip(big_shape, voxel)]
-    r2, along_b0 = _dipole_geometry(*offsets, np.asarray(b))
+    r2, along_b0 = dipole_geometry(*offsets, np.asarray(b))
     r2[0, 0, 0] = 1.0
-    kernel = _unit_dipole_field(r2, along_b0)
+    kernel = unit_dipole_field(r2, along_b0)
     kernel[0, 0, 0] = 0.0  # a centre voxel is inside its own sphere: no self field
     spectrum = spfft.rfftn(kernel)
     spectrum.flags.writeable = False
@@ -268,11 +268,11 @@ def sphere_field_ppm(shape, voxel_size_mm, centre_mm, radius_mm, dchi_ppm, b0_di
     """
     shape, voxel = _shape_and_voxel(shape, voxel_size_mm)
     d = [a - np.float32(c) for a, c in zip(_axes_mm(shape, voxel), centre_mm)]
-    r2, along_b0 = _dipole_geometry(*d, _unit(b0_dir))
+    r2, along_b0 = dipole_geometry(*d, _unit(b0_dir))
     radius2 = np.float32(radius_mm**2)
     inside = r2 < radius2
     np.maximum(r2, radius2, out=r2)  # inside voxels are zeroed below; this keeps 1/r finite
-    field = _unit_dipole_field(r2, along_b0)
+    field = unit_dipole_field(r2, along_b0)
     field *= np.float32(dchi_ppm * radius_mm**3 / 3)
     field[inside] = 0
     return field
@@ -312,11 +312,11 @@ def spheres_field_ppm(shape, voxel_size_mm, centres_vox, radii_mm, dchi_ppm, b0_
     for centre, radius, moment in zip(centres, radii, moments):
         box = _box_slices(centre * voxel, radius, voxel, shape)
         d = [(np.arange(s.start, s.stop) - c) * v for s, c, v in zip(box, centre, voxel)]
-        r2, along_b0 = _dipole_geometry(*d, b)
+        r2, along_b0 = dipole_geometry(*d, b)
         inside = r2 < radius**2
         inside[tuple(c - s.start for c, s in zip(centre, box))] = False
         np.maximum(r2, 1e-12, out=r2)
-        own = _unit_dipole_field(r2, along_b0)
+        own = unit_dipole_field(r2, along_b0)
         field[box][inside] -= moment * own[inside]
     return field.astype(np.float32)
 
@@ -363,7 +363,7 @@ def cylinder_chi_and_field_ppm(
     cos_theta = float(u @ b)
     b_perp = b - cos_theta * u  # |b_perp| = sin(theta)
     d = [a - np.float32(p) for a, p in zip(_axes_mm(shape, voxel), point_mm)]
-    rho2, along = _dipole_geometry(*d, u)
+    rho2, along = dipole_geometry(*d, u)
     rho2 -= along * along
     # rho sin(theta) cos(psi), scaled by sqrt(2) so that s^2 = 2 (rho sin(theta) cos(psi))^2
     w = np.sqrt(2.0) * b_perp

@@ -44,7 +44,9 @@ def check_echo_times(te_s, n_echoes):
     return te
 
 
-def _as_4d(array, name):
+def echoes_4d(array, name):
+    """``array`` as (i, j, k, echo): a 3D volume gets an echo axis of one; ``name`` names it in the ValueError
+    raised for any other number of dimensions."""
     arr = np.asarray(array)
     if arr.ndim == 3:
         arr = arr[..., np.newaxis]
@@ -88,14 +90,14 @@ def fit_total_field_hz(unwrapped_rad, te_s, magnitude=None, mask=None):
     offset), and the weighted RMS phase residual in rad (0 when the model has
     as many parameters as echoes). Voxels with zero total weight give 0.
     """
-    phase = _as_4d(unwrapped_rad, "unwrapped phase").astype(np.float64)
+    phase = echoes_4d(unwrapped_rad, "unwrapped phase").astype(np.float64)
     te = check_echo_times(te_s, phase.shape[-1])
     order = np.argsort(te, kind="stable")
     te, phase = te[order], phase[..., order]
     if magnitude is None:
         weights = np.ones_like(phase)
     else:
-        mag = _as_4d(magnitude, "magnitude")
+        mag = echoes_4d(magnitude, "magnitude")
         if mag.shape != phase.shape:
             raise ValueError(f"magnitude shape {mag.shape} differs from phase shape {phase.shape}")
         weights = np.nan_to_num(mag[..., order].astype(np.float64)) ** 2
@@ -192,11 +194,11 @@ def total_field_hz(phase_rad, te_s, magnitude=None, mask=None, voxel_size_mm=(1.
     """
     if unwrap not in UNWRAPPERS:
         raise ValueError(f"unwrap must be one of {sorted(UNWRAPPERS)}, got {unwrap!r}")
-    phase = _as_4d(phase_rad, "phase").astype(np.float32)
+    phase = echoes_4d(phase_rad, "phase").astype(np.float32)
     te = check_echo_times(te_s, phase.shape[-1])
     order = np.argsort(te, kind="stable")
     te, phase = te[order], phase[..., order]
-    mag = None if magnitude is None else _as_4d(magnitude, "magnitude")[..., order]
+    mag = None if magnitude is None else echoes_4d(magnitude, "magnitude")[..., order]
     if mag is not None and mag.shape != phase.shape:
         raise ValueError(f"magnitude shape {mag.shape} differs from phase shape {phase.shape}")
     region = np.all(np.isfinite(phase), axis=-1)

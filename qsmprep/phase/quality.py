@@ -6,7 +6,7 @@ See docs/methods/phase.md.
 import numpy as np
 from scipy import ndimage
 
-from .combine import _as_4d, check_echo_times, first_echo_difference
+from .combine import echoes_4d, check_echo_times, first_echo_difference
 from .scaling import wrap_to_pi
 
 NEIGHBOURHOOD_VOXELS = 3
@@ -46,8 +46,8 @@ def phase_quality_map(phase_rad, magnitude, te_s, mask=None):
     -------
     float32 array (i, j, k) in [0, 1].
     """
-    phase = _as_4d(phase_rad, "phase").astype(np.float64)
-    mag = _as_4d(magnitude, "magnitude").astype(np.float64)
+    phase = echoes_4d(phase_rad, "phase").astype(np.float64)
+    mag = echoes_4d(magnitude, "magnitude").astype(np.float64)
     if mag.shape != phase.shape:
         raise ValueError(f"magnitude shape {mag.shape} differs from phase shape {phase.shape}")
     check_echo_times(te_s, phase.shape[-1])
@@ -101,7 +101,7 @@ def steep_phase_voxels(phase_rad, te_s, mask=None, max_jump_rad=2.0 * np.pi / 3.
     -------
     bool array (i, j, k), False outside ``mask``.
     """
-    phase = _as_4d(phase_rad, "phase").astype(np.float64)
+    phase = echoes_4d(phase_rad, "phase").astype(np.float64)
     te = check_echo_times(te_s, phase.shape[-1])
     order = np.argsort(te, kind="stable")
     te, phase = te[order], phase[..., order]
@@ -150,7 +150,7 @@ def noise_std_hz(magnitude, te_s, mask=None, magnitude_noise_std=1.0):
     float32 array (i, j, k): sigma_f in Hz; inf where there is no signal or
     outside the mask.
     """
-    mag = _as_4d(magnitude, "magnitude").astype(np.float64)
+    mag = echoes_4d(magnitude, "magnitude").astype(np.float64)
     te = check_echo_times(te_s, mag.shape[-1])
     weights = np.nan_to_num(mag) ** 2
     total = weights.sum(-1)

@@ -17,14 +17,14 @@ from ..bids.derivatives import processed_runs
 from ..config import INVERSION_METHODS
 from ..errors import CantCreateError, QSMPrepError
 from ..io import check_same_grid, load_nifti, write_text_atomic
-from .mosaic import _png_bytes, _pyplot
+from .mosaic import png_bytes, pyplot_agg
 from .report import (
     POLARITY_WARNING_RATIO,
-    _sidecar,
     chimap_percentiles,
     mask_volume_ml,
     no_contrast_reason,
     paramagnetic_tail_ratio,
+    read_sidecar,
 )
 
 GROUP_STEM = "group_Chimap"
@@ -71,7 +71,7 @@ def run_rows(name, paths):
     except QSMPrepError as exc:
         return [with_problem(row, None, f"cannot be measured: {exc}")]
     mask = mask_data > 0
-    meta = _sidecar(paths["mask"])
+    meta = read_sidecar(paths["mask"])
     echo_times = meta.get("EchoTime")
     row.update(mask_ml=round(mask_volume_ml(mask, affine), 1),
                echoes=len(echo_times) if isinstance(echo_times, list) and echo_times else None,
@@ -136,7 +136,7 @@ def _cell(value):
 
 def group_figure_png(rows):
     """Brain mask volume per run and each Chimap's tail ratio per run, flagged runs in red; PNG bytes."""
-    plt = _pyplot()
+    plt = pyplot_agg()
     runs = list(dict.fromkeys(row["run"] for row in rows))
     flagged = {row["run"] for row in rows if row["flags"]}
     fig, (volume_ax, ratio_ax) = plt.subplots(1, 2, figsize=(9.0, 0.3 * len(runs) + 1.6), layout="constrained")
@@ -159,7 +159,7 @@ def group_figure_png(rows):
         ax.set_yticks(range(len(runs)), runs if ax is volume_ax else [""] * len(runs), fontsize=7)
         ax.invert_yaxis()
         ax.grid(axis="x", linewidth=0.3)
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def group_rows(output_dir, subjects):

@@ -12,7 +12,7 @@ CHI_WINDOW_PPM = (-0.15, 0.15)
 LOCAL_FIELD_WINDOW_PPM = (-0.05, 0.05)
 
 
-def _pyplot():
+def pyplot_agg():
     """matplotlib.pyplot on the headless Agg backend (imported on first use, not at import time)."""
     import matplotlib
 
@@ -22,11 +22,11 @@ def _pyplot():
     return plt
 
 
-def _png_bytes(fig, **savefig):
+def png_bytes(fig, **savefig):
     """Render ``fig`` to PNG bytes at 90 dpi and close it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, **savefig)
-    _pyplot().close(fig)
+    pyplot_agg().close(fig)
     return buffer.getvalue()
 
 
@@ -106,7 +106,7 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
         Voxel size (mm) along the volume's axes, so that a slice of
         non-square voxels is drawn to scale; None draws square pixels.
     """
-    plt = _pyplot()
+    plt = pyplot_agg()
     vol = np.asarray(volume, dtype=np.float32)
     if window is None:
         window = tuple(np.percentile(vol, (1, 99)))
@@ -137,7 +137,7 @@ def mosaic_png(volume, slices, axis=2, window=None, cmap="gray", outline=None, t
                             path_effects=[withStroke(linewidth=2, foreground="black")])
     fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01, label=units)
     fig.suptitle(title, fontsize=9)
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def orthogonal_slices(volume, mask):
@@ -167,7 +167,7 @@ def comparison_png(maps, mask, window=CHI_WINDOW_PPM, title="", units="ppm"):
     title, units : str
         Figure title and colour-bar label (default "ppm").
     """
-    plt = _pyplot()
+    plt = pyplot_agg()
     # constrained layout keeps the title next to the first row (a fixed grid left it far above for many rows)
     fig, axes = plt.subplots(len(maps), 3, figsize=(6.0, 2.0 * len(maps) + 0.4), squeeze=False, layout="constrained")
     for row, (label, volume) in zip(axes, maps.items()):
@@ -178,4 +178,4 @@ def comparison_png(maps, mask, window=CHI_WINDOW_PPM, title="", units="ppm"):
         row[0].set_title(label, fontsize=8, loc="left")
     fig.colorbar(shown, ax=axes, fraction=0.03, pad=0.01, label=units)
     fig.suptitle(title, fontsize=9)
-    return _png_bytes(fig, bbox_inches="tight")
+    return png_bytes(fig, bbox_inches="tight")

@@ -17,7 +17,7 @@ import numpy as np
 from .. import __version__
 from ..checks import is_number
 from ..errors import QSMPrepError
-from ..io import load_nifti
+from ..io import load_nifti, sidecar_path
 from ..physics import b0_dir_from_affine, b0_tilt_deg, ras_voxel_size, to_ras
 from .mosaic import (
     CHI_WINDOW_PPM,
@@ -92,11 +92,11 @@ def run_mosaic(mask, voxel_size=None):
                    voxel_size=voxel_size)
 
 
-def _sidecar(path):
+def read_sidecar(path):
     """The JSON sidecar beside a NIfTI file ({} when there is none, it cannot be read, or it holds no JSON object,
     as a hand-edited one may: its fields are read with ``.get``)."""
     try:
-        meta = json.loads(Path(str(path).replace(".nii.gz", ".json").replace(".nii", ".json")).read_text())
+        meta = json.loads(sidecar_path(path).read_text())
     except (OSError, ValueError):
         return {}
     return meta if isinstance(meta, dict) else {}
@@ -238,7 +238,7 @@ def _run_section(run, figures_dir, output_dir):
     mosaic = run_mosaic(mask, ras_voxel_size(affine))
     chimaps = sorted(run.get("chimaps", {}).items())
     parts = [f"<h2>{html.escape(name)}</h2>",
-             run_summary_html(mask, affine, _sidecar(run["mask"]), _sidecar(chimaps[0][1]) if chimaps else {})]
+             run_summary_html(mask, affine, read_sidecar(run["mask"]), read_sidecar(chimaps[0][1]) if chimaps else {})]
     if run.get("earlier"):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
                      "are in that invocation's <code>logs/</code> folder.</p>")
@@ -275,10 +275,10 @@ def _run_section(run, figures_dir, output_dir):
                  "its negative one (median minus 1st percentile).")
         caption = (f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm; in the brain "
                    f"mask its 1st to 99th percentile is {low:.3f} to {high:.3f} ppm.{tails}"
-                   f"{inference_device_text(_sidecar(path).get('DeepInferenceDevice'))}")
+                   f"{inference_device_text(read_sidecar(path).get('DeepInferenceDevice'))}")
         parts.append(_figure(figures_dir, output_dir, figure_stem(name, method), png, caption))
         for warning in (no_contrast_warning(method, percentiles),
-                        polarity_warning(method, ratio, _sidecar(path).get("PhaseInverted", False))):
+                        polarity_warning(method, ratio, read_sidecar(path).get("PhaseInverted", False))):
             if warning:
                 log.warning(warning)
                 parts.append(f'<p class="missing">{html.escape(warning)}</p>')

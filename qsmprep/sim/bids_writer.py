@@ -25,7 +25,7 @@ import numpy as np
 from .. import __version__
 from ..bids.derivatives import generated_by_names
 from ..errors import DataError
-from ..io import save_nifti, write_text_atomic
+from ..io import save_nifti, sidecar_path, write_text_atomic
 from .gre import VENDOR_PHASE_MAX, phase_to_vendor_units
 from .phantom import CHI_PPM, LABELS
 
@@ -213,14 +213,14 @@ def write_subject(out_dir, subject, session, gre, phase_units="arbitrary"):
         stem = out_dir / folder / (f"{prefix}_echo-{n}" if multi_echo else prefix)
         mag = stem.with_name(f"{stem.name}_part-mag_{suffix}.nii.gz")
         save_nifti(mag, gre.magnitude[..., n - 1], gre.affine, header)
-        _write_json(mag.with_name(mag.name.replace(".nii.gz", ".json")),
+        _write_json(sidecar_path(mag),
                     {**common, "EchoTime": te, "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"]})  # fmt: skip
         phase = stem.with_name(f"{stem.name}_part-phase_{suffix}.nii.gz")
         if phase_units == "arbitrary":
             save_nifti(phase, phase_to_vendor_units(gre.phase_rad[..., n - 1]), gre.affine, header, dtype=np.int16)
         else:
             save_nifti(phase, gre.phase_rad[..., n - 1], gre.affine, header)
-        _write_json(phase.with_name(phase.name.replace(".nii.gz", ".json")),
+        _write_json(sidecar_path(phase),
                     {**common, "EchoTime": te, "Units": phase_units,
                      "ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]})  # fmt: skip
         written += [mag, phase]
