@@ -1021,6 +1021,14 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
     assert main([str(runs["bids"]), str(tmp_path / "empty"), "group"]) == 66
     assert main([str(runs["bids"]), str(out), "group", "--participant-label", "09"]) == 66
     assert "--participant-label 09: no such subject" in capsys.readouterr().err
+    # --session-label selects runs too; options of the participant level are named as having no effect
+    assert main([str(runs["bids"]), str(out), "group", "--session-label", "ses-2", "2", "--inversion", "tkd"]) == 0
+    with open(out / "group_Chimap.tsv", newline="") as table:
+        assert {row["run"] for row in csv.DictReader(table, delimiter="\t")} == {"sub-01_ses-2"}
+    assert "--inversion has no effect at the group level" in capsys.readouterr().err
+    assert main([str(runs["bids"]), str(out), "group", "--session-label", "3", "--nprocs", "2", "-w", "w"]) == 66
+    err = capsys.readouterr().err
+    assert "--work-dir, --nprocs have no effect" in err and "in session(s) 3: check --session-label" in err
 
 
 def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_measure(tmp_path, capsys, monkeypatch):

@@ -87,7 +87,7 @@ def build_parser():
     p.add_argument("output_dir", type=Path, help="the output folder, written as a BIDS derivatives dataset")
     p.add_argument("analysis_level", choices=["participant", "group"],
                    help="'participant': process the runs; 'group': a table and page of quality measures over "
-                   "the runs OUTPUT_DIR holds (group_Chimap.tsv/.html; reads only --participant-label)")
+                   "the runs OUTPUT_DIR holds (group_Chimap.tsv/.html; reads --participant-label and --session-label)")
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more console output: -v Nipype's per-node lines (always in the log file), -vv debug")
@@ -576,14 +576,24 @@ def run(config, filter_file=None):
     return summarize(config, failed)
 
 
+GROUP_LEVEL_OPTIONS = ("bids_dir", "output_dir", "analysis_level", "participant_label", "session_label", "verbose")
+"""The argparse dests the group level reads; it warns that any other option given has no effect there."""
+
+
 def run_group(args):
     """The group level: ``group_Chimap.tsv``/``.html`` over the runs the participant level wrote in OUTPUT_DIR
-    (``qsmprep.reports.group``) for ``--participant-label`` (default every subject); returns the exit code: 0, or
-    65 when some run could not be measured (its row says why; the others are in the table)."""
+    (``qsmprep.reports.group``) for ``--participant-label`` and ``--session-label`` (default every subject and
+    session); returns the exit code: 0, or 65 when some run could not be measured (its row says why; the others are
+    in the table)."""
     from ..bids.derivatives import dataset_makers
     from ..errors import NoInputError
     from ..reports.group import group_rows, write_group_report
 
+    defaults = vars(build_parser().parse_args([str(args.bids_dir), str(args.output_dir), "group"]))
+    ignored = [dest for dest, value in vars(args).items() if dest not in GROUP_LEVEL_OPTIONS and value != defaults[dest]]
+    if ignored:
+        log.warning("%s %s no effect at the group level, which only measures what the participant level wrote.",
+                    ", ".join("--" + dest.replace("_", "-") for dest in ignored), "has" if len(ignored) == 1 else "have")
     out = args.output_dir.absolute()
     if not out.is_dir():
         raise NoInputError(f"OUTPUT_DIR {out} {'is a file, not a folder' if out.exists() else 'does not exist'}: give "
@@ -597,10 +607,13 @@ def run_group(args):
     if missing:
         raise NoInputError(f"--participant-label {' '.join(missing)}: no such subject in {out} (it has "
                            f"{', '.join(present) or 'none'}).")
-    rows = group_rows(out, wanted)
+    sessions = list(dict.fromkeys(s.removeprefix("ses-") for s in args.session_label))
+    rows = group_rows(out, wanted, sessions)
     if not rows:  # refused before writing: an earlier table is kept, not replaced by an empty one
-        raise NoInputError(f"{out} holds no processed run for subject(s) {', '.join(wanted)}: run the participant "
-                           "level first.")
+        of_sessions = f" in session(s) {', '.join(sessions)}" if sessions else ""
+        check = "check --session-label, or " if sessions else ""
+        raise NoInputError(f"{out} holds no processed run for subject(s) {', '.join(wanted)}{of_sessions}: {check}run "
+                           "the participant level first.")
     tsv, page = write_group_report(out, rows)
     flagged = sorted({row["run"] for row in rows if row["flags"]})
     print(f"{len({row['run'] for row in rows})} run(s), {sum(not row['problem'] for row in rows)} Chimap(s): "

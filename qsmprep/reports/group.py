@@ -162,11 +162,13 @@ def group_figure_png(rows):
     return png_bytes(fig)
 
 
-def group_rows(output_dir, subjects):
+def group_rows(output_dir, subjects, sessions=()):
     """The flagged rows (``run_rows``, ``flag_rows``) of every run of ``subjects`` (labels without sub-) in the
-    derivatives dataset ``output_dir``."""
+    derivatives dataset ``output_dir``, only of ``sessions`` (labels without ses-) if any are given."""
+    wanted = {f"ses-{session}" for session in sessions}
     return flag_rows([row for subject in subjects
                       for name, paths in processed_runs(output_dir, subject, INVERSION_METHODS).items()
+                      if not wanted or wanted & set(name.split("_"))
                       for row in run_rows(name, paths)])
 
 
