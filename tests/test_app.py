@@ -1028,7 +1028,8 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
     assert "--inversion has no effect at the group level" in capsys.readouterr().err
     assert main([str(runs["bids"]), str(out), "group", "--session-label", "3", "--nprocs", "2", "-w", "w"]) == 66
     err = capsys.readouterr().err
-    assert "--work-dir, --nprocs have no effect" in err and "in session(s) 3: check --session-label" in err
+    assert "--work-dir, --nprocs have no effect" in err and "--session-label 3: no such session of subject(s)" in err
+    assert "(they have 1, 2)" in err and "Of the runs of session(s) 2 in this folder" in (out / "group_Chimap.html").read_text()
 
 
 def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_measure(tmp_path, capsys, monkeypatch):

@@ -1,5 +1,7 @@
 """Background field removal: SMV kernel, V-SHARP, RESHARP, PDF against simulated fields."""
 
+import re
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -96,7 +98,8 @@ def test_smv_kernel_refuses_a_sphere_larger_than_the_grid():
         smv_kernel((16, 16, 16), (1, 1, 1), 9.0)
 
 
-@pytest.mark.parametrize("voxel,smallest", [((1, 1, 1), 1.0), ((0.75, 0.75, 2), 0.75), ((2, 1.5, 3), 1.5)])
+@pytest.mark.parametrize("voxel,smallest", [((1, 1, 1), 1.0), ((0.75, 0.75, 2), 0.75), ((2, 1.5, 3), 1.5),
+                                            ((0.859375, 0.859375, 1.2), 0.859375)])
 def test_a_radius_that_reaches_no_neighbour_is_refused_by_every_high_pass(voxel, smallest):
     """A sphere smaller than the smallest voxel dimension is its centre alone: its high-pass is zero, and V-SHARP and
     RESHARP returned a local field of zeros. The smallest voxel dimension is the smallest radius accepted, and it
@@ -106,12 +109,16 @@ def test_a_radius_that_reaches_no_neighbour_is_refused_by_every_high_pass(voxel,
     below = 0.99 * smallest
     for remove in (lambda r: vsharp(field, mask, voxel, radii_mm=[r]),
                    lambda r: resharp(field, mask, voxel, radius_mm=r, max_iter=5)):
-        with pytest.raises(ValueError, match=f"a {below:g} mm sphere reaches no neighbouring voxel"):
+        with pytest.raises(ValueError, match=f"a {below:.10g} mm sphere reaches no neighbouring voxel") as refused:
             remove(below)
         result, eroded = remove(smallest)
         assert eroded.any() and np.abs(result[eroded]).max() > 1e-4
     check_high_pass_radius(smallest, voxel)
     assert ball_mm(below, voxel).sum() == 1 and ball_mm(smallest, voxel).sum() > 1
+    # the smallest radius the message names (rounded for reading) is accepted, not refused in turn
+    named = float(re.search(r"give at least ([0-9.]+) mm", str(refused.value)).group(1))
+    assert smallest <= named < smallest + 0.001
+    check_high_pass_radius(named, voxel)
 
 
 def test_sphere_fits_is_erosion_by_the_ball_in_mm():

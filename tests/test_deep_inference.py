@@ -202,6 +202,17 @@ def test_refinement_weights_square_the_data_term_and_zero_weight_removes_it():
     assert np.abs(refine(changed, ones) - refine(field, ones)).max() > 0.01
 
 
+def test_the_inference_device_names_the_gpu_by_its_index(monkeypatch):
+    """torch.device("cuda"), which --device auto and cuda give, is the current GPU: the sidecar says which."""
+    from qsmprep.inversion.deep import inference_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"GPU {device.index}")
+    gpu = {"Device": "cuda:1", "Name": "GPU 1", "NetworkPrecision": "float16 autocast"}
+    assert inference_device(torch.device("cuda")) == gpu == inference_device(torch.device("cuda:1"))
+    assert inference_device(torch.device("cpu")) == {"Device": "cpu", "Name": "CPU", "NetworkPrecision": "float32"}
+
+
 def test_high_passed_refinement_ignores_a_residual_background_field():
     """With the SMV high-pass the data term is blind to harmonic fields (sources outside the mask).
 

@@ -340,6 +340,17 @@ def test_report_figures_load_in_a_headless_browser(report_dir):
     assert "Figure missing: sub-01/figures/sub-01_ses-b_desc-tkd_mosaic.png" in dom
 
 
+def test_a_damaged_derivative_is_not_called_an_input_to_re_export(tmp_path):
+    """The report reads qsmprep's own outputs: one it cannot read was cut short or damaged after it was written."""
+    from qsmprep.errors import NoInputError
+
+    path = save_nifti(tmp_path / "sub-01_desc-tkd_Chimap.nii.gz", np.ones((8, 8, 8), np.float32), np.eye(4))
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(NoInputError, match="is not a readable NIfTI file") as unreadable:
+        build_subject_report(tmp_path, "01", [{"name": "sub-01", "mask": path}])
+    assert "it was cut short or damaged" in str(unreadable.value) and "re-export" not in str(unreadable.value)
+
+
 def test_the_deep_caption_says_where_the_network_ran():
     """From the sidecar's DeepInferenceDevice; nothing for another Chimap's sidecar or a field edited out of shape."""
     gpu = {"Device": "cuda:0", "Name": "NVIDIA H100 80GB HBM3", "NetworkPrecision": "float16 autocast"}

@@ -133,6 +133,15 @@ def test_b0_direction_hints_and_override():
     assert sidecars.get_node("chimap_deep_metadata").inputs.metadata["ResampledToB0AlignedGrid"] is False
 
 
+def test_a_deep_sidecar_gets_the_device_only_when_the_node_reported_one():
+    """A deep result an earlier qsmprep cached in the work folder has no device: the field is left out, not {}."""
+    from qsmprep.workflows.outputs import with_inference_device
+
+    cpu = {"Device": "cpu", "Name": "CPU", "NetworkPrecision": "float32"}
+    assert with_inference_device({"Units": "ppm"}, cpu) == {"Units": "ppm", "DeepInferenceDevice": cpu}
+    assert with_inference_device({"Units": "ppm"}, {}) == {"Units": "ppm"}
+
+
 def test_sinks_name_and_describe_outputs():
     from qsmprep.workflows.qsm import init_qsm_wf
 

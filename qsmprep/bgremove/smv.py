@@ -75,10 +75,13 @@ def check_high_pass_radius(radius_mm, voxel_size_mm):
     largest is advised (``qsmprep.bgremove.vsharp.default_radii_mm``).
     """
     if ball_mm(radius_mm, voxel_size_mm).sum() == 1:
-        voxel = " x ".join(f"{v:g}" for v in np.round(voxel_size_mm, 3))
-        raise ValueError(f"a {radius_mm:g} mm sphere reaches no neighbouring voxel at {voxel} mm voxels, so its "
-                         f"high-pass field would be zero: give at least {min(voxel_size_mm):.3g} mm "
-                         f"({2 * max(voxel_size_mm):.3g} mm, twice the largest voxel dimension, is advised)")
+        voxel = " x ".join(f"{v:.6g}" for v in voxel_size_mm)
+        # the smallest radius ball_mm accepts (its tolerance allows for float32 affines), rounded up to 0.001 mm
+        smallest = np.ceil(min(voxel_size_mm) / (1 + VOXEL_SIZE_RTOL) * 1000) / 1000
+        advised = round(2 * float(max(voxel_size_mm)), 3)
+        raise ValueError(f"a {radius_mm:.10g} mm sphere reaches no neighbouring voxel at {voxel} mm voxels, so its "
+                         f"high-pass field would be zero: give at least {smallest:g} mm "
+                         f"({advised:g} mm, twice the largest voxel dimension, is advised)")
 
 
 def smv_padded_shape(shape, voxel_size_mm, radius_mm):

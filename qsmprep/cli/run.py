@@ -332,9 +332,11 @@ def find_inputs(config, filter_file=None):
 
 
 HIGH_PASS_RADII = {("bgremove", "vsharp", "radii_mm"): "[bgremove.vsharp] radii_mm in the --parameters file",
-                   ("bgremove", "resharp", "radius_mm"): "[bgremove.resharp] radius_mm (set it in a --parameters file)",
+                   ("bgremove", "resharp", "radius_mm"): "[bgremove.resharp] radius_mm ({default:g} mm by default; a "
+                                                         "--parameters file sets it)",
                    ("inversion", "deep", "refine_radius_mm"): "--refine-radius"}
-"""The spherical-mean radii (mm) of the chosen methods' high-pass filters, and where the user sets each."""
+"""The spherical-mean radii (mm) of the chosen methods' high-pass filters, and where the user sets each ({default}:
+the library's default)."""
 
 
 def check_high_pass_radii(config):
@@ -342,6 +344,7 @@ def check_high_pass_radii(config):
     that reaches no neighbouring voxel of some run: that method's field would be zero there (``check_high_pass_radius``).
     V-SHARP's default radii follow each run's voxel size and always fit."""
     from ..bgremove.smv import check_high_pass_radius
+    from ..config import default_parameters
     from ..physics import voxel_size_from_affine
 
     problems = {}  # message -> the runs it concerns: runs of one voxel size share a message
@@ -349,6 +352,7 @@ def check_high_pass_radii(config):
         value = config.parameters.get(step, {}).get(method, {}).get(key)
         if not value or (method == "deep" and not config.parameters[step][method]["refine_iters"]):
             continue  # None: V-SHARP's defaults; 0 (or no refinement): the deep refinement's high-pass is off
+        where = where.format(default=default_parameters(step, method)[key])
         for run in config.runs:
             for radius in (value if isinstance(value, (list, tuple)) else [value]):
                 try:
@@ -608,13 +612,21 @@ def run_group(args):
         raise NoInputError(f"--participant-label {' '.join(missing)}: no such subject in {out} (it has "
                            f"{', '.join(present) or 'none'}).")
     sessions = list(dict.fromkeys(s.removeprefix("ses-") for s in args.session_label))
+    held = sorted({p.name.removeprefix("ses-") for subject in wanted for p in (out / f"sub-{subject}").glob("ses-*")
+                   if p.is_dir()})
+    if set(sessions) - set(held):
+        raise NoInputError(f"--session-label {' '.join(s for s in sessions if s not in held)}: no such session of "
+                           f"subject(s) {', '.join(wanted)} in {out} (they have {', '.join(held) or 'none'}).")
     rows = group_rows(out, wanted, sessions)
     if not rows:  # refused before writing: an earlier table is kept, not replaced by an empty one
         of_sessions = f" in session(s) {', '.join(sessions)}" if sessions else ""
         check = "check --session-label, or " if sessions else ""
         raise NoInputError(f"{out} holds no processed run for subject(s) {', '.join(wanted)}{of_sessions}: {check}run "
                            "the participant level first.")
-    tsv, page = write_group_report(out, rows)
+    selection = ("every run" if not (args.participant_label or sessions) else "the runs of " + " and of ".join(
+        f"{what}(s) {', '.join(labels)}" for what, labels in (("subject", wanted if args.participant_label else []),
+                                                              ("session", sessions)) if labels))
+    tsv, page = write_group_report(out, rows, selection)
     flagged = sorted({row["run"] for row in rows if row["flags"]})
     print(f"{len({row['run'] for row in rows})} run(s), {sum(not row['problem'] for row in rows)} Chimap(s): "
           f"{tsv}\ngroup report: {page}")

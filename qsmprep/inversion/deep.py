@@ -385,6 +385,8 @@ def inference_device(device):
     import torch
 
     cuda = device.type == "cuda"
+    if cuda and device.index is None:  # "cuda" means the current GPU: name which
+        device = torch.device("cuda", torch.cuda.current_device())
     return {"Device": str(device), "Name": torch.cuda.get_device_name(device) if cuda else "CPU",
             "NetworkPrecision": "float16 autocast" if cuda else "float32"}
 

@@ -19,6 +19,7 @@ from ..errors import CantCreateError, QSMPrepError
 from ..io import check_same_grid, load_nifti, write_text_atomic
 from .mosaic import png_bytes, pyplot_agg
 from .report import (
+    DAMAGED,
     POLARITY_WARNING_RATIO,
     chimap_percentiles,
     mask_volume_ml,
@@ -55,10 +56,6 @@ volume is flagged: a mask that lost part of the brain, or kept the scalp."""
 
 MIN_RUNS_FOR_OUTLIERS = 5
 """Fewest runs for which mask volumes are compared with the group's (fewer give no stable median and spread)."""
-
-
-DAMAGED = "it was cut short or damaged (e.g. by an interrupted copy or a full disk)"
-"""What ``load_nifti`` says of a derivative it cannot read, in place of its advice to re-export an input."""
 
 
 def run_rows(name, paths):
@@ -172,15 +169,16 @@ def group_rows(output_dir, subjects, sessions=()):
                       for row in run_rows(name, paths)])
 
 
-def write_group_report(output_dir, rows):
+def write_group_report(output_dir, rows, selection="every run"):
     """Write ``group_Chimap.tsv`` of ``rows`` (``group_rows``), its ``.json`` column descriptions and
-    ``group_Chimap.html`` (its figure inside) into ``output_dir``; return (tsv path, html path). Every text is made
+    ``group_Chimap.html`` (its figure inside, and ``selection``: which runs were asked for, e.g. "the runs of
+    subject(s) 01") into ``output_dir``; return (tsv path, html path). Every text is made
     before the first is written, so that a failure leaves the earlier files; CantCreateError when one cannot be."""
     out = Path(output_dir)
     lines = ["\t".join(COLUMNS)] + ["\t".join(_cell(row[column]) for column in COLUMNS) for row in rows]
     texts = {out / f"{GROUP_STEM}.tsv": "\n".join(lines) + "\n",
              out / f"{GROUP_STEM}.json": json.dumps({c: {"Description": d} for c, d in COLUMNS.items()}, indent=2) + "\n",
-             out / f"{GROUP_STEM}.html": _group_html(rows)}
+             out / f"{GROUP_STEM}.html": _group_html(rows, selection)}
     for path, text in texts.items():
         try:
             write_text_atomic(path, text)
@@ -190,9 +188,9 @@ def write_group_report(output_dir, rows):
     return out / f"{GROUP_STEM}.tsv", out / f"{GROUP_STEM}.html"
 
 
-def _group_html(rows):
-    """The group page: counts, the figure (embedded, so the page is one file), and the table with flagged rows
-    first, each run linked to its subject's report."""
+def _group_html(rows, selection):
+    """The group page: which runs (``selection``) and counts, the figure (embedded, so the page is one file), and
+    the table with flagged rows first, each run linked to its subject's report."""
     ordered = sorted(rows, key=lambda row: (not row["flags"], row["run"], row["method"]))
     header = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = []
@@ -211,7 +209,8 @@ def _group_html(rows):
             "body { font-family: sans-serif; max-width: 1400px; margin: 2em auto; color: #222; }"
             "table { border-collapse: collapse; font-size: 0.85em; } td, th { padding: 2px 8px; text-align: right; }"
             "tr.flagged { background: #fdd; } img { max-width: 100%; }</style></head><body>"
-            f"<h1>qsmprep group report</h1><p>{runs} run(s), {len(rows)} Chimap(s); {flagged} run(s) flagged "
+            f"<h1>qsmprep group report</h1><p>Of {html.escape(selection)} in this folder: "
+            f"{runs} run(s), {len(rows)} Chimap(s); {flagged} run(s) flagged "
             f"(red). Columns are described in {GROUP_STEM}.json; each run links to its subject's report.</p>"
             f'<img src="data:image/png;base64,{figure}" alt="brain mask volumes and Chimap tail ratios per run">'
             f"<table><tr>{header}</tr>{''.join(body)}</table></body></html>")

@@ -77,9 +77,13 @@ def _figure(figures_dir, output_dir, name, png_bytes, caption):
     return _figure_html(path, output_dir, caption)
 
 
+DAMAGED = "it was cut short or damaged (e.g. by an interrupted copy or a full disk)"
+"""What ``load_nifti`` says of a derivative it cannot read, in place of its advice to re-export an input."""
+
+
 def _load_ras(path, what):
     """A NIfTI file's data in RAS+ voxel order (``to_ras``), so all figures share one orientation."""
-    data, affine, _ = load_nifti(path, what)
+    data, affine, _ = load_nifti(path, what, fix=DAMAGED)
     return to_ras(data, affine)
 
 
@@ -233,7 +237,7 @@ def figure_stem(run_name, desc):
 def _run_section(run, figures_dir, output_dir):
     """HTML for one run: magnitude with mask outline, fields, each Chimap, axial in neurological convention."""
     name = run["name"]
-    data, affine, _ = load_nifti(run["mask"], "brain mask")
+    data, affine, _ = load_nifti(run["mask"], "brain mask", fix=DAMAGED)
     mask = to_ras(data, affine) > 0
     mosaic = run_mosaic(mask, ras_voxel_size(affine))
     chimaps = sorted(run.get("chimaps", {}).items())

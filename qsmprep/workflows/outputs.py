@@ -77,8 +77,9 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
 
 
 def with_inference_device(metadata, device):
-    """The deep Chimap's sidecar fields ``metadata`` with ``DeepInferenceDevice``: ``device``, where its network ran."""
-    return {**metadata, "DeepInferenceDevice": device}
+    """The deep Chimap's sidecar fields ``metadata`` with ``DeepInferenceDevice``: ``device``, where its network ran;
+    left out when ``device`` is empty, as in a result an earlier qsmprep cached in the work folder."""
+    return {**metadata, "DeepInferenceDevice": device} if device else metadata
 
 
 def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0, 1.0), name="qsm_derivatives_wf"):
