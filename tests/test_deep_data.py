@@ -218,6 +218,20 @@ def test_flip_does_not_commute_for_an_oblique_b0():
         Augmenter({"flip": True}, np.random.default_rng(0), b0_dir=b0)
 
 
+@pytest.mark.parametrize("data,augment,words", [
+    ({"bogus": 1}, {}, "unknown [data] key(s) ['bogus']"),
+    ({"patch": [0, 4, 4]}, {}, "[data] patch must be [X, Y, Z], each a positive integer, got [0, 4, 4]"),
+    ({"patterns": {"n_structures": -1}}, {}, "[data.patterns] n_structures must be a range [low, high]"),
+    ({"voxel_size_mm": [1, 1, 1], "voxel_size_range_mm": [[1, 2]] * 3}, {}, "voxel_size_range_mm, not both"),
+    ({}, {"crop": [1, 2]}, "[augment] crop must be [X, Y, Z]"),
+])
+def test_library_use_is_checked_by_the_recipe_tables(data, augment, words):
+    """build_dataset called from Python refuses what a recipe would, with the same words (one table of keys)."""
+    with pytest.raises(UsageError) as refused:
+        build_dataset(data, augment, 0)
+    assert words in str(refused.value)
+
+
 def test_amplitude_scaling_and_gaussian_noise():
     chi, field = _random_pair((16, 16, 16), (1, 1, 1))
     schi, sfield = scale_amplitude(chi, field, 0.25)

@@ -37,14 +37,11 @@ MSc thesis, PUC Chile 2022 (Gaussian field noise, std 1e-5 to 1e-3).
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
+from qsmprep.checks import check_table
 from qsmprep.deep.generators import dipole_geometry, unit_dipole_field
+from qsmprep.deep.recipes import AUGMENT_CHECKS
 from qsmprep.errors import UsageError
 from qsmprep.physics.units import ppm_to_rad
-
-AUGMENT_KEYS = (
-    "rot90_b0", "flip", "amplitude", "field_noise_ppm", "rician_snr", "te_s", "b0_tesla", "crop", "background_residual"
-)
-"""Keys ``Augmenter`` understands."""
 
 
 def _spatial_axis(array, axis):
@@ -226,7 +223,7 @@ class Augmenter:
     Parameters
     ----------
     cfg : dict
-        Keys listed in ``AUGMENT_KEYS`` (see the module docstring).
+        Keys of ``qsmprep.deep.recipes.AUGMENT_CHECKS``, each checked there (see the module docstring).
     rng : numpy.random.Generator
         Drawn from on every call.
     b0_dir : tuple of 3 float, default (0, 0, 1)
@@ -235,9 +232,7 @@ class Augmenter:
 
     def __init__(self, cfg, rng, b0_dir=(0.0, 0.0, 1.0)):
         cfg = dict(cfg or {})
-        unknown = set(cfg) - set(AUGMENT_KEYS)
-        if unknown:
-            raise UsageError(f"unknown augmentation keys {sorted(unknown)}; known: {', '.join(AUGMENT_KEYS)}")
+        check_table(cfg, AUGMENT_CHECKS, "[augment]", "augmentation config")
         self.cfg = cfg
         self.rng = rng
         self.b0_dir = tuple(b0_dir)

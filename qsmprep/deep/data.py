@@ -51,6 +51,7 @@ import torch
 from scipy import fft as spfft
 from torch.utils.data import IterableDataset, get_worker_info
 
+from qsmprep.checks import check_table
 from qsmprep.deep.augment import Augmenter
 from qsmprep.deep.generators import (
     analytic_spheres_cylinders,
@@ -64,20 +65,6 @@ from qsmprep.physics.forward import forward_field_ppm
 
 GENERATORS = ("patterns", "analytic", "brain")
 """Generator names a data config may use."""
-
-DATA_KEYS = (
-    "generator",
-    "patch",
-    "voxel_size_mm",
-    "voxel_size_range_mm",
-    "b0_dir",
-    "border_vox",
-    "pad_factor",
-    "mask",
-    "mask_border_vox",
-    "magnitude",
-) + GENERATORS
-"""Keys a data config may hold."""
 
 DEFAULT_PATCH = (64, 64, 64)
 """Generated grid shape (voxels) when a data config gives no ``patch``."""
@@ -93,41 +80,31 @@ class _SampleMaker:
     """Draws one un-augmented sample (dict of NumPy arrays) from a data config."""
 
     def __init__(self, data_cfg):
+        from .recipes import library_checks  # the recipes' tables of keys and values (they import this module too)
+
         cfg = dict(data_cfg or {})
-        unknown = set(cfg) - set(DATA_KEYS)
-        if unknown:
-            raise UsageError(f"unknown data keys {sorted(unknown)}; known: {', '.join(DATA_KEYS)}")
+        checks = library_checks()
+        check_table(cfg, checks["data"], "[data]", "data config")
+        for name in GENERATORS:
+            check_table(cfg.get(name, {}), checks[f"data.{name}"], f"[data.{name}]", "data config")
         generator = cfg.get("generator", "patterns")
         weights = {generator: 1.0} if isinstance(generator, str) else dict(generator)
-        bad = set(weights) - set(GENERATORS)
-        if bad or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
-            raise UsageError(f"data.generator must be one of {GENERATORS} or a table of weights, got {generator!r}")
         self.names = list(weights)
         self.probs = np.asarray([weights[n] for n in self.names], dtype=np.float64)
         self.probs /= self.probs.sum()
         self.patch = tuple(int(n) for n in cfg.get("patch", DEFAULT_PATCH))
-        if len(self.patch) != 3 or min(self.patch) < 1:
-            raise UsageError(f"data.patch must be three positive sizes, got {cfg.get('patch')}")
         if "voxel_size_mm" in cfg and "voxel_size_range_mm" in cfg:
-            raise UsageError("give data.voxel_size_mm or data.voxel_size_range_mm, not both")
+            raise UsageError("data config: give [data] voxel_size_mm or voxel_size_range_mm, not both")
         self.voxel = tuple(float(v) for v in cfg.get("voxel_size_mm", (1.0, 1.0, 1.0)))
         self.voxel_range = cfg.get("voxel_size_range_mm")
         if self.voxel_range is not None:
             self.voxel_range = np.asarray(self.voxel_range, dtype=np.float64)
-            if self.voxel_range.shape != (3, 2) or np.any(self.voxel_range <= 0):
-                raise UsageError("data.voxel_size_range_mm must be [[lo, hi], [lo, hi], [lo, hi]] in mm")
         self.b0_dir = tuple(float(b) for b in cfg.get("b0_dir", (0.0, 0.0, 1.0)))
         self.pad_factor = float(cfg.get("pad_factor", 2.0))
-        if self.pad_factor < 2:
-            raise UsageError(f"data.pad_factor must be at least 2 (linear convolution), got {self.pad_factor}")
         self.border_vox = int(cfg.get("border_vox", 10))
         self.mask = cfg.get("mask", "full")
-        if self.mask not in ("full", "border", "blob"):
-            raise UsageError(f"data.mask must be full, border or blob, got {self.mask!r}")
         self.mask_border_vox = int(cfg.get("mask_border_vox", self.border_vox))
         self.magnitude = cfg.get("magnitude", "random")
-        if self.magnitude not in ("random", "ones"):
-            raise UsageError(f"data.magnitude must be random or ones, got {self.magnitude!r}")
         self.options = {n: dict(cfg.get(n, {})) for n in GENERATORS}
         self.options["patterns"].setdefault("border_vox", self.border_vox)
 

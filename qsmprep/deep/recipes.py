@@ -136,7 +136,7 @@ DOMAIN_CHECKS = {  # qsmprep.deep.trainer (QSMInvNet+)
 
 
 @functools.cache
-def _library_checks():
+def library_checks():
     """The tables that need names from the torch-importing modules (kept out of ``import recipes``).
 
     Returns a dict: "data", "data.patterns", "data.analytic", "data.brain"
@@ -199,7 +199,7 @@ def _check_loss(loss, where, source):
     """Check a [loss]-like table: its values, its terms, and (``build_loss``) which options each loss takes."""
     from qsmprep.deep.losses import build_loss
 
-    checks = _library_checks()
+    checks = library_checks()
     check_table(loss, checks["loss"], where, source)
     if ("name" in loss) == ("terms" in loss):
         raise UsageError(f"{source}: {where} needs a name or terms (a weighted sum of named losses), not both.")
@@ -286,7 +286,7 @@ def validate_recipe(recipe, source="recipe"):
         raise UsageError(f"{source}: [domain] adaptation needs arch 'qsminvnet' (domain-specific batch norm), not {arch!r}.")
     recipe["train"] = {**TRAIN_DEFAULTS, **recipe["train"]}
     recipe["optim"] = {**OPTIM_DEFAULTS, **recipe["optim"]}
-    checks = _library_checks()
+    checks = library_checks()
     tables = [(recipe["train"], TRAIN_CHECKS, "[train]", ()), (recipe["optim"], OPTIM_CHECKS, "[optim]", ()),
               (recipe["data"], checks["data"], "[data]", ()), (recipe["augment"], AUGMENT_CHECKS, "[augment]", ())]
     tables += [(recipe["data"].get(key[len("data."):], {}), checks[key], f"[{key}]", ()) for key in checks if key.startswith("data.")]
