@@ -725,6 +725,7 @@ def test_a_mask_too_small_for_vsharp_fails_that_run_with_the_reason_and_the_fix(
     summary = capsys.readouterr().out
     assert "sub-01 [FAILED]" in summary
     assert "(27 voxels) has no voxel left after vsharp's erosion" in summary and "--bgremove pdf" in summary
+    assert "(its 12 mm sphere fits nowhere inside it): give a smaller radii_mm in a --parameters file" in summary
     assert not list(out.rglob("sub-01/**/*.nii.gz"))  # no partial run: not even the total field made before the failure
     report = (out / "sub-01.html").read_text()  # the report says what failed, as the summary does
     assert "Errors" in report and "has no voxel left after vsharp&#x27;s erosion" in report

@@ -293,3 +293,13 @@ def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path, command):
     assert result.returncode == BROKEN_PIPE_EXIT, result.stderr
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
     assert "internal error" not in result.stderr
+
+
+def test_the_smallest_erosion_sphere_is_the_one_the_method_used():
+    """Named when a mask erodes to nothing: V-SHARP's smallest radius (given, or its voxel-size default), RESHARP's."""
+    from qsmprep.interfaces.field import smallest_sphere_mm
+
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    assert smallest_sphere_mm("vsharp", {"radii_mm": [10, 6]}, affine) == 6
+    assert smallest_sphere_mm("vsharp", {"radii_mm": None}, affine) == 4.0  # twice the largest voxel dimension
+    assert smallest_sphere_mm("resharp", {}, affine) == 4.0 and smallest_sphere_mm("resharp", {"radius_mm": 7}, affine) == 7

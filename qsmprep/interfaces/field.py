@@ -108,6 +108,17 @@ class TotalField(SimpleInterface):
         return runtime
 
 
+def smallest_sphere_mm(method, params, affine):
+    """The radius (mm) of the smallest sphere V-SHARP (its ``radii_mm``, or the defaults for ``affine``'s voxels) or
+    RESHARP (its ``radius_mm``) erodes the mask by, with ``params`` the method's keyword parameters as given."""
+    from ..bgremove.vsharp import default_radii_mm
+    from ..config import default_parameters
+
+    if method == "vsharp":
+        return min(params.get("radii_mm") or default_radii_mm(voxel_size_from_affine(affine)))
+    return params.get("radius_mm", default_parameters("bgremove", method)["radius_mm"])
+
+
 class _BackgroundRemovalInputSpec(BaseInterfaceInputSpec):
     total_field = File(exists=True, mandatory=True, desc="total field in Hz")
     mask = File(exists=True, mandatory=True, desc="brain mask")
@@ -147,7 +158,9 @@ class BackgroundRemoval(SimpleInterface):
         if not valid.any():  # eroded to nothing: stop here rather than write empty maps
             raise DataError(
                 f"the brain mask ({int(mask.sum())} voxels) has no voxel left after {self.inputs.method}'s erosion "
-                "(its spheres do not fit inside it): give a larger --mask, or --bgremove pdf, which does not erode.")
+                f"(its {smallest_sphere_mm(self.inputs.method, params, affine):g} mm sphere fits nowhere inside it): "
+                f"give a smaller {'radii_mm' if self.inputs.method == 'vsharp' else 'radius_mm'} in a --parameters "
+                f"file's [bgremove.{self.inputs.method}], a larger --mask, or --bgremove pdf, which does not erode.")
         cwd = Path(runtime.cwd)
         self._results["local_field"] = str(save_nifti(cwd / "local_field_ppm.nii.gz", local, affine))
         self._results["mask"] = str(save_nifti(cwd / "local_field_mask.nii.gz", valid, affine, dtype=np.uint8))
