@@ -354,9 +354,10 @@ def check_high_pass_radii(config):
             continue  # None: V-SHARP's defaults; 0 (or no refinement): the deep refinement's high-pass is off
         where = where.format(default=default_parameters(step, method)[key])
         for run in config.runs:
+            voxel_size_mm = voxel_size_from_affine(run.affine)
             for radius in (value if isinstance(value, (list, tuple)) else [value]):
                 try:
-                    check_high_pass_radius(radius, voxel_size_from_affine(run.affine))
+                    check_high_pass_radius(radius, voxel_size_mm)
                 except ValueError as exc:
                     problems.setdefault(f"{where}: {exc}", []).append(run.name)
     if problems:
@@ -591,7 +592,7 @@ def run_group(args):
     in the table)."""
     from ..bids.derivatives import dataset_makers
     from ..errors import NoInputError
-    from ..reports.group import group_rows, write_group_report
+    from ..reports.group import counts, group_rows, write_group_report
 
     defaults = vars(build_parser().parse_args([str(args.bids_dir), str(args.output_dir), "group"]))
     ignored = [dest for dest, value in vars(args).items() if dest not in GROUP_LEVEL_OPTIONS and value != defaults[dest]]
@@ -623,13 +624,12 @@ def run_group(args):
         check = "check --session-label, or " if sessions else ""
         raise NoInputError(f"{out} holds no processed run for subject(s) {', '.join(wanted)}{of_sessions}: {check}run "
                            "the participant level first.")
-    selection = ("every run" if not (args.participant_label or sessions) else "the runs of " + " and of ".join(
-        f"{what}(s) {', '.join(labels)}" for what, labels in (("subject", wanted if args.participant_label else []),
-                                                              ("session", sessions)) if labels))
-    tsv, page = write_group_report(out, rows, selection)
+    asked = ([f"subject(s) {', '.join(wanted)}"] if args.participant_label else []) + (
+        [f"session(s) {', '.join(sessions)}"] if sessions else [])
+    tsv, page = write_group_report(out, rows, "the runs of " + " and of ".join(asked) if asked else "every run")
     flagged = sorted({row["run"] for row in rows if row["flags"]})
-    print(f"{len({row['run'] for row in rows})} run(s), {sum(not row['problem'] for row in rows)} Chimap(s): "
-          f"{tsv}\ngroup report: {page}")
+    runs, chimaps = counts(rows)
+    print(f"{runs} run(s), {chimaps} Chimap(s): {tsv}\ngroup report: {page}")
     for run in flagged:
         print(f"  flagged {run}: " + "; ".join(row["flags"] for row in rows if row["run"] == run and row["flags"]))
     unmeasured = sorted({row["run"] for row in rows if row["problem"]})

@@ -121,6 +121,11 @@ def flag_rows(rows):
     return rows
 
 
+def counts(rows):
+    """How many runs, and how many measured Chimaps, ``rows`` (``group_rows``) hold: the console's and page's counts."""
+    return len({row["run"] for row in rows}), sum(not row["problem"] for row in rows)
+
+
 def _cell(value):
     """A TSV cell: n/a for a missing value (BIDS), numbers to 4 significant digits, text on one line (a flag may quote
     an error message over several, or with tabs)."""
@@ -203,14 +208,14 @@ def _group_html(rows, selection):
             cells.append(f"<td>{text}</td>")
         body.append(f'<tr class="{"flagged" if row["flags"] else ""}">{"".join(cells)}</tr>')
     flagged = len({row["run"] for row in rows if row["flags"]})
-    runs = len({row["run"] for row in rows})
+    runs, chimaps = counts(rows)
     figure = base64.b64encode(group_figure_png(rows)).decode("ascii")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>qsmprep: group</title><style>"
             "body { font-family: sans-serif; max-width: 1400px; margin: 2em auto; color: #222; }"
             "table { border-collapse: collapse; font-size: 0.85em; } td, th { padding: 2px 8px; text-align: right; }"
             "tr.flagged { background: #fdd; } img { max-width: 100%; }</style></head><body>"
             f"<h1>qsmprep group report</h1><p>Of {html.escape(selection)} in this folder: "
-            f"{runs} run(s), {len(rows)} Chimap(s); {flagged} run(s) flagged "
+            f"{runs} run(s), {chimaps} Chimap(s); {flagged} run(s) flagged "
             f"(red). Columns are described in {GROUP_STEM}.json; each run links to its subject's report.</p>"
             f'<img src="data:image/png;base64,{figure}" alt="brain mask volumes and Chimap tail ratios per run">'
             f"<table><tr>{header}</tr>{''.join(body)}</table></body></html>")

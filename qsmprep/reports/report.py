@@ -18,7 +18,7 @@ from .. import __version__
 from ..checks import is_number
 from ..errors import QSMPrepError
 from ..io import load_nifti, sidecar_path
-from ..physics import b0_dir_from_affine, b0_tilt_deg, ras_voxel_size, to_ras
+from ..physics import b0_dir_from_affine, b0_tilt_deg, ras_voxel_size, to_ras, voxel_size_from_affine
 from .mosaic import (
     CHI_WINDOW_PPM,
     LOCAL_FIELD_WINDOW_PPM,
@@ -124,19 +124,17 @@ def b0_direction_text(b0_dir, affine):
 
 def mask_volume_ml(mask, affine):
     """Volume of a mask in ml: its voxel count times the voxel volume of ``affine``."""
-    voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-    return float(np.count_nonzero(mask) * np.prod(voxel_mm) / 1000)
+    return float(np.count_nonzero(mask) * np.prod(voxel_size_from_affine(affine)) / 1000)
 
 
 def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
     """A table of what a run's figures show: grid and voxel size, echoes, field strength, B0 direction (with its
     source, ``b0_direction_text``) and the brain mask's volume, from the mask (array, affine) and the sidecars of
     the mask and of one Chimap (dicts)."""
-    voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     voxels = int(np.count_nonzero(mask))
     volume_ml = mask_volume_ml(mask, affine)
     rows = [("Grid", f"{' x '.join(map(str, np.shape(mask)[:3]))} voxels of "
-                     f"{' x '.join(f'{v:.3g}' for v in voxel_mm)} mm")]
+                     f"{' x '.join(f'{v:.3g}' for v in voxel_size_from_affine(affine))} mm")]
     # sidecars of an earlier invocation may have been edited by hand: a field of another type is left out
     echo_times = mask_sidecar.get("EchoTime")
     if isinstance(echo_times, list) and echo_times and all(map(is_number, echo_times)):
@@ -271,6 +269,7 @@ def _run_section(run, figures_dir, output_dir):
         parts.append(_figure(figures_dir, output_dir, figure_stem(name, "local"), png, caption))
     for method, path in chimaps:
         chi = _load_ras(path, "susceptibility map") * mask
+        sidecar = read_sidecar(path)
         png = mosaic(chi, window=CHI_WINDOW_PPM, title=f"Susceptibility ({method})", units="ppm")
         percentiles = chimap_percentiles(chi, mask)
         low, _, high = percentiles or (0.0, 0.0, 0.0)
@@ -279,10 +278,10 @@ def _run_section(run, figures_dir, output_dir):
                  "its negative one (median minus 1st percentile).")
         caption = (f"Chimap, {method} inversion, window {CHI_WINDOW_PPM[0]} to {CHI_WINDOW_PPM[1]} ppm; in the brain "
                    f"mask its 1st to 99th percentile is {low:.3f} to {high:.3f} ppm.{tails}"
-                   f"{inference_device_text(read_sidecar(path).get('DeepInferenceDevice'))}")
+                   f"{inference_device_text(sidecar.get('DeepInferenceDevice'))}")
         parts.append(_figure(figures_dir, output_dir, figure_stem(name, method), png, caption))
         for warning in (no_contrast_warning(method, percentiles),
-                        polarity_warning(method, ratio, read_sidecar(path).get("PhaseInverted", False))):
+                        polarity_warning(method, ratio, sidecar.get("PhaseInverted", False))):
             if warning:
                 log.warning(warning)
                 parts.append(f'<p class="missing">{html.escape(warning)}</p>')
