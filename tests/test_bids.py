@@ -160,6 +160,9 @@ def _problems(tmp_path, **kwargs):
         ({"units": "degrees"}, "_echo-1_part-phase_MEGRE.nii.gz", "Units 'degrees', which qsmprep cannot interpret"),
         ({"b0": None}, "_echo-1_part-phase_MEGRE.nii.gz", "no MagneticFieldStrength"),
         ({"echo_times": (4.0, 8.0)}, "_echo-1_part-mag_MEGRE.nii.gz", "looks like milliseconds"),
+        # 0.6 s passed this check and then failed inside the total-field node, after the run had started
+        ({"echo_times": (0.004, 0.6)}, "_echo-2_part-mag_MEGRE.nii.gz",
+         "EchoTime 0.6 is not a gradient-echo time in seconds (over 0 and at most 0.5 s): write it in seconds"),
         ({"echo_times": (0.004, 0.004)}, "_echo-1_part-phase_MEGRE.nii.gz", "same EchoTime"),
         ({"echo_times": (0.004,)}, "_echo-1_part-phase_MEGRE.nii.gz", "single echo but suffix MEGRE"),
         ({"skip": {("phase", 2)}}, "_echo-2_part-mag_MEGRE.nii.gz", "2 magnitude and 1 phase echo(es)"),

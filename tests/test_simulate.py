@@ -277,8 +277,8 @@ def test_cli_refuses_grids_it_cannot_simulate(tmp_path, capsys, extra, message):
         (["--voxel-size", "0", "1", "1"], "--voxel-size 0 1 1: give sizes in mm"),
         (["--snr", "-1"], "--snr must be 0 (noiseless) or positive, got -1"),
         (["--echoes", "20", "--te-spacing", "0.06"], "the last echo time, --te-first + (--echoes - 1) x --te-spacing, "
-                                                     "would be 1.144 s, over 1 s"),
-        (["--te-first", "4"], "would be 4.004 s, over 1 s: --te-first and --te-spacing are in seconds, not milliseconds"),
+                                                     "would be 1.144 s, over 0.5 s"),
+        (["--te-first", "4"], "would be 4.004 s, over 0.5 s: --te-first and --te-spacing are in seconds, not milliseconds"),
         (["--matrix", "512", "512", "256", "--echoes", "5"], "the echo images would have 512 x 512 x 256 x 5 voxels, "
                                                              "more than 268435456: give fewer --echoes"),
     ],

@@ -31,6 +31,7 @@ from ..sim.bids_writer import (
     write_dataset_files,
     write_subject,
 )
+from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
 from .common import (
@@ -53,11 +54,6 @@ MAX_VOXEL_MM = 20.0
 across. Beyond about 70 mm no voxel centre need fall in it, and an empty brain mask gave NaN images."""
 MAX_OBLIQUE_DEG = 90.0
 """Largest slab tilt (degrees, either way): 90 is a coronal slab; a larger tilt is a smaller one upside down."""
-MAX_TE_S = 1.0
-"""Latest echo time (s): a GRE echo is milliseconds to tens of milliseconds; more is milliseconds given as
-seconds, or too many echoes."""
-
-
 def build_parser():
     p = ArgumentParser(
         prog="qsmprep-simulate",
@@ -130,9 +126,9 @@ def _check_args(args):
     if args.te_first <= 0 or args.te_spacing <= 0:
         raise UsageError("--te-first and --te-spacing are in seconds and must be positive (e.g. 0.004).")
     last_te = args.te_first + (args.echoes - 1) * args.te_spacing
-    if last_te > MAX_TE_S:
+    if last_te > MAX_PLAUSIBLE_TE_S:
         raise UsageError(f"the last echo time, --te-first + (--echoes - 1) x --te-spacing, would be {last_te:g} s, over "
-                         f"{MAX_TE_S:g} s: --te-first and --te-spacing are in seconds, not milliseconds (e.g. 0.004).")
+                         f"{MAX_PLAUSIBLE_TE_S:g} s: --te-first and --te-spacing are in seconds, not milliseconds (e.g. 0.004).")
     check_b0_tesla_option(args.b0_tesla)
     if not (min(args.voxel_size) > 0 and max(args.voxel_size) <= MAX_VOXEL_MM):
         raise UsageError(f"--voxel-size {_mm(args.voxel_size)}: give sizes in mm, each positive and at most "

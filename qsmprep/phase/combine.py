@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 _TWO_PI = 2.0 * np.pi
 
 MAX_PLAUSIBLE_TE_S = 0.5
-"""Echo times above this (s) are taken for milliseconds given by mistake."""
+"""Latest plausible gradient-echo time (s): one above it is milliseconds given as seconds (or, in
+``qsmprep-simulate``, too many echoes). BIDS validation, the total-field fit and the simulator share it."""
 
 UNWRAPPERS = {"laplacian": unwrap_laplacian, "quality": unwrap_quality}
 
