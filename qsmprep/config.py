@@ -22,7 +22,6 @@ from .errors import UsageError
 UNWRAP_METHODS = ("laplacian", "quality")
 BGREMOVE_METHODS = ("vsharp", "resharp", "pdf")
 INVERSION_METHODS = ("deep", "tkd", "cfl2", "ilsqr")
-CLASSICAL_INVERSIONS = ("tkd", "cfl2", "ilsqr")
 MASK_STRATEGIES = ("quality", "magnitude")
 """``quality`` (default): Otsu thresholds of the echo-combined magnitude and of the phase quality map;
 ``magnitude``: of the magnitude only (keeps scalp and skull wherever they give signal)."""
@@ -55,10 +54,12 @@ LIBRARY_FUNCTIONS = {
 Unwrapping has none here: ``qsmprep.phase.combine.total_field_hz`` runs its unwrapper with its defaults."""
 
 DATA_ARGUMENTS = frozenset({
-    "phase_rad", "magnitude", "quality", "mask", "total_field", "local_field_ppm", "voxel_size_mm", "b0_dir",
-    "weights", "device", "exclude",
+    "magnitude", "quality", "mask", "total_field", "local_field_ppm", "voxel_size_mm", "b0_dir", "weights",
+    "device", "exclude",
 })
-"""Arguments the workflow fills from the data (not tunable parameters)."""
+"""Arguments that carry data, not tunable parameters, so a parameters file cannot set them. The workflow fills
+those it has; ``pdf``'s ``weights`` and ``ilsqr``'s ``magnitude`` stay at their default, None (uniform data
+weights), in the pipeline."""
 
 ALGORITHM_NAMES = {
     "tkd": "TKD (thresholded k-space division)",

@@ -9,7 +9,7 @@ susceptibility and field are in ppm.
   (Jochmann, Haueisen, Schweser, ISMRM poster).
 - ``analytic_spheres_cylinders``: spheres and infinite cylinders with their
   closed-form fields (SI-QSM, Larrain 2022).
-- ``brain_like_chi``: the built-in head phantom, elastically deformed, with
+- ``brain_like_sample``: the built-in head phantom, elastically deformed, with
   contrast changes and lesion-like shapes (Meta-QSM; QSMInvNet+, Liu & Koch).
 - ``random_magnitude`` and ``random_blob_mask``: a smooth magnitude image (for
   magnitude-modulated noise) and a smooth blob-shaped region of interest.
@@ -655,11 +655,3 @@ def brain_like_sample(
         "mask": mask.astype(np.float32),
         "magnitude": (magnitude * mask).astype(np.float32),
     }
-
-
-def brain_like_chi(rng, shape, voxel_size_mm=(1.0, 1.0, 1.0), **options):
-    """Brain-like chi (ppm, zero outside the brain): ``brain_like_sample(...)["chi"]``.
-
-    See ``brain_like_sample`` for the method, references and ``options``.
-    """
-    return brain_like_sample(rng, shape, voxel_size_mm, **options)["chi"]

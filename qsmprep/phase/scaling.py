@@ -22,11 +22,15 @@ SPAN_WARNING_FRACTION = 0.5
 """Warn when 'arbitrary' data span less than this fraction of the vendor range."""
 
 
-def wrap_to_pi(phase_rad):
-    """Wrap phase (rad) into [-pi, pi) as float32 (NaN stays NaN)."""
+def wrap_to_pi(phase_rad, dtype=np.float32):
+    """Wrap phase (rad) into [-pi, pi) (NaN stays NaN), computed in float64.
+
+    ``dtype`` (default float32) is that of the result; the unwrappers keep float64, whose sums of wrapped
+    differences would otherwise gather float32 rounding.
+    """
     wrapped = np.mod(np.asarray(phase_rad, dtype=np.float64) + np.pi, _TWO_PI) - np.pi
-    out = wrapped.astype(np.float32)
-    out[out >= np.float32(np.pi)] = -np.float32(np.pi)  # float32 rounding of values just below pi
+    out = wrapped.astype(dtype)
+    out[out >= out.dtype.type(np.pi)] = -out.dtype.type(np.pi)  # rounding of values just below pi
     return out
 
 

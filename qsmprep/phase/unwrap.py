@@ -11,13 +11,11 @@ from scipy import fft as spfft
 from scipy import ndimage
 from skimage.restoration import unwrap_phase
 
+from .scaling import wrap_to_pi
+
 log = logging.getLogger(__name__)
 
 _TWO_PI = 2.0 * np.pi
-
-
-def _wrap(x):
-    return np.mod(x + np.pi, _TWO_PI) - np.pi
 
 
 def _valid_mask(phase, mask):
@@ -135,7 +133,7 @@ def unwrap_laplacian(phase_rad, voxel_size_mm=(1.0, 1.0, 1.0), mask=None, tol=1e
 
     rhs = np.zeros_like(psi)
     for axis, d in enumerate(vox):
-        grad = _wrap(np.diff(psi, axis=axis))
+        grad = wrap_to_pi(np.diff(psi, axis=axis), np.float64)
         if edge_weights is not None:
             grad *= edge_weights[axis]
         rhs += _adjoint_diff(grad, axis) / d**2
@@ -213,7 +211,7 @@ def unwrap_quality(phase_rad, mask=None, voxel_size_mm=(1.0, 1.0, 1.0)):
     if not valid.any():
         log.warning("quality-guided unwrapping: the mask is empty; returning zeros")
         return out
-    wrapped = _wrap(np.where(valid, psi, 0.0))
+    wrapped = wrap_to_pi(np.where(valid, psi, 0.0), np.float64)
     if valid.all():
         phi = np.asarray(unwrap_phase(wrapped))
     else:

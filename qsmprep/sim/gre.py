@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..phase.scaling import wrap_to_pi
 from ..physics import b0_dir_from_affine, forward_field_ppm, ppm_to_rad
+from ..physics.resample import rotation_between
 from .phantom import CHI_PPM, BRAIN_LABELS, lowpass_random_field
 
 VENDOR_PHASE_MAX = 4096
@@ -72,11 +74,6 @@ class SimulatedGRE:
     phase_offset_rad: np.ndarray
     noise_sigma: float
 
-    @property
-    def signal(self):
-        """Complex signal (i, j, k, echo), complex64."""
-        return (self.magnitude * np.exp(1j * self.phase_rad)).astype(np.complex64)
-
 
 def phase_to_vendor_units(phase_rad):
     """Phase in rad -> vendor-style int16 in [-4096, 4095] (BIDS ``Units: arbitrary``).
@@ -86,10 +83,6 @@ def phase_to_vendor_units(phase_rad):
     """
     value = np.round(np.asarray(phase_rad, dtype=np.float64) * (VENDOR_PHASE_MAX / np.pi))
     return np.clip(value, -VENDOR_PHASE_MAX, VENDOR_PHASE_MAX - 1).astype(np.int16)
-
-
-def _wrap(phase_rad):
-    return (np.mod(phase_rad + np.pi, 2 * np.pi) - np.pi).astype(np.float32)
 
 
 def _field_maps(phantom, b0_dir):
@@ -132,20 +125,8 @@ def _acquire_echoes(echoes, brain_mask, phase_offset_rad, snr, rng):
             s += sigma * rng.standard_normal(s.shape, dtype=np.float32)
             s += 1j * sigma * rng.standard_normal(s.shape, dtype=np.float32)
         magnitude[..., n] = np.abs(s)
-        phase[..., n] = _wrap(np.angle(s))
+        phase[..., n] = wrap_to_pi(np.angle(s))
     return magnitude, phase, sigma
-
-
-def _rotation_to_z(b0_dir):
-    """Rotation matrix taking the unit vector ``b0_dir`` onto (0, 0, 1) (Rodrigues)."""
-    b = np.asarray(b0_dir, dtype=np.float64)
-    b = b / np.linalg.norm(b)
-    z = np.array([0.0, 0.0, 1.0])
-    v, c = np.cross(b, z), float(b @ z)
-    if np.linalg.norm(v) < 1e-12:
-        return np.eye(3) if c > 0 else np.diag([1.0, -1.0, -1.0])
-    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
-    return np.eye(3) + vx + vx @ vx / (1.0 + c)
 
 
 def simulate_gre(
@@ -190,7 +171,7 @@ def simulate_gre(
     te_s = tuple(float(t) for t in te_s)
     b = np.asarray(b0_dir, dtype=np.float64)
     b = b / np.linalg.norm(b)
-    rotation = _rotation_to_z(b)
+    rotation = rotation_between(b, np.array([0.0, 0.0, 1.0]))
     affine = np.asarray(phantom.affine, dtype=np.float64).copy()
     affine[:3] = rotation @ affine[:3]
     total, brain, background = _field_maps(phantom, tuple(b))
