@@ -433,7 +433,7 @@ def test_cuda_inversion_matches_cpu(noisy_head):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_asking_for_cuda_without_a_gpu_is_a_usage_error():
     from qsmprep.errors import UsageError
-    from qsmprep.inversion.deep import resolve_device
+    from qsmprep.physics import resolve_device
 
     with pytest.raises(UsageError, match="no CUDA GPU"):
         resolve_device("cuda")

@@ -230,7 +230,7 @@ def resolve_config(args, argv):
             "reinstall qsmprep, or choose tkd, cfl2 or ilsqr."
         )
     if "deep" in inversions and args.device == "cuda":
-        from ..inversion.deep import resolve_device
+        from ..physics import resolve_device
 
         resolve_device("cuda")  # refuses at once rather than when the first run reaches the inversion
     check_deep_options(args, DEEP_OPTIONS, "deep" in inversions, f"--inversion {' '.join(inversions)}")

@@ -42,20 +42,12 @@ from qsmprep.deep.recipes import validate_recipe
 from qsmprep.deep.registry import load_model, read_tensors, save_checkpoint, save_tensors
 from qsmprep.errors import DataError, NoInputError, UsageError
 from qsmprep.metrics import hfen, nrmse
+from qsmprep.physics import resolve_device
 
 log = logging.getLogger(__name__)
 
 VALIDATION_SEED_OFFSET = 1_000_003
 TARGET_SEED_OFFSET = 2_000_003
-
-
-def resolve_device(device="auto"):
-    """torch.device for "auto" (CUDA when available), "cpu" or "cuda"."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available: use --device cpu or auto.")
-    return torch.device(device)
 
 
 def seed_everything(seed):

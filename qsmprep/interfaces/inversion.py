@@ -46,7 +46,8 @@ class DipoleInversion(SimpleInterface):
         if self.inputs.method == "deep":
             import torch
 
-            from ..inversion.deep import inference_device, resolve_device
+            from ..inversion.deep import inference_device
+            from ..physics import resolve_device
 
             torch.set_num_threads(self.inputs.num_threads)
             device = resolve_device(self.inputs.device)  # "auto" is settled here, on the machine that runs the node

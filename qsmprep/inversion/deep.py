@@ -13,8 +13,10 @@ import numpy as np
 
 from ..bgremove.smv import check_high_pass_radius, smv_kernel, smv_padded_shape, sphere_fits
 from ..deep import read_metadata, shipped_model_path
-from ..errors import QSMPrepError, UsageError
-from ..physics import b0_tilt_deg, dipole_kernel, fft_module, filter_padded, is_tensor, padded_shape, to_device
+from ..errors import QSMPrepError
+from ..physics import (
+    b0_tilt_deg, dipole_kernel, fft_module, filter_padded, is_tensor, padded_shape, resolve_device, to_device,
+)
 from ..physics.resample import b0_aligned_grid, from_b0_aligned, rotation_between, to_b0_aligned
 from ..resources import available_memory_bytes
 from .gradient import forward_gradient, forward_gradient_adjoint
@@ -364,17 +366,6 @@ def network_grid_shape(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1
     if not aligned:
         return tuple(int(n) for n in shape[:3])
     return b0_aligned_grid(shape, _frame_affine(voxel_size_mm, b0_dir), target_vs)[0]
-
-
-def resolve_device(device="auto"):
-    """torch.device for "auto" (CUDA when available), "cpu" or "cuda"; UsageError if CUDA is asked for but absent."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but no CUDA GPU is available: use --device cpu or auto.")
-    return torch.device(device)
 
 
 def inference_device(device):

@@ -1,6 +1,6 @@
 """MRI susceptibility physics: units, dipole kernel, forward model, orientation."""
 
-from .arrays import fft_module, is_tensor, to_device
+from .arrays import fft_module, is_tensor, resolve_device, to_device
 from .forward import filter_padded, forward_field_ppm, padded_shape
 from .kernel import dipole_kernel, kspace_grid
 from .orientation import (
@@ -47,6 +47,7 @@ __all__ = [
     "rad_to_hz",
     "rad_to_ppm",
     "resample_to_grid",
+    "resolve_device",
     "to_b0_aligned",
     "to_device",
     "to_ras",

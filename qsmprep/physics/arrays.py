@@ -8,11 +8,25 @@ import sys
 import numpy as np
 from scipy import fft as spfft
 
+from ..errors import UsageError
+
 
 def is_tensor(a):
     """Whether ``a`` is a torch tensor (torch is not imported where nothing has loaded it)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(a, torch.Tensor)
+
+
+def resolve_device(device="auto"):
+    """torch.device for "auto" (CUDA when available), "cpu" or "cuda[:N]" (inference and training alike);
+    UsageError if CUDA is asked for but absent."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but no CUDA GPU is available: use --device cpu or auto.")
+    return torch.device(device)
 
 
 def to_device(array, device):

@@ -219,7 +219,7 @@ def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, ref
 DEEP_DEVICES = {"cpu": "on the CPU, in single precision", "cuda": "on a CUDA GPU, {gpu}",
                 "auto": "on a CUDA GPU where the processing node had one ({gpu}), else on the CPU in single "
                         "precision"}
-"""Where ``--device`` runs the deep network and its refinement (``deep_invert``'s ``resolve_device``), and in which
+"""Where ``--device`` runs the deep network and its refinement (``qsmprep.physics.resolve_device``), and in which
 precision; ``{gpu}`` is the precision on a GPU (``deep_runtime_text``)."""
 
 
