@@ -133,15 +133,13 @@ def read_parameters_file(path):
 
     from .checks import check_table
     from .errors import NoInputError
+    from .io import read_text_utf8
 
     path = Path(path)
-    try:  # utf-8-sig: the byte-order mark some Windows editors write is no TOML syntax, but not an error either
-        parameters = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    try:
+        parameters = tomllib.loads(read_text_utf8(path, "parameters file", error=UsageError))
     except FileNotFoundError as exc:
         raise NoInputError(f"parameters file {path} does not exist: check --parameters.") from exc
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"parameters file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as "
-                         "UTF-8.") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"parameters file {path} is not valid TOML ({exc}): fix its syntax.") from exc
     except OSError as exc:

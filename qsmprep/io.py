@@ -20,6 +20,18 @@ def require_file(path, what):
     return path
 
 
+def read_text_utf8(path, what="", fix="save it as UTF-8.", error=DataError):
+    """Text of the file ``path``, decoded as UTF-8 with a byte-order mark (which Windows editors and Excel write)
+    dropped. Raises ``error`` (default DataError) naming ``what`` (e.g. "recipe"), the file, the first byte that
+    is not UTF-8 and the ``fix``; OSError passes through."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        name = f"{what} {path}" if what else str(path)
+        raise error(f"{name} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                    f"{fix}") from None
+
+
 def sidecar_path(path):
     """The path of the JSON sidecar beside the NIfTI file ``path`` (its .nii.gz or .nii replaced by .json)."""
     path = Path(path)

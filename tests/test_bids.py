@@ -518,7 +518,9 @@ def test_unknown_session_and_unreadable_filter_file(tmp_path):
     assert len(discover_runs(tmp_path, session_label=["1"])) == 1
     binary = tmp_path / "filter.json"
     binary.write_bytes(b"\x1f\x8b\x08\x00binary")
-    with pytest.raises(UsageError, match="filter.json is not valid JSON"):
+    with pytest.raises(UsageError, match=r"BIDS filter file .*filter.json is not UTF-8 text \(byte 0x8b at offset 1\)"):
         read_filter_file(binary)
+    binary.write_bytes(b'\xef\xbb\xbf{"megre": {"acquisition": "fast"}}')  # a byte-order mark is no syntax error
+    assert read_filter_file(binary) == {"acquisition": "fast"}
     with pytest.raises(UsageError, match="cannot be read"):
         read_filter_file(tmp_path)

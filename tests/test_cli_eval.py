@@ -87,6 +87,19 @@ def test_table_has_the_numbers(files, maps, capsys):
     assert len(starts) <= 2
 
 
+def test_label_names_with_a_byte_order_mark_or_not_utf8(files, tmp_path, capsys):
+    """Excel's byte-order mark hid the 'index' column; Latin-1 text raised a traceback."""
+    argv = _args(files, "--labels", files["labels"], "--label-names", files["tsv"], "--calc-label", 11)
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    files["tsv"].write_bytes(b"\xef\xbb\xbf" + files["tsv"].read_bytes())
+    assert main(argv) == 0
+    assert capsys.readouterr().out == plain
+    files["tsv"].write_bytes("index\tname\n4\tnoyau caudé\n".encode("latin-1"))
+    assert main(argv) == 65
+    assert f"label names {files['tsv']} is not UTF-8 text (byte 0xe9 at offset 23)" in capsys.readouterr().err
+
+
 def test_json_equals_evaluate(files, maps, tmp_path, capsys):
     out_json = tmp_path / "out" / "metrics.json"
     argv = _args(files, "--labels", files["labels"], "--label-names", files["tsv"], "--calc-label", 11)

@@ -88,8 +88,8 @@ def test_parameters_file_messes_a_researcher_makes_are_read_or_named(tmp_path):
     path.write_text("[inversion.tkd]\npad_factor = 4\n[inversion.deep]\noverlap = 63\n")
     assert config.read_parameters_file(path) == {"inversion": {"tkd": {"pad_factor": 4}, "deep": {"overlap": 63}}}
     for content, words in [
-        ("# réglages\n[inversion.tkd]\n".encode("latin-1"), "is not UTF-8 text (byte 3: invalid continuation byte): "
-                                                           "save it as UTF-8."),
+        ("# réglages\n[inversion.tkd]\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 3): save it as "
+                                                           "UTF-8."),
         (b"threshold = 0.1\n[inversion.tkd]\n", "threshold = 0.1 is outside any table: put each parameter in its "
                                                 "method's table [step.method], e.g. threshold = 0.15 under "
                                                 "[inversion.tkd]."),

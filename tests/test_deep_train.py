@@ -2,7 +2,9 @@
 identically, runs are deterministic and resumable, and qsmprep-train lists its recipes."""
 
 import csv
+import logging
 import math
+import re
 
 import nibabel as nib
 import numpy as np
@@ -14,8 +16,10 @@ from qsmprep.cli.train import main as train_main
 from qsmprep.deep.data import DEFAULT_PATCH, build_dataset
 from qsmprep.deep.recipes import list_recipes, load_recipe, validate_recipe
 from qsmprep.deep.registry import load_model, read_tensors
+from qsmprep.deep import trainer as trainer_module
 from qsmprep.deep.trainer import (
-    TargetDomainFields, Trainer, learning_rate, make_optimizer, optimizer_tensors, restore_optimizer, train,
+    TargetDomainFields, Trainer, learning_rate, make_optimizer, optimizer_tensors, progress_line, restore_optimizer,
+    train,
 )
 from qsmprep.errors import NoInputError, QSMPrepError, UsageError
 
@@ -121,7 +125,7 @@ def test_recipe_fits_a_fixed_batch(tmp_path, name, steps, factor):
     assert after < factor * before, (name, before, after)
 
 
-def test_deterministic_and_resumable(tmp_path):
+def test_deterministic_and_resumable(tmp_path, caplog):
     a = train(tiny("smoke", steps=8), tmp_path / "a", device="cpu")
     b = train(tiny("smoke", steps=8), tmp_path / "b", device="cpu")
     assert a["losses"] == b["losses"]
@@ -136,10 +140,31 @@ def test_deterministic_and_resumable(tmp_path):
     assert read_tensors(tmp_path / "c" / "checkpoint.safetensors")[1]["step"] == 8
     done = train(tiny("smoke", steps=8), tmp_path / "c", device="cpu", resume=True)  # nothing left to train
     assert done["step"] == 8 and done["losses"] == [] and done["validation"] == rest["validation"]
+    with caplog.at_level(logging.WARNING, logger="qsmprep.deep.trainer"):  # the recipe's steps end the run
+        beyond = train(tiny("smoke", steps=8), tmp_path / "c", device="cpu", resume=True, max_steps=12)
+    assert beyond["step"] == 8
+    assert "max_steps 12 is past the recipe's 8 steps" in caplog.text and "--set train.steps=12" in caplog.text
     with pytest.raises(Exception, match="holds a unet"):
         other = tiny("smoke", steps=8)
         other["model"]["width"] = 8
         train(other, tmp_path / "c", device="cpu", resume=True)
+
+
+def test_a_log_without_a_terminal_gets_progress_lines(tmp_path, capsys, monkeypatch):
+    """Where standard error is not a terminal (a batch job), tqdm's bar is off and nothing showed progress."""
+    monkeypatch.setattr(trainer_module, "PROGRESS_EVERY_S", 0.0)
+    train(tiny("smoke", steps=3), tmp_path / "p", device="cpu")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train ")]
+    assert [line.split(",")[0] for line in lines] == [f"train unet: step {n}/3 ({100 * n / 3:.0f} %)" for n in (1, 2, 3)]
+    assert lines[-1].endswith("about 0 min left")
+
+
+def test_progress_line_estimates_the_time_left():
+    row = {"loss": 0.01234, "samples_per_s": 8.0}
+    assert progress_line("unet", 250, 1000, row, 600.0, 250) == (
+        "train unet: step 250/1000 (25 %), loss 0.01234, 8.0 samples/s, about 30 min left")
+    # a resumed run paces by the steps this call has trained
+    assert progress_line("unet", 900, 1000, row, 60.0, 100).endswith("about 1 min left")
 
 
 def test_init_starts_from_a_checkpoint(tmp_path):
@@ -235,6 +260,9 @@ def test_recipes_list_load_and_validate(tmp_path, monkeypatch):
     broken.write_text("[model\narch = 1")
     with pytest.raises(UsageError, match="not valid TOML"):
         load_recipe(broken)
+    broken.write_bytes("# réglage\n".encode("latin-1"))  # a traceback (UnicodeDecodeError) before
+    with pytest.raises(UsageError, match=r"recipe .*broken.toml is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        load_recipe(broken)
 
 
 def test_cli_list_and_errors(capsys, tmp_path):
@@ -301,6 +329,15 @@ def test_recipe_overrides():
         with pytest.raises(UsageError) as exc:
             load_recipe("smoke", [override])
         assert words in str(exc.value), override
+    # a sub-table is reached by a dotted path (only the first dot was read: "unknown [data] key(s)")
+    nested = load_recipe("qsminvnet", ["domain.loss.te_s=0.03"])["domain"]["loss"]
+    assert nested["te_s"] == 0.03 and nested["b0_tesla"] == 3.0  # the table's other keys are kept
+    assert load_recipe("jochmann", ["data.patterns.amplitude_ppm=0.05"])["data"]["patterns"] == {"amplitude_ppm": 0.05}
+    for override, words in [("data.patterns.amplitude=1", "unknown [data.patterns] key(s) ['amplitude']"),
+                            ("optim.lr.x=1", "optim.lr is a value, not a table"),
+                            ("train=1", "must look like section.key=value")]:
+        with pytest.raises(UsageError, match=re.escape(words)):
+            load_recipe("smoke", [override])
 
 
 def test_a_refused_run_leaves_no_folder(tmp_path):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, NoInputError, UsageError
+from ..io import read_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,10 @@ def read_filter_file(path):
     """
     path = Path(path)
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(read_text_utf8(path, "BIDS filter file", error=UsageError))
     except FileNotFoundError as exc:
         raise UsageError(f"BIDS filter file {path} does not exist: check the --bids-filter-file path.") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise UsageError(f"BIDS filter file {path} is not valid JSON ({exc}): fix its syntax.") from exc
     except OSError as exc:
         raise UsageError(f"BIDS filter file {path} cannot be read ({exc.strerror or exc}): give a JSON file "

@@ -11,6 +11,7 @@ prints JSON instead of the table.
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, NoInputError, UsageError
-from ..io import check_same_grid, load_volume, write_text_atomic
+from ..io import check_same_grid, load_volume, read_text_utf8, write_text_atomic
 from ..metrics import evaluate
 from .common import check_not_an_input, exit_73_if_unwritable, mask_inside, run_cli
 
@@ -60,8 +61,7 @@ def build_parser():
 def read_label_names(path):
     """{index: name} from a BIDS dseg.tsv (tab-separated, columns 'index' and 'name')."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+        rows = list(csv.DictReader(io.StringIO(read_text_utf8(path, "label names"), newline=""), delimiter="\t"))
     except OSError as exc:
         raise NoInputError(f"label names {path} cannot be read ({exc.strerror}): check the path.") from exc
     if not rows or not {"index", "name"} <= set(rows[0]):

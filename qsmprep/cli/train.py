@@ -26,7 +26,7 @@ def build_parser():
     parser.add_argument("recipe", nargs="?", help="recipe TOML file or shipped recipe name (see --list)")
     parser.add_argument("--out", help="output directory for checkpoints and loss curves")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (CUDA when available)")
-    parser.add_argument("--max-steps", type=int, help="stop at this step (default: the recipe's steps)")
+    parser.add_argument("--max-steps", type=int, help="stop at this step, at most the recipe's train.steps (default: those)")
     parser.add_argument("--max-minutes", type=finite_float, help="stop, after saving, once this much time has passed")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument(

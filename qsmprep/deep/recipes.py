@@ -31,6 +31,7 @@ from qsmprep.checks import (
     value_range,
 )
 from qsmprep.errors import NoInputError, UsageError
+from qsmprep.io import read_text_utf8
 
 REQUIRED_SECTIONS = ("model", "data", "augment", "loss", "optim", "train")
 OPTIONAL_SECTIONS = ("adversarial", "domain")
@@ -71,7 +72,7 @@ def load_recipe(name_or_path, overrides=()):
     if path.suffix == ".toml" or path.is_file():  # a folder named like a recipe (a run's --out) is not one
         if not path.is_file():
             raise NoInputError(f"recipe {path} does not exist: give a TOML file or one of the shipped names.")
-        text = path.read_text()
+        text = read_text_utf8(path, "recipe", error=UsageError)
     else:
         entry = _recipe_dir() / f"{text_source}.toml"
         if not entry.is_file():
@@ -88,18 +89,29 @@ def load_recipe(name_or_path, overrides=()):
 
 
 def _apply_override(recipe, override):
-    """Set one ``section.key=value`` override (value in TOML syntax) in place."""
+    """Set one ``section.key=value`` override (value in TOML syntax) in place.
+
+    The key may be a dotted path into a sub-table, ``data.patterns.amplitude_ppm=0.05`` (created if the recipe
+    has none, as TOML's dotted keys do); the section itself must exist.
+    """
     target, sep, value_text = override.partition("=")
-    section, dot, key = target.strip().partition(".")
-    if not sep or not dot or not key:
+    names = target.strip().split(".")
+    if not sep or len(names) < 2 or not all(names):
         raise UsageError(f"override {override!r} must look like section.key=value, e.g. train.batch_size=2.")
+    section, *tables, key = names
     if not isinstance(recipe.get(section), dict):
         raise UsageError(f"override {override!r}: the recipe has no [{section}] section.")
     try:
         value = tomllib.loads(f"v = {value_text.strip()}")["v"]
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"override {override!r}: {value_text!r} is not a TOML value (quote strings).") from exc
-    recipe[section][key] = value
+    table, path = recipe[section], section
+    for name in tables:
+        path += f".{name}"
+        table = table.setdefault(name, {})
+        if not isinstance(table, dict):
+            raise UsageError(f"override {override!r}: {path} is a value, not a table, in the recipe.")
+    table[key] = value
 
 
 BETAS = ("two numbers in [0, 1)", lambda v: is_sequence(v, 2) and all(is_number(b) and 0 <= b < 1 for b in v))

@@ -26,6 +26,7 @@ import csv
 import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -440,6 +441,18 @@ class Trainer:
         return self.step
 
 
+PROGRESS_EVERY_S = 60.0
+"""Seconds between ``train``'s progress lines where standard error is not a terminal (no progress bar)."""
+
+
+def progress_line(arch, step, last, row, elapsed_s, steps_done):
+    """One line of training progress for a log: step of ``last``, loss, samples/s and the time left at the
+    mean pace of the ``steps_done`` steps of ``elapsed_s`` seconds so far (validation included)."""
+    left_min = (last - step) * elapsed_s / max(steps_done, 1) / 60
+    return (f"train {arch}: step {step}/{last} ({100 * step / last:.0f} %), loss {row['loss']:.4g}, "
+            f"{row['samples_per_s']:.1f} samples/s, about {left_min:.0f} min left")
+
+
 def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resume=False):
     """Train the network a recipe describes and write checkpoints and curves to ``out_dir``.
 
@@ -453,7 +466,8 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
         "auto" uses CUDA when available.  AMP (recipe ``amp``) and the
         channels-last memory format are used on CUDA only.
     max_steps : int, optional
-        Stop at this step even if the recipe asks for more.
+        Stop at this step even if the recipe asks for more; the recipe's ``train.steps`` still ends the run
+        (a larger value is logged as a warning).
     max_minutes : float, optional
         Stop (after saving) once this much wall time has passed.
     resume : bool, default False
@@ -480,15 +494,20 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
     out.mkdir(parents=True, exist_ok=True)  # only once every check has passed: a refused run leaves no folder
     tr = recipe["train"]
     last = min(int(tr["steps"]), int(max_steps)) if max_steps is not None else int(tr["steps"])
+    if max_steps is not None and int(max_steps) > int(tr["steps"]):
+        log.warning("max_steps %d is past the recipe's %d steps, which end the run: to train longer, raise "
+                    "train.steps (--set train.steps=%d)", int(max_steps), int(tr["steps"]), int(max_steps))
     if trainer.step >= last:
         log.info("%s is already at step %d, not under %d: nothing to train (its last validation is reported)",
                  out, trainer.step, last)
     loss_fields = ["step", "loss", "lr", "samples_per_s", "critic_loss", "adversarial_loss", "domain_loss", "domain_weight"]
     loss_log = _CsvLog(out / "losses.csv", loss_fields, trainer.step if resume else None)
     val_log = _CsvLog(out / "validation.csv", ["step", "nrmse", "hfen"], trainer.step if resume else None)
-    started = time.monotonic()
+    started = reported = time.monotonic()
     losses, metrics = [], trainer.last_validation
-    with tqdm(total=last, initial=min(trainer.step, last), desc=f"train {recipe['model']['arch']}", unit="step", disable=None) as bar:
+    bar_shown = sys.stderr.isatty()  # a batch job's log gets a progress line a minute instead of a bar
+    with tqdm(total=last, initial=min(trainer.step, last), desc=f"train {recipe['model']['arch']}", unit="step",
+              disable=not bar_shown) as bar:
         while trainer.step < last:
             tick = time.perf_counter()
             row = trainer.train_step()
@@ -501,6 +520,10 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
             loss_log.add(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}", samples_s=f"{row['samples_per_s']:.1f}")
+            if not bar_shown and time.monotonic() - reported >= PROGRESS_EVERY_S:
+                reported = time.monotonic()
+                sys.stderr.write(progress_line(recipe["model"]["arch"], trainer.step, last, row,
+                                               reported - started, len(losses)) + "\n")
             out_of_time = max_minutes is not None and time.monotonic() - started > 60 * float(max_minutes)
             if trainer.step % int(tr["val_every"]) == 0 or trainer.step == last or out_of_time:
                 metrics = trainer.validate()

@@ -25,12 +25,13 @@ import numpy as np
 from .. import __version__
 from ..bids.derivatives import generated_by_names
 from ..errors import DataError
-from ..io import save_nifti, sidecar_path, write_text_atomic
+from ..io import read_text_utf8, save_nifti, sidecar_path, write_text_atomic
 from .gre import VENDOR_PHASE_MAX, phase_to_vendor_units
 from .phantom import CHI_PPM, LABELS
 
 BIDS_VERSION = "1.9.0"
 PHASE_UNITS = ("arbitrary", "rad")
+SIMULATE_UTF8_FIX = "save it as UTF-8, as BIDS requires, then simulate again."
 
 _README = """\
 # {name}
@@ -74,15 +75,6 @@ def _entities(subject, session):
     return prefix, folder
 
 
-def _read_utf8(path):
-    """Text of the file at ``path`` (a UTF-8 byte-order mark is dropped); DataError when it is not UTF-8."""
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): save it "
-                        "as UTF-8, as BIDS requires, then simulate again.") from None
-
-
 def _read_participants(path):
     """Columns and rows (dicts) of the participants.tsv at ``path``; (["participant_id"], []) if there is none.
 
@@ -90,7 +82,7 @@ def _read_participants(path):
     """
     if not path.is_file():
         return ["participant_id"], []
-    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""), delimiter="\t")
+    reader = csv.DictReader(io.StringIO(read_text_utf8(path, fix=SIMULATE_UTF8_FIX), newline=""), delimiter="\t")
     columns, rows = reader.fieldnames or ["participant_id"], list(reader)
     if "participant_id" not in columns:
         raise DataError(f"{path} has no participant_id column (its header is {' '.join(columns)!r}): make "
@@ -117,7 +109,7 @@ def _read_description(out_dir):
     if not path.is_file():
         return None
     try:
-        description = json.loads(_read_utf8(path))
+        description = json.loads(read_text_utf8(path, fix=SIMULATE_UTF8_FIX))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON ({exc}): fix it (a JSON object with Name and BIDSVersion), or give "
                         "another directory.") from None
