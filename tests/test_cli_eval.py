@@ -158,6 +158,8 @@ def test_empty_mask_missing_file_and_usage_errors(files, tmp_path, capsys):
     assert code == 64 and "--labels" in err
     code, err = _error_run(_args(files, "--labels", files["labels"], "--calc-label", 3), capsys)
     assert code == 65 and "calc" in err.lower()
+    code, err = _error_run(_args(files, "--labels", files["labels"], "--calc-label", 0), capsys)  # said "fills its image"
+    assert code == 64 and "--calc-label 0 is the label map's background: give the calcification's own label" in err
 
 
 def test_nan_in_mask_is_refused(files, maps, tmp_path, capsys):

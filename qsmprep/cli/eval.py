@@ -124,6 +124,8 @@ def run(args):
     chi, ref, mask, labels = _load_inputs(args)
     if labels is None and (args.calc_label is not None or args.deep_gm_labels or args.label_names):
         raise UsageError("--calc-label, --deep-gm-labels and --label-names need a label map: add --labels.")
+    if args.calc_label == 0:
+        raise UsageError("--calc-label 0 is the label map's background: give the calcification's own label, e.g. 11.")
     names = read_label_names(args.label_names) if args.label_names else None
     result = evaluate(
         chi, ref, mask, labels=labels, label_names=names, calc_label=args.calc_label,

@@ -294,23 +294,30 @@ class Trainer:
         if tr["init"]:
             self.initialise_from(tr["init"])
 
-    def _check_same_network(self, source, meta):
-        if meta.get("arch") != self.model.arch or meta.get("params") != self.model.params:
-            raise DataError(
-                f"{source} holds a {meta.get('arch')} {meta.get('params')}, not this recipe's "
-                f"{self.model.arch} {self.model.params}: use the matching recipe or a new --out."
-            )
+    def _check_same_network(self, source, meta, fix):
+        """DataError naming what differs between the network in ``source`` and the recipe's, and the ``fix``."""
+        if meta.get("arch") != self.model.arch:
+            raise DataError(f"{source} holds a {meta.get('arch')}, not this recipe's {self.model.arch}: {fix}.")
+        theirs, ours = meta.get("params") or {}, self.model.params
+        differ = [f"{key} {theirs.get(key)!r} against the recipe's {ours.get(key)!r}"
+                  for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+        if differ:
+            raise DataError(f"{source} holds a {self.model.arch} with {'; '.join(differ)}: {fix}.")
 
     def initialise_from(self, name_or_path):
         """Start from the weights of a shipped model or checkpoint (fine-tuning); the optimiser starts afresh."""
         net, meta = load_model(name_or_path, device=self.device)
-        self._check_same_network(f"[train] init {name_or_path!r}", meta)
+        self._check_same_network(f"[train] init {name_or_path!r}", meta,
+                                 "set [model] to match it (--set model.KEY=VALUE), or give another train.init")
         self.model.load_state_dict(net.state_dict())
         log.info("initialised from %s (its step %s)", name_or_path, meta.get("step", "?"))
 
     # -- data ---------------------------------------------------------------
     def start_data(self):
         tr = self.recipe["train"]
+        self.target = None
+        if self.domain:  # first: a bad --target-domain is refused before data workers start
+            self.target = TargetDomainFields(self.domain, self.recipe["data"], self.seed + self.step, int(tr["num_workers"]))
         dataset = build_dataset(self.recipe["data"], self.recipe["augment"], self.seed + self.step)
         loader = DataLoader(
             dataset,
@@ -320,9 +327,6 @@ class Trainer:
             persistent_workers=int(tr["num_workers"]) > 0,
         )
         self.batches = iter(loader)
-        self.target = None
-        if self.domain:
-            self.target = TargetDomainFields(self.domain, self.recipe["data"], self.seed + self.step, int(tr["num_workers"]))
         self.validation = build_validation_set(self.recipe["data"], int(tr["val_samples"]), self.seed + VALIDATION_SEED_OFFSET)
 
     def next_batch(self):
@@ -428,7 +432,8 @@ class Trainer:
     def restore(self):
         """Load the latest checkpoint and optimiser state from ``out_dir``; returns the step."""
         tensors, meta = read_tensors(self.out / "checkpoint.safetensors", self.device)
-        self._check_same_network(self.out / "checkpoint.safetensors", meta)
+        self._check_same_network(self.out / "checkpoint.safetensors", meta, "resume with the recipe it was trained with, "
+                                 "or choose a new --out")
         self.model.load_state_dict(tensors)
         opt_tensors, opt_meta = read_tensors(self.out / "optimizer.safetensors", self.device)
         restore_optimizer(self.optimizer, opt_tensors, opt_meta["param_groups"]["model"], "model")
