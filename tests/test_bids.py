@@ -356,6 +356,32 @@ def test_derivative_names_and_description(tmp_path):
     assert bids_uri(tmp_path / "bids" / "sub-01" / "anat" / "x.nii.gz", tmp_path / "bids") == "bids:raw:sub-01/anat/x.nii.gz"
 
 
+def test_reconstructions_and_contrast_agents_are_runs_of_their_own(tmp_path):
+    """rec-/ce- images of one acquisition were grouped into one run (each echo twice) and named without them."""
+    for entities in ("_rec-norm", "_rec-orig", "_ce-gd_rec-norm", "_acq-fast_chunk-2"):
+        make_run(tmp_path, entities=entities)
+    runs = discover_runs(tmp_path)
+    assert [run.name for run in runs] == ["sub-01_acq-fast_chunk-2", "sub-01_ce-gd_rec-norm", "sub-01_rec-norm",
+                                          "sub-01_rec-orig"]
+    valid, problems = validate_runs(runs)
+    assert problems == [] and [len(run.magnitude) for run in valid] == [2, 2, 2, 2]
+    assert all(f"{run.name}_echo-1_part-mag" in run.magnitude[0] for run in valid)
+    assert run_output_paths(valid[1], [])["mask"] == "sub-01/anat/sub-01_ce-gd_rec-norm_desc-brain_mask.nii.gz"
+
+
+def test_an_entity_a_gradient_echo_image_does_not_take_is_refused(tmp_path):
+    """flip-1 and flip-2 images would be one run with every echo twice, named without flip."""
+    for entities in ("_flip-1", "_flip-2_mt-on"):
+        make_run(tmp_path, entities=entities)
+    (run,) = discover_runs(tmp_path)
+    valid, problems = validate_runs([run])
+    assert valid == [] and len(problems) == 1
+    assert problems[0].message.endswith(
+        "_flip-1_echo-1_part-mag_MEGRE.nii.gz: entities flip-1, flip-2, mt-on in this run's file names are not "
+        "among those BIDS gives gradient-echo images (sub, ses, acq, ce, rec, run, chunk, echo, part), so qsmprep "
+        "cannot tell its runs apart or name their derivatives: rename the files, e.g. with acq-<label> in its place.")
+
+
 def test_processed_runs_are_found_by_their_masks(tmp_path):
     runs = [GRERun("01", "2", "fast", "1", "MEGRE"), GRERun("01", None, None, None, "GRE")]
     written = {"mask", "local_field", "chimap:tkd"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qsmprep.bids.derivatives import derivative_path
-from qsmprep.bids.discovery import GRERun
+from qsmprep.bids.discovery import ENTITY_KEYS, GRERun
 from qsmprep.config import Config, default_parameters, preset_methods
 from qsmprep.physics import b0_dir_from_affine, b0_tilt_deg
 
@@ -268,11 +268,17 @@ def test_b0_aligned_round_trip(tmp_path):
     assert np.abs(recovered - field)[inner].max() < 0.02
 
 
-def test_derivatives_data_sink_writes_documented_names(tmp_path):
+@pytest.mark.parametrize("entities", [
+    {},
+    # rec- and ce- were missing from the derivatives' names: "sub-01_desc-brain_reconstruction-norm_mask.nii.gz"
+    {"acquisition": "fast", "ceagent": "gd", "reconstruction": "norm", "run": "2", "chunk": "1"},
+])
+def test_derivatives_data_sink_writes_documented_names(tmp_path, entities):
     from qsmprep.interfaces.bids import DerivativesDataSink
 
-    run = make_run("01", "2")
-    source = tmp_path / "bids" / "sub-01" / "ses-2" / "anat" / Path(run.magnitude[0]).name
+    run = replace(make_run("01", "2"), **entities)
+    keys = "".join(f"_{ENTITY_KEYS[k]}-{v}" for k, v in entities.items())
+    source = tmp_path / "bids" / "sub-01" / "ses-2" / "anat" / f"sub-01_ses-2{keys}_echo-1_part-mag_MEGRE.nii.gz"
     source.parent.mkdir(parents=True)
     _save(source, np.zeros((4, 4, 4)))
     mask = _save(tmp_path / "mask.nii.gz", np.ones((4, 4, 4)))
@@ -283,6 +289,7 @@ def test_derivatives_data_sink_writes_documented_names(tmp_path):
     sink.inputs.in_file = mask
     res = sink.run(cwd=str(tmp_path))
     assert Path(res.outputs.out_file) == out / derivative_path(run, "mask")
+    assert Path(res.outputs.out_file).name == f"sub-01_ses-2{keys}_desc-brain_mask.nii.gz"
     assert nib.load(res.outputs.out_file).get_data_dtype() == np.uint8
     assert json.loads(Path(res.outputs.out_meta).read_text()) == {"Type": "Brain"}
 

@@ -39,8 +39,13 @@ PYBIDS_CONFIG = "bids"
 """The pybids configuration ``BIDSLayout`` uses (its default): it names the entities a query may filter on."""
 
 
-ENTITY_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq", "run": "run"}
-"""The BIDS entities that tell a run apart, and their keys in file names."""
+ENTITY_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq", "ceagent": "ce", "reconstruction": "rec",
+               "run": "run", "chunk": "chunk"}
+"""The BIDS entities that tell a run apart, in file-name order, and their keys in file names: those BIDS gives
+MEGRE and T2starw images besides ``echo`` and ``part`` (a ``rec-norm`` and a ``rec-orig`` image are two runs)."""
+
+FILE_ENTITIES = frozenset({"echo", "part", "suffix", "extension", "datatype"})
+"""Entities of an input file that are not the run's (``ENTITY_KEYS``): one file's within its run, or its type."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class GRERun:
     acquisition: str | None
     run: str | None
     suffix: str
+    ceagent: str | None = None
+    reconstruction: str | None = None
+    chunk: str | None = None
     magnitude: tuple = ()
     phase: tuple = ()
     magnitude_meta: tuple = field(default=(), compare=False, repr=False)
@@ -73,13 +81,14 @@ class GRERun:
     shape: tuple | None = None
     affine: tuple | None = None
     mask: str | None = None
+    foreign_entities: tuple = field(default=(), compare=False, repr=False)
+    """(file, "key-value") for each entity of an input file that a gradient-echo image does not take in BIDS
+    (e.g. ``flip-2``): it would not tell runs apart, so validation refuses the run."""
 
     @property
     def entities(self):
         """BIDS entities of the run (those that are set), in filename order."""
-        pairs = (("subject", self.subject), ("session", self.session),
-                 ("acquisition", self.acquisition), ("run", self.run))
-        return {k: v for k, v in pairs if v is not None}
+        return {k: getattr(self, k) for k in ENTITY_KEYS if getattr(self, k) is not None}
 
     @property
     def name(self):
@@ -167,6 +176,13 @@ def _strip_prefix(labels, prefix):
     return [str(lab)[len(prefix):] if str(lab).startswith(prefix) else str(lab) for lab in labels]
 
 
+def _file_key(name, value, patterns):
+    """``name``-``value`` as a file name writes it (``flip-2`` for pybids' ``flip``; ``mt-on`` for ``mtransfer``),
+    read from the entity's pybids ``patterns`` (its ``[_/\\]+key-(...)`` regular expression)."""
+    found = re.search(r"([a-zA-Z]+)-\(", patterns.get(name) or "")
+    return f"{found.group(1) if found else name}-{value}"
+
+
 def _echo_label(entities):
     """The ``echo`` entity of a file as its number (``_echo_number``: echo-02 is echo 2, as BIDS reads it), or
     None when it has none."""
@@ -233,6 +249,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
     DataError when a JSON sidecar is not valid JSON (named, with the fix).
     """
     from bids import BIDSLayout  # heavy import: only when discovering
+    from bids.layout.models import Config
 
     bids_dir = Path(bids_dir).absolute()
     if not bids_dir.is_dir():
@@ -269,10 +286,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
     groups = {}
     for bids_file in layout.get(return_type="object", **query):
         ent = bids_file.get_entities()
-        key = tuple(
-            None if ent.get(k) is None else str(ent[k])
-            for k in ("subject", "session", "acquisition", "run", "suffix")
-        )
+        key = tuple(None if ent.get(k) is None else str(ent[k]) for k in (*ENTITY_KEYS, "suffix"))
         item = (bids_file.path, ent, bids_file.get_metadata())
         groups.setdefault(key, {"mag": [], "phase": []})[ent["part"]].append(item)
     if not groups:
@@ -284,14 +298,18 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
         )
 
     runs = []
-    for (subject, session, acquisition, run, suffix), parts in groups.items():
+    full_names = {name: entity.pattern for name, entity in Config.load(PYBIDS_CONFIG).entities.items()}
+    for key, parts in groups.items():
+        *values, suffix = key
         mag = sorted(parts["mag"], key=_echo_sort_key)
         phase = sorted(parts["phase"], key=_echo_sort_key)
         multi_echo_4d = any("echo" not in ent for _, ent, _ in mag + phase) and any(
             isinstance(meta.get("EchoTime"), list) for _, _, meta in mag + phase
         )
         runs.append(GRERun(
-            subject=subject, session=session, acquisition=acquisition, run=run, suffix=suffix,
+            **dict(zip(ENTITY_KEYS, values)), suffix=suffix,
+            foreign_entities=tuple((path, _file_key(name, value, full_names)) for path, ent, _ in mag + phase
+                                   for name, value in ent.items() if name not in {*ENTITY_KEYS, *FILE_ENTITIES}),
             magnitude=tuple(p for p, _, _ in mag), phase=tuple(p for p, _, _ in phase),
             magnitude_meta=tuple(m for _, _, m in mag), phase_meta=tuple(m for _, _, m in phase),
             magnitude_echoes=tuple(_echo_label(e) for _, e, _ in mag),

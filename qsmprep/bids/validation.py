@@ -41,7 +41,7 @@ from pathlib import Path
 from ..errors import DataError, NoInputError
 from ..io import sidecar_path
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
-from .discovery import SINGLE_ECHO_SUFFIXES
+from .discovery import ENTITY_KEYS, SINGLE_ECHO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +464,15 @@ def validate_run(run, b0_tesla=None, mask=None):
     if not run.phase:
         report(run.magnitude[0], f"{run.magnitude[0]}: no phase image (part-phase) for {run.name}: export the phase "
                                  "images too; QSM is computed from phase.")
+        return None, problems
+    if run.foreign_entities:
+        file = run.foreign_entities[0][0]
+        keys = sorted({key for _, key in run.foreign_entities})
+        one = len(keys) == 1
+        report(file, f"{file}: {'entity' if one else 'entities'} {', '.join(keys)} in this run's file names "
+                     f"{'is' if one else 'are'} not among those BIDS gives gradient-echo images "
+                     f"({', '.join(ENTITY_KEYS.values())}, echo, part), so qsmprep cannot tell its runs apart or name "
+                     "their derivatives: rename the files, e.g. with acq-<label> in its place.")
         return None, problems
     if not _echoes_paired(run, problems):
         return None, problems
