@@ -226,30 +226,48 @@ def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold
             raise ValueError(f"quality shape {quality.shape} differs from magnitude shape {mag.shape}")
         mask &= quality > threshold_otsu(quality)
     slice_axis = 2 - int(np.argmax(vox[::-1]))  # the last axis with the largest voxel size
+    kept = [("the threshold", mask.mean())]  # what each step kept: an empty mask is refused naming them
     mask = separate_largest(mask, separate_mm, vox)
     if fill_holes:
         mask = _fill_holes(mask, slice_axis)
+    kept.append((f"the scalp separation (separate_mm {separate_mm:g})", mask.mean()))
     if erode_mm > 0:
         mask = erosion_mm(mask, erode_mm, vox)
+    kept.append((f"the erosion (erode_mm {erode_mm:g})", mask.mean()))
     eroded = mask
     if smooth_mm > 0:
         mask = largest_component(dilation_mm(erosion_mm(mask, smooth_mm, vox), smooth_mm, vox))  # opening
         padding = [(h, h) for h in np.asarray(ball_mm(smooth_mm, vox).shape) // 2]  # closing, the grid's faces kept
         closed = erosion_mm(dilation_mm(np.pad(mask, padding), smooth_mm, vox), smooth_mm, vox)
         mask = closed[tuple(slice(h, h + n) for (h, _), n in zip(padding, mask.shape))] & eroded
+    kept.append((f"the opening (smooth_mm {smooth_mm:g})", mask.mean()))
     if exclude is not None:
         exclude = np.asarray(exclude, dtype=bool)
         if exclude.shape != mag.shape:
             raise ValueError(f"exclude shape {exclude.shape} differs from magnitude shape {mag.shape}")
         mask = largest_component(mask & ~exclude)
+    kept.append(("leaving out phase too steep to unwrap", mask.mean()))
     if fill_holes:
         mask = _fill_holes(mask, slice_axis)
     if not mask.any():  # nothing to process: every later step would fail on it, less clearly
-        given = (f"the threshold {threshold:g} (a --parameters [mask.*] threshold) is above the brain's magnitude: "
-                 "lower it or leave it to Otsu's method" if threshold is not None else
-                 "check the magnitude images, or give a brain mask with --mask")
-        raise DataError(f"the brain mask is empty: {given}.")
+        raise DataError(f"the brain mask is empty: {_empty_mask_reason(kept, threshold)}.")
     return mask
+
+
+def _empty_mask_reason(kept, threshold):
+    """Why ``brain_mask`` came out empty and what to change, from the fraction of the field of view each step
+    ``kept`` (label, fraction), in order."""
+    if kept[0][1] == 0:
+        return (f"the threshold {threshold:g} (a --parameters [mask.*] threshold) is above the brain's magnitude: "
+                "lower it or leave it to Otsu's method" if threshold is not None else
+                "no voxel is above the Otsu thresholds of the magnitude and phase quality: check the magnitude images, "
+                "or give a brain mask with --mask")
+    last = next(i for i, (_, fraction) in enumerate(kept) if fraction == 0)
+    steps = [f"{label} {f'{100 * fraction:.2g} %' if fraction else 'none'}" for label, fraction in kept[1:last + 1]]
+    return (f"of the field of view, the threshold kept {100 * kept[0][1]:.2g} %, {', '.join(steps)}: each step "
+            "removes tissue thinner than twice its radius, and a field of view inside the head (a slab or a crop) has "
+            "no scalp to separate; set separate_mm = 0 and lower erode_mm and smooth_mm in --parameters [mask.*], "
+            "or give a brain mask with --mask")
 
 
 def check_mask(mask, shape, source="mask"):

@@ -2,9 +2,11 @@
 
 import logging
 
+import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import require_shared
 from qsmprep.errors import DataError
 from qsmprep.masking import ball_mm, brain_mask, check_mask, dilation_mm, erosion_mm, largest_component
 
@@ -125,6 +127,22 @@ def test_a_threshold_above_the_brain_is_a_data_error_naming_it():
         brain_mask(magnitude, (2.0, 2.0, 2.0), threshold=500)
     with pytest.raises(DataError, match="check the magnitude images"):
         brain_mask(np.zeros((20, 20, 20)), (2.0, 2.0, 2.0))
+
+
+def test_a_crop_inside_the_head_names_each_step_and_the_parameters_to_change():
+    """A real crop that is all brain: the scalp separation, erosion and opening whittled it to nothing, and the
+    message only said to check the magnitude images."""
+    (mag_file,) = require_shared("romeo_small/Mag.nii.gz")
+    img = nib.load(mag_file)
+    voxel = img.header.get_zooms()[:3]  # 0.47 x 0.47 x 1 mm, 51 x 51 x 41
+    with pytest.raises(DataError) as err:
+        brain_mask(img.get_fdata(), voxel)
+    assert str(err.value) == (
+        "the brain mask is empty: of the field of view, the threshold kept 54 %, the scalp separation (separate_mm 4) "
+        "3.4 %, the erosion (erode_mm 3) 0.24 %, the opening (smooth_mm 2) none: each step removes tissue thinner than "
+        "twice its radius, and a field of view inside the head (a slab or a crop) has no scalp to separate; set "
+        "separate_mm = 0 and lower erode_mm and smooth_mm in --parameters [mask.*], or give a brain mask with --mask.")
+    assert brain_mask(img.get_fdata(), voxel, separate_mm=0, erode_mm=1).mean() == pytest.approx(0.114, abs=0.001)
 
 
 def test_largest_component_and_bridge_opening():
