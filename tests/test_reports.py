@@ -376,6 +376,10 @@ def test_paramagnetic_tail_ratio_and_the_polarity_warning():
     assert paramagnetic_tail_ratio(chimap_percentiles(np.zeros(10), np.ones(10, bool))) is None  # flat: no tails
     assert polarity_warning("deep", ratio, inverted=False) == ""
     assert "run qsmprep again with --invert-phase" in polarity_warning("deep", 1 / ratio, inverted=False)
+    # a thin slab's TKD map scored 0.84 with the polarity right: the warning says how to tell the two apart
+    assert polarity_warning("tkd", 0.84, inverted=False).endswith(
+        "If they look bright, the polarity is right and the map's own errors shorten its tail (streaks, as TKD gives "
+        "on a thin slab): compare with the other inversions.")
     assert "run qsmprep again without --invert-phase" in polarity_warning("deep", 1 / ratio, inverted=True)
     assert polarity_warning("deep", None, inverted=False) == ""
 

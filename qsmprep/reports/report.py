@@ -198,7 +198,9 @@ def polarity_warning(method, ratio, inverted):
     fix = "without --invert-phase" if inverted else "with --invert-phase"
     return (f"The {method} Chimap's positive tail is shorter than its negative one (ratio {ratio:.2f}; in brains it "
             "is above 1, as veins and iron-rich deep grey matter are paramagnetic). If veins and the deep grey "
-            f"nuclei look dark in it, the phase polarity is most likely inverted: run qsmprep again {fix}.")
+            f"nuclei look dark in it, the phase polarity is most likely inverted: run qsmprep again {fix}. If they "
+            "look bright, the polarity is right and the map's own errors shorten its tail (streaks, as TKD gives on a "
+            "thin slab): compare with the other inversions.")
 
 
 def no_contrast_reason(percentiles):
