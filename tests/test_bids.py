@@ -356,6 +356,14 @@ def test_derivative_names_and_description(tmp_path):
     assert bids_uri(tmp_path / "bids" / "sub-01" / "anat" / "x.nii.gz", tmp_path / "bids") == "bids:raw:sub-01/anat/x.nii.gz"
 
 
+def test_every_phase_sidecar_without_units_is_named(tmp_path):
+    """Only the first was named, so a user fixed the files one run of qsmprep at a time."""
+    valid, problems = _problems(tmp_path, units=None, echo_times=(0.004, 0.008, 0.012))
+    assert valid == []
+    assert [Path(p.file).name for p in problems] == [f"sub-01_echo-{n}_part-phase_MEGRE.nii.gz" for n in (1, 2, 3)]
+    assert all('has no Units: set "Units" to "rad"' in p.message for p in problems)
+
+
 def test_reconstructions_and_contrast_agents_are_runs_of_their_own(tmp_path):
     """rec-/ce- images of one acquisition were grouped into one run (each echo twice) and named without them."""
     for entities in ("_rec-norm", "_rec-orig", "_ce-gd_rec-norm", "_acq-fast_chunk-2"):

@@ -164,16 +164,19 @@ def _echo_times(run, problems):
 
 
 def _phase_units(run, problems):
-    units = set()
-    for file, meta in zip(run.phase, run.phase_meta):
+    units, unusable = set(), False
+    for file, meta in zip(run.phase, run.phase_meta):  # every sidecar is checked, so one run lists all to fix
         value = meta.get("Units")
         if value is None or str(value).strip().lower() not in PHASE_UNITS:
             what = "no Units" if value is None else f"Units {value!r}, which qsmprep cannot interpret"
             problems.append(Problem(run.subject, run.name, str(file),
                                     f"{file}: the phase sidecar {sidecar_path(file)} has {what}: set \"Units\" to "
                                     "\"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
-            return None
-        units.add(str(value).strip().lower())
+            unusable = True
+        else:
+            units.add(str(value).strip().lower())
+    if unusable:
+        return None
     if len(units) > 1:
         problems.append(Problem(run.subject, run.name, str(run.phase[0]),
                                 f"{run.name}: phase echoes mix Units {sorted(units)}: export all echoes with one unit."))
@@ -459,7 +462,8 @@ def validate_run(run, b0_tesla=None, mask=None):
 
     if not run.magnitude:
         report(run.phase[0], f"{run.phase[0]}: no magnitude image (part-mag) for {run.name}: add the magnitude "
-                             "images of the same acquisition; qsmprep needs them for the mask and echo weighting.")
+                             "images of the same acquisition, named with part-mag (one without a part entity is "
+                             "not read as magnitude); qsmprep needs them for the mask and echo weighting.")
         return None, problems
     if not run.phase:
         report(run.magnitude[0], f"{run.magnitude[0]}: no phase image (part-phase) for {run.name}: export the phase "
