@@ -36,6 +36,25 @@ def test_cg_keeps_volume_shape_uses_x0_and_calls_back():
     assert seen and seen == list(range(1, len(seen) + 1))
 
 
+def test_preconditioned_cg_converges_in_fewer_iterations():
+    """An exact preconditioner (A^-1) solves in one step; a rough one (A's diagonal) in fewer than plain CG."""
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.standard_normal((50, 50)))
+    a = q @ np.diag(np.geomspace(1, 1e4, 50)) @ q.T  # condition number 1e4
+    a += np.diag(rng.uniform(0, 1e4, 50))
+    b = rng.standard_normal(50)
+    exact = cg(lambda v: a @ v, b, tol=0, max_iter=1, precondition=lambda r: np.linalg.solve(a, r))
+    np.testing.assert_allclose(exact, np.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
+
+    def iterations(**kwargs):
+        seen = []
+        x = cg(lambda v: a @ v, b, tol=1e-8, max_iter=500, callback=lambda x, i: seen.append(i), **kwargs)
+        np.testing.assert_allclose(a @ x, b, rtol=0, atol=1e-6 * np.linalg.norm(b))
+        return len(seen)
+
+    assert iterations(precondition=lambda r: r / np.diag(a)) < iterations()
+
+
 def test_cg_runs_on_torch_tensors_as_on_arrays():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)

@@ -38,11 +38,13 @@ def _norm(a):
     return math.sqrt(_dot(a, a))
 
 
-def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None):
-    """Solve A x = b by conjugate gradients for symmetric positive (semi)definite A.
+def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None, precondition=None):
+    """Solve A x = b by (preconditioned) conjugate gradients for symmetric positive (semi)definite A.
 
     Hestenes MR, Stiefel E. Methods of conjugate gradients for solving linear
-    systems. J Res Natl Bur Stand 1952;49:409-436.
+    systems. J Res Natl Bur Stand 1952;49:409-436. With a preconditioner M ~ A^-1,
+    the search directions follow z = M r (Golub GH, Van Loan CF. Matrix
+    Computations, 4th ed., Algorithm 11.5.1).
 
     Parameters
     ----------
@@ -59,6 +61,9 @@ def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None):
         Maximum number of iterations.
     callback : callable or None, default None
         Called as ``callback(x, iteration)`` after each iteration.
+    precondition : callable or None, default None
+        ``precondition(r)`` returns M r for a symmetric positive definite M close to A^-1 (e.g. a fast Poisson
+        solver for a masked Laplacian); None is the identity, plain CG.
 
     Returns
     -------
@@ -70,8 +75,10 @@ def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None):
     b_norm = _norm(b)
     if b_norm == 0:
         return _zeros_like(b)
-    p = _copy(r, like=r)
+    z = r if precondition is None else precondition(r)
+    p = _copy(z, like=z)
     rr = _dot(r, r)
+    rz = rr if precondition is None else _dot(r, z)
     for it in range(1, max_iter + 1):
         if math.sqrt(rr) <= tol * b_norm:
             break
@@ -80,13 +87,15 @@ def cg(apply_A, b, x0=None, tol=1e-6, max_iter=100, callback=None):
         if p_ap <= 0:  # A is only semidefinite and p lies in its null space
             log.debug("cg: stopped at iteration %d, p'Ap = %g", it, p_ap)
             break
-        alpha = rr / p_ap
+        alpha = rz / p_ap
         x += alpha * p
         r -= alpha * ap
-        rr_new = _dot(r, r)
-        p *= rr_new / rr
-        p += r
-        rr = rr_new
+        rr = _dot(r, r)
+        z = r if precondition is None else precondition(r)
+        rz_new = rr if precondition is None else _dot(r, z)
+        p *= rz_new / rz
+        p += z
+        rz = rz_new
         if callback is not None:
             callback(x, it)
     log.debug("cg: relative residual %.3g after %d iterations", math.sqrt(rr) / b_norm, it)

@@ -11,6 +11,7 @@ from scipy import fft as spfft
 from scipy import ndimage
 from skimage.restoration import unwrap_phase
 
+from ..inversion.solvers import cg
 from .scaling import wrap_to_pi
 
 log = logging.getLogger(__name__)
@@ -141,38 +142,15 @@ def unwrap_laplacian(phase_rad, voxel_size_mm=(1.0, 1.0, 1.0), mask=None, tol=1e
     if edge_weights is None:
         phi = poisson_solve(rhs)
     else:
-        phi = _preconditioned_cg(normal_op, rhs, poisson_solve, tol, max_iter)
+        phi = cg(normal_op, rhs, tol=tol, max_iter=max_iter, precondition=poisson_solve)
+        residual = np.linalg.norm(rhs - normal_op(phi)) / np.linalg.norm(rhs)
+        if residual > tol:
+            log.warning("Laplacian unwrapping stopped at %d iterations, relative residual %.2g (tol %.2g)",
+                        max_iter, residual, tol)
 
     offset = np.angle(np.mean(np.exp(1j * (psi[valid] - phi[valid]))))
     out[valid] = phi[valid] + offset
     return out
-
-
-def _preconditioned_cg(op, rhs, precondition, tol, max_iter):
-    """Preconditioned conjugate gradients for the semidefinite system op(x) = rhs."""
-    x = np.zeros_like(rhs)
-    r = rhs.copy()
-    rhs_norm = np.linalg.norm(rhs)
-    if rhs_norm == 0:
-        return x
-    z = precondition(r)
-    p = z.copy()
-    rz = np.vdot(r, z)
-    for iteration in range(1, max_iter + 1):
-        q = op(p)
-        alpha = rz / np.vdot(p, q)
-        x += alpha * p
-        r -= alpha * q
-        if np.linalg.norm(r) <= tol * rhs_norm:
-            log.debug("Laplacian unwrapping converged in %d iterations", iteration)
-            return x
-        z = precondition(r)
-        rz_new = np.vdot(r, z)
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    log.warning("Laplacian unwrapping stopped at %d iterations, relative residual %.2g (tol %.2g)",
-                max_iter, np.linalg.norm(r) / rhs_norm, tol)
-    return x
 
 
 def unwrap_quality(phase_rad, mask=None, voxel_size_mm=(1.0, 1.0, 1.0)):
