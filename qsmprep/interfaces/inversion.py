@@ -112,16 +112,13 @@ class ToB0Aligned(SimpleInterface):
     output_spec = _ToB0AlignedOutputSpec
 
     def _run_interface(self, runtime):
-        from ..physics.resample import to_b0_aligned
+        from ..physics.resample import field_and_mask_to_b0_aligned
 
         field, affine, _ = load_nifti(self.inputs.local_field, "local field")
         mask = load_nifti(self.inputs.mask, "mask")[0]
-        field_aligned, aligned_affine = to_b0_aligned(field, affine)
-        mask_aligned, _ = to_b0_aligned(mask, affine)
-        inside = mask_aligned > 0.5
+        field_aligned, inside, aligned_affine = field_and_mask_to_b0_aligned(field, mask, affine)
         cwd = Path(runtime.cwd)
-        self._results["local_field"] = str(save_nifti(cwd / "local_field_b0.nii.gz", field_aligned * inside,
-                                                      aligned_affine))
+        self._results["local_field"] = str(save_nifti(cwd / "local_field_b0.nii.gz", field_aligned, aligned_affine))
         self._results["mask"] = str(save_nifti(cwd / "mask_b0.nii.gz", inside, aligned_affine, dtype=np.uint8))
         return runtime
 

@@ -17,7 +17,7 @@ from ..errors import QSMPrepError
 from ..physics import (
     b0_tilt_deg, dipole_kernel, fft_module, filter_padded, is_tensor, padded_shape, resolve_device, to_device,
 )
-from ..physics.resample import b0_aligned_grid, from_b0_aligned, rotation_between, to_b0_aligned
+from ..physics.resample import b0_aligned_grid, field_and_mask_to_b0_aligned, from_b0_aligned, rotation_between
 from ..resources import available_memory_bytes
 from .gradient import forward_gradient, forward_gradient_adjoint
 from .solvers import cg
@@ -499,9 +499,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         log.info("deep inversion in a B0-aligned frame (tilt %.1f deg, voxel size %s -> %s)", b0_tilt_deg(b0_dir),
                  _mm(voxel_size_mm), _mm(target_vs) if target_vs else "kept")
         native = _frame_affine(voxel_size_mm, b0_dir)
-        field_n, affine_a = to_b0_aligned(field, native, target_vs, order=RESAMPLE_ORDER)
-        mask_n = to_b0_aligned(m.astype(np.float32), native, target_vs)[0] > 0.5
-        field_n = field_n * mask_n
+        field_n, mask_n, affine_a = field_and_mask_to_b0_aligned(field, m, native, target_vs, order=RESAMPLE_ORDER)
         vs_n = tuple(float(v) for v in np.linalg.norm(affine_a[:3, :3], axis=0))
     else:  # the network's frame is the input's
         field_n, mask_n, vs_n = field, m, voxel_size_mm

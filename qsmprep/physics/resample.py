@@ -210,7 +210,18 @@ def resample_to_grid(
 def to_b0_aligned(data, affine, voxel_size_mm=None, order=1, complex_mode="real_imag"):
     """Resample ``data`` onto its B0-aligned grid (see ``b0_aligned_grid``).
 
-    Parameters as for ``b0_aligned_grid`` and ``resample_to_grid``.
+    Parameters
+    ----------
+    data : array (i, j, k[, ...])
+        Image on the grid of ``affine``; axes after the third are resampled alike.
+    affine : array (4, 4)
+        Its voxel-to-world affine (mm).
+    voxel_size_mm : tuple of 3 float or None, default None
+        Voxel size of the aligned grid in mm; None keeps the input's (``b0_aligned_grid``).
+    order : int, default 1
+        Spline order of the interpolation (1 trilinear, 3 cubic; ``resample_to_grid``).
+    complex_mode : "real_imag" or "mag_phase", default "real_imag"
+        How complex data are interpolated (``resample_to_grid``).
 
     Returns
     -------
@@ -221,10 +232,23 @@ def to_b0_aligned(data, affine, voxel_size_mm=None, order=1, complex_mode="real_
     return resample_to_grid(data, affine, shape, aligned_affine, order, complex_mode), aligned_affine
 
 
+def field_and_mask_to_b0_aligned(field, mask, affine, voxel_size_mm=None, order=1):
+    """A local field and its mask on their B0-aligned grid (``to_b0_aligned``; ``voxel_size_mm`` and the field's
+    interpolation ``order`` as there): the mask is its linear resampling > 0.5, and the field is zero outside it.
+
+    Returns (field_aligned, mask_aligned (bool), aligned_affine).
+    """
+    field_aligned, aligned_affine = to_b0_aligned(field, affine, voxel_size_mm, order=order)
+    mask_aligned = to_b0_aligned(np.asarray(mask, dtype=np.float32), affine, voxel_size_mm)[0] > 0.5
+    return field_aligned * mask_aligned, mask_aligned, aligned_affine
+
+
 def from_b0_aligned(data_aligned, aligned_affine, native_shape, native_affine, order=1, complex_mode="real_imag"):
     """Resample data from the B0-aligned grid back onto the native grid.
 
     The inverse of ``to_b0_aligned`` up to interpolation blur (and zero
     outside the aligned grid's coverage, which contains the native FOV).
+    ``native_shape`` and ``native_affine`` (mm) are the native grid's; ``order`` (default 1, trilinear) and
+    ``complex_mode`` (default "real_imag") as for ``to_b0_aligned``.
     """
     return resample_to_grid(data_aligned, aligned_affine, native_shape, native_affine, order, complex_mode)
