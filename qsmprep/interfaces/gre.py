@@ -8,13 +8,17 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface
 from ..io import load_nifti, save_nifti
 
 
-def load_echoes(files, what):
-    """Stack the echo images ``files`` (one 3D file per echo, or one 4D file) as (i, j, k, E) float32."""
+def load_echoes(files, what, convert=None):
+    """Stack the echo images ``files`` (one 3D file per echo, or one 4D file) as (i, j, k, E), each file's data
+    passed through ``convert(data, path)`` first if given (e.g. phase to radians); the first file's affine and
+    header come with it."""
     volumes, affine, header = [], None, None
     for path in files:
         data, affine_i, header_i = load_nifti(path, what)
         if affine is None:
             affine, header = affine_i, header_i
+        if convert is not None:
+            data = convert(data, path)
         volumes.append(data if data.ndim == 4 else data[..., None])
     return np.concatenate(volumes, axis=-1), affine, header
 
@@ -61,15 +65,11 @@ class PhaseToRad(SimpleInterface):
     def _run_interface(self, runtime):
         from ..phase.scaling import invert_phase, phase_to_rad
 
-        volumes, affine, header = [], None, None
-        for path in self.inputs.in_files:
-            data, affine_i, header_i = load_nifti(path, "phase image")
-            if affine is None:
-                affine, header = affine_i, header_i
+        def to_rad(data, path):
             rad = phase_to_rad(data, self.inputs.units, source=str(path))
-            if self.inputs.invert:
-                rad = invert_phase(rad)
-            volumes.append(rad if rad.ndim == 4 else rad[..., None])
+            return invert_phase(rad) if self.inputs.invert else rad
+
+        data, affine, header = load_echoes(self.inputs.in_files, "phase image", to_rad)
         out = Path(runtime.cwd) / "phase_rad.nii.gz"
-        self._results["out_file"] = str(save_nifti(out, np.concatenate(volumes, axis=-1), affine, header))
+        self._results["out_file"] = str(save_nifti(out, data, affine, header))
         return runtime
