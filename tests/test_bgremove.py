@@ -245,7 +245,11 @@ def test_pdf_weights_exclude_corrupt_voxels():
 
 
 def test_methods_registry_and_shape_checks():
-    assert BGREMOVE_METHODS == {"vsharp": vsharp, "resharp": resharp, "pdf": pdf}
+    from qsmprep import config
+
+    assert sorted(BGREMOVE_METHODS) == sorted(config.BGREMOVE_METHODS)  # the pipeline's registry names the same
+    for name, function in BGREMOVE_METHODS.items():
+        assert config.library_function("bgremove", name) is function, name
     for method in BGREMOVE_METHODS.values():
         with pytest.raises(ValueError, match="same shape"):
             method(np.zeros((20, 20, 20)), np.ones((20, 20, 19)))
