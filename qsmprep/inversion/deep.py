@@ -180,10 +180,13 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
         Measured local field in ppm.
     mask : array (i, j, k)
         Region where the field is trusted and chi is estimated.
-    voxel_size_mm, b0_dir :
-        Voxel size in mm and B0 direction in voxel coordinates.
+    voxel_size_mm : tuple of 3 float, default (1, 1, 1)
+        Voxel size in mm.
+    b0_dir : tuple of 3 float, default (0, 0, 1)
+        B0 direction in voxel coordinates.
     weights : array (i, j, k) or None, default None
-        Data weights W (e.g. normalised magnitude); uniform if None.
+        Data weights W (e.g. normalised magnitude); uniform if None. ``deep_invert`` and the pipeline leave it
+        uniform.
     lam : float, default 0.05
         Weight of the prior ||chi - chi_init||^2 (dimensionless, fields in ppm).
     n_iter : int, default 10

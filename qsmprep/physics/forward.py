@@ -40,6 +40,12 @@ def forward_field_ppm(chi_ppm, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 
     f = F^-1[ D(k) F[chi] ] on a zero-padded grid, so the convolution is
     linear rather than circular, then cropped back to the input grid.
 
+    References: Salomir R, de Senneville BD, Moonen CTW. A fast calculation method for magnetic field
+    inhomogeneity due to an arbitrary distribution of bulk susceptibility. Concepts Magn Reson B
+    2003;19B:26-34. Marques JP, Bowtell R. Application of a Fourier-based method for rapid calculation of
+    field inhomogeneity due to spatial variation of magnetic susceptibility. Concepts Magn Reson B
+    2005;25B:65-78.
+
     Parameters
     ----------
     chi_ppm : array (i, j, k)
