@@ -353,7 +353,7 @@ def test_cli_refuses_a_folder_it_cannot_create(tmp_path, caplog, capsys):
     blocker.write_text("a file")
     assert main([str(blocker / "ds"), "--matrix", "16", "16", "16", "--voxel-size", "12", "12", "12"]) == 73
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"qsmprep-simulate: error: out_dir {blocker / 'ds'} cannot be created: {blocker} is a file. "
+    assert err == [f"qsmprep-simulate: error: OUT_DIR {blocker / 'ds'} cannot be created: {blocker} is a file. "
                    "Give a folder path that does not run through a file."]
     assert "Simulating" not in caplog.text  # refused before any simulation
 

@@ -149,7 +149,8 @@ def run(args):
     _check_options(args)
     field, mask, affine, header = _load_inputs(args)
     voxel_size = voxel_size_from_affine(affine)
-    b0_dir = tuple(args.b0_dir) if args.b0_dir is not None else b0_dir_from_affine(affine)
+    b0_dir = tuple(np.asarray(args.b0_dir) / np.linalg.norm(args.b0_dir)) if args.b0_dir is not None else (
+        b0_dir_from_affine(affine))  # a unit vector, as the log shows it
     options = {"threshold": args.threshold} if args.threshold is not None else {}
     if args.lam is not None:
         options["lam"] = args.lam

@@ -60,7 +60,7 @@ def build_parser():
         description="Simulate a multi-echo GRE BIDS dataset (magnitude + phase) from a numerical head phantom, "
         "with the ground truth (chi, fields, mask, labels) under OUT_DIR/derivatives/groundtruth.",
     )
-    p.add_argument("out_dir", type=Path, help="dataset root to write (empty, new, or an existing BIDS dataset)")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="dataset root to write (empty, new, or an existing BIDS dataset)")
     p.add_argument("--subjects", type=int, default=1, help="number of subjects, labelled 01, 02, ... (default 1)")
     p.add_argument("--sessions", nargs="+", default=None, metavar="LABEL", help="session labels (default: no sessions)")
     p.add_argument("--echoes", type=int, default=4, help="number of echoes (default 4)")
@@ -91,7 +91,7 @@ def build_parser():
 def _check_out_dir(out_dir, subjects):
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file: give a directory for the dataset.")
-    check_writable_folder("out_dir", out_dir)
+    check_writable_folder("OUT_DIR", out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "dataset_description.json").is_file():
         raise UsageError(
             f"{out_dir} is not empty and is not a BIDS dataset (no dataset_description.json): "
