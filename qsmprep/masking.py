@@ -270,34 +270,38 @@ def _empty_mask_reason(kept, threshold):
             "or give a brain mask with --mask")
 
 
-def check_mask(mask, shape, source="mask"):
+def check_mask(mask, shape=None, source="mask", region="a mask that covers the brain"):
     """Validate a user-supplied mask array and return it as bool (mask > 0).
 
     Parameters
     ----------
     mask : array
         The mask as read from file; 3D, or 4D with a single volume.
-    shape : tuple of int
-        The (i, j, k) shape of the images it must match.
+    shape : tuple of int or None, default None
+        The (i, j, k) shape of the images it must match; None skips the check.
     source : str, default "mask"
-        The file it came from, named in errors.
+        What it came from (e.g. "mask sub-01_mask.nii.gz"), named in errors.
+    region : str, default "a mask that covers the brain"
+        What it should cover, for the message when it is empty.
 
     Raises
     ------
-    DataError if its shape differs, it holds NaN or no voxel > 0. Values other
-    than 0 and 1 are accepted (mask > 0) with a logged warning.
+    DataError if its shape differs, it holds values that are not whole numbers (a probability, field or
+    susceptibility map; NaN included) or no voxel > 0. Whole numbers other than 0 and 1 (labels) are accepted,
+    as mask > 0.
     """
     arr = np.asarray(mask)
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
-    if arr.shape != tuple(shape[:3]):
+    if shape is not None and arr.shape != tuple(shape[:3]):
         raise DataError(f"{source} has shape {arr.shape} but the images have {tuple(shape[:3])}: "
                         "resample the mask onto the image grid.")
-    if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
-        raise DataError(f"{source} contains NaN values: save it as a binary 0/1 image.")
-    binary = arr > 0
-    if not binary.any():
-        raise DataError(f"{source} is empty (no voxel > 0): give a mask that covers the brain.")
-    if not np.isin(arr, (0, 1)).all():
-        log.warning("%s is not binary (values other than 0 and 1); using mask > 0", source)
-    return binary
+    not_whole = arr[arr != np.round(arr)]  # NaN never equals itself
+    if not_whole.size:
+        raise DataError(f"{source} has {not_whole.size} voxels that are not whole numbers (e.g. {not_whole[0]:g}): "
+                        "give a binary mask (threshold a probability map first); is it perhaps a field or "
+                        "susceptibility map?")
+    inside = arr > 0
+    if not inside.any():
+        raise DataError(f"{source} is empty (no voxel > 0): give {region}.")
+    return inside

@@ -1,7 +1,5 @@
 """Brain masking: Otsu + morphology in mm, the mm ball, and user mask checks."""
 
-import logging
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -184,20 +182,23 @@ def test_brain_is_separated_from_scalp_before_hole_filling():
     assert merged[r <= 58].mean() > 0.99
 
 
-def test_check_mask_accepts_and_refuses(caplog):
+def test_check_mask_accepts_and_refuses():
     shape = (4, 5, 6)
     good = np.zeros(shape, dtype=np.uint8)
     good[1:3, 1:3, 1:3] = 1
     np.testing.assert_array_equal(check_mask(good, shape, "mask.nii.gz"), good > 0)
     np.testing.assert_array_equal(check_mask(good[..., None], shape, "mask.nii.gz"), good > 0)
-    with caplog.at_level(logging.WARNING, logger="qsmprep.masking"):
+    labels = good * 3  # whole numbers other than 1 (a label map): mask > 0
+    np.testing.assert_array_equal(check_mask(labels, shape, "labels.nii.gz"), good > 0)
+    np.testing.assert_array_equal(check_mask(labels.astype(np.float32)), good > 0)  # no grid to match: not checked
+    with pytest.raises(DataError, match=r"prob.nii.gz has 8 voxels that are not whole numbers \(e.g. 0.7\): give a "
+                                        r"binary mask \(threshold a probability map first\)"):
         check_mask(good * 0.7, shape, "prob.nii.gz")
-    assert "prob.nii.gz" in caplog.text
     with pytest.raises(DataError, match="my_mask.nii.gz.*shape"):
         check_mask(good, (4, 5, 7), "my_mask.nii.gz")
     with pytest.raises(DataError, match="my_mask.nii.gz is empty"):
         check_mask(np.zeros(shape), shape, "my_mask.nii.gz")
     nan_mask = good.astype(float)
     nan_mask[0, 0, 0] = np.nan
-    with pytest.raises(DataError, match="my_mask.nii.gz contains NaN"):
+    with pytest.raises(DataError, match=r"my_mask.nii.gz has 1 voxels that are not whole numbers \(e.g. nan\)"):
         check_mask(nan_mask, shape, "my_mask.nii.gz")

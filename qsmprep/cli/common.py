@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import DEEP_FLAG_PARAMETERS
-from ..errors import CantCreateError, DataError, QSMPrepError, UsageError
+from ..errors import CantCreateError, QSMPrepError, UsageError
 from ..resources import available_cores
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
@@ -32,23 +32,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
-
-
-def mask_inside(path, mask, region):
-    """``mask > 0`` of the mask read from ``path``; DataError when it holds values that are not whole numbers (a
-    probability or field map given as MASK; NaN included) or no voxel > 0. ``region``: what it should cover, for
-    the message (e.g. "a brain mask")."""
-    import numpy as np
-
-    not_labels = mask[mask != np.round(mask)]
-    if not_labels.size:
-        raise DataError(f"mask {path} has {not_labels.size} voxels that are not whole numbers (e.g. "
-                        f"{not_labels[0]:g}): give a binary mask (threshold a probability map first); is MASK "
-                        "perhaps a field or susceptibility map?")
-    inside = mask > 0
-    if not inside.any():
-        raise DataError(f"mask {path} is empty (no voxel > 0): give {region}.")
-    return inside
 
 
 def finite_float(text):

@@ -20,8 +20,9 @@ import numpy as np
 
 from ..errors import DataError, NoInputError, UsageError
 from ..io import check_same_grid, load_volume, read_text_utf8, write_text_atomic
+from ..masking import check_mask
 from ..metrics import evaluate
-from .common import check_not_an_input, exit_73_if_unwritable, mask_inside, run_cli
+from .common import check_not_an_input, exit_73_if_unwritable, run_cli
 
 METRIC_ROWS = (
     ("nrmse_pct", "NRMSE (demeaned)", "%"),
@@ -88,7 +89,7 @@ def _load_inputs(args):
         if labels.min() < 0:
             raise DataError(f"label map {args.labels} holds negative labels (e.g. {labels.min():g}): labels are 0 "
                             "(background) or positive integers, as in a *_dseg.nii.gz.")
-    inside = mask_inside(args.mask, mask, "a mask of the region to evaluate")
+    inside = check_mask(mask, source=f"mask {args.mask}", region="a mask of the region to evaluate")
     for path, data in ((args.chi, chi), (args.ref, ref)):
         if not np.isfinite(data[inside]).all():
             raise DataError(f"{path} has NaN or infinite values inside the mask: fix the map or shrink the mask.")

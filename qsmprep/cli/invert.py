@@ -23,6 +23,7 @@ from ..errors import DataError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE, REFINE_ITERS
 from ..io import check_same_grid, load_volume, save_nifti
+from ..masking import check_mask
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..physics import b0_dir_from_affine, hz_to_ppm, invert_in_ras_order, rad_to_ppm, voxel_size_from_affine
 from .common import (
@@ -34,7 +35,6 @@ from .common import (
     check_writable_folder,
     exit_73_if_unwritable,
     finite_float,
-    mask_inside,
     run_cli,
     torch_on_all_cores,
 )
@@ -132,7 +132,7 @@ def _load_inputs(args):
     field, affine, header = load_volume(args.field, "field map")
     mask, mask_affine, _ = load_volume(args.mask, "mask")
     check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine))
-    inside = mask_inside(args.mask, mask, "a brain mask")
+    inside = check_mask(mask, source=f"mask {args.mask}", region="a brain mask")
     bad = int((~np.isfinite(field[inside])).sum())
     if bad:
         raise DataError(f"field map {args.field} has {bad} NaN or infinite values inside the mask: "
