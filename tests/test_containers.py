@@ -4,10 +4,13 @@ Docker cannot build in CI; these tests catch what a build would: missing
 COPY sources, a wrong entry point, an unknown variant, broken shell or YAML.
 """
 
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -43,11 +46,15 @@ def test_dockerfile_is_multistage_with_known_instructions(dockerfile):
 
 
 def test_dockerfile_copy_sources_exist(dockerfile):
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
     for keyword, args in dockerfile:
         if keyword == "COPY" and not args.startswith("--from"):
             *sources, _dest = shlex.split(args)
             for src in sources:
                 assert (ROOT / src).exists(), f"COPY source {src} is missing"
+                assert src.split("/")[0] not in ignored, f".dockerignore drops COPY source {src}"
+    assert {".git", "work", "qsmprep-demo", "**/__pycache__"} <= set(ignored)  # no repository, caches or outputs
 
 
 def test_dockerfile_entrypoint_variants_and_non_root(dockerfile):
@@ -81,7 +88,8 @@ def test_hpc_recipes_parse():
     assert "--participant-label" in text and "apptainer run" in text
     for name in ("nipype_slurm.yml", "nipype_multiproc.yml"):
         config = yaml.safe_load((ROOT / "workflows" / name).read_text())
-        assert config["plugin"] in {"SLURMGraph", "SLURM", "MultiProc"}
+        # not SLURMGraph: it returns once the jobs are submitted, and qsmprep would report a run that has not happened
+        assert config["plugin"] in {"SLURM", "MultiProc"}
         assert isinstance(config["plugin_args"], dict)
 
 
@@ -93,17 +101,51 @@ def test_slurm_array_script_refuses_to_run_outside_an_array(tmp_path):
     assert result.returncode != 0 and "sbatch --array" in result.stderr
 
 
-def test_slurm_array_script_cleans_up_and_keeps_qsmprep_exit_code_on_failure(tmp_path):
-    """A failed run must still remove the node-local work directory and report qsmprep's exit code."""
+def _run_array_task(tmp_path, apptainer, **env):
+    """Run workflows/slurm_array.sh as array task 1 with a stand-in ``apptainer`` script; return the process."""
     fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "apptainer").write_text("#!/bin/sh\nexit 70\n")
+    fake_bin.mkdir(exist_ok=True)
+    (fake_bin / "apptainer").write_text("#!/bin/sh\n" + apptainer)
     (fake_bin / "apptainer").chmod(0o755)
     (tmp_path / "participants.txt").write_text("01\n")
-    work = tmp_path / "scratch"
-    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "1", "WORK_DIR": str(work),
-           "OUTPUT_DIR": str(tmp_path / "out"), "BIDS_DIR": str(tmp_path)}
-    result = subprocess.run(["bash", str(ROOT / "workflows" / "slurm_array.sh")],
-                            capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert result.returncode == 70, result.stderr
-    assert not work.exists()
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "1", "WORK_DIR": str(tmp_path / "scratch"),
+           "OUTPUT_DIR": str(tmp_path / "out"), "BIDS_DIR": str(tmp_path), **env}
+    return subprocess.Popen(["bash", str(ROOT / "workflows" / "slurm_array.sh")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+
+
+def test_slurm_array_script_passes_the_tasks_resources(tmp_path):
+    """--mem-per-cpu was ignored (16 GB passed for an 8 GB task) and the whole allocation was handed on; the GPU
+    SLURM gave the task was dropped by --cleanenv."""
+    task = _run_array_task(tmp_path, 'echo "$@" > args.txt\n', SLURM_CPUS_PER_TASK="4", SLURM_MEM_PER_CPU="2048",
+                           GPU="1", CUDA_VISIBLE_DEVICES="2")
+    assert task.wait() == 0, task.stderr.read()
+    args = (tmp_path / "args.txt").read_text().split()
+    assert args[:4] == ["run", "--cleanenv", "--nv", "--env"] and args[4] == "CUDA_VISIBLE_DEVICES=2"
+    assert args[args.index("--nprocs") + 1] == "4" and args[args.index("--mem") + 1] == "6.8"  # 85 % of 8 GB
+    task = _run_array_task(tmp_path, 'echo "$@" > args.txt\n', SLURM_MEM_PER_NODE="16384")
+    assert task.wait() == 0, task.stderr.read()
+    args = (tmp_path / "args.txt").read_text().split()
+    assert "--nv" not in args and args[args.index("--mem") + 1] == "13.6"
+
+
+def test_slurm_array_script_cleans_up_when_slurm_ends_the_task(tmp_path):
+    """SIGTERM (time limit, scancel) left the node-local work directory behind."""
+    task = _run_array_task(tmp_path, "echo $$ > qsmprep.pid; exec sleep 60\n")
+    pid_file = tmp_path / "qsmprep.pid"
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    assert (tmp_path / "scratch").is_dir()
+    os.kill(int(pid_file.read_text()), signal.SIGTERM)  # SLURM signals every process of the task
+    task.terminate()
+    assert task.wait(timeout=30) == 143
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_slurm_array_script_cleans_up_and_keeps_qsmprep_exit_code_on_failure(tmp_path):
+    """A failed run must still remove the node-local work directory and report qsmprep's exit code."""
+    task = _run_array_task(tmp_path, "exit 70\n")
+    assert task.wait() == 70, task.stderr.read()
+    assert not (tmp_path / "scratch").exists()
