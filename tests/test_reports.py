@@ -197,13 +197,13 @@ def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
     affine = np.diag([2.0, 2.0, 2.5, 1.0])
     paths = {name: save_nifti(tmp_path / f"{name}.nii.gz", data, affine) for name, data in (("mask", mask), ("chi", chi))}
     tilt = np.radians(20)
-    (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": [0.004, 0.008, 0.012], "MagneticFieldStrength": 7,
+    (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": [0.00492, 0.01007, 0.01522], "MagneticFieldStrength": 7,
                                                     "PhaseInverted": True}))
     (tmp_path / "chi.json").write_text(json.dumps({"B0Direction": [0, np.sin(tilt), np.cos(tilt)]}))
     text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
                                                           "chimaps": {"tkd": paths["chi"]}}]).read_text()
     assert "<th>Grid</th><td>12 x 12 x 8 voxels of 2 x 2 x 2.5 mm</td>" in text
-    assert "<th>Echo times</th><td>4, 8, 12 ms (3 echoes)</td>" in text
+    assert "<th>Echo times</th><td>4.92, 10.07, 15.22 ms (3 echoes)</td>" in text  # it showed 10.1 and 15.2
     assert "<th>Field strength</th><td>7 T</td>" in text
     assert "<th>Phase</th><td>negated before processing (--invert-phase)</td>" in text
     # B0 tilted 20 degrees in voxel coordinates while the affine is not: the direction was given with --b0-dir
@@ -211,6 +211,11 @@ def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
             "orientation gives 0.0 degrees)</td>") in text
     assert "<th>Brain mask</th><td>6 ml (600 voxels)" in text
     assert "in the brain mask its 1st to 99th percentile is -0.098 to 0.098 ppm" in text
+    # axes stored in another order (a sagittal slab): the grid as stored, not its RAS matrix with stored voxel sizes
+    permuted = np.array([[0, 0, 2.5, 0], [2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1]])  # stored i, j, k -> A, S, R
+    stored = save_nifti(tmp_path / "stored.nii.gz", np.transpose(mask, (1, 2, 0)), permuted)
+    text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": stored, "chimaps": {}}]).read_text()
+    assert "<th>Grid</th><td>12 x 8 x 12 voxels of 2 x 2 x 2.5 mm</td>" in text
     # sidecars edited by hand into other types, or none at all (a run made elsewhere): what the images say
     (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": "4 ms", "MagneticFieldStrength": "3T"}))
     (tmp_path / "chi.json").write_text(json.dumps({"B0Direction": [0, 0]}))

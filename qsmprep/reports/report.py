@@ -129,8 +129,8 @@ def mask_volume_ml(mask, affine):
 
 def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
     """A table of what a run's figures show: grid and voxel size, echoes, field strength, B0 direction (with its
-    source, ``b0_direction_text``) and the brain mask's volume, from the mask (array, affine) and the sidecars of
-    the mask and of one Chimap (dicts)."""
+    source, ``b0_direction_text``) and the brain mask's volume, from the mask (array as stored, affine) and the
+    sidecars of the mask and of one Chimap (dicts)."""
     voxels = int(np.count_nonzero(mask))
     volume_ml = mask_volume_ml(mask, affine)
     rows = [("Grid", f"{' x '.join(map(str, np.shape(mask)[:3]))} voxels of "
@@ -138,7 +138,7 @@ def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
     # sidecars of an earlier invocation may have been edited by hand: a field of another type is left out
     echo_times = mask_sidecar.get("EchoTime")
     if isinstance(echo_times, list) and echo_times and all(map(is_number, echo_times)):
-        rows.append(("Echo times", f"{', '.join(f'{1000 * t:.3g}' for t in echo_times)} ms ({len(echo_times)} "
+        rows.append(("Echo times", f"{', '.join(f'{1000 * t:.4g}' for t in echo_times)} ms ({len(echo_times)} "
                                    f"echo{'es' if len(echo_times) > 1 else ''})"))
     if is_number(mask_sidecar.get("MagneticFieldStrength")):
         rows.append(("Field strength", f"{mask_sidecar['MagneticFieldStrength']:g} T"))
@@ -242,7 +242,9 @@ def _run_section(run, figures_dir, output_dir):
     mosaic = run_mosaic(mask, ras_voxel_size(affine))
     chimaps = sorted(run.get("chimaps", {}).items())
     parts = [f"<h2>{html.escape(name)}</h2>",
-             run_summary_html(mask, affine, read_sidecar(run["mask"]), read_sidecar(chimaps[0][1]) if chimaps else {})]
+             # the file's grid, in its storage order (the figures are in RAS order)
+             run_summary_html(data > 0, affine, read_sidecar(run["mask"]),
+                              read_sidecar(chimaps[0][1]) if chimaps else {})]
     if run.get("earlier"):
         parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
                      "are in that invocation's <code>logs/</code> folder.</p>")
