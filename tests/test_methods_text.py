@@ -49,6 +49,23 @@ def test_b0_strength_and_direction_say_where_they_came_from():
             "coordinates.") in text
 
 
+def test_paragraphs_of_runs_that_differ_name_their_runs():
+    """Each paragraph opened "The runs described here" without naming any run."""
+    from dataclasses import replace
+
+    from qsmprep.workflows.base import methods_text
+
+    config = Config(bids_dir="/data", output_dir="/out", work_dir="/work", inversion=("tkd",)).resolve_parameters()
+    config.runs = [_run(), replace(_run(tilt_deg=20.0), subject="02"), replace(_run(), subject="03")]
+    text = methods_text(config)
+    assert "The runs described here" not in text
+    assert text.count("had 3 echoes") == 2
+    assert "Runs sub-01 and sub-03 had 3 echoes (4, 8 and 12 ms) at 3 T." in text
+    assert "Run sub-02 had 3 echoes (4, 8 and 12 ms) at 3 T." in text and "20.0 degrees from the third" in text
+    config.runs = [_run(), replace(_run(), subject="03")]  # runs alike: one paragraph, as before
+    assert "The runs described here had 3 echoes" in methods_text(config)
+
+
 def test_echo_times_are_listed_in_order_of_echo_time():
     """A 4D file's EchoTime list may run backwards; the text says the echoes were ordered by echo time."""
     assert "had 3 echoes (4, 8 and 12 ms)" in _text(_run(echo_times_s=(0.012, 0.008, 0.004)), inversion=("tkd",))

@@ -10,7 +10,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 from ..bids.derivatives import processed_runs, run_output_paths
 from ..config import INVERSION_METHODS
 from ..interfaces.reports import SubjectReport
-from .qsm import init_qsm_wf, methods_description, run_workflow_name, workflow_label
+from .qsm import RUNS_DESCRIBED, init_qsm_wf, methods_description, run_workflow_name, spoken_list, workflow_label
 
 
 def subject_workflow_name(subject):
@@ -29,14 +29,17 @@ def work_folder_names(runs):
 
 
 def collect_methods(config, runs=None):
-    """(distinct methods paragraphs, references) of ``runs`` (default: all of ``config.runs``)."""
-    paragraphs, references = [], []
+    """(distinct methods paragraphs, references) of ``runs`` (default: all of ``config.runs``); where runs differ
+    (in echo times, field strength, B0 direction, voxel size), each paragraph names the runs it describes."""
+    described, references = {}, []  # paragraph -> names of its runs
     for run in runs if runs is not None else config.runs:
         text, refs = methods_description(run, config)
-        if text not in paragraphs:
-            paragraphs.append(text)
+        described.setdefault(text, []).append(run.name)
         references += [r for r in refs if r not in references]
-    return paragraphs, references
+    if len(described) == 1:
+        return list(described), references
+    return [text.replace(RUNS_DESCRIBED, f"{'Runs' if len(names) > 1 else 'Run'} {spoken_list(names)}", 1)
+            for text, names in described.items()], references
 
 
 def format_references(references):

@@ -304,12 +304,16 @@ def spoken_list(items):
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+RUNS_DESCRIBED = "The runs described here"
+"""How a methods paragraph names its runs; ``collect_methods`` names them where runs differ."""
+
+
 def acquisition_text(run, config):
     """The methods sentences on what the field and susceptibility scaling took from the run: echo times, field
     strength and B0 direction, with where the last two came from (runs that differ in them get their own paragraph)."""
     times = [f"{te * 1e3:g}" for te in sorted(run.echo_times_s)]
     count = "one echo" if len(times) == 1 else f"{len(times)} echoes"
-    return (f"The runs described here had {count} ({spoken_list(times)} ms) at {run.b0_tesla:g} T. "
+    return (f"{RUNS_DESCRIBED} had {count} ({spoken_list(times)} ms) at {run.b0_tesla:g} T. "
             f"{b0_source_text(run, config)}")
 
 
