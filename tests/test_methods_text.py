@@ -170,8 +170,8 @@ def test_resample_b0_deep_exemption_holds_where_deep_keeps_the_acquisition_grid(
     """At 2 degrees of tilt and the model's 1 mm, --resample-b0 resamples TKD but deep runs on the acquisition grid
     without resampling at all: "as it resamples into its model's frame itself" was false there."""
     text = _text(_run(tilt_deg=2.0, voxel=(1.0, 1.0, 1.0)), inversion=("deep", "tkd"), resample_b0=True)
-    assert ("The deep inversion was run on the acquisition grid, as it resamples into its model's frame itself where "
-            "it needs to (see below).") in text
+    assert ("The deep inversion skipped this resampling and was given the acquisition grid's field, as it resamples "
+            "into its model's frame itself where it needs to (see below).") in text
     assert "The network ran on the acquisition grid (B0 within 3 degrees of its third axis" in text
 
 

@@ -166,9 +166,9 @@ def test_methods_text_follows_the_options():
     assert "threshold 0.19" in text and "Shmueli K" in text and "Liu T, Khalidov I" in text
     assert "tolerance 0.01, at most 50 iterations" in text and "oblique to B0 by more than 1.0 degrees" in text
     assert "Bilgic" not in text and "V-SHARP" not in text
-    assert "deep inversion was run on the acquisition grid" not in text
+    assert "deep inversion skipped this resampling" not in text
     text = methods_text(make_config([run], inversion=("deep", "tkd"), resample_b0=True))
-    assert "oblique to B0" in text and "deep inversion was run on the acquisition grid" in text
+    assert "oblique to B0" in text and "deep inversion skipped this resampling" in text
     assert "oblique to B0" not in methods_text(make_config([run], inversion=("deep",), resample_b0=True))
 
 

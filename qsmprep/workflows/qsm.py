@@ -371,8 +371,8 @@ def methods_description(run, config):
     ]
     resampled = b0_resampled_methods(run, config)
     if resampled:
-        exempt = (" The deep inversion was run on the acquisition grid, as it resamples into its model's frame itself "
-                  "where it needs to (see below).")
+        exempt = (" The deep inversion skipped this resampling and was given the acquisition grid's field, as it "
+                  "resamples into its model's frame itself where it needs to (see below).")
         parts.append(("resample-b0", {"threshold_deg": B0_RESAMPLE_TILT_DEG,
                                       "deep_exempt": exempt if len(resampled) < len(config.inversion) else ""}))
     for method in config.inversion:
