@@ -1079,5 +1079,9 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
     assert main([str(bids), str(out / "group_Chimap.tsv"), "group"]) == 66
     assert "group_Chimap.tsv is a file, not a folder" in capsys.readouterr().err
     # the group files in OUTPUT_DIR are no obstacle, and are left as they were (a new work folder: the real V-SHARP)
+    capsys.readouterr()
     assert main([*participant, "-w", str(tmp_path / "work2")]) == 0
     assert _load(chimap).any() and (out / "group_Chimap.tsv").read_text() == earlier
+    # but they no longer describe it, and the summary says so
+    assert (f"{out / 'group_Chimap.tsv'} predates this run: run the group level again (qsmprep {bids} {out} group) "
+            "to include it") in capsys.readouterr().out

@@ -527,6 +527,12 @@ def summarize(config, failed):
                      f"crash files in {config.log_dir}:")
         lines += [f"  - {node}" for nodes in failed.values() for node in nodes]
         code = EXIT_PROCESSING_FAILED
+    from ..reports.group import GROUP_STEM
+
+    group_table = out / f"{GROUP_STEM}.tsv"
+    if group_table.is_file():  # the group level's table is a snapshot: it does not follow the participant level
+        lines.append(f"{group_table} predates this run: run the group level again "
+                     f"(qsmprep {config.bids_dir} {out} group) to include it")
     lines.append(f"log, command, configuration and methods text: {config.log_dir}")
     print("\n".join(lines))
     return code
