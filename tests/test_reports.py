@@ -401,7 +401,9 @@ def test_group_flags_a_mask_volume_far_from_the_others_only_with_five_runs_or_mo
     assert [r["run"] for r in flagged if r["flags"]] == ["sub-06"]
     assert flagged[5]["flags"] == "brain mask 500 ml, -37.5 robust SD from the median 1195 ml"
     assert not any(r["flags"] for r in flag_rows(rows([1190, 1200, 1210, 500])))  # 4 runs: no group to compare with
-    assert flag_rows([{"run": "sub-01", "mask_ml": 1000, "tail_ratio": 0.6}])[0]["flags"].startswith("tail ratio 0.60")
+    assert [r["mask_outlier"] for r in flagged] == [False] * 5 + [True]  # the figure's red mask volume: sub-06 only
+    tail_only = flag_rows([{"run": "sub-01", "mask_ml": 1000, "tail_ratio": 0.6}])[0]
+    assert tail_only["flags"].startswith("tail ratio 0.60") and not tail_only["mask_outlier"]
 
 
 def test_a_chimap_without_contrast_is_named_in_the_report_and_the_log(tmp_path, caplog):

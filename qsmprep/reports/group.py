@@ -108,6 +108,7 @@ def flag_rows(rows):
     median = float(np.median(list(volumes.values()))) if volumes else 0.0
     spread = 1.4826 * float(np.median([abs(v - median) for v in volumes.values()])) if volumes else 0.0
     for row in rows:
+        row["mask_outlier"] = False
         flags = [row["problem"]] if row.get("problem") else []
         if row.get("no_contrast"):
             flags.append(f"no contrast: {row['no_contrast']}")
@@ -116,6 +117,7 @@ def flag_rows(rows):
         if len(volumes) >= MIN_RUNS_FOR_OUTLIERS and spread > 0 and row["mask_ml"] is not None:
             z = (row["mask_ml"] - median) / spread
             if abs(z) > MASK_OUTLIER_Z:
+                row["mask_outlier"] = True
                 flags.append(f"brain mask {row['mask_ml']:g} ml, {z:+.1f} robust SD from the median {median:g} ml")
         row["flags"] = "; ".join(flags)
     return rows
@@ -137,22 +139,23 @@ def _cell(value):
 
 
 def group_figure_png(rows):
-    """Brain mask volume per run and each Chimap's tail ratio per run, flagged runs in red; PNG bytes."""
+    """Brain mask volume per run and each Chimap's tail ratio per run (``flag_rows``' rows), in red where that value
+    is flagged (a mask volume far from the others', a tail ratio below ``POLARITY_WARNING_RATIO``); PNG bytes."""
     plt = pyplot_agg()
     runs = list(dict.fromkeys(row["run"] for row in rows))
-    flagged = {row["run"] for row in rows if row["flags"]}
+    outliers = {row["run"] for row in rows if row["mask_outlier"]}
     fig, (volume_ax, ratio_ax) = plt.subplots(1, 2, figsize=(9.0, 0.3 * len(runs) + 1.6), layout="constrained")
     positions = {run: i for i, run in enumerate(runs)}
     volumes = {row["run"]: row["mask_ml"] for row in rows if row["mask_ml"] is not None}
     volume_ax.scatter(list(volumes.values()), [positions[r] for r in volumes],
-                      c=["tab:red" if r in flagged else "tab:blue" for r in volumes])
+                      c=["tab:red" if r in outliers else "tab:blue" for r in volumes])
     volume_ax.set_xlabel("brain mask (ml)")
     for marker, method in zip("osD^", INVERSION_METHODS):
         points = [(row["tail_ratio"], positions[row["run"]]) for row in rows
                   if row["method"] == method and row["tail_ratio"] is not None]
         if points:
-            ratio_ax.scatter(*zip(*points), marker=marker, label=method, facecolors="none",
-                             edgecolors=["tab:red" if runs[int(p)] in flagged else "tab:blue" for _, p in points])
+            colours = ["tab:red" if ratio < POLARITY_WARNING_RATIO else "tab:blue" for ratio, _ in points]
+            ratio_ax.scatter(*zip(*points), marker=marker, label=method, facecolors="none", edgecolors=colours)
     ratio_ax.axvline(POLARITY_WARNING_RATIO, color="0.5", linestyle="--", linewidth=1)
     ratio_ax.set_xlabel("Chimap tail ratio (above 1 in brains)")
     if ratio_ax.get_legend_handles_labels()[0]:  # no Chimap with a tail ratio: no legend to draw
