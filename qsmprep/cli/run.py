@@ -491,7 +491,9 @@ def _error_reports(config, failed):
     rejected = {p["subject"] for p in config.problems} - processed
     for subject in sorted(rejected | set(failed)):
         errors = [p["message"] for p in config.problems if p["subject"] == subject]
-        errors += [f"processing failed at {step} (crash files in {config.log_dir})" for step in failed.get(subject, [])]
+        crashes = Path(config.log_dir).relative_to(config.output_dir)  # relative, as the report's log link
+        errors += [f"processing failed at {step} (crash files in {crashes}/ beside this report)"
+                   for step in failed.get(subject, [])]
         runs = [run for run in config.runs if run.subject == subject]
         finished = [(run, entry) for run, entry in zip(runs, report_runs(runs, config)) if Path(entry["mask"]).is_file()]
         build_subject_report(config.output_dir, subject,
