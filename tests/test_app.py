@@ -907,7 +907,8 @@ def test_resample_b0_inverts_an_oblique_run_on_an_aligned_grid_and_writes_it_bac
         errors[bool(extra)] = nrmse(np.asarray(chimap.dataobj), _load(truth / "sub-01_Chimap.nii.gz"), mask)
         sidecar = json.loads((anat / "sub-01_desc-tkd_Chimap.json").read_text())
         assert sidecar.get("ResampledToB0AlignedGrid", False) == bool(extra)
-    # measured 79.3 % on the acquisition grid, 69.1 % on the B0-aligned one (TKD suffers most from the tilt)
+    # measured 78.9 % on the acquisition grid, 67.0 % on the B0-aligned one (TKD suffers most from the tilt; 69.1 %
+    # before the aligned grid kept the acquisition grid's parity)
     assert errors[True] < 74 and errors[True] < errors[False] - 5, errors
 
 

@@ -71,6 +71,20 @@ def test_aligned_affine_has_b0_along_third_axis_and_covers_fov(tilt_deg):
     assert (idx[:3].max(axis=1) <= np.array(new_shape) - 0.5).all()
 
 
+@pytest.mark.parametrize("shape", [(40, 36, 30), (41, 37, 31)])
+def test_aligned_grid_keeps_the_parity_of_the_acquisition_grid(shape):
+    """A bounding box an odd number of voxels larger put the centred grid half a voxel off the acquisition's, the
+    worst case for interpolation, paid twice: a phantom's cubic round trip at 3.01 degrees cost 18.8 % NRMSE, 12.2 %
+    with the parity kept. At a small tilt the two grids' central voxel centres now coincide."""
+    affine = _affine(_rot_x(5.0), (1.0, 1.0, 1.0), shape)  # the box grows by 2.5-3 voxels along j and k
+    new_shape, new_affine = b0_aligned_grid(shape, affine)
+    assert all((n - s) % 2 == 0 for n, s in zip(new_shape, shape)) and new_shape != tuple(shape)
+    central_voxel = np.array([s // 2 for s in shape] + [1.0])  # under 0.9 voxels from the centre of rotation
+    index = (np.linalg.inv(new_affine) @ affine @ central_voxel)[:3]
+    # on a voxel centre of the new grid, but for the tilt's displacement (0.9 x sin 5 deg = 0.08 voxels), not 0.5 off
+    np.testing.assert_allclose(index, np.round(index), atol=0.1)
+
+
 def test_axial_grid_rotated_in_plane_is_unchanged():
     shape = (20, 22, 10)
     affine = _affine(np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1.0]]) @ _rot_y(0), (0.8, 0.8, 2.0), shape)

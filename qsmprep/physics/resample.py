@@ -42,8 +42,11 @@ def b0_aligned_grid(shape, affine, voxel_size_mm=None, b0_world=SCANNER_B0_WORLD
     rotation that puts it exactly on B0, so an axial acquisition rotated
     in-plane keeps its in-plane orientation and needs no resampling at all.
     The new grid is the bounding box, in the new axes, of the input's field
-    of view (voxel edges), centred on it; where it reaches outside the input
-    FOV (the corners of an oblique slab) resampled data are zero.
+    of view (voxel edges), centred on it, with one more voxel along an axis
+    where that keeps the input's parity at the input's voxel size (so that
+    at a small tilt the two grids' voxel centres nearly coincide rather than
+    lie half a voxel apart); where it reaches outside the input FOV (the
+    corners of an oblique slab) resampled data are zero.
 
     Parameters
     ----------
@@ -87,6 +90,10 @@ def b0_aligned_grid(shape, affine, voxel_size_mm=None, b0_world=SCANNER_B0_WORLD
     projected = axes.T @ world
     low, high = projected.min(axis=1), projected.max(axis=1)
     new_shape = np.maximum(np.ceil((high - low) / new_size - 1e-6).astype(int), 1)
+    if np.allclose(new_size, native_size[order]):
+        # the native grid's parity along each axis: both grids centred on the FOV then share their voxel centres
+        # where the tilt is small, instead of lying half a voxel apart (interpolation's worst case, paid twice)
+        new_shape += (new_shape - np.asarray(shape[:3])[order]) % 2
     first_centre = (low + high) / 2 - (new_shape - 1) / 2 * new_size
 
     new_affine = np.eye(4)
