@@ -464,6 +464,24 @@ def test_work_dir_inside_the_dataset_exits_64_and_dotdot_paths_are_normalised(tm
     assert main(argv) == 64 and "is inside the input dataset" in capsys.readouterr().err
 
 
+def test_a_work_directory_missing_a_cached_file_names_the_fix(tmp_path, capsys):
+    """A cached step whose output file was deleted (a scratch cleaner) made Nipype's MultiProc scheduler raise a
+    TraitError: "internal error in qsmprep ... please report", at every re-run."""
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6", "--echoes", "2"]) == 0
+    work = tmp_path / "work"
+    argv = [str(bids), str(tmp_path / "out"), "participant", "-w", str(work), "--inversion", "tkd", "--nprocs", "2"]
+    assert main(argv) == 0
+    (cached,) = work.rglob("bgremove/local_field_ppm.nii.gz")
+    cached.unlink()
+    capsys.readouterr()
+    assert main(argv) == 70
+    err = capsys.readouterr().err
+    assert (f"the work directory {work} holds a cached step whose files are gone" in err
+            and "delete that folder, or give another -w, and run again." in err)
+    assert "internal error" not in err
+
+
 def test_boilerplate_only_exits_65_when_runs_were_left_out(tmp_path, capsys):
     bids = _tiny_dataset(tmp_path / "bids")
     shutil.copytree(bids / "sub-01", bids / "sub-02")

@@ -579,10 +579,16 @@ def run(config, filter_file=None):
     workflow = init_qsmprep_wf(config)
     _node_run.folders = work_folder_names(config.runs)
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
+    from traits.api import TraitError
+
     try:
         workflow.run(plugin=config.plugin, plugin_args=config.plugin_args)
     except RuntimeError as exc:  # Nipype: "Workflow did not execute cleanly"; crash files say where
         log.error("%s", exc)
+    except TraitError as exc:  # Nipype's scheduler read a cached node whose output files were deleted
+        raise QSMPrepError(  # exit 70, as a failed step
+            f"the work directory {config.work_dir} holds a cached step whose files are gone ({exc}): delete that "
+            "folder, or give another -w, and run again.") from None
     failed = crashed_nodes(config.log_dir)
     _error_reports(config, failed)
     log.info("finished in %.1f s", time.perf_counter() - start)
