@@ -431,11 +431,21 @@ def test_participant_label_filter_file_and_field_strength_reach_the_run(tmp_path
     assert "The runs described here had 2 echoes (4 and 8 ms) at 7 T." in (logs / "CITATION.md").read_text()
 
 
-def test_bad_plugin_file_exits_64(tmp_path, capsys):
+@pytest.mark.parametrize(("content", "message"), [
+    ("plugin_args: {}\n", "must hold a 'plugin' key"),
+    # a typo, a plugin that returns once its jobs are submitted, and arguments that are no mapping passed this check
+    # and ended in "internal error" after the earlier derivatives had been deleted
+    ("plugin: SLRUM\n", "plugin 'SLRUM' is not one qsmprep can run, which waits for its jobs to end: use one of"),
+    ("plugin: SLURMGraph\n", "plugin 'SLURMGraph' is not one qsmprep can run"),
+    ("plugin: MultiProc\nplugin_args: 3\n", "plugin_args must be a mapping of the plugin's arguments"),
+])
+def test_bad_plugin_file_exits_64(tmp_path, capsys, content, message):
     plugin = tmp_path / "plugin.yml"
-    plugin.write_text("plugin_args: {}\n")
+    plugin.write_text(content)
     argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--use-plugin", str(plugin)]
-    assert main(argv) == 64 and "must hold a 'plugin' key" in capsys.readouterr().err
+    assert main(argv) == 64
+    err = capsys.readouterr().err
+    assert message in err and (content != "plugin: SLRUM\n" or "Linear, MultiProc" in err and err.rstrip().endswith("SLURM."))
 
 
 def test_output_inside_a_subject_folder_exits_64_and_derivatives_is_allowed(tmp_path, capsys):

@@ -162,7 +162,20 @@ def _read_plugin(path):
                          "--use-plugin.") from exc
     if not isinstance(content, dict) or "plugin" not in content:
         raise UsageError(f"plugin file {path} must hold a 'plugin' key (e.g. 'plugin: SLURM') and optional 'plugin_args'.")
-    return str(content["plugin"]), dict(content.get("plugin_args") or {})
+    import nipype.pipeline.plugins as plugins
+
+    # a plugin that submits the graph and returns (SLURMGraph, CondorDAGMan, ...) would end qsmprep before any job
+    # ran, reporting success: only those that wait for their jobs are offered
+    waiting = sorted(name.removesuffix("Plugin") for name in dir(plugins) if name.endswith("Plugin")
+                     and not name.endswith(("GraphPlugin", "DAGManPlugin")) and name != "SomaFlowPlugin")
+    plugin, arguments = str(content["plugin"]), content.get("plugin_args") or {}
+    if plugin not in waiting:
+        raise UsageError(f"plugin file {path}: plugin {plugin!r} is not one qsmprep can run, which waits for its jobs "
+                         f"to end: use one of {', '.join(waiting)}.")
+    if not isinstance(arguments, dict):
+        raise UsageError(f"plugin file {path}: plugin_args must be a mapping of the plugin's arguments (e.g. "
+                         f"'sbatch_args: ...'), not {arguments!r}.")
+    return plugin, dict(arguments)
 
 
 def check_output_location(bids_dir, output_dir, what="output folder"):
