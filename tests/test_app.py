@@ -720,7 +720,7 @@ def test_a_crashing_step_exits_70_and_the_other_subject_finishes(tmp_path, monke
     assert crash_files and "simulated crash" in crash_files[0].read_text()
 
 
-def test_a_failed_session_leaves_the_finished_one_in_the_subject_report(tmp_path, monkeypatch):
+def test_a_failed_session_leaves_the_finished_one_in_the_subject_report(tmp_path, monkeypatch, capsys):
     bids = tmp_path / "bids"
     assert simulate.main([str(bids), "--sessions", "1", "2", "--matrix", "32", "32", "32", "--voxel-size", "6", "6",
                           "6", "--echoes", "2"]) == 0
@@ -731,6 +731,10 @@ def test_a_failed_session_leaves_the_finished_one_in_the_subject_report(tmp_path
     finished = [s for s in ("1", "2") if (out / "sub-01" / f"ses-{s}" / "anat" /
                                           f"sub-01_ses-{s}_desc-tkd_Chimap.nii.gz").is_file()]
     assert len(finished) == 1, finished
+    # the summary's state is each run's, not its subject's (the finished session read FAILED)
+    summary = capsys.readouterr().out
+    other = "2" if finished[0] == "1" else "1"
+    assert f"sub-01_ses-{finished[0]} [ok]" in summary and f"sub-01_ses-{other} [FAILED]" in summary
     report = (out / "sub-01.html").read_text()
     # the failure, and the finished session's figures and methods, in the one subject report
     assert "processing failed at" in report and "invert_tkd" in report

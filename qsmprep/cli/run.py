@@ -525,7 +525,9 @@ def summarize(config, failed):
         paths = run_output_paths(run, config.inversion)
         chimaps = [out / paths[f"chimap:{m}"] for m in config.inversion]
         written = [str(p) for p in chimaps if p.is_file()]
-        state = "FAILED" if run.subject in failed else "ok"
+        # per run, from what it wrote (earlier outputs were removed first): a failed run's subject may have others
+        # that finished, and after --stop-on-first-crash a subject that never failed may have written nothing
+        state = "ok" if len(written) == len(chimaps) else "FAILED"
         lines.append(f"  {run.name} [{state}]")
         lines += [f"    Chimap: {p}" for p in written]
     for subject in sorted({run.subject for run in config.runs} | {p["subject"] for p in config.problems}):
