@@ -286,7 +286,9 @@ class Config:
 
     def write(self, path):
         """Write the configuration as JSON to ``path``; return the path."""
+        from .io import json_safe  # numpy: not imported for --help
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        path.write_text(json.dumps(json_safe(self.to_dict()), indent=2, default=str, allow_nan=False) + "\n")
         return path

@@ -32,6 +32,19 @@ def read_text_utf8(path, what="", fix="save it as UTF-8.", error=DataError):
                     f"{fix}") from None
 
 
+def json_safe(value):
+    """``value`` (nested dicts, lists, tuples) with every non-finite float as a string, "inf", "-inf" or "nan":
+    JSON has no such numbers, and the Infinity and NaN tokens Python writes for them are refused by strict parsers
+    (BIDS tools) (e.g. ``resolution_tolerance = inf`` from a parameters file)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def sidecar_path(path):
     """The path of the JSON sidecar beside the NIfTI file ``path`` (its .nii.gz or .nii replaced by .json)."""
     path = Path(path)

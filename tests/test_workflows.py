@@ -199,6 +199,22 @@ def test_methods_text_follows_a_deep_resolution_tolerance_from_the_parameters():
     assert "The network ran on the acquisition grid" in methods_text(config)
 
 
+def test_an_infinite_parameter_is_written_as_strict_json(tmp_path):
+    """``resolution_tolerance = inf`` (documented) was written as the token Infinity, which strict JSON parsers and
+    BIDS tools refuse, in the deep Chimap's sidecar and in config.json."""
+    from qsmprep.workflows.outputs import init_qsm_derivatives_wf
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in the JSON"))
+
+    config = make_config([make_run()], inversion=("deep",),
+                         parameters={"inversion": {"deep": {"resolution_tolerance": float("inf")}}})
+    sidecar = init_qsm_derivatives_wf(make_run(), config).get_node("chimap_deep_metadata").inputs.metadata
+    assert strict(json.dumps(sidecar))["EstimationParameters"]["resolution_tolerance"] == "inf"
+    written = strict(config.write(tmp_path / "config.json").read_text())
+    assert written["parameters"]["inversion"]["deep"]["resolution_tolerance"] == "inf"
+
+
 def test_methods_text_names_a_total_variation_term_in_the_refinement():
     from qsmprep.workflows.base import methods_text
 

@@ -15,6 +15,7 @@ from ..bids.derivatives import OUTPUTS, bids_uri
 from ..config import ALGORITHM_NAMES, B0_RESAMPLE_TILT_DEG
 from ..deep import model_provenance
 from ..interfaces.bids import DerivativesDataSink
+from ..io import json_safe
 from ..physics import voxel_size_from_affine
 
 REFERENCING = "mean of the susceptibility within the brain mask (desc-brain_mask) set to 0"
@@ -101,7 +102,7 @@ def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0,
 
     def sink(output, method=None):
         spec = OUTPUTS[output]
-        metadata = output_metadata(run, config, output, method, method in resampled_methods, b0_dir)
+        metadata = json_safe(output_metadata(run, config, output, method, method in resampled_methods, b0_dir))
         node = pe.Node(
             DerivativesDataSink(
                 base_directory=config.output_dir, source_file=run.magnitude[0], dismiss_entities=("echo", "part"),
