@@ -119,6 +119,27 @@ def test_refinement_reduces_the_data_misfit():
     np.testing.assert_array_equal(refine_data_consistency(start, field, mask, n_iter=0), start * mask)
 
 
+def test_a_high_pass_sphere_that_fits_nowhere_leaves_the_map_with_a_warning(caplog):
+    """--refine-radius 40 gave the network's map unchanged, with exit 0 and no word, after seconds of solving."""
+    chi, field, mask = _phantom()
+    start = 0.5 * chi
+    with caplog.at_level("WARNING", logger="qsmprep.inversion.deep"):
+        kept = refine_data_consistency(start, field, mask, n_iter=10, harmonic_radius_mm=200.0)
+    np.testing.assert_array_equal(kept, start)
+    assert "200 mm high-pass sphere fits nowhere inside the mask" in caplog.text
+
+
+@pytest.mark.parametrize(("options", "message"), [({"tile_shape": 16}, "at least 64 voxels"),
+                                                  ({"overlap": 80}, "overlap 80: give 0 to 63"),
+                                                  ({"overlap": -1}, "overlap -1")])
+def test_tiles_that_cannot_cover_the_volume_are_refused(options, message):
+    """A 16^3 tile or an overlap past the tile returned a map of zeros; an overlap equal to the tile raised a
+    bare range() error."""
+    chi, field, mask = _phantom()
+    with pytest.raises(ValueError, match=message):
+        deep.deep_invert(field, mask, device="cpu", **options)
+
+
 @pytest.mark.parametrize("options", [{}, {"harmonic_radius_mm": 4.0}, {"tv_weight": 3e-4, "n_iter": 12}])
 def test_refinement_in_torch_equals_numpy(options):
     """A torch device (CUDA in deep_invert; here torch on the CPU) runs the refinement's FFTs and CG in torch:

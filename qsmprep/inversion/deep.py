@@ -198,7 +198,9 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
         SMV radius r in mm of the high-pass H; None (or 0) compares the fields
         themselves. 8 mm helps where background removal left residuals and
         costs accuracy on exact fields (docs/methods/deep-inversion.md). One
-        that reaches no neighbouring voxel is refused (``check_high_pass_radius``).
+        that reaches no neighbouring voxel is refused (``check_high_pass_radius``);
+        one whose sphere fits nowhere inside the mask leaves no data term, and
+        ``chi_init`` is returned with a warning.
     tv_weight : float, default 0
         Weight of the total-variation term, in ppm mm (0: off). 3e-4 with
         ``lam`` 0.03 and ``n_iter`` 30 is measured in docs/benchmarks.md
@@ -231,6 +233,10 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     if harmonic_radius_mm:
         smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True, device=torch_device)
         fits = sphere_fits(fft_module(m_t).rfftn(m_t, big), smv, big, voxel_size_mm, harmonic_radius_mm)
+        if not fits.any():  # no data term left: the solve would return chi_init after seconds of work
+            log.warning("the refinement's %g mm high-pass sphere fits nowhere inside the mask, so it has no field to "
+                        "fit and leaves the network's map as it is: give a smaller refine radius", harmonic_radius_mm)
+            return np.asarray(chi_init, dtype=np.float32)
         w2 = w2 * fits[tuple(slice(0, n) for n in m.shape)]
         field = filter_padded(field, 1 - smv, big)
         d = (1 - smv) * d
@@ -475,9 +481,11 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         Largest block the network sees at once (an int: a cube); the shipped
         model needs about 7.8 GB of CPU memory for 256^3, 2.2 GB for 160^3.
         None: the whole grid when free memory allows, else the largest tile
-        that fits (``tile_for_memory``).
+        that fits (``tile_for_memory``). At least ``MIN_TILE`` (64) along each
+        axis, else ValueError.
     overlap : int, default 32
-        Overlap of neighbouring tiles, in voxels.
+        Overlap of neighbouring tiles, in voxels, 0 to ``MIN_TILE - 1`` (else
+        ValueError: tiles that do not advance past their overlap cover nothing).
 
     Returns
     -------
@@ -489,6 +497,10 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
 
     if refine_iters and refine_radius_mm:  # refused before the network runs, not after
         check_high_pass_radius(refine_radius_mm, voxel_size_mm)
+    if tile_shape is not None and min(np.broadcast_to(tile_shape, (3,))) < MIN_TILE:
+        raise ValueError(f"tile_shape {tile_shape}: tiles must be at least {MIN_TILE} voxels along each axis")
+    if not 0 <= overlap < MIN_TILE:  # a tile must advance past its overlap, or the tiles cover nothing (zeros)
+        raise ValueError(f"overlap {overlap}: give 0 to {MIN_TILE - 1} voxels")
     dev = resolve_device(device)
     log.info("deep inversion on %s", device_text(dev))
     torch.backends.cudnn.deterministic = True
