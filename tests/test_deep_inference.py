@@ -83,6 +83,15 @@ def test_anisotropic_voxels_are_resampled_to_the_training_resolution(untrained_c
     assert cubic < 10 and distance() > 1.5 * cubic
 
 
+@pytest.mark.parametrize(("voxel_mm", "resampled"), [(0.85, False), (1.15, False), (0.849, True), (1.151, True)])
+def test_the_resolution_tolerance_is_the_same_both_ways(voxel_mm, resampled):
+    """Voxels 15 % smaller than the training grid's were resampled and 15 % larger were not (float rounding)."""
+    meta = {"recipe": {"data": {"voxel_size_mm": [1.0, 1.0, 1.0]}}, "conventions": {"needs_voxel_size": False},
+            "params": {}}
+    assert deep.network_frame((voxel_mm,) * 3, (0.0, 0.0, 1.0), meta) == (
+        (True, (1.0, 1.0, 1.0)) if resampled else (False, None))
+
+
 def test_unlimited_resolution_tolerance_runs_the_network_on_the_native_grid(untrained_checkpoint):
     chi, field, mask = _phantom(shape=(24, 24, 24), voxel_size=(3.0, 3.0, 3.0))
     out = deep_invert(field, mask, (3, 3, 3), (0, 0, 1), model=untrained_checkpoint, device="cpu", refine_iters=0,

@@ -356,7 +356,8 @@ def network_frame(voxel_size_mm, b0_dir, meta, resolution_tolerance=RESOLUTION_T
     """
     voxel_size_mm = tuple(float(v) for v in voxel_size_mm)
     trained_vs = tuple(meta.get("recipe", {}).get("data", {}).get("voxel_size_mm", voxel_size_mm))
-    mismatch = max(abs(v / t - 1) for v, t in zip(voxel_size_mm, trained_vs))
+    # rounded: 0.85 / 1 - 1 is -0.15000000000000002, which read as over a 15 % tolerance while 1.15 was not
+    mismatch = round(max(abs(v / t - 1) for v, t in zip(voxel_size_mm, trained_vs)), 9)
     resample_resolution = not meta["conventions"]["needs_voxel_size"] or meta.get("params", {}).get("prior")
     target_vs = trained_vs if (resample_resolution and mismatch > resolution_tolerance) else None
     return b0_tilt_deg(b0_dir) > OBLIQUE_THRESHOLD_DEG or target_vs is not None, target_vs
