@@ -1035,7 +1035,7 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
     assert main([str(runs["bids"]), str(out), "group"]) == 0
     printed = capsys.readouterr().out
     assert f"3 run(s), {3 * len(METHODS)} Chimap(s)" in printed and "flagged sub-02: tail ratio" in printed
-    with open(out / "group_Chimap.tsv", newline="") as table:
+    with open(out / "group_qsm.tsv", newline="") as table:
         rows = list(csv.DictReader(table, delimiter="\t"))
     assert sorted((row["run"], row["method"]) for row in rows) == sorted((r, m) for r in RUNS for m in METHODS)
     for row in rows:
@@ -1048,8 +1048,13 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
         assert float(row["mask_ml"]) == pytest.approx(mask.sum() * voxel_ml, abs=0.05)
         assert (row["echoes"], row["b0_tesla"], row["phase_inverted"]) == ("3", "3", "false")
         assert (row["flags"] != "n/a") == (row["run"] == name and row["method"] == "tkd"), row
-    assert json.loads((out / "group_Chimap.json").read_text())["tail_ratio"]["Description"].startswith("(chi_p99")
-    page = (out / "group_Chimap.html").read_text()
+    assert json.loads((out / "group_qsm.json").read_text())["tail_ratio"]["Description"].startswith("(chi_p99")
+    # the output folder still loads in pybids (a group_Chimap.json was inherited by every Chimap: conflicting values)
+    from bids import BIDSLayout
+
+    chimap = BIDSLayout(out, validate=False, is_derivative=True).get(suffix="Chimap", extension=".nii.gz")[0]
+    assert "subject" not in chimap.get_metadata() and chimap.get_metadata()["SkullStripped"] is True
+    page = (out / "group_qsm.html").read_text()
     assert page.index("sub-02</a>") < page.index("sub-01_ses-1</a>")  # the flagged run first
     assert '<a href="sub-02.html">' in page and "data:image/png;base64," in page
     # no qsmprep derivatives there, or an unknown subject: exit 66
@@ -1058,13 +1063,13 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
     assert "--participant-label 09: no such subject" in capsys.readouterr().err
     # --session-label selects runs too; options of the participant level are named as having no effect
     assert main([str(runs["bids"]), str(out), "group", "--session-label", "ses-2", "2", "--inversion", "tkd"]) == 0
-    with open(out / "group_Chimap.tsv", newline="") as table:
+    with open(out / "group_qsm.tsv", newline="") as table:
         assert {row["run"] for row in csv.DictReader(table, delimiter="\t")} == {"sub-01_ses-2"}
     assert "--inversion has no effect at the group level" in capsys.readouterr().err
     assert main([str(runs["bids"]), str(out), "group", "--session-label", "3", "--nprocs", "2", "-w", "w"]) == 66
     err = capsys.readouterr().err
     assert "--work-dir, --nprocs have no effect" in err and "--session-label 3: no such session of subject(s)" in err
-    assert "(they have 1, 2)" in err and "Of the runs of session(s) 2 in this folder" in (out / "group_Chimap.html").read_text()
+    assert "(they have 1, 2)" in err and "Of the runs of session(s) 2 in this folder" in (out / "group_qsm.html").read_text()
 
 
 def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_measure(tmp_path, capsys, monkeypatch):
@@ -1090,7 +1095,7 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
     capsys.readouterr()
 
     def table():
-        with open(out / "group_Chimap.tsv", newline="") as file:
+        with open(out / "group_qsm.tsv", newline="") as file:
             return list(csv.DictReader(file, delimiter="\t"))
 
     assert main([str(bids), str(out), "group", "--participant-label", "01", "sub-01"]) == 0
@@ -1104,18 +1109,18 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
         in printed.err
     (row,) = table()
     assert row["flags"].startswith(f"cannot be measured: susceptibility map {chimap} is not a readable NIfTI file")
-    earlier = (out / "group_Chimap.tsv").read_text()
+    earlier = (out / "group_qsm.tsv").read_text()
     mask = out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"
     mask.rename(tmp_path / "mask.nii.gz")
     assert main([str(bids), str(out), "group"]) == 66
     assert f"{out} holds no processed run for subject(s) 01" in capsys.readouterr().err
-    assert (out / "group_Chimap.tsv").read_text() == earlier
-    assert main([str(bids), str(out / "group_Chimap.tsv"), "group"]) == 66
-    assert "group_Chimap.tsv is a file, not a folder" in capsys.readouterr().err
+    assert (out / "group_qsm.tsv").read_text() == earlier
+    assert main([str(bids), str(out / "group_qsm.tsv"), "group"]) == 66
+    assert "group_qsm.tsv is a file, not a folder" in capsys.readouterr().err
     # the group files in OUTPUT_DIR are no obstacle, and are left as they were (a new work folder: the real V-SHARP)
     capsys.readouterr()
     assert main([*participant, "-w", str(tmp_path / "work2")]) == 0
-    assert _load(chimap).any() and (out / "group_Chimap.tsv").read_text() == earlier
+    assert _load(chimap).any() and (out / "group_qsm.tsv").read_text() == earlier
     # but they no longer describe it, and the summary says so
-    assert (f"{out / 'group_Chimap.tsv'} predates this run: run the group level again (qsmprep {bids} {out} group) "
+    assert (f"{out / 'group_qsm.tsv'} predates this run: run the group level again (qsmprep {bids} {out} group) "
             "to include it") in capsys.readouterr().out

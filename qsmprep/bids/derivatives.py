@@ -44,7 +44,7 @@ def dataset_makers(folder):
         return []
 
 
-BIDSIGNORE = ("logs/", "*.html", "sub-*/figures/", "group_Chimap.*")
+BIDSIGNORE = ("logs/", "*.html", "sub-*/figures/", "group_qsm.*")
 """Paths in the output dataset that are not BIDS files (logs, reports, report figures, the group level's table)."""
 
 OUTPUTS = {

@@ -70,7 +70,7 @@ examples:
   qsmprep bids out participant --preset research --nprocs 8 --omp-nthreads 4 -w /scratch/work
   qsmprep bids out participant --inversion tkd ilsqr --mask /data/derivatives/qsmprep-masks
   qsmprep bids out participant --use-plugin workflows/nipype_slurm.yml
-  qsmprep bids out group      # after the participant level: group_Chimap.tsv/.html over every run
+  qsmprep bids out group      # after the participant level: group_qsm.tsv/.html over every run
 """
 
 
@@ -87,7 +87,7 @@ def build_parser():
     p.add_argument("output_dir", type=Path, help="the output folder, written as a BIDS derivatives dataset")
     p.add_argument("analysis_level", choices=["participant", "group"],
                    help="'participant': process the runs; 'group': a table and page of quality measures over "
-                   "the runs OUTPUT_DIR holds (group_Chimap.tsv/.html; reads --participant-label and --session-label)")
+                   "the runs OUTPUT_DIR holds (group_qsm.tsv/.html; reads --participant-label and --session-label)")
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more console output: -v Nipype's per-node lines (always in the log file), -vv debug")
@@ -615,7 +615,7 @@ GROUP_LEVEL_OPTIONS = ("bids_dir", "output_dir", "analysis_level", "participant_
 
 
 def run_group(args):
-    """The group level: ``group_Chimap.tsv``/``.html`` over the runs the participant level wrote in OUTPUT_DIR
+    """The group level: ``group_qsm.tsv``/``.html`` over the runs the participant level wrote in OUTPUT_DIR
     (``qsmprep.reports.group``) for ``--participant-label`` and ``--session-label`` (default every subject and
     session); returns the exit code: 0, or 65 when some run could not be measured (its row says why; the others are
     in the table)."""

@@ -1,8 +1,8 @@
 """The group level: one table of quality measures over every run in a derivatives dataset, and a page with it.
 
 ``qsmprep BIDS_DIR OUTPUT_DIR group`` reads what the participant level wrote (brain masks, Chimaps and their
-sidecars) and writes ``OUTPUT_DIR/group_Chimap.tsv`` (a row per run and inversion method, described by
-``group_Chimap.json``) and ``OUTPUT_DIR/group_Chimap.html`` (the table, flagged rows first, and a figure), as
+sidecars) and writes ``OUTPUT_DIR/group_qsm.tsv`` (a row per run and inversion method, described by
+``group_qsm.json``) and ``OUTPUT_DIR/group_qsm.html`` (the table, flagged rows first, and a figure), as
 MRIQC's group reports do, so that a study's failed runs are found without opening every subject's report.
 """
 
@@ -28,7 +28,10 @@ from .report import (
     read_sidecar,
 )
 
-GROUP_STEM = "group_Chimap"
+GROUP_STEM = "group_qsm"
+"""Name of the group level's files. Not ``group_Chimap``: pybids reads a top-level ``*_Chimap.json`` as metadata every
+Chimap inherits, and its column descriptions ("subject") then conflict with the files' entities, so that
+``BIDSLayout`` could not load the output folder."""
 
 COLUMNS = {
     "run": "run name, as in its derivatives' file names (e.g. sub-01_ses-1)",
@@ -48,7 +51,7 @@ COLUMNS = {
              "Chimap with no contrast in the brain mask, e.g. all zeros; tail ratio below 1; brain mask volume more "
              "than 3 robust standard deviations from the group's median, with 5 runs or more), n/a when it does not",
 }
-"""The table's columns and what each holds (``group_Chimap.json``, the BIDS description of a TSV's columns)."""
+"""The table's columns and what each holds (``group_qsm.json``, the BIDS description of a TSV's columns)."""
 
 MASK_OUTLIER_Z = 3.0
 """Robust z-score (median and 1.4826 x median absolute deviation over the group's runs) beyond which a brain mask
@@ -178,8 +181,8 @@ def group_rows(output_dir, subjects, sessions=()):
 
 
 def write_group_report(output_dir, rows, selection="every run"):
-    """Write ``group_Chimap.tsv`` of ``rows`` (``group_rows``), its ``.json`` column descriptions and
-    ``group_Chimap.html`` (its figure inside, and ``selection``: which runs were asked for, e.g. "the runs of
+    """Write ``group_qsm.tsv`` of ``rows`` (``group_rows``), its ``.json`` column descriptions and
+    ``group_qsm.html`` (its figure inside, and ``selection``: which runs were asked for, e.g. "the runs of
     subject(s) 01") into ``output_dir``; return (tsv path, html path). Every text is made
     before the first is written, so that a failure leaves the earlier files; CantCreateError when one cannot be."""
     out = Path(output_dir)
