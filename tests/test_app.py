@@ -955,6 +955,17 @@ def test_resample_b0_with_deep_alone_warns_that_it_does_nothing(tmp_path, caplog
     assert "no effect" not in caplog.text
 
 
+def test_a_work_directory_inside_the_output_folder_is_warned_about(tmp_path, caplog):
+    """-w inside OUTPUT_DIR put Nipype's qsmprep_wf/ into the derivatives dataset without a word."""
+    from qsmprep.cli.run import build_parser, resolve_config
+
+    for work, warned in ((tmp_path / "out" / "work", True), (tmp_path / "work", False)):
+        caplog.clear()
+        argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "-w", str(work), "--inversion", "tkd"]
+        resolve_config(build_parser().parse_args(argv), argv)
+        assert ("is inside OUTPUT_DIR" in caplog.text) == warned
+
+
 def test_phase_of_the_opposite_polarity_is_flagged_and_undone_by_invert_phase(tmp_path, capfd):
     """Phase stored negated (another scanner's convention) gives a Chimap of the wrong sign, which the report and the
     log flag; --invert-phase negates it back: the map is the negative of the flagged one, correlates positively with

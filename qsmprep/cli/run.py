@@ -272,6 +272,10 @@ def resolve_config(args, argv):
         raise UsageError(f"--mask {args.mask} is in OUTPUT_DIR {output_dir}, whose masks this run replaces with its "
                          "own (eroded by V-SHARP or RESHARP): copy the masks to another folder and give that, "
                          "or write to another OUTPUT_DIR.")
+    if args.work_dir.resolve().is_relative_to(output_dir.resolve()):
+        log.warning("--work-dir %s is inside OUTPUT_DIR %s: Nipype's intermediate files (gigabytes for large runs) "
+                    "become part of the derivatives dataset, which BIDS tools then index; give a folder outside it.",
+                    args.work_dir, output_dir)
     for option, folder in (("OUTPUT_DIR", output_dir), ("--work-dir", args.work_dir.absolute())):
         check_output_folder(option, folder)
     check_output_dataset(output_dir)
