@@ -966,6 +966,21 @@ def test_a_work_directory_inside_the_output_folder_is_warned_about(tmp_path, cap
         assert ("is inside OUTPUT_DIR" in caplog.text) == warned
 
 
+def test_an_output_folder_made_from_another_dataset_is_warned_about(tmp_path, caplog):
+    """Its description was silently re-linked to this dataset, so the earlier runs' sources pointed into it."""
+    from qsmprep.bids.derivatives import write_dataset_description
+    from qsmprep.cli.run import build_parser, resolve_config
+
+    write_dataset_description(tmp_path / "out", tmp_path / "other")
+    argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--inversion", "tkd"]
+    resolve_config(build_parser().parse_args(argv), argv)
+    assert f"was made from another input dataset ({(tmp_path / 'other').as_uri()}), not {tmp_path / 'bids'}" in caplog.text
+    caplog.clear()
+    write_dataset_description(tmp_path / "out", tmp_path / "bids")
+    resolve_config(build_parser().parse_args(argv), argv)
+    assert "another input dataset" not in caplog.text
+
+
 def test_phase_of_the_opposite_polarity_is_flagged_and_undone_by_invert_phase(tmp_path, capfd):
     """Phase stored negated (another scanner's convention) gives a Chimap of the wrong sign, which the report and the
     log flag; --invert-phase negates it back: the map is the negative of the flagged one, correlates positively with

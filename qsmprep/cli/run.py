@@ -200,11 +200,14 @@ def check_output_location(bids_dir, output_dir, what="output folder"):
                              f"raw data: {hint}.")
 
 
-def check_output_dataset(output_dir):
+def check_output_dataset(output_dir, bids_dir):
     """Raise UsageError when ``output_dir`` is another tool's dataset: its ``dataset_description.json`` does not
     name qsmprep in ``GeneratedBy``. qsmprep would replace that description, and its files would mix with the
-    other tool's."""
-    from ..bids.derivatives import dataset_makers
+    other tool's. Warn when qsmprep made it from another input dataset than ``bids_dir``: the description then
+    links this one, and the earlier runs' ``bids:raw:`` sources point into it."""
+    import json
+
+    from ..bids.derivatives import RAW_DATASET_NAME, dataset_makers
 
     description = Path(output_dir) / "dataset_description.json"
     makers = dataset_makers(output_dir)
@@ -212,6 +215,13 @@ def check_output_dataset(output_dir):
         made_by = f"made by {', '.join(makers)}" if makers else "not made by qsmprep"
         raise UsageError(f"output folder {output_dir} holds another dataset ({description} says it is {made_by}): "
                          "give qsmprep a folder of its own, e.g. BIDS_DIR/derivatives/qsmprep.")
+    if makers:
+        links = json.loads(description.read_text()).get("DatasetLinks")
+        raw = links.get(RAW_DATASET_NAME) if isinstance(links, dict) else None
+        if isinstance(raw, str) and raw != Path(bids_dir).as_uri():
+            log.warning("output folder %s was made from another input dataset (%s), not %s: the runs already in it "
+                        "will be described as if made from this one; give each input dataset its own output "
+                        "folder.", output_dir, raw, bids_dir)
 
 
 def chosen_parameters(path, bgremove, inversions, mask):
@@ -278,7 +288,7 @@ def resolve_config(args, argv):
                     args.work_dir, output_dir)
     for option, folder in (("OUTPUT_DIR", output_dir), ("--work-dir", args.work_dir.absolute())):
         check_output_folder(option, folder)
-    check_output_dataset(output_dir)
+    check_output_dataset(output_dir, bids_dir)
     nprocs = args.nprocs or available_cores()
     deep = {key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None}
     deep.setdefault("refine_radius_mm", PIPELINE_REFINE_RADIUS_MM)
