@@ -84,6 +84,14 @@ def test_grouping_by_session_acquisition_run_and_labels(tmp_path):
     filters = tmp_path / "filter.json"
     filters.write_text(json.dumps({"megre": {"run": 2}}))
     assert [r.name for r in discover_runs(tmp_path, bids_filters=read_filter_file(filters))] == [names[3]]
+    # the labels narrow a filter file's subject and session; they replaced them (ses-1 was run against {"session": "2"})
+    assert [r.name for r in discover_runs(tmp_path, participant_label=["01", "02"],
+                                          bids_filters={"subject": "01"})] == names[:2]
+    with pytest.raises(NoInputError, match=r"--session-label 1 and the --bids-filter-file's session 2 select no "
+                                           r"session in common: change one of them"):
+        discover_runs(tmp_path, session_label=["1"], bids_filters={"session": "2"})
+    assert [r.name for r in discover_runs(tmp_path, session_label=["1", "2"],
+                                          bids_filters={"session": ["2"]})] == ["sub-01_ses-2"]
 
 
 def test_no_input_and_bad_filter_file(tmp_path):

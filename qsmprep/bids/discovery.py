@@ -183,6 +183,19 @@ def _file_key(name, value, patterns):
     return f"{found.group(1) if found else name}-{value}"
 
 
+def _narrowed(wanted, filtered, what, option):
+    """The labels ``wanted`` by ``option`` that a ``--bids-filter-file`` value ``filtered`` (a label, a list, or None
+    for no filter) also selects: both narrow the query. NoInputError when none is left."""
+    if filtered is None:
+        return wanted
+    allowed = {str(v) for v in (filtered if isinstance(filtered, list) else [filtered])}
+    both = [label for label in wanted if label in allowed]
+    if not both:
+        raise NoInputError(f"{option} {' '.join(wanted)} and the --bids-filter-file's {what} "
+                           f"{' '.join(sorted(allowed))} select no {what} in common: change one of them.")
+    return both
+
+
 def _echo_label(entities):
     """The ``echo`` entity of a file as its number (``_echo_number``: echo-02 is echo 2, as BIDS reads it), or
     None when it has none."""
@@ -272,7 +285,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
                 f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {bids_dir}: "
                 "check --participant-label."
             )
-        query["subject"] = wanted
+        query["subject"] = _narrowed(wanted, query.get("subject"), "participant", "--participant-label")
     if session_label:
         wanted = _strip_prefix(session_label, "ses-")
         subjects = {"subject": query["subject"]} if participant_label else {}
@@ -281,7 +294,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
             whose = f" for participant(s) {', '.join('sub-' + s for s in subjects['subject'])}" if subjects else ""
             raise NoInputError(f"session(s) {', '.join('ses-' + m for m in missing)} not found in {bids_dir}{whose}: "
                                "check --session-label.")
-        query["session"] = wanted
+        query["session"] = _narrowed(wanted, query.get("session"), "session", "--session-label")
 
     groups = {}
     for bids_file in layout.get(return_type="object", **query):
