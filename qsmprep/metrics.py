@@ -1,7 +1,8 @@
 """Image-quality metrics used by the QSM reconstruction challenges.
 
 All metrics compare a reconstruction ``recon`` (x) with a reference ``ref``
-(y), both in ppm, inside a mask. Susceptibility is relative (D(0) = 0 leaves
+(y), both (i, j, k) arrays in ppm, inside a ``mask`` (non-zero = inside; an
+empty one is a DataError). Susceptibility is relative (D(0) = 0 leaves
 its mean undetermined), so the error norms demean both images in the mask
 first unless stated otherwise. docs/metrics.md gives every formula.
 
@@ -62,15 +63,6 @@ def nrmse(recon, ref, mask, demean=True):
 
     With ``demean`` (default True) both images are demeaned in the mask first,
     as in the 2016 challenge (Langkammer 2018).
-
-    Parameters
-    ----------
-    recon, ref : array (i, j, k)
-        Reconstruction and reference, in the same unit (ppm).
-    mask : array (i, j, k)
-        Evaluation region (non-zero = inside); DataError when empty.
-    demean : bool, default True
-        Subtract each map's mean in the mask first.
     """
     if demean:
         x, y, m = _demeaned_in_mask(recon, ref, mask)
@@ -100,13 +92,6 @@ def nrmse_detrended(recon, ref, mask):
     100 ||a x + b - y||_2 / ||y - mean(y)||_2. It scores structure and ignores
     a global scale or offset error; it equals 100 sqrt(1 - r^2) with r the
     Pearson correlation of x and y in the mask, and is 0 for x = a y + b.
-
-    Parameters
-    ----------
-    recon, ref : array (i, j, k)
-        Reconstruction and reference, in the same unit (ppm).
-    mask : array (i, j, k)
-        Evaluation region (non-zero = inside); DataError when empty.
     """
     m = _mask_bool(mask)
     x = np.asarray(recon, np.float64)[m]
@@ -121,15 +106,6 @@ def hfen(recon, ref, mask, sigma=1.5):
     100 ||LoG(x) - LoG(y)||_2 / ||LoG(y)||_2 over ``mask``, with the
     Laplacian-of-Gaussian of width ``sigma`` voxels (default 1.5, as in the
     2016 challenge) applied to the demeaned, masked images (Langkammer 2018).
-
-    Parameters
-    ----------
-    recon, ref : array (i, j, k)
-        Reconstruction and reference, in the same unit (ppm).
-    mask : array (i, j, k)
-        Evaluation region (non-zero = inside); DataError when empty.
-    sigma : float, default 1.5
-        Width of the Laplacian-of-Gaussian in voxels.
     """
     x, y, m = _demeaned_in_mask(recon, ref, mask)
     lx = ndimage.gaussian_laplace(x, sigma)

@@ -532,6 +532,7 @@ def _error_reports(config, failed):
 def summarize(config, failed):
     """Print where the outputs are, and what went wrong; return the exit code."""
     from ..bids.derivatives import run_output_paths
+    from ..reports.group import GROUP_STEM
 
     out = Path(config.output_dir)
     lines = [f"qsmprep {__version__} finished; outputs in {out}"]
@@ -558,8 +559,6 @@ def summarize(config, failed):
                      f"crash files in {config.log_dir}:")
         lines += [f"  - {node}" for nodes in failed.values() for node in nodes]
         code = EXIT_PROCESSING_FAILED
-    from ..reports.group import GROUP_STEM
-
     group_table = out / f"{GROUP_STEM}.tsv"
     if group_table.is_file():  # the group level's table is a snapshot: it does not follow the participant level
         lines.append(f"{group_table} predates this run: run the group level again "
