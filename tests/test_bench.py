@@ -61,6 +61,18 @@ def test_error_split_at_a_frequency_keeps_only_the_slow_part(accuracy):
     assert accuracy.rmse_below_ppm(slow + fast, truth, mask, 1.0, 1.0) == pytest.approx(0.05 / np.sqrt(2), rel=1e-5)
 
 
+def test_seam_score_finds_a_step_between_planes(accuracy):
+    """A smooth difference map scores about 1; the same map with a step across one plane scores the step over
+    the median plane's mean step."""
+    n = 40
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=float)] * 3, indexing="ij")
+    smooth = 0.001 * (x + 2 * y + 3 * z)  # plane steps 0.001, 0.002, 0.003 along the three axes
+    mask = np.ones((n, n, n), bool)
+    assert accuracy.seam_score(smooth, mask) == pytest.approx(1.0)
+    stepped = smooth + 0.05 * (y >= 20)  # a tile face at j = 20
+    assert accuracy.seam_score(stepped, mask) == pytest.approx(0.052 / 0.002)
+
+
 def test_coarse_maps_are_enlarged_by_repeating_voxels(accuracy):
     coarse = np.arange(8, dtype=float).reshape(2, 2, 2)
     fine = accuracy.enlarged(coarse, 4)

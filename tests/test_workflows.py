@@ -310,6 +310,35 @@ def test_derivatives_data_sink_writes_documented_names(tmp_path, entities):
     assert json.loads(Path(res.outputs.out_meta).read_text()) == {"Type": "Brain"}
 
 
+def test_derivatives_data_sink_interrupted_while_writing_leaves_no_cut_short_file(tmp_path, monkeypatch):
+    """Ctrl-C while niworkflows writes an image left the half-written file under its final name, where the report,
+    the group level and other tools read it as the run's result."""
+    import niworkflows.interfaces.bids as niworkflows_bids
+
+    from qsmprep.interfaces.bids import DerivativesDataSink
+
+    source = tmp_path / "bids" / "sub-01" / "anat" / "sub-01_echo-1_part-mag_MEGRE.nii.gz"
+    source.parent.mkdir(parents=True)
+    _save(source, np.zeros((4, 4, 4)))
+    out = tmp_path / "out"
+    final = out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"an earlier run's mask")
+
+    def interrupted(fname, header, data):
+        Path(fname).write_bytes(b"half an image")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(niworkflows_bids, "unsafe_write_nifti_header_and_data", interrupted)
+    sink = DerivativesDataSink(base_directory=str(out), source_file=str(source), dismiss_entities=("echo", "part"),
+                               desc="brain", suffix="mask", compress=True, meta_dict={"Type": "Brain"})
+    sink.inputs.in_file = _save(tmp_path / "mask.nii.gz", np.ones((4, 4, 4)))
+    with pytest.raises(KeyboardInterrupt):
+        sink.run(cwd=str(tmp_path))
+    assert final.read_bytes() == b"an earlier run's mask"  # not replaced by half an image
+    assert sorted(p.name for p in out.rglob("*")) == ["anat", "sub-01", final.name]  # no staging folder left
+
+
 # ---------------------------------------------------------------- declared memory vs measured peaks
 
 

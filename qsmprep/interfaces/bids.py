@@ -1,5 +1,9 @@
 """Writing BIDS derivatives: niworkflows' DerivativesDataSink with qsmprep's BIDS configuration."""
 
+import os
+import tempfile
+from pathlib import Path
+
 from niworkflows.interfaces.bids import DerivativesDataSink as _DerivativesDataSink
 
 from ..bids.derivatives import load_bids_config
@@ -13,10 +17,37 @@ class DerivativesDataSink(_DerivativesDataSink):
     Writes into the output directory itself (the BIDS-App output folder is
     the derivatives dataset) with the path pattern of
     ``qsmprep/data/bids_config.json``, which ``qsmprep.bids.derivatives``
-    uses too, so written and documented names agree.
+    uses too, so written and documented names agree. Each file is written
+    in a hidden folder inside the output directory and then renamed into
+    place, so a run interrupted while it writes leaves no cut-short file.
     """
 
     out_path_base = ""
     _config_entities = frozenset(e["name"] for e in _CONFIG["entities"])
     _config_entities_dict = _CONFIG["entities"]
     _file_patterns = tuple(_CONFIG["default_path_patterns"])
+
+    def _run_interface(self, runtime):
+        final = Path(self.inputs.base_directory)
+        final.mkdir(parents=True, exist_ok=True)
+        # inside the output directory: one file system, so os.replace is an atomic rename
+        with tempfile.TemporaryDirectory(prefix=".tmp-", dir=final) as staging:
+            self.inputs.base_directory = staging
+            try:
+                runtime = super()._run_interface(runtime)
+            finally:
+                self.inputs.base_directory = str(final)
+            images = self._results["out_file"]
+            # the sidecar first: an image in place always has its sidecar
+            if "out_meta" in self._results:
+                self._results["out_meta"] = _move_into(self._results["out_meta"], staging, final)
+            self._results["out_file"] = [_move_into(path, staging, final) for path in images]
+        return runtime
+
+
+def _move_into(path, staging, final):
+    """Rename ``path``, written under ``staging``, to the same relative place under ``final``; the new path."""
+    target = final / Path(path).relative_to(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    return str(target)
