@@ -920,6 +920,21 @@ def test_mem_without_multiproc_warns_that_it_does_nothing(tmp_path, caplog):
     assert config.plugin_args.get("mp_context") == ("fork" if sys.platform == "linux" else None)
 
 
+def test_more_processes_or_threads_than_cpus_are_warned_about(tmp_path, caplog, monkeypatch):
+    """--nprocs 32 on 2 CPUs started 33 processes without a word."""
+    from qsmprep.cli import run as run_cli
+
+    monkeypatch.setattr(run_cli, "available_cores", lambda: 2)
+    base = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--inversion", "tkd"]
+    for extra, warned in ((["--nprocs", "32"], "--nprocs 32 is more than the 2 CPU(s)"),
+                          (["--nprocs", "2", "--omp-nthreads", "4"], "--omp-nthreads 4 is more than the 2 CPU(s)"),
+                          (["--nprocs", "2", "--omp-nthreads", "2"], None), ([], None)):
+        caplog.clear()
+        config = run_cli.resolve_config(run_cli.build_parser().parse_args([*base, *extra]), [*base, *extra])
+        assert ("is more than the" in caplog.text) == bool(warned) and (warned or "") in caplog.text
+    assert config.nprocs == 2  # the default: the CPUs this process may use
+
+
 def test_resample_b0_inverts_an_oblique_run_on_an_aligned_grid_and_writes_it_back_on_the_acquisition_grid(tmp_path):
     bids = tmp_path / "bids"
     assert simulate.main([str(bids), "--matrix", "32", "32", "24", "--voxel-size", "6", "6", "6", "--oblique", "20",

@@ -290,6 +290,11 @@ def resolve_config(args, argv):
         check_output_folder(option, folder)
     check_output_dataset(output_dir, bids_dir)
     nprocs = args.nprocs or available_cores()
+    for option, number in (("--nprocs", args.nprocs), ("--omp-nthreads", args.omp_nthreads)):
+        if number and number > available_cores() and not args.use_plugin:
+            log.warning("%s %d is more than the %d CPU(s) this process may use: %s share them, which is slower and "
+                        "takes more memory than %s %d.", option, number, available_cores(),
+                        "its processes" if option == "--nprocs" else "each node's threads", option, available_cores())
     deep = {key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None}
     deep.setdefault("refine_radius_mm", PIPELINE_REFINE_RADIUS_MM)
     if "model" in deep:
