@@ -170,19 +170,15 @@ def xsim(recon, ref, mask, data_range_ppm=1.0, k=(0.01, 0.001), sigma=1.5, radiu
 def label_means(chi, labels, label_ids):
     """Mean of ``chi`` over each label: {label_id: mean}.
 
-    A label with no voxel gets NaN (and a log warning), so that a table of
-    several maps keeps its rows.
+    A label with no voxel gets NaN, so that a table of several maps keeps
+    its rows.
     """
     chi = np.asarray(chi, np.float64)
     labels = np.asarray(labels)
     means = {}
     for label in label_ids:
         sel = labels == label
-        if not sel.any():
-            logger.warning("label %s has no voxel", label)
-            means[label] = float("nan")
-        else:
-            means[label] = float(chi[sel].mean())
+        means[label] = float(chi[sel].mean()) if sel.any() else float("nan")
     return means
 
 
@@ -195,12 +191,16 @@ def deep_gm_slope(recon, ref, labels, label_ids):
     means underestimation, typical of over-regularisation). 2019 challenge
     (Milovic 2021), "DGM slope".
 
-    Raises DataError if fewer than two distinct labels have voxels (a label
-    given twice counts once: a line through one point twice has no slope).
+    Labels with no voxel are left out, with a warning naming them. Raises
+    DataError if fewer than two distinct labels have voxels (a label given
+    twice counts once: a line through one point twice has no slope).
     """
     x = label_means(recon, labels, label_ids)
     y = label_means(ref, labels, label_ids)
     present = [label for label in dict.fromkeys(label_ids) if np.isfinite(x[label]) and np.isfinite(y[label])]
+    if len(present) < len(dict.fromkeys(label_ids)):
+        logger.warning("deep grey matter slope: label(s) %s have no voxel and are left out",
+                       ", ".join(str(label) for label in dict.fromkeys(label_ids) if label not in present))
     if len(present) < 2:
         raise DataError(f"Deep grey matter slope needs at least two labels with voxels; found {present}.")
     slope, _ = _linear_fit(np.array([y[lab] for lab in present]), np.array([x[lab] for lab in present]))

@@ -236,6 +236,14 @@ def test_deep_gm_slope_of_linear_relation_exact():
         deep_gm_slope(recon, ref, labels, [1, 9])
 
 
+def test_deep_gm_slope_names_the_labels_it_leaves_out_once(caplog):
+    """qsmprep-eval --deep-gm-labels 1 2 3 on a map without label 2 warned "label 2 has no voxel" twice."""
+    labels, ref = _label_phantom()
+    assert deep_gm_slope(0.5 * ref, ref, labels, [1, 8, 2, 9]) == pytest.approx(0.5, rel=1e-9)
+    assert [r.getMessage() for r in caplog.records] == [
+        "deep grey matter slope: label(s) 8, 9 have no voxel and are left out"]
+
+
 def test_deep_gm_label_ids_from_names():
     names = {1: "Caudate", 2: "putamen", 3: "Globus_Pallidus", 4: "white matter", 5: "red-nucleus", 6: "CSF"}
     assert deep_gm_label_ids(names) == [1, 2, 3, 5]
