@@ -101,9 +101,19 @@ def test_resharp_and_pdf_name_their_solver_and_what_they_do_to_the_mask():
             "conjugate gradients (tolerance 1e-06, at most 200 iterations), which also erodes the mask to where the "
             "sphere fits;") in resharp
     pdf = _text(bgremove="pdf", inversion=("tkd",))
-    assert ("(PDF; Liu et al. 2011): the field of susceptibility sources outside the brain mask, on a grid zero-padded "
-            "to 1.5 times its size, was fitted to the total field with equal weights for every mask voxel by conjugate "
+    assert ("(PDF; Liu et al. 2011): the field of susceptibility sources outside the brain mask, computed by FFTs on "
+            "the field's grid zero-padded to 1.5 times its size, was fitted to the total field with equal weights for every mask voxel by conjugate "
             "gradients (tolerance 1e-05, at most 100 iterations) and subtracted; PDF does not erode the mask") in pdf
+
+
+def test_classical_inversions_say_how_their_ffts_were_padded():
+    """pad_factor changes every classical map (circular convolution wraps the field of the brain's edge round) and
+    a parameters file may set it, but the text did not say it."""
+    text = _text(inversion=("tkd", "cfl2", "ilsqr"), parameters={"inversion": {"cfl2": {"pad_factor": 2}}})
+    assert ("with threshold 0.19, by FFTs on the field's grid (zero-padded only to fast FFT lengths)." in text)
+    assert "regularisation weight 0.1, by FFTs on the field's grid zero-padded to 2 times its size." in text
+    assert ("estimation and removal of streaking artefacts, each dipole convolution by FFTs on the field's grid "
+            "(zero-padded only to fast FFT lengths).") in text
 
 
 @pytest.mark.parametrize(("mask", "thresholded"), [

@@ -332,6 +332,8 @@ def bgremove_context(run, config):
     """Values of the background removal's template: the method's parameters and, for V-SHARP, its kernels as
     ``vsharp`` uses them (``radii_mm``, by default ``default_radii_mm`` of the run's voxel size)."""
     params = config.parameters["bgremove"][config.bgremove]
+    if config.bgremove == "pdf":
+        return {**params, "fft_grid": fft_grid_text(params["pad_factor"])}
     if config.bgremove != "vsharp":
         return params
     radii = params.get("radii_mm")
@@ -343,6 +345,14 @@ def bgremove_context(run, config):
     listed = spoken_list([f"{r:.3g}" for r in sorted(radii, reverse=True)])
     kernels = f"spherical kernels of {listed} mm" if len(radii) > 1 else f"a spherical kernel of {listed} mm"
     return {**params, "kernels": kernels + rule}
+
+
+def fft_grid_text(pad_factor):
+    """How the methods text names the grid a method's FFTs ran on: the field's own, or zero-padded to ``pad_factor``
+    times its size (``qsmprep.physics.padded_shape``, which also rounds each axis up to a fast FFT length)."""
+    if pad_factor == 1:
+        return "by FFTs on the field's grid (zero-padded only to fast FFT lengths)"
+    return f"by FFTs on the field's grid zero-padded to {pad_factor:g} times its size"
 
 
 def software_text():
@@ -377,6 +387,8 @@ def methods_description(run, config):
                                       "deep_exempt": exempt if len(resampled) < len(config.inversion) else ""}))
     for method in config.inversion:
         context = params.get("inversion", {}).get(method, {})
+        if "pad_factor" in context:
+            context = {**context, "fft_grid": fft_grid_text(context["pad_factor"])}
         if method == "deep":
             context = {**context, "network": deep_model_text(context["model"]), **deep_architecture_context(context["model"]),
                        "frame": deep_frame_text(run, config),
