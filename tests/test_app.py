@@ -1165,3 +1165,33 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
     # but they no longer describe it, and the summary says so
     assert (f"{out / 'group_qsm.tsv'} predates this run: run the group level again (qsmprep {bids} {out} group) "
             "to include it") in capsys.readouterr().out
+
+
+SIGTERM_SCRIPT = """
+import multiprocessing, os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from qsmprep.cli.run import stop_workers_on_sigterm
+
+stop_workers_on_sigterm()
+pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork"))  # as MultiProc runs nodes
+busy = [pool.submit(time.sleep, 60) for _ in range(2)]
+while len(multiprocessing.active_children()) < 2:
+    time.sleep(0.05)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MultiProc forks its workers on Linux")
+def test_sigterm_stops_the_worker_processes_and_exits_143():
+    """kill / docker stop / a time limit: the parent died of SIGTERM and its forked MultiProc workers waited for
+    ever on a queue whose write end they had inherited, holding their memory."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", SIGTERM_SCRIPT], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 143, done.stderr
+    assert time.perf_counter() - start < 30  # not after the workers' 60 s tasks
+    assert "stopped by SIGTERM (2 worker process(es) stopped with it)" in done.stderr
+    assert "BrokenProcessPool" not in done.stderr  # the pool broken on purpose is not reported as an error
+    for pid in map(int, done.stdout.split()):
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]

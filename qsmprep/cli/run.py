@@ -19,6 +19,7 @@ import logging.handlers
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,32 @@ log = logging.getLogger("qsmprep")
 EXIT_PROCESSING_FAILED = 70
 """Exit code when a workflow node crashed (EX_SOFTWARE); other subjects still finish."""
 
+EXIT_TERMINATED = 128 + signal.SIGTERM
+"""Exit code when stopped by SIGTERM (143, as a shell reports a process the signal killed)."""
+
+
+def stop_workers_on_sigterm():
+    """Make SIGTERM (``kill``, ``docker stop``, a scheduler's time limit) stop qsmprep's worker processes too.
+
+    MultiProc's workers are forked children waiting on a queue whose write end they inherited: once the parent
+    died of SIGTERM, they waited for ever, holding their memory. The handler terminates them and exits with
+    ``EXIT_TERMINATED``; forked children get the default SIGTERM back, so they die of it at once, mid-node.
+    """
+    import multiprocessing
+
+    def on_sigterm(signum, frame):
+        logging.getLogger("concurrent.futures").disabled = True  # its traceback of the pool we break on purpose
+        workers = multiprocessing.active_children()
+        for worker in workers:
+            worker.terminate()
+        log.error("stopped by SIGTERM (%d worker process(es) stopped with it): runs not finished wrote no derivatives; "
+                  "run the same command again to go on from the work directory's finished steps.", len(workers))
+        raise SystemExit(EXIT_TERMINATED)
+
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 EPILOG = """presets (explicit --unwrap/--bgremove/--inversion override them):
   fast      laplacian unwrapping, V-SHARP, TKD: seconds per run
   default   laplacian unwrapping, V-SHARP, deep inversion with the shipped model (iLSQR if it is absent)
@@ -63,7 +90,7 @@ EPILOG = """presets (explicit --unwrap/--bgremove/--inversion override them):
 
 exit codes: 0 success; 64 usage error; 65 some input runs unusable (the others were processed) or none
 usable; 66 no input data found; 70 a processing step failed (crash files in OUTPUT_DIR/logs/); 73 OUTPUT_DIR
-or --work-dir cannot be created or written.
+or --work-dir cannot be created or written; 143 stopped by SIGTERM.
 
 examples:
   qsmprep /data/bids /data/derivatives/qsmprep participant --participant-label 01 02
@@ -701,6 +728,7 @@ def _main(argv):
         if args.analysis_level == "group":
             return run_group(args)
         config = resolve_config(args, argv)
+        stop_workers_on_sigterm()
         return run(config, args.bids_filter_file)
     except QSMPrepError as exc:
         log.error("%s", exc)
