@@ -142,6 +142,9 @@ def test_fit_single_echo_has_no_offset():
 def test_echo_times_in_milliseconds_are_refused():
     with pytest.raises(DataError, match="milliseconds"):
         fit_total_field_hz(np.zeros((2, 2, 2, 2)), [4.0, 8.0])
+    with pytest.raises(DataError, match=r"at most 0.5 s\): BIDS") as refused:  # late, but not milliseconds
+        fit_total_field_hz(np.zeros((2, 2, 2, 2)), [0.3, 0.6])
+    assert "milliseconds" not in str(refused.value)
     with pytest.raises(DataError, match="one EchoTime per echo"):
         fit_total_field_hz(np.zeros((2, 2, 2, 2)), [0.004])
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ..errors import DataError, NoInputError
 from ..io import sidecar_path
-from ..phase.combine import MAX_PLAUSIBLE_TE_S
+from ..phase.combine import MAX_PLAUSIBLE_TE_S, milliseconds_hint
 from .discovery import ENTITY_KEYS, SINGLE_ECHO_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,9 @@ def _echo_times(run, problems):
                 continue
             bad = [v for v in values if not 0 < v <= MAX_PLAUSIBLE_TE_S]
             if bad:
-                hint = " (it looks like milliseconds)" if all(1 <= v < 1000 for v in bad) else ""
                 report(file, f"{file}: EchoTime {bad[0]} is not a gradient-echo time in seconds (over 0 and at most "
-                             f"{MAX_PLAUSIBLE_TE_S:g} s){hint}: write it in seconds in {sidecar_path(file)}, e.g. 0.02 "
-                             "for 20 ms.")
+                             f"{MAX_PLAUSIBLE_TE_S:g} s){milliseconds_hint(bad[0])}: write it in seconds in "
+                             f"{sidecar_path(file)}, e.g. 0.02 for 20 ms.")
                 unusable += 1
                 continue
             tes.extend(float(v) for v in values)

@@ -24,7 +24,7 @@ from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE, REFINE_ITERS
 from ..io import check_same_grid, load_volume, save_nifti
 from ..masking import check_mask
-from ..phase.combine import MAX_PLAUSIBLE_TE_S
+from ..phase.combine import MAX_PLAUSIBLE_TE_S, milliseconds_hint
 from ..physics import b0_dir_from_affine, hz_to_ppm, invert_in_ras_order, rad_to_ppm, voxel_size_from_affine
 from .common import (
     DEEP_OPTIONS,
@@ -117,8 +117,8 @@ def _check_options(args):
     if args.units == "rad" and args.te is None:
         raise UsageError("--units rad needs the echo time of the phase: add --te (in s, e.g. 0.02).")
     if args.te is not None and not 0 < args.te <= MAX_PLAUSIBLE_TE_S:
-        hint = " (it looks like milliseconds)" if args.te > MAX_PLAUSIBLE_TE_S else ""
-        raise UsageError(f"--te is the echo time in seconds, e.g. 0.02 for 20 ms; got {args.te}{hint}.")
+        raise UsageError(f"--te is the echo time in seconds, e.g. 0.02 for 20 ms; got {args.te}"
+                         f"{milliseconds_hint(args.te)}.")
     if args.b0_dir is not None and not np.linalg.norm(args.b0_dir) > 0:
         raise UsageError("--b0-dir must be a non-zero vector.")
     if args.out.name in (".nii", ".nii.gz") or not args.out.name.endswith((".nii", ".nii.gz")):

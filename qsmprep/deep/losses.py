@@ -9,8 +9,8 @@ the mask's voxels only; per-sample quantities are averaged over the batch.
 - ``siqsm_loss``: L2 + 1e-4 L1 + TV of the prediction (SI-QSM).
 - ``gradient_difference``: mean |grad y - grad y'| (QSMnet+), a push
   towards sharp edges that a voxel-wise loss averages away.
-- ``tanh_target`` / ``atanh_target``, ``scale_input`` / ``unscale_input``:
-  QSMGAN's target transform tanh(10 chi) and input scaling by 100.
+- ``tanh_target`` / ``atanh_target``: QSMGAN's target transform tanh(10 chi)
+  (its input scaling by 100 is the network's ``input_scale``).
 - ``data_consistency_loss``: ||W (exp(i D*chi) - exp(i f))||^2 for
   unlabelled data (QSMInvNet+), with the library's dipole kernel.
 - ``gradient_penalty``, ``wgan_gp_critic_loss``, ``wgan_generator_loss``:
@@ -127,16 +127,6 @@ def tanh_target(chi, scale=10.0):
 def atanh_target(target, scale=10.0, eps=1e-6):
     """Inverse of ``tanh_target``: atanh(t) / scale, with t clamped into (-1, 1)."""
     return torch.atanh(target.clamp(-1 + eps, 1 - eps)) / scale
-
-
-def scale_input(field, factor=100.0):
-    """QSMGAN input scaling: the network sees field * factor (Chen et al. 2020: phase x 100)."""
-    return field * factor
-
-
-def unscale_input(x, factor=100.0):
-    """Inverse of ``scale_input``."""
-    return x / factor
 
 
 @functools.lru_cache(maxsize=16)

@@ -25,6 +25,12 @@ MAX_PLAUSIBLE_TE_S = 0.5
 UNWRAPPERS = {"laplacian": unwrap_laplacian, "quality": unwrap_quality}
 
 
+def milliseconds_hint(te_s):
+    """" (it looks like milliseconds)" for an echo time "in seconds" of 1 to 1000, as echo times in milliseconds are,
+    else "": the messages of every check against ``MAX_PLAUSIBLE_TE_S`` add it alike."""
+    return " (it looks like milliseconds)" if 1 <= te_s < 1000 else ""
+
+
 def check_echo_times(te_s, n_echoes):
     """Validate echo times in seconds; return them as a float64 array.
 
@@ -39,9 +45,9 @@ def check_echo_times(te_s, n_echoes):
     if not np.all(np.isfinite(te)) or np.any(te <= 0):
         raise DataError(f"echo times {te.tolist()} must be positive seconds: check EchoTime in the JSON sidecars.")
     if np.any(te > MAX_PLAUSIBLE_TE_S):
-        raise DataError(
-            f"echo times {te.tolist()} look like milliseconds: BIDS EchoTime is in seconds; fix the JSON sidecars."
-        )
+        raise DataError(f"echo times {te.tolist()} are not all gradient-echo times in seconds (at most "
+                        f"{MAX_PLAUSIBLE_TE_S:g} s){milliseconds_hint(te.max())}: BIDS EchoTime is in seconds; fix the "
+                        "JSON sidecars.")
     return te
 
 

@@ -214,7 +214,7 @@ def resample_to_grid(
     return out.reshape(target_shape + data.shape[3:])
 
 
-def to_b0_aligned(data, affine, voxel_size_mm=None, order=1, complex_mode="real_imag"):
+def to_b0_aligned(data, affine, voxel_size_mm=None, order=1):
     """Resample ``data`` onto its B0-aligned grid (see ``b0_aligned_grid``).
 
     Parameters
@@ -226,9 +226,8 @@ def to_b0_aligned(data, affine, voxel_size_mm=None, order=1, complex_mode="real_
     voxel_size_mm : tuple of 3 float or None, default None
         Voxel size of the aligned grid in mm; None keeps the input's (``b0_aligned_grid``).
     order : int, default 1
-        Spline order of the interpolation (1 trilinear, 3 cubic; ``resample_to_grid``).
-    complex_mode : "real_imag" or "mag_phase", default "real_imag"
-        How complex data are interpolated (``resample_to_grid``).
+        Spline order of the interpolation (1 trilinear, 3 cubic; ``resample_to_grid``, whose default
+        ``complex_mode`` complex data get).
 
     Returns
     -------
@@ -236,7 +235,7 @@ def to_b0_aligned(data, affine, voxel_size_mm=None, order=1, complex_mode="real_
     ``b0_dir_from_affine(aligned_affine)`` is (0, 0, 1).
     """
     shape, aligned_affine = b0_aligned_grid(np.shape(data), affine, voxel_size_mm)
-    return resample_to_grid(data, affine, shape, aligned_affine, order, complex_mode), aligned_affine
+    return resample_to_grid(data, affine, shape, aligned_affine, order), aligned_affine
 
 
 def field_and_mask_to_b0_aligned(field, mask, affine, voxel_size_mm=None, order=1):
@@ -250,12 +249,12 @@ def field_and_mask_to_b0_aligned(field, mask, affine, voxel_size_mm=None, order=
     return field_aligned * mask_aligned, mask_aligned, aligned_affine
 
 
-def from_b0_aligned(data_aligned, aligned_affine, native_shape, native_affine, order=1, complex_mode="real_imag"):
+def from_b0_aligned(data_aligned, aligned_affine, native_shape, native_affine, order=1):
     """Resample data from the B0-aligned grid back onto the native grid.
 
     The inverse of ``to_b0_aligned`` up to interpolation blur (and zero
     outside the aligned grid's coverage, which contains the native FOV).
-    ``native_shape`` and ``native_affine`` (mm) are the native grid's; ``order`` (default 1, trilinear) and
-    ``complex_mode`` (default "real_imag") as for ``to_b0_aligned``.
+    ``native_shape`` and ``native_affine`` (mm) are the native grid's; ``order`` (default 1, trilinear) as for
+    ``to_b0_aligned``.
     """
-    return resample_to_grid(data_aligned, aligned_affine, native_shape, native_affine, order, complex_mode)
+    return resample_to_grid(data_aligned, aligned_affine, native_shape, native_affine, order)
