@@ -1,5 +1,6 @@
 """NIfTI reading and atomic writing, with errors that name the file and the fix."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +31,20 @@ def read_text_utf8(path, what="", fix="save it as UTF-8.", error=DataError):
         name = f"{what} {path}" if what else str(path)
         raise error(f"{name} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
                     f"{fix}") from None
+
+
+def read_json_object(path, what="", fix="fix it.", error=DataError):
+    """The JSON object (a dict) in the file ``path``. Raises ``error`` (default DataError) naming ``what`` (e.g.
+    "JSON sidecar"), the file and the ``fix`` when the file is not UTF-8 (``read_text_utf8``), not JSON, or JSON of
+    another type (a list, a string); OSError passes through."""
+    name = f"{what} {path}" if what else str(path)
+    try:
+        content = json.loads(read_text_utf8(path, what, fix, error))
+    except json.JSONDecodeError as exc:
+        raise error(f"{name} is not valid JSON ({exc}): {fix}") from None
+    if not isinstance(content, dict):
+        raise error(f"{name} holds a JSON {type(content).__name__}, not an object: {fix}")
+    return content
 
 
 def json_safe(value):

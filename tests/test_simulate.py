@@ -314,13 +314,14 @@ def test_cli_refuses_a_dataset_that_does_not_fit_on_disk(tmp_path, capsys, monke
          "has no participant_id column (its header is 'subject age'): make participant_id its first column, as BIDS "
          "requires, then simulate again."),
         ("dataset_description.json", b'{"Name": "my study", "BIDSVersion": "1.9.0",}',
-         "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 45 (char 44)): fix it (a "
-         "JSON object with Name and BIDSVersion), or give another directory."),
+         "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 45 (char 44)): fix it (BIDS "
+         "needs a UTF-8 JSON object with Name and BIDSVersion), or give another directory."),
         ("dataset_description.json", b'["my study"]',
-         "holds a JSON list, not an object: BIDS needs an object with Name and BIDSVersion; fix it, or give another "
-         "directory."),
+         "holds a JSON list, not an object: fix it (BIDS needs a UTF-8 JSON object with Name and BIDSVersion), or "
+         "give another directory."),
         ("dataset_description.json", b'{"Name": "\xe9tude", "BIDSVersion": "1.9.0"}',
-         "is not UTF-8 text (byte 0xe9 at offset 10): save it as UTF-8, as BIDS requires, then simulate again."),
+         "is not UTF-8 text (byte 0xe9 at offset 10): fix it (BIDS needs a UTF-8 JSON object with Name and "
+         "BIDSVersion), or give another directory."),
     ],
 )
 def test_cli_refuses_unreadable_dataset_files_before_writing(tmp_path, capsys, name, content, message):

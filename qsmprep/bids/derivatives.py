@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 from .. import __version__
 from .discovery import ENTITY_KEYS
-from ..io import sidecar_path, write_text_atomic
+from ..errors import DataError
+from ..io import read_json_object, sidecar_path, write_text_atomic
 
 CODE_URL = "https://github.com/qsmprep/qsmprep"
 
@@ -39,8 +40,8 @@ def dataset_makers(folder):
     if not description.is_file():
         return None
     try:
-        return generated_by_names(json.loads(description.read_text()))
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not an object
+        return generated_by_names(read_json_object(description))
+    except (OSError, DataError):  # unreadable, not UTF-8 JSON, or not an object
         return []
 
 

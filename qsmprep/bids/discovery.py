@@ -12,14 +12,13 @@ is used, and validation (``qsmprep.bids.validation``) reports the problem.
 Discovery only finds files; it judges nothing.
 """
 
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, NoInputError, UsageError
-from ..io import read_text_utf8
+from ..io import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -119,19 +118,16 @@ def read_filter_file(path):
     (``_check_filter_entities``).
     """
     path = Path(path)
+    example = f'{{"{FILTER_FILE_KEY}": {{"acquisition": "fast"}}}}'
     try:
-        content = json.loads(read_text_utf8(path, "BIDS filter file", error=UsageError))
+        content = read_json_object(path, "BIDS filter file", f"it must be a JSON object like {example}.", UsageError)
     except FileNotFoundError as exc:
         raise UsageError(f"BIDS filter file {path} does not exist: check the --bids-filter-file path.") from exc
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"BIDS filter file {path} is not valid JSON ({exc}): fix its syntax.") from exc
     except OSError as exc:
         raise UsageError(f"BIDS filter file {path} cannot be read ({exc.strerror or exc}): give a JSON file "
                          "to --bids-filter-file.") from exc
-    if not isinstance(content, dict) or not isinstance(content.get(FILTER_FILE_KEY, {}), dict):
-        raise UsageError(
-            f'BIDS filter file {path} must be a JSON object like {{"{FILTER_FILE_KEY}": {{"acquisition": "fast"}}}}.'
-        )
+    if not isinstance(content.get(FILTER_FILE_KEY, {}), dict):
+        raise UsageError(f"BIDS filter file {path} must be a JSON object like {example}.")
     unknown = sorted(set(content) - {FILTER_FILE_KEY})
     if unknown:  # e.g. "t2starw" or an fMRIPrep key: it would filter nothing, and every run would be processed
         raise UsageError(
@@ -214,19 +210,20 @@ PYBIDS_IGNORED = ("code", "derivatives", "models", "sourcedata", "stimuli")
 
 
 def invalid_json_file(bids_dir):
-    """(path, what is wrong) of the first JSON file pybids would read in ``bids_dir`` that is not a valid JSON
-    object, or None."""
+    """The DataError naming the first JSON file pybids would read in ``bids_dir`` that is not a UTF-8 JSON object,
+    and the fix, or None."""
     bids_dir = Path(bids_dir)
     for path in sorted(bids_dir.rglob("*.json")):
         rel = path.relative_to(bids_dir).parts
         if rel[0] in PYBIDS_IGNORED or any(part.startswith(".") for part in rel):
             continue
         try:
-            content = json.loads(path.read_text())
-        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            return path, f"is not valid JSON ({exc})"
-        if not isinstance(content, dict):
-            return path, f"holds a JSON {type(content).__name__}, not an object"
+            read_json_object(path, "JSON sidecar", "fix it (e.g. a trailing comma, a missing quote, or a list around "
+                                                   "the object); every sidecar must be a JSON object {...}.")
+        except DataError as problem:
+            return problem
+        except OSError as exc:
+            return DataError(f"JSON sidecar {path} cannot be read ({exc.strerror or exc}): check its permissions.")
     return None
 
 
@@ -270,12 +267,10 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
     try:
         layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False)
     except (OSError, ValueError, TypeError) as exc:  # pybids wraps a sidecar's JSON syntax error in an OSError
-        found = invalid_json_file(bids_dir)
-        if found is None:
+        problem = invalid_json_file(bids_dir)
+        if problem is None:
             raise
-        path, problem = found
-        raise DataError(f"JSON sidecar {path} {problem}: fix it (e.g. a trailing comma, a missing quote, or a list "
-                        "around the object); every sidecar must be a JSON object {...}.") from exc
+        raise problem from exc
     query = {**GRE_QUERY, **(bids_filters or {})}
     if participant_label:
         wanted = _strip_prefix(participant_label, "sub-")

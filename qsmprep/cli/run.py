@@ -232,9 +232,8 @@ def check_output_dataset(output_dir, bids_dir):
     name qsmprep in ``GeneratedBy``. qsmprep would replace that description, and its files would mix with the
     other tool's. Warn when qsmprep made it from another input dataset than ``bids_dir``: the description then
     links this one, and the earlier runs' ``bids:raw:`` sources point into it."""
-    import json
-
     from ..bids.derivatives import RAW_DATASET_NAME, dataset_makers
+    from ..io import read_json_object
 
     description = Path(output_dir) / "dataset_description.json"
     makers = dataset_makers(output_dir)
@@ -243,7 +242,7 @@ def check_output_dataset(output_dir, bids_dir):
         raise UsageError(f"output folder {output_dir} holds another dataset ({description} says it is {made_by}): "
                          "give qsmprep a folder of its own, e.g. BIDS_DIR/derivatives/qsmprep.")
     if makers:
-        links = json.loads(description.read_text()).get("DatasetLinks")
+        links = read_json_object(description).get("DatasetLinks")
         raw = links.get(RAW_DATASET_NAME) if isinstance(links, dict) else None
         if isinstance(raw, str) and raw != Path(bids_dir).as_uri():
             log.warning("output folder %s was made from another input dataset (%s), not %s: the runs already in it "

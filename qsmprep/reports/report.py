@@ -6,7 +6,6 @@ derivatives folder can be moved or shared as a whole.
 """
 
 import html
-import json
 import logging
 import os
 from functools import partial
@@ -17,7 +16,8 @@ import numpy as np
 from .. import __version__
 from ..checks import is_number
 from ..errors import QSMPrepError
-from ..io import load_nifti, sidecar_path
+from ..errors import DataError
+from ..io import load_nifti, read_json_object, sidecar_path
 from ..physics import b0_dir_from_affine, b0_tilt_deg, ras_voxel_size, to_ras, voxel_size_from_affine
 from .mosaic import (
     CHI_WINDOW_PPM,
@@ -100,10 +100,9 @@ def read_sidecar(path):
     """The JSON sidecar beside a NIfTI file ({} when there is none, it cannot be read, or it holds no JSON object,
     as a hand-edited one may: its fields are read with ``.get``)."""
     try:
-        meta = json.loads(sidecar_path(path).read_text())
-    except (OSError, ValueError):
+        return read_json_object(sidecar_path(path))
+    except (OSError, DataError):
         return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 B0_AGREES_DEG = 0.1

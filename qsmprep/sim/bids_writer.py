@@ -25,7 +25,7 @@ import numpy as np
 from .. import __version__
 from ..bids.derivatives import generated_by_names
 from ..errors import DataError
-from ..io import read_text_utf8, save_nifti, sidecar_path, write_text_atomic
+from ..io import read_json_object, read_text_utf8, save_nifti, sidecar_path, write_text_atomic
 from .gre import VENDOR_PHASE_MAX, phase_to_vendor_units
 from .phantom import CHI_PPM, LABELS
 
@@ -108,15 +108,8 @@ def _read_description(out_dir):
     path = Path(out_dir) / "dataset_description.json"
     if not path.is_file():
         return None
-    try:
-        description = json.loads(read_text_utf8(path, fix=SIMULATE_UTF8_FIX))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}): fix it (a JSON object with Name and BIDSVersion), or give "
-                        "another directory.") from None
-    if not isinstance(description, dict):
-        raise DataError(f"{path} holds a JSON {type(description).__name__}, not an object: BIDS needs an object with "
-                        "Name and BIDSVersion; fix it, or give another directory.")
-    return description
+    return read_json_object(path, fix="fix it (BIDS needs a UTF-8 JSON object with Name and BIDSVersion), or give "
+                                      "another directory.")
 
 
 def made_by_simulator(out_dir):
