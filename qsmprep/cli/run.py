@@ -164,7 +164,9 @@ def build_parser():
     g = p.add_argument_group("resources and execution")
     g.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
                    help="Nipype working directory; reuse it to resume and to reuse cached results (default ./work)")
-    g.add_argument("--nprocs", type=int, default=None, metavar="N", help="processes run at once (default: all CPUs)")
+    g.add_argument("--nprocs", type=int, default=None, metavar="N",
+                   help="processes run at once (default: the CPUs this process may use, as SLURM, taskset or a "
+                        "container grant them)")
     g.add_argument("--omp-nthreads", type=int, default=None, metavar="N",
                    help="threads per process for FFTs (default: min(nprocs, 8))")
     g.add_argument("--mem", type=finite_float, default=None, metavar="GB", help="memory limit for scheduling, in GB")
