@@ -21,6 +21,7 @@ from qsmprep.inversion.deep import (
     refine_data_consistency,
     tile_for_memory,
 )
+from qsmprep.inversion.gradient import inner_edge_weights
 from qsmprep.metrics import nrmse
 from qsmprep.physics import dipole_kernel, forward_field_ppm, padded_shape
 
@@ -311,7 +312,7 @@ def test_total_variation_sharpens_a_blurred_start_and_ignores_the_mask_edge():
     out = refine_data_consistency(constant, exact, mask, lam=0.03, n_iter=30, tv_weight=3e-4)
     np.testing.assert_allclose(out, constant, atol=1e-6)
     # nor is the grid's wrap-around: a mask filling the grid pairs no voxel with the opposite face
-    weights = deep._inner_differences(np.ones((3, 4, 5), np.float32), (1.0, 2.0, 0.5))
+    weights = inner_edge_weights(np.ones((3, 4, 5), np.float32), (1.0, 2.0, 0.5))
     assert [float(w.sum()) for w in weights] == [2 * 4 * 5 / 1.0, 3 * 3 * 5 / 2.0, 3 * 4 * 4 / 0.5]
     assert all(np.moveaxis(w, axis, 0)[-1].max() == 0 for axis, w in enumerate(weights))
 

@@ -5,7 +5,7 @@ import pytest
 
 from qsmprep.inversion import INVERSION_METHODS, cfl2, cg, ilsqr, lsqr, tkd
 from qsmprep.inversion.cfl2 import cfl2_filter
-from qsmprep.inversion.gradient import forward_gradient, forward_gradient_adjoint
+from qsmprep.inversion.gradient import forward_gradient, forward_gradient_adjoint, masked_laplacian
 from qsmprep.metrics import nrmse
 from qsmprep.physics import dipole_kernel, forward_field_ppm, kspace_grid
 
@@ -267,3 +267,18 @@ def test_inversion_methods_registry():
     assert sorted(INVERSION_METHODS) == sorted(config.INVERSION_METHODS)
     for name, function in INVERSION_METHODS.items():
         assert config.library_function("inversion", name) is function, name
+
+
+def test_masked_laplacian_of_a_quadratic_uses_only_neighbours_inside_the_mask():
+    """x^2 / 2 + y^2 (mm) has Laplacian 1 + 2 = 3 per mm^2 wherever a voxel's six neighbours are in the mask; a
+    neighbour outside drops its term (at the mask's lower x face, 1 / 2 of the x part is lost with it)."""
+    vox = (2.0, 0.5, 1.0)
+    x, y, _ = np.meshgrid(*[np.arange(n) * v for n, v in zip((12, 20, 6), vox)], indexing="ij")
+    u = (x**2 / 2 + y**2).astype(np.float32)
+    mask = np.zeros(u.shape, bool)
+    mask[3:10, 2:18, :] = True
+    lap = masked_laplacian(u, mask, vox)
+    np.testing.assert_allclose(lap[4:9, 3:17, :], 3.0, rtol=1e-4)
+    # at x = 3 (6 mm) the lower x neighbour is outside: only (u[x+1] - u[x]) / dx^2 = (8^2 - 6^2) / 2 / 4 = 3.5
+    np.testing.assert_allclose(lap[3, 3:17, :], 3.5 + 2.0, rtol=1e-4)
+    assert not lap[~mask].any()

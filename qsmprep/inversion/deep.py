@@ -19,7 +19,7 @@ from ..physics import (
 )
 from ..physics.resample import b0_aligned_grid, field_and_mask_to_b0_aligned, from_b0_aligned, rotation_between
 from ..resources import available_memory_bytes
-from .gradient import forward_gradient, forward_gradient_adjoint
+from .gradient import forward_gradient, forward_gradient_adjoint, inner_edge_weights
 from .solvers import cg
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     rhs = m_t * dipole(w2 * field) + lam * chi0_t
     if not tv_weight:
         return _numpy(cg(normal, rhs, x0=chi0_t, tol=REFINE_TOL, max_iter=n_iter) * m_t)
-    inside = [on_device(w) for w in _inner_differences(m, voxel_size_mm)]
+    inside = [on_device(w) for w in inner_edge_weights(m, voxel_size_mm)]
     chi = chi0_t
     for start in range(0, n_iter, TV_REWEIGHT_ITERS):
         tv = tv_weight * ((forward_gradient(chi, inside) ** 2).sum(0) + TV_EPSILON**2) ** -0.5
@@ -289,17 +289,6 @@ def _mm(voxel_size_mm):
 def _numpy(a):
     """A float32 numpy array of a numpy array or a torch tensor on any device."""
     return a.cpu().numpy() if is_tensor(a) else np.asarray(a, dtype=np.float32)
-
-
-def _inner_differences(mask, voxel_size_mm):
-    """Per-axis weights for ``forward_gradient``: 1 / voxel size (mm) where a voxel and its next one are
-    both in the mask, else 0, so the drop to zero at the mask's edge (and the grid's wrap) is no edge of chi."""
-    weights = []
-    for axis, v in enumerate(voxel_size_mm):
-        both = mask * np.roll(mask, -1, axis=axis)
-        np.moveaxis(both, axis, 0)[-1] = 0
-        weights.append(both / np.float32(v))
-    return weights
 
 
 def free_memory_bytes(device):

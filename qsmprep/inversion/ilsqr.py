@@ -24,7 +24,7 @@ from scipy import fft as spfft
 
 from ..bgremove.smv import smv_kernel
 from ..physics import dipole_kernel, padded_shape
-from .gradient import forward_gradient, forward_gradient_adjoint
+from .gradient import forward_gradient, forward_gradient_adjoint, masked_laplacian
 from .solvers import lsqr
 from .tkd import tkd
 
@@ -53,25 +53,9 @@ def _ramp_weight(values, mask, percentiles):
     return np.where(mask, w, 0).astype(np.float32)
 
 
-def _masked_laplacian(field, mask, voxel_size_mm):
-    """7-point Laplacian of ``field`` using only neighbours inside ``mask`` (0 outside)."""
-    lap = np.zeros(field.shape, dtype=np.float32)
-    for axis, d in enumerate(voxel_size_mm):
-        n = field.shape[axis]
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[axis], hi[axis] = slice(0, n - 1), slice(1, n)
-        lo, hi = tuple(lo), tuple(hi)
-        both = mask[lo] & mask[hi]
-        diff = np.where(both, field[hi] - field[lo], 0) / np.float32(d * d)
-        lap[lo] += diff  # f[i+1] - f[i] at voxel i
-        lap[hi] -= diff  # -(f[i] - f[i-1]) at voxel i
-    return np.where(mask, lap, 0)
-
-
 def _initial_lsqr(field, mask, d, shape, voxel_size_mm, data_weight, tol, max_iter):
     """Step 1: chi from the weighted normal equations D^T W D chi = D^T W f, by early-stopped LSQR."""
-    w = data_weight * _ramp_weight(np.abs(_masked_laplacian(field, mask, voxel_size_mm)), mask, LAPLACIAN_PERCENTILES)
+    w = data_weight * _ramp_weight(np.abs(masked_laplacian(field, mask, voxel_size_mm)), mask, LAPLACIAN_PERCENTILES)
 
     def convolve(x):
         return spfft.irfftn(spfft.rfftn(x) * d, s=shape, overwrite_x=True)
