@@ -23,7 +23,7 @@ from scipy import ndimage
 from ..phase.scaling import wrap_to_pi
 from ..physics import b0_dir_from_affine, forward_field_ppm, ppm_to_rad
 from ..physics.resample import rotation_between
-from .phantom import CHI_PPM, BRAIN_LABELS, lowpass_random_field
+from .phantom import CHI_PPM, BRAIN_LABELS, centred_affine, lowpass_random_field
 
 VENDOR_PHASE_MAX = 4096
 """Vendor-style integer phase: round(phase_rad * 4096 / pi) clipped to [-4096, 4095]."""
@@ -206,11 +206,9 @@ def slab_affine(shape, voxel_size_mm, oblique_deg=0.0):
     (axial -> coronal), the usual oblique-axial tilt along the AC-PC line.
     """
     t = np.radians(oblique_deg)
-    rotation = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), -np.sin(t)], [0.0, np.sin(t), np.cos(t)]])
-    affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag(np.asarray(voxel_size_mm, dtype=np.float64))
-    affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape[:3], dtype=np.float64) - 1) / 2)
-    return affine
+    rotation = np.eye(4)
+    rotation[1:3, 1:3] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return rotation @ centred_affine(shape, voxel_size_mm)  # a rotation about the origin keeps the centre there
 
 
 def _box_resample(volume, source_affine, target_affine, target_shape, subsamples):
