@@ -51,11 +51,14 @@ def _mask_bool(mask):
     return m
 
 
-def _demeaned_in_mask(recon, ref, mask):
+def _in_mask(recon, ref, mask, demean=True):
+    """(x, y, m): both maps as float64, zero outside the mask m (bool), demeaned in it with ``demean``."""
     m = _mask_bool(mask)
     x = np.asarray(recon, dtype=np.float64)
     y = np.asarray(ref, dtype=np.float64)
-    return (x - x[m].mean()) * m, (y - y[m].mean()) * m, m
+    if demean:
+        x, y = x - x[m].mean(), y - y[m].mean()
+    return x * m, y * m, m
 
 
 def nrmse(recon, ref, mask, demean=True):
@@ -64,11 +67,7 @@ def nrmse(recon, ref, mask, demean=True):
     With ``demean`` (default True) both images are demeaned in the mask first,
     as in the 2016 challenge (Langkammer 2018).
     """
-    if demean:
-        x, y, m = _demeaned_in_mask(recon, ref, mask)
-    else:
-        m = _mask_bool(mask)
-        x, y = np.asarray(recon, np.float64) * m, np.asarray(ref, np.float64) * m
+    x, y, m = _in_mask(recon, ref, mask, demean)
     return float(100 * np.linalg.norm(x[m] - y[m]) / np.linalg.norm(y[m]))
 
 
@@ -107,7 +106,7 @@ def hfen(recon, ref, mask, sigma=1.5):
     Laplacian-of-Gaussian of width ``sigma`` voxels (default 1.5, as in the
     2016 challenge) applied to the demeaned, masked images (Langkammer 2018).
     """
-    x, y, m = _demeaned_in_mask(recon, ref, mask)
+    x, y, m = _in_mask(recon, ref, mask)
     lx = ndimage.gaussian_laplace(x, sigma)
     ly = ndimage.gaussian_laplace(y, sigma)
     return float(100 * np.linalg.norm(lx[m] - ly[m]) / np.linalg.norm(ly[m]))
@@ -148,11 +147,7 @@ def xsim(recon, ref, mask, data_range_ppm=1.0, k=(0.01, 0.001), sigma=1.5, radiu
     -------
     float, 1 for identical maps, lower for any difference.
     """
-    if demean:
-        x, y, m = _demeaned_in_mask(recon, ref, mask)
-    else:
-        m = _mask_bool(mask)
-        x, y = np.asarray(recon, np.float64) * m, np.asarray(ref, np.float64) * m
+    x, y, m = _in_mask(recon, ref, mask, demean)
     c1 = (k[0] * data_range_ppm) ** 2
     c2 = (k[1] * data_range_ppm) ** 2
 
@@ -346,7 +341,7 @@ def evaluate(recon, ref, mask, labels=None, label_names=None, calc_label=None, d
     if dgm:
         result["deep_gm_slope"] = deep_gm_slope(recon, ref, in_mask, dgm)
     if calc_label is not None:
-        x, y, _ = _demeaned_in_mask(recon, ref, m)
+        x, y, _ = _in_mask(recon, ref, m)
         calc = labels == calc_label
         result["calcification_moment_error"] = calcification_moment_error(x, y, calc)
         result["calcification_streak"] = calcification_streak(x, y, calc)
