@@ -179,7 +179,7 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
         (["--method", "tkd", "--lambda", "0.2"], ["--lambda", "cfl2"]),
         (["--method", "tkd", "--threshold", "0.5"], ["--threshold"]),
         (["--method", "cfl2", "--lambda", "-1"], ["--lambda"]),
-        (["--method", "tkd", "--b0-dir", "0", "0", "0"], ["--b0-dir"]),
+        (["--method", "tkd", "--b0-dir", "0", "0", "0"], ["--b0-dir must be a non-zero vector"]),
         (["--method", "tkd", "--model", "x"], ["--model", "deep"]),
         (["--method", "ilsqr", "--refine", "3"], ["--refine", "deep"]),
         (["--method", "deep", "--refine", "-1"], ["--refine"]),

@@ -97,6 +97,15 @@ def check_b0_tesla_option(value):
                          f"{value:g}{millitesla_hint(value)}.")
 
 
+def check_b0_dir_option(value):
+    """Raise UsageError unless ``--b0-dir`` (None: not given) is a direction: a vector whose length, as the library
+    normalises it (``numpy.linalg.norm``), is not zero (that of 1e-200 0 0 underflows to 0)."""
+    import numpy as np
+
+    if value is not None and not np.linalg.norm(value) > 0:
+        raise UsageError("--b0-dir must be a non-zero vector, e.g. 0 0 1.")
+
+
 def check_deep_options(args, dests, deep_chosen, choice):
     """Raise UsageError for deep options given without deep, or with values out of range.
 

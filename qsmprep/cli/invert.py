@@ -29,6 +29,7 @@ from ..physics import b0_dir_from_affine, hz_to_ppm, invert_in_ras_order, rad_to
 from .common import (
     DEEP_OPTIONS,
     add_deep_options,
+    check_b0_dir_option,
     check_b0_tesla_option,
     check_deep_options,
     check_not_an_input,
@@ -119,8 +120,7 @@ def _check_options(args):
     if args.te is not None and not 0 < args.te <= MAX_PLAUSIBLE_TE_S:
         raise UsageError(f"--te is the echo time in seconds, e.g. 0.02 for 20 ms; got {args.te}"
                          f"{milliseconds_hint(args.te)}.")
-    if args.b0_dir is not None and not np.linalg.norm(args.b0_dir) > 0:
-        raise UsageError("--b0-dir must be a non-zero vector.")
+    check_b0_dir_option(args.b0_dir)
     if args.out.name in (".nii", ".nii.gz") or not args.out.name.endswith((".nii", ".nii.gz")):
         raise UsageError(f"output {args.out} must be a file name ending in .nii or .nii.gz, e.g. chi.nii.gz.")
     check_not_an_input("output", args.out, {"FIELD": args.field, "MASK": args.mask})

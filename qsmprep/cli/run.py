@@ -44,6 +44,7 @@ from .common import (
     LOG_FORMAT,
     ArgumentParser,
     add_deep_options,
+    check_b0_dir_option,
     check_b0_tesla_option,
     check_deep_options,
     check_output_folder,
@@ -286,8 +287,7 @@ def resolve_config(args, argv):
         resolve_device("cuda")  # refuses at once rather than when the first run reaches the inversion
     check_deep_options(args, DEEP_OPTIONS, "deep" in inversions, f"--inversion {' '.join(inversions)}")
     check_b0_tesla_option(args.b0_tesla)
-    if args.b0_dir is not None and not any(args.b0_dir):
-        raise UsageError("--b0-dir must be a non-zero vector, e.g. 0 0 1.")
+    check_b0_dir_option(args.b0_dir)
     if args.b0_dir is not None and args.resample_b0:
         raise UsageError("--resample-b0 aligns to the scanner's B0 from the affine; it cannot be combined with --b0-dir.")
     if args.resample_b0 and set(inversions) <= set(SELF_RESAMPLING_INVERSIONS):
