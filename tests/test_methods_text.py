@@ -102,8 +102,9 @@ def test_resharp_and_pdf_name_their_solver_and_what_they_do_to_the_mask():
             "sphere fits;") in resharp
     pdf = _text(bgremove="pdf", inversion=("tkd",))
     assert ("(PDF; Liu et al. 2011): the field of susceptibility sources outside the brain mask, computed by FFTs on "
-            "the field's grid zero-padded to 1.5 times its size, was fitted to the total field with equal weights for every mask voxel by conjugate "
-            "gradients (tolerance 1e-05, at most 100 iterations) and subtracted; PDF does not erode the mask") in pdf
+            "the field's grid zero-padded to 1.5 times its size, was fitted to the total field with equal weights for "
+            "every mask voxel by conjugate gradients (tolerance 1e-05, at most 100 iterations) and subtracted; PDF "
+            "does not erode the mask") in pdf
 
 
 def test_classical_inversions_say_how_their_ffts_were_padded():

@@ -314,8 +314,8 @@ def test_cli_refuses_a_dataset_that_does_not_fit_on_disk(tmp_path, capsys, monke
          "has no participant_id column (its header is 'subject age'): make participant_id its first column, as BIDS "
          "requires, then simulate again."),
         ("dataset_description.json", b'{"Name": "my study", "BIDSVersion": "1.9.0",}',
-         "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 45 (char 44)): fix it (BIDS "
-         "needs a UTF-8 JSON object with Name and BIDSVersion), or give another directory."),
+         "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 45 (char 44)): fix it "
+         "(BIDS needs a UTF-8 JSON object with Name and BIDSVersion), or give another directory."),
         ("dataset_description.json", b'["my study"]',
          "holds a JSON list, not an object: fix it (BIDS needs a UTF-8 JSON object with Name and BIDSVersion), or "
          "give another directory."),
