@@ -67,7 +67,19 @@ def amplitude_invariant_l2(pred, target, mask=None, eps=1e-12):
     a prediction of 0 scores mean(y^2) / var(y), and a prediction of
     mean(y) scores exactly 1.
 
-    Reference: Jochmann T, Haueisen J, Schweser F. ISMRM poster.
+    Reference: Jochmann T, Haueisen J, Schweser F. How to train a deep
+    convolutional neural network for quantitative susceptibility mapping
+    (QSM). ISMRM poster.
+
+    Parameters
+    ----------
+    pred, target : tensors (B, C, X, Y, Z)
+        Prediction and target, chi in ppm (or the network-space output).
+    mask : tensor or None, default None
+        Voxels the means run over (all when None).
+    eps : float, default 1e-12
+        Added to var(y), in the target's units squared, so that a constant
+        target does not divide by zero.
     """
     err = _per_sample_mean((pred - target) ** 2, mask)
     mean = _per_sample_mean(target, mask)
@@ -139,7 +151,11 @@ def dipole_field_torch(chi, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0
 
     The same computation as ``qsmprep.physics.forward_field_ppm`` (kernel
     from ``qsmprep.physics.dipole_kernel``, zero padding to
-    ``padded_shape(shape, pad_factor)``, crop: ``filter_padded``), in torch.fft.
+    ``padded_shape(shape, pad_factor)``, crop: ``filter_padded``), in torch.fft,
+    with the kernel of each (grid, voxel size, B0 direction) cached between
+    training steps. ``voxel_size_mm`` (default 1 mm isotropic), ``b0_dir``
+    (voxel coordinates, default the third axis) and ``pad_factor`` (default 2;
+    1 or less: the circular convolution on the native grid) as there.
     """
     shape = tuple(chi.shape[-3:])
     big = padded_shape(shape, pad_factor) if pad_factor > 1 else shape
