@@ -1169,31 +1169,96 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
             "to include it") in capsys.readouterr().out
 
 
-SIGTERM_SCRIPT = """
+STOPPED_WORKERS_SCRIPT = """
 import multiprocessing, os, signal, sys, time
 from concurrent.futures import ProcessPoolExecutor
-from qsmprep.cli.run import stop_workers_on_sigterm
+from types import SimpleNamespace
+from qsmprep.cli.run import stop_on_signals
 
-stop_workers_on_sigterm()
+stop_on_signals(SimpleNamespace(runs=[], output_dir=".", inversion=()))
 pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork"))  # as MultiProc runs nodes
 busy = [pool.submit(time.sleep, 60) for _ in range(2)]
 while len(multiprocessing.active_children()) < 2:
     time.sleep(0.05)
 print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
-os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), getattr(signal, sys.argv[1]))
 time.sleep(60)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MultiProc forks its workers on Linux")
-def test_sigterm_stops_the_worker_processes_and_exits_143():
+@pytest.mark.parametrize(("signal_name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_the_worker_processes_and_exits_at_once(signal_name, code):
     """kill / docker stop / a time limit: the parent died of SIGTERM and its forked MultiProc workers waited for
-    ever on a queue whose write end they had inherited, holding their memory."""
+    ever on a queue whose write end they had inherited, holding their memory; Ctrl-C printed 90 lines of
+    tracebacks."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", SIGTERM_SCRIPT], capture_output=True, text=True, timeout=50)
-    assert done.returncode == 143, done.stderr
+    done = subprocess.run([sys.executable, "-c", STOPPED_WORKERS_SCRIPT, signal_name], capture_output=True, text=True,
+                          timeout=50)
+    assert done.returncode == code, done.stderr
     assert time.perf_counter() - start < 30  # not after the workers' 60 s tasks
-    assert "stopped by SIGTERM (2 worker process(es) stopped with it)" in done.stderr
-    assert "BrokenProcessPool" not in done.stderr  # the pool broken on purpose is not reported as an error
+    assert f"stopped by {signal_name}, with 2 worker process(es); run the same command again" in done.stderr
+    assert "Traceback" not in done.stderr  # the pool broken on purpose is not reported as an error
     for pid in map(int, done.stdout.split()):
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+STOPPED_STEP_SCRIPT = """
+import os, signal, sys, time
+from types import SimpleNamespace
+from nipype import Node, Workflow
+from nipype.interfaces.utility import Function
+from qsmprep.cli.run import stop_on_signals
+
+def stopped(x):  # a scheduler's time limit arrives while a step runs in qsmprep's own process
+    import os, signal, time
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+def later(x):
+    open("later-ran", "w").close()
+
+stop_on_signals(SimpleNamespace(runs=[], output_dir=".", inversion=()))
+wf = Workflow("stopped", base_dir=sys.argv[1])
+first, second = (Node(Function(["x"], ["y"], f), name=f.__name__) for f in (stopped, later))
+first.inputs.x = 1
+wf.connect(first, "y", second, "x")
+wf.run(plugin="Linear")
+"""
+
+
+def test_a_signal_during_a_step_in_qsmprep_s_own_process_stops_the_run(tmp_path):
+    """With --nprocs 1 Nipype recorded the handler's SystemExit as the step's failure and went on with the other
+    runs, ending with exit 70 after the scheduler had asked it to stop."""
+    script = tmp_path / "stopped.py"  # a file: Nipype's Function nodes read their functions' source
+    script.write_text(STOPPED_STEP_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert done.returncode == 143, done.stderr
+    assert "stopped by SIGTERM, with 0 worker process(es)" in done.stderr
+    assert not (tmp_path / "later-ran").exists() and not list(tmp_path.glob("crash-*"))
+
+
+def test_a_stopped_run_leaves_no_run_with_only_some_derivatives(tmp_path):
+    """A run's derivatives are written one after the other at its end: a stop between two left a run with a mask
+    and no Chimap, which the group level and other tools read as a result."""
+    from types import SimpleNamespace
+
+    from qsmprep.bids.derivatives import run_output_files
+    from qsmprep.bids.discovery import GRERun
+    from qsmprep.cli.run import remove_cut_short
+    from qsmprep.interfaces.bids import STAGING_FOLDERS
+
+    runs = [GRERun(subject, None, None, None, "MEGRE") for subject in ("01", "02")]
+    config = SimpleNamespace(runs=runs, output_dir=str(tmp_path), inversion=("tkd",))
+    for run, written in zip(runs, (2, None)):  # sub-01: mask and its sidecar only; sub-02: all
+        for name in run_output_files(run, ("tkd",))[:written]:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text("x")
+    staging = tmp_path / ".tmp-writing"
+    staging.mkdir()
+    STAGING_FOLDERS.add(str(staging))
+    assert remove_cut_short(config, STAGING_FOLDERS) == ["sub-01"]
+    assert not list((tmp_path / "sub-01").rglob("*.*")) and not staging.exists()
+    assert all((tmp_path / name).exists() for name in run_output_files(runs[1], ("tkd",)))
+    STAGING_FOLDERS.discard(str(staging))

@@ -1,6 +1,8 @@
 """Workflow construction for each option combination, node hints, sinks, and the thin interfaces."""
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -496,3 +498,48 @@ def test_methods_text_names_mask_steps_too_small_for_the_voxels():
     everything = mask_steps_without_effect(params, (6.0, 6.0, 6.0))
     assert "the erosion by 4 mm before the largest component is kept, the erosion by 3 mm and the opening by 2 mm" in everything
     assert mask_steps_without_effect({**params, "smooth_mm": 0.0}, (3.0, 3.0, 3.0)) == ""  # 0: the step is off
+
+
+WORKER_KILLED_SCRIPT = """
+import sys
+from nipype import Node, Workflow
+from nipype.interfaces.utility import Function
+from qsmprep.workflows.multiproc import MultiProcPlugin
+
+def killed(x):  # as the out-of-memory killer ends a worker
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def doubled(x):
+    return 2 * x
+
+work = sys.argv[1]
+wf = Workflow("lost", base_dir=work)
+wf.config["execution"].update({"crashdump_dir": work, "crashfile_format": "txt"})
+for name, function in (("killed", killed), ("doubled", doubled)):
+    node = Node(Function(["x"], ["y"], function), name=name)
+    node.inputs.x = 21
+    wf.add_nodes([node])
+try:
+    # one worker: the other node runs before or after, on the pool that replaced the broken one (a node running
+    # beside a killed worker fails with it: the executor stops the whole pool)
+    wf.run(plugin=MultiProcPlugin(plugin_args={"n_procs": 1, "mp_context": "fork"}))
+except RuntimeError as exc:
+    print("failed:", exc)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MultiProc forks its workers on Linux")
+def test_a_node_whose_worker_process_dies_fails_instead_of_hanging_the_run(tmp_path):
+    """Nipype's MultiProc waited for ever for a node whose worker was killed (the out-of-memory killer): qsmprep
+    never ended. Its node now fails with the reason, and the nodes after it still run."""
+    script = tmp_path / "lost.py"  # a file: Nipype's Function nodes read their functions' source
+    script.write_text(WORKER_KILLED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert "failed:" in done.stdout, done.stdout + done.stderr
+    crash = "".join(p.read_text() for p in tmp_path.glob("crash-*killed*.txt"))
+    assert "WorkerLostError: its worker process ended without a result" in crash
+    assert "out-of-memory killer" in crash
+    from nipype.utils.filemanip import loadpkl
+
+    assert loadpkl(tmp_path / "lost" / "doubled" / "result_doubled.pklz").outputs.y == 42

@@ -57,30 +57,62 @@ log = logging.getLogger("qsmprep")
 EXIT_PROCESSING_FAILED = 70
 """Exit code when a workflow node crashed (EX_SOFTWARE); other subjects still finish."""
 
-EXIT_TERMINATED = 128 + signal.SIGTERM
-"""Exit code when stopped by SIGTERM (143, as a shell reports a process the signal killed)."""
+def stop_on_signals(config):
+    """Make SIGTERM (``kill``, ``docker stop``, a scheduler's time limit) and SIGINT (Ctrl-C) stop qsmprep at once.
 
-
-def stop_workers_on_sigterm():
-    """Make SIGTERM (``kill``, ``docker stop``, a scheduler's time limit) stop qsmprep's worker processes too.
-
-    MultiProc's workers are forked children waiting on a queue whose write end they inherited: once the parent
-    died of SIGTERM, they waited for ever, holding their memory. The handler terminates them and exits with
-    ``EXIT_TERMINATED``; forked children get the default SIGTERM back, so they die of it at once, mid-node.
+    Nipype runs some steps in qsmprep's own process (all of them with one process) and records any exception
+    they raise, SystemExit and KeyboardInterrupt included, as that step's failure, then goes on with the other
+    runs; and MultiProc's forked workers outlived a parent killed by SIGTERM, waiting for ever on a queue whose
+    write end they inherited. The handler stops the workers, removes what it cut short (``remove_cut_short``)
+    and exits at once with 128 + the signal's number (143, 130), as a shell reports a process the signal
+    killed. Forked children get the default handlers back, so ``terminate`` ends them mid-node.
     """
     import multiprocessing
 
-    def on_sigterm(signum, frame):
-        logging.getLogger("concurrent.futures").disabled = True  # its traceback of the pool we break on purpose
+    from ..interfaces.bids import STAGING_FOLDERS  # imported now: an import in a signal handler can deadlock
+
+    def stop(signum, frame):
+        logging.getLogger("concurrent.futures").disabled = True  # its traceback of the pool broken on purpose
         workers = multiprocessing.active_children()
         for worker in workers:
             worker.terminate()
-        log.error("stopped by SIGTERM (%d worker process(es) stopped with it): runs not finished wrote no derivatives; "
-                  "run the same command again to go on from the work directory's finished steps.", len(workers))
-        raise SystemExit(EXIT_TERMINATED)
+        cut_short = remove_cut_short(config, STAGING_FOLDERS)
+        log.error("stopped by %s, with %d worker process(es)%s; run the same command again to go on from the work "
+                  "directory's finished steps.", signal.Signals(signum).name, len(workers),
+                  f"; removed the derivatives already written of {', '.join(cut_short)}" if cut_short else "")
+        logging.shutdown()
+        os._exit(128 + signum)
 
-    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
-    signal.signal(signal.SIGTERM, on_sigterm)
+    def default_handlers():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+
+    os.register_at_fork(after_in_child=default_handlers)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
+def remove_cut_short(config, staging_folders):
+    """Delete what a stopped run leaves half-done in OUTPUT_DIR; return the names of the runs whose derivatives it
+    deleted. A run's derivatives are written one after the other at its end (each renamed into place from a
+    hidden folder, ``qsmprep.interfaces.bids.STAGING_FOLDERS``): the hidden ``staging_folders`` being written
+    and, for a run with only some of its derivatives in place, those (an earlier run's were deleted when this
+    one started). Its modules are loaded by then (by ``qsmprep.interfaces.bids``), as a signal handler needs."""
+    import shutil
+
+    from ..bids.derivatives import run_output_files
+
+    for folder in list(staging_folders):
+        shutil.rmtree(folder, ignore_errors=True)
+    cut_short = []
+    for run in config.runs:
+        paths = [Path(config.output_dir) / name for name in run_output_files(run, config.inversion)]
+        present = [path for path in paths if path.exists()]
+        if 0 < len(present) < len(paths):
+            for path in present:
+                path.unlink(missing_ok=True)
+            cut_short.append(run.name)
+    return cut_short
 
 
 EPILOG = """presets (explicit --unwrap/--bgremove/--inversion override them):
@@ -91,7 +123,7 @@ EPILOG = """presets (explicit --unwrap/--bgremove/--inversion override them):
 
 exit codes: 0 success; 64 usage error; 65 some input runs unusable (the others were processed) or none
 usable; 66 no input data found; 70 a processing step failed (crash files in OUTPUT_DIR/logs/); 73 OUTPUT_DIR
-or --work-dir cannot be created or written; 143 stopped by SIGTERM.
+or --work-dir cannot be created or written; 130 stopped by Ctrl-C (SIGINT); 143 stopped by SIGTERM.
 
 examples:
   qsmprep /data/bids /data/derivatives/qsmprep participant --participant-label 01 02
@@ -274,6 +306,35 @@ def resolve_config(args, argv):
     """Check the options and turn them into a Config (runs not yet discovered)."""
     unwrap, bgremove, inversions = preset_methods(args.preset)
     inversions = tuple(dict.fromkeys(args.inversion or inversions))
+    check_method_options(args, inversions)
+    check_resource_options(args)
+    parameters = chosen_parameters(args.parameters, bgremove=args.bgremove or bgremove, inversions=inversions,
+                                   mask=args.mask) if args.parameters else {}
+    bids_dir, output_dir = checked_locations(args)
+    if "deep" in inversions:
+        parameters.setdefault("inversion", {}).setdefault("deep", {}).update(deep_parameters(args))
+    nprocs, plugin, plugin_args = execution_plugin(args)
+    config = Config(
+        bids_dir=str(bids_dir), output_dir=str(output_dir), work_dir=str(args.work_dir.absolute()),
+        analysis_level=args.analysis_level,
+        participant_label=[s.removeprefix("sub-") for s in args.participant_label],
+        session_label=[s.removeprefix("ses-") for s in args.session_label],
+        nprocs=nprocs, omp_nthreads=args.omp_nthreads or min(nprocs, 8), mem_gb=args.mem,
+        plugin=plugin, plugin_args=plugin_args, skip_bids_validation=args.skip_bids_validation,
+        boilerplate_only=args.boilerplate_only, stop_on_first_crash=args.stop_on_first_crash,
+        verbosity=args.verbose, preset=args.preset, unwrap=args.unwrap or unwrap,
+        bgremove=args.bgremove or bgremove, inversion=inversions,
+        mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
+        b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
+        resample_b0=args.resample_b0, invert_phase=args.invert_phase, device=args.device, command=["qsmprep", *argv],
+        parameters=parameters,
+    )
+    return config.resolve_parameters()
+
+
+def check_method_options(args, inversions):
+    """Raise UsageError for method options that cannot work together or with this install (the deep model, the
+    GPU, the B0 options, ``--mask``); warn about ``--resample-b0`` where it does nothing."""
     if "deep" in inversions and not deep_model_available():
         from ..inversion.deep import default_model_path
 
@@ -296,13 +357,27 @@ def resolve_config(args, argv):
     if args.mask not in MASK_STRATEGIES and not Path(args.mask).exists():
         raise UsageError(f"--mask {args.mask}: neither a strategy ({', '.join(MASK_STRATEGIES)}) nor an existing file "
                          "or folder: check the path.")
+
+
+def check_resource_options(args):
+    """Raise UsageError for a ``--nprocs`` or ``--omp-nthreads`` below 1 or a ``--mem`` that is not positive; warn
+    when more processes or threads are asked for than the CPUs this process may use."""
     for name in ("nprocs", "omp_nthreads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     if args.mem is not None and args.mem <= 0:
         raise UsageError("--mem is in GB and must be positive.")
-    parameters = chosen_parameters(args.parameters, bgremove=args.bgremove or bgremove, inversions=inversions,
-                                   mask=args.mask) if args.parameters else {}
+    for option, number in (("--nprocs", args.nprocs), ("--omp-nthreads", args.omp_nthreads)):
+        if number and number > available_cores() and not args.use_plugin:
+            log.warning("%s %d is more than the %d CPU(s) this process may use: %s share them, which is slower and "
+                        "takes more memory than %s %d.", option, number, available_cores(),
+                        "its processes" if option == "--nprocs" else "each node's threads", option, available_cores())
+
+
+def checked_locations(args):
+    """(BIDS_DIR, OUTPUT_DIR) as absolute paths, once the output, work and mask locations are checked: not inside
+    the input dataset, writable, a mask not among the outputs it would be replaced by, OUTPUT_DIR not another
+    tool's dataset (UsageError, or the output folder's own error); a warning for a work folder inside OUTPUT_DIR."""
     bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
     check_output_location(bids_dir, output_dir)
     check_output_location(bids_dir, args.work_dir, "--work-dir")
@@ -317,20 +392,26 @@ def resolve_config(args, argv):
     for option, folder in (("OUTPUT_DIR", output_dir), ("--work-dir", args.work_dir.absolute())):
         check_output_folder(option, folder)
     check_output_dataset(output_dir, bids_dir)
-    nprocs = args.nprocs or available_cores()
-    for option, number in (("--nprocs", args.nprocs), ("--omp-nthreads", args.omp_nthreads)):
-        if number and number > available_cores() and not args.use_plugin:
-            log.warning("%s %d is more than the %d CPU(s) this process may use: %s share them, which is slower and "
-                        "takes more memory than %s %d.", option, number, available_cores(),
-                        "its processes" if option == "--nprocs" else "each node's threads", option, available_cores())
+    return bids_dir, output_dir
+
+
+def deep_parameters(args):
+    """The deep inversion's parameters from its options, with the pipeline's high-pass radius unless one is given
+    and the ``--model`` checked (``checked_model``: a name or a loadable checkpoint)."""
     deep = {key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None}
     deep.setdefault("refine_radius_mm", PIPELINE_REFINE_RADIUS_MM)
     if "model" in deep:
         from ..deep.registry import checked_model
 
         deep["model"] = checked_model(deep["model"])
-    if "deep" in inversions:
-        parameters.setdefault("inversion", {}).setdefault("deep", {}).update(deep)
+    return deep
+
+
+def execution_plugin(args):
+    """(nprocs, Nipype plugin, plugin_args): ``--use-plugin``'s file, else MultiProc over ``--nprocs`` processes
+    (default: the CPUs this process may use) with ``--mem``, or Linear for one; a warning where ``--mem`` does
+    nothing."""
+    nprocs = args.nprocs or available_cores()
     if args.use_plugin:
         plugin, plugin_args = _read_plugin(args.use_plugin)
     else:
@@ -346,22 +427,7 @@ def resolve_config(args, argv):
         log.warning("--mem %g has no effect %s.", args.mem,
                     "with --use-plugin: give the cluster's memory in the plugin file's plugin_args" if args.use_plugin
                     else "with one process (--nprocs 1), which runs the nodes one at a time")
-    config = Config(
-        bids_dir=str(bids_dir), output_dir=str(output_dir), work_dir=str(args.work_dir.absolute()),
-        analysis_level=args.analysis_level,
-        participant_label=[s.removeprefix("sub-") for s in args.participant_label],
-        session_label=[s.removeprefix("ses-") for s in args.session_label],
-        nprocs=nprocs, omp_nthreads=args.omp_nthreads or min(nprocs, 8), mem_gb=args.mem,
-        plugin=plugin, plugin_args=plugin_args, skip_bids_validation=args.skip_bids_validation,
-        boilerplate_only=args.boilerplate_only, stop_on_first_crash=args.stop_on_first_crash,
-        verbosity=args.verbose, preset=args.preset, unwrap=args.unwrap or unwrap,
-        bgremove=args.bgremove or bgremove, inversion=inversions,
-        mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
-        b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
-        resample_b0=args.resample_b0, invert_phase=args.invert_phase, device=args.device, command=["qsmprep", *argv],
-        parameters=parameters,
-    )
-    return config.resolve_parameters()
+    return nprocs, plugin, plugin_args
 
 
 def find_inputs(config, filter_file=None):
@@ -528,12 +594,18 @@ _CRASHED_NODE = re.compile(r"^Node: (\S+)", re.MULTILINE)
 _SUBJECT_WF = re.compile(r"single_subject_([a-zA-Z0-9]+)_wf")
 
 
+NIPYPE_NO_RESULT_NOTE = "When creating this crashfile, the results file corresponding"
+"""How the note begins that Nipype's report_crash appends to a crash file when the node left no result file."""
+
+
 def crashed_nodes(log_dir):
     """{subject label: ["<failed node>: <its error>"]} from the text crash files in ``log_dir``."""
     failed = {}
     for crash in sorted(Path(log_dir).glob("crash-*.txt")):
         text = crash.read_text(errors="replace")
-        error = text.strip().splitlines()[-1].strip()  # the exception's last line, e.g. "...DataError: <why, fix>"
+        # the exception's last line, e.g. "...DataError: <why, fix>", before the note Nipype adds when the node
+        # left no result file (a worker process that died)
+        error = text.split(NIPYPE_NO_RESULT_NOTE)[0].strip().splitlines()[-1].strip()
         for node in _CRASHED_NODE.findall(text):
             match = _SUBJECT_WF.search(node)
             failed.setdefault(match.group(1) if match else "?", []).append(f"{node}: {error}")
@@ -642,8 +714,13 @@ def run(config, filter_file=None):
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
     from traits.api import TraitError
 
+    plugin = config.plugin
+    if plugin == "MultiProc":  # Nipype's, but a node whose worker process dies fails instead of hanging the run
+        from ..workflows.multiproc import MultiProcPlugin
+
+        plugin = MultiProcPlugin(plugin_args=config.plugin_args)
     try:
-        workflow.run(plugin=config.plugin, plugin_args=config.plugin_args)
+        workflow.run(plugin=plugin, plugin_args=config.plugin_args)
     except RuntimeError as exc:  # Nipype: "Workflow did not execute cleanly"; crash files say where
         log.error("%s", exc)
     except TraitError as exc:  # Nipype's scheduler read a cached node whose output files were deleted
@@ -729,7 +806,7 @@ def _main(argv):
         if args.analysis_level == "group":
             return run_group(args)
         config = resolve_config(args, argv)
-        stop_workers_on_sigterm()
+        stop_on_signals(config)
         return run(config, args.bids_filter_file)
     except QSMPrepError as exc:
         log.error("%s", exc)

@@ -10,6 +10,10 @@ from ..bids.derivatives import load_bids_config
 
 _CONFIG = load_bids_config()
 
+STAGING_FOLDERS = set()
+"""Hidden folders a DerivativesDataSink of this process is writing in, for a stopped run to remove
+(``qsmprep.cli.run.remove_cut_short``)."""
+
 
 class DerivativesDataSink(_DerivativesDataSink):
     """DerivativesDataSink that knows the ``Chimap``, ``MEGRE``, ``echo``, ``part`` and ``desc`` entities.
@@ -32,16 +36,19 @@ class DerivativesDataSink(_DerivativesDataSink):
         final.mkdir(parents=True, exist_ok=True)
         # inside the output directory: one file system, so os.replace is an atomic rename
         with tempfile.TemporaryDirectory(prefix=".tmp-", dir=final) as staging:
-            self.inputs.base_directory = staging
+            STAGING_FOLDERS.add(staging)
             try:
-                runtime = super()._run_interface(runtime)
+                self.inputs.base_directory = staging
+                try:
+                    runtime = super()._run_interface(runtime)
+                finally:
+                    self.inputs.base_directory = str(final)
+                # the sidecar first: an image in place always has its sidecar
+                if "out_meta" in self._results:
+                    self._results["out_meta"] = _move_into(self._results["out_meta"], staging, final)
+                self._results["out_file"] = [_move_into(path, staging, final) for path in self._results["out_file"]]
             finally:
-                self.inputs.base_directory = str(final)
-            images = self._results["out_file"]
-            # the sidecar first: an image in place always has its sidecar
-            if "out_meta" in self._results:
-                self._results["out_meta"] = _move_into(self._results["out_meta"], staging, final)
-            self._results["out_file"] = [_move_into(path, staging, final) for path in images]
+                STAGING_FOLDERS.discard(staging)
         return runtime
 
 
