@@ -1262,3 +1262,12 @@ def test_a_stopped_run_leaves_no_run_with_only_some_derivatives(tmp_path):
     assert not list((tmp_path / "sub-01").rglob("*.*")) and not staging.exists()
     assert all((tmp_path / name).exists() for name in run_output_files(runs[1], ("tkd",)))
     STAGING_FOLDERS.discard(str(staging))
+
+
+def test_main_gives_the_caller_its_signal_handlers_back(tmp_path):
+    """qsmprep's handlers stop the process: a Python caller of main() (a test, a notebook) keeps its own."""
+    import signal
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")]) == 66
+    assert {signum: signal.getsignal(signum) for signum in before} == before

@@ -65,7 +65,8 @@ def stop_on_signals(config):
     runs; and MultiProc's forked workers outlived a parent killed by SIGTERM, waiting for ever on a queue whose
     write end they inherited. The handler stops the workers, removes what it cut short (``remove_cut_short``)
     and exits at once with 128 + the signal's number (143, 130), as a shell reports a process the signal
-    killed. Forked children get the default handlers back, so ``terminate`` ends them mid-node.
+    killed. Forked children get the default handlers back, so ``terminate`` ends them mid-node. Returns the
+    handlers it replaced, {signal number: handler}, for a caller that goes on to restore.
     """
     import multiprocessing
 
@@ -88,8 +89,7 @@ def stop_on_signals(config):
             signal.signal(signum, signal.SIG_DFL)
 
     os.register_at_fork(after_in_child=default_handlers)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
 def remove_cut_short(config, staging_folders):
@@ -806,8 +806,12 @@ def _main(argv):
         if args.analysis_level == "group":
             return run_group(args)
         config = resolve_config(args, argv)
-        stop_on_signals(config)
-        return run(config, args.bids_filter_file)
+        replaced = stop_on_signals(config)
+        try:
+            return run(config, args.bids_filter_file)
+        finally:  # main() called from Python (a test, a notebook) gets its own handlers back
+            for signum, handler in replaced.items():
+                signal.signal(signum, handler)
     except QSMPrepError as exc:
         log.error("%s", exc)
         return exc.exit_code
