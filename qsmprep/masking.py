@@ -12,6 +12,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from .errors import DataError
+from .physics import checked_voxel_size_mm
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,7 @@ def ball_mm(radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     """
     if radius_mm < 0:
         raise ValueError(f"radius must be >= 0 mm, got {radius_mm!r}")
-    vox = np.asarray(voxel_size_mm, dtype=np.float64)
-    if vox.shape != (3,) or np.any(vox <= 0):
-        raise ValueError(f"voxel size must be 3 positive values in mm, got {voxel_size_mm!r}")
+    vox = checked_voxel_size_mm(voxel_size_mm)
     half = np.floor(radius_mm / vox * (1 + VOXEL_SIZE_RTOL)).astype(int)
     axes = [np.arange(-h, h + 1) * d for h, d in zip(half, vox)]
     x, y, z = np.meshgrid(*axes, indexing="ij")

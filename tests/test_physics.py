@@ -244,3 +244,16 @@ def test_inversion_in_ras_order_reorders_parameters_on_the_grid_with_the_field()
     np.testing.assert_array_equal(seen["magnitude"], 2 * seen["field"])
     assert seen["tol"] == 0.01
     np.testing.assert_array_equal(out, field)  # and back in the input's order
+
+
+@pytest.mark.parametrize("bad", [(1.0, 1.0), (1.0, 0.0, 1.0), (1.0, -2.0, 1.0), (1.0, float("nan"), 1.0)])
+def test_voxel_sizes_are_three_positive_lengths(bad):
+    """One check for the masking balls, the unwrapper and the training data (three copies before; NaN passed)."""
+    from qsmprep.masking import ball_mm
+    from qsmprep.physics import checked_voxel_size_mm
+
+    np.testing.assert_array_equal(checked_voxel_size_mm((0.75, 0.75, 2)), [0.75, 0.75, 2.0])
+    with pytest.raises(ValueError, match="voxel size must be 3 positive values in mm"):
+        checked_voxel_size_mm(bad)
+    with pytest.raises(ValueError, match="voxel size must be 3 positive values in mm"):
+        ball_mm(2.0, bad)

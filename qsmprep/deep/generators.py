@@ -27,6 +27,7 @@ from scipy.spatial.transform import Rotation
 
 from qsmprep.physics.forward import padded_shape
 from qsmprep.physics.kernel import kspace_grid
+from qsmprep.physics.orientation import checked_voxel_size_mm
 from qsmprep.sim.phantom import BRAIN_LABELS, LABELS, head_phantom
 
 PATTERN_SHAPES = ("ellipsoid", "box", "blob")
@@ -35,12 +36,9 @@ PATTERN_SHAPES = ("ellipsoid", "box", "blob")
 
 def _shape_and_voxel(shape, voxel_size_mm):
     shape = tuple(int(n) for n in shape)
-    voxel = np.asarray(voxel_size_mm, dtype=np.float64)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be 3 positive sizes, got {shape}")
-    if voxel.shape != (3,) or np.any(voxel <= 0):
-        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm}")
-    return shape, voxel
+    return shape, checked_voxel_size_mm(voxel_size_mm)
 
 
 def _axes_mm(shape, voxel):

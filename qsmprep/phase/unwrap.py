@@ -12,6 +12,7 @@ from scipy import ndimage
 from skimage.restoration import unwrap_phase
 
 from ..inversion.solvers import cg
+from ..physics import checked_voxel_size_mm
 from .scaling import wrap_to_pi
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,7 @@ def _valid_mask(phase, mask):
 def _check_3d(phase, voxel_size_mm):
     if phase.ndim != 3:
         raise ValueError(f"spatial unwrapping takes one 3D volume, got shape {phase.shape}")
-    vox = np.asarray(voxel_size_mm, dtype=np.float64)
-    if vox.shape != (3,) or np.any(vox <= 0):
-        raise ValueError(f"voxel size must be 3 positive values in mm, got {voxel_size_mm!r}")
-    return vox
+    return checked_voxel_size_mm(voxel_size_mm)
 
 
 def _both_ends_valid(valid, axis):

@@ -7,6 +7,14 @@ SCANNER_B0_WORLD = (0.0, 0.0, 1.0)
 """B0 in NIfTI world (scanner RAS+) coordinates: along the z (S-I) axis."""
 
 
+def checked_voxel_size_mm(voxel_size_mm):
+    """``voxel_size_mm`` as a float64 array of 3 positive sizes in mm; ValueError naming it otherwise."""
+    vox = np.asarray(voxel_size_mm, dtype=np.float64)
+    if vox.shape != (3,) or not np.all(vox > 0):  # "not all > 0": NaN is refused too
+        raise ValueError(f"voxel size must be 3 positive values in mm, got {voxel_size_mm!r}")
+    return vox
+
+
 def voxel_rotation(affine):
     """Rotation (3x3, columns = voxel axes in world) of a NIfTI affine.
 
