@@ -57,6 +57,7 @@ log = logging.getLogger("qsmprep")
 EXIT_PROCESSING_FAILED = 70
 """Exit code when a workflow node crashed (EX_SOFTWARE); other subjects still finish."""
 
+
 def stop_on_signals(config):
     """Make SIGTERM (``kill``, ``docker stop``, a scheduler's time limit) and SIGINT (Ctrl-C) stop qsmprep at once.
 
@@ -367,11 +368,12 @@ def check_resource_options(args):
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     if args.mem is not None and args.mem <= 0:
         raise UsageError("--mem is in GB and must be positive.")
+    cores = available_cores()
     for option, number in (("--nprocs", args.nprocs), ("--omp-nthreads", args.omp_nthreads)):
-        if number and number > available_cores() and not args.use_plugin:
+        if number and number > cores and not args.use_plugin:
             log.warning("%s %d is more than the %d CPU(s) this process may use: %s share them, which is slower and "
-                        "takes more memory than %s %d.", option, number, available_cores(),
-                        "its processes" if option == "--nprocs" else "each node's threads", option, available_cores())
+                        "takes more memory than %s %d.", option, number, cores,
+                        "its processes" if option == "--nprocs" else "each node's threads", option, cores)
 
 
 def checked_locations(args):

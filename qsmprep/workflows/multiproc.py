@@ -14,17 +14,15 @@ from nipype.pipeline.plugins.multiproc import MultiProcPlugin as NipypeMultiProc
 from nipype.pipeline.plugins.multiproc import process_initializer
 
 
-class WorkerLostError(RuntimeError):
-    """A node's worker process ended without returning its result (named in the node's crash file)."""
-
-
-WORKER_LOST = ("its worker process ended without a result (killed, most often by the out-of-memory killer when the "
-               "machine or job ran out of memory): give the job more memory, or fewer parallel processes (--nprocs, "
-               "--mem); running the same command again resumes from the finished steps.")
+WORKER_LOST = ("WorkerLostError: its worker process ended without a result (killed, most often by the "
+               "out-of-memory killer when the machine or job ran out of memory): give the job more memory, or fewer "
+               "parallel processes (--nprocs, --mem); running the same command again resumes from the finished "
+               "steps.\n")
+"""A lost node's error, the one line of its crash file's traceback."""
 
 
 class MultiProcPlugin(NipypeMultiProcPlugin):  # the name Nipype derives "MultiProc" from, as for its own
-    """``MultiProcPlugin`` whose nodes fail with ``WorkerLostError`` when their worker process dies."""
+    """``MultiProcPlugin`` whose nodes fail with ``WORKER_LOST`` when their worker process dies."""
 
     def _async_callback(self, future):
         if not future.cancelled() and future.exception() is None:  # a lost worker is reported by _get_result
@@ -35,7 +33,7 @@ class MultiProcPlugin(NipypeMultiProcPlugin):  # the name Nipype derives "MultiP
         if future.done() and (future.cancelled() or isinstance(future.exception(), BrokenProcessPool)):
             self._replace_broken_pool()
             # the failure as run_node reports a node's exception: Nipype then writes its crash file and goes on
-            return {"result": None, "taskid": taskid, "traceback": [f"{WorkerLostError.__name__}: {WORKER_LOST}\n"]}
+            return {"result": None, "taskid": taskid, "traceback": [WORKER_LOST]}
         return super()._get_result(taskid)
 
     def _replace_broken_pool(self):

@@ -332,7 +332,7 @@ def bgremove_context(run, config):
     """Values of the background removal's template: the method's parameters and, for V-SHARP, its kernels as
     ``vsharp`` uses them (``radii_mm``, by default ``default_radii_mm`` of the run's voxel size)."""
     params = config.parameters["bgremove"][config.bgremove]
-    if config.bgremove == "pdf":
+    if "pad_factor" in params:  # PDF, as the inversions that have one
         return {**params, "fft_grid": fft_grid_text(params["pad_factor"])}
     if config.bgremove != "vsharp":
         return params
