@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -1271,3 +1272,29 @@ def test_main_gives_the_caller_its_signal_handlers_back(tmp_path):
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")]) == 66
     assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="os.fork")
+def test_children_forked_after_main_returned_keep_the_caller_s_handlers(tmp_path):
+    """The at-fork hook that gives qsmprep's workers the default handlers outlived main() and took a Python
+    caller's own SIGTERM handler from every process it forked later."""
+    import signal
+
+    def caller_handler(signum, frame):
+        pass
+
+    bids = tmp_path / "bids"  # a dataset with no run: main() sets its handlers, then finds nothing to do
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "empty", "BIDSVersion": "1.9.0"}')
+    before = signal.signal(signal.SIGTERM, caller_handler)
+    try:
+        assert main([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")]) == 66
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child reports whether it kept the caller's handler
+            os.write(write, b"kept" if signal.getsignal(signal.SIGTERM) is caller_handler else b"lost")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 4) == b"kept"
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -57,6 +57,9 @@ log = logging.getLogger("qsmprep")
 EXIT_PROCESSING_FAILED = 70
 """Exit code when a workflow node crashed (EX_SOFTWARE); other subjects still finish."""
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""The signals that stop qsmprep at once (``stop_on_signals``)."""
+
 
 def stop_on_signals(config):
     """Make SIGTERM (``kill``, ``docker stop``, a scheduler's time limit) and SIGINT (Ctrl-C) stop qsmprep at once.
@@ -85,12 +88,19 @@ def stop_on_signals(config):
         logging.shutdown()
         os._exit(128 + signum)
 
-    def default_handlers():
-        for signum in (signal.SIGTERM, signal.SIGINT):
+    stop.stops_qsmprep = True  # what a forked child looks for (_default_stop_handlers_in_child)
+    return {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+
+
+def _default_stop_handlers_in_child():
+    """In a forked child, the default handler for each of ``STOP_SIGNALS`` that has ``stop_on_signals``'s: the
+    parent's ``terminate`` then ends the child mid-node. Handlers a Python caller set are left to it."""
+    for signum in STOP_SIGNALS:
+        if getattr(signal.getsignal(signum), "stops_qsmprep", False):
             signal.signal(signum, signal.SIG_DFL)
 
-    os.register_at_fork(after_in_child=default_handlers)
-    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+os.register_at_fork(after_in_child=_default_stop_handlers_in_child)  # once per process, not once per main()
 
 
 def remove_cut_short(config, staging_folders):
