@@ -286,7 +286,7 @@ class Config:
 
     def write(self, path):
         """Write the configuration as JSON to ``path``; return the path."""
-        from .io import json_safe  # numpy: not imported for --help
+        from .io import json_safe  # imports numpy: importing config itself stays light
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -260,8 +260,8 @@ def test_invalid_parameters_are_refused():
 
 
 def test_inversion_methods_registry():
-    """The library's registry (qsmprep-invert, bench) and the pipeline's (config, kept free of numpy for a fast
-    --help) name the same functions."""
+    """The library's registry (qsmprep-invert, bench) and the pipeline's (config: names and import paths, so that
+    importing it imports no method) name the same functions."""
     from qsmprep import config
 
     assert sorted(INVERSION_METHODS) == sorted(config.INVERSION_METHODS)

@@ -6,6 +6,7 @@ import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits, isdefined
 from scipy import fft as spfft
 
+from ..config import BGREMOVE_METHODS, MASK_STRATEGIES, UNWRAP_METHODS
 from ..errors import DataError
 from ..io import load_nifti, save_nifti
 from ..physics import voxel_size_from_affine
@@ -13,7 +14,7 @@ from ..physics import voxel_size_from_affine
 
 class _BrainMaskInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude")
-    strategy = traits.Enum("magnitude", "quality", usedefault=True, desc="what is thresholded")
+    strategy = traits.Enum(*MASK_STRATEGIES, mandatory=True, desc="what is thresholded")
     parameters = traits.Dict(desc="keyword parameters of qsmprep.masking.brain_mask")
     phase_rad = File(exists=True, desc="4D phase in rad: steep-phase surface voxels are excluded; quality map")
     te_s = traits.List(traits.Float, desc="echo times in s (with phase_rad)")
@@ -80,7 +81,7 @@ class _TotalFieldInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude (echo weights)")
     mask = File(exists=True, mandatory=True, desc="brain mask")
     te_s = traits.List(traits.Float, mandatory=True, desc="echo times in s")
-    unwrap = traits.Enum("laplacian", "quality", usedefault=True, desc="spatial unwrapping method")
+    unwrap = traits.Enum(*UNWRAP_METHODS, usedefault=True, desc="spatial unwrapping method")
     num_threads = traits.Int(1, usedefault=True, desc="FFT worker threads (Laplacian unwrapping)")
 
 
@@ -122,7 +123,7 @@ def smallest_sphere_mm(method, params, affine):
 class _BackgroundRemovalInputSpec(BaseInterfaceInputSpec):
     total_field = File(exists=True, mandatory=True, desc="total field in Hz")
     mask = File(exists=True, mandatory=True, desc="brain mask")
-    method = traits.Enum("vsharp", "resharp", "pdf", mandatory=True, desc="background removal method")
+    method = traits.Enum(*BGREMOVE_METHODS, mandatory=True, desc="background removal method")
     parameters = traits.Dict(desc="keyword parameters of the method's library function")
     b0_tesla = traits.Float(mandatory=True, desc="field strength in T (Hz -> ppm)")
     b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="B0 direction in voxel coordinates")

@@ -6,6 +6,7 @@ import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 from scipy import fft as spfft
 
+from ..config import INVERSION_METHODS
 from ..io import load_nifti, save_nifti
 from ..physics import invert_in_ras_order
 
@@ -13,7 +14,7 @@ from ..physics import invert_in_ras_order
 class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field in ppm")
     mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
-    method = traits.Enum("tkd", "cfl2", "ilsqr", "deep", mandatory=True, desc="inversion method")
+    method = traits.Enum(*INVERSION_METHODS, mandatory=True, desc="inversion method")
     parameters = traits.Dict(desc="keyword parameters of the method's library function")
     b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="B0 direction in voxel coordinates")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="torch device (deep inversion only)")

@@ -9,6 +9,7 @@ MRIQC's group reports do, so that a study's failed runs are found without openin
 import base64
 import html
 import json
+from itertools import cycle
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,7 @@ def group_figure_png(rows):
     volume_ax.scatter(list(volumes.values()), [positions[r] for r in volumes],
                       c=["tab:red" if r in outliers else "tab:blue" for r in volumes])
     volume_ax.set_xlabel("brain mask (ml)")
-    for marker, method in zip("osD^", INVERSION_METHODS):
+    for marker, method in zip(cycle("osD^v<>p"), INVERSION_METHODS):
         points = [(row["tail_ratio"], positions[row["run"]]) for row in rows
                   if row["method"] == method and row["tail_ratio"] is not None]
         if points:
