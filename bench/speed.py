@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 from scipy import fft
 
+from qsmprep.config import INVERSION_METHODS, library_function
 from qsmprep.resources import available_cores
 
 VOXEL_MM = 1.0
@@ -93,7 +94,7 @@ def worker(args):
         # deep_invert imports these on first use; the CLIs and the pipeline have them loaded before (nibabel
         # reads their input), so their import (0.21 s on an H100 machine, --profile) is not the inversion's time
         importlib.import_module("qsmprep.deep.registry")
-    from qsmprep.inversion import INVERSION_METHODS
+    invert = library_function("inversion", args.methods[0])
 
     cuda = args.devices[0] == "cuda"
     if cuda:
@@ -106,7 +107,7 @@ def worker(args):
         if profiler and call == 0:
             profiler.enable()
         with fft.set_workers(available_cores()):
-            INVERSION_METHODS[args.methods[0]](field, mask, (voxel,) * 3, B0_DIR, **kwargs)
+            invert(field, mask, (voxel,) * 3, B0_DIR, **kwargs)
         if cuda:
             torch.cuda.synchronize()
         if profiler and call == 0:
@@ -137,8 +138,7 @@ def main():
     from qsmprep.inversion.deep import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["tkd", "cfl2", "ilsqr", "deep"],
-                        choices=["tkd", "cfl2", "ilsqr", "deep"])
+    parser.add_argument("--methods", nargs="+", default=["tkd", "cfl2", "ilsqr", "deep"], choices=INVERSION_METHODS)
     parser.add_argument("--sizes", nargs="+", type=int, default=[160, 256])
     parser.add_argument("--threads", type=int, default=0, help="cores per run (default: all visible)")
     parser.add_argument("--model", action="append", help=f"deep model, repeatable (default {DEFAULT_MODEL})")
