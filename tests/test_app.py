@@ -218,6 +218,7 @@ def test_sidecars(runs):
             meta = json.loads((out / folder / f"{name}_desc-{method}_Chimap.json").read_text())
             assert meta["Units"] == "ppm" and meta["SkullStripped"] is True
             assert meta["EchoTime"] == TE_S and meta["MagneticFieldStrength"] == 3.0
+            assert meta["MagneticFieldStrengthSource"] == "MagneticFieldStrength"
             assert meta["EstimationParameters"]["InversionMethod"] == method
             assert len(meta["Sources"]) == 6
             for uri in meta["Sources"]:

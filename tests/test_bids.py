@@ -205,6 +205,53 @@ def test_disagreeing_or_invalid_field_strength_names_the_odd_sidecar(tmp_path):
     assert "MagneticFieldStrength -3 is not a field strength in tesla" in problem.message
 
 
+def _set_in_sidecars(anat, **fields):
+    """Add ``fields`` to every JSON sidecar of a run (None: remove the key)."""
+    for sidecar in anat.glob("*.json"):
+        meta = {**json.loads(sidecar.read_text()), **fields}
+        sidecar.write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+
+def test_the_proton_frequency_gives_the_field_strength_where_the_sidecars_state_it(tmp_path):
+    """ppm is Hz over the Larmor frequency: a Siemens "3 T" magnet at 123.25 MHz is 2.8947 T, and the nominal 3 T
+    scaled every susceptibility 3.5 % too low."""
+    anat = make_run(tmp_path)
+    (run,), _ = validate_runs(discover_runs(tmp_path))
+    assert (run.b0_tesla, run.b0_source) == (3.0, "MagneticFieldStrength")
+    _set_in_sidecars(anat, ImagingFrequency=123.25)
+    (run,), _ = validate_runs(discover_runs(tmp_path))
+    assert run.b0_source == "ImagingFrequency" and run.b0_tesla == pytest.approx(2.894723, abs=1e-6)
+    assert validate_runs(discover_runs(tmp_path), b0_tesla=3.0)[0][0].b0_source == "--b0-tesla"
+    _set_in_sidecars(anat, MagneticFieldStrength=None)  # the frequency alone is enough
+    (run,), _ = validate_runs(discover_runs(tmp_path))
+    assert run.b0_source == "ImagingFrequency" and run.b0_tesla == pytest.approx(2.894723, abs=1e-6)
+
+
+@pytest.mark.parametrize(("frequency", "nominal", "text"), [
+    (123250000, 3, "ImagingFrequency 123250000 is not the magnet's proton frequency in MHz (it gives 2.895e+06 T, "
+                   "not the MagneticFieldStrength 3 T)"),  # written in Hz
+    (32.6, 3, "(it gives 0.7657 T, not the MagneticFieldStrength 3 T)"),  # sodium's frequency at 3 T
+    (123250000, None, "(it gives 2.895e+06 T)"),
+    ("123.25 MHz", 3, "ImagingFrequency '123.25 MHz' is not the magnet's proton frequency in MHz: fix it"),
+])
+def test_a_frequency_that_is_not_the_proton_one_names_the_sidecar(tmp_path, frequency, nominal, text):
+    anat = make_run(tmp_path)
+    _set_in_sidecars(anat, ImagingFrequency=frequency, MagneticFieldStrength=nominal)
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert text in problem.message and "or pass --b0-tesla" in problem.message
+    assert str(anat / "sub-01_echo-1_part-mag_MEGRE.json") in problem.message
+
+
+def test_disagreeing_frequencies_name_the_odd_sidecar(tmp_path):
+    anat = make_run(tmp_path)
+    _set_in_sidecars(anat, ImagingFrequency=123.25)
+    odd = anat / "sub-01_echo-2_part-phase_MEGRE.json"
+    odd.write_text(json.dumps({**json.loads(odd.read_text()), "ImagingFrequency": 127.7}))
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert problem.file.endswith("sub-01_echo-2_part-phase_MEGRE.nii.gz")
+    assert "disagree on ImagingFrequency (123.25 in " in problem.message and f"127.7 in {odd}" in problem.message
+
+
 def test_missing_echo_time_names_the_sidecar(tmp_path):
     anat = make_run(tmp_path)
     sidecar = anat / "sub-01_echo-2_part-mag_MEGRE.json"

@@ -19,13 +19,15 @@ def _affine(tilt_deg=0.0, voxel=(3.0, 3.0, 4.0)):
     return tuple(tuple(float(v) for v in row) for row in affine)
 
 
-def _run(tilt_deg=0.0, voxel=(3.0, 3.0, 4.0), echo_times_s=(0.004, 0.008, 0.012), b0_tesla=3.0):
+def _run(tilt_deg=0.0, voxel=(3.0, 3.0, 4.0), echo_times_s=(0.004, 0.008, 0.012), b0_tesla=3.0,
+         b0_source="MagneticFieldStrength"):
     anat = "/data/sub-01/anat/sub-01"
     echoes = range(1, len(echo_times_s) + 1)
     return GRERun("01", None, None, None, "MEGRE",
                   magnitude=tuple(f"{anat}_echo-{e}_part-mag_MEGRE.nii.gz" for e in echoes),
                   phase=tuple(f"{anat}_echo-{e}_part-phase_MEGRE.nii.gz" for e in echoes),
-                  echo_times_s=tuple(echo_times_s), phase_units="arbitrary", b0_tesla=b0_tesla, shape=(64, 64, 48),
+                  echo_times_s=tuple(echo_times_s), phase_units="arbitrary", b0_tesla=b0_tesla, b0_source=b0_source,
+                  shape=(64, 64, 48),
                   affine=_affine(tilt_deg, voxel))
 
 
@@ -43,10 +45,15 @@ def test_b0_strength_and_direction_say_where_they_came_from():
     assert ("The runs described here had 3 echoes (4, 8 and 12 ms) at 3 T. The field strength was read from "
             "MagneticFieldStrength in the sidecars; B0's direction, 20.0 degrees from the third voxel axis, was taken "
             "from the image orientation (the NIfTI affine).") in _text(_run(tilt_deg=20.0), inversion=("tkd",))
-    text = _text(_run(b0_tesla=7.0), inversion=("tkd",), b0_tesla=7.0, b0_dir=(0.0, 0.1, 1.0))
+    text = _text(_run(b0_tesla=7.0, b0_source="--b0-tesla"), inversion=("tkd",), b0_tesla=7.0, b0_dir=(0.0, 0.1, 1.0))
     assert ("at 7 T. The field strength was given with --b0-tesla, overriding MagneticFieldStrength in the sidecars; "
             "B0's direction, 5.7 degrees from the third voxel axis, was given with --b0-dir as (0, 0.1, 1) in voxel "
             "coordinates.") in text
+    # a Siemens "3 T" magnet's proton frequency, 123.25 MHz: 2.895 T scaled the field
+    text = _text(_run(b0_tesla=123.25 / 42.57747892, b0_source="ImagingFrequency"), inversion=("tkd",))
+    assert ("at 2.895 T. The field strength was computed from the proton resonance frequency in the sidecars "
+            "(ImagingFrequency, 123.2500 MHz) divided by 42.5775 MHz/T, rather than taken from their nominal "
+            "MagneticFieldStrength; B0's direction") in text
 
 
 def test_paragraphs_of_runs_that_differ_name_their_runs():

@@ -33,7 +33,7 @@ def make_run(subject="01", session=None, tilt_deg=0.0, shape=(64, 64, 48), echoe
         magnitude=tuple(f"{prefix}_echo-{e}_part-mag_MEGRE.nii.gz" for e in range(1, echoes + 1)),
         phase=tuple(f"{prefix}_echo-{e}_part-phase_MEGRE.nii.gz" for e in range(1, echoes + 1)),
         echo_times_s=tuple(0.004 * e for e in range(1, echoes + 1)), phase_units="arbitrary", b0_tesla=3.0,
-        shape=shape, affine=_oblique_affine(tilt_deg), mask=mask,
+        b0_source="MagneticFieldStrength", shape=shape, affine=_oblique_affine(tilt_deg), mask=mask,
     )
 
 
@@ -397,7 +397,7 @@ def test_declared_memory_covers_the_measured_peak(head64, tmp_path, monkeypatch,
                   np.int16) for e in range(echoes)]
     mask_file = save("sub-01_mask.nii.gz", sim.brain_mask, np.uint8)
     run = GRERun("01", None, None, None, "MEGRE", magnitude=tuple(magnitude), phase=tuple(phase), echo_times_s=te_s,
-                 phase_units="arbitrary", b0_tesla=3.0, shape=(64, 64, 64),
+                 phase_units="arbitrary", b0_tesla=3.0, b0_source="MagneticFieldStrength", shape=(64, 64, 64),
                  affine=tuple(tuple(float(v) for v in row) for row in sim.affine), mask=mask_file)
     monkeypatch.setattr(qsm, "MIN_MEM_GB", 0.0)  # the 0.1 GB floor would cover every node of this small grid
     methods = ("tkd", "cfl2", "ilsqr")

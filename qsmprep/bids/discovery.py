@@ -77,6 +77,8 @@ class GRERun:
     echo_times_s: tuple | None = None
     phase_units: str | None = None
     b0_tesla: float | None = None
+    b0_source: str | None = None
+    """Where ``b0_tesla`` came from: "--b0-tesla", "ImagingFrequency" or "MagneticFieldStrength"."""
     shape: tuple | None = None
     affine: tuple | None = None
     mask: str | None = None

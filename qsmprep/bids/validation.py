@@ -16,8 +16,8 @@ and left out unchecked. Checks, per run:
   since it usually means echoes went missing on export;
 - all images 3D (at least ``MIN_VOXELS_PER_AXIS`` voxels along each axis), on one grid (shape and affine), and a 4D file holding as many
   volumes as its ``EchoTime`` list has entries;
-- a B0 field strength: ``MagneticFieldStrength`` in the sidecars, or the
-  ``--b0-tesla`` override;
+- a B0 field strength: the ``--b0-tesla`` override, or the sidecars' ``ImagingFrequency``
+  (the proton frequency in MHz, within 10 % of ``MagneticFieldStrength``) or ``MagneticFieldStrength``;
 - the data of every image readable in full (not a truncated .nii.gz), with
   no NaN or infinite values, a magnitude that is not all zero and a phase
   that is not one constant value;
@@ -342,31 +342,69 @@ def millitesla_hint(value):
     return "" if plausible else " (it looks like millitesla)"
 
 
-def _b0_tesla(run, b0_tesla, problems):
-    if b0_tesla is not None:
-        return float(b0_tesla)
+PROTON_FREQUENCY_TOLERANCE = 0.1
+"""Largest relative difference between the field strength ``ImagingFrequency`` gives and ``MagneticFieldStrength``
+with which the frequency is taken as the magnet's proton frequency (Siemens "3 T" systems run at 2.89 T, 3.5 %
+below; a frequency written in Hz, or another nucleus's, is far off)."""
+
+
+def _stated_value(run, key, problems):
+    """The value of ``key`` that the run's sidecars state, as (value, the images whose sidecars state it):
+    (None, []) when none states it, (None, None) after a problem when they disagree."""
     files = {}  # stated value -> the images whose sidecars state it
     for file, meta in zip(run.magnitude + run.phase, run.magnitude_meta + run.phase_meta):
-        if meta.get("MagneticFieldStrength") is not None:
-            files.setdefault(meta["MagneticFieldStrength"], []).append(file)
-    if not files:
-        file, message = run.phase[0], (f"{run.phase[0]}: no MagneticFieldStrength in the sidecars of {run.name}: add "
-                                       "\"MagneticFieldStrength\" (tesla) to its JSON sidecars, or pass --b0-tesla.")
-    elif len(files) > 1:
-        stated = "; ".join(f"{value!r} in {sidecar_path(names[0])}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-                           for value, names in files.items())
-        file = min(files.values(), key=len)[0]  # the odd one out
-        message = (f"{run.name}: its sidecars disagree on MagneticFieldStrength ({stated}): make them agree, or pass "
-                   "--b0-tesla.")
-    else:
-        ((value, names),) = files.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_PLAUSIBLE_B0_TESLA:
-            return float(value)
-        file, message = names[0], (f"{sidecar_path(names[0])}: MagneticFieldStrength {value!r} is not a field strength in "
-                                   f"tesla{millitesla_hint(value)}: write a positive number, e.g. 3, or pass "
-                                   "--b0-tesla.")
-    problems.append(Problem(run.subject, run.name, str(file), message))
-    return None
+        if meta.get(key) is not None:
+            files.setdefault(meta[key], []).append(file)
+    if len(files) <= 1:
+        return next(iter(files.items()), (None, []))
+    stated = "; ".join(f"{value!r} in {sidecar_path(names[0])}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                       for value, names in files.items())
+    problems.append(Problem(run.subject, run.name, str(min(files.values(), key=len)[0]),  # the odd one out
+                            f"{run.name}: its sidecars disagree on {key} ({stated}): make them agree, or pass "
+                            "--b0-tesla."))
+    return None, None
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _b0_tesla(run, b0_tesla, problems):
+    """The field strength (T) that scales the run's field from Hz to ppm, and where it came from: ``--b0-tesla``;
+    else the magnet's proton frequency, ``ImagingFrequency`` (MHz) / ``GAMMA_BAR_MHZ_PER_T``, where the sidecars
+    give it (ppm is Hz over the Larmor frequency in MHz; the nominal strength can be 3.5 % off, Siemens "3 T" running
+    at 2.89 T); else ``MagneticFieldStrength``. (None, None) after a problem."""
+    from ..physics import GAMMA_BAR_MHZ_PER_T
+
+    if b0_tesla is not None:
+        return float(b0_tesla), "--b0-tesla"
+    nominal, nominal_files = _stated_value(run, "MagneticFieldStrength", problems)
+    frequency, frequency_files = _stated_value(run, "ImagingFrequency", problems)
+    if nominal_files is None or frequency_files is None:
+        return None, None
+
+    def refuse(file, message):
+        problems.append(Problem(run.subject, run.name, str(file), message))
+        return None, None
+
+    if not nominal_files and not frequency_files:
+        return refuse(run.phase[0], f"{run.phase[0]}: no MagneticFieldStrength in the sidecars of {run.name}: add "
+                                    "\"MagneticFieldStrength\" (tesla) to its JSON sidecars, or pass --b0-tesla.")
+    if nominal_files and not (_is_number(nominal) and 0 < nominal <= MAX_PLAUSIBLE_B0_TESLA):
+        return refuse(nominal_files[0], f"{sidecar_path(nominal_files[0])}: MagneticFieldStrength {nominal!r} is not a "
+                                        f"field strength in tesla{millitesla_hint(nominal)}: write a positive number, "
+                                        "e.g. 3, or pass --b0-tesla.")
+    if not frequency_files:
+        return float(nominal), "MagneticFieldStrength"
+    tesla = frequency / GAMMA_BAR_MHZ_PER_T if _is_number(frequency) and frequency > 0 else None
+    if tesla is None or not 0 < tesla <= MAX_PLAUSIBLE_B0_TESLA or (
+            nominal_files and abs(tesla / nominal - 1) > PROTON_FREQUENCY_TOLERANCE):
+        gives = (f" (it gives {tesla:.4g} T" + (f", not the MagneticFieldStrength {nominal:g} T" if nominal_files else "")
+                 + ")") if tesla else ""
+        return refuse(frequency_files[0], f"{sidecar_path(frequency_files[0])}: ImagingFrequency {frequency!r} is not "
+                                          f"the magnet's proton frequency in MHz{gives}: fix it (e.g. 123.2 at 3 T), "
+                                          "or pass --b0-tesla.")
+    return tesla, "ImagingFrequency"
 
 
 def user_mask_for_run(run, mask):
@@ -490,7 +528,7 @@ def validate_run(run, b0_tesla=None, mask=None):
         _values(run, units, problems)
     if grid is not None and not problems and len(echo_times) > 1:
         _magnitude_decay(run, echo_times, problems)
-    b0 = _b0_tesla(run, b0_tesla, problems)
+    b0, b0_source = _b0_tesla(run, b0_tesla, problems)
     mask_file = None
     if mask is not None and grid is not None:
         mask_file = user_mask_for_run(run, mask)
@@ -503,7 +541,7 @@ def validate_run(run, b0_tesla=None, mask=None):
                 report(mask_file, message)
     if problems:
         return None, problems
-    return replace(run, echo_times_s=echo_times, phase_units=units, b0_tesla=b0,
+    return replace(run, echo_times_s=echo_times, phase_units=units, b0_tesla=b0, b0_source=b0_source,
                    shape=grid[0], affine=grid[1], mask=mask_file), problems
 
 

@@ -182,7 +182,7 @@ def build_parser():
     g.add_argument("--mask", default="quality", metavar="STRATEGY|PATH",
                    help=f"brain mask: a strategy ({', '.join(MASK_STRATEGIES)}; default quality), a mask NIfTI on "
                    "the runs' grid, or a derivatives folder holding <run>_desc-brain_mask.nii.gz per run")
-    g.add_argument("--b0-tesla", type=finite_float, metavar="T", help="field strength in T (overrides MagneticFieldStrength)")
+    g.add_argument("--b0-tesla", type=finite_float, metavar="T", help="field strength in T (overrides the sidecars' ImagingFrequency and MagneticFieldStrength)")
     g.add_argument("--b0-dir", type=finite_float, nargs=3, metavar=("X", "Y", "Z"),
                    help="B0 direction in the images' voxel coordinates (i, j, k); default: from the NIfTI affine")
     g.add_argument("--resample-b0", action="store_true",

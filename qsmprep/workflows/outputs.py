@@ -26,6 +26,7 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
     common = {
         "Sources": [bids_uri(path, config.bids_dir) for path in run.files],
         "MagneticFieldStrength": run.b0_tesla,
+        "MagneticFieldStrengthSource": run.b0_source,
         "EchoTime": list(run.echo_times_s),
         "PhaseInverted": config.invert_phase,
     }

@@ -19,7 +19,7 @@ from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMas
 from ..interfaces.gre import PhaseToRad, StackEchoes
 from ..interfaces.inversion import DipoleInversion, FromB0Aligned, ReferenceToMask, ToB0Aligned
 from ..masking import ball_mm
-from ..physics import b0_aligned_grid, b0_dir_from_affine, b0_tilt_deg, voxel_size_from_affine
+from ..physics import GAMMA_BAR_MHZ_PER_T, b0_aligned_grid, b0_dir_from_affine, b0_tilt_deg, voxel_size_from_affine
 from .outputs import init_qsm_derivatives_wf
 
 log = logging.getLogger(__name__)
@@ -313,15 +313,25 @@ def acquisition_text(run, config):
     strength and B0 direction, with where the last two came from (runs that differ in them get their own paragraph)."""
     times = [f"{te * 1e3:g}" for te in sorted(run.echo_times_s)]
     count = "one echo" if len(times) == 1 else f"{len(times)} echoes"
-    return (f"{RUNS_DESCRIBED} had {count} ({spoken_list(times)} ms) at {run.b0_tesla:g} T. "
+    return (f"{RUNS_DESCRIBED} had {count} ({spoken_list(times)} ms) at {run.b0_tesla:.4g} T. "
             f"{b0_source_text(run, config)}")
 
 
+B0_SOURCE_TEXT = {
+    "--b0-tesla": "given with --b0-tesla, overriding MagneticFieldStrength in the sidecars",
+    "ImagingFrequency": "computed from the proton resonance frequency in the sidecars (ImagingFrequency, {mhz:.4f} "
+                        f"MHz) divided by {GAMMA_BAR_MHZ_PER_T:g} MHz/T, rather than taken from their nominal "
+                        "MagneticFieldStrength",
+    "MagneticFieldStrength": "read from MagneticFieldStrength in the sidecars",
+}
+"""How the methods text says where a run's field strength came from (``GRERun.b0_source``)."""
+
+
 def b0_source_text(run, config):
-    """The methods sentence on where the field strength (``--b0-tesla`` or the sidecars) and B0's direction in the
-    run's voxel coordinates (``--b0-dir`` or the NIfTI affine, ``run_b0_dir``) came from, with B0's tilt."""
-    strength = ("given with --b0-tesla, overriding MagneticFieldStrength in the sidecars" if config.b0_tesla is not None
-                else "read from MagneticFieldStrength in the sidecars")
+    """The methods sentence on where the field strength (``--b0-tesla``, ``ImagingFrequency`` or
+    ``MagneticFieldStrength``) and B0's direction in the run's voxel coordinates (``--b0-dir`` or the NIfTI affine,
+    ``run_b0_dir``) came from, with B0's tilt."""
+    strength = B0_SOURCE_TEXT[run.b0_source].format(mhz=run.b0_tesla * GAMMA_BAR_MHZ_PER_T)
     direction = ("taken from the image orientation (the NIfTI affine)" if config.b0_dir is None
                  else f"given with --b0-dir as ({', '.join(f'{v:g}' for v in config.b0_dir)}) in voxel coordinates")
     return (f"The field strength was {strength}; B0's direction, {b0_tilt_deg(run_b0_dir(run, config)):.1f} degrees "
