@@ -431,7 +431,7 @@ def test_participant_label_filter_file_and_field_strength_reach_the_run(tmp_path
     (run,) = json.loads((logs / "config.json").read_text())["runs"]
     assert (run["subject"], run["echo_times_s"], run["b0_tesla"]) == ("02", [0.004, 0.008], 7.0)
     assert [Path(p).name for p in run["phase"]] == [f"sub-02_echo-{e}_part-phase_MEGRE.nii.gz" for e in (1, 2)]
-    assert "The runs described here had 2 echoes (4 and 8 ms) at 7 T." in (logs / "CITATION.md").read_text()
+    assert "The runs described here had 2 echoes (4 and 8 ms) at 7 T, acquired" in (logs / "CITATION.md").read_text()
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -799,7 +799,7 @@ def test_single_echo_dataset_runs_and_its_methods_text_says_so(tmp_path, capsys)
     assert "a single echo cannot separate the receive-phase offset" in capsys.readouterr().err
     (citation,) = out.glob("logs/*/CITATION.md")
     text = citation.read_text()
-    assert "For each single-echo gradient-echo run, phase images were converted" in text
+    assert "For each single-echo gradient-echo run, phase images (combined over the receive coils" in text
     assert "The phase was unwrapped spatially" in text and "divided by 2 pi times the echo time" in text
     assert "echo difference" not in text and "over echoes" not in text and "Dymerska" not in text
 

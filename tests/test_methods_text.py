@@ -42,18 +42,35 @@ def _text(run=None, **options):
 
 def test_b0_strength_and_direction_say_where_they_came_from():
     """--b0-tesla and --b0-dir change the field scaling and every dipole kernel: the text named neither."""
-    assert ("The runs described here had 3 echoes (4, 8 and 12 ms) at 3 T. The field strength was read from "
-            "MagneticFieldStrength in the sidecars; B0's direction, 20.0 degrees from the third voxel axis, was taken "
-            "from the image orientation (the NIfTI affine).") in _text(_run(tilt_deg=20.0), inversion=("tkd",))
+    assert ("The runs described here had 3 echoes (4, 8 and 12 ms) at 3 T, acquired with 64 x 64 x 48 voxels of 3 x 3 "
+            "x 4 mm. The field strength was read from MagneticFieldStrength in the sidecars; B0's direction, 20.0 "
+            "degrees from the third voxel axis, was taken from the image orientation (the NIfTI affine).") in _text(
+        _run(tilt_deg=20.0), inversion=("tkd",))
     text = _text(_run(b0_tesla=7.0, b0_source="--b0-tesla"), inversion=("tkd",), b0_tesla=7.0, b0_dir=(0.0, 0.1, 1.0))
-    assert ("at 7 T. The field strength was given with --b0-tesla, overriding MagneticFieldStrength in the sidecars; "
-            "B0's direction, 5.7 degrees from the third voxel axis, was given with --b0-dir as (0, 0.1, 1) in voxel "
-            "coordinates.") in text
+    assert ("at 7 T, acquired with 64 x 64 x 48 voxels of 3 x 3 x 4 mm. The field strength was given with --b0-tesla, "
+            "overriding MagneticFieldStrength in the sidecars; B0's direction, 5.7 degrees from the third voxel axis, "
+            "was given with --b0-dir as (0, 0.1, 1) in voxel coordinates.") in text
     # a Siemens "3 T" magnet's proton frequency, 123.25 MHz: 2.895 T scaled the field
     text = _text(_run(b0_tesla=123.25 / 42.57747892, b0_source="ImagingFrequency"), inversion=("tkd",))
-    assert ("at 2.895 T. The field strength was computed from the proton resonance frequency in the sidecars "
-            "(ImagingFrequency, 123.2500 MHz) divided by 42.5775 MHz/T, rather than taken from their nominal "
-            "MagneticFieldStrength; B0's direction") in text
+    assert ("at 2.895 T, acquired with 64 x 64 x 48 voxels of 3 x 3 x 4 mm. The field strength was computed from the "
+            "proton resonance frequency in the sidecars (ImagingFrequency, 123.2500 MHz) divided by 42.5775 MHz/T, "
+            "rather than taken from their nominal MagneticFieldStrength; B0's direction") in text
+
+
+def test_the_acquisition_is_described_from_the_sidecars():
+    """The ISMRM QSM consensus (MRM 2024) asks a paper for scanner, 2D/3D, TR, flip angle, acceleration, partial
+    Fourier, grid and voxel size: the text gave only echo times and field strength."""
+    meta = {"Manufacturer": "Siemens", "ManufacturersModelName": "Prisma", "MRAcquisitionType": "3D",
+            "RepetitionTime": 0.03, "FlipAngle": 15, "ParallelReductionFactorInPlane": 2, "PartialFourier": 0.875,
+            "EchoTime": 0.004}
+    text = _text(replace(_run(voxel=(0.75, 0.75, 2.0)), magnitude_meta=(meta,)), inversion=("tkd",))
+    assert ("had 3 echoes (4, 8 and 12 ms) at 3 T, acquired on a Siemens Prisma scanner (3D acquisition, repetition "
+            "time 30 ms, flip angle 15 degrees, in-plane acceleration 2, partial Fourier 0.875) with 64 x 64 x 48 "
+            "voxels of 0.75 x 0.75 x 2 mm.") in text
+    partial = {"Manufacturer": " ", "RepetitionTime": "30 ms", "FlipAngle": True, "MRAcquisitionType": "2D"}
+    text = _text(replace(_run(), magnitude_meta=(partial,)), inversion=("tkd",))  # unusable values are left out
+    assert "at 3 T, acquired (2D acquisition) with 64 x 64 x 48 voxels of 3 x 3 x 4 mm." in text
+    assert "phase images (combined over the receive coils before qsmprep, which takes them as given)" in text
 
 
 def test_paragraphs_of_runs_that_differ_name_their_runs():
@@ -67,8 +84,8 @@ def test_paragraphs_of_runs_that_differ_name_their_runs():
     text = methods_text(config)
     assert "The runs described here" not in text
     assert text.count("had 3 echoes") == 2
-    assert "Runs sub-01 and sub-03 had 3 echoes (4, 8 and 12 ms) at 3 T." in text
-    assert "Run sub-02 had 3 echoes (4, 8 and 12 ms) at 3 T." in text and "20.0 degrees from the third" in text
+    assert "Runs sub-01 and sub-03 had 3 echoes (4, 8 and 12 ms) at 3 T, acquired" in text
+    assert "Run sub-02 had 3 echoes (4, 8 and 12 ms) at 3 T, acquired" in text and "20.0 degrees from the third" in text
     config.runs = [_run(), replace(_run(), subject="03")]  # runs alike: one paragraph, as before
     assert "The runs described here had 3 echoes" in methods_text(config)
 
@@ -215,7 +232,8 @@ def test_boilerplate_only_writes_the_b0_sources_and_the_kernels(tmp_path):
                  "--inversion", "tkd", "--bgremove", "vsharp", "--b0-tesla", "7", "--b0-dir", "0", "0.1", "1"]) == 0
     (citation,) = out.glob("logs/*/CITATION.md")
     text = citation.read_text()
-    assert ("at 7 T. The field strength was given with --b0-tesla, overriding MagneticFieldStrength in the sidecars; "
+    assert ("at 7 T, acquired on a qsmprep-simulate scanner (3D acquisition) with 16 x 16 x 16 voxels of 8 x 8 x 8 "
+            "mm. The field strength was given with --b0-tesla, overriding MagneticFieldStrength in the sidecars; "
             "B0's direction, 5.7 degrees from the third voxel axis, was given with --b0-dir as (0, 0.1, 1)") in text
     assert "with a spherical kernel of 16 mm (twice the largest voxel dimension)" in text
     assert json.loads(citation.with_name("config.json").read_text())["b0_dir"] == [0.0, 0.1, 1.0]

@@ -293,9 +293,14 @@ def mask_steps_without_effect(mask_params, voxel_size_mm):
             if key in mask_params and mask_params[key] > 0 and ball_mm(mask_params[key], voxel_size_mm).sum() == 1]
     if not idle:
         return ""
-    voxel = " x ".join(f"{v:g}" for v in np.round(voxel_size_mm, 2))
     steps = "the " + (", the ".join(idle[:-1]) + " and the " if len(idle) > 1 else "") + idle[-1]
-    return f" At this run's voxel size ({voxel} mm) {steps} reached no neighbouring voxel and had no effect."
+    return (f" At this run's voxel size ({sizes_text(np.round(voxel_size_mm, 2))} mm) {steps} reached no neighbouring "
+            "voxel and had no effect.")
+
+
+def sizes_text(values):
+    """Three sizes as the methods text writes them: "1.5 x 1.5 x 2"."""
+    return " x ".join(f"{v:g}" for v in values)
 
 
 def spoken_list(items):
@@ -308,13 +313,35 @@ RUNS_DESCRIBED = "The runs described here"
 """How a methods paragraph names its runs; ``collect_methods`` names them where runs differ."""
 
 
+ACQUISITION_SIDECAR_FIELDS = (
+    ("MRAcquisitionType", "{} acquisition", None),
+    ("RepetitionTime", "repetition time {:g} ms", 1e3),
+    ("FlipAngle", "flip angle {:g} degrees", 1),
+    ("ParallelReductionFactorInPlane", "in-plane acceleration {:g}", 1),
+    ("PartialFourier", "partial Fourier {:g}", 1),
+)
+"""The acquisition parameters the methods text takes from a run's first sidecar where it states them, as (BIDS
+field, phrase, factor to the phrase's unit; None: a text): those the ISMRM QSM consensus (MRM 2024) asks a paper
+to report."""
+
+
 def acquisition_text(run, config):
-    """The methods sentences on what the field and susceptibility scaling took from the run: echo times, field
-    strength and B0 direction, with where the last two came from (runs that differ in them get their own paragraph)."""
+    """The methods sentences on the run's acquisition and what the field and susceptibility scaling took from it:
+    scanner and ``ACQUISITION_SIDECAR_FIELDS`` where the sidecars state them, grid and voxel size, echo times, field
+    strength and B0 direction, with where the last two came from (runs that differ in any get their own paragraph)."""
+    meta = run.magnitude_meta[0] if run.magnitude_meta else {}
+    scanner = " ".join(meta[key].strip() for key in ("Manufacturer", "ManufacturersModelName")
+                       if isinstance(meta.get(key), str) and meta[key].strip())
+    details = [phrase.format(meta[key].strip() if factor is None else meta[key] * factor)
+               for key, phrase, factor in ACQUISITION_SIDECAR_FIELDS
+               if (isinstance(meta.get(key), str) and meta[key].strip() if factor is None else
+                   isinstance(meta.get(key), (int, float)) and not isinstance(meta.get(key), bool))]
+    voxel = np.round(voxel_size_from_affine(np.asarray(run.affine)), 2)
     times = [f"{te * 1e3:g}" for te in sorted(run.echo_times_s)]
     count = "one echo" if len(times) == 1 else f"{len(times)} echoes"
-    return (f"{RUNS_DESCRIBED} had {count} ({spoken_list(times)} ms) at {run.b0_tesla:.4g} T. "
-            f"{b0_source_text(run, config)}")
+    return (f"{RUNS_DESCRIBED} had {count} ({spoken_list(times)} ms) at {run.b0_tesla:.4g} T, acquired"
+            + (f" on a {scanner} scanner" if scanner else "") + (f" ({', '.join(details)})" if details else "")
+            + f" with {sizes_text(run.shape)} voxels of {sizes_text(voxel)} mm. {b0_source_text(run, config)}")
 
 
 B0_SOURCE_TEXT = {
