@@ -895,6 +895,22 @@ def test_a_trained_checkpoint_and_the_deep_options_reach_the_pipelines_inversion
     assert np.abs(retrained - chimap).max() > 1e-3
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="MultiProc forks its workers on Linux")
+def test_a_model_given_with_model_runs_in_forked_workers(tmp_path):
+    """--model is loaded once before any work (checked_model). Loaded with several torch threads, that started an
+    OpenMP thread team in qsmprep's process, and the MultiProc workers forked from it waited for ever at their first
+    parallel torch operation: the run hung in the deep inversion (measured: killed by a 60 s timeout; 22.7 s now).
+    In a fresh process, as a user runs it: this test process has thread teams of its own."""
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6", "--echoes", "2"]) == 0
+    done = subprocess.run([sys.executable, "-m", "qsmprep.cli.run", str(bids), str(tmp_path / "out"), "participant",
+                           "-w", str(tmp_path / "work"), "--inversion", "deep", "--model", "qsmprep-cfl2unet",
+                           "--nprocs", "2"], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    chimap = _load(tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-deep_Chimap.nii.gz")
+    assert np.abs(chimap).max() > 0.01  # a map, not zeros
+
+
 def test_a_missing_or_foreign_model_is_refused_before_any_work(tmp_path, capsys):
     argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--model"]
     assert main([*argv, str(tmp_path / "none.safetensors")]) == 66

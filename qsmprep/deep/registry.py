@@ -134,9 +134,17 @@ def checked_model(name_or_path):
     (the pipeline's nodes run in other folders). Raises the ``load_model``
     error, its message led by ``--model NAME_OR_PATH``.
     """
+    import torch
+
     text = str(name_or_path)
+    threads = torch.get_num_threads()
+    # one thread, so that no OpenMP thread team starts in this process: MultiProc forks its workers from it, and
+    # a worker that inherits a team waits for ever on its threads at its first parallel torch operation
+    torch.set_num_threads(1)
     try:
         load_model(text)
     except QSMPrepError as exc:
         raise type(exc)(f"--model {text}: {exc}") from exc
+    finally:
+        torch.set_num_threads(threads)
     return text if is_shipped_model(text) else str(checkpoint_path(text).absolute())
