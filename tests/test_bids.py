@@ -92,6 +92,14 @@ def test_grouping_by_session_acquisition_run_and_labels(tmp_path):
         discover_runs(tmp_path, session_label=["1"], bids_filters={"session": "2"})
     assert [r.name for r in discover_runs(tmp_path, session_label=["1", "2"],
                                           bids_filters={"session": ["2"]})] == ["sub-01_ses-2"]
+    # a null filter asks for files without a session: with --session-label it selects nothing (it was dropped, and
+    # the labelled sessions were processed)
+    with pytest.raises(NoInputError, match=r"--session-label 1 and the --bids-filter-file's session null \(files "
+                                           r"without a session\) select no session in common"):
+        discover_runs(tmp_path, session_label=["1"], bids_filters={"session": None})
+    with pytest.raises(NoInputError, match=r"participant sub-01 select no participant in common \(the filter's labels go "
+                                           r"without the 'sub-' prefix\)"):
+        discover_runs(tmp_path, participant_label=["01"], bids_filters={"subject": "sub-01"})
 
 
 def test_no_input_and_bad_filter_file(tmp_path):

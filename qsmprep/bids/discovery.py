@@ -181,16 +181,24 @@ def _file_key(name, value, patterns):
     return f"{found.group(1) if found else name}-{value}"
 
 
-def _narrowed(wanted, filtered, what, option):
-    """The labels ``wanted`` by ``option`` that a ``--bids-filter-file`` value ``filtered`` (a label, a list, or None
-    for no filter) also selects: both narrow the query. NoInputError when none is left."""
-    if filtered is None:
+NO_FILTER = object()
+"""What ``_narrowed`` is given for an entity the ``--bids-filter-file`` does not filter on (its null means: none)."""
+
+
+def _narrowed(wanted, filtered, what, option, prefix):
+    """The labels ``wanted`` by ``option`` that a ``--bids-filter-file`` value ``filtered`` (a label, a list, None
+    for files without the entity, or ``NO_FILTER``) also selects: both narrow the query. NoInputError when none is
+    left, with a hint where the filter's labels carry the ``prefix`` (``sub-``, ``ses-``) that BIDS labels lack."""
+    if filtered is NO_FILTER:
         return wanted
-    allowed = {str(v) for v in (filtered if isinstance(filtered, list) else [filtered])}
+    allowed = {str(v) for v in (filtered if isinstance(filtered, list) else [filtered])} if filtered is not None else set()
     both = [label for label in wanted if label in allowed]
     if not both:
-        raise NoInputError(f"{option} {' '.join(wanted)} and the --bids-filter-file's {what} "
-                           f"{' '.join(sorted(allowed))} select no {what} in common: change one of them.")
+        stated = " ".join(sorted(allowed)) if filtered is not None else f"null (files without a {what})"
+        hint = (f" (the filter's labels go without the '{prefix}' prefix)" if any(v.startswith(prefix) for v in allowed)
+                else "")
+        raise NoInputError(f"{option} {' '.join(wanted)} and the --bids-filter-file's {what} {stated} select no "
+                           f"{what} in common{hint}: change one of them.")
     return both
 
 
@@ -282,7 +290,8 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
                 f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {bids_dir}: "
                 "check --participant-label."
             )
-        query["subject"] = _narrowed(wanted, query.get("subject"), "participant", "--participant-label")
+        query["subject"] = _narrowed(wanted, query.get("subject", NO_FILTER), "participant", "--participant-label",
+                                     "sub-")
     if session_label:
         wanted = _strip_prefix(session_label, "ses-")
         subjects = {"subject": query["subject"]} if participant_label else {}
@@ -291,7 +300,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
             whose = f" for participant(s) {', '.join('sub-' + s for s in subjects['subject'])}" if subjects else ""
             raise NoInputError(f"session(s) {', '.join('ses-' + m for m in missing)} not found in {bids_dir}{whose}: "
                                "check --session-label.")
-        query["session"] = _narrowed(wanted, query.get("session"), "session", "--session-label")
+        query["session"] = _narrowed(wanted, query.get("session", NO_FILTER), "session", "--session-label", "ses-")
 
     groups = {}
     for bids_file in layout.get(return_type="object", **query):
