@@ -107,7 +107,7 @@ def parameter_checks(step, method):
         ("inversion", "cfl2"): {"lam": POSITIVE, "pad_factor": pad_factor},
         ("inversion", "ilsqr"): {"tol": POSITIVE, "max_iter": POSITIVE_INT, "pad_factor": pad_factor},
         ("inversion", "deep"): {
-            "resolution_tolerance": ("a number >= 0 (inf: always the acquisition grid)",
+            "resolution_tolerance": ("a number >= 0 (inf: always the acquisition's voxel size)",
                                      lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
             "tile_shape": tile,
             "overlap": number(f"an integer from 0 to {MIN_TILE - 1} (below the smallest tile edge, {MIN_TILE}, so "

@@ -482,8 +482,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         (``refine_data_consistency``'s ``tv_weight``).
     resolution_tolerance : float, default 0.15 (``RESOLUTION_TOLERANCE``)
         Largest relative voxel-size mismatch (per axis) to the model's training
-        voxel size at which the network runs on the input grid; ``inf`` always
-        runs it there. Resampling is the more accurate: on the scale-invariance
+        voxel size at which the network keeps the input's voxel size; ``inf``
+        always keeps it (an input tilted more than ``OBLIQUE_THRESHOLD_DEG`` is
+        still rotated into a B0-aligned frame at that voxel size). Resampling is the more accurate: on the scale-invariance
         phantom at 3.75-1.875 mm the native grid gives 12-14 % more refined RMSE
         than the cubic resampling (docs/benchmarks.md, Scale invariance).
     tile_shape : int or tuple of 3 int or None, default None
