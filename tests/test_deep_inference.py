@@ -499,6 +499,23 @@ def test_asking_for_cuda_without_a_gpu_is_a_usage_error():
     assert resolve_device("auto") == torch.device("cpu")
 
 
+def test_checking_for_cuda_leaves_cuda_uninitialised(monkeypatch):
+    """qsmprep checks --device cuda before any work, in the process MultiProc forks its workers from; the check
+    called torch.cuda.is_available, which initialises CUDA there, and a forked worker cannot use CUDA then."""
+    from qsmprep.errors import UsageError
+    from qsmprep.physics import resolve_device
+
+    def initialises_cuda():
+        raise AssertionError("torch.cuda.is_available initialises CUDA before the workers are forked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", initialises_cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # NVML sees a GPU
+    assert resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        resolve_device("cuda")
+
+
 def test_a_step_out_of_gpu_memory_runs_again_on_the_cpu(caplog):
     """The refinement is not tiled: where the padded grid outgrows the GPU it runs on the CPU, with a warning."""
     calls = []

@@ -19,12 +19,17 @@ def is_tensor(a):
 
 def resolve_device(device="auto"):
     """torch.device for "auto" (CUDA when available), "cpu" or "cuda[:N]" (inference and training alike);
-    UsageError if CUDA is asked for but absent."""
+    UsageError if CUDA is asked for but absent.
+
+    "cuda" is checked by ``torch.cuda.device_count``, which asks NVML and leaves CUDA uninitialised, not by
+    ``is_available``, which initialises it: qsmprep checks ``--device cuda`` before any work, in the process that
+    MultiProc forks its workers from, and a child cannot use CUDA initialised before its fork (PyTorch, "poison
+    fork"). "auto" is settled in the process that runs the network, by the stronger ``is_available``."""
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+    if str(device).startswith("cuda") and torch.cuda.device_count() == 0:
         raise UsageError("--device cuda was given but no CUDA GPU is available: use --device cpu or auto.")
     return torch.device(device)
 
