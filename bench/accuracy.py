@@ -548,7 +548,7 @@ def part_wisnieff(data, runs, figure=None, antialias=True):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", nargs="+", choices=PARTS, default=["qsm2016", "sim", "pipeline", "wisnieff"])
-    parser.add_argument("--methods", nargs="+", choices=sorted(INVERSION_METHODS), default=["tkd", "cfl2", "ilsqr", "deep"])
+    parser.add_argument("--methods", nargs="+", choices=sorted(INVERSION_METHODS), default=["tkd", "cfl2", "ilsqr", "tv", "deep"])
     parser.add_argument("--model", action="append", help=f"deep model name or checkpoint path, repeatable "
                                                           f"(default {DEFAULT_MODEL})")
     parser.add_argument("--refine", nargs="+", type=int, default=[0], metavar="N",

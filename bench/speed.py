@@ -138,7 +138,7 @@ def main():
     from qsmprep.inversion.deep import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["tkd", "cfl2", "ilsqr", "deep"], choices=INVERSION_METHODS)
+    parser.add_argument("--methods", nargs="+", default=["tkd", "cfl2", "ilsqr", "tv", "deep"], choices=INVERSION_METHODS)
     parser.add_argument("--sizes", nargs="+", type=int, default=[160, 256])
     parser.add_argument("--threads", type=int, default=0, help="cores per run (default: all visible)")
     parser.add_argument("--model", action="append", help=f"deep model, repeatable (default {DEFAULT_MODEL})")

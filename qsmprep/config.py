@@ -21,7 +21,7 @@ from .errors import UsageError
 
 UNWRAP_METHODS = ("laplacian", "quality")
 BGREMOVE_METHODS = ("vsharp", "resharp", "pdf")
-INVERSION_METHODS = ("deep", "tkd", "cfl2", "ilsqr")
+INVERSION_METHODS = ("deep", "tkd", "cfl2", "ilsqr", "tv")
 MASK_STRATEGIES = ("quality", "magnitude")
 """``quality`` (default): Otsu thresholds of the echo-combined magnitude and of the phase quality map;
 ``magnitude``: of the magnitude only (keeps scalp and skull wherever they give signal)."""
@@ -31,6 +31,10 @@ PIPELINE_REFINE_RADIUS_MM = 8.0
 library's default is off). qsmprep's own local fields carry residual background fields, which the plain
 refinement turns into susceptibility: with 8 mm the shipped model scores 6-23 points better on them and
 1 point better on the 2016 challenge data (docs/benchmarks.md, Pipeline-made local fields)."""
+
+PIPELINE_PARAMETERS = {("inversion", "tv"): {"harmonic_radius_mm": PIPELINE_REFINE_RADIUS_MM}}
+"""The pipeline's own defaults where they differ from the library function's, for the same reason as
+``PIPELINE_REFINE_RADIUS_MM``: its local fields carry residual background fields (a parameters file overrides them)."""
 
 B0_RESAMPLE_TILT_DEG = 1.0
 """With ``--resample-b0``, runs whose B0 is tilted more than this from the third voxel axis are inverted on a B0-aligned grid."""
@@ -47,6 +51,7 @@ LIBRARY_FUNCTIONS = {
     ("inversion", "tkd"): "qsmprep.inversion.tkd:tkd",
     ("inversion", "cfl2"): "qsmprep.inversion.cfl2:cfl2",
     ("inversion", "ilsqr"): "qsmprep.inversion.ilsqr:ilsqr",
+    ("inversion", "tv"): "qsmprep.inversion.tv:tv",
     ("inversion", "deep"): "qsmprep.inversion.deep:deep_invert",
 }
 """The library function behind each (step, method); its keyword defaults are the parameters.
@@ -65,6 +70,7 @@ ALGORITHM_NAMES = {
     "tkd": "TKD (thresholded k-space division)",
     "cfl2": "closed-form L2 (Tikhonov on the gradient)",
     "ilsqr": "iLSQR (LSQR with streaking-artefact removal)",
+    "tv": "total-variation regularised least squares",
     "deep": "deep neural network",
 }
 
@@ -106,6 +112,8 @@ def parameter_checks(step, method):
                                "pad_factor": pad_factor},
         ("inversion", "cfl2"): {"lam": POSITIVE, "pad_factor": pad_factor},
         ("inversion", "ilsqr"): {"tol": POSITIVE, "max_iter": POSITIVE_INT, "pad_factor": pad_factor},
+        ("inversion", "tv"): {"alpha": POSITIVE, "max_iter": POSITIVE_INT, "pad_factor": pad_factor,
+                              "harmonic_radius_mm": NON_NEGATIVE},
         ("inversion", "deep"): {
             "resolution_tolerance": ("a number >= 0 (inf: always the acquisition's voxel size)",
                                      lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
@@ -193,7 +201,7 @@ def default_inversion():
 PRESETS = {
     "fast": {"unwrap": "laplacian", "bgremove": "vsharp", "inversion": ("tkd",)},
     "default": {"unwrap": "laplacian", "bgremove": "vsharp", "inversion": None},  # None: default_inversion()
-    "research": {"unwrap": "laplacian", "bgremove": "vsharp", "inversion": ("tkd", "cfl2", "ilsqr")},
+    "research": {"unwrap": "laplacian", "bgremove": "vsharp", "inversion": ("tkd", "cfl2", "ilsqr", "tv")},
 }
 """Method choices per preset; ``research`` adds ``deep`` when the shipped model file is present."""
 
@@ -273,7 +281,7 @@ class Config:
             chosen.append(("mask", self.mask_strategy))
         chosen += [("inversion", m) for m in self.inversion]
         for step, method in chosen:
-            values = default_parameters(step, method)
+            values = {**default_parameters(step, method), **PIPELINE_PARAMETERS.get((step, method), {})}
             values.update(self.parameters.get(step, {}).get(method, {}))
             self.parameters.setdefault(step, {})[method] = values
         return self

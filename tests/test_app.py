@@ -32,17 +32,17 @@ from qsmprep.inversion.deep import inference_device, resolve_device
 from qsmprep.metrics import nrmse
 from qsmprep.physics import b0_dir_from_affine, b0_tilt_deg, hz_to_ppm, voxel_size_from_affine
 
-METHODS = ("tkd", "cfl2", "ilsqr", "deep")
+METHODS = ("tkd", "cfl2", "ilsqr", "tv", "deep")
 TE_S = [0.004, 0.008, 0.012]
 RUNS = {"sub-01_ses-1": "sub-01/ses-1/anat", "sub-01_ses-2": "sub-01/ses-2/anat", "sub-02": "sub-02/anat"}
 
 # Regression bounds: NRMSE % measured on this fixture plus 5 points (python -m pytest tests/test_app.py -k accuracy
 # -s prints them, with each method's ideal: the same inversion of the simulator's true local field in the
-# output mask). Measured: sub-01 (axial, 3 mm) TKD 57.3, CFL2 79.9, iLSQR 79.6, deep 39.6 % (ideal 37.5 / 74.8 /
-# 72.1 / 35.2); sub-02 (oblique, 3x3x4 mm) 87.8 / 90.1 / 81.9 / 51.3 % (ideal 40.7 / 69.3 / 63.2 / 32.1). A
-# zero map scores 100 %. Dice of the V-SHARP-eroded output mask 0.811 and 0.768.
-CHIMAP_NRMSE_MAX = {"sub-01": {"tkd": 62.5, "cfl2": 85.0, "ilsqr": 85.0, "deep": 45.0},
-                    "sub-02": {"tkd": 92.8, "cfl2": 95.1, "ilsqr": 86.9, "deep": 56.3}}
+# output mask). Measured: sub-01 (axial, 3 mm) TKD 57.3, CFL2 79.9, iLSQR 79.6, TV 31.5, deep 39.6 % (ideal 37.5 /
+# 74.8 / 72.1 / 23.0 / 35.2); sub-02 (oblique, 3x3x4 mm) 87.8 / 90.1 / 81.8 / 47.1 / 51.3 % (ideal 40.7 / 69.3 / 63.2 /
+# 24.7 / 32.1). A zero map scores 100 %. Dice of the V-SHARP-eroded output mask 0.811 and 0.768.
+CHIMAP_NRMSE_MAX = {"sub-01": {"tkd": 62.5, "cfl2": 85.0, "ilsqr": 85.0, "tv": 36.5, "deep": 45.0},
+                    "sub-02": {"tkd": 92.8, "cfl2": 95.1, "ilsqr": 86.9, "tv": 52.1, "deep": 56.3}}
 MASK_DICE_MIN = 0.75
 TOTAL_FIELD_INTERIOR_NRMSE_MAX = 5.0
 
@@ -157,9 +157,9 @@ def test_node_run_filter_reads_the_run_from_the_nodes_folder(tmp_path, monkeypat
 def test_rerun_reuses_cache_and_gives_identical_outputs(runs):
     first, second = runs["first"], runs["second"]
     assert second["code"] == 65
-    assert second["digests"] == first["digests"] and len(first["digests"]) == 44
+    assert second["digests"] == first["digests"] and len(first["digests"]) == 50
     # every inversion node kept its cached result (no re-execution)
-    assert second["result_mtime"] == first["result_mtime"] and len(first["result_mtime"]) == 12
+    assert second["result_mtime"] == first["result_mtime"] and len(first["result_mtime"]) == 15
     assert second["seconds"] < first["seconds"]
 
 
@@ -205,7 +205,9 @@ def test_accuracy_against_ground_truth(runs, name):
         assert abs(chi[mask].mean()) < 1e-5 and not chi[~mask].any()  # referenced to the mask mean, 0 outside
         assert errors[method] <= CHIMAP_NRMSE_MAX[name.split("_")[0]][method], (method, errors[method])
         assert errors[method] > ideal[method] - 1.0  # the pipeline cannot beat the inversion of the true field
-    assert errors["deep"] < min(errors[m] for m in METHODS if m != "deep"), errors  # the default is the most accurate
+    # the default beats TKD, CFL2 and iLSQR; not TV here, whose piecewise-constant prior is this phantom's own
+    # make-up (labels of constant chi) and whose 3 mm grid the network sees resampled to its 1 mm
+    assert errors["deep"] < min(errors[m] for m in ("tkd", "cfl2", "ilsqr")), errors
 
 
 def test_sidecars(runs):
@@ -415,7 +417,8 @@ def test_boilerplate_only(tmp_path, capsys):
     assert json.loads(citation.with_name("config.json").read_text())["parameters"]["inversion"]["deep"]["refine_radius_mm"] == 8
     assert main([*argv, "--refine-radius", "0"]) == 0
     newest = max(out.glob("logs/*"), key=lambda p: p.stat().st_mtime)
-    assert "spherical mean" not in (newest / "CITATION.md").read_text()
+    assert ("minimising the squared misfit between the modelled and the measured local field, plus 0.05 times"
+            in (newest / "CITATION.md").read_text())  # no high-pass in the deep refinement's sentence
     assert json.loads((newest / "config.json").read_text())["parameters"]["inversion"]["deep"]["refine_radius_mm"] == 0
 
 

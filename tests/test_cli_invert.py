@@ -6,7 +6,7 @@ import pytest
 
 from qsmprep.cli import invert
 from qsmprep.cli.invert import main
-from qsmprep.inversion import cfl2, ilsqr, tkd
+from qsmprep.inversion import cfl2, ilsqr, tkd, tv
 from qsmprep.physics import b0_dir_from_affine, forward_field_ppm, ppm_to_hz, ppm_to_rad, voxel_size_from_affine
 
 SHAPE = (24, 22, 20)
@@ -49,6 +49,7 @@ def _run(paths, *options):
         (["--method", "tkd", "--threshold", "0.1"], lambda f, m, v, b: tkd(f, m, v, b, threshold=0.1)),
         (["--method", "cfl2", "--lambda", "0.03"], lambda f, m, v, b: cfl2(f, m, v, b, lam=0.03)),
         (["--method", "ilsqr"], lambda f, m, v, b: ilsqr(f, m, v, b)),
+        (["--method", "tv", "--alpha", "0.004"], lambda f, m, v, b: tv(f, m, v, b, alpha=0.004)),
     ],
 )
 def test_output_equals_the_library_call(inputs, options, library):
@@ -179,6 +180,8 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
         (["--method", "tkd", "--lambda", "0.2"], ["--lambda", "cfl2"]),
         (["--method", "tkd", "--threshold", "0.5"], ["--threshold"]),
         (["--method", "cfl2", "--lambda", "-1"], ["--lambda"]),
+        (["--method", "cfl2", "--alpha", "0.002"], ["--alpha", "tv"]),
+        (["--method", "tv", "--alpha", "0"], ["--alpha"]),
         (["--method", "tkd", "--b0-dir", "0", "0", "0"], ["--b0-dir must be a non-zero vector"]),
         (["--method", "tkd", "--model", "x"], ["--model", "deep"]),
         (["--method", "ilsqr", "--refine", "3"], ["--refine", "deep"]),

@@ -11,9 +11,9 @@ from qsmprep.errors import UsageError
     ("available", "default", "presets"),
     [
         # docs/usage.md: default = deep (the shipped model); research = deep, TKD, closed-form L2, iLSQR
-        (True, "deep", {"fast": ("tkd",), "default": ("deep",), "research": ("deep", "tkd", "cfl2", "ilsqr")}),
+        (True, "deep", {"fast": ("tkd",), "default": ("deep",), "research": ("deep", "tkd", "cfl2", "ilsqr", "tv")}),
         # a stripped install: default falls back to iLSQR, research drops deep
-        (False, "ilsqr", {"fast": ("tkd",), "default": ("ilsqr",), "research": ("tkd", "cfl2", "ilsqr")}),
+        (False, "ilsqr", {"fast": ("tkd",), "default": ("ilsqr",), "research": ("tkd", "cfl2", "ilsqr", "tv")}),
     ],
 )
 def test_presets_follow_the_model_file(monkeypatch, available, default, presets):

@@ -73,6 +73,17 @@ def test_the_acquisition_is_described_from_the_sidecars():
     assert "phase images (combined over the receive coils before qsmprep, which takes them as given)" in text
 
 
+def test_the_total_variation_inversion_states_its_weight_iterations_and_high_pass():
+    text = _text(inversion=("tv",))
+    assert ("Susceptibility was computed by total-variation regularised least squares: the squared misfit between the "
+            "modelled and the measured local field in the brain mask, both fields high-passed (their spherical mean "
+            "over 8 mm subtracted") in text  # the pipeline's default, qsmprep.config.PIPELINE_PARAMETERS
+    assert "plus 0.002 ppm mm times the total variation of chi" in text and "at most 50 conjugate-gradient" in text
+    assert "Rudin LI, Osher S, Fatemi E." in text and "Vogel CR, Oman ME." in text and "Liu T, Liu J," in text
+    text = _text(inversion=("tv",), parameters={"inversion": {"tv": {"harmonic_radius_mm": 0, "alpha": 0.004}}})
+    assert "high-passed" not in text and "plus 0.004 ppm mm times" in text
+
+
 def test_paragraphs_of_runs_that_differ_name_their_runs():
     """Each paragraph opened "The runs described here" without naming any run."""
     from dataclasses import replace

@@ -232,7 +232,7 @@ def test_methods_text_names_a_total_variation_term_in_the_refinement():
 def test_presets_and_parameters():
     assert preset_methods("fast") == ("laplacian", "vsharp", ("tkd",))
     assert preset_methods("default") == ("laplacian", "vsharp", ("deep",))  # the shipped model
-    assert preset_methods("research")[2] == ("deep", "tkd", "cfl2", "ilsqr")
+    assert preset_methods("research")[2] == ("deep", "tkd", "cfl2", "ilsqr", "tv")
     assert default_parameters("inversion", "tkd") == {"threshold": 0.19, "pad_factor": 1.0}
     assert default_parameters("bgremove", "resharp")["radius_mm"] == 4.0
 
@@ -400,7 +400,7 @@ def test_declared_memory_covers_the_measured_peak(head64, tmp_path, monkeypatch,
                  phase_units="arbitrary", b0_tesla=3.0, b0_source="MagneticFieldStrength", shape=(64, 64, 64),
                  affine=tuple(tuple(float(v) for v in row) for row in sim.affine), mask=mask_file)
     monkeypatch.setattr(qsm, "MIN_MEM_GB", 0.0)  # the 0.1 GB floor would cover every node of this small grid
-    methods = ("tkd", "cfl2", "ilsqr")
+    methods = ("tkd", "cfl2", "ilsqr", "tv")
 
     def config(**options):
         config = Config(bids_dir=str(tmp_path), output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
@@ -429,7 +429,7 @@ def test_declared_memory_covers_the_measured_peak(head64, tmp_path, monkeypatch,
                                                       te_s=list(te_s))).out_file
     if echoes > 1:  # the nodes after the total field hold one volume, whatever the echo count
         _measure_single_volume_nodes(measure, native, aligned, total, mask_file, methods)
-        assert len(measured) == 17
+        assert len(measured) == 19
     _check_peaks(measured)
 
 

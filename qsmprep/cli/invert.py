@@ -1,7 +1,7 @@
 """qsmprep-invert: dipole inversion of a local field map.
 
-    qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr,deep}
-        [--threshold T] [--lambda L] [--model NAME|PATH --device D --refine N --refine-lambda L --refine-radius MM --refine-tv A
+    qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr,tv,deep}
+        [--threshold T] [--lambda L] [--alpha A] [--model NAME|PATH --device D --refine N --refine-lambda L --refine-radius MM --refine-tv A
          --tile N]
         [--units {ppm,hz,rad} --b0-tesla T --te S] [--b0-dir X Y Z] [-v]
 
@@ -22,6 +22,7 @@ from ..config import parameter_checks
 from ..errors import DataError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE, REFINE_ITERS
+from ..inversion.tv import TV_ALPHA
 from ..io import check_same_grid, load_volume, save_nifti
 from ..masking import check_mask
 from ..phase.combine import MAX_PLAUSIBLE_TE_S, milliseconds_hint
@@ -74,10 +75,13 @@ def build_parser():
     p.add_argument("--method", required=True, choices=tuple(INVERSION_METHODS),
                    help="tkd: thresholded k-space division; cfl2: closed-form L2 with gradient regularisation; "
                         "ilsqr: LSQR with streaking-artefact removal (Li et al. 2015); "
+                        "tv: total-variation regularised least squares; "
                         "deep: a trained network (docs/models/)")  # fmt: skip
     p.add_argument("--threshold", type=finite_float, metavar="T", help="TKD kernel threshold, in (0, 1/3] (default 0.19)")
     p.add_argument("--lambda", dest="lam", type=finite_float, metavar="L",
                    help="closed-form L2 regularisation weight, > 0 (default 0.1)")  # fmt: skip
+    p.add_argument("--alpha", type=finite_float, metavar="A",
+                   help=f"total-variation weight in ppm mm, > 0 (default {TV_ALPHA:g})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network and its refinement run (default auto)")
     add_deep_options(p)
     p.add_argument("--tile", type=int, metavar="N",
@@ -92,10 +96,14 @@ def build_parser():
     return p
 
 
+METHOD_FLAGS = (("--threshold", "threshold", "tkd"), ("--lambda", "lam", "cfl2"), ("--alpha", "alpha", "tv"))
+"""The classical methods' own options: (flag, its argparse dest and the method's keyword, the method)."""
+
+
 def _check_options(args):
     """Raise UsageError for options that do not fit together."""
-    for flag, value, method, name in (("--threshold", args.threshold, "tkd", "threshold"),
-                                      ("--lambda", args.lam, "cfl2", "lam")):
+    for flag, name, method in METHOD_FLAGS:
+        value = getattr(args, name)
         if value is None:
             continue
         if args.method != method:
@@ -151,9 +159,7 @@ def run(args):
     voxel_size = voxel_size_from_affine(affine)
     b0_dir = tuple(np.asarray(args.b0_dir) / np.linalg.norm(args.b0_dir)) if args.b0_dir is not None else (
         b0_dir_from_affine(affine))  # a unit vector, as the log shows it
-    options = {"threshold": args.threshold} if args.threshold is not None else {}
-    if args.lam is not None:
-        options["lam"] = args.lam
+    options = {name: getattr(args, name) for _, name, _ in METHOD_FLAGS if getattr(args, name) is not None}
     options.update({key: getattr(args, dest) for dest, key in INVERT_DEEP_OPTIONS.items() if getattr(args, dest) is not None})
     if options.get("refine_radius_mm") and options.get("refine_iters", REFINE_ITERS):
         try:

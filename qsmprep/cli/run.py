@@ -351,7 +351,7 @@ def check_method_options(args, inversions):
 
         raise UsageError(
             f"--inversion deep: no trained deep-inversion model in this install ({default_model_path()} is missing): "
-            "reinstall qsmprep, or choose tkd, cfl2 or ilsqr."
+            f"reinstall qsmprep, or choose among {', '.join(m for m in INVERSION_METHODS if m != 'deep')}."
         )
     if "deep" in inversions and args.device == "cuda":
         from ..physics import resolve_device
@@ -472,7 +472,9 @@ def find_inputs(config, filter_file=None):
 HIGH_PASS_RADII = {("bgremove", "vsharp", "radii_mm"): "[bgremove.vsharp] radii_mm in the --parameters file",
                    ("bgremove", "resharp", "radius_mm"): "[bgremove.resharp] radius_mm ({default:g} mm by default; a "
                                                          "--parameters file sets it)",
-                   ("inversion", "deep", "refine_radius_mm"): "--refine-radius"}
+                   ("inversion", "deep", "refine_radius_mm"): "--refine-radius",
+                   ("inversion", "tv", "harmonic_radius_mm"): "[inversion.tv] harmonic_radius_mm (8 mm in the pipeline; "
+                                                              "a --parameters file sets it)"}
 """The spherical-mean radii (mm) of the chosen methods' high-pass filters, and where the user sets each ({default}:
 the library's default)."""
 

@@ -247,7 +247,7 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
         big = tuple(max(a, b) for a, b in zip(big, smv_padded_shape(chi0.shape, voxel_size_mm, harmonic_radius_mm)))
     d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True, device=torch_device)
     w2 = m if weights is None else m * np.asarray(weights, dtype=np.float32) ** 2
-    field = np.asarray(local_field_ppm, dtype=np.float32) * m
+    field = np.where(m > 0, np.asarray(local_field_ppm, dtype=np.float32), np.float32(0))  # NaN outside: unused
     w2, field, m_t, chi0_t = (on_device(a) for a in (w2, field, m, chi0))
     if harmonic_radius_mm:
         smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True, device=torch_device)

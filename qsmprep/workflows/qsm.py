@@ -194,6 +194,16 @@ def deep_architecture_context(model):
     return {"architecture": text, "prior_cfl2": prior == "cfl2", **{f"arch_{name}": name == arch for name in ARCHITECTURES}}
 
 
+def high_pass_text(radius_mm):
+    """The methods clause on a data term's spherical-mean high-pass of ``radius_mm`` (the deep refinement's and the
+    total-variation inversion's ``harmonic_radius_mm``); "" for None or 0 (off)."""
+    if not radius_mm:
+        return ""
+    return (f", both fields high-passed (their spherical mean over {radius_mm:g} mm subtracted, as in SHARP (Schweser et "
+            "al. 2011), and compared only where that sphere fits in the brain mask) so that residual background fields "
+            "are ignored")
+
+
 def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, refine_tv_weight=0.0, **_):
     """The methods sentence on the deep inversion's data-consistency refinement (``deep_invert``'s resolved parameters).
 
@@ -203,10 +213,7 @@ def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, ref
 
     if not refine_iters:
         return "The network output was used without data-consistency refinement."
-    high_pass = (f", both fields high-passed (their spherical mean over {refine_radius_mm:g} mm subtracted, as in "
-                 "SHARP (Schweser et al. 2011), and "
-                 "compared only where that sphere fits in the brain mask) so that residual background fields are "
-                 "ignored" if refine_radius_mm else "")
+    high_pass = high_pass_text(refine_radius_mm)
     tv = (f", plus {refine_tv_weight:g} ppm mm times the total variation of chi (as in MEDI, Liu et al. 2011; "
           f"gradients between brain voxels, smoothed by {TV_EPSILON:g} ppm/mm, reweighted every {TV_REWEIGHT_ITERS} "
           "iterations by lagged diffusivity, Vogel and Oman 1996)"
@@ -434,6 +441,12 @@ def methods_description(run, config):
                        "cites_high_pass": bool(context["refine_iters"] and context.get("refine_radius_mm")),
                        "cites_tv": bool(context["refine_iters"] and context.get("refine_tv_weight")),
                        "runtime": deep_runtime_text(config.device, context["refine_iters"])}
+        if method == "tv":
+            from ..inversion.deep import TV_EPSILON, TV_REWEIGHT_ITERS
+
+            context = {**context, "epsilon": f"{TV_EPSILON:g}", "reweight": TV_REWEIGHT_ITERS,
+                       "high_pass": high_pass_text(context["harmonic_radius_mm"]),
+                       "cites_high_pass": bool(context["harmonic_radius_mm"])}
         parts.append((f"inversion-{method}", context))
     parts.append(("referencing", {}))
     paragraphs, references = [], []
