@@ -241,6 +241,7 @@ def test_the_proton_frequency_gives_the_field_strength_where_the_sidecars_state_
     (32.6, 3, "(it gives 0.7657 T, not the MagneticFieldStrength 3 T)"),  # sodium's frequency at 3 T
     (123250000, None, "(it gives 2.895e+06 T)"),
     ("123.25 MHz", 3, "ImagingFrequency '123.25 MHz' is not the magnet's proton frequency in MHz: fix it"),
+    ([123.25, 123.25], 3, "ImagingFrequency [123.25, 123.25] is not the magnet's proton frequency in MHz"),  # crashed
 ])
 def test_a_frequency_that_is_not_the_proton_one_names_the_sidecar(tmp_path, frequency, nominal, text):
     anat = make_run(tmp_path)

@@ -48,13 +48,17 @@ def test_b0_strength_and_direction_say_where_they_came_from():
         _run(tilt_deg=20.0), inversion=("tkd",))
     text = _text(_run(b0_tesla=7.0, b0_source="--b0-tesla"), inversion=("tkd",), b0_tesla=7.0, b0_dir=(0.0, 0.1, 1.0))
     assert ("at 7 T, acquired with 64 x 64 x 48 voxels of 3 x 3 x 4 mm. The field strength was given with --b0-tesla, "
-            "overriding MagneticFieldStrength in the sidecars; B0's direction, 5.7 degrees from the third voxel axis, "
+            "overriding the sidecars; B0's direction, 5.7 degrees from the third voxel axis, "
             "was given with --b0-dir as (0, 0.1, 1) in voxel coordinates.") in text
     # a Siemens "3 T" magnet's proton frequency, 123.25 MHz: 2.895 T scaled the field
-    text = _text(_run(b0_tesla=123.25 / 42.57747892, b0_source="ImagingFrequency"), inversion=("tkd",))
+    siemens = replace(_run(b0_tesla=123.25 / 42.57747892, b0_source="ImagingFrequency"),
+                      magnitude_meta=({"ImagingFrequency": 123.25, "MagneticFieldStrength": 3},))
     assert ("at 2.895 T, acquired with 64 x 64 x 48 voxels of 3 x 3 x 4 mm. The field strength was computed from the "
             "proton resonance frequency in the sidecars (ImagingFrequency, 123.2500 MHz) divided by 42.5775 MHz/T, "
-            "rather than taken from their nominal MagneticFieldStrength; B0's direction") in text
+            "rather than taken from their nominal MagneticFieldStrength; B0's direction") in _text(siemens, inversion=("tkd",))
+    # sidecars with the frequency alone: no nominal strength is named
+    alone = replace(siemens, magnitude_meta=({"ImagingFrequency": 123.25},))
+    assert "divided by 42.5775 MHz/T; B0's direction" in _text(alone, inversion=("tkd",))
 
 
 def test_the_acquisition_is_described_from_the_sidecars():
@@ -244,7 +248,7 @@ def test_boilerplate_only_writes_the_b0_sources_and_the_kernels(tmp_path):
     (citation,) = out.glob("logs/*/CITATION.md")
     text = citation.read_text()
     assert ("at 7 T, acquired on a qsmprep-simulate scanner (3D acquisition) with 16 x 16 x 16 voxels of 8 x 8 x 8 "
-            "mm. The field strength was given with --b0-tesla, overriding MagneticFieldStrength in the sidecars; "
+            "mm. The field strength was given with --b0-tesla, overriding the sidecars; "
             "B0's direction, 5.7 degrees from the third voxel axis, was given with --b0-dir as (0, 0.1, 1)") in text
     assert "with a spherical kernel of 16 mm (twice the largest voxel dimension)" in text
     assert json.loads(citation.with_name("config.json").read_text())["b0_dir"] == [0.0, 0.1, 1.0]

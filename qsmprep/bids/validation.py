@@ -351,15 +351,16 @@ below; a frequency written in Hz, or another nucleus's, is far off)."""
 def _stated_value(run, key, problems):
     """The value of ``key`` that the run's sidecars state, as (value, the images whose sidecars state it):
     (None, []) when none states it, (None, None) after a problem when they disagree."""
-    files = {}  # stated value -> the images whose sidecars state it
+    files = {}  # the stated value (3 and 3.0 are one; a list, not hashable, by its repr) -> (it, the images stating it)
     for file, meta in zip(run.magnitude + run.phase, run.magnitude_meta + run.phase_meta):
         if meta.get(key) is not None:
-            files.setdefault(meta[key], []).append(file)
+            value = meta[key]
+            files.setdefault(value if isinstance(value, (int, float, str, bool)) else repr(value), (value, []))[1].append(file)
     if len(files) <= 1:
-        return next(iter(files.items()), (None, []))
+        return next(iter(files.values()), (None, []))
     stated = "; ".join(f"{value!r} in {sidecar_path(names[0])}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-                       for value, names in files.items())
-    problems.append(Problem(run.subject, run.name, str(min(files.values(), key=len)[0]),  # the odd one out
+                       for value, names in files.values())
+    problems.append(Problem(run.subject, run.name, str(min((names for _, names in files.values()), key=len)[0]),
                             f"{run.name}: its sidecars disagree on {key} ({stated}): make them agree, or pass "
                             "--b0-tesla."))
     return None, None

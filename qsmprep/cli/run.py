@@ -129,7 +129,7 @@ def remove_cut_short(config, staging_folders):
 EPILOG = """presets (explicit --unwrap/--bgremove/--inversion override them):
   fast      laplacian unwrapping, V-SHARP, TKD: seconds per run
   default   laplacian unwrapping, V-SHARP, deep inversion with the shipped model (iLSQR if it is absent)
-  research  laplacian unwrapping, V-SHARP, deep + TKD + closed-form L2 + iLSQR (deep if the model is present),
+  research  laplacian unwrapping, V-SHARP, deep + TKD + closed-form L2 + iLSQR + TV (deep if the model is present),
             one Chimap per method
 
 exit codes: 0 success; 64 usage error; 65 some input runs unusable (the others were processed) or none

@@ -253,8 +253,10 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
         smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True, device=torch_device)
         fits = sphere_fits(fft_module(m_t).rfftn(m_t, big), smv, big, voxel_size_mm, harmonic_radius_mm)
         if not fits.any():  # no data term left: the solve would return chi_init after seconds of work
-            log.warning("the refinement's %g mm high-pass sphere fits nowhere inside the mask, so it has no field to "
-                        "fit and leaves the network's map as it is: give a smaller refine radius", harmonic_radius_mm)
+            log.warning("the %g mm high-pass sphere fits nowhere inside the mask, so there is no field to fit and the "
+                        "starting map is returned as it is (deep: the network's; tv: the closed-form L2 estimate): give "
+                        "a smaller radius (deep: --refine-radius; tv: [inversion.tv] harmonic_radius_mm)",
+                        harmonic_radius_mm)
             return np.asarray(chi_init, dtype=np.float32)
         w2 = w2 * fits[tuple(slice(0, n) for n in m.shape)]
         field = filter_padded(field, 1 - smv, big)

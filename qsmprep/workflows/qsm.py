@@ -352,10 +352,9 @@ def acquisition_text(run, config):
 
 
 B0_SOURCE_TEXT = {
-    "--b0-tesla": "given with --b0-tesla, overriding MagneticFieldStrength in the sidecars",
+    "--b0-tesla": "given with --b0-tesla, overriding the sidecars",
     "ImagingFrequency": "computed from the proton resonance frequency in the sidecars (ImagingFrequency, {mhz:.4f} "
-                        f"MHz) divided by {GAMMA_BAR_MHZ_PER_T:g} MHz/T, rather than taken from their nominal "
-                        "MagneticFieldStrength",
+                        f"MHz) divided by {GAMMA_BAR_MHZ_PER_T:g} MHz/T{{nominal}}",
     "MagneticFieldStrength": "read from MagneticFieldStrength in the sidecars",
 }
 """How the methods text says where a run's field strength came from (``GRERun.b0_source``)."""
@@ -365,7 +364,10 @@ def b0_source_text(run, config):
     """The methods sentence on where the field strength (``--b0-tesla``, ``ImagingFrequency`` or
     ``MagneticFieldStrength``) and B0's direction in the run's voxel coordinates (``--b0-dir`` or the NIfTI affine,
     ``run_b0_dir``) came from, with B0's tilt."""
-    strength = B0_SOURCE_TEXT[run.b0_source].format(mhz=run.b0_tesla * GAMMA_BAR_MHZ_PER_T)
+    stated = any(meta.get("MagneticFieldStrength") is not None for meta in run.magnitude_meta + run.phase_meta)
+    strength = B0_SOURCE_TEXT[run.b0_source].format(
+        mhz=run.b0_tesla * GAMMA_BAR_MHZ_PER_T,
+        nominal=", rather than taken from their nominal MagneticFieldStrength" if stated else "")
     direction = ("taken from the image orientation (the NIfTI affine)" if config.b0_dir is None
                  else f"given with --b0-dir as ({', '.join(f'{v:g}' for v in config.b0_dir)}) in voxel coordinates")
     return (f"The field strength was {strength}; B0's direction, {b0_tilt_deg(run_b0_dir(run, config)):.1f} degrees "
@@ -444,7 +446,10 @@ def methods_description(run, config):
         if method == "tv":
             from ..inversion.deep import TV_EPSILON, TV_REWEIGHT_ITERS
 
-            context = {**context, "epsilon": f"{TV_EPSILON:g}", "reweight": TV_REWEIGHT_ITERS,
+            context = {**context, "epsilon": f"{TV_EPSILON:g}",
+                       "reweighting": (f"with the total-variation weights renewed every {TV_REWEIGHT_ITERS} iterations"
+                                       if context["max_iter"] > TV_REWEIGHT_ITERS else
+                                       "with the total-variation weights of the starting estimate"),
                        "high_pass": high_pass_text(context["harmonic_radius_mm"]),
                        "cites_high_pass": bool(context["harmonic_radius_mm"])}
         parts.append((f"inversion-{method}", context))
