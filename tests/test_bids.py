@@ -235,6 +235,22 @@ def test_the_proton_frequency_gives_the_field_strength_where_the_sidecars_state_
     assert run.b0_source == "ImagingFrequency" and run.b0_tesla == pytest.approx(2.894723, abs=1e-6)
 
 
+def test_a_two_d_acquisition_is_processed_with_a_warning_naming_its_sidecar(tmp_path, caplog):
+    """The QSM consensus advises against 2D multi-slice GRE (a phase offset per slice): a warning, not a refusal."""
+    anat = make_run(tmp_path)
+    _set_in_sidecars(anat, MRAcquisitionType="3D")
+    with caplog.at_level("WARNING", logger="qsmprep.bids.validation"):
+        assert len(validate_runs(discover_runs(tmp_path))[0]) == 1
+    assert "2D multi-slice" not in caplog.text
+    _set_in_sidecars(anat, MRAcquisitionType="2D")
+    with caplog.at_level("WARNING", logger="qsmprep.bids.validation"):
+        (run,), problems = validate_runs(discover_runs(tmp_path))
+    assert problems == [] and run.echo_times_s == (0.004, 0.008)
+    (warning,) = [r.getMessage() for r in caplog.records if "2D multi-slice" in r.getMessage()]
+    assert warning.startswith(str(anat / "sub-01_echo-1_part-mag_MEGRE.json"))
+    assert "check the local field and Chimap for steps between slices" in warning
+
+
 @pytest.mark.parametrize(("frequency", "nominal", "text"), [
     (123250000, 3, "ImagingFrequency 123250000 is not the magnet's proton frequency in MHz (it gives 2.895e+06 T, "
                    "not the MagneticFieldStrength 3 T)"),  # written in Hz

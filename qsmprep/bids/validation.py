@@ -542,8 +542,23 @@ def validate_run(run, b0_tesla=None, mask=None):
                 report(mask_file, message)
     if problems:
         return None, problems
+    _warn_if_two_d(run)
     return replace(run, echo_times_s=echo_times, phase_units=units, b0_tesla=b0, b0_source=b0_source,
                    shape=grid[0], affine=grid[1], mask=mask_file), problems
+
+
+def _warn_if_two_d(run):
+    """Warn where the run's sidecars say ``MRAcquisitionType`` "2D": a multi-slice acquisition, which the ISMRM QSM
+    consensus (MRM 2024) advises against. Each slice is excited on its own, so the phase can carry a different offset
+    in each, which no 3D unwrapping or background removal expects, and thick slices lose signal to through-slice
+    field gradients. qsmprep processes it as a 3D volume, so the user is told what to check, not refused."""
+    for file, meta in zip(run.magnitude + run.phase, run.magnitude_meta + run.phase_meta):
+        if str(meta.get("MRAcquisitionType", "")).strip().upper() == "2D":
+            log.warning("%s: %s is a 2D multi-slice acquisition (MRAcquisitionType \"2D\"): its slices were excited "
+                        "one by one and can each carry their own phase offset, which qsmprep, processing it as one 3D "
+                        "volume, does not correct. The ISMRM QSM consensus recommends 3D gradient echo; check the "
+                        "local field and Chimap for steps between slices.", sidecar_path(file), run.name)
+            return
 
 
 def _first_file(run):
