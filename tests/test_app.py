@@ -221,6 +221,7 @@ def test_sidecars(runs):
             assert meta["Units"] == "ppm" and meta["SkullStripped"] is True
             assert meta["EchoTime"] == TE_S and meta["MagneticFieldStrength"] == 3.0
             assert meta["MagneticFieldStrengthSource"] == "MagneticFieldStrength"
+            assert meta["MRAcquisitionType"] == "3D"  # as the simulator's sidecars state it
             assert meta["EstimationParameters"]["InversionMethod"] == method
             assert len(meta["Sources"]) == 6
             for uri in meta["Sources"]:

@@ -198,13 +198,15 @@ def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
     paths = {name: save_nifti(tmp_path / f"{name}.nii.gz", data, affine) for name, data in (("mask", mask), ("chi", chi))}
     tilt = np.radians(20)
     (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": [0.00492, 0.01007, 0.01522], "MagneticFieldStrength": 7,
-                                                    "PhaseInverted": True}))
+                                                    "PhaseInverted": True, "MRAcquisitionType": "2D",
+                                                    "MagneticFieldStrengthSource": "ImagingFrequency"}))
     (tmp_path / "chi.json").write_text(json.dumps({"B0Direction": [0, np.sin(tilt), np.cos(tilt)]}))
     text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
                                                           "chimaps": {"tkd": paths["chi"]}}]).read_text()
     assert "<th>Grid</th><td>12 x 12 x 8 voxels of 2 x 2 x 2.5 mm</td>" in text
     assert "<th>Echo times</th><td>4.92, 10.07, 15.22 ms (3 echoes)</td>" in text  # it showed 10.1 and 15.2
-    assert "<th>Field strength</th><td>7 T</td>" in text
+    assert "<th>Field strength</th><td>7 T (from ImagingFrequency)</td>" in text
+    assert "<th>Acquisition</th><td>2D multi-slice: each slice can carry its own phase offset" in text
     assert "<th>Phase</th><td>negated before processing (--invert-phase)</td>" in text
     # B0 tilted 20 degrees in voxel coordinates while the affine is not: the direction was given with --b0-dir
     assert ("<th>B0 direction</th><td>20.0 degrees from the third voxel axis (given with --b0-dir; the image "
@@ -217,13 +219,15 @@ def test_each_run_opens_with_a_summary_of_its_grid_echoes_and_mask(tmp_path):
     text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": stored, "chimaps": {}}]).read_text()
     assert "<th>Grid</th><td>12 x 8 x 12 voxels of 2 x 2 x 2.5 mm</td>" in text
     # sidecars edited by hand into other types, or none at all (a run made elsewhere): what the images say
-    (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": "4 ms", "MagneticFieldStrength": "3T"}))
+    (tmp_path / "mask.json").write_text(json.dumps({"EchoTime": "4 ms", "MagneticFieldStrength": "3T",
+                                                    "MRAcquisitionType": ["2D"]}))
     (tmp_path / "chi.json").write_text(json.dumps({"B0Direction": [0, 0]}))
     for _ in range(2):
         text = build_subject_report(tmp_path / "out", "01", [{"name": "sub-01", "mask": paths["mask"],
                                                               "chimaps": {"tkd": paths["chi"]}}]).read_text()
         assert "<th>Grid</th>" in text and "<th>Brain mask</th>" in text
-        assert all(f"<th>{row}</th>" not in text for row in ("Echo times", "Field strength", "Phase", "B0 direction"))
+        assert all(f"<th>{row}</th>" not in text
+                   for row in ("Echo times", "Field strength", "Acquisition", "Phase", "B0 direction"))
         (tmp_path / "mask.json").unlink(missing_ok=True)
         (tmp_path / "chi.json").unlink(missing_ok=True)
 

@@ -547,18 +547,27 @@ def validate_run(run, b0_tesla=None, mask=None):
                    shape=grid[0], affine=grid[1], mask=mask_file), problems
 
 
+def acquisition_type(run):
+    """(``MRAcquisitionType``, the image whose sidecar states it) from the run's first sidecar that gives "2D" or "3D"
+    (any case or padding), or (None, None) where none does."""
+    for file, meta in zip(run.magnitude + run.phase, run.magnitude_meta + run.phase_meta):
+        stated = str(meta.get("MRAcquisitionType", "")).strip().upper()
+        if stated in ("2D", "3D"):
+            return stated, file
+    return None, None
+
+
 def _warn_if_two_d(run):
     """Warn where the run's sidecars say ``MRAcquisitionType`` "2D": a multi-slice acquisition, which the ISMRM QSM
     consensus (MRM 2024) advises against. Each slice is excited on its own, so the phase can carry a different offset
     in each, which no 3D unwrapping or background removal expects, and thick slices lose signal to through-slice
     field gradients. qsmprep processes it as a 3D volume, so the user is told what to check, not refused."""
-    for file, meta in zip(run.magnitude + run.phase, run.magnitude_meta + run.phase_meta):
-        if str(meta.get("MRAcquisitionType", "")).strip().upper() == "2D":
-            log.warning("%s: %s is a 2D multi-slice acquisition (MRAcquisitionType \"2D\"): its slices were excited "
-                        "one by one and can each carry their own phase offset, which qsmprep, processing it as one 3D "
-                        "volume, does not correct. The ISMRM QSM consensus recommends 3D gradient echo; check the "
-                        "local field and Chimap for steps between slices.", sidecar_path(file), run.name)
-            return
+    stated, file = acquisition_type(run)
+    if stated == "2D":
+        log.warning("%s: %s is a 2D multi-slice acquisition (MRAcquisitionType \"2D\"): its slices were excited one "
+                    "by one and can each carry their own phase offset, which qsmprep, processing it as one 3D volume, "
+                    "does not correct. The ISMRM QSM consensus recommends 3D gradient echo; check the local field "
+                    "and Chimap for steps between slices.", sidecar_path(file), run.name)
 
 
 def _first_file(run):

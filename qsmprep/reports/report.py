@@ -126,10 +126,18 @@ def mask_volume_ml(mask, affine):
     return float(np.count_nonzero(mask) * np.prod(voxel_size_from_affine(affine)) / 1000)
 
 
+ACQUISITION_TYPES = {
+    "3D": "3D",
+    "2D": "2D multi-slice: each slice can carry its own phase offset, which qsmprep does not correct; look for steps "
+          "between slices in the local field and the Chimaps",
+}
+"""The report's summary of the sidecars' ``MRAcquisitionType`` (the QSM consensus recommends 3D acquisitions)."""
+
+
 def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
-    """A table of what a run's figures show: grid and voxel size, echoes, field strength, B0 direction (with its
-    source, ``b0_direction_text``) and the brain mask's volume, from the mask (array as stored, affine) and the
-    sidecars of the mask and of one Chimap (dicts)."""
+    """A table of what a run's figures show: grid and voxel size, echoes, field strength (with its source), 2D or 3D
+    acquisition, B0 direction (with its source, ``b0_direction_text``) and the brain mask's volume, from the mask
+    (array as stored, affine) and the sidecars of the mask and of one Chimap (dicts)."""
     voxels = int(np.count_nonzero(mask))
     volume_ml = mask_volume_ml(mask, affine)
     rows = [("Grid", f"{' x '.join(map(str, np.shape(mask)[:3]))} voxels of "
@@ -140,7 +148,12 @@ def run_summary_html(mask, affine, mask_sidecar, chimap_sidecar):
         rows.append(("Echo times", f"{', '.join(f'{1000 * t:.4g}' for t in echo_times)} ms ({len(echo_times)} "
                                    f"echo{'es' if len(echo_times) > 1 else ''})"))
     if is_number(mask_sidecar.get("MagneticFieldStrength")):
-        rows.append(("Field strength", f"{mask_sidecar['MagneticFieldStrength']:g} T"))
+        source = mask_sidecar.get("MagneticFieldStrengthSource")  # ImagingFrequency, MagneticFieldStrength, --b0-tesla
+        rows.append(("Field strength", f"{mask_sidecar['MagneticFieldStrength']:.4g} T"
+                                       + (f" (from {source})" if isinstance(source, str) else "")))
+    acquisition = mask_sidecar.get("MRAcquisitionType")
+    if isinstance(acquisition, str) and acquisition in ACQUISITION_TYPES:
+        rows.append(("Acquisition", ACQUISITION_TYPES[acquisition]))
     if isinstance(mask_sidecar.get("PhaseInverted"), bool):
         rows.append(("Phase", "negated before processing (--invert-phase)" if mask_sidecar["PhaseInverted"]
                      else "used with the sign stored"))

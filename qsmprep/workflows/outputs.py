@@ -12,6 +12,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..bgremove.vsharp import default_radii_mm
 from ..bids.derivatives import OUTPUTS, bids_uri
+from ..bids.validation import acquisition_type
 from ..config import ALGORITHM_NAMES, B0_RESAMPLE_TILT_DEG
 from ..deep import model_provenance
 from ..interfaces.bids import DerivativesDataSink
@@ -30,6 +31,9 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
         "EchoTime": list(run.echo_times_s),
         "PhaseInverted": config.invert_phase,
     }
+    stated_type = acquisition_type(run)[0]
+    if stated_type:  # shown in the report, where a 2D run's maps are to be checked for steps between slices
+        common["MRAcquisitionType"] = stated_type
     units = OUTPUTS[output]["units"]
     if units:
         common["Units"] = units
