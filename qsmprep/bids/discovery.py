@@ -245,6 +245,62 @@ def _echo_sort_key(item):
     return (0 if numeric_te else 1, float(te) if numeric_te else 0.0, _echo_number(entities), path)
 
 
+def _restricted_to_labels(query, layout, bids_dir, participant_label, session_label):
+    """``query`` narrowed to the participants and sessions asked for; NoInputError names any ``bids_dir`` lacks."""
+    query = dict(query)
+    if participant_label:
+        wanted = _strip_prefix(participant_label, "sub-")
+        missing = sorted(set(wanted) - set(layout.get_subjects()))
+        if missing:
+            raise NoInputError(
+                f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {bids_dir}: "
+                "check --participant-label."
+            )
+        query["subject"] = _narrowed(wanted, query.get("subject", NO_FILTER), "participant", "--participant-label",
+                                     "sub-")
+    if session_label:
+        wanted = _strip_prefix(session_label, "ses-")
+        subjects = {"subject": query["subject"]} if participant_label else {}
+        missing = sorted(set(wanted) - set(layout.get_sessions(**subjects)))
+        if missing:
+            whose = f" for participant(s) {', '.join('sub-' + s for s in subjects['subject'])}" if subjects else ""
+            raise NoInputError(f"session(s) {', '.join('ses-' + m for m in missing)} not found in {bids_dir}{whose}: "
+                               "check --session-label.")
+        query["session"] = _narrowed(wanted, query.get("session", NO_FILTER), "session", "--session-label", "ses-")
+    return query
+
+
+def _files_by_run(layout, query):
+    """Group the files ``query`` finds into runs: {run key: {"mag": [(path, entities, metadata)], "phase": [...]}}."""
+    groups = {}
+    for bids_file in layout.get(return_type="object", **query):
+        ent = bids_file.get_entities()
+        key = tuple(None if ent.get(k) is None else str(ent[k]) for k in (*ENTITY_KEYS, "suffix"))
+        item = (bids_file.path, ent, bids_file.get_metadata())
+        groups.setdefault(key, {"mag": [], "phase": []})[ent["part"]].append(item)
+    return groups
+
+
+def _gre_run(key, parts, entity_patterns):
+    """The GRERun of one ``_files_by_run`` group, files in echo-time order (``entity_patterns``: for ``_file_key``)."""
+    *values, suffix = key
+    mag = sorted(parts["mag"], key=_echo_sort_key)
+    phase = sorted(parts["phase"], key=_echo_sort_key)
+    multi_echo_4d = any("echo" not in ent for _, ent, _ in mag + phase) and any(
+        isinstance(meta.get("EchoTime"), list) for _, _, meta in mag + phase
+    )
+    return GRERun(
+        **dict(zip(ENTITY_KEYS, values)), suffix=suffix,
+        foreign_entities=tuple((path, _file_key(name, value, entity_patterns)) for path, ent, _ in mag + phase
+                               for name, value in ent.items() if name not in {*ENTITY_KEYS, *FILE_ENTITIES}),
+        magnitude=tuple(p for p, _, _ in mag), phase=tuple(p for p, _, _ in phase),
+        magnitude_meta=tuple(m for _, _, m in mag), phase_meta=tuple(m for _, _, m in phase),
+        magnitude_echoes=tuple(_echo_label(e) for _, e, _ in mag),
+        phase_echoes=tuple(_echo_label(e) for _, e, _ in phase),
+        multi_echo_4d=multi_echo_4d,
+    )
+
+
 def discover_runs(bids_dir, participant_label=None, session_label=None, bids_filters=None):
     """Find every gradient-echo run (magnitude + phase) in ``bids_dir``.
 
@@ -281,33 +337,9 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
         if problem is None:
             raise
         raise problem from exc
-    query = {**GRE_QUERY, **(bids_filters or {})}
-    if participant_label:
-        wanted = _strip_prefix(participant_label, "sub-")
-        missing = sorted(set(wanted) - set(layout.get_subjects()))
-        if missing:
-            raise NoInputError(
-                f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {bids_dir}: "
-                "check --participant-label."
-            )
-        query["subject"] = _narrowed(wanted, query.get("subject", NO_FILTER), "participant", "--participant-label",
-                                     "sub-")
-    if session_label:
-        wanted = _strip_prefix(session_label, "ses-")
-        subjects = {"subject": query["subject"]} if participant_label else {}
-        missing = sorted(set(wanted) - set(layout.get_sessions(**subjects)))
-        if missing:
-            whose = f" for participant(s) {', '.join('sub-' + s for s in subjects['subject'])}" if subjects else ""
-            raise NoInputError(f"session(s) {', '.join('ses-' + m for m in missing)} not found in {bids_dir}{whose}: "
-                               "check --session-label.")
-        query["session"] = _narrowed(wanted, query.get("session", NO_FILTER), "session", "--session-label", "ses-")
-
-    groups = {}
-    for bids_file in layout.get(return_type="object", **query):
-        ent = bids_file.get_entities()
-        key = tuple(None if ent.get(k) is None else str(ent[k]) for k in (*ENTITY_KEYS, "suffix"))
-        item = (bids_file.path, ent, bids_file.get_metadata())
-        groups.setdefault(key, {"mag": [], "phase": []})[ent["part"]].append(item)
+    query = _restricted_to_labels({**GRE_QUERY, **(bids_filters or {})}, layout, bids_dir, participant_label,
+                                  session_label)
+    groups = _files_by_run(layout, query)
     if not groups:
         where = f" for participant(s) {', '.join(participant_label)}" if participant_label else ""
         raise NoInputError(
@@ -315,26 +347,8 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
             f" found in {bids_dir}{where}: check the dataset and the --participant-label/--session-label/"
             "--bids-filter-file options."
         )
-
-    runs = []
-    full_names = {name: entity.pattern for name, entity in Config.load(PYBIDS_CONFIG).entities.items()}
-    for key, parts in groups.items():
-        *values, suffix = key
-        mag = sorted(parts["mag"], key=_echo_sort_key)
-        phase = sorted(parts["phase"], key=_echo_sort_key)
-        multi_echo_4d = any("echo" not in ent for _, ent, _ in mag + phase) and any(
-            isinstance(meta.get("EchoTime"), list) for _, _, meta in mag + phase
-        )
-        runs.append(GRERun(
-            **dict(zip(ENTITY_KEYS, values)), suffix=suffix,
-            foreign_entities=tuple((path, _file_key(name, value, full_names)) for path, ent, _ in mag + phase
-                                   for name, value in ent.items() if name not in {*ENTITY_KEYS, *FILE_ENTITIES}),
-            magnitude=tuple(p for p, _, _ in mag), phase=tuple(p for p, _, _ in phase),
-            magnitude_meta=tuple(m for _, _, m in mag), phase_meta=tuple(m for _, _, m in phase),
-            magnitude_echoes=tuple(_echo_label(e) for _, e, _ in mag),
-            phase_echoes=tuple(_echo_label(e) for _, e, _ in phase),
-            multi_echo_4d=multi_echo_4d,
-        ))
+    entity_patterns = {name: entity.pattern for name, entity in Config.load(PYBIDS_CONFIG).entities.items()}
+    runs = [_gre_run(key, parts, entity_patterns) for key, parts in groups.items()]
     runs.sort(key=lambda r: (r.name, r.suffix))
     log.info("found %d gradient-echo run(s) in %s", len(runs), bids_dir)
     return runs

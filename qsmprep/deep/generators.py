@@ -478,6 +478,11 @@ def random_magnitude(rng, shape, voxel_size_mm=(1.0, 1.0, 1.0), correlation_mm=8
     modulates its noise; this is a Gaussian random field with correlation
     length ``correlation_mm`` (mm), mean ``mean`` and std ``std``.
     Returns float32 ``shape``.
+
+    Reference: Jochmann T, Haueisen J, Schweser F. How to train a deep
+    convolutional neural network for quantitative susceptibility mapping
+    (QSM). ISMRM poster (Fig. 2: magnitude images for Rician,
+    magnitude-modulated, noise).
     """
     shape, voxel = _shape_and_voxel(shape, voxel_size_mm)
     magnitude = mean + std * _smooth_noise(rng, shape, voxel, correlation_mm)
@@ -533,6 +538,69 @@ def _label_lut(values, default=0.0):
     return lut
 
 
+def _deformed_head_sample(
+    rng, reference, shape, voxel, reference_voxel_mm, rotation_deg, elastic_mm, elastic_correlation_mm
+):
+    """(chi, labels, magnitude) of ``reference`` (from ``_reference_head``) resampled onto the grid ``shape``.
+
+    The grid is centred on a random brain voxel, turned by a random rotation
+    of up to ``rotation_deg`` about each axis, and displaced by a smooth random
+    field of ``elastic_mm`` standard deviation per axis (correlation length
+    ``elastic_correlation_mm``); chi and magnitude are interpolated
+    trilinearly, labels by nearest neighbour.
+    """
+    ref_chi, ref_labels, ref_magnitude, brain_voxels = reference
+    centre_vox = brain_voxels[int(rng.integers(len(brain_voxels)))] + rng.uniform(-0.5, 0.5, 3)
+    rotation = Rotation.from_euler("xyz", rng.uniform(-rotation_deg, rotation_deg, 3), degrees=True).as_matrix()
+    # sample grid -> reference voxel coordinates: rotate the centred mm grid, add the elastic displacement
+    offsets = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(v) for n, v in zip(shape, voxel)]
+    coords = np.empty((3,) + shape, dtype=np.float32)
+    scale = np.float32(1.0 / reference_voxel_mm)
+    for i in range(3):
+        coords[i] = rotation[i, 0] * offsets[0][:, None, None] + (
+            rotation[i, 1] * offsets[1][:, None] + rotation[i, 2] * offsets[2][None, :]
+        )[None]
+        if elastic_mm > 0:
+            coords[i] += np.float32(elastic_mm) * _smooth_noise(rng, shape, voxel, elastic_correlation_mm / 2)
+        coords[i] *= scale
+        coords[i] += np.float32(centre_vox[i])
+    chi = map_coordinates(ref_chi, coords, order=1, mode="constant", cval=0.0)
+    labels = map_coordinates(ref_labels, coords, order=0, mode="constant", cval=0)
+    magnitude = map_coordinates(ref_magnitude, coords, order=1, mode="constant", cval=0.0)
+    return chi, labels, magnitude
+
+
+def _changed_contrast(rng, chi, labels, contrast_scale, contrast_offset_ppm):
+    """``chi`` with each brain label's values scaled by a random factor and shifted by a random offset.
+
+    Factors are uniform in ``contrast_scale``, offsets in
+    +-``contrast_offset_ppm``; CSF, the zero reference, keeps offset 0.
+    """
+    brain = [n for n in LABELS if LABELS[n] in BRAIN_LABELS]
+    gain = _label_lut({n: rng.uniform(*contrast_scale) for n in brain}, default=1.0)
+    shift = _label_lut({n: rng.uniform(-contrast_offset_ppm, contrast_offset_ppm) for n in brain if n != "csf"})
+    return chi * gain[labels] + shift[labels]
+
+
+def _paint_lesions(rng, chi, mask, voxel, lesions):
+    """Paint random lesions into ``chi`` (in place), each centred on a random ``mask`` voxel.
+
+    ``lesions`` holds (shape, count range, chi range in ppm, radius range in
+    mm, blur sigma in mm) per lesion type; a lesion replaces the chi it
+    covers, in proportion to its blurred partial-volume cover.
+    """
+    axes = _axes_mm(chi.shape, voxel)
+    brain_idx = np.argwhere(mask)
+    for kind, count, chi_range, radius_range, blur_mm in lesions:
+        for _ in range(int(rng.integers(count[0], count[1] + 1)) if len(brain_idx) else 0):
+            centre = brain_idx[int(rng.integers(len(brain_idx)))] * voxel
+            semi = rng.uniform(*radius_range) * rng.uniform(0.6, 1.0, 3)
+            painted = _random_structure(rng, axes, voxel, kind, semi, centre, blur_mm, 0.0)
+            if painted is not None:
+                box, cover = painted
+                chi[box] += cover * (np.float32(rng.uniform(*chi_range)) - chi[box])
+
+
 def brain_like_sample(
     rng,
     shape,
@@ -571,12 +639,14 @@ def brain_like_sample(
     diamagnetic ellipsoids), which replace the tissue they cover; finally
     chi is zeroed outside the brain mask (only brain sources).
 
-    References: Liu J, Koch K. Meta-QSM (elastic deformation, geometric
-    shapes mimicking bleeds and calcifications, contrast changes, voxel
-    sizes 0.5-1.0 x 0.5-1.0 x 2.0-4.0 mm); Liu J, Koch K. QSMInvNet+ (elastic
-    transform, contrast change, fake lesions). Simard PY, Steinkraus D,
-    Platt JC. Best practices for convolutional neural networks applied to
-    visual document analysis. ICDAR 2003 (elastic distortion).
+    References: Liu J, Koch KM. Meta-QSM: an image-resolution-arbitrary
+    network for QSM reconstruction (elastic deformation, geometric shapes
+    mimicking bleeds and calcifications, contrast changes, voxel sizes
+    0.5-1.0 x 0.5-1.0 x 2.0-4.0 mm). Liu J, Koch KM. Exploring domain
+    adaptation for deep neural network trained QSM (QSMInvNet+). ISMRM
+    abstract (elastic transform, contrast change, fake lesions). Simard PY,
+    Steinkraus D, Platt JC. Best practices for convolutional neural networks
+    applied to visual document analysis. ICDAR 2003 (elastic distortion).
 
     Parameters
     ----------
@@ -608,45 +678,17 @@ def brain_like_sample(
     """
     shape, voxel = _shape_and_voxel(shape, voxel_size_mm)
     seed = int(subjects[int(rng.integers(len(subjects)))])
-    ref_chi, ref_labels, ref_magnitude, brain_voxels = _reference_head(seed, float(reference_voxel_mm), float(te_s))
-    centre_vox = brain_voxels[int(rng.integers(len(brain_voxels)))] + rng.uniform(-0.5, 0.5, 3)
-    rotation = Rotation.from_euler("xyz", rng.uniform(-rotation_deg, rotation_deg, 3), degrees=True).as_matrix()
-    # sample grid -> reference voxel coordinates: rotate the centred mm grid, add the elastic displacement
-    offsets = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(v) for n, v in zip(shape, voxel)]
-    coords = np.empty((3,) + shape, dtype=np.float32)
-    scale = np.float32(1.0 / reference_voxel_mm)
-    for i in range(3):
-        coords[i] = rotation[i, 0] * offsets[0][:, None, None] + (
-            rotation[i, 1] * offsets[1][:, None] + rotation[i, 2] * offsets[2][None, :]
-        )[None]
-        if elastic_mm > 0:
-            coords[i] += np.float32(elastic_mm) * _smooth_noise(rng, shape, voxel, elastic_correlation_mm / 2)
-        coords[i] *= scale
-        coords[i] += np.float32(centre_vox[i])
-    chi = map_coordinates(ref_chi, coords, order=1, mode="constant", cval=0.0)
-    labels = map_coordinates(ref_labels, coords, order=0, mode="constant", cval=0)
-    magnitude = map_coordinates(ref_magnitude, coords, order=1, mode="constant", cval=0.0)
-    del coords
+    reference = _reference_head(seed, float(reference_voxel_mm), float(te_s))
+    chi, labels, magnitude = _deformed_head_sample(
+        rng, reference, shape, voxel, reference_voxel_mm, rotation_deg, elastic_mm, elastic_correlation_mm
+    )
     mask = np.isin(labels, list(BRAIN_LABELS))
-
-    # contrast: per-label scaling and offset (CSF, the zero reference, stays 0)
-    brain = [n for n in LABELS if LABELS[n] in BRAIN_LABELS]
-    gain = _label_lut({n: rng.uniform(*contrast_scale) for n in brain}, default=1.0)
-    shift = _label_lut({n: rng.uniform(-contrast_offset_ppm, contrast_offset_ppm) for n in brain if n != "csf"})
-    chi = chi * gain[labels] + shift[labels]
-
-    axes = _axes_mm(shape, voxel)
-    brain_idx = np.argwhere(mask)
-    lesions = [("blob", n_haemorrhages, haemorrhage_ppm, haemorrhage_radius_mm, 1.0)]
-    lesions.append(("ellipsoid", n_calcifications, calcification_ppm, calcification_radius_mm, 0.3))
-    for kind, count, chi_range, radius_range, blur_mm in lesions:
-        for _ in range(int(rng.integers(count[0], count[1] + 1)) if len(brain_idx) else 0):
-            centre = brain_idx[int(rng.integers(len(brain_idx)))] * voxel
-            semi = rng.uniform(*radius_range) * rng.uniform(0.6, 1.0, 3)
-            painted = _random_structure(rng, axes, voxel, kind, semi, centre, blur_mm, 0.0)
-            if painted is not None:
-                box, cover = painted
-                chi[box] += cover * (np.float32(rng.uniform(*chi_range)) - chi[box])
+    chi = _changed_contrast(rng, chi, labels, contrast_scale, contrast_offset_ppm)
+    lesions = (  # shape, count, chi (ppm), radius (mm), blur sigma (mm)
+        ("blob", n_haemorrhages, haemorrhage_ppm, haemorrhage_radius_mm, 1.0),
+        ("ellipsoid", n_calcifications, calcification_ppm, calcification_radius_mm, 0.3),
+    )
+    _paint_lesions(rng, chi, mask, voxel, lesions)
     chi *= mask
     return {
         "chi": chi.astype(np.float32),

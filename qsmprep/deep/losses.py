@@ -184,7 +184,7 @@ def data_consistency_loss(
     the paper's norm squared and normalised, which has the same minimiser,
     a smooth gradient at zero and no dependence on patch size.
 
-    Reference: Liu J, Koch K. Exploring domain adaptation for deep neural
+    Reference: Liu J, Koch KM. Exploring domain adaptation for deep neural
     network trained QSM (QSMInvNet+). ISMRM abstract.
 
     Parameters

@@ -458,6 +458,43 @@ def progress_line(arch, step, last, row, elapsed_s, steps_done):
             f"{row['samples_per_s']:.1f} samples/s, about {left_min:.0f} min left")
 
 
+def _last_step(train_cfg, max_steps):
+    """The step a run ends at: the recipe's ``train.steps``, or ``max_steps`` if lower (a higher one is warned of)."""
+    steps = int(train_cfg["steps"])
+    if max_steps is None:
+        return steps
+    if int(max_steps) > steps:
+        log.warning("max_steps %d is past the recipe's %d steps, which end the run: to train longer, raise "
+                    "train.steps (--set train.steps=%d)", int(max_steps), steps, int(max_steps))
+    return min(steps, int(max_steps))
+
+
+def _timed_step(trainer, batch_size):
+    """Run and count one optimisation step; returns its row with step and samples/s, DataError if the loss diverged."""
+    tick = time.perf_counter()
+    row = trainer.train_step()
+    trainer.step += 1
+    row["step"] = trainer.step
+    row["samples_per_s"] = batch_size / max(time.perf_counter() - tick, 1e-9)
+    if not math.isfinite(row["loss"]):
+        raise DataError(f"training diverged at step {trainer.step} (loss {row['loss']}): lower [optim] lr.")
+    return row
+
+
+def _validate_and_save(trainer, loss_log, val_log):
+    """Validate and log the scores, save the best and latest checkpoints and redraw the curves; returns the scores."""
+    metrics = trainer.validate()
+    val_log.add({"step": trainer.step, **metrics})
+    log.info("step %d: validation NRMSE %.1f%%, HFEN %.1f%%", trainer.step, metrics["nrmse"], metrics["hfen"])
+    if metrics["nrmse"] < trainer.best_nrmse:
+        trainer.best_nrmse = metrics["nrmse"]
+        save_checkpoint(trainer.model, trainer.out / "best.safetensors",
+                        {"recipe": trainer.recipe, "step": trainer.step, "validation": metrics})
+    trainer.save(metrics)
+    plot_curves(loss_log.read(), val_log.read(), trainer.out / "losses.png")
+    return metrics
+
+
 def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resume=False):
     """Train the network a recipe describes and write checkpoints and curves to ``out_dir``.
 
@@ -498,10 +535,7 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
     trainer.start_data()
     out.mkdir(parents=True, exist_ok=True)  # only once every check has passed: a refused run leaves no folder
     tr = recipe["train"]
-    last = min(int(tr["steps"]), int(max_steps)) if max_steps is not None else int(tr["steps"])
-    if max_steps is not None and int(max_steps) > int(tr["steps"]):
-        log.warning("max_steps %d is past the recipe's %d steps, which end the run: to train longer, raise "
-                    "train.steps (--set train.steps=%d)", int(max_steps), int(tr["steps"]), int(max_steps))
+    last = _last_step(tr, max_steps)
     if trainer.step >= last:
         log.info("%s is already at step %d, not under %d: nothing to train (its last validation is reported)",
                  out, trainer.step, last)
@@ -514,13 +548,7 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
     with tqdm(total=last, initial=min(trainer.step, last), desc=f"train {recipe['model']['arch']}", unit="step",
               disable=not bar_shown) as bar:
         while trainer.step < last:
-            tick = time.perf_counter()
-            row = trainer.train_step()
-            trainer.step += 1
-            row["step"] = trainer.step
-            row["samples_per_s"] = int(tr["batch_size"]) / max(time.perf_counter() - tick, 1e-9)
-            if not math.isfinite(row["loss"]):
-                raise DataError(f"training diverged at step {trainer.step} (loss {row['loss']}): lower [optim] lr.")
+            row = _timed_step(trainer, int(tr["batch_size"]))
             losses.append(row["loss"])
             loss_log.add(row)
             bar.update(1)
@@ -531,14 +559,7 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
                                                reported - started, len(losses)) + "\n")
             out_of_time = max_minutes is not None and time.monotonic() - started > 60 * float(max_minutes)
             if trainer.step % int(tr["val_every"]) == 0 or trainer.step == last or out_of_time:
-                metrics = trainer.validate()
-                val_log.add({"step": trainer.step, **metrics})
-                log.info("step %d: validation NRMSE %.1f%%, HFEN %.1f%%", trainer.step, metrics["nrmse"], metrics["hfen"])
-                if metrics["nrmse"] < trainer.best_nrmse:
-                    trainer.best_nrmse = metrics["nrmse"]
-                    save_checkpoint(trainer.model, out / "best.safetensors", {"recipe": recipe, "step": trainer.step, "validation": metrics})
-                trainer.save(metrics)
-                plot_curves(loss_log.read(), val_log.read(), out / "losses.png")
+                metrics = _validate_and_save(trainer, loss_log, val_log)
             if out_of_time:
                 log.info("stopping after %.1f minutes at step %d", float(max_minutes), trainer.step)
                 break
