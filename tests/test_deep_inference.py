@@ -12,7 +12,8 @@ import torch
 
 from qsmprep.deep.models import build_model
 from qsmprep.deep.registry import save_checkpoint
-from qsmprep.inversion import cfl2, deep
+from qsmprep.errors import DataError
+from qsmprep.inversion import cfl2, deep, tv
 from qsmprep.inversion.deep import (
     FALLBACK_TILE,
     MIN_TILE,
@@ -145,14 +146,14 @@ def test_refinement_reduces_the_data_misfit():
     np.testing.assert_array_equal(refine_data_consistency(start, field, mask, n_iter=0), start * mask)
 
 
-def test_a_high_pass_sphere_that_fits_nowhere_leaves_the_map_with_a_warning(caplog):
-    """--refine-radius 40 gave the network's map unchanged, with exit 0 and no word, after seconds of solving."""
+def test_a_high_pass_sphere_that_fits_nowhere_is_refused():
+    """--refine-radius 40 gave the network's map unchanged, with exit 0 and no word, after seconds of solving; then
+    with a warning, while the map still went out as refined (and TV's as TV, though it was its CFL2 start)."""
     chi, field, mask = _phantom()
-    start = 0.5 * chi
-    with caplog.at_level("WARNING", logger="qsmprep.inversion.deep"):
-        kept = refine_data_consistency(start, field, mask, n_iter=10, harmonic_radius_mm=200.0)
-    np.testing.assert_array_equal(kept, start)
-    assert "200 mm high-pass sphere fits nowhere inside the mask" in caplog.text
+    with pytest.raises(DataError, match="200 mm high-pass sphere fits nowhere inside the mask .* thinner than 400 mm"):
+        refine_data_consistency(0.5 * chi, field, mask, n_iter=10, harmonic_radius_mm=200.0)
+    with pytest.raises(DataError, match="tv: harmonic_radius_mm"):
+        tv(field, mask, harmonic_radius_mm=200.0)
 
 
 @pytest.mark.parametrize(("options", "message"), [({"tile_shape": 16}, "at least 64 voxels"),

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..bgremove.smv import check_high_pass_radius, smv_kernel, smv_padded_shape, sphere_fits
 from ..deep import read_metadata, shipped_model_path
-from ..errors import QSMPrepError
+from ..errors import DataError, QSMPrepError
 from ..physics import (
     b0_tilt_deg, dipole_kernel, fft_module, filter_padded, is_tensor, padded_shape, resolve_device, to_device,
 )
@@ -218,8 +218,8 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
         themselves. 8 mm helps where background removal left residuals and
         costs accuracy on exact fields (docs/methods/deep-inversion.md). One
         that reaches no neighbouring voxel is refused (``check_high_pass_radius``);
-        one whose sphere fits nowhere inside the mask leaves no data term, and
-        ``chi_init`` is returned with a warning.
+        one whose sphere fits nowhere inside the mask leaves no data term and
+        raises DataError (rather than return ``chi_init`` under the method's name).
     tv_weight : float, default 0
         Weight of the total-variation term, in ppm mm (0: off). 3e-4 with
         ``lam`` 0.03 and ``n_iter`` 30 is measured in docs/benchmarks.md
@@ -252,12 +252,11 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     if harmonic_radius_mm:
         smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True, device=torch_device)
         fits = sphere_fits(fft_module(m_t).rfftn(m_t, big), smv, big, voxel_size_mm, harmonic_radius_mm)
-        if not fits.any():  # no data term left: the solve would return chi_init after seconds of work
-            log.warning("the %g mm high-pass sphere fits nowhere inside the mask, so there is no field to fit and the "
-                        "starting map is returned as it is (deep: the network's; tv: the closed-form L2 estimate): give "
-                        "a smaller radius (deep: --refine-radius; tv: [inversion.tv] harmonic_radius_mm)",
-                        harmonic_radius_mm)
-            return np.asarray(chi_init, dtype=np.float32)
+        if not fits.any():  # no data term left: the starting map would come back under the method's name
+            raise DataError(f"the {harmonic_radius_mm:g} mm high-pass sphere fits nowhere inside the mask (a slab or "
+                            f"mask thinner than {2 * harmonic_radius_mm:g} mm), so there is no field to fit: give a "
+                            "smaller radius, or 0 for none (deep: --refine-radius; tv: harmonic_radius_mm in a "
+                            "--parameters file's [inversion.tv])")
         w2 = w2 * fits[tuple(slice(0, n) for n in m.shape)]
         field = filter_padded(field, 1 - smv, big)
         d = (1 - smv) * d
