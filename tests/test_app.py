@@ -751,6 +751,23 @@ def test_a_failed_session_leaves_the_finished_one_in_the_subject_report(tmp_path
     assert f"<h2>sub-01_ses-{other}</h2>" not in report
 
 
+def test_a_slab_too_thin_for_the_refinement_high_pass_fails_with_the_fix(tmp_path, capsys):
+    """A 24 mm slab: the deep refinement's 8 mm sphere fits nowhere in its mask. The unrefined network map went out
+    as the refined one; now the run fails naming --refine-radius, and a smaller radius processes it."""
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--fov-mm", "168", "204", "24"]) == 0
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work")]
+    assert main(argv) == 70
+    summary = capsys.readouterr().out
+    assert "sub-01 [FAILED]" in summary and "invert_deep" in summary
+    assert "the 8 mm high-pass sphere fits nowhere inside the mask (a slab or mask thinner than 16 mm)" in summary
+    assert "(deep: --refine-radius;" in summary
+    assert not list(out.rglob("sub-01/**/*.nii.gz"))
+    assert main([*argv, "--refine-radius", "4"]) == 0
+    assert (out / "sub-01" / "anat" / "sub-01_desc-deep_Chimap.nii.gz").is_file()
+
+
 def test_a_mask_too_small_for_vsharp_fails_that_run_with_the_reason_and_the_fix(tmp_path, capsys):
     bids = tmp_path / "bids"
     assert simulate.main([str(bids), "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6", "--echoes", "2"]) == 0
