@@ -15,8 +15,14 @@ def is_int(value):
 
 
 def is_number(value):
-    """A finite int or float, not a bool: NaN passes no range test and infinity is never a usable setting."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float, not a bool: NaN passes no range test and infinity is never a usable setting. An int
+    beyond a float's range (a hand-edited JSON may hold one) is not one either: ``math.isfinite`` cannot take it."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def number(what, ok=lambda v: True, integer=False):

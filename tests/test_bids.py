@@ -11,6 +11,7 @@ from qsmprep.bids import check_bids_dataset, discover_runs, read_filter_file, va
 from qsmprep.bids.derivatives import (MASK_NAME_END, bids_uri, processed_runs, run_output_paths,
                                      write_dataset_description)
 from qsmprep.bids.discovery import GRERun
+from qsmprep.bids.validation import acquisition_type
 from qsmprep.errors import DataError, NoInputError, UsageError
 
 
@@ -247,8 +248,24 @@ def test_a_two_d_acquisition_is_processed_with_a_warning_naming_its_sidecar(tmp_
         (run,), problems = validate_runs(discover_runs(tmp_path))
     assert problems == [] and run.echo_times_s == (0.004, 0.008)
     (warning,) = [r.getMessage() for r in caplog.records if "2D multi-slice" in r.getMessage()]
-    assert warning.startswith(str(anat / "sub-01_echo-1_part-mag_MEGRE.json"))
+    assert f'(MRAcquisitionType "2D" in the sidecars of {anat / "sub-01_echo-1_part-mag_MEGRE.nii.gz"}' in warning
     assert "check the local field and Chimap for steps between slices" in warning
+    # sidecars that disagree: one 2D echo is enough to warn, naming it
+    _set_in_sidecars(anat, MRAcquisitionType="3D")
+    phase2 = anat / "sub-01_echo-2_part-phase_MEGRE.json"
+    phase2.write_text(json.dumps({**json.loads(phase2.read_text()), "MRAcquisitionType": "2d"}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qsmprep.bids.validation"):
+        (run,), _ = validate_runs(discover_runs(tmp_path))
+    assert acquisition_type(run) == ("2D", str(anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz"))
+    assert f"in the sidecars of {anat / 'sub-01_echo-2_part-phase_MEGRE.nii.gz'}" in caplog.text
+
+
+def test_a_field_strength_beyond_floats_range_is_refused_not_a_crash(tmp_path):
+    anat = make_run(tmp_path)
+    _set_in_sidecars(anat, MagneticFieldStrength=10**400)
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert "is not a field strength in tesla" in problem.message
 
 
 @pytest.mark.parametrize(("frequency", "nominal", "text"), [

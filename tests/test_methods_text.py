@@ -71,7 +71,8 @@ def test_the_acquisition_is_described_from_the_sidecars():
     assert ("had 3 echoes (4, 8 and 12 ms) at 3 T, acquired on a Siemens Prisma scanner (3D acquisition, repetition "
             "time 30 ms, flip angle 15 degrees, in-plane acceleration 2, partial Fourier 0.875) with 64 x 64 x 48 "
             "voxels of 0.75 x 0.75 x 2 mm.") in text
-    partial = {"Manufacturer": " ", "RepetitionTime": "30 ms", "FlipAngle": True, "MRAcquisitionType": "2D"}
+    partial = {"Manufacturer": " ", "RepetitionTime": "30 ms", "FlipAngle": True, "MRAcquisitionType": " 2d ",
+               "PartialFourier": 10**400}  # a hand-edited int beyond float's range crashed the number checks
     text = _text(replace(_run(), magnitude_meta=(partial,)), inversion=("tkd",))  # unusable values are left out
     assert "at 3 T, acquired (2D acquisition) with 64 x 64 x 48 voxels of 3 x 3 x 4 mm." in text
     assert "phase images (combined over the receive coils before qsmprep, which takes them as given)" in text

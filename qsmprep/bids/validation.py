@@ -38,6 +38,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..checks import is_number
 from ..errors import DataError, NoInputError
 from ..io import sidecar_path
 from ..phase.combine import MAX_PLAUSIBLE_TE_S, milliseconds_hint
@@ -366,10 +367,6 @@ def _stated_value(run, key, problems):
     return None, None
 
 
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _b0_tesla(run, b0_tesla, problems):
     """The field strength (T) that scales the run's field from Hz to ppm, and where it came from: ``--b0-tesla``;
     else the magnet's proton frequency, ``ImagingFrequency`` (MHz) / ``GAMMA_BAR_MHZ_PER_T``, where the sidecars
@@ -391,13 +388,13 @@ def _b0_tesla(run, b0_tesla, problems):
     if not nominal_files and not frequency_files:
         return refuse(run.phase[0], f"{run.phase[0]}: no MagneticFieldStrength in the sidecars of {run.name}: add "
                                     "\"MagneticFieldStrength\" (tesla) to its JSON sidecars, or pass --b0-tesla.")
-    if nominal_files and not (_is_number(nominal) and 0 < nominal <= MAX_PLAUSIBLE_B0_TESLA):
+    if nominal_files and not (is_number(nominal) and 0 < nominal <= MAX_PLAUSIBLE_B0_TESLA):
         return refuse(nominal_files[0], f"{sidecar_path(nominal_files[0])}: MagneticFieldStrength {nominal!r} is not a "
                                         f"field strength in tesla{millitesla_hint(nominal)}: write a positive number, "
                                         "e.g. 3, or pass --b0-tesla.")
     if not frequency_files:
         return float(nominal), "MagneticFieldStrength"
-    tesla = frequency / GAMMA_BAR_MHZ_PER_T if _is_number(frequency) and frequency > 0 else None
+    tesla = frequency / GAMMA_BAR_MHZ_PER_T if is_number(frequency) and frequency > 0 else None
     if tesla is None or not 0 < tesla <= MAX_PLAUSIBLE_B0_TESLA or (
             nominal_files and abs(tesla / nominal - 1) > PROTON_FREQUENCY_TOLERANCE):
         gives = (f" (it gives {tesla:.4g} T" + (f", not the MagneticFieldStrength {nominal:g} T" if nominal_files else "")
@@ -548,13 +545,12 @@ def validate_run(run, b0_tesla=None, mask=None):
 
 
 def acquisition_type(run):
-    """(``MRAcquisitionType``, the image whose sidecar states it) from the run's first sidecar that gives "2D" or "3D"
-    (any case or padding), or (None, None) where none does."""
-    for file, meta in zip(run.magnitude + run.phase, run.magnitude_meta + run.phase_meta):
-        stated = str(meta.get("MRAcquisitionType", "")).strip().upper()
-        if stated in ("2D", "3D"):
-            return stated, file
-    return None, None
+    """(``MRAcquisitionType``, an image whose sidecars state it) for the run: "2D" where any of its sidecars says
+    "2D" (any case or padding), as one 2D echo is enough to need the checks a 2D run does, else "3D" where one says
+    "3D", else (None, None)."""
+    stated = [(str(meta.get("MRAcquisitionType", "")).strip().upper(), file)
+              for file, meta in zip(run.magnitude + run.phase, run.magnitude_meta + run.phase_meta)]
+    return next(((kind, file) for wanted in ("2D", "3D") for kind, file in stated if kind == wanted), (None, None))
 
 
 def _warn_if_two_d(run):
@@ -564,10 +560,11 @@ def _warn_if_two_d(run):
     field gradients. qsmprep processes it as a 3D volume, so the user is told what to check, not refused."""
     stated, file = acquisition_type(run)
     if stated == "2D":
-        log.warning("%s: %s is a 2D multi-slice acquisition (MRAcquisitionType \"2D\"): its slices were excited one "
-                    "by one and can each carry their own phase offset, which qsmprep, processing it as one 3D volume, "
-                    "does not correct. The ISMRM QSM consensus recommends 3D gradient echo; check the local field "
-                    "and Chimap for steps between slices.", sidecar_path(file), run.name)
+        log.warning("%s is a 2D multi-slice acquisition (MRAcquisitionType \"2D\" in the sidecars of %s, or a JSON "
+                    "they inherit from): its slices were excited one by one and can each carry their own phase "
+                    "offset, which qsmprep, processing it as one 3D volume, does not correct. The ISMRM QSM consensus "
+                    "recommends 3D gradient echo; check the local field and Chimap for steps between slices.",
+                    run.name, file)
 
 
 def _first_file(run):

@@ -41,8 +41,9 @@ COLUMNS = {
               "without any Chimap (flagged)",
     "mask_ml": "brain mask volume in ml (desc-brain_mask)",
     "echoes": "number of echoes (the mask sidecar's EchoTime)",
-    "b0_tesla": "field strength in T that scaled the field to ppm (the sidecars' MagneticFieldStrength: from the "
-                "proton frequency where their MagneticFieldStrengthSource is ImagingFrequency)",
+    "b0_tesla": "field strength in T that scaled the field to ppm (the sidecars' MagneticFieldStrength; their "
+                "MagneticFieldStrengthSource says where it came from: ImagingFrequency, MagneticFieldStrength or "
+                "--b0-tesla)",
     "phase_inverted": "whether the phase was negated before processing (--invert-phase, PhaseInverted)",
     "chi_p1_ppm": "1st percentile of the Chimap in the brain mask, ppm",
     "chi_median_ppm": "median of the Chimap in the brain mask, ppm",

@@ -13,7 +13,9 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 from .. import __version__
 from ..bgremove.vsharp import MAX_RADIUS_MM, default_radii_mm
 from ..bids.discovery import ENTITY_KEYS
+from ..bids.validation import acquisition_type
 from ..deep import checkpoint_path, is_shipped_model, model_provenance, read_metadata
+from ..checks import is_number
 from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
 from ..interfaces.gre import PhaseToRad, StackEchoes
@@ -321,28 +323,27 @@ RUNS_DESCRIBED = "The runs described here"
 
 
 ACQUISITION_SIDECAR_FIELDS = (
-    ("MRAcquisitionType", "{} acquisition", None),
     ("RepetitionTime", "repetition time {:g} ms", 1e3),
     ("FlipAngle", "flip angle {:g} degrees", 1),
     ("ParallelReductionFactorInPlane", "in-plane acceleration {:g}", 1),
     ("PartialFourier", "partial Fourier {:g}", 1),
 )
-"""The acquisition parameters the methods text takes from a run's first sidecar where it states them, as (BIDS
-field, phrase, factor to the phrase's unit; None: a text): those the ISMRM QSM consensus (MRM 2024) asks a paper
-to report."""
+"""The acquisition parameters the methods text takes from a run's first sidecar where it states them as numbers, as
+(BIDS field, phrase, factor to the phrase's unit): with 2D or 3D (``acquisition_type``), those the ISMRM QSM
+consensus (MRM 2024) asks a paper to report."""
 
 
 def acquisition_text(run, config):
     """The methods sentences on the run's acquisition and what the field and susceptibility scaling took from it:
-    scanner and ``ACQUISITION_SIDECAR_FIELDS`` where the sidecars state them, grid and voxel size, echo times, field
-    strength and B0 direction, with where the last two came from (runs that differ in any get their own paragraph)."""
+    scanner, 2D or 3D and ``ACQUISITION_SIDECAR_FIELDS`` where the sidecars state them, grid and voxel size, echo
+    times, field strength and B0 direction, with where the last two came from (runs that differ in any get their own
+    paragraph)."""
     meta = run.magnitude_meta[0] if run.magnitude_meta else {}
     scanner = " ".join(meta[key].strip() for key in ("Manufacturer", "ManufacturersModelName")
                        if isinstance(meta.get(key), str) and meta[key].strip())
-    details = [phrase.format(meta[key].strip() if factor is None else meta[key] * factor)
-               for key, phrase, factor in ACQUISITION_SIDECAR_FIELDS
-               if (isinstance(meta.get(key), str) and meta[key].strip() if factor is None else
-                   isinstance(meta.get(key), (int, float)) and not isinstance(meta.get(key), bool))]
+    kind = acquisition_type(run)[0]
+    details = ([f"{kind} acquisition"] if kind else []) + [phrase.format(meta[key] * factor) for key, phrase, factor
+                                                           in ACQUISITION_SIDECAR_FIELDS if is_number(meta.get(key))]
     voxel = np.round(voxel_size_from_affine(np.asarray(run.affine)), 2)
     times = [f"{te * 1e3:g}" for te in sorted(run.echo_times_s)]
     count = "one echo" if len(times) == 1 else f"{len(times)} echoes"
