@@ -757,7 +757,8 @@ def test_a_slab_too_thin_for_the_refinement_high_pass_fails_with_the_fix(tmp_pat
     bids = tmp_path / "bids"
     assert simulate.main([str(bids), "--fov-mm", "168", "204", "24"]) == 0
     out = tmp_path / "out"
-    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work")]
+    # one process: this test process's torch thread teams would hang a forked worker (a user's process has none)
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--nprocs", "1"]
     assert main(argv) == 70
     summary = capsys.readouterr().out
     assert "sub-01 [FAILED]" in summary and "invert_deep" in summary
