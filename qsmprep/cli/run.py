@@ -473,7 +473,8 @@ HIGH_PASS_RADII = {("bgremove", "vsharp", "radii_mm"): "[bgremove.vsharp] radii_
                    ("bgremove", "resharp", "radius_mm"): "[bgremove.resharp] radius_mm ({default:g} mm by default; a "
                                                          "--parameters file sets it)",
                    ("inversion", "deep", "refine_radius_mm"): "--refine-radius",
-                   ("inversion", "tv", "harmonic_radius_mm"): "[inversion.tv] harmonic_radius_mm (8 mm in the pipeline; "
+                   ("inversion", "tv", "harmonic_radius_mm"): f"[inversion.tv] harmonic_radius_mm "
+                                                              f"({PIPELINE_REFINE_RADIUS_MM:g} mm in the pipeline; "
                                                               "a --parameters file sets it)"}
 """The spherical-mean radii (mm) of the chosen methods' high-pass filters, and where the user sets each ({default}:
 the library's default)."""
