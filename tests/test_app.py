@@ -1346,3 +1346,20 @@ def test_children_forked_after_main_returned_keep_the_caller_s_handlers(tmp_path
         assert os.read(read, 4) == b"kept"
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_repeated_list_option_adds_to_the_first_instead_of_replacing_it():
+    """`--participant-label 02 --participant-label 01` processed sub-01 alone, and `--inversion tkd --inversion cfl2`
+    cfl2 alone, without a word (scripts and SLURM wrappers repeat flags like this)."""
+    from qsmprep.cli import eval as eval_cli
+    from qsmprep.cli.run import build_parser
+
+    args = build_parser().parse_args(["bids", "out", "participant", "--participant-label", "02", "--participant-label",
+                                      "01", "--session-label", "a", "--session-label", "b", "c",
+                                      "--inversion", "tkd", "--inversion", "cfl2"])
+    assert (args.participant_label, args.session_label, args.inversion) == (["02", "01"], ["a", "b", "c"],
+                                                                           ["tkd", "cfl2"])
+    assert build_parser().parse_args(["bids", "out", "participant"]).participant_label == []
+    assert eval_cli.build_parser().parse_args(["chi.nii", "truth.nii", "mask.nii", "--deep-gm-labels", "4", "--deep-gm-labels",
+                                               "5"]).deep_gm_labels == [4, 5]
+    assert simulate.build_parser().parse_args(["out", "--sessions", "1", "--sessions", "2"]).sessions == ["1", "2"]

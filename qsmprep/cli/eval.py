@@ -51,7 +51,7 @@ def build_parser():
         help="BIDS dseg.tsv with columns 'index' and 'name'; deep grey matter labels are found by name",
     )  # fmt: skip
     p.add_argument(
-        "--deep-gm-labels", type=int, nargs="+", metavar="ID",
+        "--deep-gm-labels", type=int, nargs="+", action="extend", metavar="ID",
         help="label values of the deep grey matter nuclei for the slope (default: found by name)",
     )  # fmt: skip
     p.add_argument("--calc-label", type=int, metavar="N", help="label value of a calcification (moment, streaking)")

@@ -164,9 +164,9 @@ def build_parser():
                    help="more console output: -v Nipype's per-node lines (always in the log file), -vv debug")
 
     g = p.add_argument_group("selecting data")
-    g.add_argument("--participant-label", nargs="+", default=[], metavar="LABEL",
+    g.add_argument("--participant-label", nargs="+", action="extend", default=[], metavar="LABEL",
                    help="subjects to process (with or without 'sub-'); default all")
-    g.add_argument("--session-label", nargs="+", default=[], metavar="LABEL",
+    g.add_argument("--session-label", nargs="+", action="extend", default=[], metavar="LABEL",
                    help="sessions to process (with or without 'ses-'); default all")
     g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
                    help='JSON restricting the GRE query with pybids entities, e.g. {"megre": {"acquisition": "fast"}}')
@@ -176,7 +176,7 @@ def build_parser():
     g.add_argument("--preset", choices=list(PRESETS), default="default", help="method set (see below; default 'default')")
     g.add_argument("--unwrap", choices=UNWRAP_METHODS, help="spatial phase unwrapping")
     g.add_argument("--bgremove", choices=BGREMOVE_METHODS, help="background field removal")
-    g.add_argument("--inversion", nargs="+", choices=INVERSION_METHODS, metavar="METHOD",
+    g.add_argument("--inversion", nargs="+", action="extend", choices=INVERSION_METHODS, metavar="METHOD",
                    help=f"dipole inversion(s), each written as its own desc-<method> Chimap: {', '.join(INVERSION_METHODS)}"
                    " ('deep' uses the model shipped in the package, docs/models/, or --model)")
     g.add_argument("--mask", default="quality", metavar="STRATEGY|PATH",

@@ -62,7 +62,7 @@ def build_parser():
     )
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="dataset root to write (empty, new, or an existing BIDS dataset)")
     p.add_argument("--subjects", type=int, default=1, help="number of subjects, labelled 01, 02, ... (default 1)")
-    p.add_argument("--sessions", nargs="+", default=None, metavar="LABEL", help="session labels (default: no sessions)")
+    p.add_argument("--sessions", nargs="+", action="extend", default=None, metavar="LABEL", help="session labels (default: no sessions)")
     p.add_argument("--echoes", type=int, default=4, help="number of echoes (default 4)")
     p.add_argument("--te-first", type=finite_float, default=0.004, help="first echo time in s (default 0.004)")
     p.add_argument("--te-spacing", type=finite_float, default=0.004, help="echo spacing in s (default 0.004)")
