@@ -118,6 +118,32 @@ def _expect_error(capsys, paths, code, names, *options):
     return err
 
 
+def test_a_field_in_hz_read_as_ppm_is_refused(inputs, capsys):
+    """A total field map qsmprep wrote (Units Hz) inverted without --units made a map 128 times too strong, exit 0."""
+    import json
+
+    paths, field, mask, affine = inputs
+    hz = ppm_to_hz(field, B0_TESLA)
+    nib.save(nib.Nifti1Image(hz.astype(np.float32), affine), paths["field"])
+    assert np.percentile(np.abs(field[mask]), 99) < invert.MAX_PLAUSIBLE_LOCAL_FIELD_PPM < np.percentile(
+        np.abs(hz[mask]), 99)  # the fixture's field is plausible in ppm, implausible in Hz read as ppm
+    err = _expect_error(capsys, paths, 65, [str(paths["field"]), "--units hz --b0-tesla T"], "--method", "tkd")
+    assert f"beyond {np.percentile(np.abs(hz[mask]), 99):.3g} ppm (read with --units ppm)" in err[-1]
+    # the sidecar's units, where it states them, must agree with --units (checked before the data are read)
+    sidecar = paths["field"].with_name("field.json")
+    sidecar.write_text(json.dumps({"Units": "Hz"}))
+    err = _expect_error(capsys, paths, 64, [str(sidecar), '"Units": "Hz"', "add --units hz --b0-tesla T"],
+                        "--method", "tkd")
+    assert _run(paths, "--method", "tkd", "--units", "hz", "--b0-tesla", "3") == 0
+    np.testing.assert_allclose(nib.load(paths["out"]).get_fdata(), tkd(field, mask, VOXEL, b0_dir_from_affine(affine)),
+                               rtol=1e-4, atol=1e-6)
+    nib.save(nib.Nifti1Image(field, affine), paths["field"])
+    sidecar.write_text(json.dumps({"Units": "ppm"}))
+    paths["out"].unlink()
+    _expect_error(capsys, paths, 64, ["remove --units"], "--method", "tkd", "--units", "hz", "--b0-tesla", "3")
+    assert _run(paths, "--method", "tkd") == 0
+
+
 def test_missing_and_unreadable_inputs_exit_66(inputs, capsys):
     paths, *_ = inputs
     paths["mask"].unlink()

@@ -23,7 +23,7 @@ from ..errors import DataError, UsageError
 from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE, REFINE_ITERS
 from ..inversion.tv import TV_ALPHA
-from ..io import check_same_grid, load_volume, save_nifti
+from ..io import check_same_grid, load_volume, read_json_object, save_nifti, sidecar_path
 from ..masking import check_mask
 from ..phase.combine import MAX_PLAUSIBLE_TE_S, milliseconds_hint
 from ..physics import b0_dir_from_affine, hz_to_ppm, invert_in_ras_order, rad_to_ppm, voxel_size_from_affine
@@ -49,13 +49,16 @@ INVERT_DEEP_OPTIONS = {**DEEP_OPTIONS, "device": "device", "tile": "tile_shape"}
 
 EPILOG = """\
 units: the field is in ppm of B0 by default; --units hz needs --b0-tesla;
---units rad (phase at one echo time) needs --b0-tesla and --te.
+--units rad (phase at one echo time) needs --b0-tesla and --te. A sidecar
+FIELD.json stating other Units, or a field beyond 1 ppm once converted (in Hz,
+or a total field), is refused.
 geometry: voxel size and B0 direction come from FIELD's affine (B0 along
 world z, the scanner axis); --b0-dir X Y Z overrides the direction, in voxel
 coordinates (i, j, k).
 exit codes: 0 success; 64 usage error; 65 unusable data (grid mismatch, NaN
-in the mask, empty mask); 66 missing or unreadable input; 70 deep inversion
-out of GPU memory even in 64^3 tiles; 73 OUT cannot be written.
+in the mask, empty mask, field beyond 1 ppm); 66 missing or unreadable
+input; 70 deep inversion out of GPU memory even in 64^3 tiles; 73 OUT
+cannot be written.
 example:
   qsmprep-invert sub-01_localfield.nii.gz sub-01_mask.nii.gz sub-01_Chimap.nii.gz --method ilsqr
 """
@@ -135,9 +138,41 @@ def _check_options(args):
     check_writable_folder("output folder", args.out.parent)  # before a deep inversion's minutes
 
 
+MAX_PLAUSIBLE_LOCAL_FIELD_PPM = 1.0
+"""Largest 99th percentile of |local field| (ppm) inside the mask that is taken as a field in ppm. Tissue fields are
+hundredths of a ppm (0.038 ppm on the 2016 challenge data), at most tenths near a haemorrhage; the same field in Hz is
+64-300 times larger at 1.5-7 T, so a field in Hz read as ppm made a map 128 times too strong at 3 T with exit 0."""
+
+
+def _check_sidecar_units(args):
+    """Raise UsageError when FIELD's JSON sidecar states units (ppm, Hz or rad) other than ``--units``: a field map
+    qsmprep wrote says Hz (the total field) or ppm (the local field)."""
+    sidecar = sidecar_path(args.field)
+    if not sidecar.is_file():
+        return
+    stated = read_json_object(sidecar, "JSON sidecar", "fix or remove it.").get("Units")
+    if isinstance(stated, str) and stated.lower() in ("ppm", "hz", "rad") and stated.lower() != args.units:
+        fix = {"ppm": "remove --units or give --units ppm", "hz": "add --units hz --b0-tesla T",
+               "rad": "add --units rad --b0-tesla T --te S"}[stated.lower()]
+        raise UsageError(f"field map {args.field}: its sidecar {sidecar} says \"Units\": \"{stated}\", but the field "
+                         f"is read in {args.units}: {fix}.")
+
+
+def _check_plausible_ppm(field, inside, args):
+    """Raise DataError when the field, read in ppm, is far stronger than any tissue field
+    (``MAX_PLAUSIBLE_LOCAL_FIELD_PPM``): a field in Hz or a total field, which would give a map wrong in scale."""
+    strong = float(np.percentile(np.abs(field[inside]), 99))
+    if strong > MAX_PLAUSIBLE_LOCAL_FIELD_PPM:
+        raise DataError(f"field map {args.field}: 1 % of the mask's voxels are beyond {strong:.3g} ppm (read with "
+                        f"--units {args.units}), but a local (tissue) field is rarely beyond 0.2 ppm: a field in Hz "
+                        "needs --units hz --b0-tesla T, a phase in radians --units rad --b0-tesla T --te S; a total "
+                        "field needs background-field removal first (qsmprep does both).")
+
+
 def _load_inputs(args):
     """Field (ppm), mask and the field's affine and header; raise QSMPrepError for unusable inputs."""
     field, affine, header = load_volume(args.field, "field map")
+    _check_sidecar_units(args)
     mask, mask_affine, _ = load_volume(args.mask, "mask")
     check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine))
     inside = check_mask(mask, source=f"mask {args.mask}", region="a brain mask")
@@ -149,6 +184,7 @@ def _load_inputs(args):
         field = hz_to_ppm(field, args.b0_tesla)
     elif args.units == "rad":
         field = rad_to_ppm(field, args.te, args.b0_tesla)
+    _check_plausible_ppm(field, inside, args)
     return np.asarray(field, dtype=np.float32), inside, affine, header
 
 
