@@ -655,3 +655,19 @@ def test_unknown_session_and_unreadable_filter_file(tmp_path):
     assert read_filter_file(binary) == {"acquisition": "fast"}
     with pytest.raises(UsageError, match="cannot be read"):
         read_filter_file(tmp_path)
+
+
+def test_real_and_imaginary_images_are_named_with_the_conversion_when_no_magnitude_and_phase_are_found(tmp_path):
+    """A dataset exported as part-real/part-imag got only "no gradient-echo magnitude/phase images found"."""
+    anat = make_run(tmp_path)
+    for path in anat.glob("*_part-*"):
+        path.rename(path.with_name(path.name.replace("part-mag", "part-real").replace("part-phase", "part-imag")))
+    with pytest.raises(NoInputError, match=r"The 4 image\(s\) stored as real and imaginary parts \(e.g. .*"
+                       r"sub-01_echo-1_part-imag_MEGRE.nii.gz\) are not read: convert each echo to magnitude") as err:
+        discover_runs(tmp_path)
+    assert err.value.exit_code == 66
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.10.0"}))
+    with pytest.raises(NoInputError) as err:  # without such images the message says nothing of them
+        discover_runs(tmp_path / "other")
+    assert "real and imaginary" not in str(err.value)

@@ -281,6 +281,17 @@ def _files_by_run(layout, query):
     return groups
 
 
+def _real_imaginary_hint(layout, query):
+    """A sentence naming the query's images stored as real and imaginary parts (part-real, part-imag), which qsmprep
+    does not read, with the fix; "" when there are none."""
+    found = layout.get(return_type="filename", **{**query, "part": ["real", "imag"]})
+    if not found:
+        return ""
+    return (f" The {len(found)} image(s) stored as real and imaginary parts (e.g. {sorted(found)[0]}) are not read: "
+            "convert each echo to magnitude |real + i imag| (part-mag) and phase atan2(imag, real) in radians "
+            "(part-phase, \"Units\": \"rad\").")
+
+
 def _gre_run(key, parts, entity_patterns):
     """The GRERun of one ``_files_by_run`` group, files in echo-time order (``entity_patterns``: for ``_file_key``)."""
     *values, suffix = key
@@ -345,7 +356,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
         raise NoInputError(
             f"no gradient-echo magnitude/phase images ({'/'.join(GRE_SUFFIXES)} with part-mag and part-phase)"
             f" found in {bids_dir}{where}: check the dataset and the --participant-label/--session-label/"
-            "--bids-filter-file options."
+            f"--bids-filter-file options.{_real_imaginary_hint(layout, query)}"
         )
     entity_patterns = {name: entity.pattern for name, entity in Config.load(PYBIDS_CONFIG).entities.items()}
     runs = [_gre_run(key, parts, entity_patterns) for key, parts in groups.items()]
