@@ -1,7 +1,7 @@
 """Accuracy of every dipole inversion: 2016 challenge data, simulated subjects, pipeline-made fields, scale invariance.
 
     python bench/accuracy.py [--part qsm2016 variants sim pipeline storage tiles wisnieff]
-                             [--methods tkd cfl2 ilsqr deep]
+                             [--methods tkd cfl2 ilsqr tv deep]
                              [--model NAME_OR_PATH ...] [--refine N ...] [--refine-lambda L ...]
                              [--refine-radius MM ...] [--refine-tv A ...] [--resolution-tolerance T ...]
                              [--data DIR] [--json OUT] [--figure PNG] [--scale-figure PNG] [--tiles-figure PNG]

@@ -67,8 +67,8 @@ example:
 def build_parser():
     p = argparse.ArgumentParser(
         prog="qsmprep-invert",
-        description="Susceptibility map (ppm) from a local (tissue) field map by TKD, closed-form L2, iLSQR "
-                    "or a trained network.",
+        description="Susceptibility map (ppm) from a local (tissue) field map by TKD, closed-form L2, iLSQR, "
+                    "total variation or a trained network.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
