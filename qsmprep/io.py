@@ -1,5 +1,6 @@
 """NIfTI reading and atomic writing, with errors that name the file and the fix."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -145,8 +146,9 @@ def nifti_values(path, what="image"):
     -------
     dict with ``shape`` (tuple), ``nonfinite`` (number of NaN or infinite
     voxels), ``min`` and ``max`` (of the finite values, scaled; None when
-    there are none) and ``integral`` (True when every finite value is a whole
-    number, as vendor integer phase is).
+    there are none), ``integral`` (True when every finite value is a whole
+    number, as vendor integer phase is) and ``digests`` (one per volume,
+    ``_volume_digests``: a copied volume has the same).
 
     Raises
     ------
@@ -179,7 +181,20 @@ def nifti_values(path, what="image"):
     else:
         low, high = sorted((float(values.min()) * slope + inter, float(values.max()) * slope + inter))
     return {"shape": tuple(int(n) for n in img.shape), "nonfinite": nonfinite, "min": low, "max": high,
-            "integral": integral}
+            "integral": integral, "digests": _volume_digests(raw, slope, inter)}
+
+
+def _volume_digests(raw, slope, inter):
+    """A digest of each 3D volume of ``raw``, in order, from its stored bytes, their type and scaling (``slope``,
+    ``inter``): a copy of a volume, in the same file or another, has the same digest, and volumes with the same
+    digest hold the same values. Copies are so found without holding two images in memory."""
+    volumes = [raw] if raw.ndim <= 3 else np.moveaxis(raw.reshape(raw.shape[:3] + (-1,), order="F"), -1, 0)
+    digests = []
+    for volume in volumes:  # equal bytes of another type or scaling are other values
+        digest = hashlib.blake2b(f"{raw.dtype} {slope} {inter}".encode(), digest_size=16)
+        digest.update(volume.tobytes(order="F"))
+        digests.append(digest.hexdigest())
+    return tuple(digests)
 
 
 def write_atomic(path, write, suffix=None):

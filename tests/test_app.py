@@ -380,8 +380,10 @@ def _tiny_dataset(root, units="rad"):
         for part in ("mag", "phase"):
             stem = anat / f"sub-01_echo-{echo}_part-{part}_MEGRE"
             low = 0.1 if part == "mag" else -3.0  # a magnitude, or a phase in rad spanning most of a cycle
-            ramp = np.linspace(low, 3.0, 512, dtype=np.float32).reshape(8, 8, 8)
-            nib.save(nib.Nifti1Image(ramp, np.diag([2.0, 2, 2, 1])), f"{stem}.nii.gz")
+            ramp = np.linspace(low, 3.0, 512, dtype=np.float32)
+            if part == "phase":
+                ramp = np.roll(ramp, echo)  # each echo's phase differs, as in data (two equal ones are refused)
+            nib.save(nib.Nifti1Image(ramp.reshape(8, 8, 8), np.diag([2.0, 2, 2, 1])), f"{stem}.nii.gz")
             meta = {"EchoTime": te, "MagneticFieldStrength": 3}
             if part == "phase" and units:
                 meta["Units"] = units
@@ -650,8 +652,28 @@ def _millitesla_sidecars(anat):
     return anat / "sub-01_echo-1_part-mag_MEGRE.json", ["MagneticFieldStrength 3000", "looks like millitesla"]
 
 
+def _echo_times_beside_one_echo(anat):
+    path = anat / "sub-01_echo-2_part-phase_MEGRE.json"
+    path.write_text(path.read_text().replace('"EchoTime": 0.008', '"EchoTime": [0.008, 0.012]'))
+    return path, ["an image of one echo needs exactly one EchoTime"]
+
+
+def _copied_phase(anat):
+    path = anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz"
+    shutil.copy(anat / "sub-01_echo-1_part-phase_MEGRE.nii.gz", path)
+    return path, ["sub-01_echo-1_part-phase_MEGRE.nii.gz", "copied or exported twice"]
+
+
+def _real_part_as_magnitude(anat):
+    path = anat / "sub-01_echo-1_part-mag_MEGRE.nii.gz"
+    nib.save(nib.Nifti1Image(np.linspace(-3.0, 3.0, 512, dtype=np.float32).reshape(8, 8, 8), np.diag([2.0, 2, 2, 1])),
+             str(path))
+    return path, ["a magnitude image is |z| and never negative", "the real part"]
+
+
 @pytest.mark.parametrize("breaks", [_nan_phase, _degrees_phase, _truncated_phase, _broken_sidecar, _listed_sidecar,
-                                    _millitesla_sidecars])
+                                    _millitesla_sidecars, _echo_times_beside_one_echo, _copied_phase,
+                                    _real_part_as_magnitude])
 def test_bad_input_data_exits_65_before_writing_anything(tmp_path, capsys, breaks):
     bids = _tiny_dataset(tmp_path / "bids")
     bad_file, texts = breaks(bids / "sub-01" / "anat")

@@ -13,15 +13,18 @@ from qsmprep.bids.derivatives import (MASK_NAME_END, bids_uri, processed_runs, r
 from qsmprep.bids.discovery import GRERun
 from qsmprep.bids.validation import acquisition_type
 from qsmprep.errors import DataError, NoInputError, UsageError
+from qsmprep.io import sidecar_path
 
 
-def _write_image(path, shape=(6, 6, 5), affine=None, meta=None):
+def _write_image(path, shape=(6, 6, 5), affine=None, meta=None, echo=0):
+    """A magnitude or phase image (by ``path``'s part) with its sidecar ``meta``; a phase is shifted by ``echo``
+    voxels, so that each echo's phase differs, as it does in data (two equal ones are refused)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     n = int(np.prod(shape))
     if (meta or {}).get("Units") == "arbitrary":  # vendor integers over the -4096..4095 range
-        data = np.round(np.linspace(-4096, 4095, n)).astype(np.float32).reshape(shape)
+        data = np.roll(np.round(np.linspace(-4096, 4095, n)), echo).astype(np.float32).reshape(shape)
     elif "_part-phase" in path.name:  # phase in rad, spanning most of a cycle as wrapped phase does
-        data = np.linspace(-3.0, 3.0, n, dtype=np.float32).reshape(shape)
+        data = np.roll(np.linspace(-3.0, 3.0, n, dtype=np.float32), echo).reshape(shape)
     else:  # a magnitude
         data = np.linspace(0.1, 3.0, n, dtype=np.float32).reshape(shape)
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
@@ -48,7 +51,7 @@ def make_run(root, sub="01", ses=None, entities="", echo_times=(0.004, 0.008), u
             if part == "phase" and units is not None:
                 meta["Units"] = units
             echo_ent = f"_echo-{echo}" if len(echo_times) > 1 or suffix == "MEGRE" else ""
-            _write_image(anat / f"{prefix}{echo_ent}_part-{part}_{suffix}.nii.gz", shape, meta=meta)
+            _write_image(anat / f"{prefix}{echo_ent}_part-{part}_{suffix}.nii.gz", shape, meta=meta, echo=echo)
     return anat
 
 
@@ -214,9 +217,9 @@ def test_disagreeing_or_invalid_field_strength_names_the_odd_sidecar(tmp_path):
     assert "MagneticFieldStrength -3 is not a field strength in tesla" in problem.message
 
 
-def _set_in_sidecars(anat, **fields):
-    """Add ``fields`` to every JSON sidecar of a run (None: remove the key)."""
-    for sidecar in anat.glob("*.json"):
+def _set_in_sidecars(anat, pattern="*.json", **fields):
+    """Add ``fields`` to every JSON sidecar of a run whose name matches ``pattern`` (None: remove the key)."""
+    for sidecar in anat.glob(pattern):
         meta = {**json.loads(sidecar.read_text()), **fields}
         sidecar.write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
 
@@ -322,6 +325,27 @@ def test_every_sidecar_with_echo_times_in_milliseconds_is_named(tmp_path):
     assert named == [f"sub-01_echo-{e}_part-{part}_MEGRE.nii.gz" for e in (1, 2) for part in ("mag", "phase")]
     assert [p.message.split(": EchoTime ")[1][:3] for p in problems if "echo-2" in p.file] == ["8.0", "8.0"]
     assert all("looks like milliseconds" in p.message for p in problems)
+
+
+@pytest.mark.parametrize("suffix", ["MEGRE", "T2starw"])
+@pytest.mark.parametrize("listed", [[0.008, 0.012], []])
+def test_a_list_of_echo_times_beside_an_image_of_one_echo_names_its_sidecar(tmp_path, suffix, listed):
+    """Two echo times beside one echo's image crashed (exit 70, IndexError); an empty list passed a T2starw run as
+    a single echo, which then failed in the brain mask node, and a MEGRE run was refused as a single echo naming
+    another file. A one-element list, read as its number, is accepted."""
+    anat = make_run(tmp_path, suffix=suffix)
+    _set_in_sidecars(anat, "*_echo-1_*.json", EchoTime=[0.004])
+    _set_in_sidecars(anat, "*_echo-2_*.json", EchoTime=listed)
+    valid, problems = validate_runs(discover_runs(tmp_path))
+    assert valid == [] and [Path(p.file).name for p in problems] == [
+        f"sub-01_echo-2_part-{part}_{suffix}.nii.gz" for part in ("mag", "phase")]
+    for problem in problems:
+        assert problem.message.startswith(f"{problem.file}: its JSON sidecar {sidecar_path(problem.file)} has "
+                                          f'"EchoTime": {listed}, but an image of one echo needs exactly one EchoTime, '
+                                          "in seconds")
+    _set_in_sidecars(anat, "*_echo-2_*.json", EchoTime=[0.008])
+    (run,), problems = validate_runs(discover_runs(tmp_path))
+    assert problems == [] and run.echo_times_s == (0.004, 0.008)
 
 
 def test_b0_override_and_single_echo_t2starw_are_accepted(tmp_path):
@@ -555,7 +579,7 @@ def test_phase_rescaled_in_every_echo_is_refused(tmp_path, units, low, high, dty
     or 1/pi, exit 0."""
     anat = make_run(tmp_path, units=units)
     for echo in (1, 2):
-        _write_data(anat / f"sub-01_echo-{echo}_part-phase_MEGRE.nii.gz", _ramp(low, high, dtype))
+        _write_data(anat / f"sub-01_echo-{echo}_part-phase_MEGRE.nii.gz", np.roll(_ramp(low, high, dtype), echo))
     valid, (problem,) = validate_runs(discover_runs(tmp_path))
     assert valid == [] and problem.file == str(anat / "sub-01_echo-1_part-phase_MEGRE.nii.gz")
     assert problem.message.startswith(f"sub-01: the phase of its 2 image(s) spans {low:g}..{high:g}, ")
@@ -595,6 +619,67 @@ def test_an_empty_echo_is_refused(tmp_path, part, value, text):
     valid, (problem,) = validate_runs(discover_runs(tmp_path))
     assert valid == [] and problem.file == str(bad)
     assert f"{bad} holds the single value {value:g} in every voxel, so it has {text}" in problem.message
+
+
+def test_the_phase_of_one_echo_copied_to_another_is_refused(tmp_path):
+    """Two echoes with one phase image (one copied or exported twice) gave a Chimap of round-off noise, exit 0, and a
+    report advising --invert-phase."""
+    anat = make_run(tmp_path, echo_times=(0.004, 0.008, 0.012))
+    first, third = (anat / f"sub-01_echo-{e}_part-phase_MEGRE.nii.gz" for e in (1, 3))
+    third.write_bytes(first.read_bytes())
+    valid, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert valid == [] and problem.file == str(third)
+    assert problem.message.startswith(f"sub-01: {third} holds the same phase, voxel for voxel, as {first}, though ")
+    assert "one echo was probably copied or exported twice" in problem.message
+    _write_data(third, np.roll(_ramp(-3, 3), 3).astype(np.float64))  # its own phase: accepted
+    (run,), problems = validate_runs(discover_runs(tmp_path))
+    assert problems == [] and run.echo_times_s == (0.004, 0.008, 0.012)
+
+
+def test_two_equal_echoes_of_a_4d_phase_file_are_refused(tmp_path):
+    make_run(tmp_path)  # for dataset_description.json
+    anat = tmp_path / "sub-02" / "anat"
+    meta = {"EchoTime": [0.004, 0.008], "MagneticFieldStrength": 3}
+    _write_image(anat / "sub-02_part-mag_T2starw.nii.gz", (6, 6, 5, 2), meta=meta)
+    phase = _write_image(anat / "sub-02_part-phase_T2starw.nii.gz", (6, 6, 5, 2), meta={**meta, "Units": "rad"})
+    (checked,), problems = validate_runs(discover_runs(tmp_path, participant_label=["02"]))
+    assert problems == [] and checked.multi_echo_4d
+    _write_data(phase, np.stack([_ramp(-3, 3)] * 2, axis=-1))
+    valid, (problem,) = validate_runs(discover_runs(tmp_path, participant_label=["02"]))
+    assert valid == [] and problem.file == str(phase)
+    assert problem.message.startswith(f"sub-02: volume 2 of {phase} holds the same phase, voxel for voxel, as "
+                                      f"volume 1 of {phase}, though ")
+
+
+def _real_part(shape=(6, 6, 5)):
+    """The real part of a complex image: a magnitude times the cosine of a phase that spans a cycle."""
+    return _ramp(0.1, 3.0, shape=shape) * np.cos(_ramp(-3, 3, shape=shape))
+
+
+def _round_off(shape=(6, 6, 5)):
+    """A magnitude with the negative values reconstruction filters leave: down to 5 % of the largest value, and one
+    voxel (under 1 % of the signal) down to 30 %."""
+    data = _ramp(0.1, 3.0, shape=shape)
+    data[0, :, 0] = -0.15
+    data[1, 1, 1] = -0.9
+    return data
+
+
+@pytest.mark.parametrize(("data", "share"), [(_real_part(), "33%"), (-_ramp(0.1, 3.0), "100%"), (_round_off(), None)])
+def test_a_magnitude_with_negative_signal_is_refused(tmp_path, data, share):
+    """The real part of a complex image exported as part-mag was processed: a poorer Chimap (122 % NRMSE instead of
+    67 %), exit 0. The small negative values of a filtered magnitude are accepted."""
+    anat = make_run(tmp_path)
+    bad = _write_data(anat / "sub-01_echo-1_part-mag_MEGRE.nii.gz", data)
+    valid, problems = validate_runs(discover_runs(tmp_path))
+    if share is None:
+        assert problems == [] and len(valid) == 1
+        return
+    (problem,) = problems
+    assert valid == [] and problem.file == str(bad)
+    assert problem.message.startswith(f"{bad}: {share} of its signal voxels (those beyond 10% of its largest absolute "
+                                      "value) are negative, but a magnitude image is |z| and never negative: the real "
+                                      "part (or another signed image) was probably exported as part-mag")
 
 
 def test_truncated_image_is_refused_before_processing(tmp_path):

@@ -484,6 +484,35 @@ def test_group_rows_list_runs_they_cannot_measure_and_flag_chimaps_without_contr
         assert rows[key]["chi_p1_ppm"] is None and rows[key]["tail_ratio"] is None
 
 
+def test_a_chimap_of_round_off_has_no_contrast_and_gets_no_polarity_advice(tmp_path, caplog):
+    """TKD of two echoes with one phase image gave a map of float32 round-off (1st to 99th percentile -4.4e-7 to
+    3.6e-7 ppm) whose tail ratio, 0.79, made the report, the log and the group table advise --invert-phase: it shows
+    no contrast, and has no tail ratio. A map whose percentiles are just over NO_CONTRAST_PPM apart has contrast."""
+    from qsmprep.reports.group import group_rows
+    from qsmprep.reports.report import no_contrast_reason
+
+    mask = _report_mask()
+    rng = np.random.default_rng(0)  # tissue around 0 ppm, and 5 % veins up to 0.3 ppm: tail ratio above 1
+    brain = mask * (rng.normal(0, 0.02, mask.shape) + 0.3 * rng.random(mask.shape) * (rng.random(mask.shape) < 0.05))
+    round_off = -2e-6 * brain  # under a micro-ppm, and its tails swapped: a tail ratio below 1
+    assert paramagnetic_tail_ratio(chimap_percentiles(round_off, mask)) is None
+    assert no_contrast_reason((-4.43e-7, 7e-9, 3.65e-7)) == ("its 1st and 99th percentiles in the brain mask, "
+                                                             "-4.43e-07 and 3.65e-07 ppm, are less than 0.0001 ppm "
+                                                             "apart (round-off, not tissue)")
+    assert no_contrast_reason((-6e-5, 0.0, 6e-5)) == ""
+    out = _derivatives(tmp_path / "out", {"sub-01": {"tkd": round_off, "cfl2": brain}})
+    rows = {row["method"]: row for row in group_rows(out, ["01"])}
+    assert rows["tkd"]["tail_ratio"] is None and rows["cfl2"]["tail_ratio"] > 1 and rows["cfl2"]["flags"] == ""
+    assert rows["tkd"]["flags"].startswith("no contrast: its 1st and 99th percentiles in the brain mask, ")
+    assert "polarity" not in rows["tkd"]["flags"]
+    anat = out / "sub-01" / "anat"
+    text = build_subject_report(out, "01", [{"name": "sub-01", "mask": anat / "sub-01_desc-brain_mask.nii.gz",
+                                             "chimaps": {m: anat / f"sub-01_desc-{m}_Chimap.nii.gz"
+                                                         for m in ("tkd", "cfl2")}}]).read_text()
+    assert text.count("Chimap shows no susceptibility contrast") == 1 and "The tkd Chimap shows no" in text
+    assert "positive tail is shorter" not in text and "positive tail is shorter" not in caplog.text
+
+
 def test_group_report_is_written_whole_or_refused_with_exit_73(tmp_path, recwarn):
     """A row per run without a tail ratio draws its figure without matplotlib's empty-legend warning; the TSV keeps
     each flag on one line; a table that cannot be written (a folder in its place) is a CantCreateError naming it,

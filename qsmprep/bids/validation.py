@@ -8,8 +8,9 @@ and left out unchecked. Checks, per run:
 - magnitude and phase images both present, one of each per echo (paired by
   the ``echo`` entity; an echo given twice, e.g. as .nii and .nii.gz, is
   reported with both files);
-- ``EchoTime`` in every sidecar, in seconds (> 0 and < 1), equal between the
-  magnitude and phase of one echo, and distinct between echoes;
+- ``EchoTime`` in every sidecar, in seconds (> 0 and at most 0.5 s), one number beside
+  an image of one echo (a list only beside a 4D file of every echo), equal
+  between the magnitude and phase of one echo, and distinct between echoes;
 - phase ``Units`` present and one of 'rad' / 'arbitrary';
 - one echo only for suffixes ``T2starw`` and ``GRE`` (single-echo GRE is a
   valid acquisition there); a ``MEGRE`` run with one echo is reported,
@@ -20,7 +21,10 @@ and left out unchecked. Checks, per run:
   (the proton frequency in MHz, within 10 % of ``MagneticFieldStrength``) or ``MagneticFieldStrength``;
 - the data of every image readable in full (not a truncated .nii.gz), with
   no NaN or infinite values, a magnitude that is not all zero and a phase
-  that is not one constant value;
+  that is not one constant value, nor the same as another echo's phase
+  (``_copied_phase_problem``);
+- a magnitude whose signal is not negative (``_negative_magnitude``: a real
+  part exported as part-mag) and that falls with echo time (``_magnitude_decay``);
 - phase values that fit the declared ``Units``: wrapped radians for 'rad'
   (not degrees, not vendor integers), signed vendor integers for 'arbitrary'
   (not unsigned 0..4095, not non-integer values), and over all echoes most
@@ -123,7 +127,14 @@ def _echo_times(run, problems):
         for file, meta in zip(files, metas):  # every sidecar is checked, so one run lists all that need fixing
             te = meta.get("EchoTime")
             values = te if isinstance(te, list) else [te]
-            if te is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            numeric = te is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if numeric and not run.multi_echo_4d and len(values) != 1:  # else the run has more echo times than images
+                report(file, f"{file}: its JSON sidecar {sidecar_path(file)} has \"EchoTime\": {te}, but an image of "
+                             "one echo needs exactly one EchoTime, in seconds: write this echo's own, e.g. "
+                             "\"EchoTime\": 0.02 (a list of echo times is for a 4D file holding every echo).")
+                unusable += 1
+                continue
+            if not numeric or not values:
                 report(file, f"{file}: no numeric EchoTime in its JSON sidecar {sidecar_path(file)}: add \"EchoTime\" "
                              "in seconds (a list of seconds for a 4D multi-echo file).")
                 unusable += 1
@@ -270,15 +281,31 @@ def _phase_span_problem(run, units, low, high):
             "as exported from the scanner.")
 
 
+def _copied_phase_problem(run, file, digests, seen):
+    """Why the phase volumes of ``file`` (their ``digests``) are not echoes of their own, or None: one holds the same
+    values as a volume seen before (``seen``: digest -> that volume's name; this file's are added). Each echo's phase
+    differs from the others' as the field acts for longer; two equal ones gave a Chimap of round-off noise."""
+    for k, digest in enumerate(digests):
+        volume = f"volume {k + 1} of {file}" if len(digests) > 1 else str(file)
+        if digest in seen:
+            return (f"{run.name}: {volume} holds the same phase, voxel for voxel, as {seen[digest]}, though each "
+                    "echo's phase differs as the field acts for longer: one echo was probably copied or exported "
+                    "twice; re-export the phase of every echo from the scanner.")
+        seen[digest] = volume
+    return None
+
+
 def _values(run, units, problems):
-    """Read every image of the run in full; report unreadable data, NaN, and phase that does not fit ``units``
-    (each file by ``_phase_range_problem``, the run's whole span by ``_phase_span_problem``).
+    """Read every image of the run in full; report unreadable data, NaN, phase that does not fit ``units``
+    (each file by ``_phase_range_problem``, the run's whole span by ``_phase_span_problem``) and the phase of two
+    echoes that is one image (``_copied_phase_problem``).
 
     Stops at the first problem (one message per run); returns True when all is well.
     """
     from ..io import nifti_values
 
     phase_low, phase_high = math.inf, -math.inf
+    phase_volumes = {}  # digest -> the phase volume first seen with it
     parts = [(f, "magnitude") for f in run.magnitude] + [(f, "phase") for f in run.phase]
     for file, part in parts:
         try:
@@ -300,6 +327,8 @@ def _values(run, units, problems):
             message = _phase_range_problem(file, units, values)
             if values["min"] is not None:
                 phase_low, phase_high = min(phase_low, values["min"]), max(phase_high, values["max"])
+        if part == "phase" and not message:
+            message = _copied_phase_problem(run, file, values["digests"], phase_volumes)
         if message:
             problems.append(Problem(run.subject, run.name, str(file), message))
             return False
@@ -425,23 +454,56 @@ def user_mask_for_run(run, mask):
     return None
 
 
-MAX_MAGNITUDE_RISE = 1.05
-"""Largest median ratio of the magnitude at one echo time to the previous one taken as T2* decay with noise."""
-
-
-def _magnitude_decay(run, echo_times, problems):
-    """Report a magnitude that rises with echo time: T2* decay makes it fall, so the EchoTime values do not
-    belong to their images (sidecars swapped or mislabelled), which would flip the field's sign silently."""
+def _magnitude_volumes(run, n_echoes):
+    """(volumes, files): the run's magnitude volume of each of its ``n_echoes`` echo times, in sidecar order, and the
+    file each came from."""
     import numpy as np
 
     from ..io import load_nifti, load_volume
 
     if run.multi_echo_4d:
-        volumes = np.moveaxis(load_nifti(run.magnitude[0], "magnitude image")[0], -1, 0)
-        files = list(run.magnitude) * len(echo_times)
-    else:
-        volumes = [load_volume(f, "magnitude image")[0] for f in run.magnitude]
-        files = list(run.magnitude)
+        data = load_nifti(run.magnitude[0], "magnitude image")[0]
+        return np.moveaxis(data.reshape(data.shape[:3] + (-1,)), -1, 0), list(run.magnitude) * n_echoes
+    return [load_volume(f, "magnitude image")[0] for f in run.magnitude], list(run.magnitude)
+
+
+MAGNITUDE_SIGNAL_LEVEL = 0.1
+"""Fraction of a magnitude image's largest absolute value beyond which a voxel is signal, not noise or the small
+negative values that filtering or interpolation can leave (their ringing overshoots an edge by about 9 %)."""
+
+MAX_NEGATIVE_SIGNAL_SHARE = 0.05
+"""Largest share of a magnitude's signal voxels (``MAGNITUDE_SIGNAL_LEVEL``) that may be negative. A magnitude |z|
+has none; the real part of a complex image exported as part-mag had 62 % and 76 % (the two echoes of a simulated
+head), and its TKD Chimap had 122 % NRMSE instead of 67 %."""
+
+
+def _negative_magnitude(run, volumes, files, problems):
+    """Report a magnitude image with clearly negative signal: a magnitude is never negative, and the mask and the
+    echo weighting read such an image as it is, giving a poor map without a word."""
+    import numpy as np
+
+    for volume, file in zip(volumes, files):
+        size = np.abs(volume)
+        level = MAGNITUDE_SIGNAL_LEVEL * float(size.max())
+        share = np.count_nonzero(volume < -level) / max(np.count_nonzero(size > level), 1)
+        if share > MAX_NEGATIVE_SIGNAL_SHARE:
+            problems.append(Problem(run.subject, run.name, str(file), (
+                f"{file}: {share:.0%} of its signal voxels (those beyond {MAGNITUDE_SIGNAL_LEVEL:.0%} of its largest "
+                "absolute value) are negative, but a magnitude image is |z| and never negative: the real part (or "
+                "another signed image) was probably exported as part-mag; export the magnitude of each echo.")))
+            return
+
+
+MAX_MAGNITUDE_RISE = 1.05
+"""Largest median ratio of the magnitude at one echo time to the previous one taken as T2* decay with noise."""
+
+
+def _magnitude_decay(run, echo_times, volumes, files, problems):
+    """Report a magnitude (``volumes`` of ``files``, ``_magnitude_volumes``) that rises with echo time: T2* decay
+    makes it fall, so the EchoTime values do not belong to their images (sidecars swapped or mislabelled), which
+    would flip the field's sign silently."""
+    import numpy as np
+
     by_te = sorted(range(len(echo_times)), key=echo_times.__getitem__)  # a 4D file's list may run backwards
     signal = volumes[by_te[0]] > np.median(volumes[by_te[0]])  # tissue, not air
     for k, later in zip(by_te, by_te[1:]):
@@ -524,8 +586,11 @@ def validate_run(run, b0_tesla=None, mask=None):
     grid = _grid(run, len(echo_times), problems) if echo_times is not None else None
     if grid is not None:
         _values(run, units, problems)
-    if grid is not None and not problems and len(echo_times) > 1:
-        _magnitude_decay(run, echo_times, problems)
+    if grid is not None and not problems:
+        volumes, files = _magnitude_volumes(run, len(echo_times))
+        _negative_magnitude(run, volumes, files, problems)
+        if not problems and len(echo_times) > 1:
+            _magnitude_decay(run, echo_times, volumes, files, problems)
     b0, b0_source = _b0_tesla(run, b0_tesla, problems)
     mask_file = None
     if mask is not None and grid is not None:

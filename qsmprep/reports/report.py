@@ -184,7 +184,8 @@ def chimap_percentiles(chi, mask):
 
 def paramagnetic_tail_ratio(percentiles):
     """How far a Chimap's positive tail reaches against its negative one, from its ``chimap_percentiles``:
-    (99th percentile - median) / (median - 1st percentile), or None when there are none or the map is flat.
+    (99th percentile - median) / (median - 1st percentile), or None for a map without contrast
+    (``no_contrast_reason``), whose tails are noise, or without a negative tail.
 
     Veins and iron-rich deep grey matter are strongly paramagnetic and few brain tissues strongly diamagnetic, so a
     brain's positive tail is the longer: 1.37-1.61 on the 2016 challenge data by TKD, CFL2 and the deep model (2.00
@@ -192,7 +193,7 @@ def paramagnetic_tail_ratio(percentiles):
     polarity has the tails swapped (the 2016 deep map of the negated field: 0.57), so a ratio below
     ``POLARITY_WARNING_RATIO`` makes the report warn (docs/outputs.md, The report).
     """
-    if percentiles is None:
+    if no_contrast_reason(percentiles):
         return None
     low, median, high = percentiles
     return (high - median) / (median - low) if median > low else None
@@ -215,18 +216,30 @@ def polarity_warning(method, ratio, inverted):
             "thin slab): compare with the other inversions.")
 
 
+NO_CONTRAST_PPM = 1e-4
+"""Spread of a Chimap in the brain mask (99th minus 1st percentile, ppm) below which it shows no contrast: a brain's
+is about 0.15 ppm (-0.05 to 0.1), over 1000 times more, while TKD of two echoes with one phase image (a local field
+of zeros but for float32 round-off) gave 8e-7 ppm, over 100 times less, and its tail ratio of 0.79 made the report
+advise --invert-phase."""
+
+
 def no_contrast_reason(percentiles):
     """Why a Chimap shows no susceptibility contrast in the brain mask, from its ``chimap_percentiles``, or "" when
-    it does: an empty mask, values that are not finite, or equal 1st and 99th percentiles, as in the map of zeros a
-    step that lost the signal leaves (a local field of zeros, as V-SHARP radii smaller than a voxel gave before they
-    were refused, ``check_high_pass_radius``). Such a map has no tail ratio, so ``polarity_warning`` says nothing
-    of it."""
+    it does: an empty mask, values that are not finite, or 1st and 99th percentiles within ``NO_CONTRAST_PPM``, as
+    in the map of zeros, or of round-off, that a step which lost the signal leaves (a local field of zeros, as
+    V-SHARP radii smaller than a voxel gave before they were refused, ``check_high_pass_radius``). Such a map has no
+    tail ratio, so ``polarity_warning`` says nothing of it."""
     if percentiles is None:
         return "the brain mask is empty"
     low, _, high = percentiles
     if not np.all(np.isfinite(percentiles)):
         return "it holds values that are not finite (NaN or infinite) in the brain mask"
-    return "" if high > low else f"its 1st and 99th percentiles in the brain mask are both {low:.3g} ppm"
+    if high - low >= NO_CONTRAST_PPM:
+        return ""
+    if high == low:
+        return f"its 1st and 99th percentiles in the brain mask are both {low:.3g} ppm"
+    return (f"its 1st and 99th percentiles in the brain mask, {low:.3g} and {high:.3g} ppm, are less than "
+            f"{NO_CONTRAST_PPM:g} ppm apart (round-off, not tissue)")
 
 
 def no_contrast_warning(method, percentiles):
