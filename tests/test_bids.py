@@ -135,6 +135,11 @@ def test_no_input_and_bad_filter_file(tmp_path):
         ({"acq": "fast"}, ["'acq' (did you mean 'acquisition'?)", "use the full entity names"]),
         ({"extension": ".json"}, ["filters on 'extension' with values outside qsmprep's own query", "choose among"]),
         ({"part": ["mag", "real"], "suffix": "MEGRE"}, ["filters on 'part' with values outside qsmprep's own query"]),
+        # pybids reads an empty list as no filter: every run was processed
+        ({"acquisition": [], "run": 1}, ["filters on 'acquisition' with an empty list, which would select every run"]),
+        # one part alone: each run was then refused as data without a phase, blaming the data, not the filter
+        ({"part": "mag"}, ["filters on 'part' 'mag', but every run needs its magnitude and its phase images"]),
+        ({"part": ["phase"]}, ["filters on 'part' ['phase'], but every run", "remove 'part' from the filter"]),
     ],
 )
 def test_filter_file_entities_pybids_does_not_know_or_qsmprep_sets_are_refused(tmp_path, entities, texts):
@@ -145,6 +150,22 @@ def test_filter_file_entities_pybids_does_not_know_or_qsmprep_sets_are_refused(t
     assert err.value.exit_code == 64
     assert str(err.value).startswith(f"BIDS filter file {bad} filters on ")
     assert all(text in str(err.value) for text in texts)
+
+
+def test_a_filter_file_label_the_dataset_lacks_is_refused_as_participant_label_is(tmp_path):
+    """{"subject": ["01", "2"]} processed sub-01 alone, exit 0, where --participant-label 01 2 exits 66."""
+    make_run(tmp_path, sub="01", ses="a")
+    make_run(tmp_path, sub="02", ses="a")
+    for filters, text in (({"subject": ["01", 2]}, "the --bids-filter-file's subject '2' not found in "
+                                                  f"{tmp_path.absolute()} (its subject labels: 01, 02): check the "
+                                                  "filter file."),
+                          ({"subject": "sub-01"}, "subject 'sub-01' not found"),
+                          ({"session": ["a", "b"]}, "session 'b' not found in")):
+        with pytest.raises(NoInputError) as err:
+            discover_runs(tmp_path, bids_filters=filters)
+        assert err.value.exit_code == 66 and text in str(err.value)
+    assert [r.subject for r in discover_runs(tmp_path, bids_filters={"subject": ["01", "02"], "session": "a"})] == [
+        "01", "02"]
 
 
 def test_four_d_multi_echo_files(tmp_path):

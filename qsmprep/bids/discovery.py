@@ -156,12 +156,20 @@ def _check_filter_entities(path, filters):
         named = [f"{key!r} (did you mean {full_names[key]!r}?)" if key in full_names else repr(key) for key in unknown]
         raise UsageError(f"BIDS filter file {path} filters on {', '.join(named)}, which pybids does not know as "
                          f"entities: use the full entity names, one of {allowed}.")
+    empty = sorted(key for key, value in filters.items() if value == [])
+    if empty:  # pybids reads an empty list as no filter at all, so every run would be processed
+        raise UsageError(f"BIDS filter file {path} filters on {', '.join(map(repr, empty))} with an empty list, "
+                         "which would select every run: give the value(s) to keep, or remove the key.")
     widened = sorted(key for key in set(filters) & set(GRE_QUERY) if not _narrows(filters[key], GRE_QUERY[key]))
     if widened:
         query = "; ".join(f"{key} {'/'.join(values)}" for key, values in GRE_QUERY.items())
         raise UsageError(f"BIDS filter file {path} filters on {', '.join(map(repr, widened))} with values outside "
                          f"qsmprep's own query ({query}): choose among those (e.g. {{\"suffix\": \"MEGRE\"}}), or "
                          f"filter on other entities, one of {allowed}.")
+    parts = filters.get("part", GRE_QUERY["part"])
+    if set(parts if isinstance(parts, list) else [parts]) != set(GRE_QUERY["part"]):  # each run needs both parts
+        raise UsageError(f"BIDS filter file {path} filters on 'part' {parts!r}, but every run needs its magnitude "
+                         "and its phase images (part-mag and part-phase): remove 'part' from the filter.")
 
 
 def _narrows(value, own_values):
@@ -243,6 +251,19 @@ def _echo_sort_key(item):
     te = meta.get("EchoTime")
     numeric_te = isinstance(te, (int, float)) and not isinstance(te, bool)
     return (0 if numeric_te else 1, float(te) if numeric_te else 0.0, _echo_number(entities), path)
+
+
+def _check_filter_labels(filters, layout, bids_dir):
+    """Raise NoInputError when a ``--bids-filter-file`` names a subject or session label ``bids_dir`` lacks (e.g.
+    "2" for "02"), as ``--participant-label`` does: pybids would select nothing for it, and drop it without a word."""
+    for entity, present in (("subject", layout.get_subjects()), ("session", layout.get_sessions())):
+        value = filters.get(entity)
+        labels = {str(v) for v in (value if isinstance(value, list) else [value]) if v is not None}
+        missing = sorted(labels - set(present))
+        if missing:
+            raise NoInputError(f"the --bids-filter-file's {entity} {', '.join(map(repr, missing))} not found in "
+                               f"{bids_dir} (its {entity} labels: {', '.join(sorted(present)) or 'none'}): check "
+                               "the filter file.")
 
 
 def _restricted_to_labels(query, layout, bids_dir, participant_label, session_label):
@@ -348,6 +369,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
         if problem is None:
             raise
         raise problem from exc
+    _check_filter_labels(bids_filters or {}, layout, bids_dir)
     query = _restricted_to_labels({**GRE_QUERY, **(bids_filters or {})}, layout, bids_dir, participant_label,
                                   session_label)
     groups = _files_by_run(layout, query)
