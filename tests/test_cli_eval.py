@@ -242,3 +242,20 @@ def test_calcification_without_surroundings_is_refused(files, maps, tmp_path, ca
     out = tmp_path / "metrics.json"
     code, err = _error_run(_args(files, "--labels", big, "--calc-label", 11, "--json", out), capsys)
     assert code == 65 and "no surrounding tissue" in err and not out.exists()
+
+
+def test_maps_in_different_units_are_warned_about(files, maps, capsys, caplog):
+    """A map in ppb scored against one in ppm gave NRMSE 102027 % without a word."""
+    recon, ref, mask, labels = maps
+    assert main(_args(files)) == 0 and "are both in ppm" not in caplog.text  # 0.8 ref + noise: one unit
+    capsys.readouterr()
+    save_nifti(files["chi"], 1000 * recon, AFFINE, dtype=np.float32)
+    assert main(_args(files, "--json", "-")) == 0
+    assert json.loads(capsys.readouterr().out)["nrmse_pct"] > 1e4  # the metrics are still given
+    warning = caplog.records[-1]
+    assert warning.levelname == "WARNING" and re.match(  # 0.8 x 1000, and the noise
+        rf"{re.escape(str(files['chi']))} spreads 8\d\d times as far as {re.escape(str(files['ref']))} inside the mask "
+        r"\(1st to 99th percentile: 2\d\d against 0.3\d+\): are both in ppm\?", warning.getMessage())
+    save_nifti(files["chi"], recon / 200, AFFINE, dtype=np.float32)  # the other way round
+    caplog.clear()
+    assert main(_args(files)) == 0 and re.search(r"spreads 0.004\d* times as far", caplog.text)
