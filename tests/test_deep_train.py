@@ -4,7 +4,9 @@ identically, runs are deterministic and resumable, and qsmprep-train lists its r
 import csv
 import logging
 import math
+import os
 import re
+import signal
 
 import nibabel as nib
 import numpy as np
@@ -18,8 +20,8 @@ from qsmprep.deep.recipes import list_recipes, load_recipe, validate_recipe
 from qsmprep.deep.registry import load_model, read_tensors
 from qsmprep.deep import trainer as trainer_module
 from qsmprep.deep.trainer import (
-    TargetDomainFields, Trainer, learning_rate, make_optimizer, optimizer_tensors, progress_line, restore_optimizer,
-    train,
+    TargetDomainFields, Trainer, check_validation_set, learning_rate, make_optimizer, optimizer_tensors, progress_line,
+    restore_optimizer, train,
 )
 from qsmprep.errors import NoInputError, QSMPrepError, UsageError
 
@@ -348,6 +350,87 @@ def test_a_refused_run_leaves_no_folder(tmp_path):
     assert not (tmp_path / "gone").exists()
 
 
+def test_cli_resume_without_a_checkpoint_says_how_to_start(capsys, tmp_path):
+    out = tmp_path / "none"
+    assert train_main(["smoke", "--out", str(out), "--device", "cpu", "--resume"]) == 66
+    assert capsys.readouterr().err == (f"qsmprep-train: error: --resume: {out} holds no checkpoint.safetensors to "
+                                       "continue from: run without --resume to start a new run there, or give the "
+                                       "--out of the run to continue.\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override", ["data.patterns.amplitude_ppm=0", "data.patterns.n_structures=[0, 0]"])
+def test_cli_refuses_data_without_contrast_before_training(capsys, tmp_path, monkeypatch, override):
+    """The audit's case: validation failed only at the first validation (val_every steps in), leaving the logs."""
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("a step was trained"))
+    out = tmp_path / "run"
+    assert train_main(["smoke", "--out", str(out), "--device", "cpu", "--set", override]) == 64
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "[data.patterns] amplitude_ppm" in err, err
+    assert not out.exists()
+
+
+def test_check_validation_set_names_the_generators_keys():
+    flat = {"chi": torch.zeros(1, 6, 6, 6), "mask": torch.ones(1, 6, 6, 6)}
+    edge = {"chi": torch.zeros(1, 6, 6, 6), "mask": torch.ones(1, 6, 6, 6)}
+    edge["chi"][0, 0] = 0.1  # contrast only in the slice a crop margin of 1 cuts away
+    check_validation_set([flat, edge], 0, {})
+    with pytest.raises(UsageError) as exc:
+        check_validation_set([flat, edge], 1, {"generator": {"analytic": 1.0, "brain": 0.0}})
+    assert str(exc.value) == ("none of the 2 validation samples of the recipe's [data] has susceptibility contrast "
+                              "inside its mask: check [data.analytic] chi_max_ppm, n_spheres and n_cylinders, or "
+                              "raise [train] val_samples.")
+
+
+def _signal_at_step(monkeypatch, signum, step):
+    """Make ``signum`` arrive, as from ``kill``, right after training step ``step``."""
+    real = trainer_module._timed_step
+
+    def step_then_signal(trainer, batch_size):
+        row = real(trainer, batch_size)
+        if trainer.step == step:
+            os.kill(os.getpid(), signum)
+        return row
+
+    monkeypatch.setattr(trainer_module, "_timed_step", step_then_signal)
+
+
+def test_cli_stopped_by_a_signal_says_how_to_continue(capsys, tmp_path, monkeypatch):
+    """Ctrl-C gave a KeyboardInterrupt traceback, and SIGTERM ended the process without a word."""
+    out, quick = tmp_path / "run", ["--device", "cpu", "--set", "train.val_every=2", "--max-steps", "6"]
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    _signal_at_step(monkeypatch, signal.SIGTERM, 3)
+    assert train_main(["smoke", "--out", str(out), *quick]) == 143
+    assert capsys.readouterr().err == (f"qsmprep-train: stopped by SIGTERM; the last checkpoint in {out} is of step 2: "
+                                       "run the same command with --resume to continue from it.\n")
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+    monkeypatch.undo()
+    assert train_main(["smoke", "--out", str(out), "--resume", *quick]) == 0
+    assert read_tensors(out / "checkpoint.safetensors")[1]["step"] == 6
+    # before the first checkpoint nothing is kept: no --out holding logs that --resume cannot continue
+    _signal_at_step(monkeypatch, signal.SIGINT, 1)
+    assert train_main(["smoke", "--out", str(tmp_path / "early"), *quick]) == 130
+    assert capsys.readouterr().err == ("qsmprep-train: stopped by SIGINT before the first checkpoint (saved every "
+                                       "train.val_every steps), so nothing was kept: run the same command again to "
+                                       "start afresh.\n")
+    assert not (tmp_path / "early").exists()
+
+
+def test_a_generator_table_the_recipe_does_not_use_is_warned_of(caplog):
+    with caplog.at_level(logging.WARNING, logger="qsmprep.deep.recipes"):
+        load_recipe("smoke", ["data.analytic.n_spheres=[5, 9]"])
+        assert caplog.messages == ["smoke: [data.analytic] n_spheres has no effect: this recipe's [data] generator is "
+                                   "'patterns', which does not draw from analytic."]
+        caplog.clear()
+        load_recipe("cfl2unet", ["data.generator={patterns = 1, analytic = 0}", "data.analytic.n_spheres=[5, 9]"])
+        assert "[data.analytic] n_spheres has no effect" in caplog.text  # a weight of 0 draws nothing
+        caplog.clear()
+        load_recipe("cfl2unet", ["data.generator={patterns = 1, analytic = 1}", "data.analytic.n_spheres=[5, 9]"])
+        load_recipe("jochmann", ["data.patterns.amplitude_ppm=0.05"])
+        load_recipe("qsminvnet", ['data.generator="patterns"', "data.brain.rotation_deg=5"])  # the target domain's
+    assert caplog.messages == []
+
+
 @pytest.mark.parametrize(("name", "override", "words"), [
     # the audit's cases: once tracebacks deep in training, or (lr=inf) a "diverged" data error after training
     ("jochmann", "augment.amplitude=nan", "[augment] amplitude must be a range [low, high] with low <= high"),
@@ -365,6 +448,8 @@ def test_a_refused_run_leaves_no_folder(tmp_path):
     ("smoke", "data.b0_dir=[1, 0, 0]", "[data] b0_dir must be [0, 0, 1]"),
     ("smoke", "data.blur=1", "unknown [data] key(s) ['blur']; known: ["),
     ("smoke", "data.patterns={large_share = 1.5}", "[data.patterns] large_share must be a probability in [0, 1]"),
+    ("smoke", "data.patterns.amplitude_ppm=0", "[data.patterns] amplitude_ppm must be a positive number, got 0"),
+    ("siqsm", "data.analytic.chi_max_ppm=0", "[data.analytic] chi_max_ppm must be a positive number, got 0"),
     ("smoke", "data.patterns={n_structures = [48, 16]}", "[data.patterns] n_structures must be a range"),
     ("smoke", 'data.patterns={shapes = ["star"]}', "[data.patterns] shapes must be a non-empty list"),
     ("smoke", "data.brain={sigma = 1}", "unknown [data.brain] key(s) ['sigma']"),

@@ -7,11 +7,14 @@
 
 RECIPE is a TOML file or the name of a shipped recipe (``--list`` shows them).
 Writes checkpoint.safetensors (+ .json), best.safetensors, optimizer.safetensors,
-losses.csv, validation.csv and losses.png to DIR.
+losses.csv, validation.csv and losses.png to DIR.  Ctrl-C (SIGINT) or SIGTERM stops
+it with one line naming the last checkpoint saved, exit 130 or 143.
 """
 
 import argparse
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from qsmprep.cli.common import finite_float
@@ -43,9 +46,54 @@ def build_parser():
     return parser
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and ``kill``, ``docker stop`` or a scheduler's time limit: both stop training (``stopped_by_signals``)."""
+
+
+class Stopped(KeyboardInterrupt):
+    """One of ``STOP_SIGNALS`` arrived. A KeyboardInterrupt, so that code which lets Ctrl-C through (a DataLoader
+    worker, the trainer's clean-up) lets SIGTERM through too."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stopped_by_signals():
+    """Raise ``Stopped`` on SIGINT or SIGTERM (whose default would end the process without a word); the handlers
+    replaced are restored after. A signal the parent process ignores (nohup, a script's background job) stays
+    ignored."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    replaced = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+
+
+def stopped_message(signum, out):
+    """The line for a run stopped by ``signum``: the checkpoint ``out`` holds, and how to go on."""
+    from qsmprep.deep import read_metadata
+    from qsmprep.errors import QSMPrepError
+
+    name = signal.Signals(signum).name
+    try:
+        step = read_metadata(out / "checkpoint.safetensors")["step"]
+    except QSMPrepError:  # none saved yet: the trainer removed what the run wrote
+        return (f"stopped by {name} before the first checkpoint (saved every train.val_every steps), so nothing was "
+                "kept: run the same command again to start afresh.")
+    return (f"stopped by {name}; the last checkpoint in {out} is of step {step}: run the same command with --resume "
+            "to continue from it.")
+
+
 def run(args):
     """Execute parsed arguments; returns the exit code."""
-    from qsmprep.deep.recipes import list_recipes, load_recipe
+    from qsmprep.deep.recipes import list_recipes
 
     if args.list:
         for name, description in list_recipes():
@@ -53,6 +101,24 @@ def run(args):
         return 0
     if not args.recipe or not args.out:
         raise UsageError("give a RECIPE and --out DIR (or --list to see the shipped recipes).")
+    try:
+        with stopped_by_signals():
+            result = train_from_args(args)
+    except Stopped as exc:
+        sys.stderr.write(f"qsmprep-train: {stopped_message(exc.signum, Path(args.out))}\n")
+        return 128 + exc.signum
+    metrics = result["validation"]
+    sys.stdout.write(
+        f"step {result['step']}: validation NRMSE {metrics.get('nrmse', float('nan')):.1f}%, "
+        f"HFEN {metrics.get('hfen', float('nan')):.1f}%; checkpoint {result['checkpoint']}\n"
+    )
+    return 0
+
+
+def train_from_args(args):
+    """Check the options, load the recipe and train; returns ``qsmprep.deep.trainer.train``'s result."""
+    from qsmprep.deep.recipes import load_recipe
+
     recipe = load_recipe(args.recipe, args.overrides)
     if args.target_domain:
         if "domain" not in recipe:
@@ -69,15 +135,9 @@ def run(args):
 
     torch_on_all_cores()
 
-    result = train(
+    return train(
         recipe, args.out, device=args.device, max_steps=args.max_steps, max_minutes=args.max_minutes, resume=args.resume
     )
-    metrics = result["validation"]
-    sys.stdout.write(
-        f"step {result['step']}: validation NRMSE {metrics.get('nrmse', float('nan')):.1f}%, "
-        f"HFEN {metrics.get('hfen', float('nan')):.1f}%; checkpoint {result['checkpoint']}\n"
-    )
-    return 0
 
 
 def main(argv=None):

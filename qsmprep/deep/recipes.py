@@ -9,6 +9,7 @@ Sections (see docs/deep/models-and-training.md): ``[model]`` arch + params,
 
 import copy
 import functools
+import logging
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,8 @@ from qsmprep.checks import (
 )
 from qsmprep.errors import NoInputError, UsageError
 from qsmprep.io import read_text_utf8
+
+log = logging.getLogger(__name__)
 
 REQUIRED_SECTIONS = ("model", "data", "augment", "loss", "optim", "train")
 OPTIONAL_SECTIONS = ("adversarial", "domain")
@@ -85,7 +88,9 @@ def load_recipe(name_or_path, overrides=()):
         raise UsageError(f"recipe {name_or_path} is not valid TOML ({exc}): fix the file.") from exc
     for override in overrides:
         _apply_override(recipe, override)
-    return validate_recipe(recipe, source=text_source)
+    recipe = validate_recipe(recipe, source=text_source)
+    _warn_unused_generator_tables(recipe, text_source)
+    return recipe
 
 
 def _apply_override(recipe, override):
@@ -179,14 +184,14 @@ def library_checks():
             **{name: TABLE for name in GENERATORS},
         },
         "data.patterns": {  # qsmprep.deep.generators.random_patterns_chi
-            "border_vox": COUNT, "large_share": PROBABILITY, "n_structures": count_range, "amplitude_ppm": NON_NEGATIVE,
+            "border_vox": COUNT, "large_share": PROBABILITY, "n_structures": count_range, "amplitude_ppm": POSITIVE,
             "large_size": positive_range, "small_size": positive_range, "blur_mm": value_range(NON_NEGATIVE),
             "texture_share": PROBABILITY,
             "shapes": (f"a non-empty list of {list(PATTERN_SHAPES)}",
                        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(s in PATTERN_SHAPES for s in v)),
         },
         "data.analytic": {  # qsmprep.deep.generators.analytic_spheres_cylinders
-            "n_spheres": count_range, "n_cylinders": count_range, "chi_max_ppm": NON_NEGATIVE,
+            "n_spheres": count_range, "n_cylinders": count_range, "chi_max_ppm": POSITIVE,
             "sphere_radius_mm": positive_range, "cylinder_radius_mm": positive_range,
         },
         "data.brain": {  # qsmprep.deep.generators.brain_like_sample
@@ -205,6 +210,25 @@ def library_checks():
         },
         "loss term": {**loss_options, "weight": NON_NEGATIVE},
     }
+
+
+def active_generators(data):
+    """The generators a [data] table draws samples from: its ``generator``, or those of positive weight."""
+    generator = data.get("generator", "patterns")
+    return [generator] if isinstance(generator, str) else [name for name, weight in generator.items() if weight > 0]
+
+
+def _warn_unused_generator_tables(recipe, source):
+    """Warn of each key of a [data.<generator>] table that the recipe's generators leave unused (as the pipeline
+    warns of a parameters-file table for a method it does not run): it changes nothing but the stored recipe."""
+    used = active_generators(recipe["data"])
+    if "domain" in recipe and recipe["domain"].get("source", "simulated") == "simulated":
+        used.append("brain")  # QSMInvNet+'s simulated target fields are brain-like samples
+    generator = recipe["data"].get("generator", "patterns")
+    for name, table in recipe["data"].items():
+        if name != "generator" and isinstance(table, dict) and table and name not in used:
+            log.warning("%s: [data.%s] %s has no effect: this recipe's [data] generator is %r, which does not draw "
+                        "from %s.", source, name, ", ".join(table), generator, name)
 
 
 def _check_loss(loss, where, source):

@@ -39,7 +39,7 @@ from qsmprep.deep.losses import (
     build_loss, tanh_target, wgan_generator_loss, wgan_gp_critic_loss,
 )
 from qsmprep.deep.models import QSMGANCritic, build_model
-from qsmprep.deep.recipes import validate_recipe
+from qsmprep.deep.recipes import active_generators, validate_recipe
 from qsmprep.deep.registry import load_model, read_tensors, save_checkpoint, save_tensors
 from qsmprep.errors import DataError, NoInputError, UsageError
 from qsmprep.metrics import hfen, nrmse
@@ -107,6 +107,26 @@ def _stacked(samples):
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
+def _scorable(chi, mask):
+    """Whether NRMSE and HFEN can score a sample: a mask of two voxels or more, with chi contrast inside."""
+    return mask.sum() >= 2 and np.ptp(chi[mask > 0]) > 0
+
+
+STRUCTURE_KEYS = {"patterns": "amplitude_ppm and n_structures", "analytic": "chi_max_ppm, n_spheres and n_cylinders",
+                  "brain": "contrast_scale and contrast_offset_ppm"}
+"""The keys of each generator's [data.<generator>] table that decide whether its samples hold any contrast."""
+
+
+def check_validation_set(samples, crop_margin, data_cfg):
+    """Raise UsageError, naming the likely [data] keys, when no validation sample can be scored (``validation_scores``
+    would fail at the first validation, after training ``val_every`` steps for nothing)."""
+    m = crop_margin
+    if not any(_scorable(_crop(s["chi"], m)[0].numpy(), _crop(s["mask"], m)[0].numpy()) for s in samples):
+        keys = "; ".join(f"[data.{name}] {STRUCTURE_KEYS[name]}" for name in active_generators(data_cfg))
+        raise UsageError(f"none of the {len(samples)} validation samples of the recipe's [data] has susceptibility "
+                         f"contrast inside its mask: check {keys}, or raise [train] val_samples.")
+
+
 @torch.no_grad()
 def validation_scores(model, samples, device="cpu"):
     """Mean NRMSE and HFEN (%, demeaned in the mask) of ``model`` on ``samples``.
@@ -131,7 +151,7 @@ def validation_scores(model, samples, device="cpu"):
         chi = model(batch["field"], mask=batch["mask"], voxel_size=batch["voxel_size"], domain=0).float()
         ref = _crop(batch["chi"], m)[0, 0].cpu().numpy()
         mask = _crop(batch["mask"], m)[0, 0].cpu().numpy()
-        if mask.sum() < 2 or np.ptp(ref[mask > 0]) == 0:
+        if not _scorable(ref, mask):
             continue
         pred = chi[0, 0].cpu().numpy()
         scores.append((nrmse(pred, ref, mask), hfen(pred, ref, mask)))
@@ -315,8 +335,11 @@ class Trainer:
     # -- data ---------------------------------------------------------------
     def start_data(self):
         tr = self.recipe["train"]
+        # first: a [data] without contrast is refused before any step is trained or data worker started
+        self.validation = build_validation_set(self.recipe["data"], int(tr["val_samples"]), self.seed + VALIDATION_SEED_OFFSET)
+        check_validation_set(self.validation, self.model.crop_margin, self.recipe["data"])
         self.target = None
-        if self.domain:  # first: a bad --target-domain is refused before data workers start
+        if self.domain:  # a bad --target-domain is refused before the training data workers start
             self.target = TargetDomainFields(self.domain, self.recipe["data"], self.seed + self.step, int(tr["num_workers"]))
         dataset = build_dataset(self.recipe["data"], self.recipe["augment"], self.seed + self.step)
         loader = DataLoader(
@@ -327,7 +350,6 @@ class Trainer:
             persistent_workers=int(tr["num_workers"]) > 0,
         )
         self.batches = iter(loader)
-        self.validation = build_validation_set(self.recipe["data"], int(tr["val_samples"]), self.seed + VALIDATION_SEED_OFFSET)
 
     def next_batch(self):
         batch = _to(next(self.batches), self.device)
@@ -431,6 +453,9 @@ class Trainer:
 
     def restore(self):
         """Load the latest checkpoint and optimiser state from ``out_dir``; returns the step."""
+        if not (self.out / "checkpoint.safetensors").is_file():
+            raise NoInputError(f"--resume: {self.out} holds no checkpoint.safetensors to continue from: run without "
+                               "--resume to start a new run there, or give the --out of the run to continue.")
         tensors, meta = read_tensors(self.out / "checkpoint.safetensors", self.device)
         self._check_same_network(self.out / "checkpoint.safetensors", meta, "resume with the recipe it was trained with, "
                                  "or choose a new --out")
@@ -495,6 +520,51 @@ def _validate_and_save(trainer, loss_log, val_log):
     return metrics
 
 
+UNSAVED_RUN_FILES = ("losses.csv", "validation.csv", "losses.png", "best.safetensors", "best.json")
+"""What a run may have written before its first checkpoint."""
+
+
+def _remove_unsaved_run(out, made):
+    """Delete what a run stopped before its first checkpoint wrote, and ``out`` itself if this run ``made`` it and
+    nothing else is in it: logs without a checkpoint are a partial output, which nothing can resume."""
+    for name in UNSAVED_RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    if made and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _train_steps(trainer, last, max_minutes, resume):
+    """Train from ``trainer.step`` to ``last``, logging, validating and saving as the recipe asks; returns the
+    losses of these steps and the last validation scores."""
+    from tqdm.auto import tqdm
+
+    out, tr, arch = trainer.out, trainer.recipe["train"], trainer.recipe["model"]["arch"]
+    loss_fields = ["step", "loss", "lr", "samples_per_s", "critic_loss", "adversarial_loss", "domain_loss", "domain_weight"]
+    loss_log = _CsvLog(out / "losses.csv", loss_fields, trainer.step if resume else None)
+    val_log = _CsvLog(out / "validation.csv", ["step", "nrmse", "hfen"], trainer.step if resume else None)
+    started = reported = time.monotonic()
+    losses, metrics = [], trainer.last_validation
+    bar_shown = sys.stderr.isatty()  # a batch job's log gets a progress line a minute instead of a bar
+    with tqdm(total=last, initial=min(trainer.step, last), desc=f"train {arch}", unit="step",
+              disable=not bar_shown) as bar:
+        while trainer.step < last:
+            row = _timed_step(trainer, int(tr["batch_size"]))
+            losses.append(row["loss"])
+            loss_log.add(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", samples_s=f"{row['samples_per_s']:.1f}")
+            if not bar_shown and time.monotonic() - reported >= PROGRESS_EVERY_S:
+                reported = time.monotonic()
+                sys.stderr.write(progress_line(arch, trainer.step, last, row, reported - started, len(losses)) + "\n")
+            out_of_time = max_minutes is not None and time.monotonic() - started > 60 * float(max_minutes)
+            if trainer.step % int(tr["val_every"]) == 0 or trainer.step == last or out_of_time:
+                metrics = _validate_and_save(trainer, loss_log, val_log)
+            if out_of_time:
+                log.info("stopping after %.1f minutes at step %d", float(max_minutes), trainer.step)
+                break
+    return losses, metrics
+
+
 def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resume=False):
     """Train the network a recipe describes and write checkpoints and curves to ``out_dir``.
 
@@ -519,10 +589,9 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
     -------
     dict with ``step``, ``validation`` (last NRMSE/HFEN), ``losses`` (the
     per-step training losses of this call), ``checkpoint`` (path) and
-    ``model`` (the trained network, in eval mode).
+    ``model`` (the trained network, in eval mode).  A run stopped before its first checkpoint (an exception,
+    KeyboardInterrupt included) leaves nothing in ``out_dir``.
     """
-    from tqdm.auto import tqdm
-
     recipe = validate_recipe(recipe)
     out = Path(out_dir)
     device = resolve_device(device)
@@ -533,36 +602,18 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
         trainer.restore()
         log.info("resuming at step %d from %s", trainer.step, out)
     trainer.start_data()
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # only once every check has passed: a refused run leaves no folder
-    tr = recipe["train"]
-    last = _last_step(tr, max_steps)
+    last = _last_step(recipe["train"], max_steps)
     if trainer.step >= last:
         log.info("%s is already at step %d, not under %d: nothing to train (its last validation is reported)",
                  out, trainer.step, last)
-    loss_fields = ["step", "loss", "lr", "samples_per_s", "critic_loss", "adversarial_loss", "domain_loss", "domain_weight"]
-    loss_log = _CsvLog(out / "losses.csv", loss_fields, trainer.step if resume else None)
-    val_log = _CsvLog(out / "validation.csv", ["step", "nrmse", "hfen"], trainer.step if resume else None)
-    started = reported = time.monotonic()
-    losses, metrics = [], trainer.last_validation
-    bar_shown = sys.stderr.isatty()  # a batch job's log gets a progress line a minute instead of a bar
-    with tqdm(total=last, initial=min(trainer.step, last), desc=f"train {recipe['model']['arch']}", unit="step",
-              disable=not bar_shown) as bar:
-        while trainer.step < last:
-            row = _timed_step(trainer, int(tr["batch_size"]))
-            losses.append(row["loss"])
-            loss_log.add(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4g}", samples_s=f"{row['samples_per_s']:.1f}")
-            if not bar_shown and time.monotonic() - reported >= PROGRESS_EVERY_S:
-                reported = time.monotonic()
-                sys.stderr.write(progress_line(recipe["model"]["arch"], trainer.step, last, row,
-                                               reported - started, len(losses)) + "\n")
-            out_of_time = max_minutes is not None and time.monotonic() - started > 60 * float(max_minutes)
-            if trainer.step % int(tr["val_every"]) == 0 or trainer.step == last or out_of_time:
-                metrics = _validate_and_save(trainer, loss_log, val_log)
-            if out_of_time:
-                log.info("stopping after %.1f minutes at step %d", float(max_minutes), trainer.step)
-                break
+    try:
+        losses, metrics = _train_steps(trainer, last, max_minutes, resume)
+    except BaseException:  # a diverged loss, Ctrl-C, SIGTERM
+        if not (out / "checkpoint.safetensors").exists():
+            _remove_unsaved_run(out, made)
+        raise
     return {
         "step": trainer.step, "validation": metrics, "losses": losses,
         "checkpoint": out / "checkpoint.safetensors", "model": trainer.model.eval(),
