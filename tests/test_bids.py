@@ -101,8 +101,8 @@ def test_grouping_by_session_acquisition_run_and_labels(tmp_path):
     with pytest.raises(NoInputError, match=r"--session-label 1 and the --bids-filter-file's session null \(files "
                                            r"without a session\) select no session in common"):
         discover_runs(tmp_path, session_label=["1"], bids_filters={"session": None})
-    with pytest.raises(NoInputError, match=r"participant sub-01 select no participant in common \(the filter's labels go "
-                                           r"without the 'sub-' prefix\)"):
+    with pytest.raises(NoInputError, match=r"the --bids-filter-file's subject 'sub-01' not found in .* \(its subject "
+                                           r"labels, without the 'sub-' prefix: 01, 02\)"):
         discover_runs(tmp_path, participant_label=["01"], bids_filters={"subject": "sub-01"})
 
 

@@ -193,20 +193,18 @@ NO_FILTER = object()
 """What ``_narrowed`` is given for an entity the ``--bids-filter-file`` does not filter on (its null means: none)."""
 
 
-def _narrowed(wanted, filtered, what, option, prefix):
+def _narrowed(wanted, filtered, what, option):
     """The labels ``wanted`` by ``option`` that a ``--bids-filter-file`` value ``filtered`` (a label, a list, None
     for files without the entity, or ``NO_FILTER``) also selects: both narrow the query. NoInputError when none is
-    left, with a hint where the filter's labels carry the ``prefix`` (``sub-``, ``ses-``) that BIDS labels lack."""
+    left (a filter label the dataset lacks is refused before, ``_check_filter_labels``)."""
     if filtered is NO_FILTER:
         return wanted
     allowed = {str(v) for v in (filtered if isinstance(filtered, list) else [filtered])} if filtered is not None else set()
     both = [label for label in wanted if label in allowed]
     if not both:
         stated = " ".join(sorted(allowed)) if filtered is not None else f"null (files without a {what})"
-        hint = (f" (the filter's labels go without the '{prefix}' prefix)" if any(v.startswith(prefix) for v in allowed)
-                else "")
         raise NoInputError(f"{option} {' '.join(wanted)} and the --bids-filter-file's {what} {stated} select no "
-                           f"{what} in common{hint}: change one of them.")
+                           f"{what} in common: change one of them.")
     return both
 
 
@@ -256,14 +254,16 @@ def _echo_sort_key(item):
 def _check_filter_labels(filters, layout, bids_dir):
     """Raise NoInputError when a ``--bids-filter-file`` names a subject or session label ``bids_dir`` lacks (e.g.
     "2" for "02"), as ``--participant-label`` does: pybids would select nothing for it, and drop it without a word."""
-    for entity, present in (("subject", layout.get_subjects()), ("session", layout.get_sessions())):
+    for entity, prefix, present in (("subject", "sub-", layout.get_subjects()),
+                                    ("session", "ses-", layout.get_sessions())):
         value = filters.get(entity)
         labels = {str(v) for v in (value if isinstance(value, list) else [value]) if v is not None}
         missing = sorted(labels - set(present))
         if missing:
+            hint = f", without the '{prefix}' prefix" if any(label.startswith(prefix) for label in missing) else ""
             raise NoInputError(f"the --bids-filter-file's {entity} {', '.join(map(repr, missing))} not found in "
-                               f"{bids_dir} (its {entity} labels: {', '.join(sorted(present)) or 'none'}): check "
-                               "the filter file.")
+                               f"{bids_dir} (its {entity} labels{hint}: {', '.join(sorted(present)) or 'none'}): "
+                               "check the filter file.")
 
 
 def _restricted_to_labels(query, layout, bids_dir, participant_label, session_label):
@@ -277,8 +277,7 @@ def _restricted_to_labels(query, layout, bids_dir, participant_label, session_la
                 f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {bids_dir}: "
                 "check --participant-label."
             )
-        query["subject"] = _narrowed(wanted, query.get("subject", NO_FILTER), "participant", "--participant-label",
-                                     "sub-")
+        query["subject"] = _narrowed(wanted, query.get("subject", NO_FILTER), "participant", "--participant-label")
     if session_label:
         wanted = _strip_prefix(session_label, "ses-")
         subjects = {"subject": query["subject"]} if participant_label else {}
@@ -287,7 +286,7 @@ def _restricted_to_labels(query, layout, bids_dir, participant_label, session_la
             whose = f" for participant(s) {', '.join('sub-' + s for s in subjects['subject'])}" if subjects else ""
             raise NoInputError(f"session(s) {', '.join('ses-' + m for m in missing)} not found in {bids_dir}{whose}: "
                                "check --session-label.")
-        query["session"] = _narrowed(wanted, query.get("session", NO_FILTER), "session", "--session-label", "ses-")
+        query["session"] = _narrowed(wanted, query.get("session", NO_FILTER), "session", "--session-label")
     return query
 
 
