@@ -773,6 +773,37 @@ def test_a_failed_session_leaves_the_finished_one_in_the_subject_report(tmp_path
     assert f"<h2>sub-01_ses-{other}</h2>" not in report
 
 
+def test_the_group_level_lists_a_run_whose_participant_run_failed_and_exits_65(tmp_path, monkeypatch, capsys):
+    """A session whose participant run failed wrote no derivatives, not even its folder: the group level listed the
+    other session alone and exited 0. Its row now says so and where to look (the log of that participant run
+    names it), also when --session-label asks for it alone."""
+    import csv
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    assert simulate.main([str(bids), "--sessions", "1", "2", "--matrix", "32", "32", "24", "--voxel-size", "6", "6",
+                          "6", "--echoes", "2"]) == 0
+    _crash_the_second_tkd_call(monkeypatch)
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd",
+                 "--nprocs", "1"]) == 70
+    (failed,) = [s for s in ("1", "2") if not (out / "sub-01" / f"ses-{s}").exists()]
+    (log_dir,) = (out / "logs").iterdir()
+    capsys.readouterr()
+    both = ["sub-01_ses-1", "sub-01_ses-2"]
+    for selection, runs in (([], both), (["--session-label", failed], [f"sub-01_ses-{failed}"])):
+        assert main([str(bids), str(out), "group", *selection]) == 65
+        with open(out / "group_qsm.tsv", newline="") as file:
+            rows = {row["run"]: row for row in csv.DictReader(file, delimiter="\t")}
+        assert sorted(rows) == runs
+        assert rows[f"sub-01_ses-{failed}"]["flags"] == (
+            f"no derivatives: its participant run (logs/{log_dir.name}) wrote none, as a run that failed or was "
+            "stopped does (sub-01.html says why); run the participant level again for this run")
+        printed = capsys.readouterr()
+        assert f"flagged sub-01_ses-{failed}: no derivatives" in printed.out
+        assert f"1 run(s) with derivatives missing or not measurable, flagged in the table: sub-01_ses-{failed}" \
+            in printed.err
+    assert rows[f"sub-01_ses-{failed}"]["method"] == "n/a"
+
+
 def test_a_slab_too_thin_for_the_refinement_high_pass_fails_with_the_fix(tmp_path, capsys):
     """A 24 mm slab: the deep refinement's 8 mm sphere fits nowhere in its mask. The unrefined network map went out
     as the refined one; now the run fails naming --refine-radius, and a smaller radius processes it."""
@@ -1210,13 +1241,20 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
     chimap.write_bytes(chimap.read_bytes()[:-20])  # truncated: its gzip stream ends early
     assert main([str(bids), str(out), "group"]) == 65
     printed = capsys.readouterr()
-    assert "1 run(s), 0 Chimap(s)" in printed.out and "1 run(s) could not be measured, flagged in the table: sub-01" \
-        in printed.err
+    assert "1 run(s), 0 Chimap(s)" in printed.out and ("1 run(s) with derivatives missing or not measurable, flagged in "
+                                                      "the table: sub-01") in printed.err
     (row,) = table()
     assert row["flags"].startswith(f"cannot be measured: susceptibility map {chimap} is not a readable NIfTI file")
+    # a hand-deleted brain mask: the run is found by its other files (it was left out, or refused as no run at all)
+    (out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").unlink()
+    assert main([str(bids), str(out), "group", "--participant-label", "01"]) == 65
+    (row,) = table()
+    assert row["flags"] == ("missing sub-01_desc-brain_mask.nii.gz: without its brain mask its Chimaps cannot be "
+                            "measured; run the participant level again for this run")
+    # no derivatives, nor a log naming a run: nothing to measure
     earlier = (out / "group_qsm.tsv").read_text()
-    mask = out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"
-    mask.rename(tmp_path / "mask.nii.gz")
+    shutil.rmtree(out / "sub-01" / "anat")
+    shutil.rmtree(out / "logs")
     assert main([str(bids), str(out), "group"]) == 66
     assert f"{out} holds no processed run for subject(s) 01" in capsys.readouterr().err
     assert (out / "group_qsm.tsv").read_text() == earlier

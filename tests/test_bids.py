@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsmprep.bids import check_bids_dataset, discover_runs, read_filter_file, validate_runs
-from qsmprep.bids.derivatives import (MASK_NAME_END, bids_uri, processed_runs, run_output_paths,
+from qsmprep.bids.derivatives import (bids_uri, logged_runs, processed_runs, run_output_paths,
                                      write_dataset_description)
 from qsmprep.bids.discovery import GRERun
 from qsmprep.bids.validation import acquisition_type
@@ -532,24 +532,49 @@ def test_an_entity_a_gradient_echo_image_does_not_take_is_refused(tmp_path):
         "cannot tell its runs apart or name their derivatives: rename the files, e.g. with acq-<label> in its place.")
 
 
-def test_processed_runs_are_found_by_their_masks(tmp_path):
+def test_processed_runs_are_found_by_any_of_their_derivatives(tmp_path):
+    """A run is found by any of its outputs (a hand-deleted brain mask left it out of the group table), with the
+    outputs present; another tool's file, a name that is no run's, and a run's file in another run's folder are
+    not runs."""
     runs = [GRERun("01", "2", "fast", "1", "MEGRE"), GRERun("01", None, None, None, "GRE")]
-    written = {"mask", "local_field", "chimap:tkd"}
+    written = {runs[0].name: {"mask", "local_field", "chimap:tkd"}, runs[1].name: {"chimap:cfl2"}}
     for run in runs:
-        assert run_output_paths(run, [])["mask"].endswith(run.name + MASK_NAME_END)
-        for key, path in run_output_paths(run, ["tkd"]).items():
-            if key in written:
+        assert run_output_paths(run, [])["mask"].endswith(run.name + "_desc-brain_mask.nii.gz")
+        for key, path in run_output_paths(run, ["tkd", "cfl2"]).items():
+            if key in written[run.name]:
                 (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
                 (tmp_path / path).touch()
-    # not a qsmprep run name, or a run's mask in another run's folder: ignored
-    for stray in ("notarun", "sub-02", "sub-01_ses-3"):
-        (tmp_path / "sub-01" / "anat" / f"{stray}{MASK_NAME_END}").touch()
+    for stray in ("notarun_desc-brain_mask", "sub-02_desc-tkd_Chimap", "sub-01_ses-3_desc-brain_mask",
+                  "sub-01_desc-preproc_T1w"):
+        (tmp_path / "sub-01" / "anat" / f"{stray}.nii.gz").touch()
     found = processed_runs(tmp_path, "01", ["tkd", "cfl2"])
     assert sorted(found) == ["sub-01", "sub-01_ses-2_acq-fast_run-1"]
     for run in runs:
-        assert found[run.name] == {key: tmp_path / path for key, path in run_output_paths(run, ["tkd"]).items()
-                                   if key in written}
+        assert found[run.name] == {key: tmp_path / path for key, path in run_output_paths(run, ["tkd", "cfl2"]).items()
+                                   if key in written[run.name]}
     assert processed_runs(tmp_path, "02", ["tkd"]) == {}
+
+
+def test_logged_runs_are_those_of_the_last_participant_run_that_processed_each(tmp_path):
+    """Each run's methods are those of the last invocation that processed it (it deleted the run's earlier outputs);
+    a --boilerplate-only invocation processed nothing; a config.json that is no JSON object is named with the fix."""
+    def config(run_id, names, inversion, **extra):
+        path = tmp_path / "logs" / run_id / "config.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"runs": [{"name": name} for name in names], "inversion": inversion, **extra}))
+        return path
+
+    config("20260101-000000_aaaa", ["sub-01", "sub-02"], ["tkd"])
+    config("20260102-000000_bbbb", ["sub-02"], ["tkd", "ilsqr"], boilerplate_only=False)
+    config("20260103-000000_cccc", ["sub-01"], ["tv"], boilerplate_only=True)
+    assert logged_runs(tmp_path) == {"sub-01": (("tkd",), "logs/20260101-000000_aaaa"),
+                                     "sub-02": (("tkd", "ilsqr"), "logs/20260102-000000_bbbb")}
+    broken = config("20260104-000000_dddd", [], [])
+    broken.write_text('{"runs": [')
+    with pytest.raises(DataError, match=f"the configuration of a qsmprep run {broken} is not valid JSON .*: restore "
+                                        "it, or delete its folder if that run processed nothing."):
+        logged_runs(tmp_path)
+    assert logged_runs(tmp_path / "nothing") == {}
 
 
 # ------------------------------------------------ image content: truncated files, NaN, phase that misfits its Units

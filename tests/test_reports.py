@@ -435,19 +435,21 @@ def test_a_chimap_without_contrast_is_named_in_the_report_and_the_log(tmp_path, 
 
 def _derivatives(out, runs):
     """A qsmprep derivatives dataset in ``out`` with, for each run name of ``runs``, a brain mask (sidecar with three
-    echo times) and the Chimaps ``runs[name]`` ({method: array}, on the mask's grid)."""
+    echo times), field maps and the Chimaps ``runs[name]`` ({method: array}, on the mask's grid)."""
     import json
 
     from qsmprep.bids.derivatives import write_dataset_description
 
     write_dataset_description(out, out.parent / "bids")
-    mask = _report_mask()
+    mask, affine = _report_mask(), np.diag([2.0, 2.0, 2.0, 1.0])
     for name, chimaps in runs.items():
         anat = out / name.split("_")[0] / "anat"
-        save_nifti(anat / f"{name}_desc-brain_mask.nii.gz", mask, np.diag([2.0, 2.0, 2.0, 1.0]))
+        save_nifti(anat / f"{name}_desc-brain_mask.nii.gz", mask, affine)
         (anat / f"{name}_desc-brain_mask.json").write_text(json.dumps({"EchoTime": [0.004, 0.008, 0.012]}))
+        for field in ("total", "local"):
+            save_nifti(anat / f"{name}_desc-{field}_fieldmap.nii.gz", np.zeros(mask.shape), affine)
         for method, chi in chimaps.items():
-            save_nifti(anat / f"{name}_desc-{method}_Chimap.nii.gz", chi, np.diag([2.0, 2.0, 2.0, 1.0]))
+            save_nifti(anat / f"{name}_desc-{method}_Chimap.nii.gz", chi, affine)
     return out
 
 
@@ -482,6 +484,49 @@ def test_group_rows_list_runs_they_cannot_measure_and_flag_chimaps_without_contr
     for key in (("sub-02", "tkd"), ("sub-02", "cfl2"), ("sub-03", None)):
         assert rows[key]["problem"] and rows[key]["flags"].endswith("run the participant level again for this run")
         assert rows[key]["chi_p1_ppm"] is None and rows[key]["tail_ratio"] is None
+
+
+def test_group_rows_list_runs_missing_derivatives_that_their_participant_run_should_have_written(tmp_path):
+    """A run whose participant run failed (no derivatives, not even a folder), a hand-deleted brain mask, field map
+    or Chimap of a method the last participant run that processed the run was asked for (its logs' config.json)
+    are each flagged with the file and the fix, not left out; a Chimap no log asked for is measured all the same."""
+    import json
+
+    from qsmprep.reports.group import counts, group_rows, write_group_report
+
+    mask = _report_mask()
+    rng = np.random.default_rng(0)  # tissue around 0 ppm, and 5 % veins up to 0.3 ppm: tail ratio above 1
+    brain = mask * (rng.normal(0, 0.02, mask.shape) + 0.3 * rng.random(mask.shape) * (rng.random(mask.shape) < 0.05))
+    out = _derivatives(tmp_path / "out", {"sub-01": {"tkd": brain, "cfl2": brain}, "sub-02": {"tkd": brain},
+                                          "sub-03": {"tkd": brain}, "sub-04": {"tkd": brain, "ilsqr": brain}})
+    for run_id, names, inversion in (("20260101-000000_aaaa", ["sub-01", "sub-02", "sub-03", "sub-04", "sub-05"],
+                                      ["tkd"]), ("20260102-000000_bbbb", ["sub-01"], ["tkd", "cfl2"])):
+        (out / "logs" / run_id).mkdir(parents=True)
+        (out / "logs" / run_id / "config.json").write_text(json.dumps({"runs": [{"name": n} for n in names],
+                                                                       "inversion": inversion}))
+    for name in ("sub-01/anat/sub-01_desc-cfl2_Chimap", "sub-02/anat/sub-02_desc-brain_mask",
+                 "sub-03/anat/sub-03_desc-local_fieldmap", "sub-03/anat/sub-03_desc-tkd_Chimap"):
+        (out / f"{name}.nii.gz").unlink()
+    rows = group_rows(out, ["01", "02", "03", "04", "05"])
+    flags = {(row["run"], row["method"]): row["flags"] for row in rows}
+    fix = "; run the participant level again for this run"
+    assert flags == {
+        ("sub-01", "tkd"): "",
+        ("sub-01", "cfl2"): f"missing sub-01_desc-cfl2_Chimap.nii.gz (its participant run, logs/20260102-000000_bbbb, "
+                            f"was asked for cfl2){fix}",
+        ("sub-02", None): f"missing sub-02_desc-brain_mask.nii.gz: without its brain mask its Chimaps cannot be "
+                          f"measured{fix}",
+        ("sub-03", None): f"missing sub-03_desc-local_fieldmap.nii.gz{fix}",
+        ("sub-03", "tkd"): f"missing sub-03_desc-tkd_Chimap.nii.gz (its participant run, logs/20260101-000000_aaaa, "
+                           f"was asked for tkd){fix}",
+        ("sub-04", "tkd"): "", ("sub-04", "ilsqr"): "",
+        ("sub-05", None): f"no derivatives: its participant run (logs/20260101-000000_aaaa) wrote none, as a run "
+                          f"that failed or was stopped does (sub-05.html says why){fix}"}
+    assert counts(rows) == (5, 3)
+    assert all(row["problem"] == row["flags"] for row in rows)  # each flag is a problem: run_group exits 65
+    _, page = write_group_report(out, rows)  # a run's row (method n/a) and a Chimap's, both flagged: ordered
+    text = page.read_text()
+    assert text.index("sub-03_desc-local_fieldmap") < text.index("sub-03_desc-tkd_Chimap")
 
 
 def test_a_chimap_of_round_off_has_no_contrast_and_gets_no_polarity_advice(tmp_path, caplog):

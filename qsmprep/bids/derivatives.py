@@ -93,30 +93,47 @@ def run_output_files(run, methods):
             for path in (nifti, str(sidecar_path(nifti)))]
 
 
-MASK_NAME_END = "_desc-brain_mask.nii.gz"
-"""What follows the run's name in the file name of its brain mask (``derivative_path(run, "mask")``)."""
+def named_run_paths(output_dir, name, methods):
+    """Every NIfTI output path of the run named ``name`` (e.g. ``sub-01_ses-2``) in ``output_dir``, absolute and keyed
+    as in ``run_output_paths`` (``methods``: the inversions whose Chimaps to name); None when ``name`` is not a
+    qsmprep run name."""
+    names = {key: entity for entity, key in ENTITY_KEYS.items()}
+    pairs = [part.split("-", 1) for part in name.split("_")]
+    if not all(len(pair) == 2 and pair[0] in names for pair in pairs):
+        return None
+    run = SimpleNamespace(name=name, entities={names[key]: value for key, value in pairs})
+    return {key: Path(output_dir) / path for key, path in run_output_paths(run, methods).items()}
 
 
 def processed_runs(output_dir, subject, methods):
-    """The runs of ``subject`` whose derivatives are in ``output_dir``, found by their brain masks.
+    """The runs of ``subject`` whose derivatives are in ``output_dir``, found by any of them (brain mask, field maps,
+    Chimaps of ``methods``), so that a run missing some is found all the same.
 
     Returns {run name: {output key (as in ``run_output_paths``): absolute Path}}, with only the outputs
-    present; ``methods`` are the inversions whose Chimaps are looked for.
+    present.
     """
-    names = {key: entity for entity, key in ENTITY_KEYS.items()}
-    out = Path(output_dir)
     found = {}
-    for mask in sorted((out / f"sub-{subject}").glob(f"**/anat/*{MASK_NAME_END}")):
-        name = mask.name.removesuffix(MASK_NAME_END)
-        pairs = [part.split("-", 1) for part in name.split("_")]
-        if not all(len(pair) == 2 and pair[0] in names for pair in pairs):
-            continue  # not a qsmprep run name
-        run = SimpleNamespace(name=name, entities={names[key]: value for key, value in pairs})
-        paths = {key: out / path for key, path in run_output_paths(run, methods).items()}
-        if paths["mask"] != mask:
-            continue  # misplaced (another subject's or session's folder): not one of qsmprep's runs
-        found[name] = {key: path for key, path in paths.items() if path.is_file()}
-    return found
+    for path in sorted((Path(output_dir) / f"sub-{subject}").glob("**/anat/*_desc-*.nii.gz")):
+        name = path.name.partition("_desc-")[0]
+        paths = found.get(name) or named_run_paths(output_dir, name, methods)
+        if paths and path in paths.values():  # not another tool's file (desc-preproc_T1w), nor in another's folder
+            found[name] = paths
+    return {name: {key: path for key, path in paths.items() if path.is_file()} for name, paths in found.items()}
+
+
+def logged_runs(output_dir):
+    """{run name: (its inversion methods, "logs/<run_id>")} of every run a participant invocation processed in
+    ``output_dir``, from the last of their ``logs/<run_id>/config.json`` (run ids sort by time) that names it: each
+    invocation deletes a run's earlier derivatives before processing it, so the last says which it should have.
+    ``--boilerplate-only`` invocations processed nothing. DataError naming a config.json that is no JSON object."""
+    logged = {}
+    for path in sorted(Path(output_dir).glob("logs/*/config.json")):
+        config = read_json_object(path, "the configuration of a qsmprep run",
+                                  fix="restore it, or delete its folder if that run processed nothing.")
+        if not config.get("boilerplate_only"):
+            logged.update({run["name"]: (tuple(config.get("inversion", ())), f"logs/{path.parent.name}")
+                           for run in config.get("runs", [])})
+    return logged
 
 
 def bids_uri(path, bids_dir):

@@ -752,12 +752,21 @@ GROUP_LEVEL_OPTIONS = ("bids_dir", "output_dir", "analysis_level", "participant_
 """The argparse dests the group level reads; it warns that any other option given has no effect there."""
 
 
+def held_labels(folders, run_names, entity):
+    """The labels of ``entity`` (e.g. "ses") that OUTPUT_DIR holds: of its ``folders`` (``<entity>-<label>``) and
+    of the runs its logs name (``run_names``): a run that failed, or was stopped, may have left no folder."""
+    prefix = f"{entity}-"
+    return sorted({folder.name.removeprefix(prefix) for folder in folders if folder.is_dir()}
+                  | {part.removeprefix(prefix) for name in run_names for part in name.split("_")
+                     if part.startswith(prefix)})
+
+
 def run_group(args):
     """The group level: ``group_qsm.tsv``/``.html`` over the runs the participant level wrote in OUTPUT_DIR
     (``qsmprep.reports.group``) for ``--participant-label`` and ``--session-label`` (default every subject and
-    session); returns the exit code: 0, or 65 when some run could not be measured (its row says why; the others are
-    in the table)."""
-    from ..bids.derivatives import dataset_makers
+    session); returns the exit code: 0, or 65 when some run's derivatives are missing or cannot be measured (its row
+    says why; the others are in the table)."""
+    from ..bids.derivatives import dataset_makers, logged_runs
     from ..errors import NoInputError
     from ..reports.group import counts, group_rows, write_group_report
 
@@ -773,19 +782,20 @@ def run_group(args):
     if "qsmprep" not in (dataset_makers(out) or []):
         raise NoInputError(f"{out} holds no qsmprep derivatives ({out / 'dataset_description.json'} missing or not "
                            "written by qsmprep): run the participant level into it first.")
-    present = sorted(p.name.removeprefix("sub-") for p in out.glob("sub-*") if p.is_dir())
+    logged = logged_runs(out)
+    present = held_labels(out.glob("sub-*"), logged, "sub")
     wanted = list(dict.fromkeys(s.removeprefix("sub-") for s in args.participant_label)) or present
     missing = sorted(set(wanted) - set(present))
     if missing:
         raise NoInputError(f"--participant-label {' '.join(missing)}: no such subject in {out} (it has "
                            f"{', '.join(present) or 'none'}).")
     sessions = list(dict.fromkeys(s.removeprefix("ses-") for s in args.session_label))
-    held = sorted({p.name.removeprefix("ses-") for subject in wanted for p in (out / f"sub-{subject}").glob("ses-*")
-                   if p.is_dir()})
+    held = held_labels([p for subject in wanted for p in (out / f"sub-{subject}").glob("ses-*")],
+                       [name for name in logged if name.split("_")[0].removeprefix("sub-") in wanted], "ses")
     if set(sessions) - set(held):
         raise NoInputError(f"--session-label {' '.join(s for s in sessions if s not in held)}: no such session of "
                            f"subject(s) {', '.join(wanted)} in {out} (they have {', '.join(held) or 'none'}).")
-    rows = group_rows(out, wanted, sessions)
+    rows = group_rows(out, wanted, sessions, logged)
     if not rows:  # refused before writing: an earlier table is kept, not replaced by an empty one
         of_sessions = f" in session(s) {', '.join(sessions)}" if sessions else ""
         check = "check --session-label, or " if sessions else ""
@@ -801,7 +811,8 @@ def run_group(args):
         print(f"  flagged {run}: " + "; ".join(row["flags"] for row in rows if row["run"] == run and row["flags"]))
     unmeasured = sorted({row["run"] for row in rows if row["problem"]})
     if unmeasured:
-        log.error("%d run(s) could not be measured, flagged in the table: %s", len(unmeasured), ", ".join(unmeasured))
+        log.error("%d run(s) with derivatives missing or not measurable, flagged in the table: %s", len(unmeasured),
+                  ", ".join(unmeasured))
         return DataError.exit_code
     return 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bids.derivatives import processed_runs
+from ..bids.derivatives import logged_runs, named_run_paths, processed_runs
 from ..config import INVERSION_METHODS
 from ..errors import CantCreateError, QSMPrepError
 from ..io import check_same_grid, load_nifti, write_text_atomic
@@ -37,8 +37,8 @@ Chimap inherits, and its column descriptions ("subject") then conflict with the 
 COLUMNS = {
     "run": "run name, as in its derivatives' file names (e.g. sub-01_ses-1)",
     "subject": "subject label without sub-",
-    "method": "inversion method of the Chimap (desc-<method>_Chimap); n/a for a run without a readable brain mask or "
-              "without any Chimap (flagged)",
+    "method": "inversion method of the Chimap (desc-<method>_Chimap); n/a for a row of the whole run (flagged): it "
+              "has no derivatives, a brain mask or field map that is missing or cannot be read, or no Chimap",
     "mask_ml": "brain mask volume in ml (desc-brain_mask)",
     "echoes": "number of echoes (the mask sidecar's EchoTime)",
     "b0_tesla": "field strength in T that scaled the field to ppm (the sidecars' MagneticFieldStrength; their "
@@ -50,9 +50,10 @@ COLUMNS = {
     "chi_p99_ppm": "99th percentile of the Chimap in the brain mask, ppm",
     "tail_ratio": "(chi_p99_ppm - chi_median_ppm) / (chi_median_ppm - chi_p1_ppm): above 1 in brains; below 1 the "
                   "phase polarity is most likely inverted (docs/outputs.md, The report)",
-    "flags": "why the row stands out (a file that cannot be read, or no Chimap: run the participant level again; a "
-             "Chimap with no contrast in the brain mask, e.g. all zeros; tail ratio below 1; brain mask volume more "
-             "than 3 robust standard deviations from the group's median, with 5 runs or more), n/a when it does not",
+    "flags": "why the row stands out (a file that is missing or cannot be read, or no Chimap: run the participant "
+             "level again; a Chimap with no contrast in the brain mask, e.g. all zeros; tail ratio below 1; brain mask "
+             "volume more than 3 robust standard deviations from the group's median, with 5 runs or more), n/a when it "
+             "does not",
 }
 """The table's columns and what each holds (``group_qsm.json``, the BIDS description of a TSV's columns)."""
 
@@ -64,11 +65,20 @@ MIN_RUNS_FOR_OUTLIERS = 5
 """Fewest runs for which mask volumes are compared with the group's (fewer give no stable median and spread)."""
 
 
-def run_rows(name, paths):
-    """The table's rows of one run (``processed_runs`` paths): one per Chimap, measured from the files (``chimap_row``).
-    A run whose brain mask cannot be read, or that has no Chimap beside it, gets one row without a method or measures
-    whose ``problem`` says so (flagged, and ``run_group`` exits 65): it is listed rather than left out of the table."""
+def run_rows(name, paths, log_dir=None):
+    """The table's rows of one run: one per Chimap of ``paths`` (``named_run_paths``: every file it should have),
+    measured from the files (``chimap_row``). A run is listed rather than left out when a file is missing or its brain
+    mask cannot be read: such rows have no measures and a ``problem`` saying why (flagged, and ``run_group`` exits
+    65), the run's only row (method None) where nothing can be measured. ``log_dir``: the log folder of the
+    participant run that processed it (``logged_runs``), named where it wrote nothing."""
     row = {**dict.fromkeys(COLUMNS), "run": name, "subject": name.split("_")[0].removeprefix("sub-"), "problem": ""}
+    missing = {key: path.name for key, path in paths.items() if not path.is_file()}
+    if len(missing) == len(paths):
+        return [with_problem(row, None, f"no derivatives: its participant run ({log_dir}) wrote none, as a run that "
+                                        f"failed or was stopped does (sub-{row['subject']}.html says why)")]
+    if "mask" in missing:
+        return [with_problem(row, None, f"missing {', '.join(missing.values())}: without its brain mask its Chimaps "
+                                        "cannot be measured")]
     try:
         mask_data, affine, _ = load_nifti(paths["mask"], "brain mask", fix=DAMAGED)
     except QSMPrepError as exc:
@@ -79,10 +89,17 @@ def run_rows(name, paths):
     row.update(mask_ml=round(mask_volume_ml(mask, affine), 1),
                echoes=len(echo_times) if isinstance(echo_times, list) and echo_times else None,
                b0_tesla=meta.get("MagneticFieldStrength"), phase_inverted=meta.get("PhaseInverted"))
-    methods = [method for method in INVERSION_METHODS if f"chimap:{method}" in paths]
+    methods = [key.removeprefix("chimap:") for key in paths if key.startswith("chimap:")]
     if not methods:
         return [with_problem(row, None, "no Chimap beside its brain mask")]
-    return [chimap_row(row, method, paths[f"chimap:{method}"], paths["mask"], mask, affine) for method in methods]
+    run_missing = [file for key, file in missing.items() if not key.startswith("chimap:")]  # a field map
+    rows = [with_problem(row, None, f"missing {', '.join(run_missing)}")] if run_missing else []
+    for method in methods:
+        key = f"chimap:{method}"
+        rows.append(with_problem(row, method, f"missing {missing[key]} (its participant run, {log_dir}, was asked for "
+                                              f"{method})") if key in missing
+                    else chimap_row(row, method, paths[key], paths["mask"], mask, affine))
+    return rows
 
 
 def with_problem(row, method, why):
@@ -173,14 +190,26 @@ def group_figure_png(rows):
     return png_bytes(fig)
 
 
-def group_rows(output_dir, subjects, sessions=()):
+def group_rows(output_dir, subjects, sessions=(), logged=None):
     """The flagged rows (``run_rows``, ``flag_rows``) of every run of ``subjects`` (labels without sub-) in the
-    derivatives dataset ``output_dir``, only of ``sessions`` (labels without ses-) if any are given."""
+    derivatives dataset ``output_dir``, only of ``sessions`` (labels without ses-) if any are given. A run is one
+    that has a derivative there (``processed_runs``) or that a participant run processed (``logged``, default
+    ``logged_runs(output_dir)``); it should have the Chimaps of the methods that run was asked for, and of any other
+    present."""
+    logged = logged_runs(output_dir) if logged is None else logged
     wanted = {f"ses-{session}" for session in sessions}
-    return flag_rows([row for subject in subjects
-                      for name, paths in processed_runs(output_dir, subject, INVERSION_METHODS).items()
-                      if not wanted or wanted & set(name.split("_"))
-                      for row in run_rows(name, paths)])
+    rows = []
+    for subject in subjects:
+        found = processed_runs(output_dir, subject, INVERSION_METHODS)
+        names = sorted(found.keys() | {name for name in logged if name.split("_")[0] == f"sub-{subject}"})
+        for name in names:
+            if wanted and not wanted & set(name.split("_")):
+                continue
+            asked, log_dir = logged.get(name, ((), None))
+            present = [key.removeprefix("chimap:") for key in found.get(name, {}) if key.startswith("chimap:")]
+            methods = [method for method in INVERSION_METHODS if method in asked or method in present]
+            rows += run_rows(name, named_run_paths(output_dir, name, methods), log_dir)
+    return flag_rows(rows)
 
 
 def write_group_report(output_dir, rows, selection="every run"):
@@ -205,7 +234,7 @@ def write_group_report(output_dir, rows, selection="every run"):
 def _group_html(rows, selection):
     """The group page: which runs (``selection``) and counts, the figure (embedded, so the page is one file), and
     the table with flagged rows first, each run linked to its subject's report."""
-    ordered = sorted(rows, key=lambda row: (not row["flags"], row["run"], row["method"]))
+    ordered = sorted(rows, key=lambda row: (not row["flags"], row["run"], row["method"] or ""))
     header = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = []
     for row in ordered:

@@ -74,7 +74,7 @@ def earlier_report_runs(config, subject, runs):
     current = {run.name for run in runs}
     return [report_entry(name, paths, earlier=True)
             for name, paths in processed_runs(config.output_dir, subject, INVERSION_METHODS).items()
-            if name not in current]
+            if name not in current and "mask" in paths]  # the report shows a run within its brain mask
 
 
 def init_single_subject_wf(subject, runs, config, errors=()):
