@@ -164,7 +164,10 @@ def deep_model_text(model):
     checkpoint by file name, with what identifies its weights (``model_provenance``)."""
     shipped = is_shipped_model(model)
     known = model_provenance(model)
-    details = [known["Recipe"], known["TrainingSteps"] is not None and f"{known['TrainingSteps']} training steps",
+    steps = known["TrainingSteps"] is not None and f"{known['TrainingSteps']} training steps"
+    if steps and known["InitializedFrom"]:
+        steps += f" continuing from an earlier checkpoint, {known['InitializedFrom']}"
+    details = [known["Recipe"], steps,
                f"weights SHA-256 {known['SHA256'][:12]}", shipped and "see its model card"]
     what = (f"the deep neural network {model} shipped with qsmprep" if shipped
             else f"a deep neural network from the checkpoint {checkpoint_path(model).name}")
