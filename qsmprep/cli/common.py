@@ -14,6 +14,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -22,6 +23,26 @@ from pathlib import Path
 from ..config import DEEP_FLAG_PARAMETERS
 from ..errors import CantCreateError, QSMPrepError, UsageError
 from ..resources import available_cores
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""SIGTERM (``kill``, ``docker stop``, a scheduler's time limit) and SIGINT (Ctrl-C): the signals that stop a
+qsmprep command (``install_stop_handler``)."""
+
+
+def install_stop_handler(handler, keep_ignored=False):
+    """Make ``handler`` the handler of each of ``STOP_SIGNALS``; returns the handlers it replaced, {signal number:
+    handler}, for ``restore_handlers``. With ``keep_ignored`` a signal the parent process ignores (a background job's
+    SIGINT, ``nohup``) stays ignored."""
+    return {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
+            if not (keep_ignored and signal.getsignal(signum) is signal.SIG_IGN)}
+
+
+def restore_handlers(replaced):
+    """Put back the signal handlers ``install_stop_handler`` replaced: a main() called from Python (a test, a
+    notebook) gets its own back."""
+    for signum, handler in replaced.items():
+        signal.signal(signum, handler)
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 

@@ -42,6 +42,7 @@ from ..resources import available_cores
 from .common import (
     DEEP_OPTIONS,
     LOG_FORMAT,
+    STOP_SIGNALS,
     ArgumentParser,
     add_deep_options,
     check_b0_dir_option,
@@ -49,17 +50,15 @@ from .common import (
     check_deep_options,
     check_output_folder,
     finite_float,
+    install_stop_handler,
     quiet_on_closed_pipe,
+    restore_handlers,
 )
 
 log = logging.getLogger("qsmprep")
 
 EXIT_PROCESSING_FAILED = 70
 """Exit code when a workflow node crashed (EX_SOFTWARE); other subjects still finish."""
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-"""The signals that stop qsmprep at once (``stop_on_signals``)."""
-
 
 def stop_on_signals(config):
     """Make SIGTERM (``kill``, ``docker stop``, a scheduler's time limit) and SIGINT (Ctrl-C) stop qsmprep at once.
@@ -89,7 +88,7 @@ def stop_on_signals(config):
         os._exit(128 + signum)
 
     stop.stops_qsmprep = True  # what a forked child looks for (_default_stop_handlers_in_child)
-    return {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    return install_stop_handler(stop)
 
 
 def _default_stop_handlers_in_child():
@@ -835,9 +834,8 @@ def _main(argv):
         replaced = stop_on_signals(config)
         try:
             return run(config, args.bids_filter_file)
-        finally:  # main() called from Python (a test, a notebook) gets its own handlers back
-            for signum, handler in replaced.items():
-                signal.signal(signum, handler)
+        finally:
+            restore_handlers(replaced)
     except QSMPrepError as exc:
         log.error("%s", exc)
         return exc.exit_code

@@ -17,7 +17,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from qsmprep.cli.common import finite_float
+from qsmprep.cli.common import finite_float, install_stop_handler, restore_handlers
 from qsmprep.errors import UsageError
 
 
@@ -46,12 +46,8 @@ def build_parser():
     return parser
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""Ctrl-C, and ``kill``, ``docker stop`` or a scheduler's time limit: both stop training (``stopped_by_signals``)."""
-
-
 class Stopped(KeyboardInterrupt):
-    """One of ``STOP_SIGNALS`` arrived. A KeyboardInterrupt, so that code which lets Ctrl-C through (a DataLoader
+    """One of ``qsmprep.cli.common.STOP_SIGNALS`` arrived. A KeyboardInterrupt, so that code which lets Ctrl-C through (a DataLoader
     worker, the trainer's clean-up) lets SIGTERM through too."""
 
     def __init__(self, signum):
@@ -67,13 +63,11 @@ def stopped_by_signals():
     def stop(signum, frame):
         raise Stopped(signum)
 
-    replaced = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS
-                if signal.getsignal(signum) is not signal.SIG_IGN}
+    replaced = install_stop_handler(stop, keep_ignored=True)
     try:
         yield
     finally:
-        for signum, handler in replaced.items():
-            signal.signal(signum, handler)
+        restore_handlers(replaced)
 
 
 def stopped_message(signum, out):
