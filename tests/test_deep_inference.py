@@ -180,6 +180,35 @@ def test_refinement_in_torch_equals_numpy(options):
     assert np.abs(on_numpy - start).max() > 0.1 * np.abs(chi).max()  # the refinement did change the start
 
 
+def test_refinement_takes_tensors_and_masks_where_it_runs():
+    """deep_invert hands the network's output to the refinement as a tensor on the network's device (no copy to
+    the CPU and back), and the CPU fallback after a GPU runs out of memory gets that tensor too: both paths give
+    the map they give for numpy inputs, and the field outside the mask (NaN here) is not used."""
+    chi, field, mask = _phantom()
+    start = 0.5 * chi
+    expected = refine_data_consistency(start, field, mask)
+    tensors = (torch.tensor(start), torch.tensor(np.where(mask, field, np.nan)), torch.tensor(mask))
+    for device in ("cpu", torch.device("cpu")):
+        out = refine_data_consistency(*tensors, device=device)
+        assert isinstance(out, np.ndarray) and out.dtype == np.float32 and not out[~mask].any()
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * np.abs(chi).max())
+
+
+def test_arrays_move_between_numpy_and_torch_as_float32():
+    """to_device copies a boolean mask as bytes and makes it float32 on the device; to_numpy and zero_outside
+    serve numpy arrays and tensors alike."""
+    from qsmprep.physics import to_device, to_numpy, zero_outside
+
+    mask = np.array([True, False, True])
+    on_device = to_device(mask, torch.device("cpu"))
+    assert on_device.dtype == torch.float32 and on_device.tolist() == [1.0, 0.0, 1.0]
+    values = np.array([2.0, np.nan, -1.0])  # float64 in, float32 out
+    assert to_device(values, "cpu").dtype == torch.float32
+    for array in (values.astype(np.float32), torch.tensor(values, dtype=torch.float32)):
+        out = to_numpy(zero_outside(array, mask if isinstance(array, np.ndarray) else torch.tensor(mask)))
+        assert out.dtype == np.float32 and out.tolist() == [2.0, 0.0, -1.0]
+
+
 def _refinement_case(shape=(27, 25, 15), seed=0):
     """Random chi_init and field on a grid of odd fast FFT lengths.
 

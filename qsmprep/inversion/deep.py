@@ -15,7 +15,8 @@ from ..bgremove.smv import check_high_pass_radius, smv_kernel, smv_padded_shape,
 from ..deep import read_metadata, shipped_model_path
 from ..errors import DataError, QSMPrepError
 from ..physics import (
-    b0_tilt_deg, dipole_kernel, fft_module, filter_padded, is_tensor, padded_shape, resolve_device, to_device,
+    b0_tilt_deg, dipole_kernel, fft_module, filter_padded, padded_shape, resolve_device, to_device, to_numpy,
+    zero_outside,
 )
 from ..physics.resample import b0_aligned_grid, field_and_mask_to_b0_aligned, from_b0_aligned, rotation_between
 from ..resources import available_memory_bytes
@@ -70,9 +71,9 @@ NETWORK_BYTES_PER_VOXEL = {"cpu": 640, "cuda": 320}
 
 The shipped model, ``python bench/speed.py --methods deep --sizes 64 96 128 160 192 224`` ("added bytes /
 voxel"): on 2 CPU cores 778, 604, 502, 470, 455 and 453 bytes (a fixed 0.09 GB of model loading dominates
-the small grids; 448 bytes per added voxel from 160^3 to 224^3); on an H100 (fp16 autocast) 276 and 274
-bytes at 160^3 and 256^3 (docs/benchmarks.md). Rounded up; other architectures are assumed to be alike
-(``--tile`` overrides)."""
+the small grids; 448 bytes per added voxel from 160^3 to 224^3); on an H100 (fp16 autocast, channels-last)
+209 and 206 bytes at 160^3 and 256^3 (docs/benchmarks.md). Rounded up, with room on CUDA (276 and 274 bytes in
+the default layout); other architectures are assumed to be alike (``--tile`` overrides)."""
 
 MEMORY_SHARE = 0.8
 """Share of the available memory a tile's forward pass may take; the rest is for the arrays around it."""
@@ -127,10 +128,13 @@ def predict_tiled(predict, field, mask, tile_shape=(FALLBACK_TILE,) * 3, overlap
     instead of showing as a step (a seam). A volume no larger than
     ``tile_shape`` is one tile.
 
+    Returns what ``predict`` returns for a volume that is one tile (a torch
+    tensor stays on its device), else a float32 numpy array.
+
     Parameters
     ----------
     predict : callable
-        Maps (field, mask) float32 arrays of one tile to chi of the same shape.
+        Maps (field, mask) arrays of one tile to chi of the same shape (a numpy array or a torch tensor).
     field, mask : arrays (i, j, k)
     tile_shape : tuple of 3 int, default (FALLBACK_TILE,) * 3 = (256, 256, 256)
         Largest block passed to ``predict`` at once (memory bound; ``deep_invert``
@@ -144,7 +148,7 @@ def predict_tiled(predict, field, mask, tile_shape=(FALLBACK_TILE,) * 3, overlap
     """
     shape = field.shape
     if all(n <= t for n, t in zip(shape, tile_shape)):
-        return predict(field, mask)
+        return predict(field, mask)  # as it comes: a tensor stays on its device for the refinement
     weighted_sum = np.zeros(shape)  # float64: a constant map comes back exactly
     weight_sum = np.zeros(shape)
     tiles = [min(t, n) for n, t in zip(shape, tile_shape)]
@@ -153,7 +157,7 @@ def predict_tiled(predict, field, mask, tile_shape=(FALLBACK_TILE,) * 3, overlap
     for number, corner in enumerate(corners, 1):
         log.info("deep inversion: tile %d of %d", number, len(corners))  # minutes per tile on a CPU
         block = tuple(slice(c, c + t) for c, t in zip(corner, tiles))
-        chi = predict(field[block], mask[block], **{name: value[block] for name, value in whole.items()})
+        chi = to_numpy(predict(field[block], mask[block], **{name: value[block] for name, value in whole.items()}))
         i, j, k = (blend_weights(t, overlap, c > 0, c + t < n) for c, t, n in zip(corner, tiles, shape))
         weights = i[:, None, None] * j[None, :, None] * k[None, None, :]
         weighted_sum[block] += weights * chi
@@ -190,6 +194,8 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     1996;17:227-238): its weights 1 / sqrt(|grad chi|^2 + eps^2) come from the
     current estimate and are renewed every ``TV_REWEIGHT_ITERS`` CG iterations,
     so ``n_iter`` 30 makes three reweighted solves.
+
+    The arrays may be numpy arrays or torch tensors on any device; each is moved to ``device`` once.
 
     Parameters
     ----------
@@ -235,23 +241,24 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
     -------
     float32 numpy array (i, j, k): chi in ppm, zero outside the mask.
     """
-    m = (np.asarray(mask) > 0).astype(np.float32)
-    chi0 = np.asarray(chi_init, dtype=np.float32) * m
-    if n_iter <= 0:
-        return chi0
     torch_device = None if isinstance(device, str) and device == "cpu" else device
-    on_device = (lambda a: a) if torch_device is None else partial(to_device, device=torch_device)
+    # every input moves once, as it is (a network output already on the GPU stays there), and is masked where it runs
+    on_device = to_numpy if torch_device is None else partial(to_device, device=torch_device)
+    inside = on_device(mask) > 0
+    m = on_device(inside)
+    chi0 = on_device(chi_init) * m
+    if n_iter <= 0:
+        return to_numpy(chi0)
     big = padded_shape(chi0.shape, pad_factor)
     if harmonic_radius_mm:  # the SMV must not wrap either
         check_high_pass_radius(harmonic_radius_mm, voxel_size_mm)
         big = tuple(max(a, b) for a, b in zip(big, smv_padded_shape(chi0.shape, voxel_size_mm, harmonic_radius_mm)))
     d = dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True, device=torch_device)
-    w2 = m if weights is None else m * np.asarray(weights, dtype=np.float32) ** 2
-    field = np.where(m > 0, np.asarray(local_field_ppm, dtype=np.float32), np.float32(0))  # NaN outside: unused
-    w2, field, m_t, chi0_t = (on_device(a) for a in (w2, field, m, chi0))
+    w2 = m if weights is None else m * on_device(weights) ** 2
+    field = zero_outside(on_device(local_field_ppm), inside)  # NaN outside: unused
     if harmonic_radius_mm:
         smv = smv_kernel(big, voxel_size_mm, harmonic_radius_mm, rfft=True, device=torch_device)
-        fits = sphere_fits(fft_module(m_t).rfftn(m_t, big), smv, big, voxel_size_mm, harmonic_radius_mm)
+        fits = sphere_fits(fft_module(m).rfftn(m, big), smv, big, voxel_size_mm, harmonic_radius_mm)
         if not fits.any():  # no data term left: the starting map would come back under the method's name
             raise DataError(f"the {harmonic_radius_mm:g} mm high-pass sphere fits nowhere inside the mask (a slab or "
                             f"mask thinner than {2 * harmonic_radius_mm:g} mm), so there is no field to fit: give a "
@@ -265,31 +272,26 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
         return filter_padded(x, d, big)
 
     def normal(x):
-        return m_t * dipole(w2 * dipole(m_t * x)) + lam * m_t * x
+        return m * dipole(w2 * dipole(m * x)) + lam * m * x
 
-    rhs = m_t * dipole(w2 * field) + lam * chi0_t
+    rhs = m * dipole(w2 * field) + lam * chi0
     if not tv_weight:
-        return _numpy(cg(normal, rhs, x0=chi0_t, tol=REFINE_TOL, max_iter=n_iter) * m_t)
-    inside = [on_device(w) for w in inner_edge_weights(m, voxel_size_mm)]
-    chi = chi0_t
+        return to_numpy(cg(normal, rhs, x0=chi0, tol=REFINE_TOL, max_iter=n_iter) * m)
+    edges = [on_device(w) for w in inner_edge_weights(to_numpy(m), voxel_size_mm)]
+    chi = chi0
     for start in range(0, n_iter, TV_REWEIGHT_ITERS):
-        tv = tv_weight * ((forward_gradient(chi, inside) ** 2).sum(0) + TV_EPSILON**2) ** -0.5
+        tv = tv_weight * ((forward_gradient(chi, edges) ** 2).sum(0) + TV_EPSILON**2) ** -0.5
 
         def normal_tv(x):
-            return normal(x) + m_t * forward_gradient_adjoint(tv * forward_gradient(m_t * x, inside), inside)
+            return normal(x) + m * forward_gradient_adjoint(tv * forward_gradient(m * x, edges), edges)
 
-        chi = cg(normal_tv, rhs, x0=chi, tol=REFINE_TOL, max_iter=min(TV_REWEIGHT_ITERS, n_iter - start)) * m_t
-    return _numpy(chi)
+        chi = cg(normal_tv, rhs, x0=chi, tol=REFINE_TOL, max_iter=min(TV_REWEIGHT_ITERS, n_iter - start)) * m
+    return to_numpy(chi)
 
 
 def _mm(voxel_size_mm):
     """'3x3x3 mm' for a log line: 4 significant digits hide an oblique affine's float32 noise (3.00000011)."""
     return "x".join(f"{v:.4g}" for v in voxel_size_mm) + " mm"
-
-
-def _numpy(a):
-    """A float32 numpy array of a numpy array or a torch tensor on any device."""
-    return a.cpu().numpy() if is_tensor(a) else np.asarray(a, dtype=np.float32)
 
 
 def free_memory_bytes(device):
@@ -412,11 +414,14 @@ def device_text(device):
 
 
 def network_predictor(model, voxel_size_mm, device):
-    """``predict(field, mask, **context) -> chi`` for numpy tiles, running ``model`` on ``device`` (fp16 autocast
-    on CUDA), and ``context(field, mask)``: the model's ``tile_context`` of a whole volume, as numpy arrays."""
+    """``predict(field, mask, **context) -> chi`` for numpy or torch tiles, running ``model`` on ``device`` (fp16
+    autocast on CUDA), and ``context(field, mask)``: the model's ``tile_context`` of a whole volume. Both return
+    float32 tensors on ``device``, which the refinement takes as they are (no copy to the CPU and back)."""
     import torch
 
     voxel_size = torch.tensor(voxel_size_mm, dtype=torch.float32, device=device)
+    if device.type == "cuda":  # cuDNN's channels-last 3D convolutions: the 256^3 forward 0.089 -> 0.026 s on an H100
+        model = model.to(memory_format=torch.channels_last_3d)
 
     def tensor(array):  # a (1, 1, i, j, k) batch
         return to_device(array, device)[None, None]
@@ -425,12 +430,12 @@ def network_predictor(model, voxel_size_mm, device):
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
             m = tensor(mask)
             extra = {name: tensor(value) for name, value in context.items()}
-            return model(tensor(field) * m, mask=m, voxel_size=voxel_size, **extra)[0, 0].float().cpu().numpy()
+            return model(tensor(field) * m, mask=m, voxel_size=voxel_size, **extra)[0, 0].float()
 
     def context(field, mask):
         with torch.inference_mode():
             whole = model.tile_context(tensor(field) * tensor(mask), voxel_size)
-            return {name: value[0, 0].float().cpu().numpy() for name, value in whole.items()}
+            return {name: value[0, 0].float() for name, value in whole.items()}
 
     return predict, context
 
@@ -537,13 +542,12 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     chi = run_with_smaller_tiles_on_oom(lambda tiles: predict_tiled(predict, field_n, mask_n, tiles, overlap, whole),
                                         tile_shape, dev)
     if aligned:
-        chi = from_b0_aligned(chi * mask_n, affine_a, field.shape, native, order=RESAMPLE_ORDER)
-    chi = np.where(m, chi, 0).astype(np.float32)
-    if refine_iters:
+        chi = from_b0_aligned(to_numpy(chi) * mask_n, affine_a, field.shape, native, order=RESAMPLE_ORDER)
+    if refine_iters:  # it masks chi where it runs
         refine = partial(refine_data_consistency, chi, field, m, voxel_size_mm, b0_dir, lam=refine_lambda,
                          n_iter=refine_iters, harmonic_radius_mm=refine_radius_mm, tv_weight=refine_tv_weight)
-        chi = run_with_cpu_fallback(refine, dev, "the refinement")
-    return chi
+        return run_with_cpu_fallback(refine, dev, "the refinement")
+    return zero_outside(to_numpy(chi), m)
 
 
 GPU_OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUFFT_ALLOC_FAILED", "CUFFT_INTERNAL_ERROR",

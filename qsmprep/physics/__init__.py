@@ -1,6 +1,6 @@
 """MRI susceptibility physics: units, dipole kernel, forward model, orientation."""
 
-from .arrays import fft_module, is_tensor, resolve_device, to_device
+from .arrays import fft_module, is_tensor, resolve_device, to_device, to_numpy, zero_outside
 from .forward import filter_padded, forward_field_ppm, padded_shape
 from .kernel import dipole_kernel, kspace_grid
 from .orientation import (
@@ -52,7 +52,9 @@ __all__ = [
     "resolve_device",
     "to_b0_aligned",
     "to_device",
+    "to_numpy",
     "to_ras",
     "voxel_rotation",
     "voxel_size_from_affine",
+    "zero_outside",
 ]
