@@ -415,8 +415,9 @@ def device_text(device):
 
 def network_predictor(model, voxel_size_mm, device):
     """``predict(field, mask, **context) -> chi`` for numpy or torch tiles, running ``model`` on ``device`` (fp16
-    autocast on CUDA), and ``context(field, mask)``: the model's ``tile_context`` of a whole volume. Both return
-    float32 tensors on ``device``, which the refinement takes as they are (no copy to the CPU and back)."""
+    autocast on CUDA) and returning a float32 tensor there, which the refinement takes as it is (no copy to the CPU
+    and back); and ``context(field, mask)``: the model's ``tile_context`` of a whole volume, as numpy arrays (only
+    tiled runs need it, where the device's memory is short)."""
     import torch
 
     voxel_size = torch.tensor(voxel_size_mm, dtype=torch.float32, device=device)
@@ -435,7 +436,7 @@ def network_predictor(model, voxel_size_mm, device):
     def context(field, mask):
         with torch.inference_mode():
             whole = model.tile_context(tensor(field) * tensor(mask), voxel_size)
-            return {name: value[0, 0].float() for name, value in whole.items()}
+            return {name: to_numpy(value[0, 0]) for name, value in whole.items()}
 
     return predict, context
 
