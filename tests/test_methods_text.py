@@ -6,6 +6,7 @@ from importlib.metadata import version
 
 import numpy as np
 import pytest
+import torch
 
 from qsmprep.bids.discovery import GRERun
 from qsmprep.config import Config
@@ -211,10 +212,21 @@ def test_deep_refinement_high_pass_says_where_the_fields_are_compared():
     ("auto", 0, "The network ran in PyTorch {} on a CUDA GPU where the processing node had one (the network's pass in "
                 "float16 automatic mixed precision), else on the CPU in single precision."),
 ])
-def test_deep_text_names_pytorch_the_device_and_the_precision(device, refine, sentence):
+def test_deep_text_names_pytorch_the_device_and_the_precision(device, refine, sentence, monkeypatch):
     """--device decides where the network runs, and on a GPU it is autocast to float16: the text said neither."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a PyTorch built for CUDA, whatever this one is
     text = _text(inversion=("deep",), device=device, parameters={"inversion": {"deep": {"refine_iters": refine}}})
     assert sentence.format(version("torch")) in text
+
+
+def test_auto_device_with_a_cpu_only_pytorch_is_stated_as_the_cpu(monkeypatch):
+    """A "+cpu" PyTorch build runs on the CPU whatever the node has: "auto" said "on a CUDA GPU where the processing
+    node had one" for it."""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    text = _text(inversion=("deep",), device="auto", parameters={"inversion": {"deep": {"refine_iters": 10}}})
+    assert f"The network and its refinement ran in PyTorch {version('torch')} on the CPU, in single precision." in text
+    assert "CUDA" not in text
 
 
 def test_resample_b0_deep_exemption_holds_where_deep_keeps_the_acquisition_grid():

@@ -238,7 +238,12 @@ precision; ``{gpu}`` is the precision on a GPU (``deep_runtime_text``)."""
 def deep_runtime_text(device, refine_iters):
     """The methods sentence on the software and hardware of the deep inversion: the PyTorch version and the device
     with its precision (``DEEP_DEVICES``). On a GPU ``network_predictor`` autocasts the network to float16; the
-    refinement stays in float32 and falls back to the CPU when the GPU's memory runs out (``run_with_cpu_fallback``)."""
+    refinement stays in float32 and falls back to the CPU when the GPU's memory runs out (``run_with_cpu_fallback``).
+    "auto" with a PyTorch built without GPU support (a "+cpu" build) can only have run on the CPU, and says so."""
+    import torch
+
+    if device == "auto" and torch.version.cuda is None and torch.version.hip is None:
+        device = "cpu"
     steps = "The network and its refinement" if refine_iters else "The network"
     gpu = "the network's pass in float16 automatic mixed precision" + (
         ", the refinement in single precision, on the CPU if the GPU ran out of memory for it" if refine_iters else "")
