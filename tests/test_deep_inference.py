@@ -505,15 +505,16 @@ def test_cuda_inversion_matches_cpu(noisy_head):
     range. The refinement runs in float32 on the GPU (torch.fft) and the CPU (scipy.fft), which agree
     to float32 round-off, and does not amplify a change of its start (its minimiser moves by
     lam (D^2 + lam)^-1 <= 1 times that change). So the maps should agree to 1 % of the true chi range
-    (0.54 ppm here: 5.4e-3 ppm), some 20 times the fp16 roundoff.
+    (0.54 ppm here: 5.4e-3 ppm), some 20 times the fp16 roundoff. Also in 64^3 tiles (8 of them), where each
+    tile's map comes back to the CPU to be blended.
     """
     chi, field, mask = noisy_head
     tol = 1e-2 * np.ptp(chi[mask])
-    for iters in (0, 10):
-        gpu = deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cuda", refine_iters=iters)
-        cpu = deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cpu", refine_iters=iters)
-        assert gpu.dtype == np.float32 and not gpu[~mask].any()
-        np.testing.assert_allclose(gpu, cpu, rtol=0, atol=tol, err_msg=f"refine_iters={iters}")
+    for iters, tiles in ((0, None), (10, None), (10, 64)):
+        gpu = deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cuda", refine_iters=iters, tile_shape=tiles)
+        cpu = deep_invert(field, mask, (1, 1, 1), (0, 0, 1), device="cpu", refine_iters=iters, tile_shape=tiles)
+        assert isinstance(gpu, np.ndarray) and gpu.dtype == np.float32 and not gpu[~mask].any()
+        np.testing.assert_allclose(gpu, cpu, rtol=0, atol=tol, err_msg=f"refine_iters={iters}, tiles {tiles}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
