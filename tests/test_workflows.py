@@ -155,6 +155,9 @@ def test_sinks_name_and_describe_outputs():
     assert (ds.inputs.desc, ds.inputs.suffix, ds.inputs.source_file) == ("cfl2", "Chimap", [run.magnitude[0]])
     meta = ds.inputs.meta_dict
     assert meta["Units"] == "ppm" and meta["EstimationParameters"]["lam"] == 0.1
+    mask_meta = wf.get_node("qsm_derivatives_wf").get_node("ds_mask").inputs.meta_dict  # the Chimap's gave a name only
+    assert meta["EstimationParameters"]["MaskGeneration"] == mask_meta["MaskGeneration"]
+    assert mask_meta["MaskGeneration"]["Method"] == config.mask_strategy and len(mask_meta["MaskGeneration"]) > 1
     assert meta["Sources"][0] == "bids:raw:sub-01/ses-2/anat/sub-01_ses-2_echo-1_part-mag_MEGRE.nii.gz"
     assert meta["EchoTime"] == pytest.approx([0.004, 0.008, 0.012]) and meta["SkullStripped"] is True
     total = wf.get_node("qsm_derivatives_wf").get_node("ds_total_field")

@@ -40,9 +40,9 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
     bgremove = {"Method": config.bgremove, **config.parameters["bgremove"][config.bgremove]}
     if config.bgremove == "vsharp" and bgremove.get("radii_mm") is None:  # the default depends on the voxel size
         bgremove["radii_mm"] = [round(float(r), 4) for r in default_radii_mm(voxel_size_from_affine(np.asarray(run.affine)))]
+    mask = ({"Method": "user", "File": str(run.mask)} if config.mask_strategy == "user"
+            else {"Method": config.mask_strategy, **config.parameters["mask"][config.mask_strategy]})
     if output == "mask":
-        mask = ({"Method": "user", "File": str(run.mask)} if config.mask_strategy == "user"
-                else {"Method": config.mask_strategy, **config.parameters["mask"][config.mask_strategy]})
         return {**common, "Type": "Brain", "MaskGeneration": mask, "BackgroundFieldRemoval": bgremove,
                 "Description": "brain mask after the erosion of background field removal: where the local "
                                "field and Chimap are defined"}
@@ -62,7 +62,7 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
             **config.parameters.get("inversion", {}).get(method, {}),
             "UnwrappingMethod": config.unwrap,
             "BackgroundFieldRemoval": bgremove,
-            "MaskGeneration": config.mask_strategy,
+            "MaskGeneration": mask,
         },
         "B0Direction": [round(v, 6) for v in b0_dir],
         "ResampledToB0AlignedGrid": bool(resampled),
