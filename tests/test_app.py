@@ -800,9 +800,46 @@ def test_the_group_level_lists_a_run_whose_participant_run_failed_and_exits_65(t
             "stopped does (sub-01.html says why); run the participant level again for this run")
         printed = capsys.readouterr()
         assert f"flagged sub-01_ses-{failed}: no derivatives" in printed.out
-        assert f"1 run(s) with derivatives missing or not measurable, flagged in the table: sub-01_ses-{failed}" \
+        assert f"1 run(s) not measured (derivatives missing or unreadable, or input refused), flagged in the table: " \
+               f"sub-01_ses-{failed}" \
             in printed.err
     assert rows[f"sub-01_ses-{failed}"]["method"] == "n/a"
+
+
+def test_the_group_level_lists_a_run_whose_input_was_refused_and_exits_65(tmp_path, capsys):
+    """A session refused by input validation (a list of echo times in a per-echo sidecar) was missing from the group
+    table, which exited 0 over the other session. Its row now gives the refusal with the file and the fix, also once
+    derivatives of an earlier participant run are there; a later run that processes it takes it off the list."""
+    import csv
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    assert simulate.main([str(bids), "--sessions", "1", "2", "--matrix", "32", "32", "24", "--voxel-size", "6", "6",
+                          "6", "--echoes", "2"]) == 0
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd", "--nprocs", "1"]
+    assert main(argv) == 0
+    sidecar = next((bids / "sub-01" / "ses-2" / "anat").glob("*_echo-2_part-mag_MEGRE.json"))
+    good = sidecar.read_text()
+    sidecar.write_text(json.dumps({**json.loads(good), "EchoTime": [0.004, 0.008]}))
+    assert main(argv) == 65  # ses-1 processed again, ses-2 refused
+    capsys.readouterr()
+
+    def group():
+        code = main([str(bids), str(out), "group"])
+        with open(out / "group_qsm.tsv", newline="") as file:
+            return code, {row["run"]: row for row in csv.DictReader(file, delimiter="\t")}
+
+    code, rows = group()
+    assert code == 65 and sorted(rows) == ["sub-01_ses-1", "sub-01_ses-2"]
+    (second_log,) = sorted(p.name for p in (out / "logs").iterdir())[1:]
+    flags = rows["sub-01_ses-2"]["flags"]
+    assert flags.startswith(f"input refused by its participant run (logs/{second_log}): ") and sidecar.name in flags
+    assert flags.endswith("; its derivatives there are from an earlier participant run")
+    assert rows["sub-01_ses-2"]["method"] == "n/a" and rows["sub-01_ses-2"]["chi_median_ppm"] == "n/a"
+    assert rows["sub-01_ses-1"]["flags"] == "n/a" and rows["sub-01_ses-1"]["chi_median_ppm"] != "n/a"
+    assert "flagged sub-01_ses-2: input refused" in capsys.readouterr().out
+    sidecar.write_text(good)
+    assert main(argv) == 0
+    assert group()[0] == 0
 
 
 def test_a_slab_too_thin_for_the_refinement_high_pass_fails_with_the_fix(tmp_path, capsys):
@@ -1169,11 +1206,14 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
     chimap = out / folder / f"{name}_desc-tkd_Chimap.nii.gz"
     image = nib.load(chimap)
     nib.save(nib.Nifti1Image(-np.asarray(image.dataobj), image.affine, image.header), chimap)
-    assert main([str(runs["bids"]), str(out), "group"]) == 0
+    assert main([str(runs["bids"]), str(out), "group"]) == 65  # the participant run refused sub-03 (phase Units)
     printed = capsys.readouterr().out
-    assert f"3 run(s), {3 * len(METHODS)} Chimap(s)" in printed and "flagged sub-02: tail ratio" in printed
+    assert f"4 run(s), {3 * len(METHODS)} Chimap(s)" in printed and "flagged sub-02: tail ratio" in printed
+    assert "flagged sub-03: input refused by its participant run (logs/" in printed and "has no Units" in printed
     with open(out / "group_qsm.tsv", newline="") as table:
         rows = list(csv.DictReader(table, delimiter="\t"))
+    assert [(row["method"], row["mask_ml"]) for row in rows if row["run"] == "sub-03"] == [("n/a", "n/a")]
+    rows = [row for row in rows if row["run"] != "sub-03"]
     assert sorted((row["run"], row["method"]) for row in rows) == sorted((r, m) for r in RUNS for m in METHODS)
     for row in rows:
         mask = _load(out / RUNS[row["run"]] / f"{row['run']}_desc-brain_mask.nii.gz") > 0
@@ -1242,8 +1282,8 @@ def test_group_level_flags_a_chimap_without_contrast_and_lists_runs_it_cannot_me
     chimap.write_bytes(chimap.read_bytes()[:-20])  # truncated: its gzip stream ends early
     assert main([str(bids), str(out), "group"]) == 65
     printed = capsys.readouterr()
-    assert "1 run(s), 0 Chimap(s)" in printed.out and ("1 run(s) with derivatives missing or not measurable, flagged in "
-                                                      "the table: sub-01") in printed.err
+    assert "1 run(s), 0 Chimap(s)" in printed.out and ("1 run(s) not measured (derivatives missing or unreadable, or "
+                                                      "input refused), flagged in the table: sub-01") in printed.err
     (row,) = table()
     assert row["flags"].startswith(f"cannot be measured: susceptibility map {chimap} is not a readable NIfTI file")
     # a hand-deleted brain mask: the run is found by its other files (it was left out, or refused as no run at all)

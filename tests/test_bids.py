@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsmprep.bids import check_bids_dataset, discover_runs, read_filter_file, validate_runs
-from qsmprep.bids.derivatives import (bids_uri, logged_runs, processed_runs, run_output_paths,
+from qsmprep.bids.derivatives import (bids_uri, logged_runs, processed_runs, refused_runs, run_output_paths,
                                      write_dataset_description)
 from qsmprep.bids.discovery import GRERun
 from qsmprep.bids.validation import acquisition_type
@@ -575,6 +575,26 @@ def test_logged_runs_are_those_of_the_last_participant_run_that_processed_each(t
                                         "it, or delete its folder if that run processed nothing."):
         logged_runs(tmp_path)
     assert logged_runs(tmp_path / "nothing") == {}
+
+
+def test_refused_runs_are_those_the_last_participant_run_naming_them_refused(tmp_path):
+    """A run is refused until a later invocation processes it; one refused after being processed is refused; the
+    messages of its problems are joined; --boilerplate-only invocations count for nothing."""
+    def config(run_id, names, problems, **extra):
+        path = tmp_path / "logs" / run_id / "config.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"runs": [{"name": name} for name in names], "inversion": ["tkd"], **extra,
+                                    "problems": [{"run": run, "message": text} for run, text in problems]}))
+
+    config("20260101-000000_aaaa", ["sub-01"], [("sub-02", "a.json: bad."), ("sub-02", "b.nii.gz: bad"),
+                                                ("sub-03", "c.json: bad")])
+    config("20260102-000000_bbbb", ["sub-02"], [("sub-01", "d.json: bad")])
+    config("20260103-000000_cccc", ["sub-01"], [("sub-02", "e.json: bad")], boilerplate_only=True)
+    assert refused_runs(tmp_path) == {"sub-01": ("d.json: bad", "logs/20260102-000000_bbbb"),
+                                      "sub-03": ("c.json: bad", "logs/20260101-000000_aaaa")}
+    config("20260104-000000_dddd", ["sub-01", "sub-03"], [])
+    assert refused_runs(tmp_path) == {}
+    assert refused_runs(tmp_path / "nothing") == {}
 
 
 # ------------------------------------------------ image content: truncated files, NaN, phase that misfits its Units

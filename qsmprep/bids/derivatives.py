@@ -121,19 +121,39 @@ def processed_runs(output_dir, subject, methods):
     return {name: {key: path for key, path in paths.items() if path.is_file()} for name, paths in found.items()}
 
 
-def logged_runs(output_dir):
-    """{run name: (its inversion methods, "logs/<run_id>")} of every run a participant invocation processed in
-    ``output_dir``, from the last of their ``logs/<run_id>/config.json`` (run ids sort by time) that names it: each
-    invocation deletes a run's earlier derivatives before processing it, so the last says which it should have.
-    ``--boilerplate-only`` invocations processed nothing. DataError naming a config.json that is no JSON object."""
-    logged = {}
+def participant_configs(output_dir):
+    """("logs/<run_id>", configuration) of every participant invocation in ``output_dir`` that processed runs, oldest
+    first (run ids sort by time; ``--boilerplate-only`` invocations processed nothing). DataError naming a
+    config.json that is no JSON object."""
     for path in sorted(Path(output_dir).glob("logs/*/config.json")):
         config = read_json_object(path, "the configuration of a qsmprep run",
                                   fix="restore it, or delete its folder if that run processed nothing.")
         if not config.get("boilerplate_only"):
-            logged.update({run["name"]: (tuple(config.get("inversion", ())), f"logs/{path.parent.name}")
-                           for run in config.get("runs", [])})
+            yield f"logs/{path.parent.name}", config
+
+
+def logged_runs(output_dir):
+    """{run name: (its inversion methods, "logs/<run_id>")} of every run a participant invocation processed in
+    ``output_dir``, from the last of their ``logs/<run_id>/config.json`` that names it (``participant_configs``): each
+    invocation deletes a run's earlier derivatives before processing it, so the last says which it should have."""
+    logged = {}
+    for log_dir, config in participant_configs(output_dir):
+        logged.update({run["name"]: (tuple(config.get("inversion", ())), log_dir) for run in config.get("runs", [])})
     return logged
+
+
+def refused_runs(output_dir):
+    """{run name: (its problems' messages, "logs/<run_id>")} of every run that the last participant invocation naming
+    it refused (its config.json's ``problems``, from input validation); a run a later invocation processed is not
+    listed, and one refused after it was processed is (its derivatives there are from that earlier invocation)."""
+    last = {}
+    for log_dir, config in participant_configs(output_dir):
+        last.update(dict.fromkeys((run["name"] for run in config.get("runs", [])), None))
+        messages = {}
+        for problem in config.get("problems", []):
+            messages.setdefault(problem["run"], []).append(problem["message"])
+        last.update({name: ("; ".join(texts), log_dir) for name, texts in messages.items()})
+    return {name: refusal for name, refusal in last.items() if refusal}
 
 
 def bids_uri(path, bids_dir):

@@ -763,9 +763,9 @@ def held_labels(folders, run_names, entity):
 def run_group(args):
     """The group level: ``group_qsm.tsv``/``.html`` over the runs the participant level wrote in OUTPUT_DIR
     (``qsmprep.reports.group``) for ``--participant-label`` and ``--session-label`` (default every subject and
-    session); returns the exit code: 0, or 65 when some run's derivatives are missing or cannot be measured (its row
-    says why; the others are in the table)."""
-    from ..bids.derivatives import dataset_makers, logged_runs
+    session); returns the exit code: 0, or 65 when some run's derivatives are missing or cannot be measured, or the
+    last participant run refused its input (its row says why; the others are in the table)."""
+    from ..bids.derivatives import dataset_makers, logged_runs, refused_runs
     from ..errors import NoInputError
     from ..reports.group import counts, group_rows, write_group_report
 
@@ -781,8 +781,9 @@ def run_group(args):
     if "qsmprep" not in (dataset_makers(out) or []):
         raise NoInputError(f"{out} holds no qsmprep derivatives ({out / 'dataset_description.json'} missing or not "
                            "written by qsmprep): run the participant level into it first.")
-    logged = logged_runs(out)
-    present = held_labels(out.glob("sub-*"), logged, "sub")
+    logged, refused = logged_runs(out), refused_runs(out)
+    named = [*logged, *refused]  # runs the logs name: a failed or refused one may have left no folder
+    present = held_labels(out.glob("sub-*"), named, "sub")
     wanted = list(dict.fromkeys(s.removeprefix("sub-") for s in args.participant_label)) or present
     missing = sorted(set(wanted) - set(present))
     if missing:
@@ -790,11 +791,11 @@ def run_group(args):
                            f"{', '.join(present) or 'none'}).")
     sessions = list(dict.fromkeys(s.removeprefix("ses-") for s in args.session_label))
     held = held_labels([p for subject in wanted for p in (out / f"sub-{subject}").glob("ses-*")],
-                       [name for name in logged if name.split("_")[0].removeprefix("sub-") in wanted], "ses")
+                       [name for name in named if name.split("_")[0].removeprefix("sub-") in wanted], "ses")
     if set(sessions) - set(held):
         raise NoInputError(f"--session-label {' '.join(s for s in sessions if s not in held)}: no such session of "
                            f"subject(s) {', '.join(wanted)} in {out} (they have {', '.join(held) or 'none'}).")
-    rows = group_rows(out, wanted, sessions, logged)
+    rows = group_rows(out, wanted, sessions, logged, refused)
     if not rows:  # refused before writing: an earlier table is kept, not replaced by an empty one
         of_sessions = f" in session(s) {', '.join(sessions)}" if sessions else ""
         check = "check --session-label, or " if sessions else ""
@@ -810,8 +811,8 @@ def run_group(args):
         print(f"  flagged {run}: " + "; ".join(row["flags"] for row in rows if row["run"] == run and row["flags"]))
     unmeasured = sorted({row["run"] for row in rows if row["problem"]})
     if unmeasured:
-        log.error("%d run(s) with derivatives missing or not measurable, flagged in the table: %s", len(unmeasured),
-                  ", ".join(unmeasured))
+        log.error("%d run(s) not measured (derivatives missing or unreadable, or input refused), flagged in the table: "
+                  "%s", len(unmeasured), ", ".join(unmeasured))
         return DataError.exit_code
     return 0
 

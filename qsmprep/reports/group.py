@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bids.derivatives import logged_runs, named_run_paths, processed_runs
+from ..bids.derivatives import logged_runs, named_run_paths, processed_runs, refused_runs
 from ..config import INVERSION_METHODS
 from ..errors import CantCreateError, QSMPrepError
 from ..io import check_same_grid, load_nifti, write_text_atomic
@@ -38,7 +38,8 @@ COLUMNS = {
     "run": "run name, as in its derivatives' file names (e.g. sub-01_ses-1)",
     "subject": "subject label without sub-",
     "method": "inversion method of the Chimap (desc-<method>_Chimap); n/a for a row of the whole run (flagged): it "
-              "has no derivatives, a brain mask or field map that is missing or cannot be read, or no Chimap",
+              "has no derivatives, a brain mask or field map that is missing or cannot be read, or no Chimap, or the "
+              "last participant run refused its input",
     "mask_ml": "brain mask volume in ml (desc-brain_mask)",
     "echoes": "number of echoes (the mask sidecar's EchoTime)",
     "b0_tesla": "field strength in T that scaled the field to ppm (the sidecars' MagneticFieldStrength; their "
@@ -51,7 +52,7 @@ COLUMNS = {
     "tail_ratio": "(chi_p99_ppm - chi_median_ppm) / (chi_median_ppm - chi_p1_ppm): above 1 in brains; below 1 the "
                   "phase polarity is most likely inverted (docs/outputs.md, The report)",
     "flags": "why the row stands out (a file that is missing or cannot be read, or no Chimap: run the participant "
-             "level again; a Chimap with no contrast in the brain mask, e.g. all zeros; tail ratio below 1; brain mask "
+             "level again; input the last participant run refused: fix it as the flag says; a Chimap with no contrast in the brain mask, e.g. all zeros; tail ratio below 1; brain mask "
              "volume more than 3 robust standard deviations from the group's median, with 5 runs or more), n/a when it "
              "does not",
 }
@@ -71,7 +72,7 @@ def run_rows(name, paths, log_dir=None):
     mask cannot be read: such rows have no measures and a ``problem`` saying why (flagged, and ``run_group`` exits
     65), the run's only row (method None) where nothing can be measured. ``log_dir``: the log folder of the
     participant run that processed it (``logged_runs``), named where it wrote nothing."""
-    row = {**dict.fromkeys(COLUMNS), "run": name, "subject": name.split("_")[0].removeprefix("sub-"), "problem": ""}
+    row = empty_row(name)
     missing = {key: path.name for key, path in paths.items() if not path.is_file()}
     if len(missing) == len(paths):
         return [with_problem(row, None, f"no derivatives: its participant run ({log_dir}) wrote none, as a run that "
@@ -100,6 +101,20 @@ def run_rows(name, paths, log_dir=None):
                                               f"{method})") if key in missing
                     else chimap_row(row, method, paths[key], paths["mask"], mask, affine))
     return rows
+
+
+def empty_row(name):
+    """A row of run ``name`` with no measures yet."""
+    return {**dict.fromkeys(COLUMNS), "run": name, "subject": name.split("_")[0].removeprefix("sub-"), "problem": ""}
+
+
+def refused_row(name, messages, log_dir, earlier_derivatives=False):
+    """The only row of run ``name``, whose input the participant run logged in ``log_dir`` refused for ``messages``
+    (``refused_runs``; they name the file and the fix); ``earlier_derivatives``: it has derivatives from an earlier
+    participant run, which are not measured (they are not of its input as it is now)."""
+    earlier = "; its derivatives there are from an earlier participant run" if earlier_derivatives else ""
+    return {**empty_row(name), "problem": f"input refused by its participant run ({log_dir}): {messages.rstrip('.')}"
+                                          f"{earlier}"}
 
 
 def with_problem(row, method, why):
@@ -190,20 +205,25 @@ def group_figure_png(rows):
     return png_bytes(fig)
 
 
-def group_rows(output_dir, subjects, sessions=(), logged=None):
+def group_rows(output_dir, subjects, sessions=(), logged=None, refused=None):
     """The flagged rows (``run_rows``, ``flag_rows``) of every run of ``subjects`` (labels without sub-) in the
     derivatives dataset ``output_dir``, only of ``sessions`` (labels without ses-) if any are given. A run is one
-    that has a derivative there (``processed_runs``) or that a participant run processed (``logged``, default
-    ``logged_runs(output_dir)``); it should have the Chimaps of the methods that run was asked for, and of any other
-    present."""
+    that has a derivative there (``processed_runs``), that a participant run processed (``logged``, default
+    ``logged_runs(output_dir)``) or whose input the last participant run naming it refused (``refused``, default
+    ``refused_runs(output_dir)``: ``refused_row``); it should have the Chimaps of the methods that run was asked for,
+    and of any other present."""
     logged = logged_runs(output_dir) if logged is None else logged
+    refused = refused_runs(output_dir) if refused is None else refused
     wanted = {f"ses-{session}" for session in sessions}
     rows = []
     for subject in subjects:
         found = processed_runs(output_dir, subject, INVERSION_METHODS)
-        names = sorted(found.keys() | {name for name in logged if name.split("_")[0] == f"sub-{subject}"})
+        names = sorted(found.keys() | {name for name in [*logged, *refused] if name.split("_")[0] == f"sub-{subject}"})
         for name in names:
             if wanted and not wanted & set(name.split("_")):
+                continue
+            if name in refused:
+                rows.append(refused_row(name, *refused[name], earlier_derivatives=name in found))
                 continue
             asked, log_dir = logged.get(name, ((), None))
             present = [key.removeprefix("chimap:") for key in found.get(name, {}) if key.startswith("chimap:")]
