@@ -222,6 +222,29 @@ def test_each_problem_names_the_file_and_the_fix(tmp_path, kwargs, file_part, te
     assert any(name in problem.message for name in named)  # the image or its sidecar
 
 
+def test_messages_name_the_inherited_sidecar_that_holds_the_value(tmp_path):
+    """A value inherited from a sidecar higher up (BIDS inheritance: MEGRE.json at the root, part-phase_MEGRE.json in
+    the subject's folder) was blamed on the sidecar beside the image, which does not hold it; where no sidecar holds
+    the key, the one beside the image is named, where it would be added."""
+    from qsmprep.bids.discovery import metadata_file
+
+    anat = make_run(tmp_path, b0=None, units=None)
+    (tmp_path / "MEGRE.json").write_text(json.dumps({"MagneticFieldStrength": 3000}))
+    (tmp_path / "sub-01" / "part-phase_MEGRE.json").write_text(json.dumps({"Units": "degrees"}))
+    (tmp_path / "sub-01" / "part-mag_MEGRE.json").write_text(json.dumps({"Units": "rad"}))  # not for phase images
+    phase = anat / "sub-01_echo-1_part-phase_MEGRE.nii.gz"
+    assert metadata_file(phase, "MagneticFieldStrength") == tmp_path / "MEGRE.json"
+    assert metadata_file(phase, "Units") == tmp_path / "sub-01" / "part-phase_MEGRE.json"
+    assert metadata_file(phase, "EchoTime") == anat / "sub-01_echo-1_part-phase_MEGRE.json"
+    assert metadata_file(phase, "RepetitionTime") == anat / "sub-01_echo-1_part-phase_MEGRE.json"
+    _, problems = validate_runs(discover_runs(tmp_path))
+    messages = " ".join(problem.message for problem in problems)
+    assert f"the phase sidecar {tmp_path / 'sub-01' / 'part-phase_MEGRE.json'} has Units 'degrees'" in messages
+    (tmp_path / "sub-01" / "part-phase_MEGRE.json").write_text(json.dumps({"Units": "rad"}))
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert problem.message.startswith(f"{tmp_path / 'MEGRE.json'}: MagneticFieldStrength 3000 is not a field strength")
+
+
 def test_disagreeing_or_invalid_field_strength_names_the_odd_sidecar(tmp_path):
     anat = make_run(tmp_path, echo_times=(0.004, 0.008, 0.012))
     odd = anat / "sub-01_echo-2_part-phase_MEGRE.json"

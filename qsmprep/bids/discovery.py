@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, NoInputError, UsageError
-from ..io import read_json_object
+from ..io import read_json_object, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,30 @@ def _echo_number(entities):
 
 PYBIDS_IGNORED = ("code", "derivatives", "models", "sourcedata", "stimuli")
 """Top-level folders pybids does not index (with dot-folders); their JSON files are not read."""
+
+
+def metadata_file(image, key):
+    """The JSON file that gives ``key`` to the NIfTI ``image`` under the BIDS inheritance principle, as pybids reads
+    it: the most specific applicable sidecar holding ``key``, from the image's folder up to the dataset's root (the
+    first folder above with a dataset_description.json), a sidecar applying where its entities are among the image's
+    and its suffix is the image's (e.g. ``part-phase_MEGRE.json`` at the root for every phase image). The sidecar
+    beside the image, where ``key`` would be added, when none holds it. So a message about a value names the file
+    to fix."""
+    image = Path(image)
+    *entities, suffix = image.name.removesuffix(".gz").removesuffix(".nii").split("_")
+    folder = image.parent
+    while True:
+        applicable = [path for path in folder.glob(f"*{suffix}.json")
+                      if path.stem.split("_")[-1] == suffix and set(path.stem.split("_")[:-1]) <= set(entities)]
+        for path in sorted(applicable, key=lambda path: -len(path.stem.split("_"))):  # most entities first
+            try:
+                if key in read_json_object(path, "a JSON sidecar"):
+                    return path
+            except DataError:  # not JSON: validation names it on its own
+                continue
+        if (folder / "dataset_description.json").is_file() or folder.parent == folder:
+            return sidecar_path(image)
+        folder = folder.parent
 
 
 def invalid_json_file(bids_dir):

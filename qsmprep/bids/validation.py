@@ -44,9 +44,8 @@ from pathlib import Path
 
 from ..checks import is_number
 from ..errors import DataError, NoInputError
-from ..io import sidecar_path
 from ..phase.combine import MAX_PLAUSIBLE_TE_S, milliseconds_hint
-from .discovery import ENTITY_KEYS, SINGLE_ECHO_SUFFIXES
+from .discovery import ENTITY_KEYS, SINGLE_ECHO_SUFFIXES, metadata_file
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +128,21 @@ def _echo_times(run, problems):
             values = te if isinstance(te, list) else [te]
             numeric = te is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
             if numeric and not run.multi_echo_4d and len(values) != 1:  # else the run has more echo times than images
-                report(file, f"{file}: its JSON sidecar {sidecar_path(file)} has \"EchoTime\": {te}, but an image of "
-                             "one echo needs exactly one EchoTime, in seconds: write this echo's own, e.g. "
+                report(file, f"{file}: its JSON sidecar {metadata_file(file, 'EchoTime')} has \"EchoTime\": {te}, "
+                             "but an image of one echo needs exactly one EchoTime, in seconds: write this echo's own, e.g. "
                              "\"EchoTime\": 0.02 (a list of echo times is for a 4D file holding every echo).")
                 unusable += 1
                 continue
             if not numeric or not values:
-                report(file, f"{file}: no numeric EchoTime in its JSON sidecar {sidecar_path(file)}: add \"EchoTime\" "
-                             "in seconds (a list of seconds for a 4D multi-echo file).")
+                report(file, f"{file}: no numeric EchoTime in its JSON sidecar {metadata_file(file, 'EchoTime')}: "
+                             "add \"EchoTime\" in seconds (a list of seconds for a 4D multi-echo file).")
                 unusable += 1
                 continue
             bad = [v for v in values if not 0 < v <= MAX_PLAUSIBLE_TE_S]
             if bad:
                 report(file, f"{file}: EchoTime {bad[0]} is not a gradient-echo time in seconds (over 0 and at most "
                              f"{MAX_PLAUSIBLE_TE_S:g} s){milliseconds_hint(bad[0])}: write it in seconds in "
-                             f"{sidecar_path(file)}, e.g. 0.02 for 20 ms.")
+                             f"{metadata_file(file, 'EchoTime')}, e.g. 0.02 for 20 ms.")
                 unusable += 1
                 continue
             tes.extend(float(v) for v in values)
@@ -153,7 +152,7 @@ def _echo_times(run, problems):
     mag_tes, phase_tes = per_part
 
     def sidecar_of(files, echo):  # one file per echo, or one 4D file holding every echo
-        return sidecar_path(files[echo] if len(files) == len(phase_tes) else files[0])
+        return metadata_file(files[echo] if len(files) == len(phase_tes) else files[0], "EchoTime")
 
     if len(mag_tes) != len(phase_tes) or any(abs(a - b) > 1e-6 for a, b in zip(mag_tes, phase_tes)):
         echo = next((i for i, (a, b) in enumerate(zip(mag_tes, phase_tes)) if abs(a - b) > 1e-6), 0)
@@ -181,8 +180,8 @@ def _phase_units(run, problems):
         if value is None or str(value).strip().lower() not in PHASE_UNITS:
             what = "no Units" if value is None else f"Units {value!r}, which qsmprep cannot interpret"
             problems.append(Problem(run.subject, run.name, str(file),
-                                    f"{file}: the phase sidecar {sidecar_path(file)} has {what}: set \"Units\" to "
-                                    "\"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
+                                    f"{file}: the phase sidecar {metadata_file(file, 'Units')} has {what}: set "
+                                    "\"Units\" to \"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
             unusable = True
         else:
             units.add(str(value).strip().lower())
@@ -232,7 +231,7 @@ def _phase_range_problem(file, units, values):
         return None
     if units == "rad" and low >= -math.pi - RAD_TOLERANCE and high <= 2 * math.pi + RAD_TOLERANCE:
         return None
-    sidecar = sidecar_path(file)
+    sidecar = metadata_file(file, "Units")
     seen = f"{file}: phase values {low:g}..{high:g}"
     declared = f"its sidecar {sidecar} says \"Units\": \"{units}\""
     lo, hi = VENDOR_RANGE
@@ -388,7 +387,8 @@ def _stated_value(run, key, problems):
             files.setdefault(value if isinstance(value, (int, float, str, bool)) else repr(value), (value, []))[1].append(file)
     if len(files) <= 1:
         return next(iter(files.values()), (None, []))
-    stated = "; ".join(f"{value!r} in {sidecar_path(names[0])}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+    stated = "; ".join(f"{value!r} in {metadata_file(names[0], key)}"
+                       + (f" and {len(names) - 1} more" if len(names) > 1 else "")
                        for value, names in files.values())
     problems.append(Problem(run.subject, run.name, str(min((names for _, names in files.values()), key=len)[0]),
                             f"{run.name}: its sidecars disagree on {key} ({stated}): make them agree, or pass "
@@ -418,7 +418,8 @@ def _b0_tesla(run, b0_tesla, problems):
         return refuse(run.phase[0], f"{run.phase[0]}: no MagneticFieldStrength in the sidecars of {run.name}: add "
                                     "\"MagneticFieldStrength\" (tesla) to its JSON sidecars, or pass --b0-tesla.")
     if nominal_files and not (is_number(nominal) and 0 < nominal <= MAX_PLAUSIBLE_B0_TESLA):
-        return refuse(nominal_files[0], f"{sidecar_path(nominal_files[0])}: MagneticFieldStrength {nominal!r} is not a "
+        where = metadata_file(nominal_files[0], "MagneticFieldStrength")
+        return refuse(nominal_files[0], f"{where}: MagneticFieldStrength {nominal!r} is not a "
                                         f"field strength in tesla{millitesla_hint(nominal)}: write a positive number, "
                                         "e.g. 3, or pass --b0-tesla.")
     if not frequency_files:
@@ -428,7 +429,8 @@ def _b0_tesla(run, b0_tesla, problems):
             nominal_files and abs(tesla / nominal - 1) > PROTON_FREQUENCY_TOLERANCE):
         gives = (f" (it gives {tesla:.4g} T" + (f", not the MagneticFieldStrength {nominal:g} T" if nominal_files else "")
                  + ")") if tesla else ""
-        return refuse(frequency_files[0], f"{sidecar_path(frequency_files[0])}: ImagingFrequency {frequency!r} is not "
+        where = metadata_file(frequency_files[0], "ImagingFrequency")
+        return refuse(frequency_files[0], f"{where}: ImagingFrequency {frequency!r} is not "
                                           f"the magnet's proton frequency in MHz{gives}: fix it (e.g. 123.2 at 3 T), "
                                           "or pass --b0-tesla.")
     return tesla, "ImagingFrequency"
@@ -511,7 +513,8 @@ def _magnitude_decay(run, echo_times, volumes, files, problems):
         if ratio > MAX_MAGNITUDE_RISE:
             problems.append(Problem(run.subject, run.name, str(files[later]), (
                 f"{run.name}: the magnitude rises by {ratio - 1:.0%} from echo time {echo_times[k] * 1e3:g} ms "
-                f"({sidecar_path(files[k])}) to {echo_times[later] * 1e3:g} ms ({sidecar_path(files[later])}), where T2* "
+                f"({metadata_file(files[k], 'EchoTime')}) to {echo_times[later] * 1e3:g} ms "
+                f"({metadata_file(files[later], 'EchoTime')}), where T2* "
                 "decay makes it fall: the EchoTime values do not match their images; fix the sidecars.")))
             return
 
