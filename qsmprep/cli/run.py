@@ -68,8 +68,11 @@ def stop_on_signals(config):
     runs; and MultiProc's forked workers outlived a parent killed by SIGTERM, waiting for ever on a queue whose
     write end they inherited. The handler stops the workers, removes what it cut short (``remove_cut_short``)
     and exits at once with 128 + the signal's number (143, 130), as a shell reports a process the signal
-    killed. Forked children get the default handlers back, so ``terminate`` ends them mid-node. Returns the
-    handlers it replaced, {signal number: handler}, for a caller that goes on to restore.
+    killed. The workers are ended by SIGKILL, which nothing delays or drops: a SIGTERM that reaches a child just
+    after its fork, before it has the default handlers back (``_default_stop_handlers_in_child``), is caught by
+    Python and then dropped, as the handler it finds is the default (the likely cause of two workers that outlived
+    their parent once, in a CI run under load). Returns the handlers it replaced, {signal number: handler}, for a caller that goes on to
+    restore.
     """
     import multiprocessing
 
@@ -79,7 +82,7 @@ def stop_on_signals(config):
         logging.getLogger("concurrent.futures").disabled = True  # its traceback of the pool broken on purpose
         workers = multiprocessing.active_children()
         for worker in workers:
-            worker.terminate()
+            worker.kill()
         cut_short = remove_cut_short(config, STAGING_FOLDERS)
         log.error("stopped by %s, with %d worker process(es)%s; run the same command again to go on from the work "
                   "directory's finished steps.", signal.Signals(signum).name, len(workers),
@@ -92,8 +95,9 @@ def stop_on_signals(config):
 
 
 def _default_stop_handlers_in_child():
-    """In a forked child, the default handler for each of ``STOP_SIGNALS`` that has ``stop_on_signals``'s: the
-    parent's ``terminate`` then ends the child mid-node. Handlers a Python caller set are left to it."""
+    """In a forked child, the default handler for each of ``STOP_SIGNALS`` that has ``stop_on_signals``'s: a
+    Ctrl-C, which the terminal sends to every process of the group, then ends the child mid-node instead of running
+    the parent's handler there. Handlers a Python caller set are left to it."""
     for signum in STOP_SIGNALS:
         if getattr(signal.getsignal(signum), "stops_qsmprep", False):
             signal.signal(signum, signal.SIG_DFL)
