@@ -36,6 +36,11 @@ PIPELINE_PARAMETERS = {("inversion", "tv"): {"harmonic_radius_mm": PIPELINE_REFI
 """The pipeline's own defaults where they differ from the library function's, for the same reason as
 ``PIPELINE_REFINE_RADIUS_MM``: its local fields carry residual background fields (a parameters file overrides them)."""
 
+HIGH_PASS_PARAMETERS = {"deep": "refine_radius_mm", "tv": "harmonic_radius_mm"}
+"""The inversions' high-pass radius parameter (mm). In the pipeline each run's is the largest, at most the one
+set, whose sphere fits in its brain mask (``qsmprep.bgremove.smv.largest_fitting_radius``): a thin slab's mask holds
+no 8 mm sphere. The Chimap sidecar records the radius used."""
+
 B0_RESAMPLE_TILT_DEG = 1.0
 """With ``--resample-b0``, runs whose B0 is tilted more than this from the third voxel axis are inverted on a B0-aligned grid."""
 SELF_RESAMPLING_INVERSIONS = ("deep",)

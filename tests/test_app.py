@@ -842,22 +842,28 @@ def test_the_group_level_lists_a_run_whose_input_was_refused_and_exits_65(tmp_pa
     assert group()[0] == 0
 
 
-def test_a_slab_too_thin_for_the_refinement_high_pass_fails_with_the_fix(tmp_path, capsys):
-    """A 24 mm slab: the deep refinement's 8 mm sphere fits nowhere in its mask. The unrefined network map went out
-    as the refined one; now the run fails naming --refine-radius, and a smaller radius processes it."""
+def test_a_slab_too_thin_for_the_8_mm_high_pass_gets_the_largest_radius_that_fits(tmp_path):
+    """A 24 mm slab: the 8 mm sphere of the deep refinement's and TV's high-pass fits nowhere in its mask. The run
+    failed (exit 70, and before that the network's map went out as the refined one); now each inversion uses the
+    largest radius that fits, the log says so, and the Chimap sidecars record it."""
+    from qsmprep.bgremove.smv import largest_fitting_radius
+
     bids = tmp_path / "bids"
     assert simulate.main([str(bids), "--fov-mm", "168", "204", "24"]) == 0
     out = tmp_path / "out"
     # one process: this test process's torch thread teams would hang a forked worker (a user's process has none)
-    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--nprocs", "1"]
-    assert main(argv) == 70
-    summary = capsys.readouterr().out
-    assert "sub-01 [FAILED]" in summary and "invert_deep" in summary
-    assert "the 8 mm high-pass sphere fits nowhere inside the mask (a slab or mask thinner than 16 mm)" in summary
-    assert "(deep: --refine-radius;" in summary
-    assert not list(out.rglob("sub-01/**/*.nii.gz"))
-    assert main([*argv, "--refine-radius", "4"]) == 0
-    assert (out / "sub-01" / "anat" / "sub-01_desc-deep_Chimap.nii.gz").is_file()
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--nprocs", "1",
+                 "--inversion", "deep", "tv"]) == 0
+    anat = out / "sub-01" / "anat"
+    mask = nib.load(anat / "sub-01_desc-brain_mask.nii.gz")
+    fitted = largest_fitting_radius(np.asarray(mask.dataobj) > 0, voxel_size_from_affine(mask.affine), 8.0)
+    assert 0 < fitted < 8
+    for method, key in (("deep", "refine_radius_mm"), ("tv", "harmonic_radius_mm")):
+        sidecar = json.loads((anat / f"sub-01_desc-{method}_Chimap.json").read_text())
+        assert sidecar["EstimationParameters"][key] == fitted
+        assert np.abs(_load(anat / f"sub-01_desc-{method}_Chimap.nii.gz")).max() > 0.01
+    log = next(out.glob("logs/*/qsmprep.log")).read_text()
+    assert f"tv: the 8 mm high-pass sphere fits nowhere inside the brain mask (a thin slab?): using {fitted:g} mm" in log
 
 
 def test_a_mask_too_small_for_vsharp_fails_that_run_with_the_reason_and_the_fix(tmp_path, capsys):

@@ -8,7 +8,7 @@ from scipy import ndimage
 from scipy import fft as spfft
 
 from qsmprep.bgremove import BGREMOVE_METHODS, pdf, resharp, smv_kernel, vsharp
-from qsmprep.bgremove.smv import check_high_pass_radius, smv_padded_shape, sphere_fits
+from qsmprep.bgremove.smv import check_high_pass_radius, largest_fitting_radius, smv_padded_shape, sphere_fits
 from qsmprep.bgremove.vsharp import default_radii_mm
 from qsmprep.masking import ball_mm
 from qsmprep.physics import forward_field_ppm, kspace_grid
@@ -253,3 +253,20 @@ def test_methods_registry_and_shape_checks():
     for method in BGREMOVE_METHODS.values():
         with pytest.raises(ValueError, match="same shape"):
             method(np.zeros((20, 20, 20)), np.ones((20, 20, 19)))
+
+
+@pytest.mark.parametrize(("thickness", "voxel", "radius", "expected"), [
+    (40, 1.0, 8.0, 8.0),  # fits: kept
+    (14, 1.0, 8.0, 6.0),  # a sphere of radius r spans 2r + 1 voxels: 6 mm is the largest in 14 slices
+    (14, 1.0, 5.0, 5.0),
+    (5, 1.0, 8.0, 2.0),   # down to two voxels, V-SHARP's smallest radius
+    (4, 1.0, 8.0, 0.0),   # none fits: no high-pass
+    (7, 2.0, 8.0, 6.0),   # 14 mm at 2 mm voxels: steps of one voxel, 8 -> 6 mm
+])
+def test_largest_fitting_radius_of_a_slab(thickness, voxel, radius, expected):
+    """A slab-shaped mask ``thickness`` voxels thick: the largest radius, in steps of one voxel below the one wanted,
+    whose sphere fits, the answer counted by hand (a ball of radius r holds 2r / voxel + 1 voxels along an axis)."""
+    mask = np.zeros((40, 40, thickness + 8), bool)
+    mask[4:36, 4:36, 4:4 + thickness] = True
+    assert largest_fitting_radius(mask, (voxel,) * 3, radius) == expected
+

@@ -152,7 +152,7 @@ def test_a_high_pass_sphere_that_fits_nowhere_is_refused():
     chi, field, mask = _phantom()
     with pytest.raises(DataError, match="200 mm high-pass sphere fits nowhere inside the mask .* thinner than 400 mm"):
         refine_data_consistency(0.5 * chi, field, mask, n_iter=10, harmonic_radius_mm=200.0)
-    with pytest.raises(DataError, match="tv in the qsmprep pipeline: harmonic_radius_mm"):
+    with pytest.raises(DataError, match="the qsmprep pipeline fits the radius to each run's mask itself"):
         tv(field, mask, harmonic_radius_mm=200.0)
 
 

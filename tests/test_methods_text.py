@@ -200,7 +200,9 @@ def test_deep_refinement_high_pass_says_where_the_fields_are_compared():
     from qsmprep.workflows.qsm import deep_refinement_text
 
     assert ("both fields high-passed (their spherical mean over 8 mm subtracted, as in SHARP (Schweser et al. 2011), "
-            "and compared only where that sphere fits in the brain mask)") in deep_refinement_text(10, 0.05, refine_radius_mm=8.0)
+            "and compared only where that sphere fits in the brain mask; in a mask too thin for it, over the largest "
+            "radius that fits, down to two voxels, recorded in the map's sidecar)"
+            ) in deep_refinement_text(10, 0.05, refine_radius_mm=8.0)
 
 
 @pytest.mark.parametrize(("device", "refine", "sentence"), [

@@ -131,18 +131,24 @@ def test_b0_direction_hints_and_override():
     assert wf.get_node("invert_tkd").inputs.b0_dir == [0.0, 0.0, 1.0]
     assert wf.get_node("invert_deep").inputs.b0_dir == pytest.approx(expected)
     sidecars = wf.get_node("qsm_derivatives_wf")
-    assert sidecars.get_node("ds_chimap_tkd").inputs.meta_dict["ResampledToB0AlignedGrid"] is True
-    # the deep sidecar's fields reach its sink with the device the network ran on, once it has
+    # each sidecar's fields reach its sink with what its inversion node found as it ran (deep's device, the radius)
+    assert sidecars.get_node("chimap_tkd_metadata").inputs.metadata["ResampledToB0AlignedGrid"] is True
     assert sidecars.get_node("chimap_deep_metadata").inputs.metadata["ResampledToB0AlignedGrid"] is False
 
 
-def test_a_deep_sidecar_gets_the_device_only_when_the_node_reported_one():
-    """A deep result an earlier qsmprep cached in the work folder has no device: the field is left out, not {}."""
-    from qsmprep.workflows.outputs import with_inference_device
+def test_a_sidecar_gets_what_its_inversion_node_found_as_it_ran():
+    """Deep's device is added and the high-pass radius used replaces the one asked for; a result an earlier qsmprep
+    cached in the work folder has no details: the fields are left as they were, not {}."""
+    from qsmprep.workflows.outputs import with_run_details
 
     cpu = {"Device": "cpu", "Name": "CPU", "NetworkPrecision": "float32"}
-    assert with_inference_device({"Units": "ppm"}, cpu) == {"Units": "ppm", "DeepInferenceDevice": cpu}
-    assert with_inference_device({"Units": "ppm"}, {}) == {"Units": "ppm"}
+    metadata = {"Units": "ppm", "EstimationParameters": {"InversionMethod": "deep", "refine_radius_mm": 8.0}}
+    details = {"DeepInferenceDevice": cpu, "EstimationParameters": {"refine_radius_mm": 5.0}}
+    assert with_run_details(metadata, details) == {
+        "Units": "ppm", "DeepInferenceDevice": cpu,
+        "EstimationParameters": {"InversionMethod": "deep", "refine_radius_mm": 5.0}}
+    assert metadata["EstimationParameters"]["refine_radius_mm"] == 8.0  # not changed in place
+    assert with_run_details(metadata, {}) == with_run_details(metadata, None) == metadata
 
 
 def test_sinks_name_and_describe_outputs():
@@ -153,7 +159,7 @@ def test_sinks_name_and_describe_outputs():
     wf = init_qsm_wf(run, config)
     ds = wf.get_node("qsm_derivatives_wf").get_node("ds_chimap_cfl2")
     assert (ds.inputs.desc, ds.inputs.suffix, ds.inputs.source_file) == ("cfl2", "Chimap", [run.magnitude[0]])
-    meta = ds.inputs.meta_dict
+    meta = wf.get_node("qsm_derivatives_wf").get_node("chimap_cfl2_metadata").inputs.metadata
     assert meta["Units"] == "ppm" and meta["EstimationParameters"]["lam"] == 0.1
     mask_meta = wf.get_node("qsm_derivatives_wf").get_node("ds_mask").inputs.meta_dict  # the Chimap's gave a name only
     assert meta["EstimationParameters"]["MaskGeneration"] == mask_meta["MaskGeneration"]

@@ -127,3 +127,33 @@ def sphere_fits(mask_spectrum, kernel, shape, voxel_size_mm, radius_mm):
     n_ball = int(ball_mm(radius_mm, voxel_size_mm).sum())
     mean_of_mask = fft_module(mask_spectrum).irfftn(mask_spectrum * kernel, shape)
     return mean_of_mask > 1.0 - 0.5 / n_ball
+
+
+def largest_fitting_radius(mask, voxel_size_mm, radius_mm):
+    """The largest SMV radius (mm), at most ``radius_mm``, whose sphere fits somewhere inside ``mask``.
+
+    ``radius_mm`` where its sphere fits (``sphere_fits``); else the largest of
+    ``radius_mm`` - v, ``radius_mm`` - 2v, ... down to 2v (v the largest voxel
+    dimension, V-SHARP's smallest radius: ``qsmprep.bgremove.vsharp.default_radii_mm``)
+    whose sphere fits; else 0 (none: a mask under five voxels thick). A thin
+    slab's mask (under about 30 mm after background removal's erosion at 8 mm)
+    holds no 8 mm sphere, where a SHARP-type high-pass would leave no field to fit.
+
+    Parameters
+    ----------
+    mask : bool array (i, j, k)
+    voxel_size_mm : tuple of 3 float
+        Voxel size in mm.
+    radius_mm : float
+        The radius wanted, in mm.
+    """
+    v = float(max(voxel_size_mm))
+    radii = [radius_mm] + [r for r in np.arange(radius_mm - v, 2 * v - 1e-6, -v) if r >= 2 * v]
+    m = np.asarray(mask, dtype=np.float32)
+    for radius in radii:
+        shape = smv_padded_shape(m.shape, voxel_size_mm, radius)
+        kernel = smv_kernel(shape, voxel_size_mm, radius, rfft=True)
+        if sphere_fits(spfft.rfftn(m, shape), kernel, shape, voxel_size_mm, radius).any():
+            return float(radius)
+    return 0.0
+

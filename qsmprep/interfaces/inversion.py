@@ -1,14 +1,17 @@
 """Dipole inversion, referencing, and B0-aligned resampling as Nipype interfaces."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 from scipy import fft as spfft
 
-from ..config import INVERSION_METHODS
+from ..config import HIGH_PASS_PARAMETERS, INVERSION_METHODS
 from ..io import load_nifti, save_nifti
-from ..physics import invert_in_ras_order
+from ..physics import invert_in_ras_order, voxel_size_from_affine
+
+log = logging.getLogger(__name__)
 
 
 class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
@@ -25,14 +28,17 @@ class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
 
 class _DipoleInversionOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="susceptibility in ppm (not yet referenced)")
-    inference_device = traits.Dict(desc="deep only: where the network ran (``qsmprep.inversion.deep.inference_device``)")
+    sidecar_details = traits.Dict(desc="what the Chimap sidecar adds, known once the node has run: deep's "
+                                  "DeepInferenceDevice (``qsmprep.inversion.deep.inference_device``), and the "
+                                  "high-pass radius used in EstimationParameters (``fitted_high_pass``)")
 
 
 class DipoleInversion(SimpleInterface):
     """Local field (ppm) -> susceptibility (ppm) by TKD, closed-form L2, iLSQR or the deep network.
 
     Calls the library function named in ``qsmprep.config.LIBRARY_FUNCTIONS``
-    (``qsmprep.inversion.<method>``; ``deep`` is ``qsmprep.inversion.deep.deep_invert``).
+    (``qsmprep.inversion.<method>``; ``deep`` is ``qsmprep.inversion.deep.deep_invert``), with a high-pass radius
+    that fits the mask (``fitted_high_pass``).
     """
 
     input_spec = _DipoleInversionInputSpec
@@ -44,6 +50,7 @@ class DipoleInversion(SimpleInterface):
         field, affine, _ = load_nifti(self.inputs.local_field, "local field")
         mask = load_nifti(self.inputs.mask, "mask")[0] > 0
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
+        details = fitted_high_pass(self.inputs.method, params, mask, voxel_size_from_affine(affine))
         if self.inputs.method == "deep":
             import torch
 
@@ -53,7 +60,7 @@ class DipoleInversion(SimpleInterface):
             torch.set_num_threads(self.inputs.num_threads)
             device = resolve_device(self.inputs.device)  # "auto" is settled here, on the machine that runs the node
             params["device"] = device
-            self._results["inference_device"] = inference_device(device)
+            details["DeepInferenceDevice"] = inference_device(device)
             if isdefined(self.inputs.model_file):
                 params["model"] = self.inputs.model_file
         invert = library_function("inversion", self.inputs.method)
@@ -61,7 +68,29 @@ class DipoleInversion(SimpleInterface):
             chi = invert_in_ras_order(invert, field, mask, affine, tuple(self.inputs.b0_dir), **params)
         out = Path(runtime.cwd) / f"chi_{self.inputs.method}_ppm.nii.gz"
         self._results["out_file"] = str(save_nifti(out, chi, affine))
+        self._results["sidecar_details"] = details
         return runtime
+
+
+def fitted_high_pass(method, params, mask, voxel_size_mm):
+    """Set ``params``' high-pass radius (``HIGH_PASS_PARAMETERS``; in place) to the largest, at most the one given,
+    whose sphere fits in ``mask`` (``largest_fitting_radius``), warning when it is smaller; return the Chimap
+    sidecar's record of it, {"EstimationParameters": {parameter: radius}}, or {} where ``method`` has no high-pass
+    on (deep with ``refine_iters`` 0 has none)."""
+    from ..bgremove.smv import largest_fitting_radius
+    from ..inversion.deep import REFINE_ITERS
+
+    key = HIGH_PASS_PARAMETERS.get(method)
+    radius = params.get(key) if key else None
+    if not radius or (method == "deep" and not params.get("refine_iters", REFINE_ITERS)):
+        return {}
+    fitted = largest_fitting_radius(mask, voxel_size_mm, radius)
+    if fitted < radius:
+        log.warning("%s: the %g mm high-pass sphere fits nowhere inside the brain mask (a thin slab?): %s", method,
+                    radius, f"using {fitted:g} mm, the largest that fits" if fitted else
+                    "comparing the fields without a high-pass (no sphere of two voxels fits either)")
+    params[key] = fitted
+    return {"EstimationParameters": {key: fitted}}
 
 
 class _ReferenceToMaskInputSpec(BaseInterfaceInputSpec):

@@ -262,8 +262,8 @@ def refine_data_consistency(chi_init, local_field_ppm, mask, voxel_size_mm=(1.0,
         if not fits.any():  # no data term left: the starting map would come back under the method's name
             raise DataError(f"the {harmonic_radius_mm:g} mm high-pass sphere fits nowhere inside the mask (a slab or "
                             f"mask thinner than {2 * harmonic_radius_mm:g} mm), so there is no field to fit: give a "
-                            "smaller radius, or 0 for none (deep: --refine-radius; tv in the qsmprep pipeline: "
-                            "harmonic_radius_mm in a --parameters file's [inversion.tv])")
+                            "smaller radius, or 0 for none (qsmprep-invert: --refine-radius; the qsmprep pipeline "
+                            "fits the radius to each run's mask itself)")
         w2 = w2 * fits[tuple(slice(0, n) for n in m.shape)]
         field = filter_padded(field, 1 - smv, big)
         d = (1 - smv) * d

@@ -82,26 +82,31 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
     return metadata
 
 
-def with_inference_device(metadata, device):
-    """The deep Chimap's sidecar fields ``metadata`` with ``DeepInferenceDevice``: ``device``, where its network ran;
-    left out when ``device`` is empty, as in a result an earlier qsmprep cached in the work folder."""
-    return {**metadata, "DeepInferenceDevice": device} if device else metadata
+def with_run_details(metadata, details):
+    """A Chimap's sidecar fields ``metadata`` with what its inversion node found as it ran (``DipoleInversion``'s
+    ``sidecar_details``): deep's ``DeepInferenceDevice`` added, and ``EstimationParameters`` updated (the high-pass
+    radius used). Left as they are for empty ``details``, as in a result an earlier qsmprep cached in the work
+    folder."""
+    details = dict(details or {})
+    parameters = {**metadata.get("EstimationParameters", {}), **details.pop("EstimationParameters", {})}
+    return {**metadata, **details, **({"EstimationParameters": parameters} if parameters else {})}
 
 
 def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0, 1.0), name="qsm_derivatives_wf"):
     """Write one run's mask, total field, local field and Chimap(s) into the derivatives dataset.
 
     Inputs (inputnode): mask, total_field, local_field, chimaps (list in
-    ``config.inversion`` order), inference_device (deep only: where its network ran, known once it has run,
-    ``qsmprep.inversion.deep.inference_device``); ``resampled_methods`` are those inverted on a B0-aligned grid
+    ``config.inversion`` order), details_<method> (each inversion node's ``sidecar_details``, known once it has run:
+    deep's device, the high-pass radius used); ``resampled_methods`` are those inverted on a B0-aligned grid
     (their sidecars say so). Outputs (outputnode): written (the NIfTI
     paths written). Nodes: all_outputs (waits for every input), select_<output>,
-    ds_mask, ds_total_field, ds_local_field, ds_chimap_<method>, and chimap_deep_metadata (the deep sidecar's
-    fields with the device).
+    ds_mask, ds_total_field, ds_local_field, ds_chimap_<method>, and chimap_<method>_metadata (each Chimap sidecar's
+    fields with its details, ``with_run_details``).
     """
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=["mask", "total_field", "local_field", "chimaps", "inference_device"]), name="inputnode")
+        fields=["mask", "total_field", "local_field", "chimaps", *(f"details_{m}" for m in config.inversion)]),
+        name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["written"]), name="outputnode")
     sinks = []
 
@@ -113,13 +118,13 @@ def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0,
                 base_directory=config.output_dir, source_file=run.magnitude[0], dismiss_entities=("echo", "part"),
                 desc=spec["desc"].format(method=method), suffix=spec["suffix"], compress=True),
             name=f"ds_{output}" + (f"_{method}" if method else ""), run_without_submitting=True, mem_gb=0.1)
-        if method == "deep":  # the device is known once the network has run ("auto" is settled on the node's machine)
-            add_device = pe.Node(niu.Function(function=with_inference_device, input_names=["metadata", "device"],
-                                              output_names=["metadata"]),
-                                 name="chimap_deep_metadata", run_without_submitting=True)
-            add_device.inputs.metadata = metadata
-            workflow.connect([(inputnode, add_device, [("inference_device", "device")]),
-                              (add_device, node, [("metadata", "meta_dict")])])
+        if method:  # known once the inversion has run: deep's device ("auto" is settled there), the radius used
+            add_details = pe.Node(niu.Function(function=with_run_details, input_names=["metadata", "details"],
+                                               output_names=["metadata"]),
+                                  name=f"chimap_{method}_metadata", run_without_submitting=True)
+            add_details.inputs.metadata = metadata
+            workflow.connect([(inputnode, add_details, [(f"details_{method}", "details")]),
+                              (add_details, node, [("metadata", "meta_dict")])])
         else:
             node.inputs.meta_dict = metadata
         sinks.append(node)

@@ -205,8 +205,9 @@ def high_pass_text(radius_mm):
     if not radius_mm:
         return ""
     return (f", both fields high-passed (their spherical mean over {radius_mm:g} mm subtracted, as in SHARP (Schweser et "
-            "al. 2011), and compared only where that sphere fits in the brain mask) so that residual background fields "
-            "are ignored")
+            "al. 2011), and compared only where that sphere fits in the brain mask; in a mask too thin for it, over the "
+            "largest radius that fits, down to two voxels, recorded in the map's sidecar) so that residual background "
+            "fields are ignored")
 
 
 def deep_refinement_text(refine_iters, refine_lambda, refine_radius_mm=None, refine_tv_weight=0.0, **_):
@@ -590,9 +591,9 @@ def init_qsm_wf(run, config, name=None):
     workflow.connect(merge_chimaps, "out", outputnode, "chimaps")
 
     derivatives_wf = init_qsm_derivatives_wf(run, config, resampled_methods=resampled_methods, b0_dir=b0_dir)
-    if "deep" in config.inversion:
-        workflow.connect(workflow.get_node("invert_deep"), "inference_device", derivatives_wf,
-                         "inputnode.inference_device")
+    for method in config.inversion:
+        workflow.connect(workflow.get_node(f"invert_{method}"), "sidecar_details", derivatives_wf,
+                         f"inputnode.details_{method}")
     workflow.connect([
         (bgremove, derivatives_wf, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
         (total_field, derivatives_wf, [("out_file", "inputnode.total_field")]),
