@@ -216,8 +216,8 @@ def test_deep_inversion_equals_the_library(gre, one_torch_thread, untrained_chec
                           parameters={**params, "model": "qsmprep-cfl2unet"}, model_file=str(untrained_checkpoint),
                           b0_dir=list(TILTED_B0), device="cpu").run(cwd=str(tmp_path))
     out = _load(res.outputs.out_file)[0]
-    assert res.outputs.sidecar_details == {"DeepInferenceDevice": {"Device": "cpu", "Name": "CPU",
-                                                                   "NetworkPrecision": "float32"}}
+    assert res.outputs.inference_device == {"Device": "cpu", "Name": "CPU", "NetworkPrecision": "float32"}
+    assert res.outputs.fitted_parameters == {}  # no high-pass asked for
     expected = deep_invert(field, mask, vs, TILTED_B0, device="cpu", **params)
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
     assert np.abs(expected).max() > 0.02 and not expected[~mask].any()

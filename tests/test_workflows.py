@@ -143,12 +143,11 @@ def test_a_sidecar_gets_what_its_inversion_node_found_as_it_ran():
 
     cpu = {"Device": "cpu", "Name": "CPU", "NetworkPrecision": "float32"}
     metadata = {"Units": "ppm", "EstimationParameters": {"InversionMethod": "deep", "refine_radius_mm": 8.0}}
-    details = {"DeepInferenceDevice": cpu, "EstimationParameters": {"refine_radius_mm": 5.0}}
-    assert with_run_details(metadata, details) == {
+    assert with_run_details(metadata, cpu, {"refine_radius_mm": 5.0}) == {
         "Units": "ppm", "DeepInferenceDevice": cpu,
         "EstimationParameters": {"InversionMethod": "deep", "refine_radius_mm": 5.0}}
     assert metadata["EstimationParameters"]["refine_radius_mm"] == 8.0  # not changed in place
-    assert with_run_details(metadata, {}) == with_run_details(metadata, None) == metadata
+    assert with_run_details(metadata, {}, {}) == with_run_details(metadata) == metadata
 
 
 def test_sinks_name_and_describe_outputs():

@@ -28,9 +28,8 @@ class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
 
 class _DipoleInversionOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="susceptibility in ppm (not yet referenced)")
-    sidecar_details = traits.Dict(desc="what the Chimap sidecar adds, known once the node has run: deep's "
-                                  "DeepInferenceDevice (``qsmprep.inversion.deep.inference_device``), and the "
-                                  "high-pass radius used in EstimationParameters (``fitted_high_pass``)")
+    inference_device = traits.Dict(desc="deep only: where the network ran (``qsmprep.inversion.deep.inference_device``)")
+    fitted_parameters = traits.Dict(desc="parameters set as the node ran: the high-pass radius used (``fitted_high_pass``)")
 
 
 class DipoleInversion(SimpleInterface):
@@ -50,7 +49,8 @@ class DipoleInversion(SimpleInterface):
         field, affine, _ = load_nifti(self.inputs.local_field, "local field")
         mask = load_nifti(self.inputs.mask, "mask")[0] > 0
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
-        details = fitted_high_pass(self.inputs.method, params, mask, voxel_size_from_affine(affine))
+        self._results["fitted_parameters"] = fitted_high_pass(self.inputs.method, params, mask,
+                                                               voxel_size_from_affine(affine))
         if self.inputs.method == "deep":
             import torch
 
@@ -60,7 +60,7 @@ class DipoleInversion(SimpleInterface):
             torch.set_num_threads(self.inputs.num_threads)
             device = resolve_device(self.inputs.device)  # "auto" is settled here, on the machine that runs the node
             params["device"] = device
-            details["DeepInferenceDevice"] = inference_device(device)
+            self._results["inference_device"] = inference_device(device)
             if isdefined(self.inputs.model_file):
                 params["model"] = self.inputs.model_file
         invert = library_function("inversion", self.inputs.method)
@@ -68,15 +68,14 @@ class DipoleInversion(SimpleInterface):
             chi = invert_in_ras_order(invert, field, mask, affine, tuple(self.inputs.b0_dir), **params)
         out = Path(runtime.cwd) / f"chi_{self.inputs.method}_ppm.nii.gz"
         self._results["out_file"] = str(save_nifti(out, chi, affine))
-        self._results["sidecar_details"] = details
         return runtime
 
 
 def fitted_high_pass(method, params, mask, voxel_size_mm):
     """Set ``params``' high-pass radius (``HIGH_PASS_PARAMETERS``; in place) to the largest, at most the one given,
-    whose sphere fits in ``mask`` (``largest_fitting_radius``), warning when it is smaller; return the Chimap
-    sidecar's record of it, {"EstimationParameters": {parameter: radius}}, or {} where ``method`` has no high-pass
-    on (deep with ``refine_iters`` 0 has none)."""
+    whose sphere fits in ``mask`` (``largest_fitting_radius``), warning when it is smaller; return {parameter:
+    radius}, for the Chimap sidecar's EstimationParameters, or {} where ``method`` has no high-pass on (deep with
+    ``refine_iters`` 0 has none)."""
     from ..bgremove.smv import largest_fitting_radius
     from ..inversion.deep import REFINE_ITERS
 
@@ -90,7 +89,7 @@ def fitted_high_pass(method, params, mask, voxel_size_mm):
                     radius, f"using {fitted:g} mm, the largest that fits" if fitted else
                     "comparing the fields without a high-pass (no sphere of two voxels fits either)")
     params[key] = fitted
-    return {"EstimationParameters": {key: fitted}}
+    return {key: fitted}
 
 
 class _ReferenceToMaskInputSpec(BaseInterfaceInputSpec):

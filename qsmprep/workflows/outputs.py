@@ -82,22 +82,24 @@ def output_metadata(run, config, output, method=None, resampled=False, b0_dir=No
     return metadata
 
 
-def with_run_details(metadata, details):
+def with_run_details(metadata, device=None, parameters=None):
     """A Chimap's sidecar fields ``metadata`` with what its inversion node found as it ran (``DipoleInversion``'s
-    ``sidecar_details``): deep's ``DeepInferenceDevice`` added, and ``EstimationParameters`` updated (the high-pass
-    radius used). Left as they are for empty ``details``, as in a result an earlier qsmprep cached in the work
-    folder."""
-    details = dict(details or {})
-    parameters = {**metadata.get("EstimationParameters", {}), **details.pop("EstimationParameters", {})}
-    return {**metadata, **details, **({"EstimationParameters": parameters} if parameters else {})}
+    outputs): deep's ``DeepInferenceDevice``, ``device``, added, and ``EstimationParameters`` updated with
+    ``parameters`` (the high-pass radius used). Empty or None ones change nothing, as in a result an earlier qsmprep
+    cached in the work folder, which has neither."""
+    metadata = {**metadata, **({"DeepInferenceDevice": device} if device else {})}
+    if parameters:
+        metadata["EstimationParameters"] = {**metadata["EstimationParameters"], **parameters}
+    return metadata
 
 
 def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0, 1.0), name="qsm_derivatives_wf"):
     """Write one run's mask, total field, local field and Chimap(s) into the derivatives dataset.
 
     Inputs (inputnode): mask, total_field, local_field, chimaps (list in
-    ``config.inversion`` order), details_<method> (each inversion node's ``sidecar_details``, known once it has run:
-    deep's device, the high-pass radius used); ``resampled_methods`` are those inverted on a B0-aligned grid
+    ``config.inversion`` order), inference_device (deep only: where its network ran, known once it has run,
+    ``qsmprep.inversion.deep.inference_device``), parameters_<method> (each inversion node's ``fitted_parameters``:
+    the high-pass radius used); ``resampled_methods`` are those inverted on a B0-aligned grid
     (their sidecars say so). Outputs (outputnode): written (the NIfTI
     paths written). Nodes: all_outputs (waits for every input), select_<output>,
     ds_mask, ds_total_field, ds_local_field, ds_chimap_<method>, and chimap_<method>_metadata (each Chimap sidecar's
@@ -105,8 +107,8 @@ def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0,
     """
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=["mask", "total_field", "local_field", "chimaps", *(f"details_{m}" for m in config.inversion)]),
-        name="inputnode")
+        fields=["mask", "total_field", "local_field", "chimaps", "inference_device",
+                *(f"parameters_{method}" for method in config.inversion)]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["written"]), name="outputnode")
     sinks = []
 
@@ -119,11 +121,16 @@ def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0,
                 desc=spec["desc"].format(method=method), suffix=spec["suffix"], compress=True),
             name=f"ds_{output}" + (f"_{method}" if method else ""), run_without_submitting=True, mem_gb=0.1)
         if method:  # known once the inversion has run: deep's device ("auto" is settled there), the radius used
-            add_details = pe.Node(niu.Function(function=with_run_details, input_names=["metadata", "details"],
+            add_details = pe.Node(niu.Function(function=with_run_details,
+                                               input_names=["metadata", "device", "parameters"],
                                                output_names=["metadata"]),
                                   name=f"chimap_{method}_metadata", run_without_submitting=True)
             add_details.inputs.metadata = metadata
-            workflow.connect([(inputnode, add_details, [(f"details_{method}", "details")]),
+            if method == "deep":
+                workflow.connect(inputnode, "inference_device", add_details, "device")
+            else:
+                add_details.inputs.device = {}
+            workflow.connect([(inputnode, add_details, [(f"parameters_{method}", "parameters")]),
                               (add_details, node, [("metadata", "meta_dict")])])
         else:
             node.inputs.meta_dict = metadata

@@ -592,8 +592,11 @@ def init_qsm_wf(run, config, name=None):
 
     derivatives_wf = init_qsm_derivatives_wf(run, config, resampled_methods=resampled_methods, b0_dir=b0_dir)
     for method in config.inversion:
-        workflow.connect(workflow.get_node(f"invert_{method}"), "sidecar_details", derivatives_wf,
-                         f"inputnode.details_{method}")
+        workflow.connect(workflow.get_node(f"invert_{method}"), "fitted_parameters", derivatives_wf,
+                         f"inputnode.parameters_{method}")
+    if "deep" in config.inversion:
+        workflow.connect(workflow.get_node("invert_deep"), "inference_device", derivatives_wf,
+                         "inputnode.inference_device")
     workflow.connect([
         (bgremove, derivatives_wf, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
         (total_field, derivatives_wf, [("out_file", "inputnode.total_field")]),
