@@ -49,8 +49,9 @@ class DipoleInversion(SimpleInterface):
         field, affine, _ = load_nifti(self.inputs.local_field, "local field")
         mask = load_nifti(self.inputs.mask, "mask")[0] > 0
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
-        self._results["fitted_parameters"] = fitted_high_pass(self.inputs.method, params, mask,
-                                                               voxel_size_from_affine(affine))
+        with spfft.set_workers(self.inputs.num_threads):
+            self._results["fitted_parameters"] = fitted_high_pass(self.inputs.method, params, mask,
+                                                                   voxel_size_from_affine(affine))
         if self.inputs.method == "deep":
             import torch
 
