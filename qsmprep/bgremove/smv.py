@@ -150,10 +150,10 @@ def largest_fitting_radius(mask, voxel_size_mm, radius_mm):
     v = float(max(voxel_size_mm))
     radii = [radius_mm] + [r for r in np.arange(radius_mm - v, 2 * v - 1e-6, -v) if r >= 2 * v]
     m = np.asarray(mask, dtype=np.float32)
+    shape = smv_padded_shape(m.shape, voxel_size_mm, radius_mm)  # padded for the largest: no smaller sphere wraps
+    spectrum = spfft.rfftn(m, shape)  # once, for every radius tried
     for radius in radii:
-        shape = smv_padded_shape(m.shape, voxel_size_mm, radius)
-        kernel = smv_kernel(shape, voxel_size_mm, radius, rfft=True)
-        if sphere_fits(spfft.rfftn(m, shape), kernel, shape, voxel_size_mm, radius).any():
+        if sphere_fits(spectrum, smv_kernel(shape, voxel_size_mm, radius, rfft=True), shape, voxel_size_mm, radius).any():
             return float(radius)
     return 0.0
 

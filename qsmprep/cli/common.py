@@ -44,6 +44,7 @@ def restore_handlers(replaced):
     for signum, handler in replaced.items():
         signal.signal(signum, handler)
 
+
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
 

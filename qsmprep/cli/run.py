@@ -71,8 +71,8 @@ def stop_on_signals(config):
     killed. The workers are ended by SIGKILL, which nothing delays or drops: a SIGTERM that reaches a child just
     after its fork, before it has the default handlers back (``_default_stop_handlers_in_child``), is caught by
     Python and then dropped, as the handler it finds is the default (the likely cause of two workers that outlived
-    their parent once, in a CI run under load). Returns the handlers it replaced, {signal number: handler}, for a caller that goes on to
-    restore.
+    their parent once, in a CI run under load). Returns the handlers it replaced, {signal number: handler}, for a
+    caller that goes on to restore.
     """
     import multiprocessing
 

@@ -47,8 +47,8 @@ def build_parser():
 
 
 class Stopped(KeyboardInterrupt):
-    """One of ``qsmprep.cli.common.STOP_SIGNALS`` arrived. A KeyboardInterrupt, so that code which lets Ctrl-C through (a DataLoader
-    worker, the trainer's clean-up) lets SIGTERM through too."""
+    """One of ``qsmprep.cli.common.STOP_SIGNALS`` arrived. A KeyboardInterrupt, so that code which lets Ctrl-C
+    through (a DataLoader worker, the trainer's clean-up) lets SIGTERM through too."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)

@@ -52,9 +52,9 @@ COLUMNS = {
     "tail_ratio": "(chi_p99_ppm - chi_median_ppm) / (chi_median_ppm - chi_p1_ppm): above 1 in brains; below 1 the "
                   "phase polarity is most likely inverted (docs/outputs.md, The report)",
     "flags": "why the row stands out (a file that is missing or cannot be read, or no Chimap: run the participant "
-             "level again; input the last participant run refused: fix it as the flag says; a Chimap with no contrast in the brain mask, e.g. all zeros; tail ratio below 1; brain mask "
-             "volume more than 3 robust standard deviations from the group's median, with 5 runs or more), n/a when it "
-             "does not",
+             "level again; input the last participant run refused: fix it as the flag says; a Chimap with no "
+             "contrast in the brain mask, e.g. all zeros; tail ratio below 1; brain mask volume more than 3 robust "
+             "standard deviations from the group's median, with 5 runs or more), n/a when it does not",
 }
 """The table's columns and what each holds (``group_qsm.json``, the BIDS description of a TSV's columns)."""
 
