@@ -101,13 +101,14 @@ def test_slurm_array_script_refuses_to_run_outside_an_array(tmp_path):
     assert result.returncode != 0 and "sbatch --array" in result.stderr
 
 
-def _run_array_task(tmp_path, apptainer, **env):
-    """Run workflows/slurm_array.sh as array task 1 with a stand-in ``apptainer`` script; return the process."""
+def _run_array_task(tmp_path, apptainer, participants="01\n", **env):
+    """Run workflows/slurm_array.sh as array task 1 of ``participants`` (participants.txt) with a stand-in
+    ``apptainer`` script; return the process."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir(exist_ok=True)
     (fake_bin / "apptainer").write_text("#!/bin/sh\n" + apptainer)
     (fake_bin / "apptainer").chmod(0o755)
-    (tmp_path / "participants.txt").write_text("01\n")
+    (tmp_path / "participants.txt").write_text(participants)
     env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "1", "WORK_DIR": str(tmp_path / "scratch"),
            "OUTPUT_DIR": str(tmp_path / "out"), "BIDS_DIR": str(tmp_path), **env}
     return subprocess.Popen(["bash", str(ROOT / "workflows" / "slurm_array.sh")], stdout=subprocess.PIPE,
@@ -127,6 +128,22 @@ def test_slurm_array_script_passes_the_tasks_resources(tmp_path):
     assert task.wait() == 0, task.stderr.read()
     args = (tmp_path / "args.txt").read_text().split()
     assert "--nv" not in args and args[args.index("--mem") + 1] == "13.6"
+
+
+@pytest.mark.parametrize("line, labels", [("01", ["--participant-label", "01", "-w"]),
+                                          ("01 pre", ["--participant-label", "01", "--session-label", "pre", "-w"]),
+                                          ("01\tpre", ["--participant-label", "01", "--session-label", "pre", "-w"])])
+def test_slurm_array_script_runs_the_participant_or_session_on_its_line(tmp_path, line, labels):
+    task = _run_array_task(tmp_path, 'echo "$@" > args.txt\n', participants=f"{line}\n02\n")
+    assert task.wait() == 0, task.stderr.read()
+    args = (tmp_path / "args.txt").read_text().split()
+    assert args[args.index("--participant-label"):][:len(labels)] == labels
+
+
+def test_slurm_array_script_refuses_a_line_past_the_end(tmp_path):
+    task = _run_array_task(tmp_path, 'echo "$@" > args.txt\n', participants="", SLURM_ARRAY_TASK_ID="1")
+    assert task.wait() == 64 and "no participant on line 1 of participants.txt" in task.stderr.read()
+    assert not (tmp_path / "args.txt").exists()
 
 
 def test_slurm_array_script_cleans_up_when_slurm_ends_the_task(tmp_path):

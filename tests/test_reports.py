@@ -581,3 +581,51 @@ def test_group_report_is_written_whole_or_refused_with_exit_73(tmp_path, recwarn
     with pytest.raises(CantCreateError, match=f"cannot write {tsv} \\(Is a directory\\): make OUTPUT_DIR writable"):
         write_group_report(out, rows)
     assert not list(out.glob(".tmp-*"))
+
+
+def test_a_report_written_while_another_invocation_holds_the_lock_shows_that_invocations_run(tmp_path):
+    """Two invocations processing sessions of one subject at once (an array job per session): the report waits for
+    the other's report, then lists the other's run, found on disk when written, not when the workflow was built."""
+    import threading
+    import time
+
+    from qsmprep.bids.derivatives import named_run_paths
+    from qsmprep.reports import write_subject_report
+    from qsmprep.reports.report import subject_report_lock
+
+    out, affine, mask = tmp_path / "out", np.diag([2.0, 2.0, 2.0, 1.0]), _report_mask()
+    own = named_run_paths(out, "sub-01_ses-1", ["tkd"])
+    save_nifti(own["mask"], mask, affine)
+    entry = {"name": "sub-01_ses-1", "mask": str(own["mask"]), "chimaps": {}}
+    with subject_report_lock(out, "01"):  # the other invocation writing its report
+        writer = threading.Thread(target=write_subject_report, args=(out, "01", [entry]))
+        writer.start()
+        time.sleep(0.5)  # unlocked, the writer would have listed the runs by now
+        other = named_run_paths(out, "sub-01_ses-2", ["tkd"])
+        save_nifti(other["mask"], mask, affine)
+        save_nifti(other["chimap:tkd"], 0.05 * mask, affine)
+    writer.join(timeout=60)
+    page = (out / "sub-01.html").read_text()
+    assert "1 run(s), and 1 from an earlier invocation" in page
+    assert "<h2>sub-01_ses-1</h2>" in page and "sub-01_ses-2_desc-tkd_mosaic.png" in page
+    assert not (out / ".sub-01.html.lock").exists()  # nothing left among the derivatives
+
+
+def test_a_file_system_without_locks_gets_its_report_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from qsmprep.bids.derivatives import named_run_paths
+    from qsmprep.reports import write_subject_report
+
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    own = named_run_paths(out, "sub-01", ["tkd"])
+    save_nifti(own["mask"], _report_mask(), np.diag([2.0, 2.0, 2.0, 1.0]))
+    page = write_subject_report(out, "01", [{"name": "sub-01", "mask": str(own["mask"]), "chimaps": {}}]).read_text()
+    assert "<h2>sub-01</h2>" in page and "1 run(s)." in page
+    assert "written without a lock" in caplog.text and ".sub-01.html.lock" in caplog.text
+    assert not (out / ".sub-01.html.lock").exists()

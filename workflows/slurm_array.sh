@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# SLURM array job: one participant per task, qsmprep in Apptainer/Singularity.
+# SLURM array job: one participant (or one session of one) per task, qsmprep in Apptainer/Singularity.
 # Edit the paths and resources, then:   sbatch --array=1-$(( $(wc -l < participants.txt) )) workflows/slurm_array.sh
 # participants.txt holds one label per line (without "sub-"), e.g. made with:
 #   tail -n +2 "$BIDS_DIR/participants.tsv" | cut -f1 | tr -d '\r' | sed 's/^sub-//' > participants.txt
+# or, for a task per session, a subject label and a session label (without "ses-") per line, e.g. "01 pre".
 #SBATCH --job-name=qsmprep
 #SBATCH --cpus-per-task=4
 #SBATCH --mem=16G
@@ -18,8 +19,11 @@ PARTICIPANTS=${PARTICIPANTS:-participants.txt}
 # Node-local scratch keeps the many small Nipype files off the shared file system.
 WORK_DIR=${WORK_DIR:-${TMPDIR:-/tmp}/qsmprep_work_${SLURM_ARRAY_JOB_ID:-0}_${SLURM_ARRAY_TASK_ID:-0}}
 
-label=$(sed -n "${SLURM_ARRAY_TASK_ID:?run this with sbatch --array}p" "$PARTICIPANTS")
-[ -n "$label" ] || { echo "no participant on line ${SLURM_ARRAY_TASK_ID} of $PARTICIPANTS" >&2; exit 64; }
+task=${SLURM_ARRAY_TASK_ID:?run this with sbatch --array}
+read -r label session _ < <(sed -n "${task}p" "$PARTICIPANTS") || true
+[ -n "${label:-}" ] || { echo "no participant on line ${task} of $PARTICIPANTS" >&2; exit 64; }
+session_args=()
+[ -n "${session:-}" ] && session_args=(--session-label "$session")
 
 # The work directory goes however the task ends: qsmprep's exit, or SLURM's SIGTERM at the time limit or on scancel.
 trap 'rm -rf "$WORK_DIR"' EXIT
@@ -40,6 +44,6 @@ status=0
 apptainer run --cleanenv ${gpu_args[@]+"${gpu_args[@]}"} \
   -B "$BIDS_DIR:/data/bids:ro" -B "$OUTPUT_DIR:/data/out" -B "$WORK_DIR:/work" \
   "$SIF" /data/bids /data/out participant \
-  --participant-label "$label" -w /work \
+  --participant-label "$label" ${session_args[@]+"${session_args[@]}"} -w /work \
   --nprocs "$cpus" --omp-nthreads "$cpus" --mem "$mem_gb" || status=$?
 exit $status

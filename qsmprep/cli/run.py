@@ -634,8 +634,8 @@ def _error_reports(config, failed):
     """A report listing the problems for subjects none of whose runs could be processed, and for subjects
     where a step failed (their report step never ran): the input problems, each failed step's error, and the
     figures and methods of the subject's runs that did finish (a run writes its derivatives only when complete)."""
-    from ..reports import build_subject_report
-    from ..workflows.base import earlier_report_runs, methods_text, report_runs
+    from ..reports import write_subject_report
+    from ..workflows.base import methods_text, report_runs
 
     processed = {run.subject for run in config.runs}
     rejected = {p["subject"] for p in config.problems} - processed
@@ -646,8 +646,7 @@ def _error_reports(config, failed):
                    for step in failed.get(subject, [])]
         runs = [run for run in config.runs if run.subject == subject]
         finished = [(run, entry) for run, entry in zip(runs, report_runs(runs, config)) if Path(entry["mask"]).is_file()]
-        build_subject_report(config.output_dir, subject,
-                             [entry for _, entry in finished] + earlier_report_runs(config, subject, runs),
+        write_subject_report(config.output_dir, subject, [entry for _, entry in finished],
                              methods_text=methods_text(config, [run for run, _ in finished]) if finished else "",
                              command=shlex.join(config.command), errors=errors, log_dir=config.log_dir)
 

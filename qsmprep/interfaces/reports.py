@@ -1,4 +1,4 @@
-"""The per-subject HTML report as a Nipype interface (``qsmprep.reports.build_subject_report``)."""
+"""The per-subject HTML report as a Nipype interface (``qsmprep.reports.write_subject_report``)."""
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec, traits
 
@@ -6,7 +6,8 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, Simp
 class _SubjectReportInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True, desc="the derivatives dataset")
     subject = traits.Str(mandatory=True, desc="subject label without 'sub-'")
-    runs = traits.List(traits.Dict, mandatory=True, desc="per run: name, mask, magnitude, total_field, local_field, chimaps")
+    runs = traits.List(traits.Dict, mandatory=True,
+                       desc="this invocation's runs, each: name, mask, magnitude, total_field, local_field, chimaps")
     methods_text = traits.Str("", usedefault=True, desc="boilerplate methods text")
     command = traits.Str("", usedefault=True, desc="the command line")
     log_dir = traits.Str("", usedefault=True, desc="this invocation's log folder, linked from the report")
@@ -19,16 +20,17 @@ class _SubjectReportOutputSpec(TraitedSpec):
 
 
 class SubjectReport(SimpleInterface):
-    """Write ``OUTPUT_DIR/sub-<label>.html`` from a subject's derivatives."""
+    """Write ``OUTPUT_DIR/sub-<label>.html`` from a subject's derivatives: this invocation's runs and those in
+    ``output_dir`` when it is written."""
 
     input_spec = _SubjectReportInputSpec
     output_spec = _SubjectReportOutputSpec
     _always_run = True
 
     def _run_interface(self, runtime):
-        from ..reports import build_subject_report
+        from ..reports import write_subject_report
 
-        path = build_subject_report(
+        path = write_subject_report(
             self.inputs.output_dir, self.inputs.subject, list(self.inputs.runs),
             methods_text=self.inputs.methods_text, command=self.inputs.command or None,
             errors=list(self.inputs.errors) if self.inputs.errors else (), log_dir=self.inputs.log_dir or None,

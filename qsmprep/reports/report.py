@@ -5,16 +5,20 @@ Layout follows fMRIPrep: ``OUTPUT_DIR/sub-<label>.html`` with its figures in
 derivatives folder can be moved or shared as a whole.
 """
 
+import fcntl
 import html
 import logging
 import os
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
+from ..bids.derivatives import processed_runs
 from ..checks import is_number
+from ..config import INVERSION_METHODS
 from ..errors import QSMPrepError
 from ..errors import DataError
 from ..io import load_nifti, read_json_object, sidecar_path
@@ -379,3 +383,62 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def report_entry(name, paths, **extra):
+    """One run of ``build_subject_report``: its name, derivative paths (``run_output_paths`` keys) and ``extra``."""
+    chimaps = {key.split(":", 1)[1]: str(path) for key, path in paths.items() if key.startswith("chimap:")}
+    return {"name": name, "mask": str(paths["mask"]), "total_field": str(paths.get("total_field", "")),
+            "local_field": str(paths.get("local_field", "")), "chimaps": chimaps, **extra}
+
+
+def other_report_runs(output_dir, subject, runs):
+    """``build_subject_report`` entries of ``subject``'s runs in ``output_dir`` other than ``runs`` (entries): those
+    an earlier invocation processed, or a concurrent one has finished; their derivatives stay, so the report shows
+    them."""
+    current = {run["name"] for run in runs}
+    return [report_entry(name, paths, earlier=True)
+            for name, paths in processed_runs(output_dir, subject, INVERSION_METHODS).items()
+            if name not in current and "mask" in paths]  # the report shows a run within its brain mask
+
+
+@contextmanager
+def subject_report_lock(output_dir, subject):
+    """Hold an exclusive lock on ``sub-<subject>``'s report while in the block: ``fcntl.flock`` on
+    ``OUTPUT_DIR/.sub-<subject>.html.lock``, a file that lives only as long as the lock (so none is left among the
+    derivatives). Two invocations processing sessions of one subject at once (an HPC array job per session) then
+    write its report one after the other, the second seeing the first's finished runs. On a file system without
+    locks (Lustre mounted without ``flock``) the report is written unlocked, with a warning."""
+    path = Path(output_dir) / f".sub-{subject}.html.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:
+            handle.close()
+            path.unlink(missing_ok=True)
+            log.warning("sub-%s's report is written without a lock (%s: %s); an invocation processing other "
+                        "sessions of this subject at the same time may leave them out of it", subject, path, exc)
+            yield
+            return
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:  # its holder removed it while this one waited: lock a new one
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        path.unlink()  # before the lock goes with the handle: a waiter then finds it gone and locks a new one
+        handle.close()
+
+
+def write_subject_report(output_dir, subject, runs, **options):
+    """``build_subject_report`` of ``runs`` (this invocation's entries) and the subject's other runs found in
+    ``output_dir`` when it is written (``other_report_runs``), under ``subject_report_lock``; return its path.
+    ``options``: those of ``build_subject_report``."""
+    with subject_report_lock(output_dir, subject):
+        return build_subject_report(output_dir, subject, list(runs) + other_report_runs(output_dir, subject, runs),
+                                    **options)

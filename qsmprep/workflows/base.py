@@ -7,9 +7,9 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from ..bids.derivatives import processed_runs, run_output_paths
-from ..config import INVERSION_METHODS
+from ..bids.derivatives import run_output_paths
 from ..interfaces.reports import SubjectReport
+from ..reports.report import report_entry
 from .qsm import RUNS_DESCRIBED, init_qsm_wf, methods_description, run_workflow_name, spoken_list, workflow_label
 
 
@@ -53,28 +53,12 @@ def methods_text(config, runs=None):
     return "\n\n".join(paragraphs) + "\n\n" + format_references(references)
 
 
-def report_entry(name, paths, **extra):
-    """One run of ``build_subject_report``: its name, derivative paths (``run_output_paths`` keys) and ``extra``."""
-    chimaps = {key.split(":", 1)[1]: str(path) for key, path in paths.items() if key.startswith("chimap:")}
-    return {"name": name, "mask": str(paths["mask"]), "total_field": str(paths.get("total_field", "")),
-            "local_field": str(paths.get("local_field", "")), "chimaps": chimaps, **extra}
-
-
 def report_runs(runs, config):
     """What ``build_subject_report`` needs per run: name, input magnitude, and the derivative paths."""
     out = Path(config.output_dir)
     return [report_entry(run.name, {k: out / v for k, v in run_output_paths(run, config.inversion).items()},
                          magnitude=run.magnitude[0])
             for run in runs]
-
-
-def earlier_report_runs(config, subject, runs):
-    """``build_subject_report`` entries of ``subject``'s runs that an earlier invocation processed and this one does
-    not (``runs``): their derivatives stay in the output folder, so the report keeps showing them."""
-    current = {run.name for run in runs}
-    return [report_entry(name, paths, earlier=True)
-            for name, paths in processed_runs(config.output_dir, subject, INVERSION_METHODS).items()
-            if name not in current and "mask" in paths]  # the report shows a run within its brain mask
 
 
 def init_single_subject_wf(subject, runs, config, errors=()):
@@ -91,14 +75,14 @@ def init_single_subject_wf(subject, runs, config, errors=()):
         Validation problems of this subject's other runs, shown in its report.
 
     Nodes: ``qsm_<label>_wf`` per run (see ``init_qsm_wf``), ``merge_written``
-    and ``report`` (``qsmprep.reports.build_subject_report``).
+    and ``report`` (``qsmprep.reports.write_subject_report``).
     """
     workflow = Workflow(name=subject_workflow_name(subject))
     merge_written = pe.Node(niu.Merge(len(runs), ravel_inputs=True), name="merge_written",
                             run_without_submitting=True)
     report = pe.Node(
         SubjectReport(output_dir=str(config.output_dir), subject=subject,
-                      runs=report_runs(runs, config) + earlier_report_runs(config, subject, runs),
+                      runs=report_runs(runs, config),
                       methods_text=methods_text(config, runs), command=shlex.join(config.command),
                       errors=list(errors), log_dir=str(config.log_dir)),
         name="report", mem_gb=0.5)
