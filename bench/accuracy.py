@@ -105,15 +105,16 @@ from pathlib import Path
 import numpy as np
 from scipy import fft
 
-from qsmprep.resources import available_cores
+from qsmprep.config import INVERSION_METHODS, library_function
 from qsmprep.errors import NoInputError
-from qsmprep.inversion import INVERSION_METHODS, cfl2, ilsqr, tkd
+from qsmprep.inversion import cfl2, ilsqr, tkd
 from qsmprep.inversion.deep import DEFAULT_MODEL
 from qsmprep.io import load_nifti
 from qsmprep.metrics import calcification_moment_error, hfen, label_means, nrmse, xsim
 from qsmprep.physics import (b0_dir_from_affine, dipole_kernel, forward_field_ppm, resample_to_grid,
                               voxel_size_from_affine)
 from qsmprep.reports.mosaic import comparison_png
+from qsmprep.resources import available_cores
 from qsmprep.sim import LABELS, acquire, head_phantom, simulate_gre
 
 # the tests read the same folder (tests/conftest.py SHARED_DATA)
@@ -149,7 +150,7 @@ def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_r
     runs = []
     for name in method_names:
         if name != "deep":
-            runs.append((name, INVERSION_METHODS[name]))
+            runs.append((name, library_function("inversion", name)))
             continue
         from qsmprep.deep.registry import load_model
 
@@ -177,7 +178,7 @@ def inversions(method_names, models, refine_iters, refine_lambdas=None, refine_r
                     if tv is not None:
                         label += f" TV {tv:g}"
                         options["refine_tv_weight"] = tv
-                    runs.append((label, partial(INVERSION_METHODS["deep"], **options)))
+                    runs.append((label, partial(library_function("inversion", "deep"), **options)))
     return runs
 
 
@@ -548,7 +549,7 @@ def part_wisnieff(data, runs, figure=None, antialias=True):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", nargs="+", choices=PARTS, default=["qsm2016", "sim", "pipeline", "wisnieff"])
-    parser.add_argument("--methods", nargs="+", choices=sorted(INVERSION_METHODS), default=["tkd", "cfl2", "ilsqr", "tv", "deep"])
+    parser.add_argument("--methods", nargs="+", choices=INVERSION_METHODS, default=["tkd", "cfl2", "ilsqr", "tv", "deep"])
     parser.add_argument("--model", action="append", help=f"deep model name or checkpoint path, repeatable "
                                                           f"(default {DEFAULT_MODEL})")
     parser.add_argument("--refine", nargs="+", type=int, default=[0], metavar="N",

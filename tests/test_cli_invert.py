@@ -144,6 +144,22 @@ def test_a_field_in_hz_read_as_ppm_is_refused(inputs, capsys):
     assert _run(paths, "--method", "tkd") == 0
 
 
+def test_a_qsmprep_total_field_is_refused_with_the_local_field_named(inputs, capsys):
+    """The unit check's advice (--units hz) on qsmprep's total field at 3 mm voxels passed the 1 ppm check and gave
+    a map ten times too strong, exit 0."""
+    paths, field, mask, affine = inputs
+    total = paths["field"].with_name("sub-01_desc-total_fieldmap.nii.gz")
+    nib.save(nib.Nifti1Image(ppm_to_hz(field, B0_TESLA).astype(np.float32), affine), total)
+    paths["field"] = total
+    local = total.with_name("sub-01_desc-local_fieldmap.nii.gz")
+    for units in (["--units", "hz", "--b0-tesla", "3"], []):
+        _expect_error(capsys, paths, 64, [str(total), "qsmprep's total field", f"invert the local field beside it, {local}"],
+                      "--method", "tkd", *units)
+    nib.save(nib.Nifti1Image(field, affine), local)
+    paths["field"] = local
+    assert _run(paths, "--method", "tkd") == 0
+
+
 def test_missing_and_unreadable_inputs_exit_66(inputs, capsys):
     paths, *_ = inputs
     paths["mask"].unlink()
@@ -243,7 +259,7 @@ def test_unwritable_output_exits_73_before_inverting(inputs, capsys, monkeypatch
     blocker.write_text("a file where the output directory should be")
     paths["out"] = blocker / "chi.nii.gz"
     inverted = []
-    monkeypatch.setitem(invert.INVERSION_METHODS, "tkd", lambda *a, **k: inverted.append(1))
+    monkeypatch.setattr(invert, "library_function", lambda step, method: lambda *a, **k: inverted.append(1))
     assert _run(paths, "--method", "tkd") == 73
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"qsmprep-invert: error: output folder {blocker} cannot be created")

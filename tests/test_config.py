@@ -37,6 +37,13 @@ def test_unknown_preset_is_a_usage_error():
         config.preset_methods("slow")
 
 
+def test_every_method_offered_has_a_library_function():
+    """The method names the CLIs offer (config's tuples) are those ``library_function`` finds, and no others."""
+    offered = {"mask": config.MASK_STRATEGIES, "bgremove": config.BGREMOVE_METHODS, "inversion": config.INVERSION_METHODS}
+    assert sorted(config.LIBRARY_FUNCTIONS) == sorted((step, m) for step, methods in offered.items() for m in methods)
+    assert all(callable(config.library_function(step, method)) for step, method in config.LIBRARY_FUNCTIONS)
+
+
 def test_parameter_checks_cover_every_tunable_parameter_of_each_library_function():
     """A parameters file may set each tunable parameter (the deep options with flags excepted), and no other name."""
     for step, method in config.LIBRARY_FUNCTIONS:

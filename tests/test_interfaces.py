@@ -148,7 +148,7 @@ def total_field(gre, tmp_path_factory):
     [("pdf", {"tol": 1e-4, "max_iter": 30}), ("resharp", {"radius_mm": 8.0, "lam": 1e-2, "max_iter": 50})],
 )
 def test_background_removal_equals_the_library(gre, total_field, tmp_path, method, params):
-    from qsmprep.bgremove import BGREMOVE_METHODS
+    from qsmprep.config import library_function
     from qsmprep.interfaces.field import BackgroundRemoval
 
     field_hz, affine = _load(total_field)
@@ -158,13 +158,13 @@ def test_background_removal_equals_the_library(gre, total_field, tmp_path, metho
                             b0_tesla=b0_tesla, b0_dir=list(TILTED_B0)).run(cwd=str(tmp_path))
     local, valid = _load(res.outputs.local_field)[0], _load(res.outputs.mask)[0]
     extra = {"b0_dir": TILTED_B0} if method == "pdf" else {}
-    expected, expected_valid = BGREMOVE_METHODS[method](hz_to_ppm(field_hz, b0_tesla), mask,
+    expected, expected_valid = library_function("bgremove", method)(hz_to_ppm(field_hz, b0_tesla), mask,
                                                         voxel_size_from_affine(affine), **params, **extra)
     np.testing.assert_allclose(local, expected.astype(np.float32), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(valid, expected_valid.astype(np.uint8))
     assert 0 < valid.sum() <= mask.sum() and np.abs(expected[expected_valid]).max() > 0.01  # ppm
     if method == "pdf":  # the B0 direction reached the fit: along k the local field differs
-        along_k = BGREMOVE_METHODS[method](hz_to_ppm(field_hz, B0_TESLA), mask, voxel_size_from_affine(affine),
+        along_k = library_function("bgremove", method)(hz_to_ppm(field_hz, B0_TESLA), mask, voxel_size_from_affine(affine),
                                            **params)[0]
         assert np.abs(along_k - expected)[mask].max() > 1e-3
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qsmprep.inversion import INVERSION_METHODS, cfl2, cg, ilsqr, lsqr, tkd, tv
+from qsmprep.inversion import cfl2, cg, ilsqr, lsqr, tkd, tv
 from qsmprep.inversion.cfl2 import cfl2_filter
 from qsmprep.inversion.gradient import forward_gradient, forward_gradient_adjoint, masked_laplacian
 from qsmprep.metrics import nrmse
@@ -277,16 +277,6 @@ def test_invalid_parameters_are_refused():
         cfl2(chi, mask, lam=0)
     with pytest.raises(ValueError, match="empty"):
         ilsqr(chi, np.zeros_like(mask))
-
-
-def test_inversion_methods_registry():
-    """The library's registry (qsmprep-invert, bench) and the pipeline's (config: names and import paths, so that
-    importing it imports no method) name the same functions."""
-    from qsmprep import config
-
-    assert sorted(INVERSION_METHODS) == sorted(config.INVERSION_METHODS)
-    for name, function in INVERSION_METHODS.items():
-        assert config.library_function("inversion", name) is function, name
 
 
 def test_masked_laplacian_of_a_quadratic_uses_only_neighbours_inside_the_mask():

@@ -194,7 +194,7 @@ def test_inversion_in_ras_order_does_not_depend_on_storage_order(method):
     import nibabel as nib
     from nibabel.orientations import axcodes2ornt, ornt_transform
 
-    from qsmprep.inversion import INVERSION_METHODS
+    from qsmprep.config import library_function
     from qsmprep.physics import invert_in_ras_order, voxel_size_from_affine
 
     chi, mask = _oblique_blobs()
@@ -206,7 +206,7 @@ def test_inversion_in_ras_order_does_not_depend_on_storage_order(method):
     stored_field, psl_affine = np.asarray(stored.dataobj), stored.affine
     stored_mask = np.asarray(nib.Nifti1Image(mask.astype(np.uint8), ras_affine).as_reoriented(to_psl).dataobj) > 0
     assert nib.aff2axcodes(psl_affine) == ("P", "S", "L") and stored_field.shape == (30, 24, 32)
-    invert = INVERSION_METHODS[method]
+    invert = library_function("inversion", method)
     calls = []
 
     def spy(f, m, voxel_size, b0, **params):

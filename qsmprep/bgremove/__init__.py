@@ -2,6 +2,7 @@
 
 Each method maps (total_field, mask, voxel_size_mm, ...) to (local_field,
 mask_of_valid_voxels); fields are in any linear unit (the pipeline passes ppm).
+``qsmprep.config.library_function`` finds one by the name the pipeline uses.
 """
 
 from .pdf import pdf
@@ -9,7 +10,4 @@ from .resharp import resharp
 from .smv import smv_kernel
 from .vsharp import vsharp
 
-BGREMOVE_METHODS = {"vsharp": vsharp, "resharp": resharp, "pdf": pdf}
-"""Background-removal functions by the name the pipeline and CLIs use."""
-
-__all__ = ["BGREMOVE_METHODS", "pdf", "resharp", "smv_kernel", "vsharp"]
+__all__ = ["pdf", "resharp", "smv_kernel", "vsharp"]

@@ -11,6 +11,7 @@ writes the susceptibility map (ppm) atomically. See docs/cli-invert.md.
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..bgremove.smv import check_high_pass_radius
-from ..config import parameter_checks
+from ..config import INVERSION_METHODS, library_function, parameter_checks
 from ..errors import DataError, UsageError
-from ..inversion import INVERSION_METHODS
 from ..inversion.deep import MIN_TILE, REFINE_ITERS
 from ..inversion.tv import TV_ALPHA
 from ..io import check_same_grid, load_volume, read_json_object, save_nifti, sidecar_path
@@ -50,8 +50,9 @@ INVERT_DEEP_OPTIONS = {**DEEP_OPTIONS, "device": "device", "tile": "tile_shape"}
 EPILOG = """\
 units: the field is in ppm of B0 by default; --units hz needs --b0-tesla;
 --units rad (phase at one echo time) needs --b0-tesla and --te. A sidecar
-FIELD.json stating other Units, or a field beyond 1 ppm once converted (in Hz,
-or a total field), is refused.
+FIELD.json stating other Units, a field beyond 1 ppm once converted (in Hz,
+or a total field), or qsmprep's total field (*_desc-total_fieldmap) is refused:
+invert its desc-local_fieldmap.
 geometry: voxel size and B0 direction come from FIELD's affine (B0 along
 world z, the scanner axis); --b0-dir X Y Z overrides the direction, in voxel
 coordinates (i, j, k).
@@ -75,7 +76,7 @@ def build_parser():
     p.add_argument("field", type=Path, metavar="FIELD", help="local field map, NIfTI (3D; units: --units)")
     p.add_argument("mask", type=Path, metavar="MASK", help="brain mask, NIfTI on FIELD's grid (voxels > 0 are inside)")
     p.add_argument("out", type=Path, metavar="OUT", help="output susceptibility map, .nii or .nii.gz (ppm)")
-    p.add_argument("--method", required=True, choices=tuple(INVERSION_METHODS),
+    p.add_argument("--method", required=True, choices=INVERSION_METHODS,
                    help="tkd: thresholded k-space division; cfl2: closed-form L2 with gradient regularisation; "
                         "ilsqr: LSQR with streaking-artefact removal (Li et al. 2015); "
                         "tv: total-variation regularised least squares; "
@@ -144,6 +145,17 @@ hundredths of a ppm (0.038 ppm on the 2016 challenge data), at most tenths near 
 64-300 times larger at 1.5-7 T, so a field in Hz read as ppm made a map 128 times too strong at 3 T with exit 0."""
 
 
+def _check_not_total_field(args):
+    """Raise UsageError for a total field map qsmprep wrote (``desc-total_fieldmap``, before background-field removal):
+    the Hz the unit check asks for then passed the 1 ppm check at 3 mm voxels (0.64 ppm) and gave a map ten times
+    too strong (NRMSE 1054 %), exit 0."""
+    name = Path(args.field).name
+    if re.search(r"(^|_)desc-total_fieldmap\.nii(\.gz)?$", name):
+        local = Path(args.field).with_name(name.replace("desc-total_", "desc-local_"))
+        raise UsageError(f"field map {args.field} is qsmprep's total field, before background-field removal: invert "
+                         f"the local field beside it, {local} (in ppm, so without --units).")
+
+
 def _check_sidecar_units(args):
     """Raise UsageError when FIELD's JSON sidecar states units (ppm, Hz or rad) other than ``--units``: a field map
     qsmprep wrote says Hz (the total field) or ppm (the local field)."""
@@ -172,6 +184,7 @@ def _check_plausible_ppm(field, inside, args):
 def _load_inputs(args):
     """Field (ppm), mask and the field's affine and header; raise QSMPrepError for unusable inputs."""
     field, affine, header = load_volume(args.field, "field map")
+    _check_not_total_field(args)
     _check_sidecar_units(args)
     mask, mask_affine, _ = load_volume(args.mask, "mask")
     check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine))
@@ -207,7 +220,7 @@ def run(args):
     if args.method == "deep":
         torch_on_all_cores()
     start = time.perf_counter()
-    chi = invert_in_ras_order(INVERSION_METHODS[args.method], field, mask, affine, b0_dir, **options)
+    chi = invert_in_ras_order(library_function("inversion", args.method), field, mask, affine, b0_dir, **options)
     log.info("inverted in %.1f s", time.perf_counter() - start)
     with exit_73_if_unwritable(args.out):
         save_nifti(args.out, chi, affine, header)

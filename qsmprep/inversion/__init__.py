@@ -1,4 +1,7 @@
-"""Dipole inversion: local field (ppm) -> susceptibility (ppm). See docs/methods/inversion.md."""
+"""Dipole inversion: local field (ppm) -> susceptibility (ppm). See docs/methods/inversion.md.
+
+Each method is called as f(local_field_ppm, mask, voxel_size_mm, b0_dir, ...); ``qsmprep.config.library_function``
+finds one by the name the pipeline and CLIs use. ``deep_invert`` imports torch only when called."""
 
 from .cfl2 import cfl2
 from .deep import deep_invert
@@ -7,8 +10,4 @@ from .solvers import cg, lsqr
 from .tkd import tkd
 from .tv import tv
 
-INVERSION_METHODS = {"tkd": tkd, "cfl2": cfl2, "ilsqr": ilsqr, "tv": tv, "deep": deep_invert}
-"""Inversions by name; each is called as f(local_field_ppm, mask, voxel_size_mm, b0_dir, ...).
-``deep`` imports torch only when called."""
-
-__all__ = ["INVERSION_METHODS", "cfl2", "cg", "deep_invert", "ilsqr", "lsqr", "tkd", "tv"]
+__all__ = ["cfl2", "cg", "deep_invert", "ilsqr", "lsqr", "tkd", "tv"]
