@@ -845,3 +845,29 @@ def test_real_and_imaginary_images_are_named_with_the_conversion_when_no_magnitu
     with pytest.raises(NoInputError) as err:  # without such images the message says nothing of them
         discover_runs(tmp_path / "other")
     assert "real and imaginary" not in str(err.value)
+
+
+def test_a_subject_of_images_qsmprep_cannot_read_is_refused_with_the_fix_not_skipped(tmp_path):
+    """Beside a subject with a usable run, a subject stored as real and imaginary parts, or without part entities, was
+    skipped without a word (exit 0); a magnitude-only T2starw beside a usable run is still left alone."""
+    make_run(tmp_path, sub="01")
+    make_run(tmp_path, sub="01", suffix="T2starw", echo_times=(0.02,), skip=(("phase", 1),))
+    t2starw = next(tmp_path.glob("sub-01/anat/*_T2starw.nii.gz"))
+    t2starw.rename(t2starw.with_name("sub-01_T2starw.nii.gz"))  # no part entity: a magnitude-only anatomy
+    anat = make_run(tmp_path, sub="02")
+    for path in anat.glob("*_part-*"):
+        path.rename(path.with_name(path.name.replace("part-mag", "part-real").replace("part-phase", "part-imag")))
+    anat = make_run(tmp_path, sub="03")
+    for path in anat.glob("*_part-*"):
+        path.rename(path.with_name(path.name.replace("_part-mag", "").replace("_part-phase", "_acq-x")))
+    runs = discover_runs(tmp_path)
+    assert [run.name for run in runs] == ["sub-01", "sub-02", "sub-03", "sub-03_acq-x"]
+    valid, problems = validate_runs(runs)
+    assert [run.name for run in valid] == ["sub-01"]
+    messages = {problem.run: problem.message for problem in problems}
+    assert messages["sub-02"].startswith(str(anat.parent.parent / "sub-02" / "anat" / "sub-02_echo-1_part-imag_MEGRE.nii.gz"))
+    assert "sub-02 is stored as real and imaginary parts (part-real, part-imag), which qsmprep does not read: " \
+           "convert each echo to magnitude |real + i imag| (part-mag) and phase atan2(imag, real)" in messages["sub-02"]
+    assert messages["sub-03"].endswith("sub-03's images have no part entity, and sub-03 has no magnitude or phase "
+                                       "image: name the magnitude images with part-mag and the phase images with "
+                                       "part-phase (an image without a part entity is not read as either).")

@@ -85,6 +85,9 @@ class GRERun:
     foreign_entities: tuple = field(default=(), compare=False, repr=False)
     """(file, "key-value") for each entity of an input file that a gradient-echo image does not take in BIDS
     (e.g. ``flip-2``): it would not tell runs apart, so validation refuses the run."""
+    unread: tuple = field(default=(), compare=False, repr=False)
+    """(file, part or None) for each of the run's images that is neither part-mag nor part-phase (part-real,
+    part-imag, or no part entity); a run of such images alone is refused by validation, with the fix."""
 
     @property
     def entities(self):
@@ -106,6 +109,7 @@ class GRERun:
         out = asdict(self)
         out.pop("magnitude_meta")
         out.pop("phase_meta")
+        out.pop("unread")
         out["name"] = self.name
         return out
 
@@ -314,15 +318,31 @@ def _restricted_to_labels(query, layout, bids_dir, participant_label, session_la
     return query
 
 
+REAL_IMAGINARY_FIX = ("convert each echo to magnitude |real + i imag| (part-mag) and phase atan2(imag, real) in radians "
+                      "(part-phase, \"Units\": \"rad\").")
+"""The fix for a gradient-echo run stored as real and imaginary parts (part-real, part-imag), which qsmprep does not read."""
+
+
 def _files_by_run(layout, query):
-    """Group the files ``query`` finds into runs: {run key: {"mag": [(path, entities, metadata)], "phase": [...]}}."""
+    """Group the GRE images of ``query``'s scope into runs: {run key: {"mag": [(path, entities, metadata)], "phase":
+    [...], "unread": [(path, part or None)]}}, "unread" holding images with another part (real, imag) or none.
+
+    A group of unread images alone is a run, for validation to refuse with its fix, where they are real and imaginary
+    parts (QSM data qsmprep cannot read) or where its subject has no magnitude or phase image (a subject would
+    otherwise be skipped without a word); a subject's magnitude-only T2starw beside its MEGRE runs is left alone."""
     groups = {}
-    for bids_file in layout.get(return_type="object", **query):
+    for bids_file in layout.get(return_type="object", **{k: v for k, v in query.items() if k != "part"}):
         ent = bids_file.get_entities()
         key = tuple(None if ent.get(k) is None else str(ent[k]) for k in (*ENTITY_KEYS, "suffix"))
-        item = (bids_file.path, ent, bids_file.get_metadata())
-        groups.setdefault(key, {"mag": [], "phase": []})[ent["part"]].append(item)
-    return groups
+        parts = groups.setdefault(key, {"mag": [], "phase": [], "unread": []})
+        if ent.get("part") in ("mag", "phase"):
+            parts[ent["part"]].append((bids_file.path, ent, bids_file.get_metadata()))
+        else:
+            parts["unread"].append((bids_file.path, ent.get("part")))
+    read = {key[0] for key, parts in groups.items() if parts["mag"] or parts["phase"]}
+    return {key: parts for key, parts in groups.items()
+            if parts["mag"] or parts["phase"] or key[0] not in read
+            or any(part in ("real", "imag") for _, part in parts["unread"])}
 
 
 def _real_imaginary_hint(layout, query):
@@ -331,9 +351,7 @@ def _real_imaginary_hint(layout, query):
     found = layout.get(return_type="filename", **{**query, "part": ["real", "imag"]})
     if not found:
         return ""
-    return (f" The {len(found)} image(s) stored as real and imaginary parts (e.g. {sorted(found)[0]}) are not read: "
-            "convert each echo to magnitude |real + i imag| (part-mag) and phase atan2(imag, real) in radians "
-            "(part-phase, \"Units\": \"rad\").")
+    return f" The {len(found)} image(s) stored as real and imaginary parts (e.g. {sorted(found)[0]}) are not read: {REAL_IMAGINARY_FIX}"
 
 
 def _gre_run(key, parts, entity_patterns):
@@ -352,7 +370,7 @@ def _gre_run(key, parts, entity_patterns):
         magnitude_meta=tuple(m for _, _, m in mag), phase_meta=tuple(m for _, _, m in phase),
         magnitude_echoes=tuple(_echo_label(e) for _, e, _ in mag),
         phase_echoes=tuple(_echo_label(e) for _, e, _ in phase),
-        multi_echo_4d=multi_echo_4d,
+        multi_echo_4d=multi_echo_4d, unread=tuple(sorted(parts["unread"])),
     )
 
 
@@ -396,7 +414,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
     query = _restricted_to_labels({**GRE_QUERY, **(bids_filters or {})}, layout, bids_dir, participant_label,
                                   session_label)
     groups = _files_by_run(layout, query)
-    if not groups:
+    if not any(parts["mag"] or parts["phase"] for parts in groups.values()):
         where = f" for participant(s) {', '.join(participant_label)}" if participant_label else ""
         raise NoInputError(
             f"no gradient-echo magnitude/phase images ({'/'.join(GRE_SUFFIXES)} with part-mag and part-phase)"

@@ -45,7 +45,7 @@ from pathlib import Path
 from ..checks import is_number
 from ..errors import DataError, NoInputError
 from ..phase.combine import MAX_PLAUSIBLE_TE_S, milliseconds_hint
-from .discovery import ENTITY_KEYS, SINGLE_ECHO_SUFFIXES, metadata_file
+from .discovery import ENTITY_KEYS, REAL_IMAGINARY_FIX, SINGLE_ECHO_SUFFIXES, metadata_file
 
 log = logging.getLogger(__name__)
 
@@ -560,6 +560,17 @@ def validate_run(run, b0_tesla=None, mask=None):
     def report(file, message):
         problems.append(Problem(run.subject, run.name, str(file), message))
 
+    if not run.files:  # images qsmprep does not read, alone (discovery's _files_by_run)
+        complex_parts = [file for file, part in run.unread if part in ("real", "imag")]
+        if complex_parts:
+            report(complex_parts[0], f"{complex_parts[0]}: {run.name} is stored as real and imaginary parts (part-real, "
+                                     f"part-imag), which qsmprep does not read: {REAL_IMAGINARY_FIX}")
+        else:
+            file = run.unread[0][0]
+            report(file, f"{file}: {run.name}'s images have no part entity, and sub-{run.subject} has no magnitude or "
+                         "phase image: name the magnitude images with part-mag and the phase images with part-phase "
+                         "(an image without a part entity is not read as either).")
+        return None, problems
     if not run.magnitude:
         report(run.phase[0], f"{run.phase[0]}: no magnitude image (part-mag) for {run.name}: add the magnitude "
                              "images of the same acquisition, named with part-mag (one without a part entity is "
