@@ -409,6 +409,7 @@ def test_boilerplate_only(tmp_path, capsys):
     for reference in ("Shmueli K", "Bilgic B", "Li W, Wang N", "Li W, Wu B, Liu C", "Gorgolewski K"):
         assert reference in text
     assert not list(out.glob("sub-*")) and "methods text written to" in capsys.readouterr().out
+    assert not (out / "dataset_description.json").exists()  # nothing processed: no derivatives dataset is made
     (command,) = out.glob("logs/*/command.txt")
     assert command.read_text().startswith("qsmprep ") and "--boilerplate-only" in command.read_text()
     assert "refined by 10 conjugate-gradient iterations" in text and "0.05 times" in text
@@ -842,6 +843,36 @@ def test_the_group_level_lists_a_run_whose_input_was_refused_and_exits_65(tmp_pa
     assert group()[0] == 0
 
 
+def test_the_group_level_leaves_out_a_refused_subject_taken_out_of_the_dataset(tmp_path, capsys):
+    """A subject refused by its participant run and then removed from BIDS_DIR, the usual fix, kept the group level
+    at exit 65 for good: its refusal stayed in the logs. A BIDS_DIR other than the one the outputs were made from
+    drops nothing."""
+    import csv
+    import shutil
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    assert simulate.main([str(bids), "--subjects", "2", "--matrix", "32", "32", "24", "--voxel-size", "6", "6", "6",
+                          "--echoes", "2"]) == 0
+    sidecar = next((bids / "sub-02" / "anat").glob("*_echo-2_part-mag_MEGRE.json"))
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "EchoTime": [0.004, 0.008]}))
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd", "--nprocs", "1"]
+    assert main(argv) == 65
+    copy = tmp_path / "copy"
+    shutil.copytree(bids, copy)
+
+    def group(bids_dir):
+        code = main([str(bids_dir), str(out), "group"])
+        with open(out / "group_qsm.tsv", newline="") as file:
+            return code, sorted(row["run"] for row in csv.DictReader(file, delimiter="\t"))
+
+    assert group(bids) == (65, ["sub-01", "sub-02"])
+    shutil.rmtree(bids / "sub-02")
+    capsys.readouterr()
+    assert group(bids) == (0, ["sub-01"])
+    assert f"sub-02: named by a participant run's log, but no longer in {bids}: left out" in capsys.readouterr().err
+    assert group(copy) == (65, ["sub-01", "sub-02"])  # not the dataset the outputs link
+
+
 def test_a_slab_too_thin_for_the_8_mm_high_pass_gets_the_largest_radius_that_fits(tmp_path):
     """A 24 mm slab: the 8 mm sphere of the deep refinement's and TV's high-pass fits nowhere in its mask. The run
     failed (exit 70, and before that the network's map went out as the refined one); now each inversion uses the
@@ -1127,11 +1158,17 @@ def test_an_output_folder_made_from_another_dataset_is_warned_about(tmp_path, ca
     write_dataset_description(tmp_path / "out", tmp_path / "other")
     argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--inversion", "tkd"]
     resolve_config(build_parser().parse_args(argv), argv)
-    assert f"was made from another input dataset ({(tmp_path / 'other').as_uri()}), not {tmp_path / 'bids'}" in caplog.text
+    assert f"was made from another input dataset ({tmp_path / 'other'}), not {tmp_path / 'bids'}" in caplog.text
     caplog.clear()
     write_dataset_description(tmp_path / "out", tmp_path / "bids")
     resolve_config(build_parser().parse_args(argv), argv)
     assert "another input dataset" not in caplog.text
+    # --boilerplate-only processes nothing, so it leaves the description linking the dataset the runs came from
+    description = (tmp_path / "out" / "dataset_description.json").read_text()
+    other = _tiny_dataset(tmp_path / "other")
+    assert main([str(other), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only",
+                 "--inversion", "tkd"]) == 0
+    assert (tmp_path / "out" / "dataset_description.json").read_text() == description
 
 
 def test_phase_of_the_opposite_polarity_is_flagged_and_undone_by_invert_phase(tmp_path, capfd):

@@ -10,6 +10,8 @@ import json
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from .. import __version__
 from .discovery import ENTITY_KEYS
@@ -154,6 +156,30 @@ def refused_runs(output_dir):
             messages.setdefault(problem["run"], []).append(problem["message"])
         last.update({name: ("; ".join(texts), log_dir) for name, texts in messages.items()})
     return {name: refusal for name, refusal in last.items() if refusal}
+
+
+def linked_input_dataset(output_dir):
+    """The input dataset folder that ``output_dir``'s description links (``DatasetLinks``), or None."""
+    description = Path(output_dir) / "dataset_description.json"
+    links = read_json_object(description).get("DatasetLinks") if description.is_file() else None
+    raw = links.get(RAW_DATASET_NAME) if isinstance(links, dict) else None
+    return Path(url2pathname(urlparse(raw).path)) if isinstance(raw, str) and raw.startswith("file:") else None
+
+
+def runs_gone_from_input(output_dir, bids_dir, names):
+    """The run names among ``names`` (e.g. ``sub-12_ses-2``) whose subject (and session) folder is no longer in
+    ``bids_dir``, the input dataset ``output_dir`` was made from: a subject taken out of the dataset after a
+    participant run refused it. Empty when ``bids_dir`` is not that dataset, so that a wrong BIDS_DIR drops
+    nothing."""
+    bids_dir = Path(bids_dir).absolute()
+    if not bids_dir.is_dir() or linked_input_dataset(output_dir) != bids_dir:
+        return set()
+    gone = set()
+    for name in names:
+        folder = bids_dir.joinpath(*[part for part in name.split("_") if part.startswith(("sub-", "ses-"))])
+        if not folder.is_dir():
+            gone.add(name)
+    return gone
 
 
 def bids_uri(path, bids_dir):

@@ -281,8 +281,7 @@ def check_output_dataset(output_dir, bids_dir):
     name qsmprep in ``GeneratedBy``. qsmprep would replace that description, and its files would mix with the
     other tool's. Warn when qsmprep made it from another input dataset than ``bids_dir``: the description then
     links this one, and the earlier runs' ``bids:raw:`` sources point into it."""
-    from ..bids.derivatives import RAW_DATASET_NAME, dataset_makers
-    from ..io import read_json_object
+    from ..bids.derivatives import dataset_makers, linked_input_dataset
 
     description = Path(output_dir) / "dataset_description.json"
     makers = dataset_makers(output_dir)
@@ -290,13 +289,11 @@ def check_output_dataset(output_dir, bids_dir):
         made_by = f"made by {', '.join(makers)}" if makers else "not made by qsmprep"
         raise UsageError(f"output folder {output_dir} holds another dataset ({description} says it is {made_by}): "
                          "give qsmprep a folder of its own, e.g. BIDS_DIR/derivatives/qsmprep.")
-    if makers:
-        links = read_json_object(description).get("DatasetLinks")
-        raw = links.get(RAW_DATASET_NAME) if isinstance(links, dict) else None
-        if isinstance(raw, str) and raw != Path(bids_dir).as_uri():
-            log.warning("output folder %s was made from another input dataset (%s), not %s: the runs already in it "
-                        "will be described as if made from this one; give each input dataset its own output "
-                        "folder.", output_dir, raw, bids_dir)
+    linked = linked_input_dataset(output_dir) if makers else None
+    if linked is not None and linked != Path(bids_dir).absolute():
+        log.warning("output folder %s was made from another input dataset (%s), not %s: the runs already in it "
+                    "will be described as if made from this one; give each input dataset its own output "
+                    "folder.", output_dir, linked, bids_dir)
 
 
 def chosen_parameters(path, bgremove, inversions, mask):
@@ -567,11 +564,13 @@ def _early_records():
 
 
 def write_provenance(config):
-    """Write the derivatives dataset files and OUTPUT_DIR/logs/<run_id>/{command.txt,config.json,CITATION.md}."""
+    """Write the derivatives dataset files (not with ``--boilerplate-only``, which processes nothing: it re-linked an
+    existing OUTPUT_DIR to its input dataset) and OUTPUT_DIR/logs/<run_id>/{command.txt,config.json,CITATION.md}."""
     from ..bids.derivatives import write_dataset_description
     from ..workflows.base import methods_text
 
-    write_dataset_description(config.output_dir, config.bids_dir)
+    if not config.boilerplate_only:
+        write_dataset_description(config.output_dir, config.bids_dir)
     log_dir = config.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "command.txt").write_text(shlex.join(config.command) + "\n")
@@ -768,7 +767,7 @@ def run_group(args):
     (``qsmprep.reports.group``) for ``--participant-label`` and ``--session-label`` (default every subject and
     session); returns the exit code: 0, or 65 when some run's derivatives are missing or cannot be measured, or the
     last participant run refused its input (its row says why; the others are in the table)."""
-    from ..bids.derivatives import dataset_makers, logged_runs, refused_runs
+    from ..bids.derivatives import dataset_makers, logged_runs, refused_runs, runs_gone_from_input
     from ..errors import NoInputError
     from ..reports.group import counts, group_rows, write_group_report
 
@@ -785,6 +784,12 @@ def run_group(args):
         raise NoInputError(f"{out} holds no qsmprep derivatives ({out / 'dataset_description.json'} missing or not "
                            "written by qsmprep): run the participant level into it first.")
     logged, refused = logged_runs(out), refused_runs(out)
+    gone = runs_gone_from_input(out, args.bids_dir, [*logged, *refused])
+    for name in sorted(gone):
+        log.info("%s: named by a participant run's log, but no longer in %s: left out (its derivatives, if any, are "
+                 "still measured)", name, args.bids_dir)
+    logged = {name: value for name, value in logged.items() if name not in gone}
+    refused = {name: value for name, value in refused.items() if name not in gone}
     named = [*logged, *refused]  # runs the logs name: a failed or refused one may have left no folder
     present = held_labels(out.glob("sub-*"), named, "sub")
     wanted = list(dict.fromkeys(s.removeprefix("sub-") for s in args.participant_label)) or present
