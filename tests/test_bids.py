@@ -871,3 +871,23 @@ def test_a_subject_of_images_qsmprep_cannot_read_is_refused_with_the_fix_not_ski
     assert messages["sub-03"].endswith("sub-03's images have no part entity, and sub-03 has no magnitude or phase "
                                        "image: name the magnitude images with part-mag and the phase images with "
                                        "part-phase (an image without a part entity is not read as either).")
+
+
+def test_swapped_magnitude_and_phase_are_suggested_by_the_phase_problem(tmp_path):
+    """Images swapped between part-mag and part-phase were refused with "set Units", then "spans 18 % of a cycle",
+    never naming the swap."""
+    anat = make_run(tmp_path)
+    for echo in (1, 2):
+        mag, phase = (anat / f"sub-01_echo-{echo}_part-{part}_MEGRE.nii.gz" for part in ("mag", "phase"))
+        mag_data, phase_data = nib.load(mag).get_fdata(), nib.load(phase).get_fdata()
+        nib.save(nib.Nifti1Image(phase_data.astype(np.float32), np.eye(4)), mag)
+        nib.save(nib.Nifti1Image((mag_data * (1.1 - 0.1 * echo)).astype(np.float32), np.eye(4)), phase)  # T2* decay
+    (run,) = discover_runs(tmp_path)
+    _, (problem,) = validate_runs([run])
+    assert "spans 0.09..3, 46% of a 2-pi cycle" in problem.message
+    assert problem.message.endswith("magnitude and phase may be swapped; check each file's part entity first.")
+    make_run(tmp_path / "divided", units="rad")  # phase divided by pi: the magnitudes are positive, no hint
+    for path in (tmp_path / "divided").glob("sub-01/anat/*_part-phase_MEGRE.nii.gz"):
+        nib.save(nib.Nifti1Image((nib.load(path).get_fdata() / np.pi).astype(np.float32), np.eye(4)), path)
+    _, (problem,) = validate_runs(discover_runs(tmp_path / "divided"))
+    assert "not radians as the sidecars say" in problem.message and "swapped" not in problem.message

@@ -280,6 +280,16 @@ def _phase_span_problem(run, units, low, high):
             "as exported from the scanner.")
 
 
+def _swapped_parts_hint(magnitude_signed, phase_low):
+    """A sentence for a phase problem where the magnitude images look like phase (``magnitude_signed``: each reaches
+    below minus half its largest value, as wrapped phase does) and the phase images like magnitude (none below 0,
+    ``phase_low``): part-mag and part-phase swapped got only "set Units", then "spans 18 % of a cycle"; else ""."""
+    if not (magnitude_signed and phase_low >= 0):
+        return ""
+    return (" The part-mag images hold negative values, as phase does, and the part-phase images none, as a "
+            "magnitude: magnitude and phase may be swapped; check each file's part entity first.")
+
+
 def _copied_phase_problem(run, file, digests, seen):
     """Why the phase volumes of ``file`` (their ``digests``) are not echoes of their own, or None: one holds the same
     values as a volume seen before (``seen``: digest -> that volume's name; this file's are added). Each echo's phase
@@ -304,6 +314,7 @@ def _values(run, units, problems):
     from ..io import nifti_values
 
     phase_low, phase_high = math.inf, -math.inf
+    magnitude_signed = True  # every magnitude reaches down to at least half its largest value below zero, as phase does
     phase_volumes = {}  # digest -> the phase volume first seen with it
     parts = [(f, "magnitude") for f in run.magnitude] + [(f, "phase") for f in run.phase]
     for file, part in parts:
@@ -326,6 +337,9 @@ def _values(run, units, problems):
             message = _phase_range_problem(file, units, values)
             if values["min"] is not None:
                 phase_low, phase_high = min(phase_low, values["min"]), max(phase_high, values["max"])
+            message = message and message + _swapped_parts_hint(magnitude_signed, phase_low)
+        if part == "magnitude":
+            magnitude_signed &= values["min"] is not None and values["min"] < -0.5 * abs(values["max"])
         if part == "phase" and not message:
             message = _copied_phase_problem(run, file, values["digests"], phase_volumes)
         if message:
@@ -333,6 +347,7 @@ def _values(run, units, problems):
             return False
     message = _phase_span_problem(run, units, phase_low, phase_high) if units and phase_low <= phase_high else None
     if message:
+        message += _swapped_parts_hint(magnitude_signed, phase_low)
         problems.append(Problem(run.subject, run.name, str(run.phase[0]), message))
     return message is None
 
