@@ -34,10 +34,12 @@ pipeline  What the inversions make of the pipeline's own local fields: the
           unwrapping, V-SHARP), then every method inverts the output local field
           in the output mask. NRMSE and HFEN vs the simulator's true chi.
 storage   The pipeline's oblique subject (float radians phase) stored RAS, LPS
-          (flips, as a DICOM converter writes) and PSL (axes permuted too), each
-          run through ``qsmprep --inversion METHODS``: each Chimap's and the
-          local field's difference from the RAS run (relative norm, maps
-          compared in RAS order) and NRMSE vs the true chi. Not in the default parts.
+          (flips, as a DICOM converter writes) and PSL (axes permuted too), and
+          its axial 3 mm subject stored RAS and ASR (isotropic, sagittal), each
+          run through ``qsmprep --inversion METHODS``: the brain mask's voxels
+          that differ from the RAS run's, each Chimap's and the local field's
+          difference from it (relative norm, maps compared in RAS order) and
+          NRMSE vs the true chi (each in its own mask). Not in the default parts.
 tiles     Tiled against whole-volume deep inference (``deep_invert``'s
           ``tile_shape`` and ``overlap``): the head phantom (seed 0) on a
           96x112x96 grid of 1 mm voxels, its noiseless local field
@@ -331,7 +333,10 @@ def part_pipeline(runs):
     return results
 
 
-STORAGE_ORDERS = ("LPS", "PSL")  # a DICOM converter's order; a permuted one, as a sagittal slab stores it
+STORAGE_ORDERS = {  # per pipeline dataset, the orders it is also stored in
+    "oblique 15 deg, 3x3x4 mm": ("LPS", "PSL"),  # a DICOM converter's order; a permuted one, as a sagittal slab
+    "axial 3 mm": ("ASR",),  # isotropic voxels stored sagittally: no voxel size tells the slice axis
+}
 
 
 def stored_as(bids, axcodes):
@@ -345,8 +350,10 @@ def stored_as(bids, axcodes):
 
 
 def part_storage(methods):
-    """The same acquisition stored in RAS and other orders through the whole pipeline: Chimaps should not differ."""
-    print("\n## storage: the oblique subject stored " + ", ".join(("RAS",) + STORAGE_ORDERS) + "\n")
+    """The same acquisition stored in RAS and other orders through the whole pipeline: masks and Chimaps should not
+    differ."""
+    print("\n## storage: " + "; ".join(f"the {dataset} subject stored RAS, {', '.join(orders)}"
+                                       for dataset, orders in STORAGE_ORDERS.items()) + "\n")
     import nibabel as nib
 
     from qsmprep.cli import simulate
@@ -354,33 +361,39 @@ def part_storage(methods):
     def in_ras(path):
         return np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float64)
 
-    dataset = "oblique 15 deg, 3x3x4 mm"
-    results, maps = [], {}
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for axcodes in ("RAS",) + STORAGE_ORDERS:
-            bids, out = Path(tmp) / axcodes, Path(tmp) / f"out-{axcodes}"
-            if simulate.main([str(bids), "--subjects", "1", "--phase-units", "rad", *PIPELINE_DATASETS[dataset]]):
-                raise SystemExit("qsmprep-simulate failed")
-            if axcodes != "RAS":
-                stored_as(bids, axcodes)
-            # a process of its own: its workers fork, which hangs once this process has run torch's threads
-            if subprocess.run([sys.executable, "-m", "qsmprep.cli.run", str(bids), str(out), "participant", "-w",
-                               str(Path(tmp) / f"work-{axcodes}"), "--inversion", *methods]).returncode:
-                raise SystemExit(f"qsmprep failed on the {dataset} dataset stored {axcodes}")
-            anat = out / "sub-01" / "anat"
-            maps[axcodes] = {m: in_ras(anat / f"sub-01_desc-{m}_Chimap.nii.gz") for m in methods}
-            maps[axcodes]["local field"] = in_ras(anat / "sub-01_desc-local_fieldmap.nii.gz")
-        truth = bids / "derivatives" / "groundtruth" / "sub-01" / "anat" / "sub-01_Chimap.nii.gz"
-        chi_true, mask = in_ras(truth), in_ras(anat / "sub-01_desc-brain_mask.nii.gz") > 0
-    for axcodes in STORAGE_ORDERS:
-        for name, ras_map in maps["RAS"].items():
-            other = maps[axcodes][name]
-            results.append({"stored": axcodes, "map": name,
-                            "relative_difference": float(np.linalg.norm(other - ras_map) / np.linalg.norm(ras_map)),
-                            "nrmse_ras": None if name == "local field" else nrmse(ras_map, chi_true, mask),
-                            "nrmse_stored": None if name == "local field" else nrmse(other, chi_true, mask)})
-    markdown(["stored", "map", "difference from RAS (relative norm)", "NRMSE % (RAS)", "NRMSE % (stored)"],
-             [[r["stored"], r["map"], f"{r['relative_difference']:.2e}", r["nrmse_ras"] or "", r["nrmse_stored"] or ""]
+        for dataset, orders in STORAGE_ORDERS.items():
+            maps = {}
+            for axcodes in ("RAS", *orders):
+                bids, out, work = (Path(tmp) / f"{name}-{axcodes}" for name in ("bids", "out", "work"))
+                for folder in (bids, out, work):
+                    shutil.rmtree(folder, ignore_errors=True)
+                if simulate.main([str(bids), "--subjects", "1", "--phase-units", "rad", *PIPELINE_DATASETS[dataset]]):
+                    raise SystemExit("qsmprep-simulate failed")
+                if axcodes != "RAS":
+                    stored_as(bids, axcodes)
+                # a process of its own: its workers fork, which hangs once this process has run torch's threads
+                if subprocess.run([sys.executable, "-m", "qsmprep.cli.run", str(bids), str(out), "participant", "-w",
+                                   str(work), "--inversion", *methods]).returncode:
+                    raise SystemExit(f"qsmprep failed on the {dataset} dataset stored {axcodes}")
+                anat = out / "sub-01" / "anat"
+                maps[axcodes] = {m: in_ras(anat / f"sub-01_desc-{m}_Chimap.nii.gz") for m in methods}
+                maps[axcodes]["local field"] = in_ras(anat / "sub-01_desc-local_fieldmap.nii.gz")
+                maps[axcodes]["mask"] = in_ras(anat / "sub-01_desc-brain_mask.nii.gz") > 0
+            chi_true = in_ras(bids / "derivatives" / "groundtruth" / "sub-01" / "anat" / "sub-01_Chimap.nii.gz")
+            for axcodes in orders:
+                for name, ras_map in maps["RAS"].items():
+                    other = maps[axcodes][name]
+                    difference = (f"{int((other != ras_map).sum())} of {int(ras_map.sum())} voxels" if name == "mask"
+                                  else f"{np.linalg.norm(other - ras_map) / np.linalg.norm(ras_map):.2e}")
+                    is_chi = name in methods  # each scored in its own run's mask
+                    results.append({"dataset": dataset, "stored": axcodes, "map": name, "difference": difference,
+                                    "nrmse_ras": nrmse(ras_map, chi_true, maps["RAS"]["mask"]) if is_chi else None,
+                                    "nrmse_stored": nrmse(other, chi_true, maps[axcodes]["mask"]) if is_chi else None})
+    markdown(["dataset", "stored", "map", "difference from RAS (relative norm; mask: voxels)", "NRMSE % (RAS)",
+              "NRMSE % (stored)"],
+             [[r["dataset"], r["stored"], r["map"], r["difference"], r["nrmse_ras"] or "", r["nrmse_stored"] or ""]
               for r in results])
     return results
 

@@ -159,7 +159,9 @@ def brain_mask(magnitude, voxel_size_mm=(1.0, 1.0, 1.0), quality=None, threshold
     (``separate_largest`` with ``separate_mm``): before any hole filling, which
     would otherwise fill the dark skull between scalp and brain; (4) hole
     filling in 3D and slice by slice across the axis with the largest voxel
-    size (the slice axis); (5) erosion by a ball of ``erode_mm``; (6) opening
+    size (the slice axis; the last such, the third array axis for isotropic
+    voxels: the pipeline passes arrays in RAS+ order, so that this is the
+    superior axis however the data are stored); (5) erosion by a ball of ``erode_mm``; (6) opening
     by a ball of ``smooth_mm`` (cuts remaining thin bridges), largest
     component again; (7) closing by the same ball, restricted to the eroded
     mask; (8) voxels in ``exclude`` are removed, then the largest component

@@ -189,7 +189,7 @@ def build_parser():
     g.add_argument("--b0-dir", type=finite_float, nargs=3, metavar=("X", "Y", "Z"),
                    help="B0 direction in the images' voxel coordinates (i, j, k); default: from the NIfTI affine")
     g.add_argument("--resample-b0", action="store_true",
-                   help="invert TKD, CFL2 and iLSQR on a B0-aligned grid when the acquisition is oblique by more "
+                   help="invert TKD, CFL2, iLSQR and TV on a B0-aligned grid when the acquisition is oblique by more "
                    "than 1 degree (helps TKD); deep always works in its own aligned frame and is not resampled "
                    "twice (docs/methods/pipeline.md)")
 

@@ -9,7 +9,7 @@ from scipy import fft as spfft
 from ..config import BGREMOVE_METHODS, MASK_STRATEGIES, UNWRAP_METHODS
 from ..errors import DataError
 from ..io import load_nifti, save_nifti
-from ..physics import voxel_size_from_affine
+from ..physics import call_in_ras_order, ras_voxel_size, voxel_size_from_affine
 
 
 class _BrainMaskInputSpec(BaseInterfaceInputSpec):
@@ -46,7 +46,9 @@ class BrainMask(SimpleInterface):
         elif self.inputs.strategy == "quality":
             raise ValueError("strategy 'quality' needs phase_rad and te_s")
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
-        mask = brain_mask(magnitude, voxel_size_from_affine(affine), quality=quality, exclude=exclude, **params)
+        # in RAS+ order: with isotropic voxels the holes are then filled in axial slices, however the data are stored
+        mask = call_in_ras_order(brain_mask, affine, magnitude, ras_voxel_size(affine), quality=quality,
+                                 exclude=exclude, **params)
         out = Path(runtime.cwd) / "brain_mask.nii.gz"
         self._results["out_file"] = str(save_nifti(out, mask, affine, None, dtype=np.uint8))
         return runtime

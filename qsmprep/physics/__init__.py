@@ -6,6 +6,7 @@ from .kernel import dipole_kernel, kspace_grid
 from .orientation import (
     b0_dir_from_affine,
     b0_tilt_deg,
+    call_in_ras_order,
     checked_voxel_size_mm,
     from_ras,
     invert_in_ras_order,
@@ -30,6 +31,7 @@ __all__ = [
     "b0_aligned_grid",
     "b0_dir_from_affine",
     "b0_tilt_deg",
+    "call_in_ras_order",
     "checked_voxel_size_mm",
     "invert_in_ras_order",
     "dipole_kernel",

@@ -85,6 +85,21 @@ def ras_voxel_size(affine):
     return tuple(float(v) for v in ras)
 
 
+def call_in_ras_order(function, affine, *args, **kwargs):
+    """``function(*args, **kwargs)`` with every argument that is an array on the grid of ``args[0]`` (3D, or 4D with
+    echoes last) flipped and permuted into RAS+ storage order (``to_ras``), and its array result put back in the
+    input's order. Other arguments pass unchanged, so give voxel sizes and directions in RAS+ terms
+    (``ras_voxel_size``). Steps that are not invariant to permuting the array axes then depend on the data alone:
+    a network's convolutions, finite differences, hole filling slice by slice."""
+    grid = np.shape(args[0])[:3]
+
+    def in_ras(value):
+        return to_ras(value, affine) if isinstance(value, np.ndarray) and value.shape[:3] == grid else value
+
+    result = function(*map(in_ras, args), **{name: in_ras(value) for name, value in kwargs.items()})
+    return np.ascontiguousarray(from_ras(result, affine))
+
+
 def invert_in_ras_order(invert, local_field_ppm, mask, affine, b0_dir, **params):
     """Run a dipole inversion on the arrays flipped and permuted into RAS+ storage order; chi back in the input's.
 
@@ -94,7 +109,7 @@ def invert_in_ras_order(invert, local_field_ppm, mask, affine, b0_dir, **params)
     iLSQR, relative norm; ``bench/accuracy.py --part storage``). Storing
     both in the closest RAS+ order
     (``nibabel.as_closest_canonical``'s flips and transposes, which are
-    lossless) makes the map depend on the data alone.
+    lossless) makes the map depend on the data alone (``call_in_ras_order``).
 
     Parameters
     ----------
@@ -118,9 +133,5 @@ def invert_in_ras_order(invert, local_field_ppm, mask, affine, b0_dir, **params)
     ornt = io_orientation(affine)  # row i: (RAS axis of stored axis i, +1 or -1 for a flip)
     b0_ras = np.empty(3)
     b0_ras[ornt[:, 0].astype(int)] = ornt[:, 1] * np.asarray(b0_dir, dtype=np.float64)
-    grid = np.shape(local_field_ppm)[:3]
-    params = {k: to_ras(v, affine) if isinstance(v, np.ndarray) and v.shape[:3] == grid else v
-              for k, v in params.items()}
-    chi = invert(to_ras(local_field_ppm, affine), to_ras(mask, affine), ras_voxel_size(affine),
-                 tuple(float(v) for v in b0_ras), **params)  # fmt: skip
-    return np.ascontiguousarray(from_ras(chi, affine))
+    return call_in_ras_order(invert, affine, np.asarray(local_field_ppm), np.asarray(mask), ras_voxel_size(affine),
+                             tuple(float(v) for v in b0_ras), **params)
