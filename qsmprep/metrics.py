@@ -52,13 +52,14 @@ def _mask_bool(mask):
 
 
 def _in_mask(recon, ref, mask, demean=True):
-    """(x, y, m): both maps as float64, zero outside the mask m (bool), demeaned in it with ``demean``."""
+    """(x, y, m): both maps as float64, zero outside the mask m (bool), demeaned in it with ``demean``. Values
+    outside the mask are never read (NaN there, as many tools write, made HFEN NaN through ``x * m``)."""
     m = _mask_bool(mask)
-    x = np.asarray(recon, dtype=np.float64)
-    y = np.asarray(ref, dtype=np.float64)
+    x = np.where(m, np.asarray(recon, dtype=np.float64), 0.0)
+    y = np.where(m, np.asarray(ref, dtype=np.float64), 0.0)
     if demean:
-        x, y = x - x[m].mean(), y - y[m].mean()
-    return x * m, y * m, m
+        x, y = np.where(m, x - x[m].mean(), 0.0), np.where(m, y - y[m].mean(), 0.0)
+    return x, y, m
 
 
 def nrmse(recon, ref, mask, demean=True):

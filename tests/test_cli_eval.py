@@ -259,3 +259,10 @@ def test_maps_in_different_units_are_warned_about(files, maps, capsys, caplog):
     save_nifti(files["chi"], recon / 200, AFFINE, dtype=np.float32)  # the other way round
     caplog.clear()
     assert main(_args(files)) == 0 and re.search(r"spreads 0.004\d* times as far", caplog.text)
+    # both flat but for under 1 % of the mask (a calcification in a sparse map): no scale to compare, no warning
+    flat = np.zeros(np.shape(ref), np.float32)
+    flat[tuple(np.argwhere(np.asarray(mask) > 0)[:3].T)] = -1.5
+    for name in ("chi", "ref"):
+        save_nifti(files[name], flat, AFFINE, dtype=np.float32)
+    caplog.clear()
+    assert main(_args(files)) == 0 and "spreads" not in caplog.text

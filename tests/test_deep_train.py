@@ -470,6 +470,9 @@ def test_a_generator_table_the_recipe_does_not_use_is_warned_of(caplog):
     ("smoke", "augment.flip=1", "[augment] flip must be true or false, got 1"),
     ("smoke", "augment.background_residual=[-0.5, 0.5]", "[augment] background_residual must be a range"),
     ("smoke", "augment.crop=[32, 8, 8]", "[augment] crop [32, 8, 8] does not fit the [data] patch [16, 16, 16]"),
+    # rot90_b0 swaps the first two sides: the batch's samples then differed in shape (a RuntimeError from torch)
+    ("smoke", "data.patch=[15, 16, 16]", "[augment] rot90_b0 turns each [15, 16, 16] sample about B0"),
+    ("smoke", "train.seed=-1", "[train] seed must be an integer >= 0, got -1"),  # numpy's ValueError at the first step
     ("smoke", "augment.noise=0.1", "unknown [augment] key(s) ['noise']; known: ["),
     ("smoke", "loss.masked=0", "[loss] masked must be true or false"),
     ("smoke", "loss.gamma=1", "[loss] loss l2 takes no options besides masked"),

@@ -70,6 +70,18 @@ def test_hfen_identical_zero_and_scaled_known(smooth_map, mask):
     assert hfen(3 * y, y, mask) == pytest.approx(200.0, rel=1e-6)
 
 
+def test_values_outside_the_mask_are_never_read(smooth_map, mask):
+    """NaN outside the mask, as many tools write, made HFEN NaN (through x * mask) and qsmprep-eval's JSON invalid."""
+    y = smooth_map
+    x = 0.8 * y
+    expected = {name: metric(x, y, mask) for name, metric in (("nrmse", nrmse), ("hfen", hfen), ("xsim", xsim))}
+    assert expected["hfen"] == pytest.approx(20.0, rel=1e-6)  # LoG is linear: 0.8 y - y
+    dirty_x, dirty_y = x.copy(), y.copy()
+    dirty_x[~mask], dirty_y[~mask] = np.nan, np.inf
+    for name, metric in (("nrmse", nrmse), ("hfen", hfen), ("xsim", xsim)):
+        assert metric(dirty_x, dirty_y, mask) == pytest.approx(expected[name], rel=1e-12), name
+
+
 def test_xsim_identical_one_noise_lower(smooth_map, mask):
     y = smooth_map
     assert xsim(y, y, mask) == pytest.approx(1.0, abs=1e-12)

@@ -112,6 +112,8 @@ def warn_if_units_differ(chi, ref, inside, chi_path, ref_path):
     """Log a warning when CHI and REF spread over ranges more than ``MAX_SPREAD_RATIO`` apart: most likely not one
     unit, which the metrics (relative to REF) cannot tell."""
     spread = [float(np.ptp(np.percentile(m[inside], (1, 99)))) for m in (chi, ref)]
+    if spread[0] == spread[1] == 0:  # both flat but for under 1 % of the mask (a calcification): no scale to compare
+        return
     ratio = spread[0] / spread[1] if spread[1] > 0 else np.inf
     if not 1 / MAX_SPREAD_RATIO <= ratio <= MAX_SPREAD_RATIO:
         log.warning("%s spreads %.3g times as far as %s inside the mask (1st to 99th percentile: %.3g against %.3g): "

@@ -124,7 +124,7 @@ B0_ALONG_K = ("[0, 0, 1]: models are trained with B0 along the k axis and infere
               lambda v: is_sequence(v, 3) and all(map(is_number, v)) and [float(b) for b in v] == [0.0, 0.0, 1.0])
 TRAIN_CHECKS = {
     "batch_size": POSITIVE_INT, "steps": POSITIVE_INT, "val_every": POSITIVE_INT, "val_samples": POSITIVE_INT,
-    "seed": number("an integer", integer=True), "num_workers": COUNT, "amp": BOOL,
+    "seed": COUNT, "num_workers": COUNT, "amp": BOOL,  # numpy's generators take no negative seed
     "init": ("a model name or checkpoint path (\"\" for none)", lambda v: isinstance(v, str)),
 }
 OPTIM_CHECKS = {
@@ -283,6 +283,11 @@ def _check_fit(recipe, network, source):
         if any(c > n for c, n in zip(augment.get("crop") or patch, patch)):
             raise UsageError(f"{source}: {where} crop {augment['crop']} does not fit the [data] patch {patch}: make it "
                              "at most the patch size.")
+        shape = list(augment.get("crop") or patch)
+        if augment.get("rot90_b0") and shape[0] != shape[1]:  # B0 along k: the turn swaps the first two sides
+            raise UsageError(f"{source}: {where} rot90_b0 turns each {shape} sample about B0 (the third axis), which "
+                             "swaps its first two sides, and a batch needs one shape: make those two sides equal, or "
+                             "set rot90_b0 = false.")
     size = min(recipe["augment"].get("crop") or patch)
     if 2 * network.crop_margin >= size:
         raise UsageError(f"{source}: [model] crop_margin {network.crop_margin} crops all of a {size}-voxel training "
