@@ -413,25 +413,38 @@ def device_text(device):
     return f"the CPU ({torch.get_num_threads()} threads)"
 
 
-def network_predictor(model, voxel_size_mm, device):
+def data_domain(meta):
+    """The batch-norm domain a checkpoint (``meta``) runs measured data through: 1, the target (real) domain, for a
+    network trained with a [domain] section (QSMInvNet+'s domain adaptation), else 0 (synthetic, the only one it
+    learnt). Returns the forward keywords: {"domain": 1} or {}."""
+    return {"domain": 1} if "domain" in meta.get("recipe", {}) else {}
+
+
+def network_predictor(model, voxel_size_mm, device, **options):
     """``predict(field, mask, **context) -> chi`` for numpy or torch tiles, running ``model`` on ``device`` (fp16
     autocast on CUDA) and returning a float32 tensor there, which the refinement takes as it is (no copy to the CPU
     and back); and ``context(field, mask)``: the model's ``tile_context`` of a whole volume, as numpy arrays (only
-    tiled runs need it, where the device's memory is short)."""
+    tiled runs need it, where the device's memory is short). ``options``: forward keywords for every call
+    (``data_domain``)."""
     import torch
+    import torch.nn.functional as F
 
     voxel_size = torch.tensor(voxel_size_mm, dtype=torch.float32, device=device)
     if device.type == "cuda":  # cuDNN's channels-last 3D convolutions: the 256^3 forward 0.089 -> 0.026 s on an H100
         model = model.to(memory_format=torch.channels_last_3d)
+    margin = model.crop_margin  # QSMGAN's output is its input less this many voxels a side
 
     def tensor(array):  # a (1, 1, i, j, k) batch
         return to_device(array, device)[None, None]
 
+    def network_input(array):  # with zeros for the margin the network crops, so that its output has the input's grid
+        return F.pad(tensor(array), (margin,) * 6) if margin else tensor(array)
+
     def predict(field, mask, **context):
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-            m = tensor(mask)
-            extra = {name: tensor(value) for name, value in context.items()}
-            return model(tensor(field) * m, mask=m, voxel_size=voxel_size, **extra)[0, 0].float()
+            m = network_input(mask)
+            extra = {name: network_input(value) for name, value in context.items()}
+            return model(network_input(field) * m, mask=m, voxel_size=voxel_size, **extra, **options)[0, 0].float()
 
     def context(field, mask):
         with torch.inference_mode():
@@ -538,7 +551,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
     if tile_shape is None:
         tile_shape = tile_for_memory(field_n.shape, free_memory_bytes(dev), NETWORK_BYTES_PER_VOXEL[dev.type])
     tile_shape = (int(tile_shape),) * 3 if np.ndim(tile_shape) == 0 else tuple(int(n) for n in tile_shape)
-    predict, context = network_predictor(net, vs_n, dev)
+    predict, context = network_predictor(net, vs_n, dev, **data_domain(meta))
     whole = cache(partial(context, field_n, mask_n))  # the whole volume's prior, once however often tiles shrink
     chi = run_with_smaller_tiles_on_oom(lambda tiles: predict_tiled(predict, field_n, mask_n, tiles, overlap, whole),
                                         tile_shape, dev)
