@@ -207,7 +207,10 @@ def test_methods_text_follows_a_deep_resolution_tolerance_from_the_parameters():
 
     run = replace(make_run(), affine=_oblique_affine(0.0, (3.0, 3.0, 3.0)))
     config = make_config([run], inversion=("deep",), parameters={"inversion": {"deep": {"resolution_tolerance": 5}}})
-    assert "The network ran on the acquisition grid" in methods_text(config)
+    assert "voxel size within 500% of the model's or taken as an input" in methods_text(config)
+    config = make_config([run], inversion=("deep",),
+                         parameters={"inversion": {"deep": {"resolution_tolerance": float("inf")}}})
+    assert "axis, the acquisition's voxel size kept, as asked). " in methods_text(config)  # it said "within inf%"
 
 
 def test_an_infinite_parameter_is_written_as_strict_json(tmp_path):

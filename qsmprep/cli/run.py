@@ -204,7 +204,7 @@ def build_parser():
                    "library's, recorded in logs/<run_id>/config.json")
 
     g = p.add_argument_group("deep inversion")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="deep: where the network and its refinement run (default auto: CUDA when torch sees a GPU)")
     add_deep_options(g, PIPELINE_REFINE_RADIUS_MM)
 
@@ -337,7 +337,7 @@ def resolve_config(args, argv):
         bgremove=args.bgremove or bgremove, inversion=inversions,
         mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
         b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
-        resample_b0=args.resample_b0, invert_phase=args.invert_phase, device=args.device, command=["qsmprep", *argv],
+        resample_b0=args.resample_b0, invert_phase=args.invert_phase, device=args.device or "auto", command=["qsmprep", *argv],
         parameters=parameters,
     )
     return config.resolve_parameters()
@@ -357,7 +357,8 @@ def check_method_options(args, inversions):
         from ..physics import resolve_device
 
         resolve_device("cuda")  # refuses at once rather than when the first run reaches the inversion
-    check_deep_options(args, DEEP_OPTIONS, "deep" in inversions, f"--inversion {' '.join(inversions)}")
+    chosen = f"--inversion {' '.join(inversions)}" + ("" if args.inversion else f" (of --preset {args.preset})")
+    check_deep_options(args, (*DEEP_OPTIONS, "device"), "deep" in inversions, chosen)
     check_b0_tesla_option(args.b0_tesla)
     check_b0_dir_option(args.b0_dir)
     if args.b0_dir is not None and args.resample_b0:

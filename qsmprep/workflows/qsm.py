@@ -150,8 +150,10 @@ def deep_frame_text(run, config):
         return ""
     (aligned, target_vs), tolerance = frame, deep_model_options(config)[1]
     if not aligned:
+        voxel_size = ("the acquisition's voxel size kept, as asked" if tolerance == float("inf")
+                      else f"voxel size within {tolerance:.0%} of the model's or taken as an input")
         return (f"The network ran on the acquisition grid (B0 within {OBLIQUE_THRESHOLD_DEG:g} degrees of its third "
-                f"axis, voxel size within {tolerance:.0%} of the model's or taken as an input). ")
+                f"axis, {voxel_size}). ")
     voxels = (" with " + " x ".join(f"{v:g}" for v in target_vs) + " mm voxels, the model's training resolution"
               if target_vs else " at the acquisition's voxel size")
     interpolation = "cubic B-splines" if RESAMPLE_ORDER == 3 else "trilinear"  # resample_to_grid's two orders
