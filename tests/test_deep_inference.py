@@ -684,3 +684,13 @@ def test_a_domain_adapted_network_inverts_data_through_its_target_domain(tmp_pat
         by_domain = [net(inputs[0], mask=inputs[1], domain=d)[0, 0].numpy() * mask for d in (0, 1)]
     assert np.abs(by_domain[1] - by_domain[0]).max() > 1e-3
     np.testing.assert_allclose(out, by_domain[1 if adapted else 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, words", [((48, 48, 40), "the 48x48x40 grid in one pass (tile_shape 64x64x64, as asked)"),
+                                          ((80, 48, 40), "the 80x48x40 grid in tiles (tile_shape 64x64x64, as asked)")])
+def test_a_tile_shape_given_is_logged_as_the_automatic_choice_is(untrained_checkpoint, caplog, shape, words):
+    """With a tile at least the grid nothing said whether the network ran in one pass (docs: the log says which)."""
+    chi, field, mask = _phantom(shape)
+    with caplog.at_level("INFO", logger="qsmprep.inversion.deep"):
+        deep_invert(field, mask, model=untrained_checkpoint, device="cpu", refine_iters=0, tile_shape=64)
+    assert f"deep inversion: {words}" in caplog.text

@@ -550,7 +550,11 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         field_n, mask_n, vs_n = field, m, voxel_size_mm
     if tile_shape is None:
         tile_shape = tile_for_memory(field_n.shape, free_memory_bytes(dev), NETWORK_BYTES_PER_VOXEL[dev.type])
-    tile_shape = (int(tile_shape),) * 3 if np.ndim(tile_shape) == 0 else tuple(int(n) for n in tile_shape)
+    else:  # as tile_for_memory does, the log says which
+        tile_shape = (int(tile_shape),) * 3 if np.ndim(tile_shape) == 0 else tuple(int(n) for n in tile_shape)
+        one_pass = all(n <= t for n, t in zip(field_n.shape, tile_shape))
+        log.info("deep inversion: the %s grid %s (tile_shape %s, as asked)", "x".join(map(str, field_n.shape)),
+                 "in one pass" if one_pass else "in tiles", "x".join(map(str, tile_shape)))
     predict, context = network_predictor(net, vs_n, dev, **data_domain(meta))
     whole = cache(partial(context, field_n, mask_n))  # the whole volume's prior, once however often tiles shrink
     chi = run_with_smaller_tiles_on_oom(lambda tiles: predict_tiled(predict, field_n, mask_n, tiles, overlap, whole),
