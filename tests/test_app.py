@@ -723,8 +723,9 @@ def test_simulate_usage_error_exits_64(tmp_path):
     assert not (tmp_path / "bids").exists()
 
 
-def _crash_the_second_tkd_call(monkeypatch):
-    """Make TKD raise on its second call; with --nprocs 1 the nodes run one by one, so exactly one run fails."""
+def _crash_the_second_tkd_call(monkeypatch, crashing_call=2):
+    """Make TKD raise on its second call (or ``crashing_call``); with --nprocs 1 the nodes run one by one, so exactly
+    one run fails."""
     import importlib
 
     tkd_module = importlib.import_module("qsmprep.inversion.tkd")  # the package re-exports the function by that name
@@ -733,7 +734,7 @@ def _crash_the_second_tkd_call(monkeypatch):
     @functools.wraps(real)  # keeps the signature the workflow reads the parameters from
     def tkd_crashing_on_its_second_call(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == crashing_call:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
@@ -776,6 +777,34 @@ def test_a_failed_session_leaves_the_finished_one_in_the_subject_report(tmp_path
     assert f"(crash files in logs/{log_dir.name}/ beside this report)" in report
     assert f"<h2>sub-01_ses-{finished[0]}</h2>" in report and "Chimap" in report and "<h2>Methods</h2>" in report
     assert f"<h2>sub-01_ses-{other}</h2>" not in report
+
+
+def test_subjects_stopped_by_stop_on_first_crash_are_said_to_be_stopped_not_failed(tmp_path, monkeypatch, capsys):
+    """After --stop-on-first-crash the subjects that never ran were listed FAILED, had no report, and the group table
+    sent the reader to those missing reports ("sub-02.html says why")."""
+    import csv
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    assert simulate.main([str(bids), "--subjects", "3", "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6",
+                          "--echoes", "2"]) == 0
+    _crash_the_second_tkd_call(monkeypatch, crashing_call=1)
+    argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd", "--nprocs", "1",
+            "--stop-on-first-crash"]
+    assert main(argv) == 70
+    summary = capsys.readouterr().out
+    states = dict(re.findall(r"  (sub-0\d) \[(\w+)\]", summary))
+    (crashed,) = [subject for subject, state in states.items() if state == "FAILED"]
+    stopped = sorted(subject for subject, state in states.items() if state == "STOPPED")
+    assert len(stopped) == 2 and f"before finishing subject(s) {', '.join(stopped)}" in summary
+    for subject in stopped:
+        page = (out / f"{subject}.html").read_text()
+        assert f"--stop-on-first-crash ended the run at the crash of {crashed}" in page
+    assert "processing failed at" in (out / f"{crashed}.html").read_text()
+    assert main([str(bids), str(out), "group"]) == 65
+    with open(out / "group_qsm.tsv", newline="") as file:
+        flags = {row["run"]: row["flags"] for row in csv.DictReader(file, delimiter="\t")}
+    for subject in stopped:  # the report the flag points to is there
+        assert f"{subject}.html says why" in flags[subject] and (out / f"{subject}.html").is_file()
 
 
 def test_the_group_level_lists_a_run_whose_participant_run_failed_and_exits_65(tmp_path, monkeypatch, capsys):

@@ -630,6 +630,22 @@ def crashed_nodes(log_dir):
     return failed
 
 
+def run_finished(config, run):
+    """Whether ``run`` wrote every Chimap asked for (its earlier outputs were removed before it ran)."""
+    from ..bids.derivatives import run_output_paths
+
+    paths = run_output_paths(run, config.inversion)
+    return all((Path(config.output_dir) / paths[f"chimap:{m}"]).is_file() for m in config.inversion)
+
+
+def stopped_subjects(config, failed):
+    """Subjects none of whose steps failed (``failed``) but with runs left unfinished: ``--stop-on-first-crash``
+    ended the whole run at another subject's crash."""
+    if not (config.stop_on_first_crash and failed):
+        return set()
+    return {run.subject for run in config.runs if run.subject not in failed and not run_finished(config, run)}
+
+
 def _error_reports(config, failed):
     """A report listing the problems for subjects none of whose runs could be processed, and for subjects
     where a step failed (their report step never ran): the input problems, each failed step's error, and the
@@ -639,11 +655,16 @@ def _error_reports(config, failed):
 
     processed = {run.subject for run in config.runs}
     rejected = {p["subject"] for p in config.problems} - processed
-    for subject in sorted(rejected | set(failed)):
+    stopped = stopped_subjects(config, failed)
+    for subject in sorted(rejected | set(failed) | stopped):
         errors = [p["message"] for p in config.problems if p["subject"] == subject]
         crashes = Path(config.log_dir).relative_to(config.output_dir)  # relative, as the report's log link
         errors += [f"processing failed at {step} (crash files in {crashes}/ beside this report)"
                    for step in failed.get(subject, [])]
+        if subject in stopped:
+            errors.append(f"processing stopped before this subject's runs finished: --stop-on-first-crash ended the "
+                          f"run at the crash of {', '.join('sub-' + s for s in sorted(failed))}; run the participant "
+                          "level again for this subject")
         runs = [run for run in config.runs if run.subject == subject]
         finished = [(run, entry) for run, entry in zip(runs, report_runs(runs, config)) if Path(entry["mask"]).is_file()]
         write_subject_report(config.output_dir, subject, [entry for _, entry in finished],
@@ -658,13 +679,13 @@ def summarize(config, failed):
 
     out = Path(config.output_dir)
     lines = [f"qsmprep {__version__} finished; outputs in {out}"]
+    stopped = stopped_subjects(config, failed)
     for run in config.runs:
         paths = run_output_paths(run, config.inversion)
-        chimaps = [out / paths[f"chimap:{m}"] for m in config.inversion]
-        written = [str(p) for p in chimaps if p.is_file()]
+        written = [str(out / paths[f"chimap:{m}"]) for m in config.inversion if (out / paths[f"chimap:{m}"]).is_file()]
         # per run, from what it wrote (earlier outputs were removed first): a failed run's subject may have others
         # that finished, and after --stop-on-first-crash a subject that never failed may have written nothing
-        state = "ok" if len(written) == len(chimaps) else "FAILED"
+        state = "ok" if run_finished(config, run) else "STOPPED" if run.subject in stopped else "FAILED"
         lines.append(f"  {run.name} [{state}]")
         lines += [f"    Chimap: {p}" for p in written]
     for subject in sorted({run.subject for run in config.runs} | {p["subject"] for p in config.problems}):
@@ -681,6 +702,9 @@ def summarize(config, failed):
                      f"crash files in {config.log_dir}:")
         lines += [f"  - {node}" for nodes in failed.values() for node in nodes]
         code = EXIT_PROCESSING_FAILED
+    if stopped:
+        lines.append(f"stopped at the first crash (--stop-on-first-crash) before finishing subject(s) "
+                     f"{', '.join('sub-' + s for s in sorted(stopped))}: run the participant level again for them")
     group_table = out / f"{GROUP_STEM}.tsv"
     if group_table.is_file():  # the group level's table is a snapshot: it does not follow the participant level
         lines.append(f"{group_table} predates this run: run the group level again "
