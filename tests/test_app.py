@@ -723,9 +723,8 @@ def test_simulate_usage_error_exits_64(tmp_path):
     assert not (tmp_path / "bids").exists()
 
 
-def _crash_the_second_tkd_call(monkeypatch, crashing_call=2):
-    """Make TKD raise on its second call (or ``crashing_call``); with --nprocs 1 the nodes run one by one, so exactly
-    one run fails."""
+def _crash_a_tkd_call(monkeypatch, call=2):
+    """Make TKD raise on its ``call``-th call; with --nprocs 1 the nodes run one by one, so exactly one run fails."""
     import importlib
 
     tkd_module = importlib.import_module("qsmprep.inversion.tkd")  # the package re-exports the function by that name
@@ -734,7 +733,7 @@ def _crash_the_second_tkd_call(monkeypatch, crashing_call=2):
     @functools.wraps(real)  # keeps the signature the workflow reads the parameters from
     def tkd_crashing_on_its_second_call(*args, **kwargs):
         calls.append(1)
-        if len(calls) == crashing_call:
+        if len(calls) == call:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
@@ -745,7 +744,7 @@ def test_a_crashing_step_exits_70_and_the_other_subject_finishes(tmp_path, monke
     bids = tmp_path / "bids"
     assert simulate.main([str(bids), "--subjects", "2", "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6",
                           "--echoes", "2"]) == 0
-    _crash_the_second_tkd_call(monkeypatch)
+    _crash_a_tkd_call(monkeypatch)
     out = tmp_path / "out"
     argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd", "--nprocs", "1"]
     assert main(argv) == 70
@@ -759,7 +758,7 @@ def test_a_failed_session_leaves_the_finished_one_in_the_subject_report(tmp_path
     bids = tmp_path / "bids"
     assert simulate.main([str(bids), "--sessions", "1", "2", "--matrix", "32", "32", "32", "--voxel-size", "6", "6",
                           "6", "--echoes", "2"]) == 0
-    _crash_the_second_tkd_call(monkeypatch)
+    _crash_a_tkd_call(monkeypatch)
     out = tmp_path / "out"
     argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd", "--nprocs", "1"]
     assert main(argv) == 70
@@ -787,7 +786,7 @@ def test_subjects_stopped_by_stop_on_first_crash_are_said_to_be_stopped_not_fail
     bids, out = tmp_path / "bids", tmp_path / "out"
     assert simulate.main([str(bids), "--subjects", "3", "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6",
                           "--echoes", "2"]) == 0
-    _crash_the_second_tkd_call(monkeypatch, crashing_call=1)
+    _crash_a_tkd_call(monkeypatch, call=1)
     argv = [str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd", "--nprocs", "1",
             "--stop-on-first-crash"]
     assert main(argv) == 70
@@ -816,7 +815,7 @@ def test_the_group_level_lists_a_run_whose_participant_run_failed_and_exits_65(t
     bids, out = tmp_path / "bids", tmp_path / "out"
     assert simulate.main([str(bids), "--sessions", "1", "2", "--matrix", "32", "32", "24", "--voxel-size", "6", "6",
                           "6", "--echoes", "2"]) == 0
-    _crash_the_second_tkd_call(monkeypatch)
+    _crash_a_tkd_call(monkeypatch)
     assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--inversion", "tkd",
                  "--nprocs", "1"]) == 70
     (failed,) = [s for s in ("1", "2") if not (out / "sub-01" / f"ses-{s}").exists()]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bgremove.smv import check_high_pass_radius
+from ..bids.derivatives import OUTPUTS
 from ..config import INVERSION_METHODS, library_function, parameter_checks
 from ..errors import DataError, UsageError
 from ..inversion.deep import MIN_TILE, REFINE_ITERS
@@ -149,9 +150,11 @@ def _check_not_total_field(args):
     """Raise UsageError for a total field map qsmprep wrote (``desc-total_fieldmap``, before background-field removal):
     the Hz the unit check asks for then passed the 1 ppm check at 3 mm voxels (0.64 ppm) and gave a map ten times
     too strong (NRMSE 1054 %), exit 0."""
+    total, local_field = (f"desc-{OUTPUTS[key]['desc']}_{OUTPUTS[key]['suffix']}"
+                          for key in ("total_field", "local_field"))
     name = Path(args.field).name
-    if re.search(r"(^|_)desc-total_fieldmap\.nii(\.gz)?$", name):
-        local = Path(args.field).with_name(name.replace("desc-total_", "desc-local_"))
+    if re.search(rf"(^|_){total}\.nii(\.gz)?$", name):
+        local = Path(args.field).with_name(name.replace(total, local_field))
         raise UsageError(f"field map {args.field} is qsmprep's total field, before background-field removal: invert "
                          f"the local field beside it, {local} (in ppm, so without --units).")
 

@@ -337,7 +337,8 @@ def resolve_config(args, argv):
         bgremove=args.bgremove or bgremove, inversion=inversions,
         mask=args.mask if args.mask in MASK_STRATEGIES else str(Path(args.mask).absolute()),
         b0_tesla=args.b0_tesla, b0_dir=tuple(args.b0_dir) if args.b0_dir else None,
-        resample_b0=args.resample_b0, invert_phase=args.invert_phase, device=args.device or "auto", command=["qsmprep", *argv],
+        resample_b0=args.resample_b0, invert_phase=args.invert_phase, device=args.device or "auto",
+        command=["qsmprep", *argv],
         parameters=parameters,
     )
     return config.resolve_parameters()
@@ -685,7 +686,7 @@ def summarize(config, failed):
         written = [str(out / paths[f"chimap:{m}"]) for m in config.inversion if (out / paths[f"chimap:{m}"]).is_file()]
         # per run, from what it wrote (earlier outputs were removed first): a failed run's subject may have others
         # that finished, and after --stop-on-first-crash a subject that never failed may have written nothing
-        state = "ok" if run_finished(config, run) else "STOPPED" if run.subject in stopped else "FAILED"
+        state = "ok" if len(written) == len(config.inversion) else "STOPPED" if run.subject in stopped else "FAILED"
         lines.append(f"  {run.name} [{state}]")
         lines += [f"    Chimap: {p}" for p in written]
     for subject in sorted({run.subject for run in config.runs} | {p["subject"] for p in config.problems}):
