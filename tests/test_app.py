@@ -266,6 +266,20 @@ def test_help_lists_the_contract_without_heavy_imports():
     assert imported == "[]"
 
 
+
+def _console_scripts():
+    import tomllib
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("command", sorted(_console_scripts()))
+def test_every_command_also_runs_as_python_dash_m(command):
+    # containers and clusters without the console scripts on PATH call `python -m qsmprep.cli.X`
+    module = _console_scripts()[command].split(":")[0]
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: ")
+
 @pytest.mark.parametrize(("flags", "level", "on_console"),
                          [([], "INFO", False), (["-v"], "INFO", True), (["-vv"], "DEBUG", True)])
 def test_nipype_node_lines_reach_the_console_only_with_v(tmp_path, capsys, flags, level, on_console):

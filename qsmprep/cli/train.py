@@ -138,3 +138,7 @@ def main(argv=None):
     from qsmprep.cli.common import run_cli
 
     return run_cli(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
