@@ -201,7 +201,8 @@ def build_parser():
     g.add_argument("--parameters", type=Path, metavar="FILE",
                    help="TOML file of method parameters, a table per method, e.g. [inversion.tkd] threshold = 0.15 "
                    "or [mask.quality] erode_mm = 2 (docs/usage.md, Method parameters); the defaults are the "
-                   "library's, recorded in logs/<run_id>/config.json")
+                   "library's but for TV's harmonic_radius_mm (8 mm, as --refine-radius), recorded in "
+                   "logs/<run_id>/config.json")
 
     g = p.add_argument_group("deep inversion")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"],
