@@ -231,8 +231,8 @@ def test_sidecars(runs):
         # the deep map says which weights made it and where its network ran: the 1 mm frame of the shipped model
         deep = json.loads((out / folder / f"{name}_desc-deep_Chimap.json").read_text())
         shipped = resources.files("qsmprep") / "data" / "models" / "qsmprep-cfl2unet.safetensors"
-        assert deep["DeepModel"]["Name"] == "qsmprep-cfl2unet" and deep["DeepModel"]["TrainingSteps"] == 15800 \
-            and deep["DeepModel"]["InitializedFrom"] == "qsmprep-cfl2unet"  # stage 2 fine-tuned stage 1
+        assert deep["DeepModel"]["Name"] == "qsmprep-cfl2unet" and deep["DeepModel"]["TrainingSteps"] == 7800 \
+            and deep["DeepModel"]["InitializedFrom"] == "qsmprep-cfl2unet"  # stage 3 fine-tuned stage 2
         assert deep["DeepModel"]["SHA256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
         assert deep["ResampledToModelFrame"] is True and deep["ModelFrameVoxelSizeMm"] == [1.0, 1.0, 1.0]
         # and on which device, "auto" settled by the node: this machine's
@@ -433,7 +433,7 @@ def test_boilerplate_only(tmp_path, capsys):
     shipped = resources.files("qsmprep") / "data" / "models" / "qsmprep-cfl2unet.safetensors"
     sha = hashlib.sha256(shipped.read_bytes()).hexdigest()
     assert "computed by the deep neural network qsmprep-cfl2unet shipped with qsmprep (qsmprep default: U-Net" in text
-    assert f"; 15800 training steps continuing from an earlier checkpoint, qsmprep-cfl2unet; weights SHA-256 {sha[:12]}; see its model card)" in text
+    assert f"; 7800 training steps continuing from an earlier checkpoint, qsmprep-cfl2unet; weights SHA-256 {sha[:12]}; see its model card)" in text
     # the pipeline's default high-pass (8 mm) reaches the deep node's parameters and the methods text; 0 turns it off
     assert "spherical mean over 8 mm subtracted" in text
     assert json.loads(citation.with_name("config.json").read_text())["parameters"]["inversion"]["deep"]["refine_radius_mm"] == 8

@@ -44,7 +44,7 @@ RESAMPLE_ORDER = 3
 
 Trilinear interpolation blurs both ways: resampled into the 1 mm frame and back, the true chi of the
 anisotropic 0.75x0.75x2 mm simulated subject alone scores 24.25 % NRMSE with order 1 and 14.99 % with
-order 3, and the shipped model's refined inversion 28.51 % and 25.80 % (docs/methods/deep-inversion.md).
+order 3, and the stage-2 model's refined inversion 28.51 % and 25.80 % (docs/methods/deep-inversion.md).
 The mask is resampled trilinearly (no overshoot) and thresholded at 0.5."""
 
 REFINE_ITERS = 10
@@ -484,9 +484,9 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         Where the network and the refinement run ("auto": CUDA when available).
     refine_iters : int, default 10
         Conjugate-gradient iterations of data-consistency refinement (0 = off).
-        On the 2016 challenge data it takes the shipped model from 61.75 % NRMSE /
-        60.23 % HFEN to 62.03 % / 57.79 %, on the simulated subjects from
-        31-35 % to 24-26 % (docs/benchmarks.md).
+        On the 2016 challenge data it takes the shipped model from 61.23 % NRMSE /
+        59.52 % HFEN to 61.94 % / 57.65 %, on the simulated subjects from
+        30-33 % to 23-24 % (docs/benchmarks.md).
     refine_lambda : float, default 0.05
         Weight of the network prior in the refinement; larger keeps more of the
         network output (0.1 scores better on the 2016 in-vivo data, 0.02 on the
