@@ -57,8 +57,9 @@ def _in_mask(recon, ref, mask, demean=True):
     m = _mask_bool(mask)
     x = np.where(m, np.asarray(recon, dtype=np.float64), 0.0)
     y = np.where(m, np.asarray(ref, dtype=np.float64), 0.0)
-    if demean:
-        x, y = np.where(m, x - x[m].mean(), 0.0), np.where(m, y - y[m].mean(), 0.0)
+    if demean:  # in place: both are new arrays, and outside the mask they stay 0
+        x[m] -= x[m].mean()
+        y[m] -= y[m].mean()
     return x, y, m
 
 

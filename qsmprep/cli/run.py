@@ -684,7 +684,8 @@ def summarize(config, failed):
     stopped = stopped_subjects(config, failed)
     for run in config.runs:
         paths = run_output_paths(run, config.inversion)
-        written = [str(out / paths[f"chimap:{m}"]) for m in config.inversion if (out / paths[f"chimap:{m}"]).is_file()]
+        chimaps = [out / paths[f"chimap:{m}"] for m in config.inversion]
+        written = [str(p) for p in chimaps if p.is_file()]
         # per run, from what it wrote (earlier outputs were removed first): a failed run's subject may have others
         # that finished, and after --stop-on-first-crash a subject that never failed may have written nothing
         state = "ok" if len(written) == len(config.inversion) else "STOPPED" if run.subject in stopped else "FAILED"
