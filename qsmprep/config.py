@@ -26,15 +26,17 @@ MASK_STRATEGIES = ("quality", "magnitude")
 """``quality`` (default): Otsu thresholds of the echo-combined magnitude and of the phase quality map;
 ``magnitude``: of the magnitude only (keeps scalp and skull wherever they give signal)."""
 
-PIPELINE_REFINE_RADIUS_MM = 8.0
-"""The pipeline's high-pass radius for the deep refinement (``deep_invert``'s ``refine_radius_mm``; the
-library's default is off). qsmprep's own local fields carry residual background fields, which the plain
-refinement turns into susceptibility: with 8 mm the shipped model scores 6-23 points better on them and
-1 point better on the 2016 challenge data (docs/benchmarks.md, Pipeline-made local fields)."""
+PIPELINE_HIGH_PASS_RADIUS_MM = 8.0
+"""The pipeline's high-pass radius for the deep refinement (``deep_invert``'s ``refine_radius_mm``) and for TV
+(``invert_tv``'s ``harmonic_radius_mm``); the library's default is off for both. qsmprep's own local fields carry
+residual background fields, which the plain refinement turns into susceptibility: with 8 mm the shipped model
+scores 6-23 points better on them and 1 point better on the 2016 challenge data (docs/benchmarks.md,
+Pipeline-made local fields)."""
 
-PIPELINE_PARAMETERS = {("inversion", "tv"): {"harmonic_radius_mm": PIPELINE_REFINE_RADIUS_MM}}
-"""The pipeline's own defaults where they differ from the library function's, for the same reason as
-``PIPELINE_REFINE_RADIUS_MM``: its local fields carry residual background fields (a parameters file overrides them)."""
+PIPELINE_PARAMETERS = {("inversion", "deep"): {"refine_radius_mm": PIPELINE_HIGH_PASS_RADIUS_MM},
+                       ("inversion", "tv"): {"harmonic_radius_mm": PIPELINE_HIGH_PASS_RADIUS_MM}}
+"""The pipeline's own defaults where they differ from the library function's: its local fields carry residual
+background fields (``PIPELINE_HIGH_PASS_RADIUS_MM``). ``--refine-radius`` or a parameters file overrides them."""
 
 HIGH_PASS_PARAMETERS = {"deep": "refine_radius_mm", "tv": "harmonic_radius_mm"}
 """The inversions' high-pass radius parameter (mm). In the pipeline each run's is the largest, at most the one

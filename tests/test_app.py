@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from qsmprep.cli import simulate
 from qsmprep.cli.run import main
-from qsmprep.config import PIPELINE_REFINE_RADIUS_MM, library_function
+from qsmprep.config import PIPELINE_HIGH_PASS_RADIUS_MM, library_function
 from qsmprep.inversion.deep import inference_device, resolve_device
 from qsmprep.metrics import nrmse
 from qsmprep.physics import b0_dir_from_affine, b0_tilt_deg, hz_to_ppm, voxel_size_from_affine
@@ -175,7 +175,7 @@ def _ideal_errors(truth, name, mask, chi_true):
     voxel_mm, b0_dir = voxel_size_from_affine(image.affine), b0_dir_from_affine(image.affine)
     errors = {}
     for method in METHODS:
-        options = {"refine_radius_mm": PIPELINE_REFINE_RADIUS_MM} if method == "deep" else {}  # as the pipeline runs it
+        options = {"refine_radius_mm": PIPELINE_HIGH_PASS_RADIUS_MM} if method == "deep" else {}  # as the pipeline runs it
         chi = library_function("inversion", method)(field, mask, voxel_mm, b0_dir, **options)
         errors[method] = nrmse(chi, chi_true, mask)
     return errors

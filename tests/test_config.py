@@ -124,3 +124,16 @@ def test_the_deep_overlap_check_is_what_tiling_needs():
         np.testing.assert_array_equal(predict_tiled(lambda f, m: f, field, field, (MIN_TILE,) * 3, overlap), field)
     assert not ok(MIN_TILE + 36)
     assert (predict_tiled(lambda f, m: f, field, field, (MIN_TILE,) * 3, MIN_TILE + 36) == 0).mean() > 0.5
+
+
+def test_the_pipeline_high_pass_radius_is_the_default_of_both_inversions_that_have_one():
+    """deep's refinement and TV get 8 mm in the pipeline (the library's default is off); a value given wins."""
+    def resolved(**given):
+        return config.Config(bids_dir="/data", output_dir="/out", work_dir="/work", inversion=("deep", "tv"),
+                             parameters={"inversion": given}).resolve_parameters().parameters["inversion"]
+
+    default = resolved()
+    assert default["deep"]["refine_radius_mm"] == default["tv"]["harmonic_radius_mm"] == 8.0
+    assert default["deep"]["refine_lambda"] == 0.05  # the other values stay the library's
+    given = resolved(deep={"refine_radius_mm": 0.0}, tv={"harmonic_radius_mm": 5.0})
+    assert (given["deep"]["refine_radius_mm"], given["tv"]["harmonic_radius_mm"]) == (0.0, 5.0)

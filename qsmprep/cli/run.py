@@ -29,7 +29,7 @@ from ..config import (
     BGREMOVE_METHODS,
     INVERSION_METHODS,
     MASK_STRATEGIES,
-    PIPELINE_REFINE_RADIUS_MM,
+    PIPELINE_HIGH_PASS_RADIUS_MM,
     PRESETS,
     SELF_RESAMPLING_INVERSIONS,
     UNWRAP_METHODS,
@@ -207,7 +207,7 @@ def build_parser():
     g = p.add_argument_group("deep inversion")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="deep: where the network and its refinement run (default auto: CUDA when torch sees a GPU)")
-    add_deep_options(g, PIPELINE_REFINE_RADIUS_MM)
+    add_deep_options(g, PIPELINE_HIGH_PASS_RADIUS_MM)
 
     g = p.add_argument_group("resources and execution")
     g.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
@@ -411,10 +411,10 @@ def checked_locations(args):
 
 
 def deep_parameters(args):
-    """The deep inversion's parameters from its options, with the pipeline's high-pass radius unless one is given
-    and the ``--model`` checked (``checked_model``: a name or a loadable checkpoint)."""
+    """The deep inversion's parameters given by its options (the others are the pipeline's,
+    ``Config.resolve_parameters``), with the ``--model`` checked (``checked_model``: a name or a loadable
+    checkpoint)."""
     deep = {key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if getattr(args, dest) is not None}
-    deep.setdefault("refine_radius_mm", PIPELINE_REFINE_RADIUS_MM)
     if "model" in deep:
         from ..deep.registry import checked_model
 
@@ -477,7 +477,7 @@ HIGH_PASS_RADII = {("bgremove", "vsharp", "radii_mm"): "[bgremove.vsharp] radii_
                                                          "--parameters file sets it)",
                    ("inversion", "deep", "refine_radius_mm"): "--refine-radius",
                    ("inversion", "tv", "harmonic_radius_mm"): f"[inversion.tv] harmonic_radius_mm "
-                                                              f"({PIPELINE_REFINE_RADIUS_MM:g} mm in the pipeline; "
+                                                              f"({PIPELINE_HIGH_PASS_RADIUS_MM:g} mm in the pipeline; "
                                                               "a --parameters file sets it)"}
 """The spherical-mean radii (mm) of the chosen methods' high-pass filters, and where the user sets each ({default}:
 the library's default)."""

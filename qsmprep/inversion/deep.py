@@ -495,7 +495,7 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
         SMV radius (mm) of the refinement's high-pass, which makes it ignore
         residual background fields (``refine_data_consistency``'s
         ``harmonic_radius_mm``); None or 0: off. The pipeline passes 8 mm
-        (``qsmprep.config.PIPELINE_REFINE_RADIUS_MM``): its local fields carry
+        (``qsmprep.config.PIPELINE_HIGH_PASS_RADIUS_MM``): its local fields carry
         such residuals.
     refine_tv_weight : float, default 0
         Weight (ppm mm) of a total-variation term in the refinement, 0: off
