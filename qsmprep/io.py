@@ -185,15 +185,17 @@ def nifti_values(path, what="image"):
 
 
 def _volume_digests(raw, slope, inter):
-    """A digest of each 3D volume of ``raw``, in order, from its stored bytes, their type and scaling (``slope``,
-    ``inter``): a copy of a volume, in the same file or another, has the same digest, and volumes with the same
-    digest hold the same values. Copies are so found without holding two images in memory."""
+    """A digest of each 3D volume of ``raw``, in order, from its values (``raw * slope + inter``) rounded to float32:
+    a copy of a volume, in the same file or another, has the same digest, whether it was copied byte for byte or
+    re-saved in another data type or scaling (as float32 from int16, say). Two echoes' phases never agree to
+    float32 precision in every voxel, so volumes with the same digest are copies. Copies are so found without
+    holding two images in memory."""
     volumes = [raw] if raw.ndim <= 3 else np.moveaxis(raw.reshape(raw.shape[:3] + (-1,), order="F"), -1, 0)
     digests = []
-    for volume in volumes:  # equal bytes of another type or scaling are other values
-        digest = hashlib.blake2b(f"{raw.dtype} {slope} {inter}".encode(), digest_size=16)
-        digest.update(volume.tobytes(order="F"))
-        digests.append(digest.hexdigest())
+    for volume in volumes:
+        values = (volume.astype(np.float64) * slope + inter).astype(np.float32) + np.float32(0)  # -0.0 -> 0.0
+        values[np.isnan(values)] = np.nan  # one bit pattern for every NaN
+        digests.append(hashlib.blake2b(values.tobytes(order="F"), digest_size=16).hexdigest())
     return tuple(digests)
 
 
