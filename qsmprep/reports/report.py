@@ -192,9 +192,9 @@ def paramagnetic_tail_ratio(percentiles):
     (``no_contrast_reason``), whose tails are noise, or without a negative tail.
 
     Veins and iron-rich deep grey matter are strongly paramagnetic and few brain tissues strongly diamagnetic, so a
-    brain's positive tail is the longer: 1.37-1.61 on the 2016 challenge data by TKD, CFL2 and the deep model (2.00
-    for its COSMOS map) and 4.29 for the deep map of the simulated head. A map of phase stored with the opposite
-    polarity has the tails swapped (the 2016 deep map of the negated field: 0.57), so a ratio below
+    brain's positive tail is the longer: 1.37-1.66 on the 2016 challenge data by TKD, CFL2 and the deep model (2.00
+    for its COSMOS map) and 4.46 for the deep map of the simulated head. A map of phase stored with the opposite
+    polarity has the tails swapped (the 2016 deep map of the negated field: 0.60), so a ratio below
     ``POLARITY_WARNING_RATIO`` makes the report warn (docs/outputs.md, The report).
     """
     if no_contrast_reason(percentiles):
