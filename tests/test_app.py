@@ -31,6 +31,7 @@ from qsmprep.config import PIPELINE_HIGH_PASS_RADIUS_MM, library_function
 from qsmprep.inversion.deep import inference_device, resolve_device
 from qsmprep.metrics import nrmse
 from qsmprep.physics import b0_dir_from_affine, b0_tilt_deg, hz_to_ppm, voxel_size_from_affine
+from qsmprep.workflows.base import top_workflow_name
 
 METHODS = ("tkd", "cfl2", "ilsqr", "tv", "deep")
 TE_S = [0.004, 0.008, 0.012]
@@ -148,7 +149,7 @@ def test_node_run_filter_reads_the_run_from_the_nodes_folder(tmp_path, monkeypat
         assert node_run.filter(record)
         return formatter.format(record).split(" ", 2)[2]  # without the time
 
-    subject = tmp_path / "work" / "qsmprep_wf" / "single_subject_01_wf"
+    subject = tmp_path / "work" / top_workflow_name() / "single_subject_01_wf"
     assert line_logged_in(subject / "qsm_ses_2_wf" / "total_field") == "qsmprep.phase.combine INFO: sub-01_ses-2: total field"
     assert line_logged_in(subject / "report") == "qsmprep.phase.combine INFO: sub-01: total field"
     assert line_logged_in(tmp_path) == "qsmprep.phase.combine INFO: total field"  # not in a node
@@ -1185,7 +1186,7 @@ def test_resample_b0_with_deep_alone_warns_that_it_does_nothing(tmp_path, caplog
 
 
 def test_a_work_directory_inside_the_output_folder_is_warned_about(tmp_path, caplog):
-    """-w inside OUTPUT_DIR put Nipype's qsmprep_wf/ into the derivatives dataset without a word."""
+    """-w inside OUTPUT_DIR put Nipype's qsmprep_<version>_wf/ into the derivatives dataset without a word."""
     from qsmprep.cli.run import build_parser, resolve_config
 
     for work, warned in ((tmp_path / "out" / "work", True), (tmp_path / "work", False)):

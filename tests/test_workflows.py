@@ -92,6 +92,17 @@ def test_graph_for_each_option_combination(options, tilt, extra, absent):
         assert run_wf.get_node(f"invert_{method}").inputs.method == method
 
 
+@pytest.mark.parametrize(("version", "name"), [("0.1.0", "qsmprep_0_1_0_wf"),
+                                               ("1.2.0.dev3+g1a2b", "qsmprep_1_2_0_dev3_g1a2b_wf")])
+def test_the_work_folder_is_named_by_version(monkeypatch, version, name):
+    """A work folder of an older version was reused after an upgrade, and a node whose outputs had been renamed
+    since failed on its cached result; each version now works in its own folder."""
+    from qsmprep.workflows import base
+
+    monkeypatch.setattr(base, "__version__", version)
+    assert base.init_qsmprep_wf(make_config([make_run("01")], inversion=("tkd",))).name == name
+
+
 def test_user_mask_node_and_subject_layout(tmp_path):
     from qsmprep.workflows.base import init_qsmprep_wf
 

@@ -519,7 +519,7 @@ class NodeRunFilter(logging.Filter):
     """Sets ``record.run`` to "<run name>: " for a record logged by a node of a run ("sub-<label>: " by a node of
     a subject, its report), else to "", so that the lines of runs processed side by side say whose they are.
 
-    Nipype runs each node in its own folder, <work dir>/qsmprep_wf/<subject workflow>/<run workflow>/<node>, in
+    Nipype runs each node in its own folder, <work dir>/qsmprep_<version>_wf/<subject workflow>/<run workflow>/<node>, in
     whichever process runs it (MultiProc workers too: forked, they inherit this filter), so the working folder
     names the run. ``folders`` maps the folder names to runs (``qsmprep.workflows.base.work_folder_names``); it is
     empty until the runs are known. Nodes that ``--use-plugin`` sends to cluster jobs log in those jobs' output.

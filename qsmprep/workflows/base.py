@@ -1,5 +1,6 @@
 """Top-level workflows: the whole dataset, then one workflow per subject (the nipreps layout)."""
 
+import re
 import shlex
 from pathlib import Path
 
@@ -7,10 +8,17 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
+from .. import __version__
 from ..bids.derivatives import run_output_paths
 from ..interfaces.reports import SubjectReport
 from ..reports.report import report_entry
 from .qsm import RUNS_DESCRIBED, init_qsm_wf, methods_description, run_workflow_name, spoken_list, workflow_label
+
+
+def top_workflow_name():
+    """``qsmprep_<version>_wf`` (e.g. ``qsmprep_0_1_0_wf``), the work directory's top folder: another version's
+    cached steps, whose nodes may have other outputs, are then never reused (as fMRIPrep names its work folder)."""
+    return f"qsmprep_{re.sub(r'[^0-9A-Za-z]+', '_', __version__)}_wf"
 
 
 def subject_workflow_name(subject):
@@ -94,14 +102,14 @@ def init_single_subject_wf(subject, runs, config, errors=()):
 
 
 def init_qsmprep_wf(config):
-    """The whole run: one ``single_subject_<label>_wf`` per subject of ``config.runs``.
+    """The whole run (``top_workflow_name``): one ``single_subject_<label>_wf`` per subject of ``config.runs``.
 
     ``config.runs`` holds the validated runs and ``config.problems`` the
     validation problems (dicts with subject, run, file, message); both are
     set by the CLI before the workflow is built. The methods text of all
     runs is the workflow's boilerplate (``visit_desc()``).
     """
-    workflow = Workflow(name="qsmprep_wf")
+    workflow = Workflow(name=top_workflow_name())
     workflow.base_dir = str(config.work_dir)
     subjects = sorted({run.subject for run in config.runs})
     for subject in subjects:
@@ -112,5 +120,5 @@ def init_qsmprep_wf(config):
     return workflow
 
 
-__all__ = ["init_qsmprep_wf", "init_single_subject_wf", "methods_text", "subject_workflow_name", "work_folder_names",
-           "workflow_label"]
+__all__ = ["init_qsmprep_wf", "init_single_subject_wf", "methods_text", "subject_workflow_name", "top_workflow_name",
+           "work_folder_names", "workflow_label"]
