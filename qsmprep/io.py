@@ -184,18 +184,30 @@ def nifti_values(path, what="image"):
             "integral": integral, "digests": _volume_digests(raw, slope, inter)}
 
 
+DIGEST_SLAB = 16
+"""Slices of a volume turned into float values at a time by ``_volume_digests``, so that no float copy of a large
+image is held."""
+
+
 def _volume_digests(raw, slope, inter):
-    """A digest of each 3D volume of ``raw``, in order, from its values (``raw * slope + inter``) rounded to float32:
-    a copy of a volume, in the same file or another, has the same digest, whether it was copied byte for byte or
-    re-saved in another data type or scaling (as float32 from int16, say). Two echoes' phases never agree to
-    float32 precision in every voxel, so volumes with the same digest are copies. Copies are so found without
-    holding two images in memory."""
+    """A digest of each 3D volume of ``raw``, in order, from its values (``raw * slope + inter`` computed in float64,
+    as nibabel's ``get_fdata`` gives them) rounded to float32: a copy of a volume, in the same file or another, has
+    the same digest, whether copied byte for byte or re-saved as floats of those values (float64 or float32, from
+    int16 with any scaling, say). A copy whose values were computed in float32 from a non-zero intercept, or
+    re-quantised to other integers, can differ by rounding and is not matched. Two echoes' phases never agree to
+    float32 precision in every voxel, so volumes with the same digest are copies. The values are made
+    ``DIGEST_SLAB`` slices at a time, so copies are found without holding a float copy of an image."""
     volumes = [raw] if raw.ndim <= 3 else np.moveaxis(raw.reshape(raw.shape[:3] + (-1,), order="F"), -1, 0)
     digests = []
     for volume in volumes:
-        values = (volume.astype(np.float64) * slope + inter).astype(np.float32) + np.float32(0)  # -0.0 -> 0.0
-        values[np.isnan(values)] = np.nan  # one bit pattern for every NaN
-        digests.append(hashlib.blake2b(values.tobytes(order="F"), digest_size=16).hexdigest())
+        volume = volume.reshape(volume.shape + (1,) * (3 - volume.ndim))
+        digest = hashlib.blake2b(digest_size=16)
+        for start in range(0, volume.shape[2], DIGEST_SLAB):  # Fortran order: the slabs' bytes, one after another
+            values = (volume[:, :, start:start + DIGEST_SLAB].astype(np.float64) * slope + inter).astype(np.float32)
+            values += np.float32(0)  # -0.0 -> 0.0
+            values[np.isnan(values)] = np.nan  # one bit pattern for every NaN
+            digest.update(values.tobytes(order="F"))
+        digests.append(digest.hexdigest())
     return tuple(digests)
 
 

@@ -720,9 +720,13 @@ def test_the_phase_of_one_echo_copied_to_another_is_refused(tmp_path):
     assert valid == [] and problem.file == str(third)
     assert problem.message.startswith(f"sub-01: {third} holds the same phase, voxel for voxel, as {first}, though ")
     assert "one echo was probably copied or exported twice" in problem.message
-    _write_data(third, nib.load(first).get_fdata())  # the copy re-saved as float64
-    valid, (problem,) = validate_runs(discover_runs(tmp_path))
-    assert valid == [] and problem.message.startswith(f"sub-01: {third} holds the same phase, voxel for voxel, as ")
+    stored = nib.Nifti1Image(np.round(nib.load(first).get_fdata() / 0.001).astype(np.int16) + 100, np.eye(4))
+    stored.header.set_slope_inter(0.001, -0.1)  # vendor integers with a scaling, as a converter writes them
+    nib.save(stored, str(first))
+    for dtype in (np.float64, np.float32):  # the copy re-saved as floats of its values
+        _write_data(third, nib.load(first).get_fdata().astype(dtype))
+        valid, (problem,) = validate_runs(discover_runs(tmp_path))
+        assert valid == [] and problem.message.startswith(f"sub-01: {third} holds the same phase, voxel for voxel, as ")
     _write_data(third, np.roll(_ramp(-3, 3), 3).astype(np.float64))  # its own phase: accepted
     (run,), problems = validate_runs(discover_runs(tmp_path))
     assert problems == [] and run.echo_times_s == (0.004, 0.008, 0.012)
