@@ -615,9 +615,16 @@ def test_writable_folder_check_refuses_what_cannot_be_written_and_keeps_what_exi
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", denied)
-    with pytest.raises(CantCreateError, match=r"/x/y cannot be created or written \(Permission denied\)"):
+    with pytest.raises(CantCreateError, match=r"/x/y cannot be written \(Permission denied\)"):
         check_writable_folder("OUTPUT_DIR", tmp_path / "x" / "y")
     assert not (tmp_path / "x").exists()  # the folders it made are removed again
+
+    def mkdir_denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_denied)
+    with pytest.raises(CantCreateError, match=r"/x/y cannot be created \(Permission denied\)"):
+        check_writable_folder("OUTPUT_DIR", tmp_path / "x" / "y")
 
 
 @pytest.mark.parametrize("which", ["OUTPUT_DIR", "--work-dir"])

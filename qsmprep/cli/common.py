@@ -265,7 +265,7 @@ def check_writable_folder(option, folder):
         again (only those this call made).
     """
     folder = Path(os.path.abspath(folder))  # "new/../out" is "out": never probe (or remove) through ".."
-    made = []
+    made, step = [], "created"
     try:
         missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
         nearest = folder.parents[len(missing) - 1] if missing else folder
@@ -278,10 +278,11 @@ def check_writable_folder(option, folder):
                 made.append(parent)
             except FileExistsError:
                 pass
+        step = "written"  # it exists now: say so, not "created", when only the probe file fails
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise CantCreateError(f"{option} {folder} cannot be created or written ({exc.strerror}): give a folder "
+        raise CantCreateError(f"{option} {folder} cannot be {step} ({exc.strerror}): give a folder "
                               "you can write to, or fix the permissions of the nearest existing one.") from None
     finally:
         for parent in reversed(made):  # deepest first; a parallel run may have put files in it meanwhile
