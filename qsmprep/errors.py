@@ -34,3 +34,10 @@ class CantCreateError(QSMPrepError):
     """An output folder or file cannot be created or written (EX_CANTCREAT)."""
 
     exit_code = 73
+
+
+def few_named(names, shown=3):
+    """``names`` joined by commas, the first ``shown`` of them, then how many more: "a, b, c and 7 more"."""
+    names = list(dict.fromkeys(names))
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

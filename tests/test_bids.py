@@ -108,9 +108,17 @@ def test_grouping_by_session_acquisition_run_and_labels(tmp_path):
 
 def test_no_input_and_bad_filter_file(tmp_path):
     make_run(tmp_path)
-    with pytest.raises(NoInputError, match="sub-07 not found") as err:
+    with pytest.raises(NoInputError, match=r"sub-07 not found in .* \(its subject labels: 01\): check "
+                                           r"--participant-label") as err:
         discover_runs(tmp_path, participant_label=["07"])
     assert err.value.exit_code == 66
+    # the labels the dataset has are listed, at most LABELS_SHOWN of them, and a prefixed miss is explained
+    for sub in range(2, 13):
+        make_run(tmp_path, sub=f"{sub:02d}")
+    with pytest.raises(NoInputError, match=r"participant\(s\) sub-sub-1 not found in .* \(its subject labels, "
+                                           r"without the 'sub-' prefix: 01, 02, 03, 04, 05, 06, 07, 08, 09, 10 and 2 "
+                                           r"more\)"):
+        discover_runs(tmp_path, participant_label=["sub-sub-1"])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(NoInputError, match="no gradient-echo") as err:
@@ -185,6 +193,7 @@ def test_four_d_multi_echo_files(tmp_path):
     run = [r for r in discover_runs(tmp_path) if r.subject == "02"][0]
     _, (problem,) = validate_runs([run])
     assert "sub-02_part-phase_GRE.nii.gz holds 2 volume(s)" in problem.message
+
 
 
 def _problems(tmp_path, **kwargs):
@@ -825,7 +834,8 @@ def test_invalid_json_sidecar_names_the_file(tmp_path):
 
 def test_unknown_session_and_unreadable_filter_file(tmp_path):
     make_run(tmp_path, ses="1")
-    with pytest.raises(NoInputError, match="session\\(s\\) ses-9 not found .* check --session-label"):
+    with pytest.raises(NoInputError, match=r"session\(s\) ses-9 not found .* \(its session labels: 1\): check "
+                                           r"--session-label"):
         discover_runs(tmp_path, session_label=["ses-1", "9"])
     assert len(discover_runs(tmp_path, session_label=["1"])) == 1
     binary = tmp_path / "filter.json"

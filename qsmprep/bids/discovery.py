@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import DataError, NoInputError, UsageError
+from ..errors import DataError, NoInputError, UsageError, few_named
 from ..io import read_json_object, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,9 @@ def _file_key(name, value, patterns):
 
 
 NO_FILTER = object()
+
+LABELS_SHOWN = 10
+"""How many of a dataset's subject or session labels a message about a missing one lists."""
 """What ``_narrowed`` is given for an entity the ``--bids-filter-file`` does not filter on (its null means: none)."""
 
 
@@ -288,10 +291,15 @@ def _check_filter_labels(filters, layout, bids_dir):
         labels = {str(v) for v in (value if isinstance(value, list) else [value]) if v is not None}
         missing = sorted(labels - set(present))
         if missing:
-            hint = f", without the '{prefix}' prefix" if any(label.startswith(prefix) for label in missing) else ""
             raise NoInputError(f"the --bids-filter-file's {entity} {', '.join(map(repr, missing))} not found in "
-                               f"{bids_dir} (its {entity} labels{hint}: {', '.join(sorted(present)) or 'none'}): "
-                               "check the filter file.")
+                               f"{bids_dir} ({labels_it_has(entity, prefix, present, missing)}): check the filter file.")
+
+
+def labels_it_has(entity, prefix, present, missing):
+    """"its <entity> labels: 01, 02, ..." (at most ``LABELS_SHOWN``), for a message about ``missing`` labels; it
+    says "without the 'sub-' prefix" when a missing label carries the prefix the labels are listed without."""
+    hint = f", without the '{prefix}' prefix" if any(label.startswith(prefix) for label in missing) else ""
+    return f"its {entity} labels{hint}: {few_named(sorted(present), LABELS_SHOWN) or 'none'}"
 
 
 def _restricted_to_labels(query, layout, bids_dir, participant_label, session_label):
@@ -299,21 +307,21 @@ def _restricted_to_labels(query, layout, bids_dir, participant_label, session_la
     query = dict(query)
     if participant_label:
         wanted = _strip_prefix(participant_label, "sub-")
-        missing = sorted(set(wanted) - set(layout.get_subjects()))
+        present = layout.get_subjects()
+        missing = sorted(set(wanted) - set(present))
         if missing:
-            raise NoInputError(
-                f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {bids_dir}: "
-                "check --participant-label."
-            )
+            raise NoInputError(f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {bids_dir} "
+                               f"({labels_it_has('subject', 'sub-', present, missing)}): check --participant-label.")
         query["subject"] = _narrowed(wanted, query.get("subject", NO_FILTER), "participant", "--participant-label")
     if session_label:
         wanted = _strip_prefix(session_label, "ses-")
         subjects = {"subject": query["subject"]} if participant_label else {}
-        missing = sorted(set(wanted) - set(layout.get_sessions(**subjects)))
+        present = layout.get_sessions(**subjects)
+        missing = sorted(set(wanted) - set(present))
         if missing:
             whose = f" for participant(s) {', '.join('sub-' + s for s in subjects['subject'])}" if subjects else ""
-            raise NoInputError(f"session(s) {', '.join('ses-' + m for m in missing)} not found in {bids_dir}{whose}: "
-                               "check --session-label.")
+            raise NoInputError(f"session(s) {', '.join('ses-' + m for m in missing)} not found in {bids_dir}{whose} "
+                               f"({labels_it_has('session', 'ses-', present, missing)}): check --session-label.")
         query["session"] = _narrowed(wanted, query.get("session", NO_FILTER), "session", "--session-label")
     return query
 

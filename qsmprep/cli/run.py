@@ -37,7 +37,7 @@ from ..config import (
     deep_model_available,
     preset_methods,
 )
-from ..errors import DataError, QSMPrepError, UsageError
+from ..errors import DataError, QSMPrepError, UsageError, few_named
 from ..resources import available_cores
 from .common import (
     DEEP_OPTIONS,
@@ -506,13 +506,6 @@ def check_high_pass_radii(config):
                     problems.setdefault(f"{where}: {exc}", []).append(run.name)
     if problems:
         raise UsageError("; ".join(f"{message} (run {few_named(runs)})" for message, runs in problems.items()) + ".")
-
-
-def few_named(names, shown=3):
-    """``names`` joined by commas, the first ``shown`` of them, then how many more: "a, b, c and 7 more"."""
-    names = list(dict.fromkeys(names))
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 class NodeRunFilter(logging.Filter):
