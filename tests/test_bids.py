@@ -193,7 +193,12 @@ def test_four_d_multi_echo_files(tmp_path):
     run = [r for r in discover_runs(tmp_path) if r.subject == "02"][0]
     _, (problem,) = validate_runs([run])
     assert "sub-02_part-phase_GRE.nii.gz holds 2 volume(s)" in problem.message
-
+    # a 5D file is named as such, even with one volume (its count agreeing would make "holds 1 ... lists 1" no reason)
+    _write_image(anat / "sub-02_part-phase_GRE.nii.gz", (6, 6, 5, 3, 1),
+                 meta={"EchoTime": tes, "MagneticFieldStrength": 7, "Units": "arbitrary"})
+    run = [r for r in discover_runs(tmp_path) if r.subject == "02"][0]
+    _, (problem,) = validate_runs([run])
+    assert "sub-02_part-phase_GRE.nii.gz is 5D, shape (6, 6, 5, 3, 1): give each echo as a 3D volume" in problem.message
 
 
 def _problems(tmp_path, **kwargs):

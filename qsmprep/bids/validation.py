@@ -208,10 +208,13 @@ def _grid(run, n_echoes, problems):
                 raise DataError(f"{file} has shape {shape}, not a volume: give each echo as a 3D volume of at least "
                                 f"{MIN_VOXELS_PER_AXIS} voxels along each axis (or every echo in one 4D file); "
                                 "re-export the whole acquisition, not one slice.")
+            if len(shape) > 4:
+                raise DataError(f"{file} is {len(shape)}D, shape {shape}: give each echo as a 3D volume, or every "
+                                "echo in one 4D file (i, j, k, echo); re-export it without the extra dimensions.")
             check_same_grid(ref, (ref_shape, ref_affine), file, (shape, affine))
             volumes = shape[3] if len(shape) > 3 else 1
             expected = n_echoes if run.multi_echo_4d else 1
-            if len(shape) > 4 or volumes != expected:
+            if volumes != expected:
                 raise DataError(f"{file} holds {volumes} volume(s) but its sidecar lists {expected} echo time(s): "
                                 "give one EchoTime per volume, or one file per echo (echo-<n>).")
     except DataError as exc:
