@@ -14,6 +14,7 @@ line is parsed, so ``--help`` and usage errors answer at once.
 """
 
 import argparse
+import copy
 import logging
 import logging.handlers
 import os
@@ -541,11 +542,31 @@ RUN_LOG_FORMAT = LOG_FORMAT.replace("%(message)s", "%(run)s%(message)s")
 _node_run = NodeRunFilter()
 
 
+class ConsoleFormatter(logging.Formatter):
+    """Cuts a record's message before its first line that begins a traceback: a failed step's traceback is in its
+    crash file and in qsmprep.log (formatted in full there), and the console showed it twice, in Nipype's record
+    and in ours; the run's summary then gives each failed step's error."""
+
+    def format(self, record):
+        message = record.getMessage()
+        start = TRACEBACK_LINE.search(message)
+        if start is None:  # an internal error's own traceback (log.exception) stays: it is for the bug report
+            return super().format(record)
+        short = copy.copy(record)  # the file handler formats the record itself, traceback included
+        short.msg = f"{message[:start.start()].rstrip()} (traceback in the crash file and in qsmprep.log)"
+        short.args = None
+        return super().format(short)
+
+
+TRACEBACK_LINE = re.compile(r"^\s*Traceback\b", re.MULTILINE)
+
+
 def _setup_logging(verbosity):
     level = logging.DEBUG if verbosity > 1 else logging.INFO
     logging.basicConfig(level=level, format=RUN_LOG_FORMAT, force=True)
     _node_run.folders = {}
     logging.getLogger().handlers[0].addFilter(_node_run)
+    logging.getLogger().handlers[0].setFormatter(ConsoleFormatter(RUN_LOG_FORMAT))
     if not verbosity:  # Nipype's per-node lines go to the log file only; -v shows them here too
         logging.getLogger().handlers[0].addFilter(
             lambda record: not (record.name.startswith("nipype") and record.levelno < logging.WARNING))
@@ -758,8 +779,8 @@ def run(config, filter_file=None):
         plugin = MultiProcPlugin(plugin_args=config.plugin_args)
     try:
         workflow.run(plugin=plugin, plugin_args=config.plugin_args)
-    except RuntimeError as exc:  # Nipype: "Workflow did not execute cleanly"; crash files say where
-        log.error("%s", exc)
+    except RuntimeError as exc:  # Nipype: "Workflow did not execute cleanly", or a failed node's traceback
+        log.error("the workflow did not finish: %s", exc)
     except TraitError as exc:  # Nipype's scheduler read a cached node whose output files were deleted
         raise QSMPrepError(  # exit 70, as a failed step
             f"the work directory {config.work_dir} holds a cached step whose files are gone ({exc}): delete that "
