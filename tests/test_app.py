@@ -730,6 +730,24 @@ def test_echo_times_that_do_not_match_their_images_are_refused(tmp_path, capsys)
     assert not out.exists()
 
 
+def test_phase_images_of_two_echoes_exchanged_are_refused(tmp_path, capsys):
+    """The phase files of echoes 2 and 3 exchanged (sidecars and magnitudes in place): processed, the Chimap was wrong
+    with exit 0 and the report blamed the phase polarity."""
+    bids = tmp_path / "bids"
+    assert simulate.main([str(bids), "--matrix", "32", "32", "32", "--voxel-size", "6", "6", "6", "--echoes", "4"]) == 0
+    second, third = (bids / "sub-01" / "anat" / f"sub-01_echo-{e}_part-phase_MEGRE.nii.gz" for e in (2, 3))
+    data = second.read_bytes()
+    second.write_bytes(third.read_bytes())
+    third.write_bytes(data)
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--inversion", "tkd"]) == 65
+    err = capsys.readouterr().err
+    gain, given, exchanged = map(float, re.search(r"follow the echo times (\d+) times better exchanged \(median "
+                                                  r"echo-fit residual ([\d.]+) rad as given, ([\d.]+) rad", err).groups())
+    assert f"echo times 8 ms ({second}) and 12 ms ({third})" in err and gain >= 10 and exchanged < 0.05
+    assert not out.exists()
+
+
 def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys):
     import torch
 

@@ -17,17 +17,24 @@ from qsmprep.io import sidecar_path
 
 
 def _write_image(path, shape=(6, 6, 5), affine=None, meta=None, echo=0):
-    """A magnitude or phase image (by ``path``'s part) with its sidecar ``meta``; a phase is shifted by ``echo``
-    voxels, so that each echo's phase differs, as it does in data (two equal ones are refused)."""
+    """A magnitude or phase image (by ``path``'s part) with its sidecar ``meta``. A phase evolves with its sidecar's
+    EchoTime (a list for the volumes of a 4D file; 4 ms times ``echo`` and on without one that fits): an offset and
+    a field of -40..40 Hz over the voxels, wrapped, so that each echo's phase differs and follows its echo time, as
+    it does in data (two equal ones are refused, and so are ones that fit their echo times better exchanged)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = int(np.prod(shape))
-    if (meta or {}).get("Units") == "arbitrary":  # vendor integers over the -4096..4095 range
-        data = np.roll(np.round(np.linspace(-4096, 4095, n)), echo).astype(np.float32).reshape(shape)
-    elif "_part-phase" in path.name:  # phase in rad, spanning most of a cycle as wrapped phase does
-        data = np.roll(np.linspace(-3.0, 3.0, n, dtype=np.float32), echo).reshape(shape)
+    voxels, volumes = int(np.prod(shape[:3])), int(np.prod(shape[3:]))
+    if "_part-phase" in path.name:
+        stated = (meta or {}).get("EchoTime")
+        tes = stated if isinstance(stated, list) else [stated]
+        if len(tes) != volumes or not all(isinstance(te, (int, float)) and te > 0 for te in tes):
+            tes = [0.004 * (echo + k) for k in range(volumes)]
+        offset, field_hz = np.linspace(-3.0, 3.0, voxels), np.linspace(-40.0, 40.0, voxels)
+        data = np.stack([np.angle(np.exp(1j * (offset + 2 * np.pi * field_hz * te))) for te in tes], -1)
+        if (meta or {}).get("Units") == "arbitrary":  # vendor integers over the -4096..4095 range
+            data = np.clip(np.round(data * 4096 / np.pi), -4096, 4095)
     else:  # a magnitude
-        data = np.linspace(0.1, 3.0, n, dtype=np.float32).reshape(shape)
-    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+        data = np.repeat(np.linspace(0.1, 3.0, voxels)[:, np.newaxis], volumes, axis=1)
+    nib.save(nib.Nifti1Image(data.astype(np.float32).reshape(shape), np.eye(4) if affine is None else affine), str(path))
     if meta is not None:
         path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(meta))
     return path
@@ -729,6 +736,7 @@ def test_the_phase_of_one_echo_copied_to_another_is_refused(tmp_path):
     report advising --invert-phase."""
     anat = make_run(tmp_path, echo_times=(0.004, 0.008, 0.012))
     first, third = (anat / f"sub-01_echo-{e}_part-phase_MEGRE.nii.gz" for e in (1, 3))
+    own_phase = third.read_bytes()
     third.write_bytes(first.read_bytes())
     valid, (problem,) = validate_runs(discover_runs(tmp_path))
     assert valid == [] and problem.file == str(third)
@@ -741,9 +749,36 @@ def test_the_phase_of_one_echo_copied_to_another_is_refused(tmp_path):
         _write_data(third, nib.load(first).get_fdata().astype(dtype))
         valid, (problem,) = validate_runs(discover_runs(tmp_path))
         assert valid == [] and problem.message.startswith(f"sub-01: {third} holds the same phase, voxel for voxel, as ")
-    _write_data(third, np.roll(_ramp(-3, 3), 3).astype(np.float64))  # its own phase: accepted
+    third.write_bytes(own_phase)  # its own phase: accepted
     (run,), problems = validate_runs(discover_runs(tmp_path))
     assert problems == [] and run.echo_times_s == (0.004, 0.008, 0.012)
+
+
+def test_phase_images_paired_with_the_wrong_echo_time_are_refused(tmp_path):
+    """Two echoes' phase images exchanged (their sidecars and magnitudes in place) gave a wrong Chimap, exit 0, and a
+    report advising --invert-phase."""
+    anat = make_run(tmp_path, echo_times=(0.004, 0.008, 0.012, 0.016))
+    (checked,), problems = validate_runs(discover_runs(tmp_path))
+    assert problems == []
+    second, third = (anat / f"sub-01_echo-{e}_part-phase_MEGRE.nii.gz" for e in (2, 3))
+    data = second.read_bytes()
+    second.write_bytes(third.read_bytes())
+    third.write_bytes(data)
+    valid, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert valid == [] and problem.file == str(second)
+    assert problem.message.startswith(f"sub-01: the phase images of echo times 8 ms ({second}) and 12 ms ({third}) "
+                                      "follow the echo times ")
+    assert "each is probably paired with the other's EchoTime and magnitude" in problem.message
+    # the volumes of a 4D file: named by volume
+    anat = tmp_path / "sub-02" / "anat"
+    tes = [0.003, 0.006, 0.009]
+    meta = {"EchoTime": tes, "MagneticFieldStrength": 3}
+    _write_image(anat / "sub-02_part-mag_T2starw.nii.gz", (6, 6, 5, 3), meta=meta)
+    phase = _write_image(anat / "sub-02_part-phase_T2starw.nii.gz", (6, 6, 5, 3), meta={**meta, "Units": "rad"})
+    assert validate_runs(discover_runs(tmp_path, participant_label=["02"]))[1] == []
+    _write_data(phase, nib.load(phase).get_fdata()[..., [1, 0, 2]])
+    valid, (problem,) = validate_runs(discover_runs(tmp_path, participant_label=["02"]))
+    assert valid == [] and f"echo times 3 ms ({phase}, volume 1) and 6 ms ({phase}, volume 2)" in problem.message
 
 
 def test_two_equal_echoes_of_a_4d_phase_file_are_refused(tmp_path):

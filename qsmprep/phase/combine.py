@@ -6,6 +6,7 @@ time voxel by voxel from those two, then fit the phase evolution over TE per
 voxel with ``fit_total_field_hz``. See docs/methods/phase.md.
 """
 
+import itertools
 import logging
 
 import numpy as np
@@ -237,6 +238,70 @@ def total_field_hz(phase_rad, te_s, magnitude=None, mask=None, voxel_size_mm=(1.
     log.info("total field: %d echoes, %s unwrapping, median fit residual %.3f rad",
              phase.shape[-1], unwrap, float(np.median(residual[region])))
     return field
+
+
+def temporal_fit_residual_rad(phase_rad, te_s, magnitude):
+    """Median echo-fit residual (rad) of voxels unwrapped in time only: a measure of how well the phase images
+    follow their echo times.
+
+    Each voxel is unwrapped as ``total_field_hz`` unwraps the later echoes: every echo gets the 2 pi k nearest to
+    the line through its first echo and the wrapped difference of the first two echo times, with no spatial
+    unwrapping (a voxel whose field wraps between those two echo times is misfitted; the median is robust to a
+    few). ``fit_total_field_hz`` then fits offset + 2 pi f TE with weights |m_e|^2.
+
+    Parameters
+    ----------
+    phase_rad : array (N, E)
+        Wrapped phase in rad of N voxels at E echo times.
+    te_s : sequence of E float
+        Echo times in s, in the order of the last axis (any order).
+    magnitude : array (N, E)
+        Magnitude of the same voxels, for the fit weights.
+
+    Returns
+    -------
+    float: the median over the voxels of the weighted RMS fit residual, rad (0 with fewer than three echo times,
+    which any line fits).
+    """
+    te = check_echo_times(te_s, np.shape(phase_rad)[-1])
+    order = np.argsort(te, kind="stable")
+    te, phase = te[order], np.asarray(phase_rad, dtype=np.float64)[:, order]
+    difference, second = first_echo_difference(phase, te)
+    if difference is None:
+        return 0.0
+    predicted = phase[:, :1] + difference[:, np.newaxis] * ((te - te[0]) / (te[second] - te[0]))
+    unwrapped = _congruent(predicted, phase)[:, np.newaxis, np.newaxis, :]
+    weights_from = np.asarray(magnitude)[:, order][:, np.newaxis, np.newaxis, :]
+    return float(np.median(fit_total_field_hz(unwrapped, te, weights_from)[2]))
+
+
+def best_phase_exchange(phase_rad, te_s, magnitude):
+    """The two echoes whose phase images, exchanged, best follow the echo times (``temporal_fit_residual_rad``).
+
+    A check for phase images paired with the wrong echo time: the phase of a correctly labelled acquisition
+    evolves linearly with TE, and exchanging two of its echoes breaks that, so no exchange fits better than the
+    given order; a mislabelled pair fits far better exchanged. Needs three echo times or more.
+
+    Parameters are those of ``temporal_fit_residual_rad``.
+
+    Returns
+    -------
+    (given_rad, (a, b), exchanged_rad): the residual of the images as given, the echoes (indices along the last
+    axis) whose exchange fits best, and the residual with them exchanged.
+    """
+    given = temporal_fit_residual_rad(phase_rad, te_s, magnitude)
+    n_echoes = np.shape(phase_rad)[-1]
+    fits = {}
+    for a, b in itertools.combinations(range(n_echoes), 2):
+        order = list(range(n_echoes))
+        order[a], order[b] = b, a
+        fits[a, b] = temporal_fit_residual_rad(np.asarray(phase_rad)[:, order], te_s, magnitude)
+    best = min(fits.values())
+    # an exchange that reverses the series in time fits as well as undoing the real one (four echoes with the middle
+    # two exchanged: exchanging the first and last gives them backwards, a line of opposite slope); of exchanges that
+    # fit alike, that of the closest echoes is taken, the likelier labelling slip
+    pair = min((pair for pair, fit in fits.items() if fit <= 1.05 * best + 1e-9), key=lambda p: (p[1] - p[0], p))
+    return given, pair, fits[pair]
 
 
 def _congruent(estimate, wrapped):
