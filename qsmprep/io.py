@@ -13,10 +13,15 @@ from .errors import DataError, NoInputError
 
 
 def require_file(path, what):
-    """``path`` as a Path; NoInputError naming ``what`` (e.g. "local field") when it is a folder or missing."""
+    """``path`` as a Path; NoInputError naming ``what`` (e.g. "local field") when it is a folder or missing, or a
+    symbolic link to nothing (as DataLad and git-annex leave files whose content was not fetched)."""
     path = Path(path)
     if path.is_dir():
         raise NoInputError(f"{what} {path} is a folder, not a file: give the path of the file itself.")
+    if path.is_symlink() and not path.exists():
+        raise NoInputError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which is not there: in a "
+                           f"DataLad dataset fetch the content first (datalad get {path}); otherwise put the file "
+                           "itself in its place.")
     if not path.is_file():
         raise NoInputError(f"{what} {path} does not exist: check the path.")
     return path

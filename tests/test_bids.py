@@ -260,7 +260,7 @@ def test_messages_name_the_inherited_sidecar_that_holds_the_value(tmp_path):
     assert metadata_file(phase, "RepetitionTime") == anat / "sub-01_echo-1_part-phase_MEGRE.json"
     _, problems = validate_runs(discover_runs(tmp_path))
     messages = " ".join(problem.message for problem in problems)
-    assert f"the phase sidecar {tmp_path / 'sub-01' / 'part-phase_MEGRE.json'} has Units 'degrees'" in messages
+    assert f"its JSON sidecar {tmp_path / 'sub-01' / 'part-phase_MEGRE.json'} has Units 'degrees'" in messages
     (tmp_path / "sub-01" / "part-phase_MEGRE.json").write_text(json.dumps({"Units": "rad"}))
     _, (problem,) = validate_runs(discover_runs(tmp_path))
     assert problem.message.startswith(f"{tmp_path / 'MEGRE.json'}: MagneticFieldStrength 3000 is not a field strength")
@@ -368,7 +368,29 @@ def test_missing_echo_time_names_the_sidecar(tmp_path):
     sidecar.write_text(json.dumps({"MagneticFieldStrength": 3}))
     _, (problem,) = validate_runs(discover_runs(tmp_path))
     assert problem.file.endswith("sub-01_echo-2_part-mag_MEGRE.nii.gz")
-    assert f"no numeric EchoTime in its JSON sidecar {sidecar}" in problem.message
+    assert f"no numeric EchoTime in its JSON sidecar {sidecar}: add" in problem.message
+    # no sidecar at all: said so, not "no EchoTime in" a file that is not there
+    phase = anat / "sub-01_echo-2_part-phase_MEGRE.json"
+    phase.unlink()
+    sidecar.write_text(json.dumps({"MagneticFieldStrength": 3, "EchoTime": 0.008}))
+    _, problems = validate_runs(discover_runs(tmp_path))
+    messages = [problem.message for problem in problems]
+    assert f"no numeric EchoTime in its JSON sidecar {phase} (missing; no sidecar above it in the dataset gives " \
+           "EchoTime either): add" in messages[0]
+    assert f"its JSON sidecar {phase} (missing; no sidecar above it in the dataset gives Units either) has no " \
+           "Units" in messages[1]
+
+
+def test_an_image_that_is_a_broken_link_says_how_to_fetch_it(tmp_path):
+    """A DataLad dataset whose content was not fetched holds links to nothing; the message said "re-export it"."""
+    anat = make_run(tmp_path)
+    image = anat / "sub-01_echo-2_part-phase_MEGRE.nii.gz"
+    image.unlink()
+    image.symlink_to("../../.git/annex/objects/XX/SHA256E-s1--x.nii.gz")
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert problem.file == str(image) and problem.message.startswith(
+        f"image {image} is a symbolic link to ../../.git/annex/objects/XX/SHA256E-s1--x.nii.gz, which is not there: in "
+        f"a DataLad dataset fetch the content first (datalad get {image})")
 
 
 def test_a_degenerate_affine_is_reported_with_the_file(tmp_path):

@@ -112,8 +112,19 @@ def check_bids_dataset(bids_dir):
 def _header(path):
     import nibabel as nib
 
-    img = nib.load(str(path))
+    from ..io import require_file
+
+    img = nib.load(str(require_file(path, "image")))
     return tuple(int(n) for n in img.shape), img.affine
+
+
+def _sidecar_named(image, key):
+    """"its JSON sidecar <path>": the file that gives, or would give, ``key`` to ``image`` (``metadata_file``); when
+    that file is not there, it says so, and that no sidecar above it gives ``key`` either."""
+    sidecar = metadata_file(image, key)
+    if sidecar.is_file():
+        return f"its JSON sidecar {sidecar}"
+    return f"its JSON sidecar {sidecar} (missing; no sidecar above it in the dataset gives {key} either)"
 
 
 def _echo_times(run, problems):
@@ -135,7 +146,7 @@ def _echo_times(run, problems):
                 unusable += 1
                 continue
             if not numeric or not values:
-                report(file, f"{file}: no numeric EchoTime in its JSON sidecar {metadata_file(file, 'EchoTime')}: "
+                report(file, f"{file}: no numeric EchoTime in {_sidecar_named(file, 'EchoTime')}: "
                              "add \"EchoTime\" in seconds (a list of seconds for a 4D multi-echo file).")
                 unusable += 1
                 continue
@@ -181,7 +192,7 @@ def _phase_units(run, problems):
         if value is None or str(value).strip().lower() not in PHASE_UNITS:
             what = "no Units" if value is None else f"Units {value!r}, which qsmprep cannot interpret"
             problems.append(Problem(run.subject, run.name, str(file),
-                                    f"{file}: the phase sidecar {metadata_file(file, 'Units')} has {what}: set "
+                                    f"{file}: {_sidecar_named(file, 'Units')} has {what}: set "
                                     "\"Units\" to \"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
             unusable = True
         else:
@@ -218,7 +229,7 @@ def _grid(run, n_echoes, problems):
             if volumes != expected:
                 raise DataError(f"{file} holds {volumes} volume(s) but its sidecar lists {expected} echo time(s): "
                                 "give one EchoTime per volume, or one file per echo (echo-<n>).")
-    except DataError as exc:
+    except (DataError, NoInputError) as exc:
         problems.append(Problem(run.subject, run.name, str(file), str(exc)))
         return None
     except Exception as exc:  # nibabel raises many types for unreadable files
