@@ -1,6 +1,7 @@
 """BIDS discovery, validation and derivatives naming on tiny hand-made BIDS trees."""
 
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -379,6 +380,26 @@ def test_missing_echo_time_names_the_sidecar(tmp_path):
            "EchoTime either): add" in messages[0]
     assert f"its JSON sidecar {phase} (missing; no sidecar above it in the dataset gives Units either) has no " \
            "Units" in messages[1]
+
+
+def test_missing_echoes_are_warned_about_and_the_others_processed(tmp_path, caplog):
+    """Echo 2 lost on export (both files): the run was processed with three echoes without a word."""
+    make_run(tmp_path, echo_times=(0.004, 0.012, 0.016), echo_numbers=(1, 3, 4))
+    with caplog.at_level(logging.WARNING):
+        (checked,), problems = validate_runs(discover_runs(tmp_path))
+    assert problems == [] and checked.echo_times_s == (0.004, 0.012, 0.016)
+    assert "sub-01: 3 echo(es) found, but no files for echo-2: processing the echoes found" in caplog.text
+    caplog.clear()
+    _set_in_sidecars(tmp_path / "sub-01" / "anat", EchoTrainLength=5)
+    with caplog.at_level(logging.WARNING):
+        validate_runs(discover_runs(tmp_path))
+    assert "but no files for echo-2 and its sidecars say EchoTrainLength 5:" in caplog.text
+    caplog.clear()
+    make_run(tmp_path / "complete", echo_times=(0.004, 0.008, 0.012))
+    _set_in_sidecars(tmp_path / "complete" / "sub-01" / "anat", EchoTrainLength=3)
+    with caplog.at_level(logging.WARNING):
+        validate_runs(discover_runs(tmp_path / "complete"))
+    assert "echo(es) found" not in caplog.text
 
 
 def test_an_image_that_is_a_broken_link_says_how_to_fetch_it(tmp_path):

@@ -39,6 +39,7 @@ package (file names only); ``--skip-bids-validation`` skips it.
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -698,6 +699,7 @@ def validate_run(run, b0_tesla=None, mask=None):
     if problems:
         return None, problems
     _warn_if_two_d(run)
+    _warn_if_echoes_missing(run, len(echo_times))
     return replace(run, echo_times_s=echo_times, phase_units=units, b0_tesla=b0, b0_source=b0_source,
                    shape=grid[0], affine=grid[1], mask=mask_file), problems
 
@@ -723,6 +725,25 @@ def _warn_if_two_d(run):
                     "offset, which qsmprep, processing it as one 3D volume, does not correct. The ISMRM QSM consensus "
                     "recommends 3D gradient echo; check the local field and Chimap for steps between slices.",
                     run.name, file)
+
+
+def _warn_if_echoes_missing(run, n_echoes):
+    """Warn where the run has fewer echoes than its file names or sidecars say it should: a gap in its echo-<n>
+    numbers, or an ``EchoTrainLength`` above the ``n_echoes`` found. An echo lost on export still leaves a usable
+    run, so it is processed with the echoes found, but the field is noisier than the acquisition allows."""
+    numbers = {int(match.group(1)) for file in run.files if (match := ECHO_NUMBER.search(Path(file).name))}
+    gaps = sorted(set(range(1, max(numbers, default=0) + 1)) - numbers)
+    stated = [meta.get("EchoTrainLength") for meta in run.phase_meta + run.magnitude_meta]
+    train = max((v for v in stated if isinstance(v, int) and not isinstance(v, bool)), default=0)
+    if not gaps and train <= n_echoes:
+        return
+    why = [f"no files for echo-{', echo-'.join(map(str, gaps))}"] if gaps else []
+    why += [f"its sidecars say EchoTrainLength {train}"] if train > n_echoes else []
+    log.warning("%s: %d echo(es) found, but %s: processing the echoes found; if some were lost on export, export "
+                "them all (each echo lowers the field's noise).", run.name, n_echoes, " and ".join(why))
+
+
+ECHO_NUMBER = re.compile(r"_echo-(\d+)_")
 
 
 def _first_file(run):
