@@ -194,10 +194,10 @@ def _file_key(name, value, patterns):
 
 
 NO_FILTER = object()
+"""What ``_narrowed`` is given for an entity the ``--bids-filter-file`` does not filter on (its null means: none)."""
 
 LABELS_SHOWN = 10
 """How many of a dataset's subject or session labels a message about a missing one lists."""
-"""What ``_narrowed`` is given for an entity the ``--bids-filter-file`` does not filter on (its null means: none)."""
 
 
 def _narrowed(wanted, filtered, what, option):

@@ -39,7 +39,6 @@ package (file names only); ``--skip-bids-validation`` skips it.
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -528,6 +527,15 @@ def _negative_magnitude(run, volumes, files, problems):
             return
 
 
+def _brighter_half(volumes, echo_times):
+    """The voxels brighter than the median of the magnitude at the earliest echo time (``volumes`` in the order of
+    ``echo_times``): tissue, not air, for the checks that compare echoes."""
+    import numpy as np
+
+    first = volumes[int(np.argmin(echo_times))]
+    return first > np.median(first)
+
+
 MAX_MAGNITUDE_RISE = 1.05
 """Largest median ratio of the magnitude at one echo time to the previous one taken as T2* decay with noise."""
 
@@ -539,7 +547,7 @@ def _magnitude_decay(run, echo_times, volumes, files, problems):
     import numpy as np
 
     by_te = sorted(range(len(echo_times)), key=echo_times.__getitem__)  # a 4D file's list may run backwards
-    signal = volumes[by_te[0]] > np.median(volumes[by_te[0]])  # tissue, not air
+    signal = _brighter_half(volumes, echo_times)
     for k, later in zip(by_te, by_te[1:]):
         ratio = float(np.median(volumes[later][signal] / np.maximum(volumes[k][signal], 1e-12)))
         if ratio > MAX_MAGNITUDE_RISE:
@@ -576,8 +584,7 @@ def _phase_echo_order(run, units, echo_times, magnitudes, problems):
     if len(set(echo_times)) < 3:
         return
     phases, files = _echo_volumes(run, "phase", len(echo_times))
-    first = int(np.argmin(echo_times))
-    signal = np.flatnonzero(magnitudes[first] > np.median(magnitudes[first]))  # tissue, as _magnitude_decay takes
+    signal = np.flatnonzero(_brighter_half(magnitudes, echo_times))
     signal = signal[::max(1, signal.size // MAX_PHASE_CHECK_VOXELS)]
     scaling_log = logging.getLogger(phase_to_rad.__module__)
     scaling_log.disabled = True  # its notes on the vendor range come again, once, from the pipeline's own scaling
@@ -731,7 +738,7 @@ def _warn_if_echoes_missing(run, n_echoes):
     """Warn where the run has fewer echoes than its file names or sidecars say it should: a gap in its echo-<n>
     numbers, or an ``EchoTrainLength`` above the ``n_echoes`` found. An echo lost on export still leaves a usable
     run, so it is processed with the echoes found, but the field is noisier than the acquisition allows."""
-    numbers = {int(match.group(1)) for file in run.files if (match := ECHO_NUMBER.search(Path(file).name))}
+    numbers = {echo for echo in run.magnitude_echoes + run.phase_echoes if echo is not None}
     gaps = sorted(set(range(1, max(numbers, default=0) + 1)) - numbers)
     stated = [meta.get("EchoTrainLength") for meta in run.phase_meta + run.magnitude_meta]
     train = max((v for v in stated if isinstance(v, int) and not isinstance(v, bool)), default=0)
@@ -741,9 +748,6 @@ def _warn_if_echoes_missing(run, n_echoes):
     why += [f"its sidecars say EchoTrainLength {train}"] if train > n_echoes else []
     log.warning("%s: %d echo(es) found, but %s: processing the echoes found; if some were lost on export, export "
                 "them all (each echo lowers the field's noise).", run.name, n_echoes, " and ".join(why))
-
-
-ECHO_NUMBER = re.compile(r"_echo-(\d+)_")
 
 
 def _first_file(run):
