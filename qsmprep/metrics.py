@@ -253,6 +253,17 @@ def calcification_moment_error(recon, ref, calc_mask, margin_vox=3, shell_vox=8)
 
     The challenge scanned thresholds from 0 down in 0.01 ppm steps; t here is
     the limit of that scan for a vanishing step.
+
+    Parameters
+    ----------
+    recon, ref : arrays (i, j, k)
+        Reconstruction and reference susceptibility, ppm.
+    calc_mask : bool array (i, j, k)
+        The calcification's voxels in the reference.
+    margin_vox : int, default 3
+        Growth of the calcification's bounding box, in voxels, that the segmentation searches.
+    shell_vox : int, default 8
+        Thickness in voxels of the shell around that box whose minimum sets the segmentation threshold.
     """
     recon = np.asarray(recon, np.float64)
     ref = np.asarray(ref, np.float64)
@@ -277,6 +288,9 @@ def calcification_streak(recon, ref, calc_mask, margin_vox=3, rim_vox=4, shell_v
     ``calcification_moment_error``). The division keeps over-regularised
     maps, which shrink both streaks and the calcification, from scoring
     well. Dimensionless; 0 is ideal.
+
+    Parameters: ``recon``, ``ref``, ``calc_mask``, ``margin_vox`` (default 3) and ``shell_vox`` (default 8) as in
+    ``calcification_moment_error``; ``rim_vox`` (int, default 4), the thickness in voxels of the rim R.
     """
     recon = np.asarray(recon, np.float64)
     ref = np.asarray(ref, np.float64)

@@ -292,3 +292,15 @@ def test_masked_laplacian_of_a_quadratic_uses_only_neighbours_inside_the_mask():
     # at x = 3 (6 mm) the lower x neighbour is outside: only (u[x+1] - u[x]) / dx^2 = (8^2 - 6^2) / 2 / 4 = 3.5
     np.testing.assert_allclose(lap[3, 3:17, :], 3.5 + 2.0, rtol=1e-4)
     assert not lap[~mask].any()
+
+
+def test_reference_to_mask_subtracts_the_mask_mean():
+    from qsmprep.inversion import reference_to_mask
+
+    chi = np.full((4, 4, 4), 9.0)  # outside the mask: must not enter the mean, and is zeroed
+    chi[1:3, 1:3, 1:3] = [[[0.1, 0.2], [0.3, 0.4]], [[0.5, 0.6], [0.7, 0.8]]]
+    referenced, mean = reference_to_mask(chi, chi < 1)
+    assert mean == pytest.approx(0.45)
+    assert referenced[1, 1, 1] == pytest.approx(-0.35) and referenced[2, 2, 2] == pytest.approx(0.35)
+    assert referenced.dtype == np.float32 and not referenced[chi >= 1].any()
+    assert reference_to_mask(chi, np.zeros(chi.shape))[1] == 0.0

@@ -1,15 +1,11 @@
 """PDF: projection onto dipole fields."""
 
-import logging
-
 import numpy as np
 from scipy import fft as spfft
 
 from ..inversion.solvers import cg
 from ..physics.forward import padded_shape
 from ..physics.kernel import dipole_kernel
-
-log = logging.getLogger(__name__)
 
 
 def pdf(

@@ -1,14 +1,10 @@
 """RESHARP: SHARP with Tikhonov regularisation instead of truncated deconvolution."""
 
-import logging
-
 import numpy as np
 from scipy import fft as spfft
 
 from ..inversion.solvers import cg
 from .smv import check_high_pass_radius, smv_kernel, smv_padded_shape, sphere_fits
-
-log = logging.getLogger(__name__)
 
 
 def resharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=4.0, lam=1e-3, tol=1e-6, max_iter=200):

@@ -263,6 +263,10 @@ def sphere_field_ppm(shape, voxel_size_mm, centre_mm, radius_mm, dchi_ppm, b0_di
     Parameters: grid ``shape`` and ``voxel_size_mm`` (voxel 0 centred at 0 mm),
     ``centre_mm`` (3,), ``radius_mm``, susceptibility difference
     ``dchi_ppm``, ``b0_dir`` in voxel coordinates. Returns float32 ``shape``.
+
+    Reference: Schenck JF. The role of magnetic susceptibility in magnetic
+    resonance imaging: MRI magnetic compatibility of the first and second
+    kinds. Med Phys 1996;23:815-850 (fields of a sphere and a cylinder).
     """
     shape, voxel = _shape_and_voxel(shape, voxel_size_mm)
     d = [a - np.float32(c) for a, c in zip(_axes_mm(shape, voxel), centre_mm)]
@@ -354,6 +358,10 @@ def cylinder_chi_and_field_ppm(
     Parameters: grid ``shape`` and ``voxel_size_mm``; ``point_mm`` a point on
     the axis (mm); ``axis_dir`` the axis direction (voxel coordinates);
     ``radius_mm``; ``dchi_ppm``; ``b0_dir``. Returns (chi, field), float32.
+
+    Reference: Schenck JF. The role of magnetic susceptibility in magnetic
+    resonance imaging: MRI magnetic compatibility of the first and second
+    kinds. Med Phys 1996;23:815-850 (fields of a sphere and a cylinder).
     """
     shape, voxel = _shape_and_voxel(shape, voxel_size_mm)
     u = _unit(axis_dir)
@@ -476,7 +484,9 @@ def random_magnitude(rng, shape, voxel_size_mm=(1.0, 1.0, 1.0), correlation_mm=8
 
     Jochmann et al. pair each synthetic sample with a magnitude image that
     modulates its noise; this is a Gaussian random field with correlation
-    length ``correlation_mm`` (mm), mean ``mean`` and std ``std``.
+    length ``correlation_mm`` (default 8 mm), mean ``mean`` (default 0.7)
+    and standard deviation ``std`` (default 0.15), in units of the largest
+    magnitude (1). ``voxel_size_mm`` (default 1 mm) sets the grid's spacing.
     Returns float32 ``shape``.
 
     Reference: Jochmann T, Haueisen J, Schweser F. How to train a deep
@@ -493,9 +503,11 @@ def random_blob_mask(rng, shape, voxel_size_mm=(1.0, 1.0, 1.0), border_vox=0, fi
     """Smooth blob-shaped binary region of interest (float32 0/1).
 
     An ellipsoid centred in the grid whose semi-axes are ``fill`` (a random
-    fraction in that range) of the half-extent inside a ``border_vox`` border,
-    its surface perturbed by smooth noise of relative amplitude
-    ``roughness``, like a brain mask. The grid centre is always inside.
+    fraction in that range, default 0.6-0.9) of the half-extent inside a
+    ``border_vox`` border (voxels, default 0), its surface perturbed by smooth
+    noise of relative amplitude ``roughness`` (default 0.3), like a brain
+    mask. The grid centre is always inside. ``voxel_size_mm`` (default 1 mm)
+    sets the grid's spacing.
     """
     shape, voxel = _shape_and_voxel(shape, voxel_size_mm)
     border_vox = int(border_vox)

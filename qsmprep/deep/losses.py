@@ -19,14 +19,11 @@ the mask's voxels only; per-sample quantities are averaged over the batch.
   TOML-style table (see its docstring).
 """
 
-import functools
-
 import numpy as np
 import torch
 
 from qsmprep.errors import UsageError
-from qsmprep.physics.forward import filter_padded, padded_shape
-from qsmprep.physics.kernel import dipole_kernel
+from qsmprep.physics.forward import forward_field_ppm
 from qsmprep.physics.units import ppm_to_rad
 
 
@@ -141,28 +138,6 @@ def atanh_target(target, scale=10.0, eps=1e-6):
     return torch.atanh(target.clamp(-1 + eps, 1 - eps)) / scale
 
 
-@functools.lru_cache(maxsize=16)
-def _kernel_rfft(shape, voxel_size_mm, b0_dir):
-    return torch.from_numpy(dipole_kernel(shape, voxel_size_mm, b0_dir, rfft=True).copy())
-
-
-def dipole_field_torch(chi, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), pad_factor=2.0):
-    """Differentiable forward model: field (ppm) of chi (ppm), (..., X, Y, Z) tensors.
-
-    The same computation as ``qsmprep.physics.forward_field_ppm`` (kernel
-    from ``qsmprep.physics.dipole_kernel``, zero padding to
-    ``padded_shape(shape, pad_factor)``, crop: ``filter_padded``), in torch.fft,
-    with the kernel of each (grid, voxel size, B0 direction) cached between
-    training steps. ``voxel_size_mm`` (default 1 mm isotropic), ``b0_dir``
-    (voxel coordinates, default the third axis) and ``pad_factor`` (default 2;
-    1 or less: the circular convolution on the native grid) as there.
-    """
-    shape = tuple(chi.shape[-3:])
-    big = padded_shape(shape, pad_factor) if pad_factor > 1 else shape
-    voxel = tuple(float(v) for v in voxel_size_mm)
-    return filter_padded(chi.float(), _kernel_rfft(big, voxel, tuple(float(b) for b in b0_dir)), big)
-
-
 def data_consistency_loss(
     chi_pred,
     field,
@@ -178,7 +153,7 @@ def data_consistency_loss(
 
     s = 2 pi gamma_bar B0 TE converts ppm to phase (rad) at the echo time, so
     the complex exponentials compare phases as QSMInvNet+ does; D*chi is
-    ``dipole_field_torch`` (the library kernel, zero-padded). W = mask, times
+    ``qsmprep.physics.forward_field_ppm`` on tensors (torch.fft, zero-padded). W = mask, times
     ``weights`` (e.g. normalised magnitude) if given. The value is
     sum_v |W_v (...)|^2 / sum_v mask_v per sample, averaged over the batch:
     the paper's norm squared and normalised, which has the same minimiser,
@@ -191,24 +166,26 @@ def data_consistency_loss(
     ----------
     chi_pred, field, mask : tensors (B, 1, X, Y, Z)
         Predicted chi (ppm), measured local field (ppm), 0/1 mask.
-    weights : tensor like ``mask`` or None
-        Extra voxel weights (noise weighting).
-    voxel_size_mm : (3,) or (B, 3)
-        One voxel size, or one per sample.
+    weights : tensor like ``mask`` or None, default None
+        Extra voxel weights (noise weighting); None: the mask alone.
+    voxel_size_mm : (3,) or (B, 3), default (1, 1, 1)
+        Voxel size in mm: one for the batch, or one per sample.
     b0_dir : tuple of 3 float, default (0, 0, 1)
+        B0 direction in voxel coordinates.
     te_s : float, default 0.02
         Echo time (s) at which phases are compared.
     b0_tesla : float, default 3.0
+        Field strength in tesla (with ``te_s``, the ppm-to-radian scale s).
     pad_factor : float, default 2.0
         As in ``qsmprep.physics.forward_field_ppm``.
     """
     rad_per_ppm = float(ppm_to_rad(1.0, te_s, b0_tesla))
     sizes = torch.as_tensor(voxel_size_mm, dtype=torch.float64).reshape(-1, 3).cpu().numpy()
     if sizes.shape[0] == 1 or np.all(sizes == sizes[0]):
-        model = dipole_field_torch(chi_pred, tuple(sizes[0]), b0_dir, pad_factor)
+        model = forward_field_ppm(chi_pred, tuple(sizes[0]), b0_dir, pad_factor)
     else:
         model = torch.cat(
-            [dipole_field_torch(chi_pred[i : i + 1], tuple(sizes[i]), b0_dir, pad_factor) for i in range(len(sizes))]
+            [forward_field_ppm(chi_pred[i : i + 1], tuple(sizes[i]), b0_dir, pad_factor) for i in range(len(sizes))]
         )
     w = mask.to(model.dtype)
     if weights is not None:
@@ -221,17 +198,17 @@ def data_consistency_loss(
     return per_sample.mean()
 
 
-def gradient_penalty(critic, real, fake, generator=None):
+def gradient_penalty(critic, real, fake):
     """WGAN-GP penalty: mean over samples of (||grad critic(x_hat)||_2 - 1)^2.
 
-    x_hat = e real + (1 - e) fake, e ~ U(0, 1) per sample (``generator``: an
-    optional torch.Generator). Built with ``create_graph=True`` so it can be
+    x_hat = e real + (1 - e) fake, e ~ U(0, 1) per sample (torch's global
+    generator, which the trainer seeds). Built with ``create_graph=True`` so it can be
     back-propagated into the critic.
 
     Reference: Gulrajani I et al. Improved training of Wasserstein GANs. NeurIPS 2017.
     """
     shape = (real.shape[0],) + (1,) * (real.ndim - 1)
-    e = torch.rand(shape, generator=generator, dtype=real.dtype).to(real.device)
+    e = torch.rand(shape, dtype=real.dtype).to(real.device)
     x_hat = (e * real.detach() + (1 - e) * fake.detach()).requires_grad_(True)
     scores = critic(x_hat)
     (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
@@ -239,7 +216,7 @@ def gradient_penalty(critic, real, fake, generator=None):
     return ((norms - 1) ** 2).mean()
 
 
-def wgan_gp_critic_loss(critic, real, fake, gp_weight=100.0, generator=None):
+def wgan_gp_critic_loss(critic, real, fake, gp_weight=100.0):
     """Critic loss mean D(fake) - mean D(real) + gp_weight * gradient penalty.
 
     ``fake`` is detached (the generator is not updated by this loss). QSMGAN
@@ -247,7 +224,7 @@ def wgan_gp_critic_loss(critic, real, fake, gp_weight=100.0, generator=None):
     """
     fake = fake.detach()
     return (
-        critic(fake).mean() - critic(real).mean() + gp_weight * gradient_penalty(critic, real, fake, generator)
+        critic(fake).mean() - critic(real).mean() + gp_weight * gradient_penalty(critic, real, fake)
     )
 
 

@@ -8,6 +8,7 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface
 from scipy import fft as spfft
 
 from ..config import HIGH_PASS_PARAMETERS, INVERSION_METHODS
+from ..inversion.reference import reference_to_mask
 from ..io import load_nifti, save_nifti
 from ..physics import invert_in_ras_order, voxel_size_from_affine
 
@@ -104,21 +105,14 @@ class _ReferenceToMaskOutputSpec(TraitedSpec):
 
 
 class ReferenceToMask(SimpleInterface):
-    """Reference susceptibility to its mean in the mask: chi - mean(chi[mask]) inside, 0 outside.
-
-    The dipole kernel vanishes at k = 0, so the mean susceptibility is not
-    measured; the mean over the whole mask is the documented reference
-    (docs/methods/pipeline.md).
-    """
+    """Reference susceptibility to its mean in the mask (``qsmprep.inversion.reference_to_mask``)."""
 
     input_spec = _ReferenceToMaskInputSpec
     output_spec = _ReferenceToMaskOutputSpec
 
     def _run_interface(self, runtime):
         chi, affine, _ = load_nifti(self.inputs.in_file, "susceptibility map")
-        mask = load_nifti(self.inputs.mask, "mask")[0] > 0
-        mean = float(chi[mask].astype(np.float64).mean()) if mask.any() else 0.0
-        referenced = np.where(mask, chi - mean, 0.0)
+        referenced, mean = reference_to_mask(chi, load_nifti(self.inputs.mask, "mask")[0] > 0)
         out = Path(runtime.cwd) / "chi_referenced_ppm.nii.gz"
         self._results["out_file"] = str(save_nifti(out, referenced, affine))
         self._results["mean_ppm"] = mean

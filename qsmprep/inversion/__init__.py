@@ -6,8 +6,9 @@ finds one by the name the pipeline and CLIs use. ``deep_invert`` imports torch o
 from .cfl2 import cfl2
 from .deep import deep_invert
 from .ilsqr import ilsqr
+from .reference import reference_to_mask
 from .solvers import cg, lsqr
 from .tkd import tkd
 from .tv import tv
 
-__all__ = ["cfl2", "cg", "deep_invert", "ilsqr", "lsqr", "tkd", "tv"]
+__all__ = ["cfl2", "cg", "deep_invert", "ilsqr", "lsqr", "reference_to_mask", "tkd", "tv"]

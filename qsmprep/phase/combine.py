@@ -52,6 +52,14 @@ def check_echo_times(te_s, n_echoes):
     return te
 
 
+def in_echo_time_order(te_s, phase):
+    """Echo times (s, checked by ``check_echo_times``) ascending, ``phase`` with its last (echo) axis in that order,
+    and the order itself (stable: equal times keep their input order), for the arrays that go with them."""
+    te = check_echo_times(te_s, np.shape(phase)[-1])
+    order = np.argsort(te, kind="stable")
+    return te[order], phase[..., order], order
+
+
 def echoes_4d(array, name):
     """``array`` as (i, j, k, echo): a 3D volume gets an echo axis of one; ``name`` names it in the ValueError
     raised for any other number of dimensions."""
@@ -99,9 +107,7 @@ def fit_total_field_hz(unwrapped_rad, te_s, magnitude=None, mask=None):
     as many parameters as echoes). Voxels with zero total weight give 0.
     """
     phase = echoes_4d(unwrapped_rad, "unwrapped phase").astype(np.float64)
-    te = check_echo_times(te_s, phase.shape[-1])
-    order = np.argsort(te, kind="stable")
-    te, phase = te[order], phase[..., order]
+    te, phase, order = in_echo_time_order(te_s, phase)
     if magnitude is None:
         weights = np.ones_like(phase)
     else:
@@ -203,9 +209,7 @@ def total_field_hz(phase_rad, te_s, magnitude=None, mask=None, voxel_size_mm=(1.
     if unwrap not in UNWRAPPERS:
         raise ValueError(f"unwrap must be one of {sorted(UNWRAPPERS)}, got {unwrap!r}")
     phase = echoes_4d(phase_rad, "phase").astype(np.float32)
-    te = check_echo_times(te_s, phase.shape[-1])
-    order = np.argsort(te, kind="stable")
-    te, phase = te[order], phase[..., order]
+    te, phase, order = in_echo_time_order(te_s, phase)
     mag = None if magnitude is None else echoes_4d(magnitude, "magnitude")[..., order]
     if mag is not None and mag.shape != phase.shape:
         raise ValueError(f"magnitude shape {mag.shape} differs from phase shape {phase.shape}")
@@ -263,9 +267,7 @@ def temporal_fit_residual_rad(phase_rad, te_s, magnitude):
     float: the median over the voxels of the weighted RMS fit residual, rad (0 with fewer than three echo times,
     which any line fits).
     """
-    te = check_echo_times(te_s, np.shape(phase_rad)[-1])
-    order = np.argsort(te, kind="stable")
-    te, phase = te[order], np.asarray(phase_rad, dtype=np.float64)[:, order]
+    te, phase, order = in_echo_time_order(te_s, np.asarray(phase_rad, dtype=np.float64))
     difference, second = first_echo_difference(phase, te)
     if difference is None:
         return 0.0

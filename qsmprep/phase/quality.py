@@ -6,7 +6,7 @@ See docs/methods/phase.md.
 import numpy as np
 from scipy import ndimage
 
-from .combine import echoes_4d, check_echo_times, first_echo_difference
+from .combine import check_echo_times, echoes_4d, first_echo_difference, in_echo_time_order
 from .scaling import wrap_to_pi
 
 NEIGHBOURHOOD_VOXELS = 3
@@ -102,9 +102,7 @@ def steep_phase_voxels(phase_rad, te_s, mask=None, max_jump_rad=2.0 * np.pi / 3.
     bool array (i, j, k), False outside ``mask``.
     """
     phase = echoes_4d(phase_rad, "phase").astype(np.float64)
-    te = check_echo_times(te_s, phase.shape[-1])
-    order = np.argsort(te, kind="stable")
-    te, phase = te[order], phase[..., order]
+    te, phase, _ = in_echo_time_order(te_s, phase)
     difference, _ = first_echo_difference(phase, te)
     tested = phase[..., 0] if difference is None else difference
     region = np.ones(tested.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
@@ -131,6 +129,9 @@ def noise_std_hz(magnitude, te_s, mask=None, magnitude_noise_std=1.0):
         sigma_f = sigma / (2 pi sqrt(sum_e m_e^2 TE_e^2))   (one echo)
 
     Use 1 / sigma_f^2 as data weights in a weighted dipole inversion.
+
+    Reference: Gudbjartsson H, Patz S. The Rician distribution of noisy MRI
+    data. Magn Reson Med 1995;34:910-914 (phase noise sigma / m at high SNR).
 
     Parameters
     ----------

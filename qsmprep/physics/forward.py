@@ -48,8 +48,9 @@ def forward_field_ppm(chi_ppm, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 
 
     Parameters
     ----------
-    chi_ppm : array (i, j, k)
-        Susceptibility in ppm; zero outside the sources.
+    chi_ppm : array (i, j, k), or torch tensor (..., i, j, k)
+        Susceptibility in ppm; zero outside the sources. A tensor is filtered by torch.fft on its device,
+        leading batch axes kept, and differentiably (the training losses).
     voxel_size_mm : tuple of 3 float, default (1, 1, 1)
         Voxel size in mm.
     b0_dir : tuple of 3 float, default (0, 0, 1)
@@ -60,8 +61,9 @@ def forward_field_ppm(chi_ppm, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 
 
     Returns
     -------
-    float32 array, same shape as ``chi_ppm``: field in ppm.
+    float32 array (a tensor for a tensor), same shape as ``chi_ppm``: field in ppm.
     """
-    chi = np.asarray(chi_ppm, dtype=np.float32)
-    big = padded_shape(chi.shape, pad_factor) if pad_factor > 1 else chi.shape
+    chi = chi_ppm.float() if is_tensor(chi_ppm) else np.asarray(chi_ppm, dtype=np.float32)
+    shape = tuple(chi.shape[-3:])
+    big = padded_shape(shape, pad_factor) if pad_factor > 1 else shape
     return filter_padded(chi, dipole_kernel(big, voxel_size_mm, b0_dir, rfft=True), big)

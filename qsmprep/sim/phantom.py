@@ -240,13 +240,13 @@ class _Grid:
             coords.append(axis[lo:hi])
         return tuple(slices), np.ix_(*coords)
 
-    def ellipsoid_distance_mm(self, centre, semi_axes, rotation_z_deg=0.0, margin_mm=0.0, full=False):
+    def ellipsoid_distance_mm(self, centre, semi_axes, rotation_z_deg=0.0, full=False):
         """Approximate signed distance (mm, negative inside) to an ellipsoid, in its bounding box.
 
         First-order estimate F / |grad F| of F = sum((x_i / a_i)^2) - 1:
         exact on the surface, monotone inside. Returns (slices, distance).
         """
-        reach = max(semi_axes) + margin_mm
+        reach = max(semi_axes)
         if full:
             slices = (slice(None),) * 3
             x, y, z = np.ix_(*self.axes)
