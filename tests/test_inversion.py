@@ -213,10 +213,11 @@ def test_cfl2_is_the_closed_form_gradient_tikhonov_filter():
 def test_padding_keeps_the_result_close(method):
     chi, mask = blob_phantom(shape=(48, 48, 48))
     field = forward_field_ppm(chi, (1, 1, 1), (0, 0, 1))
-    plain = METHODS[method](field, mask)
+    plain = METHODS[method](field, mask, pad_factor=1.0)  # explicit: TV's default is 1.5, the padded call's own
     padded = METHODS[method](field, mask, pad_factor=1.5)
     assert nrmse(padded, chi, mask) < NRMSE_BOUND[method]
-    assert nrmse(padded, plain, mask) < 20
+    # close, but padded: measured 3.2 (TV) to 14.3 % (iLSQR); an ignored pad_factor gives 0
+    assert 1 < nrmse(padded, plain, mask) < 20
 
 
 def test_tv_recovers_piecewise_constant_sources_best():

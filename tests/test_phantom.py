@@ -34,8 +34,9 @@ def test_every_label_present_with_documented_chi(phantom):
     assert present == set(LABELS.values()) and set(LABELS) == set(DOCUMENTED_CHI_PPM)
     for name, value in LABELS.items():
         median = float(np.median(phantom.chi_ppm[phantom.labels == value]))
-        # texture is zero-mean and at most 0.1 ppm (haemorrhage) in standard deviation
-        assert median == pytest.approx(DOCUMENTED_CHI_PPM[name], abs=0.02 if name != "haemorrhage" else 0.05), name
+        # texture is zero-mean and at most 0.1 ppm (haemorrhage) in standard deviation: measured at most 0.005 ppm
+        # off (red nucleus, 44 voxels), under the 0.01 ppm between thalamus and cortical GM, which 0.02 let swap
+        assert median == pytest.approx(DOCUMENTED_CHI_PPM[name], abs=0.008 if name != "haemorrhage" else 0.05), name
 
 
 def test_brain_mask_is_the_intracranial_labels(phantom):
