@@ -567,3 +567,23 @@ def test_a_node_whose_worker_process_dies_fails_instead_of_hanging_the_run(tmp_p
     from nipype.utils.filemanip import loadpkl
 
     assert loadpkl(tmp_path / "lost" / "doubled" / "result_doubled.pklz").outputs.y == 42
+
+
+def test_a_node_whose_call_fails_in_the_pool_fails_with_that_error():
+    """A future that ends in an exception other than a lost worker (a result that cannot be pickled) left Nipype
+    waiting for ever for its result: the node now fails with the exception's text."""
+    from concurrent.futures import Future
+
+    from qsmprep.workflows.multiproc import MultiProcPlugin
+
+    plugin = MultiProcPlugin(plugin_args={"n_procs": 1})
+    failed = Future()
+    failed.set_exception(TypeError("cannot pickle 'generator' object"))
+    plugin._task_obj[3] = failed
+    plugin._async_callback(failed)  # Nipype's own callback would raise here and record nothing
+    assert plugin._get_result(3) == {"result": None, "taskid": 3, "traceback": ["TypeError: cannot pickle 'generator' object\n"]}
+    finished = Future()
+    finished.set_result({"result": "ok", "taskid": 4, "traceback": None})
+    plugin._task_obj[4] = finished
+    plugin._async_callback(finished)
+    assert plugin._get_result(4)["result"] == "ok"

@@ -7,6 +7,7 @@ with an error that says what happened, the pool is replaced, and the other runs 
 """
 
 import multiprocessing
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -22,19 +23,24 @@ WORKER_LOST = ("WorkerLostError: its worker process ended without a result (kill
 
 
 class MultiProcPlugin(NipypeMultiProcPlugin):  # the name Nipype derives "MultiProc" from, as for its own
-    """``MultiProcPlugin`` whose nodes fail with ``WORKER_LOST`` when their worker process dies."""
+    """``MultiProcPlugin`` whose nodes fail with ``WORKER_LOST`` when their worker process dies, and with the
+    exception when the worker cannot run them or send their result back (Nipype waited for ever for both)."""
 
     def _async_callback(self, future):
-        if not future.cancelled() and future.exception() is None:  # a lost worker is reported by _get_result
+        if not future.cancelled() and future.exception() is None:  # a lost worker or a failed call: _get_result
             super()._async_callback(future)
 
     def _get_result(self, taskid):
         future = self._task_obj[taskid]
-        if future.done() and (future.cancelled() or isinstance(future.exception(), BrokenProcessPool)):
+        if not future.done() or (not future.cancelled() and future.exception() is None):
+            return super()._get_result(taskid)
+        if future.cancelled() or isinstance(future.exception(), BrokenProcessPool):
             self._replace_broken_pool()
-            # the failure as run_node reports a node's exception: Nipype then writes its crash file and goes on
-            return {"result": None, "taskid": taskid, "traceback": [WORKER_LOST]}
-        return super()._get_result(taskid)
+            error = WORKER_LOST
+        else:  # the worker could not run the node or send its result back (one that cannot be pickled, say)
+            error = "".join(traceback.format_exception(future.exception()))
+        # the failure as run_node reports a node's exception: Nipype then writes its crash file and goes on
+        return {"result": None, "taskid": taskid, "traceback": [error]}
 
     def _replace_broken_pool(self):
         """A new pool for the nodes still to run: a broken one refuses every submission."""
