@@ -137,8 +137,8 @@ def nifti_values(path, what="image"):
 
     Unlike a header read, this finds files whose data are cut short (an
     interrupted copy of a .nii.gz). The data are read in their stored type;
-    the header's scaling is applied to the extremes only, so no float copy of
-    a large image is held.
+    the header's scaling is applied to the extremes only, so an integer image
+    is never copied to floats (a float image's rounding check copies it once).
 
     Parameters
     ----------
@@ -241,8 +241,8 @@ def write_atomic(path, write, suffix=None):
 
 
 def write_text_atomic(path, text):
-    """Write ``text`` to ``path`` atomically (``write_atomic``)."""
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    """Write ``text`` to ``path`` atomically (``write_atomic``), UTF-8 encoded."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_nifti(path, data, affine, header=None, dtype=np.float32):

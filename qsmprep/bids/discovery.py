@@ -54,9 +54,10 @@ class GRERun:
     ``magnitude`` and ``phase`` hold one file per echo, ordered by echo time,
     or a single 4D file each (``multi_echo_4d``). ``*_meta`` are their sidecar
     metadata (BIDS inheritance applied), ``*_echoes`` their ``echo`` entity
-    numbers (None where a file has none). The fields after ``multi_echo_4d``
-    are filled in by ``qsmprep.bids.validation.validate_runs`` once the run
-    passed every check; they are None before.
+    numbers (None where a file has none). The fields from ``echo_times_s``
+    to ``mask`` are filled in by ``qsmprep.bids.validation.validate_runs``
+    once the run passed every check; they are None before. Discovery fills
+    ``foreign_entities`` and ``unread``, for validation to refuse.
     """
 
     subject: str

@@ -7,7 +7,9 @@ and left out unchecked. Checks, per run:
 
 - magnitude and phase images both present, one of each per echo (paired by
   the ``echo`` entity; an echo given twice, e.g. as .nii and .nii.gz, is
-  reported with both files);
+  reported with both files), a run stored only as real and imaginary parts
+  named as such, and no entity a gradient-echo image does not take (e.g.
+  ``flip-2``, which would not tell runs apart);
 - ``EchoTime`` in every sidecar, in seconds (> 0 and at most 0.5 s), one number beside
   an image of one echo (a list only beside a 4D file of every echo), equal
   between the magnitude and phase of one echo, and distinct between echoes;
@@ -27,8 +29,11 @@ and left out unchecked. Checks, per run:
   part exported as part-mag) and that falls with echo time (``_magnitude_decay``);
 - phase values that fit the declared ``Units``: wrapped radians for 'rad'
   (not degrees, not vendor integers), signed vendor integers for 'arbitrary'
-  (not unsigned 0..4095, not non-integer values), and over all echoes most
-  of a wrapped cycle (``_phase_span_problem``);
+  (not unsigned 0..4095, not non-integer values filling under half the
+  vendor range), and over all echoes most of a wrapped cycle
+  (``_phase_span_problem``);
+- phase that evolves with echo time as its echo order says: two echoes'
+  phase images exchanged are refused (``_phase_echo_order``);
 - a user mask (``--mask PATH``), when given, on the run's grid, 3D and
   readable in full.
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from ..bgremove.smv import check_high_pass_radius
 from ..bids.derivatives import OUTPUTS
-from ..config import INVERSION_METHODS, library_function, parameter_checks
+from ..config import INVERSION_METHODS, default_parameters, library_function, parameter_checks
 from ..errors import DataError, UsageError
-from ..inversion.deep import MIN_TILE, REFINE_ITERS
+from ..inversion.deep import MIN_TILE, REFINE_ITERS, TILE_OVERLAP
 from ..inversion.tv import TV_ALPHA
 from ..io import check_same_grid, load_volume, read_json_object, save_nifti, sidecar_path
 from ..masking import check_mask
@@ -82,9 +82,11 @@ def build_parser():
                         "ilsqr: LSQR with streaking-artefact removal (Li et al. 2015); "
                         "tv: total-variation regularised least squares; "
                         "deep: a trained network (docs/models/)")  # fmt: skip
-    p.add_argument("--threshold", type=finite_float, metavar="T", help="TKD kernel threshold, in (0, 1/3] (default 0.19)")
+    p.add_argument("--threshold", type=finite_float, metavar="T",
+                   help=f"TKD kernel threshold, in (0, 1/3] (default {default_parameters('inversion', 'tkd')['threshold']:g})")
     p.add_argument("--lambda", dest="lam", type=finite_float, metavar="L",
-                   help="closed-form L2 regularisation weight, > 0 (default 0.1)")  # fmt: skip
+                   help="closed-form L2 regularisation weight, > 0 "
+                        f"(default {default_parameters('inversion', 'cfl2')['lam']:g})")  # fmt: skip
     p.add_argument("--alpha", type=finite_float, metavar="A",
                    help=f"total-variation weight in ppm mm, > 0 (default {TV_ALPHA:g})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network and its refinement run (default auto)")
@@ -118,7 +120,7 @@ def _check_options(args):
             raise UsageError(f"{flag} must be {what}, got {value:g}.")
     check_deep_options(args, INVERT_DEEP_OPTIONS, args.method == "deep", f"--method {args.method}")
     if args.tile is not None and args.tile < MIN_TILE:
-        raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by 32), got {args.tile}.")
+        raise UsageError(f"--tile must be at least {MIN_TILE} voxels (tiles overlap by {TILE_OVERLAP}), got {args.tile}.")
     if args.units == "ppm" and args.b0_tesla is not None:  # a forgotten --units would scale chi silently
         raise UsageError("--b0-tesla applies to --units hz or rad; the field is read in ppm: add --units, or remove "
                          "--b0-tesla.")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import (
+    B0_RESAMPLE_TILT_DEG,
     BGREMOVE_METHODS,
     INVERSION_METHODS,
     MASK_STRATEGIES,
@@ -191,8 +192,8 @@ def build_parser():
                    help="B0 direction in the images' voxel coordinates (i, j, k); default: from the NIfTI affine")
     g.add_argument("--resample-b0", action="store_true",
                    help="invert TKD, CFL2, iLSQR and TV on a B0-aligned grid when the acquisition is oblique by more "
-                   "than 1 degree (helps TKD); deep always works in its own aligned frame and is not resampled "
-                   "twice (docs/methods/pipeline.md)")
+                   f"than {B0_RESAMPLE_TILT_DEG:g} degree (helps TKD); deep always works in its own aligned frame and "
+                   "is not resampled twice (docs/methods/pipeline.md)")
 
     g.add_argument("--invert-phase", action="store_true",
                    help="negate the phase of every echo: for data stored with the opposite polarity, whose "
@@ -485,8 +486,9 @@ the library's default)."""
 
 
 def check_high_pass_radii(config):
-    """Raise UsageError, before any work, for a spherical-mean radius (V-SHARP's, RESHARP's, the deep refinement's)
-    that reaches no neighbouring voxel of some run: that method's field would be zero there (``check_high_pass_radius``).
+    """Raise UsageError, before any work, for a spherical-mean radius (V-SHARP's, RESHARP's, the deep refinement's,
+    TV's) that reaches no neighbouring voxel of some run: that method's field would be zero there
+    (``check_high_pass_radius``).
     V-SHARP's default radii follow each run's voxel size and always fit."""
     from ..bgremove.smv import check_high_pass_radius
     from ..config import default_parameters

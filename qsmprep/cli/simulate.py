@@ -2,8 +2,8 @@
 
     qsmprep-simulate OUT_DIR [--subjects N] [--sessions LABEL ...] [--echoes 4]
         [--te-first 0.004] [--te-spacing 0.004] [--b0-tesla 3] [--voxel-size X Y Z]
-        [--oblique DEG] [--snr 100] [--phase-units arbitrary|rad]
-        [--matrix X Y Z | --fov-mm X Y Z] [--seed 0] [-v]
+        [--oblique DEG] [--fine-voxel-size MM] [--snr 100] [--phase-units arbitrary|rad]
+        [--no-phase-offset] [--matrix X Y Z | --fov-mm X Y Z] [--seed 0] [-v]
 
 Each subject's head is drawn from (seed, subject index); sessions of a
 subject share the head and differ in noise and receive phase. Axial

@@ -78,7 +78,10 @@ the default layout); other architectures are assumed to be alike (``--tile`` ove
 MEMORY_SHARE = 0.8
 """Share of the available memory a tile's forward pass may take; the rest is for the arrays around it."""
 
-MIN_TILE = 64
+TILE_OVERLAP = 32
+"""Default overlap of neighbouring tiles (voxels), over which they are blended (docs/methods/deep-inversion.md)."""
+
+MIN_TILE = 2 * TILE_OVERLAP
 """Smallest tile edge (voxels): twice the default tile overlap, so that tiles advance."""
 
 TILE_MULTIPLE = 16
@@ -116,7 +119,7 @@ def blend_weights(length, overlap, inner_start, inner_stop):
     return weights
 
 
-def predict_tiled(predict, field, mask, tile_shape=(FALLBACK_TILE,) * 3, overlap=32, context=None):
+def predict_tiled(predict, field, mask, tile_shape=(FALLBACK_TILE,) * 3, overlap=TILE_OVERLAP, context=None):
     """Apply ``predict(field, mask, **context) -> chi`` over a volume in overlapping tiles.
 
     Centre-crop blending with a cross-fade: each output voxel comes from the
@@ -457,7 +460,7 @@ def network_predictor(model, voxel_size_mm, device, **options):
 def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), model=DEFAULT_MODEL,
                 device="auto", refine_iters=REFINE_ITERS, refine_lambda=REFINE_LAMBDA,
                 refine_radius_mm=None, refine_tv_weight=0.0, resolution_tolerance=RESOLUTION_TOLERANCE, tile_shape=None,
-                overlap=32):
+                overlap=TILE_OVERLAP):
     """Susceptibility (ppm) from the local field (ppm) by a trained network.
 
     The network sees the data in the frame it was trained in: when B0 is

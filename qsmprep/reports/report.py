@@ -19,9 +19,8 @@ from .. import __version__
 from ..bids.derivatives import processed_runs
 from ..checks import is_number
 from ..config import INVERSION_METHODS
-from ..errors import QSMPrepError
-from ..errors import DataError
-from ..io import load_nifti, read_json_object, sidecar_path
+from ..errors import DataError, QSMPrepError
+from ..io import load_nifti, read_json_object, sidecar_path, write_atomic, write_text_atomic
 from ..physics import b0_dir_from_affine, b0_tilt_deg, ras_voxel_size, to_ras, voxel_size_from_affine
 from .mosaic import (
     CHI_WINDOW_PPM,
@@ -74,10 +73,7 @@ def _figure_html(path, output_dir, caption):
 
 
 def _figure(figures_dir, output_dir, name, png_bytes, caption):
-    path = figures_dir / f"{name}.png"
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(png_bytes)
-    os.replace(tmp, path)
+    path = write_atomic(figures_dir / f"{name}.png", lambda tmp: Path(tmp).write_bytes(png_bytes))
     return _figure_html(path, output_dir, caption)
 
 
@@ -378,11 +374,7 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
         f"<title>qsmprep: sub-{html.escape(subject)}</title>{_STYLE}</head><body>"
         + "\n".join(body) + _IMAGE_CHECK + "</body></html>"
     )
-    path = output_dir / f"sub-{subject}.html"
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(output_dir / f"sub-{subject}.html", page)
 
 
 def report_entry(name, paths, **extra):

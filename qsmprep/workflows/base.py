@@ -106,8 +106,8 @@ def init_qsmprep_wf(config):
 
     ``config.runs`` holds the validated runs and ``config.problems`` the
     validation problems (dicts with subject, run, file, message); both are
-    set by the CLI before the workflow is built. The methods text of all
-    runs is the workflow's boilerplate (``visit_desc()``).
+    set by the CLI before the workflow is built. The methods text is
+    ``methods_text``'s, not niworkflows' ``visit_desc()``.
     """
     workflow = Workflow(name=top_workflow_name())
     workflow.base_dir = str(config.work_dir)
@@ -116,7 +116,6 @@ def init_qsmprep_wf(config):
         runs = [r for r in config.runs if r.subject == subject]
         errors = [p["message"] for p in config.problems if p["subject"] == subject]
         workflow.add_nodes([init_single_subject_wf(subject, runs, config, errors)])
-    workflow.__postdesc__ = format_references(collect_methods(config)[1])
     return workflow
 
 

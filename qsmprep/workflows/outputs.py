@@ -22,8 +22,12 @@ from ..physics import voxel_size_from_affine
 REFERENCING = "mean of the susceptibility within the brain mask (desc-brain_mask) set to 0"
 
 
-def output_metadata(run, config, output, method=None, resampled=False, b0_dir=None):
-    """JSON sidecar contents of one output of ``run`` (see docs/outputs.md for every field)."""
+def output_metadata(run, config, output, method, resampled, b0_dir):
+    """JSON sidecar contents of one output of ``run`` (see docs/outputs.md for every field).
+
+    ``output`` is a key of ``qsmprep.bids.derivatives.OUTPUTS`` ("mask", "total_field", "local_field" or "chimap"); for a Chimap,
+    ``method`` names its inversion, ``resampled`` says whether it was inverted on a B0-aligned grid and ``b0_dir``
+    is the B0 direction in voxel coordinates it was inverted with (the other outputs ignore all three)."""
     common = {
         "Sources": [bids_uri(path, config.bids_dir) for path in run.files],
         "MagneticFieldStrength": run.b0_tesla,
@@ -102,8 +106,8 @@ def init_qsm_derivatives_wf(run, config, resampled_methods=(), b0_dir=(0.0, 0.0,
     the high-pass radius used); ``resampled_methods`` are those inverted on a B0-aligned grid
     (their sidecars say so). Outputs (outputnode): written (the NIfTI
     paths written). Nodes: all_outputs (waits for every input), select_<output>,
-    ds_mask, ds_total_field, ds_local_field, ds_chimap_<method>, and chimap_<method>_metadata (each Chimap sidecar's
-    fields with its details, ``with_run_details``).
+    ds_mask, ds_total_field, ds_local_field, ds_chimap_<method>, chimap_<method>_metadata (each Chimap sidecar's
+    fields with its details, ``with_run_details``) and merge_written (the sinks' files, in one list).
     """
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(

@@ -515,8 +515,6 @@ def init_qsm_wf(run, config, name=None):
                     "removal leaves of the offset stays in the local field and the Chimap (docs/methods/phase.md, "
                     "A single echo): acquire several echoes, or give phase with the offset removed.", run.name)
     workflow = Workflow(name=name or run_workflow_name(run))
-    text, _ = methods_description(run, config)
-    workflow.__desc__ = text + "\n\n"
     b0_dir = run_b0_dir(run, config)
     threads = config.omp_nthreads
 
