@@ -164,6 +164,14 @@ def test_b0_dir_identity_flip_and_override():
     assert b0_dir_from_affine(sag) == pytest.approx((0, 1, 0))
 
 
+def test_a_given_b0_dir_is_normalised_and_none_reads_the_affine():
+    from qsmprep.physics import b0_dir_given_or_from_affine
+
+    sag = np.array([[0, 0, 1.2, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=float)
+    assert b0_dir_given_or_from_affine((0, 3, 4), sag) == pytest.approx((0, 0.6, 0.8))
+    assert b0_dir_given_or_from_affine(None, sag) == pytest.approx((0, 1, 0))
+
+
 def _oblique_blobs(shape=(32, 30, 24), seed=0):
     """Smooth random chi (ppm) and an ellipsoidal mask on an even grid."""
     chi = gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 1.5).astype(np.float32)

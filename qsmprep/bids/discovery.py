@@ -156,8 +156,7 @@ def _check_filter_entities(path, filters):
     allowed = ", ".join(sorted(set(entities) - set(GRE_QUERY)))
     unknown = sorted(set(filters) - set(entities))
     if unknown:
-        full_names = {key.group(1): name for name, entity in entities.items()
-                      if (key := re.search(r"(\w+)-\(", entity.pattern or ""))}
+        full_names = {key: name for name, entity in entities.items() if (key := _key_in_file_names(entity.pattern))}
         named = [f"{key!r} (did you mean {full_names[key]!r}?)" if key in full_names else repr(key) for key in unknown]
         raise UsageError(f"BIDS filter file {path} filters on {', '.join(named)}, which pybids does not know as "
                          f"entities: use the full entity names, one of {allowed}.")
@@ -187,11 +186,17 @@ def _strip_prefix(labels, prefix):
     return [str(lab)[len(prefix):] if str(lab).startswith(prefix) else str(lab) for lab in labels]
 
 
+def _key_in_file_names(pattern):
+    """The key a pybids entity takes in file names (``acq`` for ``acquisition``, ``mt`` for ``mtransfer``), read
+    from its ``pattern`` (a ``[_/\\]+key-(...)`` regular expression), or None where it has none."""
+    found = re.search(r"([a-zA-Z]+)-\(", pattern or "")
+    return found.group(1) if found else None
+
+
 def _file_key(name, value, patterns):
     """``name``-``value`` as a file name writes it (``flip-2`` for pybids' ``flip``; ``mt-on`` for ``mtransfer``),
-    read from the entity's pybids ``patterns`` (its ``[_/\\]+key-(...)`` regular expression)."""
-    found = re.search(r"([a-zA-Z]+)-\(", patterns.get(name) or "")
-    return f"{found.group(1) if found else name}-{value}"
+    from the entity's pybids ``patterns``."""
+    return f"{_key_in_file_names(patterns.get(name)) or name}-{value}"
 
 
 NO_FILTER = object()

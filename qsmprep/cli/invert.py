@@ -27,7 +27,7 @@ from ..inversion.tv import TV_ALPHA
 from ..io import check_same_grid, load_volume, read_json_object, save_nifti, sidecar_path
 from ..masking import check_mask
 from ..phase.combine import MAX_PLAUSIBLE_TE_S, milliseconds_hint
-from ..physics import b0_dir_from_affine, hz_to_ppm, invert_in_ras_order, rad_to_ppm, voxel_size_from_affine
+from ..physics import b0_dir_given_or_from_affine, hz_to_ppm, invert_in_ras_order, rad_to_ppm, voxel_size_from_affine
 from .common import (
     DEEP_OPTIONS,
     add_deep_options,
@@ -211,8 +211,7 @@ def run(args):
     _check_options(args)
     field, mask, affine, header = _load_inputs(args)
     voxel_size = voxel_size_from_affine(affine)
-    b0_dir = tuple(np.asarray(args.b0_dir) / np.linalg.norm(args.b0_dir)) if args.b0_dir is not None else (
-        b0_dir_from_affine(affine))  # a unit vector, as the log shows it
+    b0_dir = b0_dir_given_or_from_affine(args.b0_dir, affine)  # a unit vector, as the log shows it
     options = {name: getattr(args, name) for _, name, _ in METHOD_FLAGS if getattr(args, name) is not None}
     options.update({key: getattr(args, dest) for dest, key in INVERT_DEEP_OPTIONS.items() if getattr(args, dest) is not None})
     if options.get("refine_radius_mm") and options.get("refine_iters", REFINE_ITERS):

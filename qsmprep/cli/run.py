@@ -648,12 +648,17 @@ def crashed_nodes(log_dir):
     return failed
 
 
-def run_finished(config, run):
-    """Whether ``run`` wrote every Chimap asked for (its earlier outputs were removed before it ran)."""
+def written_chimaps(config, run):
+    """The Chimaps ``run`` wrote, in ``config.inversion`` order (its earlier outputs were removed before it ran)."""
     from ..bids.derivatives import run_output_paths
 
     paths = run_output_paths(run, config.inversion)
-    return all((Path(config.output_dir) / paths[f"chimap:{m}"]).is_file() for m in config.inversion)
+    return [path for m in config.inversion if (path := Path(config.output_dir) / paths[f"chimap:{m}"]).is_file()]
+
+
+def run_finished(config, run):
+    """Whether ``run`` wrote every Chimap asked for."""
+    return len(written_chimaps(config, run)) == len(config.inversion)
 
 
 def stopped_subjects(config, failed):
@@ -692,16 +697,13 @@ def _error_reports(config, failed):
 
 def summarize(config, failed):
     """Print where the outputs are, and what went wrong; return the exit code."""
-    from ..bids.derivatives import run_output_paths
     from ..reports.group import GROUP_STEM
 
     out = Path(config.output_dir)
     lines = [f"qsmprep {__version__} finished; outputs in {out}"]
     stopped = stopped_subjects(config, failed)
     for run in config.runs:
-        paths = run_output_paths(run, config.inversion)
-        chimaps = [out / paths[f"chimap:{m}"] for m in config.inversion]
-        written = [str(p) for p in chimaps if p.is_file()]
+        written = written_chimaps(config, run)
         # per run, from what it wrote (earlier outputs were removed first): a failed run's subject may have others
         # that finished, and after --stop-on-first-crash a subject that never failed may have written nothing
         state = "ok" if len(written) == len(config.inversion) else "STOPPED" if run.subject in stopped else "FAILED"

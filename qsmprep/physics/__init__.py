@@ -5,6 +5,7 @@ from .forward import filter_padded, forward_field_ppm, padded_shape
 from .kernel import dipole_kernel, kspace_grid
 from .orientation import (
     b0_dir_from_affine,
+    b0_dir_given_or_from_affine,
     b0_tilt_deg,
     call_in_ras_order,
     checked_voxel_size_mm,
@@ -30,6 +31,7 @@ __all__ = [
     "GAMMA_BAR_MHZ_PER_T",
     "b0_aligned_grid",
     "b0_dir_from_affine",
+    "b0_dir_given_or_from_affine",
     "b0_tilt_deg",
     "call_in_ras_order",
     "checked_voxel_size_mm",

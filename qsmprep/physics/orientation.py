@@ -56,6 +56,15 @@ def b0_dir_from_affine(affine, b0_world=SCANNER_B0_WORLD):
     return tuple(float(v) for v in b / np.linalg.norm(b))
 
 
+def b0_dir_given_or_from_affine(b0_dir, affine):
+    """Unit B0 direction in voxel coordinates: ``b0_dir`` (any non-zero length, e.g. a user's ``--b0-dir``)
+    normalised, or ``b0_dir_from_affine(affine)`` where it is None. Returns a tuple of 3 float."""
+    if b0_dir is None:
+        return b0_dir_from_affine(affine)
+    b = np.asarray(b0_dir, dtype=np.float64)
+    return tuple(float(v) for v in b / np.linalg.norm(b))
+
+
 def b0_tilt_deg(b0_dir, reference=(0.0, 0.0, 1.0)):
     """Angle in degrees (0-90: a direction and its opposite are one axis) between ``b0_dir`` and ``reference``,
     both in voxel coordinates; ``reference`` defaults to the k axis."""

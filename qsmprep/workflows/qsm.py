@@ -21,7 +21,7 @@ from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMas
 from ..interfaces.gre import PhaseToRad, StackEchoes
 from ..interfaces.inversion import DipoleInversion, FromB0Aligned, ReferenceToMask, ToB0Aligned
 from ..masking import ball_mm
-from ..physics import GAMMA_BAR_MHZ_PER_T, b0_aligned_grid, b0_dir_from_affine, b0_tilt_deg, voxel_size_from_affine
+from ..physics import GAMMA_BAR_MHZ_PER_T, b0_aligned_grid, b0_dir_given_or_from_affine, b0_tilt_deg, voxel_size_from_affine
 from .outputs import init_qsm_derivatives_wf
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,7 @@ at 1 mm and 64^3 at 3 mm (run on 192^3 at 1 mm), i.e. 115-150 volumes; 7.8 GB in
 
 def run_b0_dir(run, config):
     """B0 direction in the run's voxel coordinates: ``--b0-dir`` if given, else from the affine."""
-    if config.b0_dir is not None:
-        b0 = np.asarray(config.b0_dir, dtype=float)
-        return [float(v) for v in b0 / np.linalg.norm(b0)]
-    return list(b0_dir_from_affine(np.asarray(run.affine)))
+    return list(b0_dir_given_or_from_affine(config.b0_dir, np.asarray(run.affine)))
 
 
 def b0_resampled_methods(run, config):
