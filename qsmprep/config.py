@@ -186,11 +186,8 @@ def read_parameters_file(path):
 def default_parameters(step, method):
     """The keyword parameters of the library function of ``(step, method)`` with their default values."""
     signature = inspect.signature(library_function(step, method))
-    return {
-        name: (list(p.default) if isinstance(p.default, tuple) else p.default)
-        for name, p in signature.parameters.items()
-        if p.default is not inspect.Parameter.empty and name not in DATA_ARGUMENTS
-    }
+    return {name: p.default for name, p in signature.parameters.items()
+            if p.default is not inspect.Parameter.empty and name not in DATA_ARGUMENTS}
 
 
 def deep_model_available():

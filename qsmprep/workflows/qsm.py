@@ -91,17 +91,19 @@ def deep_model_options(config):
     return params.get("model", DEFAULT_MODEL), params.get("resolution_tolerance", RESOLUTION_TOLERANCE)
 
 
-def deep_network_shape(run, config, shape, b0_dir):
-    """The grid the deep network runs on for a field of ``shape`` (e.g. 27x the voxels of a 3 mm run)."""
+def deep_network_shape(run, config, b0_dir):
+    """The grid the deep network runs on for ``run``'s field (e.g. 27x the voxels of a 3 mm run), at least the
+    run's own grid."""
     from ..errors import QSMPrepError
     from ..inversion.deep import network_grid_shape
 
+    shape = tuple(run.shape)
     try:
         network = network_grid_shape(shape, voxel_size_from_affine(np.asarray(run.affine)), b0_dir,
                                      *deep_model_options(config))
     except QSMPrepError:  # an unreadable model is reported, with its file, when the node runs
-        return tuple(shape)
-    return max(tuple(network), tuple(shape), key=np.prod)
+        return shape
+    return max(tuple(network), shape, key=np.prod)
 
 
 def read_boilerplate(key, **context):
@@ -569,7 +571,7 @@ def init_qsm_wf(run, config, name=None):
             DipoleInversion(method=method, parameters=config.parameters.get("inversion", {}).get(method, {}),
                             b0_dir=inversion_b0_dir, device=config.device, num_threads=threads, **model_file),
             name=f"invert_{method}", n_procs=threads,
-            mem_gb=(mem_gb(run, "invert_deep", deep_network_shape(run, config, run.shape, inversion_b0_dir))
+            mem_gb=(mem_gb(run, "invert_deep", deep_network_shape(run, config, inversion_b0_dir))
                     if method == "deep" else mem_gb(run, "invert", inversion_shape)))
         reference = pe.Node(ReferenceToMask(), name=f"reference_{method}", mem_gb=mem_gb(run, "reference"))
         workflow.connect([
