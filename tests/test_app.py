@@ -627,6 +627,17 @@ def test_writable_folder_check_refuses_what_cannot_be_written_and_keeps_what_exi
         check_writable_folder("OUTPUT_DIR", tmp_path / "x" / "y")
 
 
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_bids_dir_that_is_missing_or_a_file_exits_66_naming_it(tmp_path, capsys, kind):
+    bids = tmp_path / "bids"
+    if kind == "file":
+        bids.write_text("a file")
+    assert main([str(bids), str(tmp_path / "out"), "participant"]) == 66
+    what = "is a file, not a folder" if kind == "file" else "does not exist"
+    assert f"BIDS directory {bids} {what}: check the first positional argument" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("which", ["OUTPUT_DIR", "--work-dir"])
 def test_output_or_work_dir_that_is_a_file_exits_64(tmp_path, capsys, which):
     bids = _tiny_dataset(tmp_path / "bids")

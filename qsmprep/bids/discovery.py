@@ -176,6 +176,15 @@ def _check_filter_entities(path, filters):
                          "and its phase images (part-mag and part-phase): remove 'part' from the filter.")
 
 
+def require_bids_dir(bids_dir):
+    """``bids_dir`` as a Path; NoInputError, saying which, when it does not exist or is a file."""
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        what = "is a file, not a folder" if bids_dir.exists() else "does not exist"
+        raise NoInputError(f"BIDS directory {bids_dir} {what}: check the first positional argument.")
+    return bids_dir
+
+
 def _narrows(value, own_values):
     """Whether a filter value (one or a list) only selects among ``own_values``, as ``{"suffix": "MEGRE"}`` does."""
     values = value if isinstance(value, list) else [value]
@@ -414,9 +423,7 @@ def discover_runs(bids_dir, participant_label=None, session_label=None, bids_fil
     from bids import BIDSLayout  # heavy import: only when discovering
     from bids.layout.models import Config
 
-    bids_dir = Path(bids_dir).absolute()
-    if not bids_dir.is_dir():
-        raise NoInputError(f"BIDS directory {bids_dir} does not exist: check the first positional argument.")
+    bids_dir = require_bids_dir(bids_dir).absolute()
     try:
         layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False)
     except (OSError, ValueError, TypeError) as exc:  # pybids wraps a sidecar's JSON syntax error in an OSError

@@ -51,7 +51,7 @@ from ..checks import is_number
 from ..errors import DataError, NoInputError
 from ..phase.combine import MAX_PLAUSIBLE_TE_S, best_phase_exchange, milliseconds_hint
 from ..phase.scaling import phase_to_rad
-from .discovery import ENTITY_KEYS, REAL_IMAGINARY_FIX, SINGLE_ECHO_SUFFIXES, metadata_file
+from .discovery import ENTITY_KEYS, REAL_IMAGINARY_FIX, SINGLE_ECHO_SUFFIXES, metadata_file, require_bids_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,14 @@ class Problem:
 def check_bids_dataset(bids_dir):
     """Light BIDS check of ``bids_dir``; return the relative paths that are not valid BIDS names.
 
-    Raises DataError when ``dataset_description.json`` is missing (not a
-    BIDS dataset). Files with invalid names are logged as warnings and
+    Raises NoInputError when ``bids_dir`` is not a folder (``require_bids_dir``)
+    and DataError when ``dataset_description.json`` is missing (not a BIDS
+    dataset). Files with invalid names are logged as warnings and
     returned; they do not stop the run (pybids still finds what it can).
     """
     from bids_validator import BIDSValidator
 
-    bids_dir = Path(bids_dir)
-    if not bids_dir.is_dir():
-        raise NoInputError(f"BIDS directory {bids_dir} does not exist: check the first positional argument.")
+    bids_dir = require_bids_dir(bids_dir)
     if not (bids_dir / "dataset_description.json").is_file():
         raise DataError(
             f"{bids_dir} has no dataset_description.json, so it is not a BIDS dataset: add one "

@@ -454,12 +454,9 @@ def find_inputs(config, filter_file=None):
     run passes validation.
     """
     from ..bids import check_bids_dataset, discover_runs, read_filter_file, validate_runs
+    from ..bids.discovery import require_bids_dir
 
-    if not Path(config.bids_dir).is_dir():
-        from ..errors import NoInputError
-
-        what = "is a file, not a folder" if Path(config.bids_dir).exists() else "does not exist"
-        raise NoInputError(f"BIDS directory {config.bids_dir} {what}: check the first positional argument.")
+    require_bids_dir(config.bids_dir)
     if not config.skip_bids_validation:
         check_bids_dataset(config.bids_dir)
     if filter_file is not None:
