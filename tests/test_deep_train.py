@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 
 import nibabel as nib
@@ -23,7 +24,7 @@ from qsmprep.deep.trainer import (
     TargetDomainFields, Trainer, check_validation_set, learning_rate, make_optimizer, optimizer_tensors, progress_line,
     restore_optimizer, train,
 )
-from qsmprep.errors import NoInputError, QSMPrepError, UsageError
+from qsmprep.errors import DataError, NoInputError, QSMPrepError, UsageError
 
 SHIPPED = ["cfl2unet", "jochmann", "metaqsm", "qsmgan", "qsminvnet", "siqsm", "smoke"]
 
@@ -153,6 +154,27 @@ def test_deterministic_and_resumable(tmp_path, caplog):
         train(other, tmp_path / "c", device="cpu", resume=True)
 
 
+def test_a_resume_does_not_pair_the_checkpoint_with_another_steps_optimiser_state(tmp_path, caplog):
+    """A run stopped between writing its optimiser state and its checkpoint left the two from different steps, and
+    --resume loaded them together without a word. Now the optimiser starts afresh, with a warning."""
+    train(tiny("smoke", steps=8), tmp_path / "c", device="cpu", max_steps=5)
+    train(tiny("smoke", steps=8), tmp_path / "d", device="cpu", max_steps=3)
+    full = train(tiny("smoke", steps=8), tmp_path / "e", device="cpu", max_steps=5)
+    shutil.copy(tmp_path / "d" / "optimizer.safetensors", tmp_path / "c" / "optimizer.safetensors")
+    with caplog.at_level(logging.WARNING, logger="qsmprep.deep.trainer"):
+        rest = train(tiny("smoke", steps=8), tmp_path / "c", device="cpu", resume=True)
+    assert rest["step"] == 8
+    assert "optimizer.safetensors is from step 3, not from the checkpoint's step 5" in caplog.text
+    assert "the optimiser starts afresh at step 5" in caplog.text
+    resumed = train(tiny("smoke", steps=8), tmp_path / "e", device="cpu", resume=True)  # the states that belong together
+    assert resumed["losses"] != rest["losses"] and full["step"] == 5
+    (tmp_path / "e" / "optimizer.safetensors").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qsmprep.deep.trainer"):
+        train(tiny("smoke", steps=8), tmp_path / "e", device="cpu", resume=True, max_steps=8)
+    assert "optimizer.safetensors is missing, not from the checkpoint's step 8" in caplog.text
+
+
 def test_a_log_without_a_terminal_gets_progress_lines(tmp_path, capsys, monkeypatch):
     """Where standard error is not a terminal (a batch job), tqdm's bar is off and nothing showed progress."""
     monkeypatch.setattr(trainer_module, "PROGRESS_EVERY_S", 0.0)
@@ -234,6 +256,10 @@ def test_target_domain_directory(tmp_path):
         TargetDomainFields({"source": str(tmp_path / "empty")}, {"patch": [8] * 3}, 0, 0)
     with pytest.raises(NoInputError, match="does not exist"):
         TargetDomainFields({"source": str(tmp_path / "absent")}, {"patch": [8] * 3}, 0, 0)
+    # a magnitude on another grid would be cut into patches with the field's corners: refused, naming both files
+    nib.save(nib.Nifti1Image(np.ones((10, 12, 5), np.float32), affine), tmp_path / "sub-01_magnitude.nii.gz")
+    with pytest.raises(DataError, match=r"sub-01_magnitude\.nii\.gz"):
+        TargetDomainFields({"source": str(tmp_path)}, {"patch": [8] * 3}, 0, 0)
 
 
 def test_recipes_list_load_and_validate(tmp_path, monkeypatch):

@@ -200,7 +200,11 @@ class TargetDomainFields:
             mask, mask_affine, _ = load_nifti(mask_path, "target-domain mask")
             check_same_grid(field_path, (field.shape, affine), mask_path, (mask.shape, mask_affine))
             mag_path = directory / f"{stem}_magnitude{suffix}"
-            magnitude = load_nifti(mag_path, "target-domain magnitude")[0] if mag_path.is_file() else (mask > 0).astype(np.float32)
+            if mag_path.is_file():
+                magnitude, mag_affine, _ = load_nifti(mag_path, "target-domain magnitude")
+                check_same_grid(field_path, (field.shape, affine), mag_path, (magnitude.shape, mag_affine))
+            else:
+                magnitude = (mask > 0).astype(np.float32)
             if field.ndim != 3:
                 raise DataError(f"{field_path} has shape {field.shape}: a 3D local field map (ppm) is needed.")
             volumes.append((field, (mask > 0).astype(np.float32), magnitude, np.asarray(voxel_size_from_affine(affine), np.float32)))
@@ -359,14 +363,17 @@ class Trainer:
         return batch
 
     # -- losses -------------------------------------------------------------
-    def predict_raw(self, batch, domain=0):
+    def predict(self, batch, domain=0, raw=True):
+        """The model on ``batch`` (under autocast when training in mixed precision), in float32: network space
+        (``raw``, default) or ppm; ``domain`` 0 for synthetic, 1 for target-domain data (QSMInvNet+)."""
         with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp):
-            return self.model(batch["field"], mask=batch["mask"], voxel_size=batch["voxel_size"], raw=True, domain=domain).float()
+            return self.model(batch["field"], mask=batch["mask"], voxel_size=batch["voxel_size"], raw=raw,
+                              domain=domain).float()
 
     def content_loss(self, batch):
         """Supervised loss in network space; returns (loss, raw prediction, cropped target)."""
         m = self.model.crop_margin
-        raw = self.predict_raw(batch, domain=0)
+        raw = self.predict(batch)
         cropped = {k: _crop(v, m) if v.dim() == 5 else v for k, v in batch.items()}
         target = cropped["chi"]
         if self.model.output_transform == "tanh10":
@@ -391,7 +398,7 @@ class Trainer:
 
     def _critic_update(self, batch):
         with torch.no_grad():
-            fake = self.predict_raw(batch)
+            fake = self.predict(batch)
         real = tanh_target(_crop(batch["chi"], self.model.crop_margin))
         loss = wgan_gp_critic_loss(self.critic, real, fake, gp_weight=float(self.adv["gp_weight"]))
         self.critic_opt.zero_grad(set_to_none=True)
@@ -427,8 +434,7 @@ class Trainer:
         if self.target is not None:
             weight = self.domain_weight()
             tb = _to(self.target.next(), self.device)
-            chi_t = self.model(tb["field"], mask=tb["mask"], voxel_size=tb["voxel_size"], domain=1)
-            dc = self.domain_loss(chi_t.float(), None, tb)
+            dc = self.domain_loss(self.predict(tb, domain=1, raw=False), None, tb)
             row["domain_loss"], row["domain_weight"] = dc.item(), weight
             total = total + weight * dc
         self._backward_step(total, self.optimizer)
@@ -440,8 +446,8 @@ class Trainer:
         return validation_scores(self.model, self.validation, self.device)
 
     def save(self, metrics):
-        meta = {"recipe": self.recipe, "step": self.step, "validation": metrics, "best_nrmse": self.best_nrmse}
-        save_checkpoint(self.model, self.out / "checkpoint.safetensors", meta)
+        """Write the optimiser state, then the checkpoint: a run stopped between the two leaves an optimiser state
+        that ``restore`` sees is not the checkpoint's (its "step" differs) and does not load."""
         tensors, groups = optimizer_tensors(self.optimizer, "model")
         extra = {"model": groups}
         if self.critic is not None:
@@ -450,6 +456,8 @@ class Trainer:
             tensors.update({f"critic_weights.{k}": v for k, v in self.critic.state_dict().items()})
             extra["critic"] = critic_groups
         save_tensors(self.out / "optimizer.safetensors", tensors, {"step": self.step, "param_groups": extra})
+        meta = {"recipe": self.recipe, "step": self.step, "validation": metrics, "best_nrmse": self.best_nrmse}
+        save_checkpoint(self.model, self.out / "checkpoint.safetensors", meta)
 
     def restore(self):
         """Load the latest checkpoint and optimiser state from ``out_dir``; returns the step."""
@@ -460,12 +468,20 @@ class Trainer:
         self._check_same_network(self.out / "checkpoint.safetensors", meta, "resume with the recipe it was trained with, "
                                  "or choose a new --out")
         self.model.load_state_dict(tensors)
-        opt_tensors, opt_meta = read_tensors(self.out / "optimizer.safetensors", self.device)
-        restore_optimizer(self.optimizer, opt_tensors, opt_meta["param_groups"]["model"], "model")
-        if self.critic is not None:
-            self.critic.load_state_dict({k.split(".", 1)[1]: v for k, v in opt_tensors.items() if k.startswith("critic_weights.")})
-            restore_optimizer(self.critic_opt, opt_tensors, opt_meta["param_groups"]["critic"], "critic")
         self.step = int(meta["step"])
+        optimizer_file = self.out / "optimizer.safetensors"
+        opt_tensors, opt_meta = read_tensors(optimizer_file, self.device) if optimizer_file.is_file() else ({}, {})
+        if opt_meta.get("step") != self.step:  # the run stopped while saving: the two states do not belong together
+            log.warning("%s %s, not from the checkpoint's step %d (the run was stopped while saving): %s afresh at "
+                        "step %d", optimizer_file, f"is from step {opt_meta['step']}" if opt_meta else "is missing",
+                        self.step, "the optimisers and the critic start" if self.critic is not None else
+                        "the optimiser starts", self.step)
+        else:
+            restore_optimizer(self.optimizer, opt_tensors, opt_meta["param_groups"]["model"], "model")
+            if self.critic is not None:
+                self.critic.load_state_dict({k.split(".", 1)[1]: v for k, v in opt_tensors.items()
+                                             if k.startswith("critic_weights.")})
+                restore_optimizer(self.critic_opt, opt_tensors, opt_meta["param_groups"]["critic"], "critic")
         self.best_nrmse = float(meta.get("best_nrmse", math.inf))
         self.last_validation = meta.get("validation") or {}
         return self.step
