@@ -151,6 +151,18 @@ def test_write_bids_dataset_checks_the_dataset_files_first(tmp_path, noiseless):
     assert [p.name for p in tmp_path.iterdir()] == ["dataset_description.json"]
 
 
+def test_write_bids_dataset_checks_a_simulated_datasets_participants_first_and_lists_each_subject_once(
+        tmp_path, noiseless):
+    """Into a dataset the simulator made, an unreadable participants.tsv stopped the writing after the subjects were
+    written; and a subject given twice (two sessions) got two rows."""
+    write_bids_dataset(tmp_path, [("01", "a", noiseless), ("01", "b", noiseless), ("02", None, noiseless)])
+    assert (tmp_path / "participants.tsv").read_text() == "participant_id\nsub-01\nsub-02\n"
+    (tmp_path / "participants.tsv").write_bytes(b"participant_id\tname\nsub-01\tJos\xe9\n")
+    with pytest.raises(DataError, match="participants.tsv is not UTF-8 text"):
+        write_bids_dataset(tmp_path, [("03", None, noiseless)])
+    assert not (tmp_path / "sub-03").exists()
+
+
 @pytest.fixture(scope="module")
 def cli_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "ds"

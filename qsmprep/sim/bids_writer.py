@@ -4,6 +4,7 @@ Layout (BIDS 1.9, MEGRE with the ``echo`` and ``part`` entities)::
 
     OUT/dataset_description.json  participants.tsv  README  CHANGES
     OUT/sub-XX[/ses-YY]/anat/sub-XX[_ses-YY]_echo-N_part-{mag,phase}_MEGRE.nii.gz (+ .json)
+        (one echo: sub-XX[_ses-YY]_part-{mag,phase}_T2starw.nii.gz, without the echo entity)
     OUT/derivatives/groundtruth/dataset_description.json  dseg.tsv
     OUT/derivatives/groundtruth/sub-XX[/ses-YY]/anat/sub-XX[_ses-YY]_Chimap.nii.gz (+ .json, ppm)
         ..._desc-{local,total,background}_fieldmap.nii.gz (+ .json, ppm)
@@ -94,7 +95,7 @@ def _participants(path, subjects):
     """participants.tsv with the existing rows and columns kept and a row for each new subject (n/a beyond its id)."""
     columns, rows = _read_participants(path)
     known = {row["participant_id"] for row in rows}
-    rows += [{"participant_id": f"sub-{s}"} for s in subjects if f"sub-{s}" not in known]
+    rows += [{"participant_id": label} for label in dict.fromkeys(f"sub-{s}" for s in subjects) if label not in known]
     rows.sort(key=lambda row: row["participant_id"] or "")
     return "".join("\t".join(line) + "\n" for line in [columns] + [[row.get(c) or "n/a" for c in columns] for row in rows])
 
@@ -126,12 +127,12 @@ def made_by_simulator(out_dir):
 def check_dataset_files(out_dir):
     """Raise DataError unless the files of ``out_dir`` that ``write_dataset_files`` reads can be read.
 
-    They are its dataset_description.json and, in a dataset qsmprep-simulate did not make, participants.tsv
-    (a simulated dataset's is replaced). Call it before writing any subject, so that a bad file stops the run
-    before anything is written rather than after.
+    They are its dataset_description.json and its participants.tsv, whose rows new subjects are merged into.
+    Call it before writing any subject, so that a bad file stops the run before anything is written rather
+    than after.
     """
-    if not made_by_simulator(out_dir):
-        _read_participants(Path(out_dir) / "participants.tsv")
+    _read_description(out_dir)
+    _read_participants(Path(out_dir) / "participants.tsv")
 
 
 def remove_earlier_simulation(out_dir):
@@ -165,7 +166,7 @@ def acquisition_bytes(shape, echoes, phase_units="arbitrary"):
 
 
 def write_subject(out_dir, subject, session, gre, phase_units="arbitrary"):
-    """Write one acquisition's raw MEGRE files and its ground truth; return the raw paths.
+    """Write one acquisition's raw MEGRE (one echo: T2starw) files and its ground truth; return the raw paths.
 
     Parameters
     ----------
@@ -232,7 +233,8 @@ def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name="qsmpre
     ``subjects``: subject labels (without ``sub-``) to list in participants.tsv,
     merged with the rows and columns already there. In a dataset qsmprep-simulate
     did not make (``made_by_simulator``), its dataset_description.json, README,
-    CHANGES and .bidsignore are kept as they are.
+    CHANGES and .bidsignore are kept as they are. ``phase_units`` ("arbitrary" or "rad", as the subjects were
+    written) and ``name`` (default "qsmprep simulated MEGRE") go into the README and the descriptions.
     """
     out_dir = Path(out_dir)
     generated_by = [{"Name": "qsmprep-simulate", "Version": __version__}]
@@ -268,12 +270,12 @@ def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name="qsmprep
         the acquisition. A generator keeps one acquisition in memory at a time.
     phase_units : {"arbitrary", "rad"}, default "arbitrary"
         How phase is stored (see ``write_subject``).
-    name : str
+    name : str, default "qsmprep simulated MEGRE"
         Dataset name for dataset_description.json and README.
 
     Returns
     -------
-    list of the raw MEGRE NIfTI paths written.
+    list of the raw NIfTI paths written (MEGRE; T2starw for one echo).
 
     Raises DataError, before writing anything, when a dataset file it would read cannot be read
     (``check_dataset_files``).

@@ -312,8 +312,10 @@ def head_phantom(shape=(160, 192, 160), voxel_size_mm=(1.0, 1.0, 1.0), seed=0):
     shape : tuple of 3 int, default (160, 192, 160)
         Matrix size (i = x L->R, j = y P->A, k = z I->S).
     voxel_size_mm : tuple of 3 float, default (1, 1, 1)
-        Voxel size in mm; the head is ~150 x 190 x 150 mm, so the default
-        field of view holds it.
+        Voxel size in mm. The brain spans about 130 x 168 x 122 mm and the
+        head with its face and neck about 160 x 196 x 205 mm (seed 0), so
+        the default field of view holds the brain and cuts the neck and the
+        lower face, as a brain acquisition does.
     seed : int, default 0
         Seed of all random parts; the same seed gives identical arrays.
 
