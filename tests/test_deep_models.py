@@ -192,6 +192,8 @@ def test_cfl2_prior_unet_starts_as_cfl2_and_learns_a_correction():
     assert net.net.head.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="prior"):
         build_model("unet", prior="tkd")
+    with pytest.raises(ValueError, match="choose one"):  # residual was ignored under the prior, yet recorded
+        build_model("unet", prior="cfl2", residual=True)
 
 
 @torch.no_grad()

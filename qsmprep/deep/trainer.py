@@ -6,7 +6,7 @@ One loop serves the five methods:
   loss(model(field), chi) on on-the-fly synthetic pairs;
 - QSMInvNet+ (``[domain]``): the supervised loss on synthetic data (batch-norm
   domain 0) plus lambda x the data-consistency loss on unlabelled target-domain
-  fields (domain 1), lambda rising linearly over training;
+  fields (domain 1), lambda rising linearly to ``lambda_max`` over ``lambda_ramp_steps``, then constant;
 - QSMGAN (``[adversarial]``): L1 generator pre-training, then the critic alone
   with the generator fixed, then WGAN-GP with ``n_critic`` critic updates per
   generator update.

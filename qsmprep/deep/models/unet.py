@@ -272,7 +272,8 @@ class UNet(InversionNet):
         Pooling levels; the deepest level of a 48^3 input is 3^3.
     residual : bool, default False
         If True, the network predicts a correction added to its (scaled)
-        input, chi = field + net(field), instead of chi directly.
+        input, chi = field + net(field), instead of chi directly. Not with
+        ``prior`` "cfl2", whose correction is added to the prior (ValueError).
     prior : "none" or "cfl2", default "none"
         "cfl2": the closed-form L2 estimate of chi (``qsmprep.inversion.cfl2``,
         gradient regularisation ``prior_lambda``) is computed inside the
@@ -294,6 +295,8 @@ class UNet(InversionNet):
         super().__init__()
         if prior not in ("none", "cfl2"):
             raise ValueError(f"prior must be 'none' or 'cfl2', got {prior!r}")
+        if residual and prior != "none":  # core adds the correction to the prior, never to the field
+            raise ValueError("residual = true and prior = 'cfl2' both say what the correction is added to: choose one")
         self.params = {"width": int(width), "depth": int(depth), "residual": bool(residual)}
         if prior != "none":  # recorded only when used, so older checkpoints keep their params
             self.params.update(prior=prior, prior_lambda=float(prior_lambda))
