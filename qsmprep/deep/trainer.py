@@ -371,14 +371,14 @@ class Trainer:
                               domain=domain).float()
 
     def content_loss(self, batch):
-        """Supervised loss in network space; returns (loss, raw prediction, cropped target)."""
+        """Supervised loss in network space; returns (loss, raw prediction)."""
         m = self.model.crop_margin
         raw = self.predict(batch)
         cropped = {k: _crop(v, m) if v.dim() == 5 else v for k, v in batch.items()}
         target = cropped["chi"]
         if self.model.output_transform == "tanh10":
             target = tanh_target(target)
-        return self.loss_fn(raw, target, cropped), raw, target
+        return self.loss_fn(raw, target, cropped), raw
 
     def domain_weight(self):
         return float(self.domain.get("lambda_max", 0.1)) * min(1.0, self.step / max(1, int(self.domain.get("lambda_ramp_steps", 1))))
@@ -424,7 +424,7 @@ class Trainer:
         if phase == "joint":
             row["critic_loss"] = sum(self._critic_update(self.next_batch()) for _ in range(int(self.adv["n_critic"]))) / int(self.adv["n_critic"])
         batch = self.next_batch()
-        loss, raw, _ = self.content_loss(batch)
+        loss, raw = self.content_loss(batch)
         row["loss"] = loss.item()
         total = loss
         if phase == "joint":

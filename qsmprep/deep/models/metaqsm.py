@@ -98,6 +98,3 @@ class MetaQSM(InversionNet):
             up=NearestUp,
             make_head=lambda i, o: WPConv3d(i, o, 1, hidden),
         )
-
-    def core(self, x, ctx):
-        return self.net(x, ctx)

@@ -57,9 +57,6 @@ class QSMGANGenerator(InversionNet):
     def crop_margin(self):
         return self.params["crop_margin"]
 
-    def core(self, x, ctx):
-        return self.net(x, ctx)
-
 
 class QSMGANCritic(nn.Module):
     """WGAN-GP patch critic for chi patches in tanh(10 chi) space.

@@ -77,6 +77,3 @@ class QSMInvNet(InversionNet):
             up=NearestUp,
             make_head=lambda i, o: nn.Conv3d(i, o, 1),
         )
-
-    def core(self, x, ctx):
-        return self.net(x, ctx)

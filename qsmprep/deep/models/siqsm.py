@@ -72,6 +72,3 @@ class SIQSM(InversionNet):
             up=TransposedUp,
             make_head=lambda i, o: nn.Conv3d(i, o, 1),
         )
-
-    def core(self, x, ctx):
-        return self.net(x, ctx)

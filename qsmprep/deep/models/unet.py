@@ -174,7 +174,8 @@ class InversionNet(nn.Module):
              if self.params.get("normalise_amplitude") else {})  # only when used: older checkpoints load
 
     def core(self, x, ctx):
-        raise NotImplementedError
+        """The network proper on the padded, scaled input ``x``: ``self.net`` unless a subclass adds to it."""
+        return self.net(x, ctx)
 
     def tile_context(self, field, voxel_size):
         """Per-voxel context that must come from the whole volume when it is inverted in tiles.
