@@ -520,6 +520,14 @@ def test_bad_recipe_values_are_usage_errors_naming_the_key(name, override, words
     assert str(exc.value).startswith(f"{name}: ") and words in str(exc.value), str(exc.value)
 
 
+def test_a_generator_of_weight_zero_is_neither_drawn_nor_checked():
+    """The pattern generator's border was checked against the patch, and refused, with the generator at weight 0."""
+    recipe = load_recipe("smoke", ["data.generator={patterns = 0, brain = 1}", "data.border_vox=8"])
+    assert build_dataset(recipe["data"], recipe["augment"], 0).make.names == ["brain"]
+    with pytest.raises(UsageError, match="border_vox 8 leaves no voxel"):  # at any positive weight it is checked
+        load_recipe("smoke", ["data.generator={patterns = 0.1, brain = 1}", "data.border_vox=8"])
+
+
 def test_recipe_tables_name_every_key_the_code_reads():
     """The validation tables cover exactly the keys the data, augmentation, generator and trainer code take."""
     import inspect

@@ -80,7 +80,7 @@ class _SampleMaker:
     """Draws one un-augmented sample (dict of NumPy arrays) from a data config."""
 
     def __init__(self, data_cfg):
-        from .recipes import library_checks  # the recipes' tables of keys and values (they import this module too)
+        from .recipes import active_generators, library_checks  # the recipes' tables (they import this module too)
 
         cfg = dict(data_cfg or {})
         checks = library_checks()
@@ -88,9 +88,9 @@ class _SampleMaker:
         for name in GENERATORS:
             check_table(cfg.get(name, {}), checks[f"data.{name}"], f"[data.{name}]", "data config")
         generator = cfg.get("generator", "patterns")
-        weights = {generator: 1.0} if isinstance(generator, str) else dict(generator)
-        self.names = list(weights)
-        self.probs = np.asarray([weights[n] for n in self.names], dtype=np.float64)
+        self.names = active_generators(cfg)  # a generator of weight 0 is never drawn, nor checked as if it were
+        self.probs = np.asarray([1.0] if isinstance(generator, str) else [generator[n] for n in self.names],
+                                dtype=np.float64)
         self.probs /= self.probs.sum()
         self.patch = tuple(int(n) for n in cfg.get("patch", DEFAULT_PATCH))
         if "voxel_size_mm" in cfg and "voxel_size_range_mm" in cfg:
