@@ -541,6 +541,10 @@ RUN_LOG_FORMAT = LOG_FORMAT.replace("%(message)s", "%(run)s%(message)s")
 _node_run = NodeRunFilter()
 
 
+TRACEBACK_LINE = re.compile(r"^\s*Traceback\b", re.MULTILINE)
+"""The line that begins a traceback in a log record's message (``ConsoleFormatter`` cuts there)."""
+
+
 class ConsoleFormatter(logging.Formatter):
     """Cuts a record's message before its first line that begins a traceback: a failed step's traceback is in its
     crash file and in qsmprep.log (formatted in full there), and the console showed it twice, in Nipype's record
@@ -555,9 +559,6 @@ class ConsoleFormatter(logging.Formatter):
         short.msg = f"{message[:start.start()].rstrip()} (traceback in the crash file and in qsmprep.log)"
         short.args = None
         return super().format(short)
-
-
-TRACEBACK_LINE = re.compile(r"^\s*Traceback\b", re.MULTILINE)
 
 
 def _setup_logging(verbosity):

@@ -25,9 +25,10 @@ REFERENCING = "mean of the susceptibility within the brain mask (desc-brain_mask
 def output_metadata(run, config, output, method, resampled, b0_dir):
     """JSON sidecar contents of one output of ``run`` (see docs/outputs.md for every field).
 
-    ``output`` is a key of ``qsmprep.bids.derivatives.OUTPUTS`` ("mask", "total_field", "local_field" or "chimap"); for a Chimap,
-    ``method`` names its inversion, ``resampled`` says whether it was inverted on a B0-aligned grid and ``b0_dir``
-    is the B0 direction in voxel coordinates it was inverted with (the other outputs ignore all three)."""
+    ``output`` is a key of ``qsmprep.bids.derivatives.OUTPUTS`` ("mask", "total_field", "local_field" or
+    "chimap"); for a Chimap, ``method`` names its inversion, ``resampled`` says whether it was inverted on a
+    B0-aligned grid and ``b0_dir`` is the B0 direction in voxel coordinates it was inverted with (the other outputs
+    ignore all three)."""
     common = {
         "Sources": [bids_uri(path, config.bids_dir) for path in run.files],
         "MagneticFieldStrength": run.b0_tesla,
