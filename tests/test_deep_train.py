@@ -175,6 +175,33 @@ def test_a_resume_does_not_pair_the_checkpoint_with_another_steps_optimiser_stat
     assert "optimizer.safetensors is missing, not from the checkpoint's step 8" in caplog.text
 
 
+def test_a_resume_keeps_the_fp16_loss_scale(tmp_path, monkeypatch):
+    """The GradScaler's state was not saved, so a resumed fp16 run (CUDA without bf16) restarted at a loss scale of
+    2^16 and skipped steps finding its scale again. A CPU scaler stands in for the CUDA one."""
+    cpu_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: cpu_scaler("cpu", init_scale=256.0,
+                                                                                     growth_interval=2))
+    train(tiny("smoke", steps=8), tmp_path / "c", device="cpu", max_steps=5)
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: cpu_scaler("cpu"))
+    trainer = Trainer(validate_recipe(tiny("smoke", steps=8)), tmp_path / "c", torch.device("cpu"))
+    trainer.restore()
+    # five finite steps, doubling every second: 256 x 2 x 2, one step into the next interval
+    assert trainer.scaler.get_scale() == 1024.0 and trainer.scaler.state_dict()["_growth_tracker"] == 1
+    assert trainer.scaler.state_dict()["growth_interval"] == 2
+
+
+def test_a_resume_reseeds_the_random_draws_from_its_step(tmp_path):
+    """A resumed run reseeded torch with the recipe's seed, so the loop's own draws (QSMGAN's gradient-penalty
+    mixing weights) repeated those of the run's first steps."""
+    train(tiny("smoke", steps=8), tmp_path / "c", device="cpu", max_steps=5)
+    recipe = validate_recipe(tiny("smoke", steps=8))
+    resumed = Trainer(recipe, tmp_path / "c", torch.device("cpu"))
+    resumed.restore()
+    drawn = torch.rand(4)
+    torch.manual_seed(recipe["train"]["seed"] + 5)
+    assert torch.equal(drawn, torch.rand(4))
+
+
 def test_a_log_without_a_terminal_gets_progress_lines(tmp_path, capsys, monkeypatch):
     """Where standard error is not a terminal (a batch job), tqdm's bar is off and nothing showed progress."""
     monkeypatch.setattr(trainer_module, "PROGRESS_EVERY_S", 0.0)

@@ -18,8 +18,9 @@ Outputs in ``out_dir``: ``checkpoint.safetensors`` (+ ``.json``, latest),
 
 Determinism: one seed sets Python, NumPy and torch RNGs, the data stream
 (``build_dataset(..., seed)``, which seeds its workers) and the fixed
-validation set.  A resumed run restarts the data stream from ``seed + step``,
-so it is reproducible but not sample-identical to an uninterrupted run.
+validation set.  A resumed run restarts the data stream and the RNGs from
+``seed + step``, so it is reproducible but not sample-identical to an
+uninterrupted run; it keeps the optimiser state and the fp16 loss scale.
 """
 
 import csv
@@ -455,7 +456,9 @@ class Trainer:
             tensors.update(critic_tensors)
             tensors.update({f"critic_weights.{k}": v for k, v in self.critic.state_dict().items()})
             extra["critic"] = critic_groups
-        save_tensors(self.out / "optimizer.safetensors", tensors, {"step": self.step, "param_groups": extra})
+        # the fp16 loss scale (empty where the scaler is off: CPU, bf16) resumes where it was, not at 2^16
+        save_tensors(self.out / "optimizer.safetensors", tensors,
+                     {"step": self.step, "param_groups": extra, "grad_scaler": self.scaler.state_dict()})
         meta = {"recipe": self.recipe, "step": self.step, "validation": metrics, "best_nrmse": self.best_nrmse}
         save_checkpoint(self.model, self.out / "checkpoint.safetensors", meta)
 
@@ -469,6 +472,7 @@ class Trainer:
                                  "or choose a new --out")
         self.model.load_state_dict(tensors)
         self.step = int(meta["step"])
+        seed_everything(self.seed + self.step)  # as the data stream: random draws in the loop (QSMGAN's penalty) go on
         optimizer_file = self.out / "optimizer.safetensors"
         opt_tensors, opt_meta = read_tensors(optimizer_file, self.device) if optimizer_file.is_file() else ({}, {})
         if opt_meta.get("step") != self.step:  # the run stopped while saving: the two states do not belong together
@@ -478,6 +482,8 @@ class Trainer:
                         "the optimiser starts", self.step)
         else:
             restore_optimizer(self.optimizer, opt_tensors, opt_meta["param_groups"]["model"], "model")
+            if opt_meta.get("grad_scaler"):
+                self.scaler.load_state_dict(opt_meta["grad_scaler"])
             if self.critic is not None:
                 self.critic.load_state_dict({k.split(".", 1)[1]: v for k, v in opt_tensors.items()
                                              if k.startswith("critic_weights.")})
