@@ -28,8 +28,7 @@ from ..sim.bids_writer import (
     check_dataset_files,
     made_by_simulator,
     remove_earlier_simulation,
-    write_dataset_files,
-    write_subject,
+    write_bids_dataset,
 )
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
 from ..sim.gre import acquire, simulate_gre, slab_affine
@@ -216,20 +215,22 @@ def simulate_dataset(args):
     replaced = remove_earlier_simulation(out_dir)
     if replaced:
         log.info("Replacing the %d subject(s) of the earlier simulation in %s", replaced, out_dir)
-    for i, subject in enumerate(subjects):
-        start = time.perf_counter()
-        shape, voxel = fine if fine else (matrix, tuple(args.voxel_size))
-        phantom = head_phantom(shape, voxel, seed=_seed(args.seed, i))
-        for j, session in enumerate(sessions):
-            common = dict(te_s=te_s, b0_tesla=args.b0_tesla, snr=snr, phase_offset=not args.no_phase_offset,
-                          seed=_seed(args.seed, i, j))  # fmt: skip
-            if fine:
-                gre = acquire(phantom, tuple(args.voxel_size), args.oblique, shape=matrix, **common)
-            else:
-                gre = simulate_gre(phantom, **common)
-            write_subject(out_dir, subject, session, gre, args.phase_units)
-            log.info("sub-%s%s written (%.1f s)", subject, f" ses-{session}" if session else "", time.perf_counter() - start)
-    write_dataset_files(out_dir, subjects, args.phase_units)
+    def acquisitions():  # one at a time, each logged once written
+        for i, subject in enumerate(subjects):
+            start = time.perf_counter()
+            shape, voxel = fine if fine else (matrix, tuple(args.voxel_size))
+            phantom = head_phantom(shape, voxel, seed=_seed(args.seed, i))
+            for j, session in enumerate(sessions):
+                common = dict(te_s=te_s, b0_tesla=args.b0_tesla, snr=snr, phase_offset=not args.no_phase_offset,
+                              seed=_seed(args.seed, i, j))  # fmt: skip
+                if fine:
+                    yield subject, session, acquire(phantom, tuple(args.voxel_size), args.oblique, shape=matrix, **common)
+                else:
+                    yield subject, session, simulate_gre(phantom, **common)
+                log.info("sub-%s%s written (%.1f s)", subject, f" ses-{session}" if session else "",
+                         time.perf_counter() - start)
+
+    write_bids_dataset(out_dir, acquisitions(), args.phase_units)
     log.info("Dataset written to %s (ground truth in %s)", out_dir, out_dir / "derivatives" / "groundtruth")
 
 

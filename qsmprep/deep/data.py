@@ -54,6 +54,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from qsmprep.checks import check_table
 from qsmprep.deep.augment import Augmenter
 from qsmprep.deep.generators import (
+    BORDER_VOX,
     analytic_spheres_cylinders,
     brain_like_sample,
     random_blob_mask,
@@ -101,7 +102,7 @@ class _SampleMaker:
             self.voxel_range = np.asarray(self.voxel_range, dtype=np.float64)
         self.b0_dir = tuple(float(b) for b in cfg.get("b0_dir", (0.0, 0.0, 1.0)))
         self.pad_factor = float(cfg.get("pad_factor", 2.0))
-        self.border_vox = int(cfg.get("border_vox", 10))
+        self.border_vox = int(cfg.get("border_vox", BORDER_VOX))
         self.mask = cfg.get("mask", "full")
         self.mask_border_vox = int(cfg.get("mask_border_vox", self.border_vox))
         self.magnitude = cfg.get("magnitude", "random")

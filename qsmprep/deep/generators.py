@@ -32,6 +32,8 @@ from qsmprep.sim.phantom import BRAIN_LABELS, LABELS, head_phantom
 
 PATTERN_SHAPES = ("ellipsoid", "box", "blob")
 """Structure types drawn by ``random_patterns_chi``."""
+BORDER_VOX = 10
+"""Default source-free border of the pattern generator, voxels (Jochmann's ~10)."""
 
 
 def _shape_and_voxel(shape, voxel_size_mm):
@@ -130,7 +132,7 @@ def random_patterns_chi(
     rng,
     shape,
     voxel_size_mm=(1.0, 1.0, 1.0),
-    border_vox=10,
+    border_vox=BORDER_VOX,
     large_share=0.3,
     n_structures=(16, 48),
     amplitude_ppm=0.2,

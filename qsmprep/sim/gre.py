@@ -112,11 +112,15 @@ def _phase_offset(shape, affine, rng, enabled):
     return (offset + PHASE_OFFSET_STD_RAD * smooth).astype(np.float32)
 
 
-def _acquire_echoes(echoes, brain_mask, phase_offset_rad, snr, rng):
-    """Apply phi0 and complex Gaussian noise to noiseless echoes; return magnitude, phase, sigma."""
+def _acquired(echoes, snr, phase_offset, seed, **truth):
+    """The SimulatedGRE of noiseless complex ``echoes`` once a receive-phase offset phi0 (``phase_offset``) and
+    complex Gaussian noise of the ``snr`` are added, both drawn from ``seed``; ``truth`` holds its other fields."""
+    rng = np.random.default_rng(seed)
+    mask = truth["brain_mask"]
+    phi0 = _phase_offset(mask.shape, truth["affine"], rng, phase_offset)
     first = np.abs(echoes[0])
-    sigma = 0.0 if snr is None or not np.isfinite(snr) else float(first[brain_mask].mean() / snr)
-    rotation = np.exp(1j * phase_offset_rad).astype(np.complex64)
+    sigma = 0.0 if snr is None or not np.isfinite(snr) else float(first[mask].mean() / snr)
+    rotation = np.exp(1j * phi0).astype(np.complex64)
     magnitude = np.empty(first.shape + (len(echoes),), dtype=np.float32)
     phase = np.empty_like(magnitude)
     for n, echo in enumerate(echoes):
@@ -126,7 +130,7 @@ def _acquire_echoes(echoes, brain_mask, phase_offset_rad, snr, rng):
             s += 1j * sigma * rng.standard_normal(s.shape, dtype=np.float32)
         magnitude[..., n] = np.abs(s)
         phase[..., n] = wrap_to_pi(np.angle(s))
-    return magnitude, phase, sigma
+    return SimulatedGRE(magnitude=magnitude, phase_rad=phase, phase_offset_rad=phi0, noise_sigma=sigma, **truth)
 
 
 def simulate_gre(
@@ -177,12 +181,11 @@ def simulate_gre(
     total, brain, background = _field_maps(phantom, tuple(b))
     mask = phantom.brain_mask
     echoes = [_echo_signal(phantom.proton_density, phantom.r2star_hz, total, te, b0_tesla) for te in te_s]
-    rng = np.random.default_rng(seed)
-    phi0 = _phase_offset(mask.shape, affine, rng, phase_offset)
-    magnitude, phase, sigma = _acquire_echoes(echoes, mask, phi0, snr, rng)
-    return SimulatedGRE(
-        magnitude=magnitude,
-        phase_rad=phase,
+    return _acquired(
+        echoes,
+        snr,
+        phase_offset,
+        seed,
         te_s=te_s,
         b0_tesla=float(b0_tesla),
         b0_dir=tuple(float(v) for v in b),
@@ -194,8 +197,6 @@ def simulate_gre(
         chi_ppm=(phantom.chi_ppm * mask).astype(np.float32),
         labels=phantom.labels,
         brain_mask=mask,
-        phase_offset_rad=phi0,
-        noise_sigma=sigma,
     )
 
 
@@ -300,12 +301,11 @@ def acquire(
         fine = _echo_signal(phantom.proton_density, phantom.r2star_hz, total, te, b0_tesla)
         echoes.append((box(fine.real) + 1j * box(fine.imag)).astype(np.complex64))
         del fine
-    rng = np.random.default_rng(seed)
-    phi0 = _phase_offset(shape, affine, rng, phase_offset)
-    magnitude, phase, sigma = _acquire_echoes(echoes, mask, phi0, snr, rng)
-    return SimulatedGRE(
-        magnitude=magnitude,
-        phase_rad=phase,
+    return _acquired(
+        echoes,
+        snr,
+        phase_offset,
+        seed,
         te_s=te_s,
         b0_tesla=float(b0_tesla),
         b0_dir=b0_dir_from_affine(affine),
@@ -317,6 +317,4 @@ def acquire(
         chi_ppm=box(np.where(phantom.brain_mask, phantom.chi_ppm, 0)) * mask,
         labels=labels,
         brain_mask=mask,
-        phase_offset_rad=phi0,
-        noise_sigma=sigma,
     )
