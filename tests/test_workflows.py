@@ -15,6 +15,7 @@ from qsmprep.bids.derivatives import derivative_path
 from qsmprep.bids.discovery import ENTITY_KEYS, GRERun
 from qsmprep.config import Config, default_parameters, preset_methods
 from qsmprep.physics import b0_dir_from_affine, b0_tilt_deg
+from qsmprep.workflows.base import subject_of_node, subject_workflow_name, top_workflow_name
 
 
 def _oblique_affine(deg, voxel=(3.0, 3.0, 4.0)):
@@ -587,3 +588,12 @@ def test_a_node_whose_call_fails_in_the_pool_fails_with_that_error():
     plugin._task_obj[4] = finished
     plugin._async_callback(finished)
     assert plugin._get_result(4)["result"] == "ok"
+
+
+def test_the_subject_of_a_crashed_node_is_read_back_from_its_name():
+    """The crash summary finds each failed node's subject from the name the subject workflow was given."""
+    node = f"{top_workflow_name()}.{subject_workflow_name('pilot7')}.qsm_ses_a_run_1_wf.invert_deep"
+    assert subject_of_node(node) == "pilot7"
+    assert subject_of_node(subject_workflow_name("01")) == "01"
+    assert subject_of_node(f"{top_workflow_name()}.datasink") is None
+    assert subject_of_node("xsingle_subject_01_wfx.node") is None

@@ -625,7 +625,6 @@ def _configure_nipype(config):
 
 
 _CRASHED_NODE = re.compile(r"^Node: (\S+)", re.MULTILINE)
-_SUBJECT_WF = re.compile(r"single_subject_([a-zA-Z0-9]+)_wf")
 
 
 NIPYPE_NO_RESULT_NOTE = "When creating this crashfile, the results file corresponding"
@@ -634,6 +633,8 @@ NIPYPE_NO_RESULT_NOTE = "When creating this crashfile, the results file correspo
 
 def crashed_nodes(log_dir):
     """{subject label: ["<failed node>: <its error>"]} from the text crash files in ``log_dir``."""
+    from ..workflows.base import subject_of_node
+
     failed = {}
     for crash in sorted(Path(log_dir).glob("crash-*.txt")):
         text = crash.read_text(errors="replace")
@@ -641,8 +642,7 @@ def crashed_nodes(log_dir):
         # left no result file (a worker process that died)
         error = text.split(NIPYPE_NO_RESULT_NOTE)[0].strip().splitlines()[-1].strip()
         for node in _CRASHED_NODE.findall(text):
-            match = _SUBJECT_WF.search(node)
-            failed.setdefault(match.group(1) if match else "?", []).append(f"{node}: {error}")
+            failed.setdefault(subject_of_node(node) or "?", []).append(f"{node}: {error}")
     return failed
 
 

@@ -26,6 +26,13 @@ def subject_workflow_name(subject):
     return f"single_subject_{subject}_wf"
 
 
+def subject_of_node(node_name):
+    """The subject label in a node's dotted name (``...single_subject_01_wf.<run>...``), or None: the inverse of
+    :func:`subject_workflow_name`."""
+    match = re.search(r"\bsingle_subject_([a-zA-Z0-9]+)_wf\b", node_name)
+    return match.group(1) if match else None
+
+
 def work_folder_names(runs):
     """{subject workflow name: ("sub-<label>", {run workflow name: run name})}: the folders of the work directory
     in which each subject's and each run's nodes work (``init_qsmprep_wf``), by what they process."""
@@ -119,5 +126,5 @@ def init_qsmprep_wf(config):
     return workflow
 
 
-__all__ = ["init_qsmprep_wf", "init_single_subject_wf", "methods_text", "subject_workflow_name", "top_workflow_name",
-           "work_folder_names", "workflow_label"]
+__all__ = ["init_qsmprep_wf", "init_single_subject_wf", "methods_text", "subject_of_node", "subject_workflow_name",
+           "top_workflow_name", "work_folder_names", "workflow_label"]
