@@ -305,6 +305,24 @@ def test_the_proton_frequency_gives_the_field_strength_where_the_sidecars_state_
     assert run.b0_source == "ImagingFrequency" and run.b0_tesla == pytest.approx(2.894723, abs=1e-6)
 
 
+def test_a_b0_tesla_the_sidecars_contradict_is_used_with_a_warning(tmp_path, caplog):
+    """--b0-tesla 1.5 on 3 T data doubled every chi value without a word."""
+    anat = make_run(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="qsmprep.bids.validation"):
+        (run,), _ = validate_runs(discover_runs(tmp_path), b0_tesla=1.5)
+    assert (run.b0_tesla, run.b0_source) == (1.5, "--b0-tesla")
+    assert "--b0-tesla 1.5 T, but " in caplog.text and "says MagneticFieldStrength 3 T;" in caplog.text
+    caplog.clear()
+    _set_in_sidecars(anat, ImagingFrequency=123.25)  # the magnet's frequency is named first
+    with caplog.at_level(logging.WARNING, logger="qsmprep.bids.validation"):
+        validate_runs(discover_runs(tmp_path), b0_tesla=7)
+    assert "--b0-tesla 7 T, but " in caplog.text and "says ImagingFrequency 123.25 MHz (2.89 T)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qsmprep.bids.validation"):  # within 10 %: the nominal 3 T
+        validate_runs(discover_runs(tmp_path), b0_tesla=3)
+    assert "--b0-tesla" not in caplog.text
+
+
 def test_a_two_d_acquisition_is_processed_with_a_warning_naming_its_sidecar(tmp_path, caplog):
     """The QSM consensus advises against 2D multi-slice GRE (a phase offset per slice): a warning, not a refusal."""
     anat = make_run(tmp_path)

@@ -438,6 +438,7 @@ def _b0_tesla(run, b0_tesla, problems):
     from ..physics import GAMMA_BAR_MHZ_PER_T
 
     if b0_tesla is not None:
+        _warn_if_sidecars_say_otherwise(run, float(b0_tesla))
         return float(b0_tesla), "--b0-tesla"
     nominal, nominal_files = _stated_value(run, "MagneticFieldStrength", problems)
     frequency, frequency_files = _stated_value(run, "ImagingFrequency", problems)
@@ -468,6 +469,24 @@ def _b0_tesla(run, b0_tesla, problems):
                                           f"the magnet's proton frequency in MHz{gives}: fix it (e.g. 123.2 at 3 T), "
                                           "or pass --b0-tesla.")
     return tesla, "ImagingFrequency"
+
+
+def _warn_if_sidecars_say_otherwise(run, b0_tesla):
+    """Warn where the run's sidecars give a field strength more than ``PROTON_FREQUENCY_TOLERANCE`` from
+    ``--b0-tesla``'s: it overrides them, and every chi value scales with it, so a mistyped or copied value would
+    rescale the maps without a word (``ImagingFrequency`` is checked first, the magnet's own frequency)."""
+    from ..physics import GAMMA_BAR_MHZ_PER_T
+
+    for key, tesla_per_unit, unit in (("ImagingFrequency", 1 / GAMMA_BAR_MHZ_PER_T, "MHz"),
+                                      ("MagneticFieldStrength", 1.0, "T")):
+        stated, files = _stated_value(run, key, [])  # sidecars that disagree among themselves: --b0-tesla decides
+        if files and is_number(stated) and stated > 0 and abs(stated * tesla_per_unit / b0_tesla - 1) > \
+                PROTON_FREQUENCY_TOLERANCE:
+            in_tesla = f" ({stated * tesla_per_unit:.3g} T)" if unit != "T" else ""
+            log.warning("%s: --b0-tesla %g T, but %s says %s %g %s%s; the field is scaled to ppm with %g T, and "
+                        "every chi value with it: check which is right.", run.name, b0_tesla,
+                        metadata_file(files[0], key), key, stated, unit, in_tesla, b0_tesla)
+            return
 
 
 def user_mask_for_run(run, mask):
