@@ -252,13 +252,15 @@ def save_nifti(path, data, affine, header=None, dtype=np.float32):
     return write_atomic(path, lambda tmp: nib.save(img, tmp), suffix="".join(Path(path).suffixes) or ".nii.gz")
 
 
-def check_same_grid(ref_path, ref_img, other_path, other_img):
-    """Raise DataError unless two (shape, affine) pairs describe the same grid."""
+def check_same_grid(ref_path, ref_img, other_path, other_img, labels=False):
+    """Raise DataError unless two (shape, affine) pairs describe the same grid.
+
+    ``labels``: the other image is a mask or label map, so the fix named is to resample it onto the reference's
+    grid with nearest-neighbour interpolation (not the reference onto its grid)."""
     (ref_shape, ref_affine), (shape, affine) = ref_img, other_img
+    fix = (f"resample {other_path} onto the grid of {ref_path} with nearest-neighbour interpolation" if labels
+           else "resample one onto the other's grid")
     if tuple(ref_shape[:3]) != tuple(shape[:3]):
-        raise DataError(
-            f"{other_path} has shape {tuple(shape[:3])} but {ref_path} has {tuple(ref_shape[:3])}: "
-            "resample one onto the other's grid."
-        )
+        raise DataError(f"{other_path} has shape {tuple(shape[:3])} but {ref_path} has {tuple(ref_shape[:3])}: {fix}.")
     if not np.allclose(ref_affine, affine, atol=1e-3):
-        raise DataError(f"{other_path} and {ref_path} have different affines (voxel-to-world): resample onto one grid.")
+        raise DataError(f"{other_path} and {ref_path} have different affines (voxel-to-world): {fix}.")

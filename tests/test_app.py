@@ -283,7 +283,8 @@ def test_every_command_also_runs_as_python_dash_m(command):
 
 @pytest.mark.parametrize(("flags", "level", "on_console"),
                          [([], "INFO", False), (["-v"], "INFO", True), (["-vv"], "DEBUG", True)])
-def test_nipype_node_lines_reach_the_console_only_with_v(tmp_path, capsys, flags, level, on_console):
+def test_other_packages_progress_lines_reach_the_console_only_with_v(tmp_path, capsys, flags, level, on_console):
+    """Nipype's per-node lines, and pybids' schema line before every run, were noise on the default console."""
     import logging
 
     from qsmprep.cli.run import _configure_nipype, _setup_logging, build_parser, resolve_config
@@ -296,8 +297,11 @@ def test_nipype_node_lines_reach_the_console_only_with_v(tmp_path, capsys, flags
         assert logging.getLevelName(logging.getLogger(name).level) == level  # the log file has them all
     logging.getLogger("nipype.workflow").info("[Node] Finished")
     logging.getLogger("nipype.workflow").warning("a node warning")
+    logging.getLogger("bidsschematools").info("No schema path specified")
+    logging.getLogger("qsmprep.bids").info("own progress")
     err = capsys.readouterr().err
     assert ("[Node] Finished" in err) == on_console and "a node warning" in err
+    assert ("No schema path specified" in err) == on_console and "own progress" in err
 
 
 def test_version(capsys):
@@ -494,7 +498,10 @@ def test_work_dir_inside_the_dataset_exits_64_and_dotdot_paths_are_normalised(tm
     monkeypatch.chdir(bids)  # the default -w ./work would be a folder at the dataset's top level
     assert main([".", "../out", "participant"]) == 64
     err = capsys.readouterr().err
-    assert f"--work-dir {bids / 'work'} must not be the input dataset" in err and "/tmp/qsmprep-work" in err
+    assert (f"--work-dir (not given: the default ./work, in the folder qsmprep runs from) {bids / 'work'} must not be "
+            "the input dataset" in err) and "/tmp/qsmprep-work" in err
+    assert main([".", "../out", "participant", "-w", "work"]) == 64  # given, it is named as given
+    assert f"--work-dir {bids / 'work'} must not be the input dataset" in capsys.readouterr().err
     assert not (bids / "work").exists() and not (tmp_path / "out").exists()
     # an output folder beside the dataset, written through it, is outside it
     argv = [str(bids), str(bids / ".." / "out"), "participant", "-w", str(tmp_path / "w"), "--boilerplate-only"]

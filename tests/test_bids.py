@@ -905,6 +905,10 @@ def test_user_mask_must_be_3d_and_readable(tmp_path):
     four_d = _write_image(tmp_path / "m4d.nii.gz", (6, 6, 5, 2))
     _, (problem,) = validate_runs([run], mask=four_d)
     assert problem.file == str(four_d) and "has shape (6, 6, 5, 2): give a single 3D mask" in problem.message
+    other_grid = _write_image(tmp_path / "m8.nii.gz", (6, 6, 8))  # the fix is to resample the mask, not the run
+    _, (problem,) = validate_runs([run], mask=other_grid)
+    assert problem.message.endswith(f"has shape (6, 6, 8) but {run.magnitude[0]} has (6, 6, 5): resample {other_grid} "
+                                    f"onto the grid of {run.magnitude[0]} with nearest-neighbour interpolation.")
     _write_data(tmp_path / "singleton.nii.gz", (_ramp(-1, 1, shape=(6, 6, 5, 1)) > 0).astype(np.uint8))
     (checked,), _ = validate_runs([run], mask=tmp_path / "singleton.nii.gz")
     assert checked.mask.endswith("singleton.nii.gz")

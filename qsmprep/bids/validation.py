@@ -377,7 +377,7 @@ def _mask_problem(run, mask_file, grid):
 
     try:
         shape, affine = _header(mask_file)
-        check_same_grid(run.magnitude[0], grid, mask_file, (shape, affine))
+        check_same_grid(run.magnitude[0], grid, mask_file, (shape, affine), labels=True)
         if any(n != 1 for n in shape[3:]):
             return f"mask {mask_file} has shape {shape}: give a single 3D mask (non-zero = brain)."
         values = nifti_values(mask_file, "mask")

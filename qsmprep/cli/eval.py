@@ -81,11 +81,11 @@ def _load_inputs(args):
     ref, ref_affine, _ = load_volume(args.ref, "reference")
     mask, mask_affine, _ = load_volume(args.mask, "mask")
     check_same_grid(args.ref, (ref.shape, ref_affine), args.chi, (chi.shape, chi_affine))
-    check_same_grid(args.ref, (ref.shape, ref_affine), args.mask, (mask.shape, mask_affine))
+    check_same_grid(args.ref, (ref.shape, ref_affine), args.mask, (mask.shape, mask_affine), labels=True)
     labels = None
     if args.labels is not None:
         labels, labels_affine, _ = load_volume(args.labels, "label map")
-        check_same_grid(args.ref, (ref.shape, ref_affine), args.labels, (labels.shape, labels_affine))
+        check_same_grid(args.ref, (ref.shape, ref_affine), args.labels, (labels.shape, labels_affine), labels=True)
         if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
             raise DataError(f"label map {args.labels} holds non-integer values: give an integer label map "
                             "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")

@@ -192,7 +192,7 @@ def _load_inputs(args):
     _check_not_total_field(args)
     _check_sidecar_units(args)
     mask, mask_affine, _ = load_volume(args.mask, "mask")
-    check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine))
+    check_same_grid(args.field, (field.shape, affine), args.mask, (mask.shape, mask_affine), labels=True)
     inside = check_mask(mask, source=f"mask {args.mask}", region="a brain mask")
     bad = int((~np.isfinite(field[inside])).sum())
     if bad:

@@ -62,6 +62,9 @@ log = logging.getLogger("qsmprep")
 EXIT_PROCESSING_FAILED = 70
 """Exit code when a workflow node crashed (EX_SOFTWARE); other subjects still finish."""
 
+DEFAULT_WORK_DIR = Path("work")
+"""``--work-dir``'s default, in the current folder (as fMRIPrep's)."""
+
 def stop_on_signals(config):
     """Make SIGTERM (``kill``, ``docker stop``, a scheduler's time limit) and SIGINT (Ctrl-C) stop qsmprep at once.
 
@@ -212,7 +215,7 @@ def build_parser():
     add_deep_options(g, PIPELINE_HIGH_PASS_RADIUS_MM)
 
     g = p.add_argument_group("resources and execution")
-    g.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
+    g.add_argument("-w", "--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                    help="Nipype working directory; reuse it to resume and to reuse cached results (default ./work)")
     g.add_argument("--nprocs", type=int, default=None, metavar="N",
                    help="processes run at once (default: the CPUs this process may use, as SLURM, taskset or a "
@@ -397,7 +400,10 @@ def checked_locations(args):
     tool's dataset (UsageError, or the output folder's own error); a warning for a work folder inside OUTPUT_DIR."""
     bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
     check_output_location(bids_dir, output_dir)
-    check_output_location(bids_dir, args.work_dir, "--work-dir")
+    # a user who gave no -w is told where the default put it: running from inside the dataset is a natural first try
+    given = args.work_dir is not DEFAULT_WORK_DIR  # argparse hands a non-string default over as it is
+    check_output_location(bids_dir, args.work_dir, "--work-dir" if given else
+                          "--work-dir (not given: the default ./work, in the folder qsmprep runs from)")
     if args.mask not in MASK_STRATEGIES and Path(args.mask).resolve().is_relative_to(output_dir.resolve()):
         raise UsageError(f"--mask {args.mask} is in OUTPUT_DIR {output_dir}, whose masks this run replaces with its "
                          "own (eroded by V-SHARP or RESHARP): copy the masks to another folder and give that, "
@@ -567,9 +573,10 @@ def _setup_logging(verbosity):
     _node_run.folders = {}
     logging.getLogger().handlers[0].addFilter(_node_run)
     logging.getLogger().handlers[0].setFormatter(ConsoleFormatter(RUN_LOG_FORMAT))
-    if not verbosity:  # Nipype's per-node lines go to the log file only; -v shows them here too
+    if not verbosity:  # other packages' progress lines (Nipype's per node, pybids' schema) go to the log file only;
+        # -v shows them here too
         logging.getLogger().handlers[0].addFilter(
-            lambda record: not (record.name.startswith("nipype") and record.levelno < logging.WARNING))
+            lambda record: record.name.partition(".")[0] == "qsmprep" or record.levelno >= logging.WARNING)
     # the log file opens once the output folder is known to be valid (write_provenance): until then its records
     # (discovery, each run refused by validation) wait here, so that the file holds them too
     logging.getLogger().addHandler(logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1))

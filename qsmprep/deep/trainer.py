@@ -199,7 +199,7 @@ class TargetDomainFields:
             mask_path = directory / f"{stem}_mask{suffix}"
             field, affine, _ = load_nifti(field_path, "target-domain local field (ppm)")
             mask, mask_affine, _ = load_nifti(mask_path, "target-domain mask")
-            check_same_grid(field_path, (field.shape, affine), mask_path, (mask.shape, mask_affine))
+            check_same_grid(field_path, (field.shape, affine), mask_path, (mask.shape, mask_affine), labels=True)
             mag_path = directory / f"{stem}_magnitude{suffix}"
             if mag_path.is_file():
                 magnitude, mag_affine, _ = load_nifti(mag_path, "target-domain magnitude")

@@ -71,7 +71,8 @@ class UserMask(SimpleInterface):
 
         mask, affine, _ = load_nifti(self.inputs.in_file, "mask")
         ref, ref_affine, _ = load_nifti(self.inputs.reference, "reference image")
-        check_same_grid(self.inputs.reference, (ref.shape, ref_affine), self.inputs.in_file, (mask.shape, affine))
+        check_same_grid(self.inputs.reference, (ref.shape, ref_affine), self.inputs.in_file, (mask.shape, affine),
+                        labels=True)
         checked = check_mask(mask, ref.shape[:3], source=str(self.inputs.in_file))
         out = Path(runtime.cwd) / "brain_mask.nii.gz"
         self._results["out_file"] = str(save_nifti(out, checked, ref_affine, None, dtype=np.uint8))
