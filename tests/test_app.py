@@ -438,7 +438,9 @@ def test_boilerplate_only(tmp_path, capsys):
     shipped = resources.files("qsmprep") / "data" / "models" / "qsmprep-cfl2unet.safetensors"
     sha = hashlib.sha256(shipped.read_bytes()).hexdigest()
     assert "computed by the deep neural network qsmprep-cfl2unet shipped with qsmprep (qsmprep default: U-Net" in text
-    assert f"; 7800 training steps continuing from an earlier checkpoint, qsmprep-cfl2unet; weights SHA-256 {sha[:12]}; see its model card)" in text
+    # its whole training, not only the last stage's 7800 steps "continuing from" a checkpoint of its own name
+    assert (f"; 42300 training steps in 3 stages of 18700, 15800 and 7800; weights SHA-256 {sha[:12]}; see its model "
+            "card)") in text
     # the pipeline's default high-pass (8 mm) reaches the deep node's parameters and the methods text; 0 turns it off
     assert "spherical mean over 8 mm subtracted" in text
     assert json.loads(citation.with_name("config.json").read_text())["parameters"]["inversion"]["deep"]["refine_radius_mm"] == 8

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from qsmprep.cli.train import main as train_main
 from qsmprep.deep.data import DEFAULT_PATCH, build_dataset
 from qsmprep.deep.recipes import list_recipes, load_recipe, validate_recipe
+from qsmprep.deep import model_provenance
 from qsmprep.deep.registry import load_model, read_tensors
 from qsmprep.deep import trainer as trainer_module
 from qsmprep.deep.trainer import (
@@ -25,6 +26,7 @@ from qsmprep.deep.trainer import (
     restore_optimizer, train,
 )
 from qsmprep.errors import DataError, NoInputError, QSMPrepError, UsageError
+from qsmprep.workflows.qsm import deep_model_text
 
 SHIPPED = ["cfl2unet", "jochmann", "metaqsm", "qsmgan", "qsminvnet", "siqsm", "smoke"]
 
@@ -231,6 +233,19 @@ def test_init_starts_from_a_checkpoint(tmp_path):
     tuned = train(recipe, tmp_path / "b", device="cpu")
     assert tuned["step"] == 2
     assert read_tensors(tmp_path / "b" / "checkpoint.safetensors")[1]["recipe"]["train"]["init"] == recipe["train"]["init"]
+    # a fine-tune of a fine-tune records every stage before it, as its best checkpoint and a resume do
+    third = tiny("smoke", steps=3)
+    third["train"]["init"] = str(tmp_path / "b" / "checkpoint.safetensors")
+    train(third, tmp_path / "c", device="cpu", max_steps=1)
+    train(third, tmp_path / "c", device="cpu", resume=True)
+    described = load_recipe("smoke")["description"]
+    stages = [{"step": 8, "recipe": described, "init": None},
+              {"step": 2, "recipe": described, "init": recipe["train"]["init"]}]
+    for name in ("checkpoint", "best"):
+        assert read_tensors(tmp_path / "c" / f"{name}.safetensors")[1]["lineage"] == stages
+    provenance = model_provenance(tmp_path / "c" / "checkpoint.safetensors")
+    assert provenance["TrainingSteps"] == 3 and provenance["EarlierTrainingSteps"] == [8, 2]
+    assert "13 training steps in 3 stages of 8, 2 and 3" in deep_model_text(tmp_path / "c" / "checkpoint.safetensors")
     recipe["model"]["width"] = 8
     with pytest.raises(Exception, match=re.escape("holds a unet with width 4 against the recipe's 8: set [model] to "
                                                   "match it (--set model.KEY=VALUE), or give another train.init.")):

@@ -73,11 +73,14 @@ def is_shipped_model(name_or_path):
 def model_provenance(name_or_path):
     """What identifies the weights a map came from: the model's name or file, the file's SHA-256, and the
     training step, recipe description, the checkpoint its training started from (``[train] init``: a fine-tune's
-    steps are not the model's whole training) and qsmprep version the checkpoint records (None where it records none)."""
+    steps are not the model's whole training), the steps of the training stages before it (its ``lineage``,
+    oldest first, ``qsmprep.deep.trainer.earlier_stages``) and qsmprep version the checkpoint records (None
+    where it records none)."""
     path = checkpoint_path(name_or_path)
     meta = file_metadata(path)
     recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
     train = recipe.get("train") if isinstance(recipe.get("train"), dict) else {}
     return {"Name": str(name_or_path), "SHA256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "TrainingSteps": meta.get("step"), "InitializedFrom": train.get("init"), "Recipe": recipe.get("description"),
-            "TrainedWithQsmprep": meta.get("qsmprep_version")}
+            "TrainingSteps": meta.get("step"), "InitializedFrom": train.get("init"),
+            "EarlierTrainingSteps": [stage.get("step") for stage in meta["lineage"]] if meta.get("lineage") else None,
+            "Recipe": recipe.get("description"), "TrainedWithQsmprep": meta.get("qsmprep_version")}

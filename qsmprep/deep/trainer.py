@@ -96,6 +96,16 @@ def restore_optimizer(optimizer, tensors, groups, prefix):
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def earlier_stages(meta):
+    """The training stages behind a checkpoint's weights, oldest first, for the ``lineage`` of a run started from
+    it: its own ``lineage`` and then itself, each as {"step", "recipe" (description), "init"}. A fine-tune's
+    checkpoint then tells the model's whole training, not only its own last stage."""
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    train = recipe.get("train") if isinstance(recipe.get("train"), dict) else {}
+    stage = {"step": meta.get("step"), "recipe": recipe.get("description"), "init": train.get("init") or None}
+    return [*(meta.get("lineage") or []), stage]
+
+
 def _to(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -316,6 +326,7 @@ class Trainer:
         self.step = 0
         self.best_nrmse = math.inf
         self.last_validation = {}  # NRMSE / HFEN of the checkpoint restored, if any
+        self.lineage = []  # the earlier training stages of the weights it starts from (``initialise_from``)
         if tr["init"]:
             self.initialise_from(tr["init"])
 
@@ -335,6 +346,7 @@ class Trainer:
         self._check_same_network(f"[train] init {name_or_path!r}", meta,
                                  "set [model] to match it (--set model.KEY=VALUE), or give another train.init")
         self.model.load_state_dict(net.state_dict())
+        self.lineage = earlier_stages(meta)
         log.info("initialised from %s (its step %s)", name_or_path, meta.get("step", "?"))
 
     # -- data ---------------------------------------------------------------
@@ -459,7 +471,8 @@ class Trainer:
         # the fp16 loss scale (empty where the scaler is off: CPU, bf16) resumes where it was, not at 2^16
         save_tensors(self.out / "optimizer.safetensors", tensors,
                      {"step": self.step, "param_groups": extra, "grad_scaler": self.scaler.state_dict()})
-        meta = {"recipe": self.recipe, "step": self.step, "validation": metrics, "best_nrmse": self.best_nrmse}
+        meta = {"recipe": self.recipe, "step": self.step, "validation": metrics, "best_nrmse": self.best_nrmse,
+                "lineage": self.lineage}
         save_checkpoint(self.model, self.out / "checkpoint.safetensors", meta)
 
     def restore(self):
@@ -490,6 +503,7 @@ class Trainer:
                 restore_optimizer(self.critic_opt, opt_tensors, opt_meta["param_groups"]["critic"], "critic")
         self.best_nrmse = float(meta.get("best_nrmse", math.inf))
         self.last_validation = meta.get("validation") or {}
+        self.lineage = meta.get("lineage") or []
         return self.step
 
 
@@ -536,7 +550,8 @@ def _validate_and_save(trainer, loss_log, val_log):
     if metrics["nrmse"] < trainer.best_nrmse:
         trainer.best_nrmse = metrics["nrmse"]
         save_checkpoint(trainer.model, trainer.out / "best.safetensors",
-                        {"recipe": trainer.recipe, "step": trainer.step, "validation": metrics})
+                        {"recipe": trainer.recipe, "step": trainer.step, "validation": metrics,
+                         "lineage": trainer.lineage})
     trainer.save(metrics)
     plot_curves(loss_log.read(), val_log.read(), trainer.out / "losses.png")
     return metrics

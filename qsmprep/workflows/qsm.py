@@ -166,7 +166,10 @@ def deep_model_text(model):
     shipped = is_shipped_model(model)
     known = model_provenance(model)
     steps = known["TrainingSteps"] is not None and f"{known['TrainingSteps']} training steps"
-    if steps and known["InitializedFrom"]:
+    stages = [*(known["EarlierTrainingSteps"] or []), known["TrainingSteps"]]
+    if steps and len(stages) > 1 and all(isinstance(n, int) for n in stages):  # the whole training, stage by stage
+        steps = f"{sum(stages)} training steps in {len(stages)} stages of {spoken_list([str(n) for n in stages])}"
+    elif steps and known["InitializedFrom"]:
         steps += f" continuing from an earlier checkpoint, {known['InitializedFrom']}"
     details = [known["Recipe"], steps,
                f"weights SHA-256 {known['SHA256'][:12]}", shipped and "see its model card"]
