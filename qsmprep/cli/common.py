@@ -20,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import DEEP_FLAG_PARAMETERS
+from ..config import DEEP_FLAG_PARAMETERS, PIPELINE_HIGH_PASS_RADIUS_MM
 from ..errors import CantCreateError, QSMPrepError, UsageError
 from ..resources import available_cores
 
@@ -91,7 +91,8 @@ def add_deep_options(group, refine_radius_mm=None):
     without ``--refine-radius`` (None: off)."""
     from ..inversion.deep import DEFAULT_MODEL, REFINE_ITERS, REFINE_LAMBDA, TV_REWEIGHT_ITERS
 
-    radius_default = f"default {refine_radius_mm:g}; 0 = off" if refine_radius_mm else "default 0: off; e.g. 8"
+    radius_default = (f"default {refine_radius_mm:g}; 0 = off" if refine_radius_mm else
+                      f"default 0: off; qsmprep's pipeline uses {PIPELINE_HIGH_PASS_RADIUS_MM:g} on its own local fields")
     group.add_argument("--model", metavar="NAME|PATH",
                        help=f"deep: shipped model name or checkpoint path, e.g. one written by qsmprep-train "
                             f"(default {DEFAULT_MODEL})")  # fmt: skip

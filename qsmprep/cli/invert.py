@@ -1,7 +1,7 @@
 """qsmprep-invert: dipole inversion of a local field map.
 
     qsmprep-invert FIELD.nii.gz MASK.nii.gz OUT.nii.gz --method {tkd,cfl2,ilsqr,tv,deep}
-        [--threshold T] [--lambda L] [--alpha A] [--model NAME|PATH --device D --refine N --refine-lambda L --refine-radius MM --refine-tv A
+        [--threshold T] [--lambda L] [--alpha A --harmonic-radius MM] [--model NAME|PATH --device D --refine N --refine-lambda L --refine-radius MM --refine-tv A
          --tile N]
         [--units {ppm,hz,rad} --b0-tesla T --te S] [--b0-dir X Y Z] [-v]
 
@@ -20,7 +20,9 @@ import numpy as np
 
 from ..bgremove.smv import check_high_pass_radius
 from ..bids.derivatives import OUTPUTS
-from ..config import INVERSION_METHODS, default_parameters, library_function, parameter_checks
+from ..config import (
+    INVERSION_METHODS, PIPELINE_HIGH_PASS_RADIUS_MM, default_parameters, library_function, parameter_checks,
+)
 from ..errors import DataError, UsageError
 from ..inversion.deep import MIN_TILE, REFINE_ITERS, TILE_OVERLAP
 from ..inversion.tv import TV_ALPHA
@@ -89,6 +91,10 @@ def build_parser():
                         f"(default {default_parameters('inversion', 'cfl2')['lam']:g})")  # fmt: skip
     p.add_argument("--alpha", type=finite_float, metavar="A",
                    help=f"total-variation weight in ppm mm, > 0 (default {TV_ALPHA:g})")
+    p.add_argument("--harmonic-radius", dest="harmonic_radius_mm", type=finite_float, metavar="MM",
+                   help="tv: compare fields after an MM-radius spherical-mean high-pass, so residual background "
+                        "fields are ignored (default 0: off; qsmprep's pipeline uses "
+                        f"{PIPELINE_HIGH_PASS_RADIUS_MM:g} on its own local fields)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="deep: where the network and its refinement run (default auto)")
     add_deep_options(p)
     p.add_argument("--tile", type=int, metavar="N",
@@ -103,7 +109,8 @@ def build_parser():
     return p
 
 
-METHOD_FLAGS = (("--threshold", "threshold", "tkd"), ("--lambda", "lam", "cfl2"), ("--alpha", "alpha", "tv"))
+METHOD_FLAGS = (("--threshold", "threshold", "tkd"), ("--lambda", "lam", "cfl2"), ("--alpha", "alpha", "tv"),
+                ("--harmonic-radius", "harmonic_radius_mm", "tv"))
 """The classical methods' own options: (flag, its argparse dest and the method's keyword, the method)."""
 
 
@@ -214,11 +221,14 @@ def run(args):
     b0_dir = b0_dir_given_or_from_affine(args.b0_dir, affine)  # a unit vector, as the log shows it
     options = {name: getattr(args, name) for _, name, _ in METHOD_FLAGS if getattr(args, name) is not None}
     options.update({key: getattr(args, dest) for dest, key in INVERT_DEEP_OPTIONS.items() if getattr(args, dest) is not None})
-    if options.get("refine_radius_mm") and options.get("refine_iters", REFINE_ITERS):
+    high_pass = {"--refine-radius": options.get("refine_radius_mm") if options.get("refine_iters", REFINE_ITERS) else 0,
+                 "--harmonic-radius": options.get("harmonic_radius_mm")}
+    for flag, radius_mm in high_pass.items():
         try:
-            check_high_pass_radius(options["refine_radius_mm"], voxel_size)
+            if radius_mm:
+                check_high_pass_radius(radius_mm, voxel_size)
         except ValueError as exc:
-            raise UsageError(f"--refine-radius for {args.field}: {exc}.") from None
+            raise UsageError(f"{flag} for {args.field}: {exc}.") from None
     log.info("%s on %s: voxel size %s mm, B0 direction %s", args.method, args.field,
              np.round(voxel_size, 4), np.round(b0_dir, 4))  # fmt: skip
     if args.method == "deep":
