@@ -738,6 +738,25 @@ def test_phase_values_that_misfit_units_are_refused(tmp_path, units, data, texts
         assert str(anat / "sub-01_echo-1_part-phase_MEGRE.json") in problem.message
 
 
+def test_phase_of_every_echo_out_of_its_units_range_is_named_at_once(tmp_path):
+    """A conversion gives every echo the same wrong range, and the message named the first echo only: fixing it as
+    told, the next run named the second, and then said "phase echoes mix Units" naming no file."""
+    anat = make_run(tmp_path, echo_times=(0.004, 0.008, 0.012), units="arbitrary")
+    phases = [_write_data(anat / f"sub-01_echo-{echo}_part-phase_MEGRE.nii.gz", np.roll(_ramp(0, 4095, np.int16), echo))
+              for echo in (1, 2, 3)]
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert problem.file == str(phases[0]) and "unsigned 12-bit" in problem.message
+    assert problem.message.endswith(f" The same holds for {phases[1]}, {phases[2]}.")
+    sidecar = anat / "sub-01_echo-1_part-phase_MEGRE.json"  # the first echo converted to radians, as the fix says
+    _write_data(phases[0], np.roll(_ramp(-np.pi, np.pi - 0.01), 1))
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "Units": "rad"}))
+    _, (problem,) = validate_runs(discover_runs(tmp_path))
+    assert problem.file == str(phases[0]) and problem.message == (
+        f"sub-01: its phase echoes mix Units ('rad' in {sidecar}; 'arbitrary' in "
+        f"{anat / 'sub-01_echo-2_part-phase_MEGRE.json'} and 1 more): store every echo's phase in one unit, and give "
+        "its sidecars that Units.")
+
+
 @pytest.mark.parametrize(
     ("units", "low", "high", "dtype", "texts"),
     [("arbitrary", -3142, 3141, np.int16, ["77% of the range -4096..4095", "milliradians", "x * pi / M"]),

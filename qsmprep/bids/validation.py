@@ -190,7 +190,7 @@ def _echo_times(run, problems):
 
 
 def _phase_units(run, problems):
-    units, unusable = set(), False
+    units, unusable = {}, False  # each unit -> the phase images whose sidecars give it
     for file, meta in zip(run.phase, run.phase_meta):  # every sidecar is checked, so one run lists all to fix
         value = meta.get("Units")
         if value is None or str(value).strip().lower() not in PHASE_UNITS:
@@ -200,14 +200,18 @@ def _phase_units(run, problems):
                                     "\"Units\" to \"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
             unusable = True
         else:
-            units.add(str(value).strip().lower())
+            units.setdefault(str(value).strip().lower(), []).append(file)
     if unusable:
         return None
     if len(units) > 1:
-        problems.append(Problem(run.subject, run.name, str(run.phase[0]),
-                                f"{run.name}: phase echoes mix Units {sorted(units)}: export all echoes with one unit."))
+        rarest = min(units.values(), key=len)
+        stated = "; ".join(f"{unit!r} in {metadata_file(files[0], 'Units')}"
+                           + (f" and {len(files) - 1} more" if len(files) > 1 else "") for unit, files in units.items())
+        problems.append(Problem(run.subject, run.name, str(rarest[0]),
+                                f"{run.name}: its phase echoes mix Units ({stated}): store every echo's phase in one "
+                                "unit, and give its sidecars that Units."))
         return None
-    return units.pop()
+    return next(iter(units))
 
 
 def _grid(run, n_echoes, problems):
@@ -328,10 +332,13 @@ def _values(run, units, problems):
     (each file by ``_phase_range_problem``, the run's whole span by ``_phase_span_problem``) and the phase of two
     echoes that is one image (``_copied_phase_problem``).
 
-    Stops at the first problem (one message per run); returns True when all is well.
+    Stops at the first problem (one message per run), but for phase out of its units' range, which a conversion
+    gives every echo alike: that message names every phase image with it, so that one fix serves them all. Returns
+    True when all is well.
     """
     from ..io import nifti_values
 
+    out_of_range = []  # (file, message) of the phase images whose values do not fit the units
     phase_low, phase_high = math.inf, -math.inf
     magnitude_signed = True  # every magnitude reaches down to at least half its largest value below zero, as phase does
     phase_volumes = {}  # digest -> the phase volume first seen with it
@@ -353,10 +360,11 @@ def _values(run, units, problems):
             message = (f"{file} holds the single value {values['min']:g} in every voxel, so it has {what}: "
                        f"re-export the {part} image from the scanner (check that the right series was converted).")
         elif part == "phase" and units is not None:
-            message = _phase_range_problem(file, units, values)
             if values["min"] is not None:
                 phase_low, phase_high = min(phase_low, values["min"]), max(phase_high, values["max"])
-            message = message and message + _swapped_parts_hint(magnitude_signed, phase_low)
+            out_of_range += [(file, m) for m in [_phase_range_problem(file, units, values)] if m]
+            if out_of_range:
+                continue
         if part == "magnitude":
             magnitude_signed &= values["min"] is not None and values["min"] < -0.5 * abs(values["max"])
         if part == "phase" and not message:
@@ -364,6 +372,12 @@ def _values(run, units, problems):
         if message:
             problems.append(Problem(run.subject, run.name, str(file), message))
             return False
+    if out_of_range:
+        (file, message), others = out_of_range[0], [str(f) for f, _ in out_of_range[1:]]
+        also = f" The same holds for {', '.join(others)}." if others else ""
+        problems.append(Problem(run.subject, run.name, str(file),
+                                message + _swapped_parts_hint(magnitude_signed, phase_low) + also))
+        return False
     message = _phase_span_problem(run, units, phase_low, phase_high) if units and phase_low <= phase_high else None
     if message:
         message += _swapped_parts_hint(magnitude_signed, phase_low)
