@@ -362,8 +362,10 @@ def _values(run, units, problems):
         elif part == "phase" and units is not None:
             if values["min"] is not None:
                 phase_low, phase_high = min(phase_low, values["min"]), max(phase_high, values["max"])
-            out_of_range += [(file, m) for m in [_phase_range_problem(file, units, values)] if m]
-            if out_of_range:
+            range_problem = _phase_range_problem(file, units, values)
+            if range_problem:
+                out_of_range.append((file, range_problem))
+            if out_of_range:  # reported together after the loop
                 continue
         if part == "magnitude":
             magnitude_signed &= values["min"] is not None and values["min"] < -0.5 * abs(values["max"])

@@ -224,9 +224,10 @@ def run(args):
     high_pass = {"--refine-radius": options.get("refine_radius_mm") if options.get("refine_iters", REFINE_ITERS) else 0,
                  "--harmonic-radius": options.get("harmonic_radius_mm")}
     for flag, radius_mm in high_pass.items():
+        if not radius_mm:
+            continue
         try:
-            if radius_mm:
-                check_high_pass_radius(radius_mm, voxel_size)
+            check_high_pass_radius(radius_mm, voxel_size)
         except ValueError as exc:
             raise UsageError(f"{flag} for {args.field}: {exc}.") from None
     log.info("%s on %s: voxel size %s mm, B0 direction %s", args.method, args.field,

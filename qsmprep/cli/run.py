@@ -65,6 +65,7 @@ EXIT_PROCESSING_FAILED = 70
 DEFAULT_WORK_DIR = Path("work")
 """``--work-dir``'s default, in the current folder (as fMRIPrep's)."""
 
+
 def stop_on_signals(config):
     """Make SIGTERM (``kill``, ``docker stop``, a scheduler's time limit) and SIGINT (Ctrl-C) stop qsmprep at once.
 

@@ -70,6 +70,12 @@ def is_shipped_model(name_or_path):
     return path == shipped_model_path(path.stem)
 
 
+def recorded_recipe(meta):
+    """(recipe, its ``[train]`` table) that a checkpoint's metadata records; {} for either where it records none."""
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    return recipe, recipe.get("train") if isinstance(recipe.get("train"), dict) else {}
+
+
 def model_provenance(name_or_path):
     """What identifies the weights a map came from: the model's name or file, the file's SHA-256, and the
     training step, recipe description, the checkpoint its training started from (``[train] init``: a fine-tune's
@@ -78,8 +84,7 @@ def model_provenance(name_or_path):
     where it records none)."""
     path = checkpoint_path(name_or_path)
     meta = file_metadata(path)
-    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    train = recipe.get("train") if isinstance(recipe.get("train"), dict) else {}
+    recipe, train = recorded_recipe(meta)
     return {"Name": str(name_or_path), "SHA256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "TrainingSteps": meta.get("step"), "InitializedFrom": train.get("init"),
             "EarlierTrainingSteps": [stage.get("step") for stage in meta["lineage"]] if meta.get("lineage") else None,

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from qsmprep.deep import recorded_recipe
 from qsmprep.deep.data import DEFAULT_PATCH, build_dataset, build_validation_set
 from qsmprep.deep.losses import (
     build_loss, tanh_target, wgan_generator_loss, wgan_gp_critic_loss,
@@ -100,8 +101,7 @@ def earlier_stages(meta):
     """The training stages behind a checkpoint's weights, oldest first, for the ``lineage`` of a run started from
     it: its own ``lineage`` and then itself, each as {"step", "recipe" (description), "init"}. A fine-tune's
     checkpoint then tells the model's whole training, not only its own last stage."""
-    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    train = recipe.get("train") if isinstance(recipe.get("train"), dict) else {}
+    recipe, train = recorded_recipe(meta)
     stage = {"step": meta.get("step"), "recipe": recipe.get("description"), "init": train.get("init") or None}
     return [*(meta.get("lineage") or []), stage]
 
