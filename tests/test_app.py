@@ -463,7 +463,7 @@ def test_participant_label_filter_file_and_field_strength_reach_the_run(tmp_path
     (run,) = json.loads((logs / "config.json").read_text())["runs"]
     assert (run["subject"], run["echo_times_s"], run["b0_tesla"]) == ("02", [0.004, 0.008], 7.0)
     assert [Path(p).name for p in run["phase"]] == [f"sub-02_echo-{e}_part-phase_MEGRE.nii.gz" for e in (1, 2)]
-    assert "The runs described here had 2 echoes (4 and 8 ms) at 7 T, acquired" in (logs / "CITATION.md").read_text()
+    assert "The run described here had 2 echoes (4 and 8 ms) at 7 T, acquired" in (logs / "CITATION.md").read_text()
 
 
 @pytest.mark.parametrize(("content", "message"), [

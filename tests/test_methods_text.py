@@ -43,7 +43,7 @@ def _text(run=None, **options):
 
 def test_b0_strength_and_direction_say_where_they_came_from():
     """--b0-tesla and --b0-dir change the field scaling and every dipole kernel: the text named neither."""
-    assert ("The runs described here had 3 echoes (4, 8 and 12 ms) at 3 T, acquired with 64 x 64 x 48 voxels of 3 x 3 "
+    assert ("The run described here had 3 echoes (4, 8 and 12 ms) at 3 T, acquired with 64 x 64 x 48 voxels of 3 x 3 "
             "x 4 mm. The field strength was read from MagneticFieldStrength in the sidecars; B0's direction, 20.0 "
             "degrees from the third voxel axis, was taken from the image orientation (the NIfTI affine).") in _text(
         _run(tilt_deg=20.0), inversion=("tkd",))

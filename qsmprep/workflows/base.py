@@ -51,8 +51,9 @@ def collect_methods(config, runs=None):
         text, refs = methods_description(run, config)
         described.setdefault(text, []).append(run.name)
         references += [r for r in refs if r not in references]
-    if len(described) == 1:
-        return list(described), references
+    if len(described) == 1:  # one paragraph of every run: named by number only
+        ((text, names),) = described.items()
+        return [text if len(names) > 1 else text.replace(RUNS_DESCRIBED, "The run described here", 1)], references
     return [text.replace(RUNS_DESCRIBED, f"{'Runs' if len(names) > 1 else 'Run'} {spoken_list(names)}", 1)
             for text, names in described.items()], references
 
