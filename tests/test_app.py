@@ -1082,6 +1082,8 @@ def test_a_later_invocation_for_one_session_keeps_the_other_in_the_subject_repor
     assert "1 run(s), and 1 from an earlier invocation" in page
     earlier = page[page.index("<h2>sub-01_ses-1</h2>"):]
     assert earlier.index("Processed by an earlier qsmprep invocation") < earlier.index("<h2>", 5)
+    first_log = sorted(out.glob("logs/*"))[0].name  # run ids sort by time: the session-1 invocation's folder
+    assert f'methods text are in <a href="logs/{first_log}/">logs/{first_log}</a>' in earlier[:earlier.index("<h2>", 5)]
     # session 1 shows its own Chimap (tkd only), from its derivatives; session 2 both of this invocation's
     assert "sub-01_ses-1_desc-tkd_mosaic.png" in page and "sub-01_ses-1_desc-cfl2_mosaic.png" not in page
     assert "sub-01_ses-2_desc-cfl2_mosaic.png" in page

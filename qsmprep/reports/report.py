@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..bids.derivatives import processed_runs
+from ..bids.derivatives import logged_runs, processed_runs
 from ..checks import is_number
 from ..config import INVERSION_METHODS
 from ..errors import DataError, QSMPrepError
@@ -270,9 +270,12 @@ def _run_section(run, figures_dir, output_dir):
              # the file's grid, in its storage order (the figures are in RAS order)
              run_summary_html(data > 0, affine, read_sidecar(run["mask"]),
                               read_sidecar(chimaps[0][1]) if chimaps else {})]
-    if run.get("earlier"):
-        parts.append("<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
-                     "are in that invocation's <code>logs/</code> folder.</p>")
+    earlier = run.get("earlier")
+    if earlier:
+        folder = (f'<a href="{html.escape(earlier)}/">{html.escape(earlier)}</a>' if isinstance(earlier, str)
+                  else "that invocation's <code>logs/</code> folder")
+        parts.append(f"<p>Processed by an earlier qsmprep invocation, not this one: its command and methods text "
+                     f"are in {folder}.</p>")
     mask_caption = "Brain mask (red) on the first-echo magnitude (arbitrary units, window its 1st to 99th percentile)."
     mask_figure = figures_dir / f"{figure_stem(name, 'mask')}.png"
     if run.get("magnitude"):
@@ -329,8 +332,10 @@ def build_subject_report(output_dir, subject, runs, methods_text="", command=Non
     runs : list of dict
         One per run: ``name`` (e.g. ``sub-01_ses-1``), ``mask`` (path, required),
         and optionally ``magnitude``, ``total_field``, ``local_field`` (paths),
-        ``chimaps`` (dict method -> path) and ``earlier`` (True for a run an
-        earlier invocation processed; its section says so).
+        ``chimaps`` (dict method -> path) and ``earlier`` (for a run an
+        earlier invocation processed: its log folder, "logs/<run_id>" relative
+        to ``output_dir``, or True where none names the run; its section says
+        so).
     methods_text : str
         The boilerplate methods paragraph with references (plain text) of the
         runs this invocation processed.
@@ -387,9 +392,14 @@ def report_entry(name, paths, **extra):
 def other_report_runs(output_dir, subject, runs):
     """``build_subject_report`` entries of ``subject``'s runs in ``output_dir`` other than ``runs`` (entries): those
     an earlier invocation processed, or a concurrent one has finished; their derivatives stay, so the report shows
-    them."""
+    them, each with the log folder of the invocation that processed it (``logged_runs``) where one names it."""
     current = {run["name"] for run in runs}
-    return [report_entry(name, paths, earlier=True)
+    try:
+        logged = logged_runs(output_dir)
+    except DataError as exc:  # another invocation's config.json, broken since: this report stands without it
+        log.warning("The report of sub-%s names no earlier invocation's log folder: %s", subject, exc)
+        logged = {}
+    return [report_entry(name, paths, earlier=logged.get(name, (None, True))[1])
             for name, paths in processed_runs(output_dir, subject, INVERSION_METHODS).items()
             if name not in current and "mask" in paths]  # the report shows a run within its brain mask
 
