@@ -1368,6 +1368,7 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
                                                            ".nii.gz").affine)) / 1000
         assert float(row["mask_ml"]) == pytest.approx(mask.sum() * voxel_ml, abs=0.05)
         assert (row["echoes"], row["b0_tesla"], row["phase_inverted"]) == ("3", "3", "false")
+        assert row["session"] == (row["run"].split("_ses-")[1] if "_ses-" in row["run"] else "n/a")
         assert (row["flags"] != "n/a") == (row["run"] == name and row["method"] == "tkd"), row
     assert json.loads((out / "group_qsm.json").read_text())["tail_ratio"]["Description"].startswith("(chi_p99")
     # the output folder still loads in pybids (a group_Chimap.json was inherited by every Chimap: conflicting values)
@@ -1385,7 +1386,8 @@ def test_group_level_tabulates_every_run_and_flags_an_inverted_chimap(runs, tmp_
     # --session-label selects runs too; options of the participant level are named as having no effect
     assert main([str(runs["bids"]), str(out), "group", "--session-label", "ses-2", "2", "--inversion", "tkd"]) == 0
     with open(out / "group_qsm.tsv", newline="") as table:
-        assert {row["run"] for row in csv.DictReader(table, delimiter="\t")} == {"sub-01_ses-2"}
+        assert {(row["run"], row["subject"], row["session"])
+                for row in csv.DictReader(table, delimiter="\t")} == {("sub-01_ses-2", "01", "2")}
     assert "--inversion has no effect at the group level" in capsys.readouterr().err
     assert main([str(runs["bids"]), str(out), "group", "--session-label", "3", "--nprocs", "2", "-w", "w"]) == 66
     err = capsys.readouterr().err

@@ -37,6 +37,7 @@ Chimap inherits, and its column descriptions ("subject") then conflict with the 
 COLUMNS = {
     "run": "run name, as in its derivatives' file names (e.g. sub-01_ses-1)",
     "subject": "subject label without sub-",
+    "session": "session label without ses-; n/a for a run without one",
     "method": "inversion method of the Chimap (desc-<method>_Chimap); n/a for a row of the whole run (flagged): it "
               "has no derivatives, a brain mask or field map that is missing or cannot be read, or no Chimap, or the "
               "last participant run refused its input",
@@ -105,7 +106,9 @@ def run_rows(name, paths, log_dir=None):
 
 def empty_row(name):
     """A row of run ``name`` with no measures yet."""
-    return {**dict.fromkeys(COLUMNS), "run": name, "subject": name.split("_")[0].removeprefix("sub-"), "problem": ""}
+    entities = dict(part.split("-", 1) for part in name.split("_"))  # a qsmprep run name: sub-01_ses-2_run-1
+    return {**dict.fromkeys(COLUMNS), "run": name, "subject": entities["sub"], "session": entities.get("ses"),
+            "problem": ""}
 
 
 def refused_row(name, messages, log_dir, earlier_derivatives=False):
