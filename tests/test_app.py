@@ -1274,6 +1274,30 @@ def test_an_output_folder_made_from_another_dataset_is_warned_about(tmp_path, ca
     assert (tmp_path / "out" / "dataset_description.json").read_text() == description
 
 
+def test_an_output_folder_holding_other_files_is_warned_about(tmp_path, caplog):
+    """A mistyped OUTPUT_DIR (a home or data folder) got the derivatives among its files without a word."""
+    from qsmprep.bids.derivatives import write_dataset_description
+    from qsmprep.cli.run import build_parser, resolve_config
+
+    out = tmp_path / "out"
+    for folder in ("scans", "work", "logs"):  # the work folder (warned about on its own) and logs/ are not counted
+        (out / folder).mkdir(parents=True)
+    for name in ("notes.txt", "c.csv", "d.tsv", ".hidden"):
+        (out / name).write_text("")
+    argv = [str(tmp_path / "bids"), str(out), "participant", "--inversion", "tkd", "-w", str(out / "work" / "w")]
+    resolve_config(build_parser().parse_args(argv), argv)
+    assert (f"output folder {out} is not a derivatives dataset yet holds 4 other item(s) (c.csv, d.tsv, notes.txt "
+            "and 1 more)") in caplog.text
+    caplog.clear()
+    write_dataset_description(out, tmp_path / "bids")  # qsmprep's own dataset from then on
+    resolve_config(build_parser().parse_args(argv), argv)
+    assert "not a derivatives dataset" not in caplog.text
+    caplog.clear()
+    argv[1] = str(tmp_path / "new")
+    resolve_config(build_parser().parse_args(argv), argv)
+    assert "not a derivatives dataset" not in caplog.text
+
+
 def test_phase_of_the_opposite_polarity_is_flagged_and_undone_by_invert_phase(tmp_path, capfd):
     """Phase stored negated (another scanner's convention) gives a Chimap of the wrong sign, which the report and the
     log flag; --invert-phase negates it back: the map is the negative of the flagged one, correlates positively with

@@ -283,15 +283,22 @@ def check_output_location(bids_dir, output_dir, what="output folder"):
                              f"raw data: {hint}.")
 
 
-def check_output_dataset(output_dir, bids_dir):
+def check_output_dataset(output_dir, bids_dir, work_dir=None):
     """Raise UsageError when ``output_dir`` is another tool's dataset: its ``dataset_description.json`` does not
     name qsmprep in ``GeneratedBy``. qsmprep would replace that description, and its files would mix with the
     other tool's. Warn when qsmprep made it from another input dataset than ``bids_dir``: the description then
-    links this one, and the earlier runs' ``bids:raw:`` sources point into it."""
+    links this one, and the earlier runs' ``bids:raw:`` sources point into it; and when it is no dataset but holds
+    files (``unexpected_contents``: a mistyped folder, whose files the derivatives would mix with)."""
     from ..bids.derivatives import dataset_makers, linked_input_dataset
 
     description = Path(output_dir) / "dataset_description.json"
     makers = dataset_makers(output_dir)
+    found = unexpected_contents(output_dir, work_dir) if makers is None else []
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        log.warning("output folder %s is not a derivatives dataset yet holds %d other item(s) (%s): qsmprep writes "
+                    "its dataset beside them; give an empty or new folder unless that is what you want.",
+                    output_dir, len(found), shown)
     if makers is not None and "qsmprep" not in makers:
         made_by = f"made by {', '.join(makers)}" if makers else "not made by qsmprep"
         raise UsageError(f"output folder {output_dir} holds another dataset ({description} says it is {made_by}): "
@@ -301,6 +308,17 @@ def check_output_dataset(output_dir, bids_dir):
         log.warning("output folder %s was made from another input dataset (%s), not %s: the runs already in it "
                     "will be described as if made from this one; give each input dataset its own output "
                     "folder.", output_dir, linked, bids_dir)
+
+
+def unexpected_contents(output_dir, work_dir=None):
+    """Sorted names of what ``output_dir`` holds besides what qsmprep puts in a folder before its dataset
+    description (``logs/`` of a --boilerplate-only run, hidden files) and the ``work_dir`` (warned about apart)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    work = Path(work_dir).absolute() if work_dir is not None else None
+    return sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith(".")
+                  and entry.name != "logs" and not (work and work.is_relative_to(entry.absolute())))
 
 
 def chosen_parameters(path, bgremove, inversions, mask):
@@ -415,7 +433,7 @@ def checked_locations(args):
                     args.work_dir, output_dir)
     for option, folder in (("OUTPUT_DIR", output_dir), ("--work-dir", args.work_dir.absolute())):
         check_output_folder(option, folder)
-    check_output_dataset(output_dir, bids_dir)
+    check_output_dataset(output_dir, bids_dir, args.work_dir)
     return bids_dir, output_dir
 
 
