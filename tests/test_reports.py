@@ -17,6 +17,7 @@ from qsmprep.reports.report import (
     paramagnetic_tail_ratio,
     polarity_warning,
     run_mosaic,
+    single_echo,
 )
 from qsmprep.reports.mosaic import (
     comparison_png,
@@ -390,6 +391,13 @@ def test_paramagnetic_tail_ratio_and_the_polarity_warning():
         "If they look bright, the polarity is right and the map's own errors shorten its tail (streaks, as TKD gives "
         "on a thin slab): compare with the other inversions.")
     assert "run qsmprep again without --invert-phase" in polarity_warning("deep", 1 / ratio, inverted=True)
+    # a single echo's phase offset shortens the tail too (the simulated head's TKD map: 0.80 with the polarity right)
+    assert "single echo" not in polarity_warning("tkd", 0.8, inverted=False)
+    assert polarity_warning("tkd", 0.8, inverted=False, single_echo=True).endswith(
+        "This run has a single echo, whose receive-phase offset background removal leaves in part "
+        "(docs/methods/phase.md, A single echo): that shortens the tail too.")
+    assert [single_echo(s) for s in ({"EchoTime": [0.004]}, {"EchoTime": 0.004}, {"EchoTime": [0.004, 0.008]}, {})] \
+        == [True, True, False, False]
     assert polarity_warning("deep", None, inverted=False) == ""
 
 
@@ -407,7 +415,9 @@ def test_group_flags_a_mask_volume_far_from_the_others_only_with_five_runs_or_mo
     assert not any(r["flags"] for r in flag_rows(rows([1190, 1200, 1210, 500])))  # 4 runs: no group to compare with
     assert [r["mask_outlier"] for r in flagged] == [False] * 5 + [True]  # the figure's red mask volume: sub-06 only
     tail_only = flag_rows([{"run": "sub-01", "mask_ml": 1000, "tail_ratio": 0.6}])[0]
-    assert tail_only["flags"].startswith("tail ratio 0.60") and not tail_only["mask_outlier"]
+    assert tail_only["flags"] == "tail ratio 0.60 < 1: phase polarity inverted?" and not tail_only["mask_outlier"]
+    one_echo = flag_rows([{"run": "sub-01", "mask_ml": 1000, "tail_ratio": 0.8, "echoes": 1}])[0]
+    assert one_echo["flags"] == "tail ratio 0.80 < 1: phase polarity inverted or a single echo's phase offset?"
 
 
 def test_a_chimap_without_contrast_is_named_in_the_report_and_the_log(tmp_path, caplog):

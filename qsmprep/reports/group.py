@@ -51,7 +51,8 @@ COLUMNS = {
     "chi_median_ppm": "median of the Chimap in the brain mask, ppm",
     "chi_p99_ppm": "99th percentile of the Chimap in the brain mask, ppm",
     "tail_ratio": "(chi_p99_ppm - chi_median_ppm) / (chi_median_ppm - chi_p1_ppm): above 1 in brains; below 1 the "
-                  "phase polarity is most likely inverted (docs/outputs.md, The report)",
+                  "phase polarity is most likely inverted, or a single echo's phase offset shortens the tail "
+                  "(docs/outputs.md, The report)",
     "flags": "why the row stands out (a file that is missing or cannot be read, or no Chimap: run the participant "
              "level again; input the last participant run refused: fix it as the flag says; a Chimap with no "
              "contrast in the brain mask, e.g. all zeros; tail ratio below 1; brain mask volume more than 3 robust "
@@ -154,7 +155,8 @@ def flag_rows(rows):
         if row.get("no_contrast"):
             flags.append(f"no contrast: {row['no_contrast']}")
         if row["tail_ratio"] is not None and row["tail_ratio"] < POLARITY_WARNING_RATIO:
-            flags.append(f"tail ratio {row['tail_ratio']:.2f} < 1: phase polarity inverted?")
+            offset = " or a single echo's phase offset" if row.get("echoes") == 1 else ""  # SINGLE_ECHO_TAIL_NOTE
+            flags.append(f"tail ratio {row['tail_ratio']:.2f} < 1: phase polarity inverted{offset}?")
         if len(volumes) >= MIN_RUNS_FOR_OUTLIERS and spread > 0 and row["mask_ml"] is not None:
             z = (row["mask_ml"] - median) / spread
             if abs(z) > MASK_OUTLIER_Z:

@@ -203,9 +203,16 @@ POLARITY_WARNING_RATIO = 1.0
 """``paramagnetic_tail_ratio`` below which the report and the log say the phase polarity may be inverted."""
 
 
-def polarity_warning(method, ratio, inverted):
+SINGLE_ECHO_TAIL_NOTE = ("This run has a single echo, whose receive-phase offset background removal leaves in "
+                         "part (docs/methods/phase.md, A single echo): that shortens the tail too.")
+"""Why a single-echo run's tail ratio may be below 1 with the polarity right: the simulated head's TKD map, one echo
+with the simulator's 1 rad phase offset, scores 0.80 (three echoes: above 1, no warning)."""
+
+
+def polarity_warning(method, ratio, inverted, single_echo=False):
     """The report's warning on a Chimap whose ``paramagnetic_tail_ratio`` is below ``POLARITY_WARNING_RATIO``
-    (``inverted``: whether ``--invert-phase`` was given), or "" when there is none to give."""
+    (``inverted``: whether ``--invert-phase`` was given; ``single_echo``: a run of one echo, default False, gets
+    ``SINGLE_ECHO_TAIL_NOTE``), or "" when there is none to give."""
     if ratio is None or ratio >= POLARITY_WARNING_RATIO:
         return ""
     fix = "without --invert-phase" if inverted else "with --invert-phase"
@@ -213,7 +220,14 @@ def polarity_warning(method, ratio, inverted):
             "is above 1, as veins and iron-rich deep grey matter are paramagnetic). If veins and the deep grey "
             f"nuclei look dark in it, the phase polarity is most likely inverted: run qsmprep again {fix}. If they "
             "look bright, the polarity is right and the map's own errors shorten its tail (streaks, as TKD gives on a "
-            "thin slab): compare with the other inversions.")
+            "thin slab): compare with the other inversions." + (f" {SINGLE_ECHO_TAIL_NOTE}" if single_echo else ""))
+
+
+def single_echo(sidecar):
+    """Whether a derivative's ``sidecar`` (a dict) says its run had one echo (its ``EchoTime``, a list of one or a
+    number); False where it does not say."""
+    echo_times = sidecar.get("EchoTime")
+    return is_number(echo_times) or (isinstance(echo_times, list) and len(echo_times) == 1)
 
 
 NO_CONTRAST_PPM = 1e-4
@@ -313,7 +327,7 @@ def _run_section(run, figures_dir, output_dir):
                    f"{inference_device_text(sidecar.get('DeepInferenceDevice'))}")
         parts.append(_figure(figures_dir, output_dir, figure_stem(name, method), png, caption))
         for warning in (no_contrast_warning(method, percentiles),
-                        polarity_warning(method, ratio, sidecar.get("PhaseInverted", False))):
+                        polarity_warning(method, ratio, sidecar.get("PhaseInverted", False), single_echo(sidecar))):
             if warning:
                 log.warning(warning)
                 parts.append(f'<p class="missing">{html.escape(warning)}</p>')
