@@ -12,12 +12,10 @@ import logging
 import numpy as np
 
 from ..errors import DataError
-from .scaling import wrap_to_pi
+from .scaling import nearest_multiple_of_2pi, wrap_to_pi
 from .unwrap import unwrap_laplacian, unwrap_quality
 
 log = logging.getLogger(__name__)
-
-_TWO_PI = 2.0 * np.pi
 
 MAX_PLAUSIBLE_TE_S = 0.5
 """Latest plausible gradient-echo time (s): one above it is milliseconds given as seconds (or, in
@@ -135,7 +133,7 @@ def fit_total_field_hz(unwrapped_rad, te_s, magnitude=None, mask=None):
 
     model = offset[..., np.newaxis] + slope[..., np.newaxis] * te
     residual = np.sqrt((weights * (phase - model) ** 2).sum(-1) / np.where(s > 0, s, 1.0))
-    field = slope / _TWO_PI
+    field = slope / (2.0 * np.pi)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         field, offset, residual = (np.where(mask, a, 0.0) for a in (field, offset, residual))
@@ -158,7 +156,7 @@ def first_echo_difference(phase_rad, te_s):
 
 def _circular_median_shift(values):
     """The multiple of 2 pi nearest to the median of ``values`` (rad)."""
-    return _TWO_PI * np.round(np.median(values) / _TWO_PI)
+    return nearest_multiple_of_2pi(np.median(values))
 
 
 def total_field_hz(phase_rad, te_s, magnitude=None, mask=None, voxel_size_mm=(1.0, 1.0, 1.0), unwrap="laplacian"):
@@ -308,4 +306,4 @@ def best_phase_exchange(phase_rad, te_s, magnitude):
 
 def _congruent(estimate, wrapped):
     """``wrapped`` plus the multiple of 2 pi that brings it nearest to ``estimate`` (rad), voxel by voxel."""
-    return wrapped + _TWO_PI * np.round((estimate - wrapped) / _TWO_PI)
+    return wrapped + nearest_multiple_of_2pi(estimate - wrapped)

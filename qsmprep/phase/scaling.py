@@ -22,6 +22,12 @@ SPAN_WARNING_FRACTION = 0.5
 """Warn when 'arbitrary' data span less than this fraction of the vendor range."""
 
 
+def nearest_multiple_of_2pi(phase_rad):
+    """The multiple of 2 pi nearest to ``phase_rad`` (rad), element by element: the whole turns a wrapped phase
+    differs by."""
+    return _TWO_PI * np.round(np.asarray(phase_rad) / _TWO_PI)
+
+
 def wrap_to_pi(phase_rad, dtype=np.float32):
     """Wrap phase (rad) into [-pi, pi) (NaN stays NaN), computed in float64.
 

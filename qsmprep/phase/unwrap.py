@@ -13,11 +13,9 @@ from skimage.restoration import unwrap_phase
 
 from ..inversion.solvers import cg
 from ..physics import checked_voxel_size_mm
-from .scaling import wrap_to_pi
+from .scaling import nearest_multiple_of_2pi, wrap_to_pi
 
 log = logging.getLogger(__name__)
-
-_TWO_PI = 2.0 * np.pi
 
 
 def _valid_mask(phase, mask):
@@ -194,6 +192,6 @@ def unwrap_quality(phase_rad, mask=None, voxel_size_mm=(1.0, 1.0, 1.0)):
         phi = np.ma.getdata(unwrap_phase(np.ma.masked_array(wrapped, mask=~valid)))
     labels, n_regions = ndimage.label(valid)
     medians = np.asarray(ndimage.median(phi, labels, np.arange(1, n_regions + 1)))
-    shifts = np.concatenate([[0.0], _TWO_PI * np.round(medians / _TWO_PI)])
+    shifts = np.concatenate([[0.0], nearest_multiple_of_2pi(medians)])
     out[valid] = (phi - shifts[labels])[valid]
     return out
