@@ -1,10 +1,9 @@
 """PDF: projection onto dipole fields."""
 
 import numpy as np
-from scipy import fft as spfft
 
 from ..inversion.solvers import cg
-from ..physics.forward import padded_shape
+from ..physics.forward import filter_padded, padded_shape
 from ..physics.kernel import dipole_kernel
 
 
@@ -88,7 +87,7 @@ def pdf(
     outside[crop] = ~inside
 
     def dipole(x):
-        return spfft.irfftn(spfft.rfftn(x) * kernel, s=shape)
+        return filter_padded(x, kernel, shape)
 
     def normal_operator(chi):
         return outside * dipole(weights2 * dipole(outside * chi))

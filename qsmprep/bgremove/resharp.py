@@ -4,6 +4,7 @@ import numpy as np
 from scipy import fft as spfft
 
 from ..inversion.solvers import cg
+from ..physics.forward import filter_padded
 from .smv import check_high_pass_radius, smv_kernel, smv_padded_shape, sphere_fits
 
 
@@ -63,7 +64,7 @@ def resharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radius_mm=4.0, lam
     eroded = sphere_fits(mask_spectrum, kernel, shape, voxel_size_mm, radius_mm)
 
     def high_pass(x):
-        return spfft.irfftn(spfft.rfftn(x) * high_pass_kernel, s=shape)
+        return filter_padded(x, high_pass_kernel, shape)
 
     def normal_operator(x):
         return high_pass(eroded * high_pass(x)) + lam * x

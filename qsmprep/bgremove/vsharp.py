@@ -5,6 +5,7 @@ import logging
 import numpy as np
 from scipy import fft as spfft
 
+from ..physics.forward import filter_padded
 from .smv import check_high_pass_radius, smv_kernel, smv_padded_shape, sphere_fits
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,6 @@ def vsharp(total_field, mask, voxel_size_mm=(1.0, 1.0, 1.0), radii_mm=None, thre
     inverse = np.zeros_like(high_pass_kernel)
     keep = np.abs(high_pass_kernel) > threshold
     inverse[keep] = 1 / high_pass_kernel[keep]
-    local = spfft.irfftn(spfft.rfftn(high_pass) * inverse, s=shape)
+    local = filter_padded(high_pass, inverse, shape)
     eroded_mask = eroded[crop]
     return np.where(eroded_mask, local[crop], 0).astype(np.float32), eroded_mask

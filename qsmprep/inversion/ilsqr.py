@@ -23,7 +23,7 @@ import numpy as np
 from scipy import fft as spfft
 
 from ..bgremove.smv import smv_kernel
-from ..physics import dipole_kernel, padded_shape
+from ..physics import dipole_kernel, filter_padded, padded_shape
 from .gradient import forward_gradient, forward_gradient_adjoint, masked_laplacian
 from .solvers import lsqr
 from .tkd import tkd
@@ -58,7 +58,7 @@ def _initial_lsqr(field, mask, d, shape, voxel_size_mm, data_weight, tol, max_it
     w = data_weight * _ramp_weight(np.abs(masked_laplacian(field, mask, voxel_size_mm)), mask, LAPLACIAN_PERCENTILES)
 
     def convolve(x):
-        return spfft.irfftn(spfft.rfftn(x) * d, s=shape, overwrite_x=True)
+        return filter_padded(x, d, shape)
 
     def normal_operator(x):  # symmetric: its own adjoint
         return convolve(w * convolve(x))
@@ -75,7 +75,7 @@ def _fast_estimate(field, mask, d, shape, voxel_size_mm, b0_dir):
     # keep the well-conditioned spectrum, use its spherical mean in the cone
     blend = w + (1 - w) * smv_kernel(shape, voxel_size_mm, FAST_SMOOTHING_RADIUS_MM, rfft=True)
     chi = np.where(mask, spfft.irfftn(spectrum * blend, s=shape), 0)
-    chi = np.where(mask, spfft.irfftn(spfft.rfftn(chi) * blend, s=shape), 0)
+    chi = np.where(mask, filter_padded(chi, blend, shape), 0)
     # sign(D) F f carries the right structure but not the right scale: fit a chi + b to TKD
     reference = tkd(field, mask, voxel_size_mm, b0_dir, threshold=FAST_TKD_THRESHOLD)
     design = np.stack([chi[mask], np.ones(int(mask.sum()), dtype=np.float32)], axis=1)
@@ -96,7 +96,7 @@ def _streaking_artefacts(chi_lsqr, chi_fast, mask, d, shape, voxel_size_mm, tol,
     cone = (np.abs(d) < CONE_THRESHOLD).astype(np.float32)
 
     def project(x):
-        return spfft.irfftn(spfft.rfftn(x) * cone, s=shape, overwrite_x=True)
+        return filter_padded(x, cone, shape)
 
     streaks = lsqr(
         lambda x: forward_gradient(x, weights),

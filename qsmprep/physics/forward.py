@@ -22,6 +22,8 @@ def filter_padded(volume, kernel_rfft, big_shape):
     shape. A numpy array is filtered by scipy.fft and returned as float32; a
     torch tensor by torch.fft on its own device (the kernel, numpy or torch,
     is moved there), with leading batch axes kept, and returned as a tensor.
+    A volume already on ``big_shape`` is filtered as it is: the operators of
+    PDF, RESHARP and iLSQR, which run on the padded grid.
     """
     axes = (-3, -2, -1)
     crop = (Ellipsis,) + tuple(slice(0, n) for n in np.shape(volume)[-3:])
