@@ -95,15 +95,22 @@ def run_output_files(run, methods):
             for path in (nifti, str(sidecar_path(nifti)))]
 
 
+def run_name_labels(name):
+    """{BIDS key: label} of a run name as qsmprep writes it (``sub-01_ses-2_run-1`` -> {"sub": "01", "ses": "2",
+    "run": "1"}), in its order; {} when a part of it is not key-label (a name edited by hand)."""
+    pairs = [part.split("-", 1) for part in name.split("_")]
+    return dict(pairs) if all(len(pair) == 2 for pair in pairs) else {}
+
+
 def named_run_paths(output_dir, name, methods):
     """Every NIfTI output path of the run named ``name`` (e.g. ``sub-01_ses-2``) in ``output_dir``, absolute and keyed
     as in ``run_output_paths`` (``methods``: the inversions whose Chimaps to name); None when ``name`` is not a
     qsmprep run name."""
-    names = {key: entity for entity, key in ENTITY_KEYS.items()}
-    pairs = [part.split("-", 1) for part in name.split("_")]
-    if not all(len(pair) == 2 and pair[0] in names for pair in pairs):
+    entities = {key: entity for entity, key in ENTITY_KEYS.items()}
+    labels = run_name_labels(name)
+    if not labels or not labels.keys() <= entities.keys():
         return None
-    run = SimpleNamespace(name=name, entities={names[key]: value for key, value in pairs})
+    run = SimpleNamespace(name=name, entities={entities[key]: value for key, value in labels.items()})
     return {key: Path(output_dir) / path for key, path in run_output_paths(run, methods).items()}
 
 
@@ -176,7 +183,8 @@ def runs_gone_from_input(output_dir, bids_dir, names):
         return set()
     gone = set()
     for name in names:
-        folder = bids_dir.joinpath(*[part for part in name.split("_") if part.startswith(("sub-", "ses-"))])
+        labels = run_name_labels(name)
+        folder = bids_dir / f"sub-{labels.get('sub')}" / (f"ses-{labels['ses']}" if "ses" in labels else "")
         if not folder.is_dir():
             gone.add(name)
     return gone

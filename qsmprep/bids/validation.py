@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..checks import is_number
-from ..errors import DataError, NoInputError
+from ..errors import DataError, NoInputError, few_named
 from ..phase.combine import MAX_PLAUSIBLE_TE_S, best_phase_exchange, milliseconds_hint
 from ..phase.scaling import phase_to_rad
 from .discovery import ENTITY_KEYS, REAL_IMAGINARY_FIX, SINGLE_ECHO_SUFFIXES, metadata_file, require_bids_dir
@@ -789,12 +789,6 @@ def _warn_if_echoes_missing(run, n_echoes):
                 "them all (each echo lowers the field's noise).", run.name, n_echoes, " and ".join(why))
 
 
-def _first_file(run):
-    """The first image of ``run``, and how many more it has, for messages."""
-    more = len(run.files) - 1
-    return str(run.files[0]) + (f" and {more} more" if more else "")
-
-
 def _same_name_problems(runs):
     """A Problem for each group of runs with one name: runs that differ only in suffix (e.g. a MEGRE and a
     T2starw run with the same entities) would write the same output files, so none of them is processed."""
@@ -804,7 +798,7 @@ def _same_name_problems(runs):
     problems = []
     for name, group in by_name.items():
         if len(group) > 1:
-            listed = " and ".join(f"the {run.suffix} run ({_first_file(run)})" for run in group)
+            listed = " and ".join(f"the {run.suffix} run ({few_named(map(str, run.files), shown=1)})" for run in group)
             problems.append(Problem(group[0].subject, name, str(group[0].files[0]), (
                 f"{name}: {listed} have the same entities, so their outputs would have the same names "
                 f"({name}_*): process one of them, chosen with --bids-filter-file (e.g. {{\"megre\": "

@@ -295,10 +295,9 @@ def check_output_dataset(output_dir, bids_dir, work_dir=None):
     makers = dataset_makers(output_dir)
     found = unexpected_contents(output_dir, work_dir) if makers is None else []
     if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         log.warning("output folder %s is not a derivatives dataset yet holds %d other item(s) (%s): qsmprep writes "
                     "its dataset beside them; give an empty or new folder unless that is what you want.",
-                    output_dir, len(found), shown)
+                    output_dir, len(found), few_named(found))
     if makers is not None and "qsmprep" not in makers:
         made_by = f"made by {', '.join(makers)}" if makers else "not made by qsmprep"
         raise UsageError(f"output folder {output_dir} holds another dataset ({description} says it is {made_by}): "
@@ -826,10 +825,10 @@ GROUP_LEVEL_OPTIONS = ("bids_dir", "output_dir", "analysis_level", "participant_
 def held_labels(folders, run_names, entity):
     """The labels of ``entity`` (e.g. "ses") that OUTPUT_DIR holds: of its ``folders`` (``<entity>-<label>``) and
     of the runs its logs name (``run_names``): a run that failed, or was stopped, may have left no folder."""
-    prefix = f"{entity}-"
-    return sorted({folder.name.removeprefix(prefix) for folder in folders if folder.is_dir()}
-                  | {part.removeprefix(prefix) for name in run_names for part in name.split("_")
-                     if part.startswith(prefix)})
+    from ..bids.derivatives import run_name_labels
+
+    named = {run_name_labels(name).get(entity) for name in run_names} - {None}
+    return sorted({folder.name.removeprefix(f"{entity}-") for folder in folders if folder.is_dir()} | named)
 
 
 def run_group(args):
@@ -837,7 +836,7 @@ def run_group(args):
     (``qsmprep.reports.group``) for ``--participant-label`` and ``--session-label`` (default every subject and
     session); returns the exit code: 0, or 65 when some run's derivatives are missing or cannot be measured, or the
     last participant run refused its input (its row says why; the others are in the table)."""
-    from ..bids.derivatives import dataset_makers, logged_runs, refused_runs, runs_gone_from_input
+    from ..bids.derivatives import dataset_makers, logged_runs, refused_runs, run_name_labels, runs_gone_from_input
     from ..errors import NoInputError
     from ..reports.group import counts, group_rows, write_group_report
 
@@ -869,7 +868,7 @@ def run_group(args):
                            f"{', '.join(present) or 'none'}).")
     sessions = list(dict.fromkeys(s.removeprefix("ses-") for s in args.session_label))
     held = held_labels([p for subject in wanted for p in (out / f"sub-{subject}").glob("ses-*")],
-                       [name for name in named if name.split("_")[0].removeprefix("sub-") in wanted], "ses")
+                       [name for name in named if run_name_labels(name).get("sub") in wanted], "ses")
     if set(sessions) - set(held):
         raise NoInputError(f"--session-label {' '.join(s for s in sessions if s not in held)}: no such session of "
                            f"subject(s) {', '.join(wanted)} in {out} (they have {', '.join(held) or 'none'}).")

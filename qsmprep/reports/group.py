@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bids.derivatives import logged_runs, named_run_paths, processed_runs, refused_runs
+from ..bids.derivatives import logged_runs, named_run_paths, processed_runs, refused_runs, run_name_labels
 from ..config import INVERSION_METHODS
 from ..errors import CantCreateError, QSMPrepError
 from ..io import check_same_grid, load_nifti, write_text_atomic
@@ -107,8 +107,8 @@ def run_rows(name, paths, log_dir=None):
 
 def empty_row(name):
     """A row of run ``name`` with no measures yet."""
-    entities = dict(part.split("-", 1) for part in name.split("_"))  # a qsmprep run name: sub-01_ses-2_run-1
-    return {**dict.fromkeys(COLUMNS), "run": name, "subject": entities["sub"], "session": entities.get("ses"),
+    labels = run_name_labels(name)
+    return {**dict.fromkeys(COLUMNS), "run": name, "subject": labels.get("sub"), "session": labels.get("ses"),
             "problem": ""}
 
 
@@ -219,13 +219,12 @@ def group_rows(output_dir, subjects, sessions=(), logged=None, refused=None):
     and of any other present."""
     logged = logged_runs(output_dir) if logged is None else logged
     refused = refused_runs(output_dir) if refused is None else refused
-    wanted = {f"ses-{session}" for session in sessions}
     rows = []
     for subject in subjects:
         found = processed_runs(output_dir, subject, INVERSION_METHODS)
-        names = sorted(found.keys() | {name for name in [*logged, *refused] if name.split("_")[0] == f"sub-{subject}"})
+        names = sorted(found.keys() | {name for name in [*logged, *refused] if run_name_labels(name).get("sub") == subject})
         for name in names:
-            if wanted and not wanted & set(name.split("_")):
+            if sessions and run_name_labels(name).get("ses") not in sessions:
                 continue
             if name in refused:
                 rows.append(refused_row(name, *refused[name], earlier_derivatives=name in found))
