@@ -11,6 +11,7 @@ from .errors import UsageError
 
 
 def is_int(value):
+    """An int, not a bool (True is an int to Python, never a count or an iteration number here)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -32,10 +33,12 @@ def number(what, ok=lambda v: True, integer=False):
 
 
 def one_of(*choices):
+    """Check (what, test) of a string that is one of ``choices``."""
     return f"one of {list(choices)}", lambda v: isinstance(v, str) and v in choices
 
 
 def is_sequence(value, n):
+    """A list or tuple of ``n`` items (as JSON, TOML and argparse give them)."""
     return isinstance(value, (list, tuple)) and len(value) == n
 
 

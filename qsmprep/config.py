@@ -28,7 +28,7 @@ MASK_STRATEGIES = ("quality", "magnitude")
 
 PIPELINE_HIGH_PASS_RADIUS_MM = 8.0
 """The pipeline's high-pass radius for the deep refinement (``deep_invert``'s ``refine_radius_mm``) and for TV
-(``invert_tv``'s ``harmonic_radius_mm``); the library's default is off for both. qsmprep's own local fields carry
+(``tv``'s ``harmonic_radius_mm``); the library's default is off for both. qsmprep's own local fields carry
 residual background fields, which the plain refinement turns into susceptibility: with 8 mm the shipped model
 scores 6-23 points better on them and 1 point better on the 2016 challenge data (docs/benchmarks.md,
 Pipeline-made local fields)."""

@@ -246,7 +246,9 @@ def write_text_atomic(path, text):
 
 
 def save_nifti(path, data, affine, header=None, dtype=np.float32):
-    """Write ``data`` to ``path`` atomically (``write_atomic``): no partial file is ever left at ``path``."""
+    """Write ``data`` to ``path`` atomically (``write_atomic``): no partial file is ever left at ``path``.
+    ``header``: a NIfTI header to keep (e.g. the input's descriptions), default None; ``dtype``: the stored data
+    type, default float32 (masks are written as uint8)."""
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine, header)
     img.set_data_dtype(dtype)
     return write_atomic(path, lambda tmp: nib.save(img, tmp), suffix="".join(Path(path).suffixes) or ".nii.gz")

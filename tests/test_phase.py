@@ -16,7 +16,6 @@ from qsmprep.phase import (
     phase_to_rad,
     steep_phase_voxels,
     temporal_fit_residual_rad,
-    to_complex,
     total_field_hz,
 )
 
@@ -59,9 +58,6 @@ def test_rad_round_trip_and_wrapping():
     # values outside [-pi, pi) are wrapped, not clipped; pi itself becomes -pi
     np.testing.assert_allclose(phase_to_rad(np.array([np.pi, 3 * np.pi / 2, -7.0]), "rad"),
                                [-np.pi, -np.pi / 2, -7.0 + 2 * np.pi], atol=1e-6)
-    z = to_complex(np.full(1000, 2.0), phase)
-    np.testing.assert_allclose(np.angle(z), phase, atol=1e-6)
-    np.testing.assert_allclose(np.abs(z), 2.0, rtol=1e-6)
 
 
 def test_data_within_vendor_range_are_not_min_max_rescaled():

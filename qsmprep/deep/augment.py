@@ -49,7 +49,8 @@ def _spatial_axis(array, axis):
 
 
 def b0_axis_of(b0_dir, tol=1e-6):
-    """Index (0, 1, 2) of the array axis B0 lies along, or None if B0 is oblique."""
+    """Index (0, 1, 2) of the array axis B0 lies along, or None if B0 is oblique: more than ``tol`` (default 1e-6,
+    a unit vector's component short of 1) off the axis."""
     b = np.abs(np.asarray(b0_dir, dtype=np.float64))
     b = b / np.linalg.norm(b)
     axis = int(np.argmax(b))
@@ -99,6 +100,9 @@ def add_rician_noise(field, magnitude, snr, rng, te_s=0.02, b0_tesla=3.0):
     a large field is never wrapped), hence the field noise has standard
     deviation ~ sigma / (m * 2 pi gamma_bar B0 TE) where m is large, i.e.
     ~ 1 / (snr * |m|) relative, and the noisy magnitude |m + n| is Rician.
+
+    Reference: Gudbjartsson H, Patz S. The Rician distribution of noisy MRI
+    data. Magn Reson Med 1995;34:910-914.
 
     Parameters
     ----------

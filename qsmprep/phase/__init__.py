@@ -8,7 +8,7 @@ from .combine import (
     total_field_hz,
 )
 from .quality import noise_std_hz, phase_quality_map, steep_phase_voxels
-from .scaling import invert_phase, phase_to_rad, to_complex, wrap_to_pi
+from .scaling import invert_phase, phase_to_rad, wrap_to_pi
 from .unwrap import unwrap_laplacian, unwrap_quality
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "phase_to_rad",
     "steep_phase_voxels",
     "temporal_fit_residual_rad",
-    "to_complex",
     "total_field_hz",
     "unwrap_laplacian",
     "unwrap_quality",

@@ -1,4 +1,4 @@
-"""Phase images to radians, and magnitude + phase to complex.
+"""Phase images to radians: vendor units, wrapping, and the phase of the opposite polarity.
 
 BIDS sidecars give the phase ``Units``: 'rad' (already radians) or
 'arbitrary' (vendor integers, e.g. Siemens -4096..4095 for -pi..pi). The
@@ -121,10 +121,3 @@ def invert_phase(phase_rad):
     ``qsmprep --invert-phase`` applies this to every echo.
     """
     return wrap_to_pi(-np.asarray(phase_rad, dtype=np.float64))
-
-
-def to_complex(magnitude, phase_rad):
-    """Complex64 signal magnitude * exp(i phase); magnitude and phase broadcast."""
-    mag = np.asarray(magnitude, dtype=np.float32)
-    phs = np.asarray(phase_rad, dtype=np.float32)
-    return (mag * np.exp(1j * phs)).astype(np.complex64)

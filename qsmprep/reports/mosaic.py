@@ -63,7 +63,8 @@ def in_plane_box(mask, axis=2, margin=0.15):
 
 
 def robust_window(volume, mask, percentiles=(2, 98)):
-    """Symmetric display window from the robust range of ``volume`` inside ``mask``."""
+    """Symmetric display window (-h, h) in ``volume``'s units, h the larger magnitude of its ``percentiles``
+    (default the 2nd and 98th) inside ``mask``; (-1, 1) for an empty mask."""
     values = np.asarray(volume)[np.asarray(mask) > 0]
     if values.size == 0:
         return (-1.0, 1.0)
