@@ -43,6 +43,18 @@ HIGH_PASS_PARAMETERS = {"deep": "refine_radius_mm", "tv": "harmonic_radius_mm"}
 set, whose sphere fits in its brain mask (``qsmprep.bgremove.smv.largest_fitting_radius``): a thin slab's mask holds
 no 8 mm sphere. The Chimap sidecar records the radius used."""
 
+
+def inversion_high_pass_mm(method, params):
+    """The high-pass radius (mm, ``HIGH_PASS_PARAMETERS``) the inversion ``method`` applies with its keyword
+    ``params``, or 0 where none is on: the method has no high-pass, its radius is unset or 0, or deep does not refine
+    (``refine_iters`` 0; unset, ``deep_invert``'s default)."""
+    from .inversion.deep import REFINE_ITERS
+
+    key = HIGH_PASS_PARAMETERS.get(method)
+    if not key or (method == "deep" and not params.get("refine_iters", REFINE_ITERS)):
+        return 0
+    return params.get(key) or 0
+
 B0_RESAMPLE_TILT_DEG = 1.0
 """With ``--resample-b0``, runs whose B0 is tilted more than this from the third voxel axis are inverted on a B0-aligned grid."""
 SELF_RESAMPLING_INVERSIONS = ("deep",)

@@ -137,3 +137,13 @@ def test_the_pipeline_high_pass_radius_is_the_default_of_both_inversions_that_ha
     assert default["deep"]["refine_lambda"] == 0.05  # the other values stay the library's
     given = resolved(deep={"refine_radius_mm": 0.0}, tv={"harmonic_radius_mm": 5.0})
     assert (given["deep"]["refine_radius_mm"], given["tv"]["harmonic_radius_mm"]) == (0.0, 5.0)
+
+
+def test_the_inversions_high_pass_is_on_only_where_its_method_applies_it():
+    from qsmprep.config import inversion_high_pass_mm
+
+    assert inversion_high_pass_mm("tv", {"harmonic_radius_mm": 8.0}) == 8.0
+    assert inversion_high_pass_mm("deep", {"refine_radius_mm": 8.0}) == 8.0  # refine_iters unset: deep_invert's 10
+    assert inversion_high_pass_mm("deep", {"refine_radius_mm": 8.0, "refine_iters": 0}) == 0  # nothing refined
+    assert inversion_high_pass_mm("tv", {"harmonic_radius_mm": None}) == 0 and inversion_high_pass_mm("tv", {}) == 0
+    assert inversion_high_pass_mm("tkd", {"harmonic_radius_mm": 8.0}) == 0  # TKD has no high-pass

@@ -21,10 +21,11 @@ import numpy as np
 from ..bgremove.smv import check_high_pass_radius
 from ..bids.derivatives import OUTPUTS
 from ..config import (
-    INVERSION_METHODS, PIPELINE_HIGH_PASS_RADIUS_MM, default_parameters, library_function, parameter_checks,
+    INVERSION_METHODS, PIPELINE_HIGH_PASS_RADIUS_MM, default_parameters, inversion_high_pass_mm, library_function,
+    parameter_checks,
 )
 from ..errors import DataError, UsageError
-from ..inversion.deep import MIN_TILE, REFINE_ITERS, TILE_OVERLAP
+from ..inversion.deep import MIN_TILE, TILE_OVERLAP
 from ..inversion.tv import TV_ALPHA
 from ..io import check_same_grid, load_volume, read_json_object, save_nifti, sidecar_path
 from ..masking import check_mask
@@ -221,8 +222,8 @@ def run(args):
     b0_dir = b0_dir_given_or_from_affine(args.b0_dir, affine)  # a unit vector, as the log shows it
     options = {name: getattr(args, name) for _, name, _ in METHOD_FLAGS if getattr(args, name) is not None}
     options.update({key: getattr(args, dest) for dest, key in INVERT_DEEP_OPTIONS.items() if getattr(args, dest) is not None})
-    high_pass = {"--refine-radius": options.get("refine_radius_mm") if options.get("refine_iters", REFINE_ITERS) else 0,
-                 "--harmonic-radius": options.get("harmonic_radius_mm")}
+    high_pass = {"--refine-radius": inversion_high_pass_mm("deep", options),
+                 "--harmonic-radius": inversion_high_pass_mm("tv", options)}
     for flag, radius_mm in high_pass.items():
         if not radius_mm:
             continue

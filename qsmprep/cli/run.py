@@ -37,6 +37,7 @@ from ..config import (
     UNWRAP_METHODS,
     Config,
     deep_model_available,
+    inversion_high_pass_mm,
     preset_methods,
 )
 from ..errors import DataError, QSMPrepError, UsageError, few_named
@@ -517,9 +518,10 @@ def check_high_pass_radii(config):
 
     problems = {}  # message -> the runs it concerns: runs of one voxel size share a message
     for (step, method, key), where in HIGH_PASS_RADII.items():
-        value = config.parameters.get(step, {}).get(method, {}).get(key)
-        if not value or (method == "deep" and not config.parameters[step][method]["refine_iters"]):
-            continue  # None: V-SHARP's defaults; 0 (or no refinement): the deep refinement's high-pass is off
+        params = config.parameters.get(step, {}).get(method, {})
+        value = inversion_high_pass_mm(method, params) if step == "inversion" else params.get(key)
+        if not value:
+            continue  # None: V-SHARP's defaults; 0: the high-pass is off (as without the deep refinement)
         where = where.format(default=default_parameters(step, method)[key])
         for run in config.runs:
             voxel_size_mm = voxel_size_from_affine(run.affine)

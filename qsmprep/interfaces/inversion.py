@@ -7,7 +7,7 @@ import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 from scipy import fft as spfft
 
-from ..config import HIGH_PASS_PARAMETERS, INVERSION_METHODS
+from ..config import HIGH_PASS_PARAMETERS, INVERSION_METHODS, inversion_high_pass_mm
 from ..inversion.reference import reference_to_mask
 from ..io import load_nifti, save_nifti
 from ..physics import invert_in_ras_order, voxel_size_from_affine
@@ -79,12 +79,11 @@ def fitted_high_pass(method, params, mask, voxel_size_mm):
     radius}, for the Chimap sidecar's EstimationParameters, or {} where ``method`` has no high-pass on (deep with
     ``refine_iters`` 0 has none)."""
     from ..bgremove.smv import largest_fitting_radius
-    from ..inversion.deep import REFINE_ITERS
 
-    key = HIGH_PASS_PARAMETERS.get(method)
-    radius = params.get(key) if key else None
-    if not radius or (method == "deep" and not params.get("refine_iters", REFINE_ITERS)):
+    radius = inversion_high_pass_mm(method, params)
+    if not radius:
         return {}
+    key = HIGH_PASS_PARAMETERS[method]
     fitted = largest_fitting_radius(mask, voxel_size_mm, radius)
     if fitted < radius:
         log.warning("%s: the %g mm high-pass sphere fits nowhere inside the brain mask (a thin slab?): %s", method,

@@ -16,7 +16,7 @@ from ..bids.discovery import ENTITY_KEYS
 from ..bids.validation import acquisition_type
 from ..deep import checkpoint_path, is_shipped_model, model_provenance, read_metadata
 from ..checks import is_number
-from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS
+from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS, inversion_high_pass_mm
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
 from ..interfaces.gre import PhaseToRad, StackEchoes
 from ..interfaces.inversion import DipoleInversion, FromB0Aligned, ReferenceToMask, ToB0Aligned
@@ -454,7 +454,7 @@ def methods_description(run, config):
                        "frame": deep_frame_text(run, config),
                        "refinement": deep_refinement_text(**context),
                        # which of the refinement's optional terms the text cites (its template's references)
-                       "cites_high_pass": bool(context["refine_iters"] and context.get("refine_radius_mm")),
+                       "cites_high_pass": bool(inversion_high_pass_mm("deep", context)),
                        "cites_tv": bool(context["refine_iters"] and context.get("refine_tv_weight")),
                        "runtime": deep_runtime_text(config.device, context["refine_iters"])}
         if method == "tv":
