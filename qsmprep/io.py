@@ -73,7 +73,31 @@ def sidecar_path(path):
     return path.with_name(stem + ".json")
 
 
-def load_nifti(path, what="image", fix="re-export it as .nii or .nii.gz"):
+REEXPORT = "re-export it as .nii or .nii.gz"
+"""The fix for an input NIfTI file that cannot be read."""
+
+
+def unreadable_nifti(path, what, exc, fix=REEXPORT):
+    """The NoInputError for the NIfTI file ``path`` (a ``what``) that nibabel could not read, raising ``exc``."""
+    return NoInputError(f"{what} {path} is not a readable NIfTI file ({exc}): {fix}.")
+
+
+COMPLEX_VALUES_FIX = "give real images: the magnitude, |z|, and the phase, angle(z), each as its own file"
+"""The fix for a NIfTI file of complex values (a cast to float32 would keep the real part, silently)."""
+
+
+def read_header(path, what="image"):
+    """(shape, affine) of the NIfTI file ``path`` (a ``what``) from its header alone; NoInputError naming it when
+    it is missing or cannot be read (``require_file``, ``unreadable_nifti``)."""
+    path = require_file(path, what)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise unreadable_nifti(path, what, exc) from exc
+    return tuple(int(n) for n in img.shape), img.affine
+
+
+def load_nifti(path, what="image", fix=REEXPORT):
     """Read a NIfTI file as float32.
 
     Parameters
@@ -101,10 +125,9 @@ def load_nifti(path, what="image", fix="re-export it as .nii or .nii.gz"):
         complex_values = np.issubdtype(img.get_data_dtype(), np.complexfloating)
         data = None if complex_values else np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for broken files
-        raise NoInputError(f"{what} {path} is not a readable NIfTI file ({exc}): {fix}.") from exc
-    if complex_values:  # a cast to float32 would keep the real part, silently
-        raise DataError(f"{what} {path} holds complex values: give a real image (the phase, angle(z), or the "
-                        "magnitude, |z|, each as its own file).")
+        raise unreadable_nifti(path, what, exc, fix) from exc
+    if complex_values:
+        raise DataError(f"{what} {path} holds complex values: {COMPLEX_VALUES_FIX}.")
     check_affine(path, img.affine)
     return data, img.affine, img.header
 
@@ -170,9 +193,9 @@ def nifti_values(path, what="image"):
         else:
             raw, slope, inter = np.asarray(proxy), 1.0, 0.0
     except Exception as exc:  # nibabel, gzip and zlib raise many types for broken or truncated files
-        raise NoInputError(f"{what} {path} is not a readable NIfTI file ({exc}): re-export it as .nii or .nii.gz.") from exc
+        raise unreadable_nifti(path, what, exc) from exc
     if np.iscomplexobj(raw):
-        raise DataError(f"{what} {path} holds complex values: give the magnitude and the phase as separate real images.")
+        raise DataError(f"{what} {path} holds complex values: {COMPLEX_VALUES_FIX}.")
     if np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool:
         values, nonfinite, integral = raw, 0, True
     else:

@@ -916,6 +916,10 @@ def test_truncated_image_is_refused_before_processing(tmp_path):
     valid, (problem,) = validate_runs(discover_runs(tmp_path / "bids"))
     assert [r.name for r in valid] == ["sub-01"] and problem.file == str(truncated)
     assert "is not a readable NIfTI file" in problem.message and "re-export" in problem.message
+    truncated.write_bytes(b"not a NIfTI header")  # the header itself is unreadable: the same message, from io
+    valid, (problem,) = validate_runs(discover_runs(tmp_path / "bids"))
+    assert problem.message.startswith(f"image {truncated} is not a readable NIfTI file (")
+    assert problem.message.endswith("): re-export it as .nii or .nii.gz.")
 
 
 def test_user_mask_must_be_3d_and_readable(tmp_path):

@@ -113,15 +113,6 @@ def check_bids_dataset(bids_dir):
     return invalid
 
 
-def _header(path):
-    import nibabel as nib
-
-    from ..io import require_file
-
-    img = nib.load(str(require_file(path, "image")))
-    return tuple(int(n) for n in img.shape), img.affine
-
-
 def _sidecar_named(image, key):
     """"its JSON sidecar <path>": the file that gives, or would give, ``key`` to ``image`` (``metadata_file``); when
     that file is not there, it says so, and that no sidecar above it gives ``key`` either."""
@@ -216,14 +207,14 @@ def _phase_units(run, problems):
 
 def _grid(run, n_echoes, problems):
     """(shape3, affine) shared by every image of the run, or None after a problem."""
-    from ..io import check_affine, check_same_grid
+    from ..io import check_affine, check_same_grid, read_header
 
     ref = file = run.magnitude[0]
     try:
-        ref_shape, ref_affine = _header(ref)
+        ref_shape, ref_affine = read_header(ref)
         check_affine(ref, ref_affine)  # every other file must share it
         for file in run.files:
-            shape, affine = _header(file)
+            shape, affine = read_header(file)
             if len(shape) < 3 or min(shape[:3]) < MIN_VOXELS_PER_AXIS:
                 raise DataError(f"{file} has shape {shape}, not a volume: give each echo as a 3D volume of at least "
                                 f"{MIN_VOXELS_PER_AXIS} voxels along each axis (or every echo in one 4D file); "
@@ -239,10 +230,6 @@ def _grid(run, n_echoes, problems):
                                 "give one EchoTime per volume, or one file per echo (echo-<n>).")
     except (DataError, NoInputError) as exc:
         problems.append(Problem(run.subject, run.name, str(file), str(exc)))
-        return None
-    except Exception as exc:  # nibabel raises many types for unreadable files
-        problems.append(Problem(run.subject, run.name, str(file),
-                                f"{file} is not a readable NIfTI image ({exc}): re-export it as .nii or .nii.gz."))
         return None
     return ref_shape[:3], tuple(tuple(float(v) for v in row) for row in ref_affine)
 
@@ -389,18 +376,16 @@ def _values(run, units, problems):
 
 def _mask_problem(run, mask_file, grid):
     """Why the user mask ``mask_file`` cannot be used for ``run`` (on ``grid``), or None."""
-    from ..io import check_same_grid, nifti_values
+    from ..io import check_same_grid, nifti_values, read_header
 
     try:
-        shape, affine = _header(mask_file)
+        shape, affine = read_header(mask_file, "mask")
         check_same_grid(run.magnitude[0], grid, mask_file, (shape, affine), labels=True)
         if any(n != 1 for n in shape[3:]):
             return f"mask {mask_file} has shape {shape}: give a single 3D mask (non-zero = brain)."
         values = nifti_values(mask_file, "mask")
     except (DataError, NoInputError) as exc:
         return str(exc)
-    except Exception as exc:  # nibabel raises many types for unreadable files
-        return f"mask {mask_file} is not a readable NIfTI image ({exc}): re-export it as .nii or .nii.gz."
     if values["nonfinite"]:
         return f"mask {mask_file} has {values['nonfinite']} NaN or infinite voxels: give a binary brain mask."
     if values["max"] is None or values["max"] <= 0:
