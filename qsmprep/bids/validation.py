@@ -81,6 +81,11 @@ class Problem:
     def __str__(self):
         return self.message
 
+    @classmethod
+    def of(cls, run, file, message):
+        """The Problem of ``run`` (a ``GRERun``) with its ``file`` (a path)."""
+        return cls(run.subject, run.name, str(file), message)
+
 
 def check_bids_dataset(bids_dir):
     """Light BIDS check of ``bids_dir``; return the relative paths that are not valid BIDS names.
@@ -125,7 +130,7 @@ def _sidecar_named(image, key):
 def _echo_times(run, problems):
     """Echo times (s) of the run from its phase and magnitude sidecars, or None after a problem."""
     def report(file, message):
-        problems.append(Problem(run.subject, run.name, str(file), message))
+        problems.append(Problem.of(run, file, message))
 
     per_part, unusable = [], 0
     for files, metas in ((run.magnitude, run.magnitude_meta), (run.phase, run.phase_meta)):
@@ -186,9 +191,9 @@ def _phase_units(run, problems):
         value = meta.get("Units")
         if value is None or str(value).strip().lower() not in PHASE_UNITS:
             what = "no Units" if value is None else f"Units {value!r}, which qsmprep cannot interpret"
-            problems.append(Problem(run.subject, run.name, str(file),
-                                    f"{file}: {_sidecar_named(file, 'Units')} has {what}: set "
-                                    "\"Units\" to \"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
+            problems.append(Problem.of(run, file,
+                                       f"{file}: {_sidecar_named(file, 'Units')} has {what}: set "
+                                       "\"Units\" to \"rad\" (radians) or \"arbitrary\" (vendor integers, e.g. -4096..4095)."))
             unusable = True
         else:
             units.setdefault(str(value).strip().lower(), []).append(file)
@@ -198,9 +203,9 @@ def _phase_units(run, problems):
         rarest = min(units.values(), key=len)
         stated = "; ".join(f"{unit!r} in {metadata_file(files[0], 'Units')}"
                            + (f" and {len(files) - 1} more" if len(files) > 1 else "") for unit, files in units.items())
-        problems.append(Problem(run.subject, run.name, str(rarest[0]),
-                                f"{run.name}: its phase echoes mix Units ({stated}): store every echo's phase in one "
-                                "unit, and give its sidecars that Units."))
+        problems.append(Problem.of(run, rarest[0],
+                                   f"{run.name}: its phase echoes mix Units ({stated}): store every echo's phase in one "
+                                   "unit, and give its sidecars that Units."))
         return None
     return next(iter(units))
 
@@ -229,7 +234,7 @@ def _grid(run, n_echoes, problems):
                 raise DataError(f"{file} holds {volumes} volume(s) but its sidecar lists {expected} echo time(s): "
                                 "give one EchoTime per volume, or one file per echo (echo-<n>).")
     except (DataError, NoInputError) as exc:
-        problems.append(Problem(run.subject, run.name, str(file), str(exc)))
+        problems.append(Problem.of(run, file, str(exc)))
         return None
     return ref_shape[:3], tuple(tuple(float(v) for v in row) for row in ref_affine)
 
@@ -334,7 +339,7 @@ def _values(run, units, problems):
         try:
             values = nifti_values(file, f"{part} image")
         except (DataError, NoInputError) as exc:
-            problems.append(Problem(run.subject, run.name, str(file), str(exc)))
+            problems.append(Problem.of(run, file, str(exc)))
             return False
         message = None
         if values["nonfinite"]:
@@ -359,18 +364,18 @@ def _values(run, units, problems):
         if part == "phase" and not message:
             message = _copied_phase_problem(run, file, values["digests"], phase_volumes)
         if message:
-            problems.append(Problem(run.subject, run.name, str(file), message))
+            problems.append(Problem.of(run, file, message))
             return False
     if out_of_range:
         (file, message), others = out_of_range[0], [str(f) for f, _ in out_of_range[1:]]
         also = f" The same holds for {', '.join(others)}." if others else ""
-        problems.append(Problem(run.subject, run.name, str(file),
-                                message + _swapped_parts_hint(magnitude_signed, phase_low) + also))
+        problems.append(Problem.of(run, file,
+                                   message + _swapped_parts_hint(magnitude_signed, phase_low) + also))
         return False
     message = _phase_span_problem(run, units, phase_low, phase_high) if units and phase_low <= phase_high else None
     if message:
         message += _swapped_parts_hint(magnitude_signed, phase_low)
-        problems.append(Problem(run.subject, run.name, str(run.phase[0]), message))
+        problems.append(Problem.of(run, run.phase[0], message))
     return message is None
 
 
@@ -425,9 +430,9 @@ def _stated_value(run, key, problems):
     stated = "; ".join(f"{value!r} in {metadata_file(names[0], key)}"
                        + (f" and {len(names) - 1} more" if len(names) > 1 else "")
                        for value, names in files.values())
-    problems.append(Problem(run.subject, run.name, str(min((names for _, names in files.values()), key=len)[0]),
-                            f"{run.name}: its sidecars disagree on {key} ({stated}): make them agree, or pass "
-                            "--b0-tesla."))
+    problems.append(Problem.of(run, min((names for _, names in files.values()), key=len)[0],
+                               f"{run.name}: its sidecars disagree on {key} ({stated}): make them agree, or pass "
+                               "--b0-tesla."))
     return None, None
 
 
@@ -447,7 +452,7 @@ def _b0_tesla(run, b0_tesla, problems):
         return None, None
 
     def refuse(file, message):
-        problems.append(Problem(run.subject, run.name, str(file), message))
+        problems.append(Problem.of(run, file, message))
         return None, None
 
     if not nominal_files and not frequency_files:
@@ -544,7 +549,7 @@ def _negative_magnitude(run, volumes, files, problems):
         level = MAGNITUDE_SIGNAL_LEVEL * float(size.max())
         share = np.count_nonzero(volume < -level) / max(np.count_nonzero(size > level), 1)
         if share > MAX_NEGATIVE_SIGNAL_SHARE:
-            problems.append(Problem(run.subject, run.name, str(file), (
+            problems.append(Problem.of(run, file, (
                 f"{file}: {share:.0%} of its signal voxels (those beyond {MAGNITUDE_SIGNAL_LEVEL:.0%} of its largest "
                 "absolute value) are negative, but a magnitude image is |z| and never negative: the real part (or "
                 "another signed image) was probably exported as part-mag; export the magnitude of each echo.")))
@@ -575,7 +580,7 @@ def _magnitude_decay(run, echo_times, volumes, files, problems):
     for k, later in zip(by_te, by_te[1:]):
         ratio = float(np.median(volumes[later][signal] / np.maximum(volumes[k][signal], 1e-12)))
         if ratio > MAX_MAGNITUDE_RISE:
-            problems.append(Problem(run.subject, run.name, str(files[later]), (
+            problems.append(Problem.of(run, files[later], (
                 f"{run.name}: the magnitude rises by {ratio - 1:.0%} from echo time {echo_times[k] * 1e3:g} ms "
                 f"({metadata_file(files[k], 'EchoTime')}) to {echo_times[later] * 1e3:g} ms "
                 f"({metadata_file(files[later], 'EchoTime')}), where T2* "
@@ -621,7 +626,7 @@ def _phase_echo_order(run, units, echo_times, magnitudes, problems):
     if given > MIN_PHASE_EXCHANGE_GAIN * exchanged and exchanged < MAX_EXCHANGED_RESIDUAL_RAD:
         where = [f"{echo_times[k] * 1e3:g} ms ({files[k]}{f', volume {k + 1}' if run.multi_echo_4d else ''})"
                  for k in (a, b)]
-        problems.append(Problem(run.subject, run.name, str(files[a]), (
+        problems.append(Problem.of(run, files[a], (
             f"{run.name}: the phase images of echo times {where[0]} and {where[1]} follow the echo times "
             f"{given / exchanged:.0f} times better exchanged (median echo-fit residual {given:.3f} rad as given, "
             f"{exchanged:.3f} rad exchanged): each is probably paired with the other's EchoTime and magnitude; "
@@ -632,7 +637,7 @@ def _echoes_paired(run, problems):
     """Pair the magnitude and phase images by their ``echo`` entity; report every echo with two images of one part
     (naming both) and every image whose other part is missing. Returns True when each echo has one of each."""
     def report(file, message):
-        problems.append(Problem(run.subject, run.name, str(file), message))
+        problems.append(Problem.of(run, file, message))
 
     def of_echo(echo):
         return "" if echo is None else f" of echo {echo}"
@@ -667,7 +672,7 @@ def validate_run(run, b0_tesla=None, mask=None):
     problems = []
 
     def report(file, message):
-        problems.append(Problem(run.subject, run.name, str(file), message))
+        problems.append(Problem.of(run, file, message))
 
     if not run.files:  # images qsmprep does not read, alone (discovery's _files_by_run)
         complex_parts = [file for file, part in run.unread if part in ("real", "imag")]
@@ -784,7 +789,7 @@ def _same_name_problems(runs):
     for name, group in by_name.items():
         if len(group) > 1:
             listed = " and ".join(f"the {run.suffix} run ({few_named(map(str, run.files), shown=1)})" for run in group)
-            problems.append(Problem(group[0].subject, name, str(group[0].files[0]), (
+            problems.append(Problem.of(group[0], group[0].files[0], (
                 f"{name}: {listed} have the same entities, so their outputs would have the same names "
                 f"({name}_*): process one of them, chosen with --bids-filter-file (e.g. {{\"megre\": "
                 f"{{\"suffix\": \"{group[0].suffix}\"}}}}), or give one of them an acq-<label> or run-<index> entity "
