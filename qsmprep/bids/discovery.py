@@ -191,10 +191,6 @@ def _narrows(value, own_values):
     return bool(values) and all(v in own_values for v in values)
 
 
-def _strip_prefix(labels, prefix):
-    return [str(lab)[len(prefix):] if str(lab).startswith(prefix) else str(lab) for lab in labels]
-
-
 def _key_in_file_names(pattern):
     """The key a pybids entity takes in file names (``acq`` for ``acquisition``, ``mt`` for ``mtransfer``), read
     from its ``pattern`` (a ``[_/\\]+key-(...)`` regular expression), or None where it has none."""
@@ -321,7 +317,7 @@ def _restricted_to_labels(query, layout, bids_dir, participant_label, session_la
     """``query`` narrowed to the participants and sessions asked for; NoInputError names any ``bids_dir`` lacks."""
     query = dict(query)
     if participant_label:
-        wanted = _strip_prefix(participant_label, "sub-")
+        wanted = [str(label).removeprefix("sub-") for label in participant_label]
         present = layout.get_subjects()
         missing = sorted(set(wanted) - set(present))
         if missing:
@@ -329,7 +325,7 @@ def _restricted_to_labels(query, layout, bids_dir, participant_label, session_la
                                f"({labels_it_has('subject', 'sub-', present, missing)}): check --participant-label.")
         query["subject"] = _narrowed(wanted, query.get("subject", NO_FILTER), "participant", "--participant-label")
     if session_label:
-        wanted = _strip_prefix(session_label, "ses-")
+        wanted = [str(label).removeprefix("ses-") for label in session_label]
         subjects = {"subject": query["subject"]} if participant_label else {}
         present = layout.get_sessions(**subjects)
         missing = sorted(set(wanted) - set(present))
