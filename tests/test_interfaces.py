@@ -134,13 +134,6 @@ def test_brain_mask_does_not_depend_on_storage_order(gre, tmp_path, codes):
     np.testing.assert_array_equal(back, np.asarray(ras.dataobj))
 
 
-def test_brain_mask_quality_strategy_needs_the_phase(gre, tmp_path):
-    from qsmprep.interfaces.field import BrainMask
-
-    with pytest.raises(ValueError, match="strategy 'quality' needs phase_rad and te_s"):
-        BrainMask(magnitude=gre["magnitude"], strategy="quality").run(cwd=str(tmp_path))
-
-
 def test_total_field_quality_unwrap_equals_the_library(gre, tmp_path):
     from qsmprep.interfaces.field import TotalField
     from qsmprep.phase.combine import total_field_hz

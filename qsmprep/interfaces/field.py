@@ -16,8 +16,9 @@ class _BrainMaskInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude")
     strategy = traits.Enum(*MASK_STRATEGIES, mandatory=True, desc="what is thresholded")
     parameters = traits.Dict(desc="keyword parameters of qsmprep.masking.brain_mask")
-    phase_rad = File(exists=True, desc="4D phase in rad: steep-phase surface voxels are excluded; quality map")
-    te_s = traits.List(traits.Float, desc="echo times in s (with phase_rad)")
+    phase_rad = File(exists=True, mandatory=True,
+                     desc="4D phase in rad: steep-phase surface voxels are excluded; quality map")
+    te_s = traits.List(traits.Float, mandatory=True, desc="echo times in s")
 
 
 class _MaskOutputSpec(TraitedSpec):
@@ -25,9 +26,9 @@ class _MaskOutputSpec(TraitedSpec):
 
 
 class BrainMask(SimpleInterface):
-    """Brain mask from magnitude (``qsmprep.masking.brain_mask``); with the phase, surface voxels
-    too steep to unwrap are excluded (``qsmprep.phase.steep_phase_voxels``) and, for strategy
-    'quality', the phase quality map is thresholded too."""
+    """Brain mask from magnitude (``qsmprep.masking.brain_mask``) without the surface voxels whose
+    phase is too steep to unwrap (``qsmprep.phase.steep_phase_voxels``); for strategy 'quality',
+    the phase quality map is thresholded too."""
 
     input_spec = _BrainMaskInputSpec
     output_spec = _MaskOutputSpec
@@ -37,14 +38,9 @@ class BrainMask(SimpleInterface):
         from ..phase.quality import phase_quality_map, steep_phase_voxels
 
         magnitude, affine, header = load_nifti(self.inputs.magnitude, "magnitude image")
-        quality = exclude = None
-        if isdefined(self.inputs.phase_rad):
-            phase = load_nifti(self.inputs.phase_rad, "phase image")[0]
-            exclude = steep_phase_voxels(phase, list(self.inputs.te_s))
-            if self.inputs.strategy == "quality":
-                quality = phase_quality_map(phase, magnitude, list(self.inputs.te_s))
-        elif self.inputs.strategy == "quality":
-            raise ValueError("strategy 'quality' needs phase_rad and te_s")
+        phase = load_nifti(self.inputs.phase_rad, "phase image")[0]
+        exclude = steep_phase_voxels(phase, list(self.inputs.te_s))
+        quality = phase_quality_map(phase, magnitude, list(self.inputs.te_s)) if self.inputs.strategy == "quality" else None
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
         # in RAS+ order: with isotropic voxels the holes are then filled in axial slices, however the data are stored
         mask = call_in_ras_order(brain_mask, affine, magnitude, ras_voxel_size(affine), quality=quality,
