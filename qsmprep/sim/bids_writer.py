@@ -227,14 +227,18 @@ def write_subject(out_dir, subject, session, gre, phase_units="arbitrary"):
     return written
 
 
-def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name="qsmprep simulated MEGRE"):
+DATASET_NAME = "qsmprep simulated MEGRE"
+"""The simulated dataset's default name (dataset_description.json, README)."""
+
+
+def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name=DATASET_NAME):
     """Write (or update) the dataset-level files of the raw and ground-truth datasets.
 
     ``subjects``: subject labels (without ``sub-``) to list in participants.tsv,
     merged with the rows and columns already there. In a dataset qsmprep-simulate
     did not make (``made_by_simulator``), its dataset_description.json, README,
     CHANGES and .bidsignore are kept as they are. ``phase_units`` ("arbitrary" or "rad", as the subjects were
-    written) and ``name`` (default "qsmprep simulated MEGRE") go into the README and the descriptions.
+    written) and ``name`` (default ``DATASET_NAME``) go into the README and the descriptions.
     """
     out_dir = Path(out_dir)
     generated_by = [{"Name": "qsmprep-simulate", "Version": __version__}]
@@ -257,7 +261,7 @@ def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name="qsmpre
     write_text_atomic(truth / "dseg.tsv", "".join(rows))
 
 
-def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name="qsmprep simulated MEGRE"):
+def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name=DATASET_NAME):
     """Write simulated acquisitions as a BIDS dataset with ground truth under derivatives/groundtruth.
 
     Parameters
@@ -270,7 +274,7 @@ def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name="qsmprep
         the acquisition. A generator keeps one acquisition in memory at a time.
     phase_units : {"arbitrary", "rad"}, default "arbitrary"
         How phase is stored (see ``write_subject``).
-    name : str, default "qsmprep simulated MEGRE"
+    name : str, default ``DATASET_NAME`` ("qsmprep simulated MEGRE")
         Dataset name for dataset_description.json and README.
 
     Returns
