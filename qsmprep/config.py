@@ -55,6 +55,7 @@ def inversion_high_pass_mm(method, params):
         return 0
     return params.get(key) or 0
 
+
 B0_RESAMPLE_TILT_DEG = 1.0
 """With ``--resample-b0``, runs whose B0 is tilted more than this from the third voxel axis are inverted on a B0-aligned grid."""
 SELF_RESAMPLING_INVERSIONS = ("deep",)

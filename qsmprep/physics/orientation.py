@@ -50,19 +50,19 @@ def b0_dir_from_affine(affine, b0_world=SCANNER_B0_WORLD):
     -------
     tuple of 3 float, unit length. (0, 0, 1) for an axial acquisition.
     """
-    w = np.asarray(b0_world, dtype=np.float64)
-    w = w / np.linalg.norm(w)
-    b = voxel_rotation(affine).T @ w
-    return tuple(float(v) for v in b / np.linalg.norm(b))
+    return unit_vector(voxel_rotation(affine).T @ unit_vector(b0_world))
 
 
 def b0_dir_given_or_from_affine(b0_dir, affine):
     """Unit B0 direction in voxel coordinates: ``b0_dir`` (any non-zero length, e.g. a user's ``--b0-dir``)
     normalised, or ``b0_dir_from_affine(affine)`` where it is None. Returns a tuple of 3 float."""
-    if b0_dir is None:
-        return b0_dir_from_affine(affine)
-    b = np.asarray(b0_dir, dtype=np.float64)
-    return tuple(float(v) for v in b / np.linalg.norm(b))
+    return b0_dir_from_affine(affine) if b0_dir is None else unit_vector(b0_dir)
+
+
+def unit_vector(vector):
+    """``vector`` (3 numbers, non-zero) scaled to unit length, in float64, as a tuple of 3 float."""
+    v = np.asarray(vector, dtype=np.float64)
+    return tuple(float(x) for x in v / np.linalg.norm(v))
 
 
 def b0_tilt_deg(b0_dir, reference=(0.0, 0.0, 1.0)):
