@@ -259,16 +259,16 @@ def _empty_mask_reason(kept, threshold):
     """Why ``brain_mask`` came out empty and what to change, from the fraction of the field of view each step
     ``kept`` (label, fraction), in order."""
     if kept[0][1] == 0:
-        return (f"the threshold {threshold:g} (a --parameters [mask.*] threshold) is above the brain's magnitude: "
-                "lower it or leave it to Otsu's method" if threshold is not None else
+        return (f"the threshold {threshold:g} (--parameters [mask.quality], or [mask.magnitude] with --mask magnitude) "
+                "is above the brain's magnitude: lower it or leave it to Otsu's method" if threshold is not None else
                 "no voxel is above the Otsu thresholds of the magnitude and phase quality: check the magnitude images, "
                 "or give a brain mask with --mask")
     last = next(i for i, (_, fraction) in enumerate(kept) if fraction == 0)
     steps = [f"{label} {f'{100 * fraction:.2g} %' if fraction else 'none'}" for label, fraction in kept[1:last + 1]]
     return (f"of the field of view, the threshold kept {100 * kept[0][1]:.2g} %, {', '.join(steps)}: each step "
             "removes tissue thinner than twice its radius, and a field of view inside the head (a slab or a crop) has "
-            "no scalp to separate; set separate_mm = 0 and lower erode_mm and smooth_mm in --parameters [mask.*], "
-            "or give a brain mask with --mask")
+            "no scalp to separate; set separate_mm = 0 and lower erode_mm and smooth_mm in --parameters [mask.quality] "
+            "([mask.magnitude] with --mask magnitude), or give a brain mask with --mask")
 
 
 def check_mask(mask, shape=None, source="mask", region="a mask that covers the brain"):

@@ -121,7 +121,8 @@ def test_dilation_and_erosion_mm_are_scipys_by_ball_mm(radius, voxel):
 def test_a_threshold_above_the_brain_is_a_data_error_naming_it():
     magnitude = np.zeros((20, 20, 20))
     magnitude[5:15, 5:15, 5:15] = 100.0
-    with pytest.raises(DataError, match=r"the brain mask is empty: the threshold 500 \(a --parameters \[mask.\*\] "):
+    with pytest.raises(DataError, match=r"the brain mask is empty: the threshold 500 \(--parameters \[mask.quality\], "
+                       r"or \[mask.magnitude\] with --mask magnitude\) is above"):
         brain_mask(magnitude, (2.0, 2.0, 2.0), threshold=500)
     with pytest.raises(DataError, match="check the magnitude images"):
         brain_mask(np.zeros((20, 20, 20)), (2.0, 2.0, 2.0))
@@ -139,7 +140,8 @@ def test_a_crop_inside_the_head_names_each_step_and_the_parameters_to_change():
         "the brain mask is empty: of the field of view, the threshold kept 54 %, the scalp separation (separate_mm 4) "
         "3.4 %, the erosion (erode_mm 3) 0.24 %, the opening (smooth_mm 2) none: each step removes tissue thinner than "
         "twice its radius, and a field of view inside the head (a slab or a crop) has no scalp to separate; set "
-        "separate_mm = 0 and lower erode_mm and smooth_mm in --parameters [mask.*], or give a brain mask with --mask.")
+        "separate_mm = 0 and lower erode_mm and smooth_mm in --parameters [mask.quality] ([mask.magnitude] with --mask "
+        "magnitude), or give a brain mask with --mask.")
     assert brain_mask(img.get_fdata(), voxel, separate_mm=0, erode_mm=1).mean() == pytest.approx(0.114, abs=0.001)
 
 
