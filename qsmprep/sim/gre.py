@@ -35,7 +35,8 @@ PHASE_OFFSET_CORRELATION_MM = 80.0
 """Spatial scale of the smooth receive-phase offset."""
 
 PHASE_OFFSET_STD_RAD = 1.0
-"""Standard deviation of its spatially varying part (a uniform constant is added)."""
+"""Scale of its spatially varying part, rad (a uniform constant is added): the standard deviation at the random
+field's lattice nodes, about 0.88 of it between them (``lowpass_random_field``)."""
 
 
 @dataclass
