@@ -81,6 +81,7 @@ def test_table_has_the_numbers(files, maps, capsys):
     putamen = next(line for line in out.splitlines() if line.startswith("putamen"))
     _, voxels, chi_mean, ref_mean = putamen.split()
     assert int(voxels) == 125
+    assert float(chi_mean) == pytest.approx(maps[0][maps[3] == 5].mean(), abs=1e-4)
     assert float(ref_mean) == pytest.approx(maps[1][maps[3] == 5].mean(), abs=1e-4)
     # the value column is aligned
     starts = {m.start() for m in (re.search(r"-?\d+\.\d{4}", line) for line in out.splitlines()[:7]) if m}

@@ -62,9 +62,9 @@ def test_oblique_field_is_inverted_in_a_b0_aligned_frame(untrained_checkpoint, c
     assert "B0-aligned frame (tilt 25.0 deg, voxel size 1x1x1 mm -> kept)" in caplog.text
     assert f"deep inversion on the CPU ({torch.get_num_threads()} threads)" in caplog.text  # the log names the device
     direct = cfl2(field, mask, (1, 1, 1), b0, lam=0.1)
-    # the aligned-frame result matches CFL2 with the true tilt up to interpolation,
-    # and is far better than ignoring the tilt
-    assert nrmse(out, direct, mask) < 25
+    # the aligned-frame result matches CFL2 with the true tilt up to the cubic resampling there and back (measured
+    # 7.7 %; trilinear 10.4 %, a frame tilted 15 instead of 25 deg 16.6 %), and is far better than ignoring the tilt
+    assert nrmse(out, direct, mask) < 10
     assert nrmse(out, chi, mask) < nrmse(cfl2(field, mask, (1, 1, 1), (0, 0, 1)), chi, mask)
 
 

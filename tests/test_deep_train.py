@@ -63,6 +63,17 @@ def _fixed_batch_loss(trainer, batches):
         return float(np.mean([trainer.content_loss(b)[0].item() for b in batches]))
 
 
+def _first_loss_resumed_from(model, recipe, step, scratch):
+    """The training loss of ``model`` on the first batch of a run resumed at ``step`` (its data stream restarts
+    at seed + step): the first loss such a run logs if it restored ``model``'s weights, as a step's loss comes
+    before its update."""
+    recipe = validate_recipe(recipe)
+    probe = Trainer(recipe, scratch, torch.device("cpu"))
+    probe.model.load_state_dict(model.state_dict())
+    stream = build_dataset(recipe["data"], recipe["augment"], seed=recipe["train"]["seed"] + step)
+    return _fixed_batch_loss(probe, [next(iter(DataLoader(stream, batch_size=recipe["train"]["batch_size"])))])
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipe_learns_and_checkpoint_reloads(tmp_path, name):
     recipe = tiny(name)
@@ -138,8 +149,15 @@ def test_deterministic_and_resumable(tmp_path, caplog):
         train(tiny("smoke", steps=8), tmp_path / "a", device="cpu")
     part = train(tiny("smoke", steps=8), tmp_path / "c", device="cpu", max_steps=5)
     assert part["step"] == 5 and part["losses"] == a["losses"][:5]
+    restored = Trainer(validate_recipe(tiny("smoke", steps=8)), tmp_path / "c", torch.device("cpu"))
+    restored.restore()
+    for name, value in part["model"].state_dict().items():  # parameters and batch-norm statistics
+        assert torch.equal(restored.model.state_dict()[name], value), name
     rest = train(tiny("smoke", steps=8), tmp_path / "c", device="cpu", resume=True)
     assert rest["step"] == 8 and len(rest["losses"]) == 3
+    # the resumed stream draws other samples than a's steps 6-8 (0.0423 against a's 0.0433 at step 6), so the
+    # continuity check is the step-5 weights' loss on the resumed stream's first batch, which is exact
+    assert rest["losses"][0] == _first_loss_resumed_from(part["model"], tiny("smoke", steps=8), 5, tmp_path / "p")
     with open(tmp_path / "c" / "losses.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))
     assert read_tensors(tmp_path / "c" / "checkpoint.safetensors")[1]["step"] == 8
@@ -169,7 +187,9 @@ def test_a_resume_does_not_pair_the_checkpoint_with_another_steps_optimiser_stat
     assert "optimizer.safetensors is from step 3, not from the checkpoint's step 5" in caplog.text
     assert "the optimiser starts afresh at step 5" in caplog.text
     resumed = train(tiny("smoke", steps=8), tmp_path / "e", device="cpu", resume=True)  # the states that belong together
-    assert resumed["losses"] != rest["losses"] and full["step"] == 5
+    # both start from the step-5 weights; only the updates, made with another optimiser state, differ
+    first = _first_loss_resumed_from(full["model"], tiny("smoke", steps=8), 5, tmp_path / "p")
+    assert rest["losses"][0] == resumed["losses"][0] == first and rest["losses"][1:] != resumed["losses"][1:]
     (tmp_path / "e" / "optimizer.safetensors").unlink()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qsmprep.deep.trainer"):
@@ -369,8 +389,13 @@ def test_cli_trains_keeps_the_best_resumes_and_stops_in_time(tmp_path, monkeypat
     best = min(rows, key=lambda r: float(r["nrmse"]))
     assert read_metadata(out / "best.safetensors")["step"] == int(best["step"])
     assert read_metadata(out / "best.safetensors")["validation"]["nrmse"] == pytest.approx(float(best["nrmse"]))
+    saved = load_model(out / "checkpoint.safetensors")[0]
     assert train_main(["smoke", "--out", str(out), "--max-steps", "6", "--resume", *quick]) == 0
     assert read_metadata(out / "checkpoint.safetensors")["step"] == 6
+    # the resumed run went on from the step-4 weights: its step 5 is their loss on its first batch
+    step5 = next(r for r in csv.DictReader((out / "losses.csv").read_text().splitlines()) if r["step"] == "5")
+    assert float(step5["loss"]) == _first_loss_resumed_from(saved, load_recipe("smoke", ["train.val_every=2"]), 4,
+                                                            tmp_path / "p")
     # --max-minutes: a clock that runs an hour per reading stops a 30-minute run after its first step, saved
     clock = itertools.count(0.0, 3600.0)
     monkeypatch.setattr(trainer_module.time, "monotonic", lambda: next(clock))
@@ -484,8 +509,13 @@ def test_cli_stopped_by_a_signal_says_how_to_continue(capsys, tmp_path, monkeypa
                                        "run the same command with --resume to continue from it.\n")
     assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
     monkeypatch.undo()
+    saved = load_model(out / "checkpoint.safetensors")[0]
     assert train_main(["smoke", "--out", str(out), "--resume", *quick]) == 0
     assert read_tensors(out / "checkpoint.safetensors")[1]["step"] == 6
+    # it went on from step 2's weights, not step 3's unsaved ones: its step 3 is their loss on its first batch
+    step3 = next(r for r in csv.DictReader((out / "losses.csv").read_text().splitlines()) if r["step"] == "3")
+    assert float(step3["loss"]) == _first_loss_resumed_from(saved, load_recipe("smoke", ["train.val_every=2"]), 2,
+                                                            tmp_path / "p")
     # before the first checkpoint nothing is kept: no --out holding logs that --resume cannot continue
     _signal_at_step(monkeypatch, signal.SIGINT, 1)
     assert train_main(["smoke", "--out", str(tmp_path / "early"), *quick]) == 130

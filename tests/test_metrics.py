@@ -322,11 +322,12 @@ def test_evaluate_collects_all_metrics():
     assert result["nrmse_pct"] == pytest.approx(20.0, rel=1e-6)
     assert result["nrmse_detrended_pct"] == pytest.approx(0.0, abs=1e-4)
     assert result["hfen_pct"] == pytest.approx(20.0, rel=1e-6)
-    assert result["xsim"] < 1
+    assert result["xsim"] == pytest.approx(xsim(recon, ref, m), rel=1e-12)  # with the challenge's settings
     assert result["deep_gm_slope"] == pytest.approx(0.8, rel=1e-9)
     assert result["calcification_moment_error"] == pytest.approx(0.2, rel=1e-9)
     assert result["calcification_streak"] == pytest.approx(0.0, abs=1e-9)
     assert result["label_means_ppm"]["putamen"]["ref"] == pytest.approx(ref[labels == 1].mean())
+    assert result["label_means_ppm"]["putamen"]["recon"] == pytest.approx(0.8 * ref[labels == 1].mean())
     assert result["label_means_ppm"]["putamen"]["voxels"] == 64
     assert set(evaluate(recon, ref, m)) == {"nrmse_pct", "nrmse_detrended_pct", "hfen_pct", "xsim"}
 

@@ -193,12 +193,13 @@ def test_steep_gradient_that_aliases_in_late_echoes_is_unwrapped_in_time(unwrap)
 
 def test_steep_phase_voxels_flag_jumps_above_two_thirds_pi_of_the_echo_difference():
     n, te = 16, [0.004, 0.008]
-    steps_rad = np.where(np.arange(n - 1) < 8, 0.4, 2.5)  # echo-difference phase change per voxel along i
+    # echo-difference phase change per voxel along i: just under and just over the 2 pi / 3 = 2.09 rad threshold
+    steps_rad = np.where(np.arange(n - 1) < 8, 1.9, 2.3)
     field_hz = np.concatenate([[0.0], np.cumsum(steps_rad)]) / (2 * np.pi * 0.004)
     field = field_hz[:, None, None] * np.ones((1, n, n))
     phase = np.stack([np.angle(np.exp(2j * np.pi * field * t + 1j)) for t in te], -1)
     steep = steep_phase_voxels(phase, te)
-    np.testing.assert_array_equal(steep[:, 3, 3], np.arange(n) >= 8)  # both ends of every 2.5 rad step
+    np.testing.assert_array_equal(steep[:, 3, 3], np.arange(n) >= 8)  # both ends of every 2.3 rad step
     assert not steep[:8].any()
     # neighbours outside the mask do not count; nothing outside the mask is flagged
     mask = np.zeros(field.shape, dtype=bool)
