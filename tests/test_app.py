@@ -325,6 +325,7 @@ def test_version(capsys):
     [
         (["--b0-dir", "0", "0", "0"], "--b0-dir must be a non-zero vector"),
         (["--b0-dir", "1e-200", "0", "0"], "--b0-dir must be a non-zero vector"),  # no length in floating point
+        (["--b0-dir", "1e200", "0", "0"], "--b0-dir must be a non-zero vector"),  # nor here (it overflows)
         (["--b0-dir", "0", "0", "1", "--resample-b0"], "cannot be combined with --b0-dir"),
         (["--mask", "/nonexistent/mask.nii.gz"], "neither a strategy"),
         (["--b0-tesla", "-3"], "--b0-tesla is the field strength in tesla"),

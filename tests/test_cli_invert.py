@@ -150,6 +150,29 @@ def test_a_field_in_hz_read_as_ppm_is_refused(inputs, capsys):
     assert _run(paths, "--method", "tkd") == 0
 
 
+def test_a_field_outside_the_usual_range_is_inverted_with_a_warning(inputs, caplog):
+    """A phase in rad read as ppm (16 times too strong at 3 T and 20 ms) passed the 1 ppm refusal, and a field in ppm
+    read as Hz (128 times too weak) passed everything: maps wrong in scale, exit 0, no word."""
+    paths, field, mask, affine = inputs
+    low, high = invert.TYPICAL_LOCAL_FIELD_PPM
+    typical = np.percentile(np.abs(field[mask]), 99)  # 0.0099 ppm: the fixture's field is a tissue field
+    assert low < typical < high
+    cases = ((field, [], None),
+             (16 * field, [], None),  # 0.16 ppm: a strong tissue field, no word
+             (64 * field, [], "--units rad --b0-tesla T --te S"),  # 0.64 ppm: a phase in rad read as ppm
+             (field, ["--units", "hz", "--b0-tesla", "3"], "far too weak"))  # 0.00008 ppm: ppm read as Hz
+    for data, units, words in cases:
+        nib.save(nib.Nifti1Image(data.astype(np.float32), affine), paths["field"])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qsmprep.cli.invert"):
+            assert _run(paths, "--method", "tkd", *units) == 0
+        warned = [r.getMessage() for r in caplog.records if r.name == "qsmprep.cli.invert"]
+        if words is None:
+            assert not warned, warned
+        else:
+            assert len(warned) == 1 and str(paths["field"]) in warned[0] and words in warned[0], warned
+
+
 def test_a_qsmprep_total_field_is_refused_with_the_local_field_named(inputs, capsys):
     """The unit check's advice (--units hz) on qsmprep's total field at 3 mm voxels passed the 1 ppm check and gave
     a map ten times too strong, exit 0."""
@@ -235,6 +258,7 @@ def test_grid_mismatch_nan_and_empty_mask_exit_65(inputs, capsys):
         (["--method", "tv", "--harmonic-radius", "0.9"], ["--harmonic-radius", "a 0.9 mm sphere reaches no "
                                                           "neighbouring voxel"]),
         (["--method", "tkd", "--b0-dir", "0", "0", "0"], ["--b0-dir must be a non-zero vector"]),
+        (["--method", "tkd", "--b0-dir", "1e200", "0", "0"], ["--b0-dir must be a non-zero vector"]),  # its norm: inf
         (["--method", "tkd", "--model", "x"], ["--model", "deep"]),
         (["--method", "ilsqr", "--refine", "3"], ["--refine", "deep"]),
         (["--method", "deep", "--refine", "-1"], ["--refine"]),

@@ -122,10 +122,13 @@ def check_b0_tesla_option(value):
 
 def check_b0_dir_option(value):
     """Raise UsageError unless ``--b0-dir`` (None: not given) is a direction: a vector whose length, as the library
-    normalises it (``numpy.linalg.norm``), is not zero (that of 1e-200 0 0 underflows to 0)."""
+    normalises it (``numpy.linalg.norm``), is neither zero nor infinite (that of 1e-200 0 0 underflows to 0, that of
+    1e200 0 0 overflows)."""
     import numpy as np
 
-    if value is not None and not np.linalg.norm(value) > 0:
+    with np.errstate(over="ignore", under="ignore"):
+        length = None if value is None else np.linalg.norm(value)
+    if length is not None and not 0 < length < np.inf:
         raise UsageError("--b0-dir must be a non-zero vector, e.g. 0 0 1.")
 
 

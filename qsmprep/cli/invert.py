@@ -56,7 +56,8 @@ units: the field is in ppm of B0 by default; --units hz needs --b0-tesla;
 --units rad (phase at one echo time) needs --b0-tesla and --te. A sidecar
 FIELD.json stating other Units, a field beyond 1 ppm once converted (in Hz,
 or a total field), or qsmprep's total field (*_desc-total_fieldmap) is refused:
-invert its desc-local_fieldmap.
+invert its desc-local_fieldmap. A field outside the usual 0.002-0.2 ppm
+is inverted with a warning (a phase in rad read as ppm, ppm read as Hz).
 geometry: voxel size and B0 direction come from FIELD's affine (B0 along
 world z, the scanner axis); --b0-dir X Y Z overrides the direction, in voxel
 coordinates (i, j, k).
@@ -155,6 +156,12 @@ MAX_PLAUSIBLE_LOCAL_FIELD_PPM = 1.0
 hundredths of a ppm (0.038 ppm on the 2016 challenge data), at most tenths near a haemorrhage; the same field in Hz is
 64-300 times larger at 1.5-7 T, so a field in Hz read as ppm made a map 128 times too strong at 3 T with exit 0."""
 
+TYPICAL_LOCAL_FIELD_PPM = (0.002, 0.2)
+"""Range of the 99th percentile of |local field| (ppm) inside the mask outside which the field is inverted with a
+warning: 0.038 ppm on the 2016 challenge data, 0.030 on a real 3-echo crop, 0.057 on a simulated head. A phase in rad
+read as ppm is 16 times stronger at 3 T and 20 ms (0.6-0.9), under the 1 ppm refusal; a field in ppm read as Hz is
+128 times weaker at 3 T (0.0003-0.0004): both gave maps wrong in scale with exit 0 and no word."""
+
 
 def _check_not_total_field(args):
     """Raise UsageError for a total field map qsmprep wrote (``desc-total_fieldmap``, before background-field removal):
@@ -185,11 +192,21 @@ def _check_sidecar_units(args):
 
 def _check_plausible_ppm(field, inside, args):
     """Raise DataError when the field, read in ppm, is far stronger than any tissue field
-    (``MAX_PLAUSIBLE_LOCAL_FIELD_PPM``): a field in Hz or a total field, which would give a map wrong in scale."""
+    (``MAX_PLAUSIBLE_LOCAL_FIELD_PPM``): a field in Hz or a total field, which would give a map wrong in scale; warn
+    when it is outside the usual range (``TYPICAL_LOCAL_FIELD_PPM``), as a unit mistake or a strong lesion makes it."""
     strong = float(np.percentile(np.abs(field[inside]), 99))
+    low, high = TYPICAL_LOCAL_FIELD_PPM
+    read = f"field map {args.field}: 1 % of the mask's voxels are beyond {strong:.3g} ppm (read with --units {args.units})"
+    if strong < low:
+        log.warning("%s; in tissue fields that level is %g-%g ppm: if the map comes out far too weak, check the units "
+                    "(a field in ppm needs no --units; --units hz and rad need --b0-tesla in T, rad also --te in s).",
+                    read, low, high)
+    elif high < strong <= MAX_PLAUSIBLE_LOCAL_FIELD_PPM:
+        log.warning("%s; in tissue fields that level is under %g ppm (more only with a large haemorrhage): "
+                    "if the map comes out far too strong, check the units (a phase in radians needs --units rad "
+                    "--b0-tesla T --te S, a field in Hz --units hz --b0-tesla T).", read, high)
     if strong > MAX_PLAUSIBLE_LOCAL_FIELD_PPM:
-        raise DataError(f"field map {args.field}: 1 % of the mask's voxels are beyond {strong:.3g} ppm (read with "
-                        f"--units {args.units}), but a local (tissue) field is rarely beyond 0.2 ppm: a field in Hz "
+        raise DataError(f"{read}, but a local (tissue) field is rarely beyond {high:g} ppm: a field in Hz "
                         "needs --units hz --b0-tesla T, a phase in radians --units rad --b0-tesla T --te S; a total "
                         "field needs background-field removal first (qsmprep does both).")
 
