@@ -26,22 +26,25 @@ import re
 import numpy as np
 from scipy import ndimage
 
-from .errors import DataError
+from .errors import DataError, few_named
 
 logger = logging.getLogger(__name__)
 
 DEEP_GM_NAME_PATTERNS = (
     "caudate",
     "putamen",
-    "pallid",
+    "pallid(?:um|us)",
     "thalamus",
-    "rednucleus",
+    "red nucleus",
     "nigra",
-    "dentate",
+    "sn",
     "subthalamic",
+    "dentate(?! gyrus)",
 )
-"""Label-name fragments (lower case, separators removed) that mark deep grey
-matter nuclei, used by ``evaluate`` when it is given label names."""
+"""Regular expressions that mark a label name as a deep grey matter nucleus (``deep_gm_label_ids``), each matched
+to whole words of the name (``_name_words``): "Left-Thalamus-Proper" and "Right-Putamen" match,
+"Left-Hypothalamus", "Epithalamus" and "dentate_gyrus" do not. "sn" is the substantia nigra's abbreviation ("SN",
+"SN and STN"); "nigra" alone also takes the spelling "Substancia-Nigra" (FreeSurfer's colour table)."""
 
 
 def _mask_bool(mask):
@@ -164,19 +167,28 @@ def xsim(recon, ref, mask, data_range_ppm=1.0, k=(0.01, 0.001), sigma=1.5, radiu
     return float(ssim_map[m].mean())
 
 
+def label_stats(labels, *maps):
+    """Voxel count and mean of each of ``maps`` over every distinct value of ``labels``.
+
+    Works for any label IDs (e.g. 2**31 - 1): the labels are numbered by ``np.unique``, so no array as long as
+    the largest ID is made. Returns (ids, counts, means): the sorted distinct values of ``labels`` (an array),
+    their voxel counts (int array) and one array of means per map (float64, in the maps' unit).
+    """
+    ids, inverse, counts = np.unique(np.asarray(labels).ravel(), return_inverse=True, return_counts=True)
+    means = [np.bincount(inverse, weights=np.asarray(v, np.float64).ravel(), minlength=ids.size) / counts
+             for v in maps]
+    return ids, counts, means
+
+
 def label_means(chi, labels, label_ids):
     """Mean of ``chi`` over each label: {label_id: mean}.
 
     A label with no voxel gets NaN, so that a table of several maps keeps
     its rows.
     """
-    chi = np.asarray(chi, np.float64)
-    labels = np.asarray(labels)
-    means = {}
-    for label in label_ids:
-        sel = labels == label
-        means[label] = float(chi[sel].mean()) if sel.any() else float("nan")
-    return means
+    ids, _, (means,) = label_stats(labels, chi)
+    found = dict(zip(ids.tolist(), means.tolist()))
+    return {label: found.get(label, float("nan")) for label in label_ids}
 
 
 def deep_gm_slope(recon, ref, labels, label_ids):
@@ -304,29 +316,72 @@ def calcification_streak(recon, ref, calc_mask, margin_vox=3, rim_vox=4, shell_v
     return float(residual.std(ddof=1) / abs(recon[segmented].mean()))
 
 
-def _normalised_name(name):
-    return re.sub(r"[^a-z]", "", str(name).lower())
+def _name_words(name):
+    """The words of a label name, lower case, joined by single spaces: runs of letters, split also where a capital
+    follows a small letter ("Left-Thalamus-Proper" and "LeftThalamusProper" give "left thalamus proper")."""
+    return " ".join(re.findall(r"[a-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", str(name)).lower()))
 
 
 def deep_gm_label_ids(label_names):
-    """The label ids of ``label_names`` ({id: name}) that name deep grey matter nuclei."""
-    return [
-        label
-        for label, name in label_names.items()
-        if any(p in _normalised_name(name) for p in DEEP_GM_NAME_PATTERNS)
-    ]
+    """The label ids of ``label_names`` ({id: name}) whose name has one of ``DEEP_GM_NAME_PATTERNS`` as whole
+    words, in the order given."""
+    pattern = re.compile(r"\b(?:" + "|".join(DEEP_GM_NAME_PATTERNS) + r")\b")
+    return [label for label, name in label_names.items() if pattern.search(_name_words(name))]
+
+
+def check_label_names(label_names, source="label names"):
+    """Raise DataError, naming ``source`` (e.g. "label names dseg.tsv"), when two labels of ``label_names``
+    ({id: name}) would be reported under one key by ``evaluate``: two ids with one name, or a name that is
+    another id's number (the key of a label without a name)."""
+    first_id = {}
+    for label, name in label_names.items():
+        name = str(name)
+        if re.fullmatch(r"0|[1-9][0-9]*", name) and name != str(label):
+            raise DataError(f"{source}: label {label} is named '{name}', which is how label {name} is reported "
+                            f"when it has no name: give label {label} a name that is not a number.")
+        if name in first_id:
+            raise DataError(f"{source}: labels {first_id[name]} and {label} are both named '{name}', so one would "
+                            "hide the other in the results: give each label its own name.")
+        first_id[name] = label
+
+
+def _deep_gm(recon, ref, in_mask, keys, candidates, explicit):
+    """``deep_gm_slope`` and ``deep_gm_labels`` (the keys of the labels fitted) for ``evaluate``.
+
+    ``keys``: {id: key} of the labels with voxels in the mask; ``candidates``: the deep grey matter label ids,
+    ``explicit`` when the caller named them (``deep_gm_labels``), else found by name. Fewer than two of them with
+    voxels is a DataError when explicit; found by name, the slope is None instead, with a warning.
+    """
+    fitted = [keys[label] for label in candidates if label in keys]
+    if len(fitted) >= 2:
+        return {"deep_gm_slope": deep_gm_slope(recon, ref, in_mask, candidates), "deep_gm_labels": fitted}
+    found = f"{len(fitted)} ({', '.join(fitted) or 'none'})"
+    if explicit:
+        raise DataError(f"--deep-gm-labels: the deep grey matter slope needs at least two of its labels with voxels "
+                        f"in the mask; found {found}: give two or more of the labels the label map has inside the mask "
+                        f"({few_named(map(str, keys), 8)}).")
+    logger.warning("deep grey matter slope skipped: it needs at least two deep grey matter labels with voxels in the "
+                   "mask, and the label names mark %s; the other metrics are reported. To fit it, give the nuclei's "
+                   "labels with --deep-gm-labels ID ...", found)
+    return {"deep_gm_slope": None, "deep_gm_labels": fitted}
 
 
 def evaluate(recon, ref, mask, labels=None, label_names=None, calc_label=None, deep_gm_labels=None):
     """All metrics that apply to the inputs, as a dict.
 
     Always: ``nrmse_pct`` (demeaned), ``nrmse_detrended_pct``, ``hfen_pct``,
-    ``xsim``. With ``labels`` (integer label map on the same grid):
-    ``label_means_ppm`` = {name: {"recon": mean, "ref": mean, "voxels": n}}
-    over each label's voxels inside ``mask`` (raw values, not demeaned), and
-    ``deep_gm_slope`` over ``deep_gm_labels`` if given, else over the labels
-    whose name in ``label_names`` ({id: name}) is a deep grey matter nucleus
-    (see ``DEEP_GM_NAME_PATTERNS``). With ``calc_label``:
+    ``xsim``. With ``labels`` (integer label map on the same grid; any
+    non-negative IDs, read exactly from an integer array):
+    ``label_means_ppm`` = {key: {"recon": mean, "ref": mean, "voxels": n}}
+    over each label's voxels inside ``mask`` (raw values, not demeaned), the
+    key being the label's name in ``label_names`` ({id: name}) or else its
+    number (``check_label_names`` refuses names that would share a key).
+    With ``deep_gm_labels`` or ``label_names``: ``deep_gm_slope`` over
+    ``deep_gm_labels`` if given, else over the labels whose name marks a deep
+    grey matter nucleus (``deep_gm_label_ids``), and ``deep_gm_labels``, the
+    keys of the labels fitted. Fewer than two of them with voxels in the mask
+    is a DataError when ``deep_gm_labels`` was given; found by name, the slope
+    is None instead, with a warning. With ``calc_label``:
     ``calcification_moment_error`` and ``calcification_streak`` on the maps
     demeaned in the mask. The calcification label is excluded from the
     deep grey matter slope.
@@ -342,20 +397,24 @@ def evaluate(recon, ref, mask, labels=None, label_names=None, calc_label=None, d
         if calc_label is not None or deep_gm_labels is not None:
             raise DataError("A calcification or deep grey matter label needs a label map (--labels).")
         return result
-    labels = np.rint(np.asarray(labels)).astype(np.int64)
+    labels = np.asarray(labels)
+    # rint only for float maps: int64 through float64 would round IDs above 2**53
+    labels = (labels if np.issubdtype(labels.dtype, np.integer) else np.rint(labels)).astype(np.int64)
     names = dict(label_names or {})
-    ids = [int(v) for v in np.unique(labels[m]) if v != 0]
-    in_mask = np.where(m, labels, 0)
-    recon_means = label_means(recon, in_mask, ids)
-    ref_means = label_means(ref, in_mask, ids)
-    counts = np.bincount(in_mask.ravel())
+    check_label_names(names)
+    ids, counts, (recon_means, ref_means) = label_stats(labels[m], np.asarray(recon)[m], np.asarray(ref)[m])
+    present = ids != 0
+    label_ids = ids[present].tolist()
+    keys = {label: str(names.get(label, label)) for label in label_ids}
     result["label_means_ppm"] = {
-        str(names.get(i, i)): {"recon": recon_means[i], "ref": ref_means[i], "voxels": int(counts[i])} for i in ids
+        keys[label]: {"recon": float(x), "ref": float(y), "voxels": int(n)}
+        for label, x, y, n in zip(label_ids, recon_means[present], ref_means[present], counts[present])
     }
-    dgm = list(deep_gm_labels) if deep_gm_labels is not None else deep_gm_label_ids(names)
-    dgm = [i for i in dgm if i != calc_label]
-    if dgm:
-        result["deep_gm_slope"] = deep_gm_slope(recon, ref, in_mask, dgm)
+    if deep_gm_labels is not None or names:
+        candidates = list(deep_gm_labels) if deep_gm_labels is not None else deep_gm_label_ids(names)
+        candidates = [label for label in dict.fromkeys(candidates) if label != calc_label]
+        in_mask = np.where(m, labels, 0)
+        result.update(_deep_gm(recon, ref, in_mask, keys, candidates, deep_gm_labels is not None))
     if calc_label is not None:
         x, y, _ = _in_mask(recon, ref, m)
         calc = labels == calc_label

@@ -77,6 +77,8 @@ def test_table_has_the_numbers(files, maps, capsys):
     ]:
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert float(line.split()[len(name.split())]) == pytest.approx(expected[key], abs=1e-4)
+    # the labels the slope was fitted over, found by name (the calcification is none of them)
+    assert "\nDeep GM slope labels: caudate, putamen, globus_pallidus\n" in out
     # per-label rows: name, voxel count, means
     putamen = next(line for line in out.splitlines() if line.startswith("putamen"))
     _, voxels, chi_mean, ref_mean = putamen.split()
@@ -108,8 +110,11 @@ def test_json_equals_evaluate(files, maps, tmp_path, capsys):
     expected = _expected(maps, calc_label=11)
     loaded = json.loads(out_json.read_text())
     assert loaded.keys() == expected.keys()
+    assert loaded["deep_gm_labels"] == ["caudate", "putamen", "globus_pallidus"]
     for key, value in expected.items():
-        if key == "label_means_ppm":
+        if key == "deep_gm_labels":
+            assert loaded[key] == value
+        elif key == "label_means_ppm":
             assert loaded[key].keys() == value.keys()
             for label, means in value.items():
                 assert loaded[key][label]["voxels"] == means["voxels"]
@@ -190,6 +195,69 @@ def test_json_output_that_is_an_input_is_refused(files, capsys):
     code, err = _error_run(_args(files, "--json", files["mask"]), capsys)
     assert code == 64 and f"--json {files['mask']} is the input MASK, which it would overwrite" in err
     assert files["mask"].read_bytes() == before
+    # the label names too (they were overwritten, exit 0)
+    before = files["tsv"].read_bytes()
+    argv = _args(files, "--labels", files["labels"], "--label-names", files["tsv"], "--json", files["tsv"])
+    code, err = _error_run(argv, capsys)
+    assert code == 64 and f"--json {files['tsv']} is the input --label-names, which it would overwrite" in err
+    assert files["tsv"].read_bytes() == before
+
+
+@pytest.mark.parametrize("rows, message", [
+    # each of these left a label out of the table and JSON (keyed by name) with exit 0
+    ("4\tcaudate\n5\tcaudate\n", "labels 4 and 5 are both named 'caudate', so one would hide the other"),
+    ("4\tcaudate\n5\tputamen\n4\tthalamus\n", "index 4 is on lines 2 ('caudate') and 4 ('thalamus'): give "
+                                                 "each label one row"),
+    ("4\t5\n6\tputamen\n", "label 4 is named '5', which is how label 5 is reported when it has no name"),
+    # reported as label "None", and "" for an empty name
+    ("4\tcaudate\n5\n", ", line 3: label 5 has no name: write it after the index, separated by a tab"),
+    ("4\t \n", ", line 2: label 4 has no name"),
+])
+def test_label_names_that_would_hide_a_label_are_refused(files, capsys, rows, message):
+    files["tsv"].write_text("index\tname\n" + rows)
+    code, err = _error_run(_args(files, "--labels", files["labels"], "--label-names", files["tsv"]), capsys)
+    assert code == 65 and len(err.splitlines()) == 1
+    assert err.startswith(f"qsmprep-eval: error: label names {files['tsv']}") and message in err
+
+
+def test_slope_skipped_when_the_names_give_fewer_than_two_nuclei(files, maps, capsys, caplog):
+    """Names with one deep grey matter nucleus aborted the whole evaluation (exit 65, "found [4]"); names with
+    "dentate_gyrus" or "Left-Hypothalamus" put those into the slope."""
+    files["tsv"].write_text("index\tname\n4\tLeft-Caudate\n5\tdentate_gyrus\n6\tLeft-Hypothalamus\n")
+    argv = _args(files, "--labels", files["labels"], "--label-names", files["tsv"], "--calc-label", 11)
+    assert main([*argv, "--json", "-"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["deep_gm_slope"] is None and result["deep_gm_labels"] == ["Left-Caudate"]
+    expected = _expected(maps, calc_label=11)  # every other metric is still given
+    for key in ("nrmse_pct", "hfen_pct", "xsim", "calcification_moment_error", "calcification_streak"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-6)
+    assert "deep grey matter slope skipped: it needs at least two deep grey matter labels with voxels in the mask, " \
+           "and the label names mark 1 (Left-Caudate)" in caplog.text and "--deep-gm-labels ID" in caplog.text
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\nDeep GM slope +skipped\n", out)
+    assert "\nDeep GM slope labels: Left-Caudate (it needs at least two)\n" in out
+
+
+def test_label_ids_beyond_float32_are_kept_apart(files, maps, tmp_path, capsys):
+    """IDs were read as float32: 2**24 and 2**24 + 1 merged into one row of 250 voxels, and 2**31 - 1 was reported
+    as 2147483648; np.bincount over the IDs allocated 16 GiB for the latter (MemoryError on smaller machines)."""
+    labels = maps[3].astype(np.int32)
+    ids = {4: 2**24, 5: 2**24 + 1, 6: 2**31 - 1}
+    for old, new in ids.items():
+        labels[maps[3] == old] = new
+    big = tmp_path / "big_dseg.nii.gz"
+    nib.save(nib.Nifti1Image(labels, AFFINE), str(big))
+    argv = _args(files, "--labels", big, "--deep-gm-labels", *ids.values(), "--json", "-")
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["label_means_ppm"]) == ["11", "16777216", "16777217", "2147483647"]
+    for old, new in ids.items():
+        means = result["label_means_ppm"][str(new)]
+        assert means["voxels"] == 125
+        assert means["ref"] == pytest.approx(maps[1][maps[3] == old].mean(), rel=1e-6)
+    assert result["deep_gm_labels"] == ["16777216", "16777217", "2147483647"]
+    assert result["deep_gm_slope"] == pytest.approx(_expected(maps)["deep_gm_slope"], rel=1e-6)
 
 
 def test_negative_labels_are_refused_and_a_repeated_gm_label_counts_once(files, tmp_path, capsys):
@@ -200,7 +268,9 @@ def test_negative_labels_are_refused_and_a_repeated_gm_label_counts_once(files, 
     code, err = _error_run(_args(files, "--labels", negative), capsys)
     assert code == 65 and f"label map {negative} holds negative labels" in err
     code, err = _error_run(_args(files, "--labels", files["labels"], "--deep-gm-labels", 4, 4), capsys)
-    assert code == 65 and "needs at least two labels with voxels; found [4]" in err
+    assert code == 65 and err == ("qsmprep-eval: error: --deep-gm-labels: the deep grey matter slope needs at least "
+                                  "two of its labels with voxels in the mask; found 1 (4): give two or more of the "
+                                  "labels the label map has inside the mask (4, 5, 6, 11).")
 
 
 def test_a_map_given_as_mask_is_refused(files, capsys):

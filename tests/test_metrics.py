@@ -8,11 +8,13 @@ from qsmprep.errors import DataError
 from qsmprep.metrics import (
     calcification_moment_error,
     calcification_streak,
+    check_label_names,
     deep_gm_label_ids,
     deep_gm_slope,
     evaluate,
     hfen,
     label_means,
+    label_stats,
     nrmse,
     nrmse_detrended,
     xsim,
@@ -259,6 +261,65 @@ def test_deep_gm_slope_names_the_labels_it_leaves_out_once(caplog):
 def test_deep_gm_label_ids_from_names():
     names = {1: "Caudate", 2: "putamen", 3: "Globus_Pallidus", 4: "white matter", 5: "red-nucleus", 6: "CSF"}
     assert deep_gm_label_ids(names) == [1, 2, 3, 5]
+
+
+def test_deep_gm_label_ids_match_whole_words():
+    """Names were matched by substring: the hypothalamus, the epithalamus and the dentate gyrus went into the
+    slope as deep grey matter nuclei."""
+    nuclei = ["Left-Caudate", "Right-Putamen", "Left-Pallidum", "Left-Thalamus-Proper", "Right-Thalamus",
+              "Left-Substancia-Nigra", "substantia_nigra", "SN", "SN and STN", "red_nucleus", "RedNucleus",
+              "dentate_nucleus", "Left_Dentate", "subthalamic nucleus", "CAUDATE"]
+    others = ["Left-Hypothalamus", "Epithalamus", "dentate_gyrus", "CA4-dentate-gyrus", "Metathalamus",
+              "Left-Cerebral-White-Matter", "Snout", "Left-VentralDC", "Left-Hippocampus"]
+    names = dict(enumerate(nuclei + others, start=1))
+    assert [names[i] for i in deep_gm_label_ids(names)] == nuclei
+
+
+def test_check_label_names_refuses_names_that_share_a_key():
+    check_label_names({1: "caudate", 2: "putamen", 3: "3", 4: "04"})  # its own number, or not a key's spelling
+    with pytest.raises(DataError, match=r"^dseg.tsv: labels 1 and 2 are both named 'caudate'"):
+        check_label_names({1: "caudate", 2: "caudate"}, source="dseg.tsv")
+    with pytest.raises(DataError, match=r"^label names: label 1 is named '2', which is how label 2 is reported"):
+        check_label_names({1: "2"})
+    with pytest.raises(DataError, match="labels 1 and 2 are both named 'caudate'"):  # evaluate checks them too
+        evaluate(*_label_phantom()[::-1], np.ones((30, 30, 30)), labels=_label_phantom()[0],
+                 label_names={1: "caudate", 2: "caudate"})
+
+
+def test_label_stats_of_ids_beyond_float32_and_bincount():
+    """np.bincount over the IDs needed an array as long as the largest ID (2**62: refused; 2**31 - 1: 16 GiB)."""
+    labels = np.array([[0, 2**62, 2**62], [2**24, 2**24 + 1, 2**24 + 1]], np.int64)
+    chi = np.array([[9.0, 1.0, 2.0], [3.0, 4.0, 6.0]])
+    ids, counts, (means, doubled) = label_stats(labels, chi, 2 * chi)
+    assert ids.tolist() == [0, 2**24, 2**24 + 1, 2**62] and counts.tolist() == [1, 1, 2, 2]
+    assert means.tolist() == [9.0, 3.0, 5.0, 1.5] and doubled.tolist() == [18.0, 6.0, 10.0, 3.0]
+    assert label_means(chi, labels, [2**62, 7]) == {2**62: 1.5, 7: pytest.approx(float("nan"), nan_ok=True)}
+    labels3d, ref = _label_phantom()
+    labels3d[labels3d == 5] = 2**62  # a label the slope does not use
+    result = evaluate(0.5 * ref, ref, np.ones(ref.shape), labels=labels3d, deep_gm_labels=[1, 2, 3, 4])
+    assert result["label_means_ppm"][str(2**62)] == {"recon": pytest.approx(0.01, rel=1e-12),
+                                                     "ref": pytest.approx(0.02, rel=1e-12), "voxels": 4 * 7 * 7}
+    assert result["deep_gm_slope"] == pytest.approx(0.5, rel=1e-9)
+
+
+def test_evaluate_deep_gm_slope_needs_two_labels_found_by_name_or_given(caplog):
+    """With one nucleus among the names the whole evaluation raised; it is skipped now, with a warning, and raises
+    only for labels the caller gave."""
+    labels, ref = _label_phantom()
+    m = np.ones(ref.shape)
+    names = {1: "caudate", 2: "white matter", 3: "Left-Hypothalamus", 4: "cortex", 5: "CSF"}
+    result = evaluate(0.5 * ref, ref, m, labels=labels, label_names=names)
+    assert result["deep_gm_slope"] is None and result["deep_gm_labels"] == ["caudate"]
+    assert result["nrmse_pct"] == pytest.approx(50.0, rel=1e-6) and len(result["label_means_ppm"]) == 5
+    assert "deep grey matter slope skipped" in caplog.text
+    names[3] = "Left-Thalamus"
+    result = evaluate(0.5 * ref, ref, m, labels=labels, label_names=names)
+    assert result["deep_gm_labels"] == ["caudate", "Left-Thalamus"]
+    assert result["deep_gm_slope"] == pytest.approx(0.5, rel=1e-9)
+    with pytest.raises(DataError, match=r"^--deep-gm-labels: .* found 1 \(1\): give two or more of the labels the "
+                                        r"label map has inside the mask \(1, 2, 3, 4, 5\)"):
+        evaluate(0.5 * ref, ref, m, labels=labels, deep_gm_labels=[1, 9])
+    assert "deep_gm_slope" not in evaluate(0.5 * ref, ref, m, labels=labels)  # neither names nor labels: not tried
 
 
 def _calcification_phantom(shape=(40, 40, 40)):

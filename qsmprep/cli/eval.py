@@ -17,12 +17,13 @@ import logging
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from ..errors import DataError, NoInputError, UsageError
 from ..io import check_same_grid, load_volume, read_text_utf8, write_text_atomic
 from ..masking import check_mask
-from ..metrics import evaluate
+from ..metrics import check_label_names, evaluate
 from .common import check_not_an_input, exit_73_if_unwritable, run_cli
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,51 @@ def build_parser():
 
 
 def read_label_names(path):
-    """{index: name} from a BIDS dseg.tsv (tab-separated, columns 'index' and 'name')."""
+    """{index: name} from a BIDS dseg.tsv (tab-separated, columns 'index' and 'name'; names stripped of spaces).
+
+    Raises DataError naming the file and the line of a row without a name or an index that is not an integer,
+    an index on two rows, and names that would report two labels under one key (``check_label_names``).
+    """
     try:
-        rows = list(csv.DictReader(io.StringIO(read_text_utf8(path, "label names"), newline=""), delimiter="\t"))
+        reader = csv.DictReader(io.StringIO(read_text_utf8(path, "label names"), newline=""), delimiter="\t")
+        rows = [(reader.line_num, row) for row in reader]  # line numbers for the messages (blank lines are skipped)
     except OSError as exc:
         raise NoInputError(f"label names {path} cannot be read ({exc.strerror}): check the path.") from exc
-    if not rows or not {"index", "name"} <= set(rows[0]):
+    if not rows or not {"index", "name"} <= set(reader.fieldnames):
         raise DataError(f"label names {path} needs tab-separated columns 'index' and 'name' (a BIDS dseg.tsv).")
-    try:
-        return {int(row["index"]): row["name"] for row in rows}
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"label names {path}: every 'index' must be an integer ({exc}).") from exc
+    names, lines = {}, {}
+    for line, row in rows:
+        try:
+            index = int(row["index"])
+        except (TypeError, ValueError):
+            raise DataError(f"label names {path}, line {line}: index {row['index']!r} is not an integer: every "
+                            "'index' must be the label's value in the label map.") from None
+        name = (row["name"] or "").strip()  # None: the row ends before its name
+        if not name:
+            raise DataError(f"label names {path}, line {line}: label {index} has no name: write it after the "
+                            "index, separated by a tab.")
+        if index in names:
+            raise DataError(f"label names {path}: index {index} is on lines {lines[index]} ('{names[index]}') and "
+                            f"{line} ('{name}'): give each label one row.")
+        names[index], lines[index] = name, line
+    check_label_names(names, source=f"label names {path}")
+    return names
+
+
+def load_label_map(path):
+    """The integer label map at ``path`` as an array, its affine: integer IDs exactly (not through float32, which
+    merges IDs above 2**24). Raises DataError for non-integer or negative values."""
+    labels, affine, header = load_volume(path, "label map")  # readable, real, one 3D volume, a sound affine
+    if np.issubdtype(header.get_data_dtype(), np.integer):
+        # load_volume reads float32; read the stored integers again (scaled ones come as float64, exact to 2**53)
+        labels = np.asarray(nib.load(str(path)).dataobj).reshape(labels.shape)
+    if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
+        raise DataError(f"label map {path} holds non-integer values: give an integer label map "
+                        "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
+    if labels.min() < 0:
+        raise DataError(f"label map {path} holds negative labels (e.g. {labels.min():g}): labels are 0 "
+                        "(background) or positive integers, as in a *_dseg.nii.gz.")
+    return labels, affine
 
 
 def _load_inputs(args):
@@ -84,14 +119,8 @@ def _load_inputs(args):
     check_same_grid(args.ref, (ref.shape, ref_affine), args.mask, (mask.shape, mask_affine), labels=True)
     labels = None
     if args.labels is not None:
-        labels, labels_affine, _ = load_volume(args.labels, "label map")
+        labels, labels_affine = load_label_map(args.labels)
         check_same_grid(args.ref, (ref.shape, ref_affine), args.labels, (labels.shape, labels_affine), labels=True)
-        if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
-            raise DataError(f"label map {args.labels} holds non-integer values: give an integer label map "
-                            "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
-        if labels.min() < 0:
-            raise DataError(f"label map {args.labels} holds negative labels (e.g. {labels.min():g}): labels are 0 "
-                            "(background) or positive integers, as in a *_dseg.nii.gz.")
     inside = check_mask(mask, source=f"mask {args.mask}", region="a mask of the region to evaluate")
     for path, data in ((args.chi, chi), (args.ref, ref)):
         if not np.isfinite(data[inside]).all():
@@ -122,10 +151,16 @@ def warn_if_units_differ(chi, ref, inside, chi_path, ref_path):
 
 
 def format_table(result):
-    """The metrics as aligned text: one row per metric, then one per label."""
-    rows = [(name, f"{result[key]:.4f}", unit) for key, name, unit in METRIC_ROWS if key in result]
+    """The metrics as aligned text: one row per metric (a skipped deep grey matter slope reads "skipped"), the
+    labels the slope was fitted over, then one row per label."""
+    rows = [(name, "skipped" if result[key] is None else f"{result[key]:.4f}", unit)
+            for key, name, unit in METRIC_ROWS if key in result]
     width = max(len(name) for name, _, _ in rows)
     lines = [f"{name:<{width}}  {value:>10} {unit}".rstrip() for name, value, unit in rows]
+    if "deep_gm_labels" in result:
+        fitted = ", ".join(result["deep_gm_labels"]) or "none"
+        lines.append(f"Deep GM slope labels: {fitted}"
+                     + (" (it needs at least two)" if result["deep_gm_slope"] is None else ""))
     means = result.get("label_means_ppm")
     if means:
         label_width = max(5, *(len(label) for label in means))
@@ -143,7 +178,7 @@ def run(args):
         raise UsageError(f"--json {args.json} is a folder: give a file name, e.g. {Path(args.json) / 'metrics.json'}.")
     if args.json not in (None, "-"):
         check_not_an_input("--json", args.json, {"CHI": args.chi, "REF": args.ref, "MASK": args.mask,
-                                                 "--labels": args.labels})
+                                                 "--labels": args.labels, "--label-names": args.label_names})
     chi, ref, mask, labels = _load_inputs(args)
     if labels is None and (args.calc_label is not None or args.deep_gm_labels or args.label_names):
         raise UsageError("--calc-label, --deep-gm-labels and --label-names need a label map: add --labels.")
