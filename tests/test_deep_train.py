@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 
 from qsmprep.cli.train import main as train_main
 from qsmprep.deep.data import DEFAULT_PATCH, build_dataset
-from qsmprep.deep.recipes import list_recipes, load_recipe, validate_recipe
+from qsmprep.deep.recipes import list_recipes, load_recipe, recipe_changes, validate_recipe
 from qsmprep.deep import model_provenance
-from qsmprep.deep.registry import load_model, read_tensors
+from qsmprep.deep.models import build_model
+from qsmprep.deep.registry import load_model, read_tensors, save_checkpoint
 from qsmprep.deep import trainer as trainer_module
 from qsmprep.deep.trainer import (
     TargetDomainFields, Trainer, check_validation_set, learning_rate, make_optimizer, optimizer_tensors, progress_line,
@@ -197,6 +198,44 @@ def test_a_resume_does_not_pair_the_checkpoint_with_another_steps_optimiser_stat
     assert "optimizer.safetensors is missing, not from the checkpoint's step 8" in caplog.text
 
 
+def test_recipe_changes_leave_out_defaults_and_run_settings():
+    old = load_recipe("smoke")
+    del old["train"]["init"]  # as in a checkpoint saved before that default existed
+    new = load_recipe("smoke", ["train.steps=99", "train.num_workers=1", "train.val_every=7", "optim.lr=0.5",
+                                "data.patterns.amplitude_ppm=0.05", 'loss.name="l1"'])
+    assert recipe_changes(old, new) == {"data.patterns.amplitude_ppm": (None, 0.05), "loss.name": ("l2", "l1"),
+                                        "optim.lr": (0.003, 0.5)}
+    assert recipe_changes(old, load_recipe("smoke", ["train.steps=99"])) == {}
+
+
+def test_a_resume_with_another_recipe_is_warned_of_and_recorded(tmp_path, caplog):
+    """A resume with a changed recipe was silent, and the checkpoint's recipe claimed every step used the new one."""
+    out = tmp_path / "c"
+    train(tiny("smoke", steps=8), out, device="cpu", max_steps=5)
+    changed = tiny("smoke", steps=10)  # a longer run (steps and val_every: run settings) with another lr and loss
+    changed["optim"]["lr"], changed["loss"]["name"] = 1e-3, "l1"
+    with caplog.at_level(logging.WARNING, logger="qsmprep.deep.trainer"):
+        train(changed, out, device="cpu", resume=True, max_steps=7)
+    assert caplog.messages == [
+        f'resuming {out} at step 5 with a recipe that differs from its checkpoint\'s: loss.name "l2" -> "l1"; optim.lr '
+        '0.002 -> 0.001. Steps after 5 use the new values; the checkpoint records the change under recipe_changes. '
+        "To go on as before, resume with the run's own recipe and --set options."]
+    recorded = [{"step": 5, "changes": {"loss.name": {"from": "l2", "to": "l1"}, "optim.lr": {"from": 2e-3, "to": 1e-3}}}]
+    meta = read_tensors(out / "checkpoint.safetensors")[1]
+    assert meta["step"] == 7 and meta["recipe"]["optim"]["lr"] == 1e-3 and meta["recipe_changes"] == recorded
+    # training longer is no change of recipe: silent, and the record is kept
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qsmprep.deep.trainer"):
+        train(changed, out, device="cpu", resume=True)
+    assert caplog.messages == [] and read_tensors(out / "checkpoint.safetensors")[1]["recipe_changes"] == recorded
+    # not a lineage stage, whose steps the methods text adds up: the 10 steps are the model's whole training
+    assert model_provenance(out / "checkpoint.safetensors")["EarlierTrainingSteps"] is None
+    tune = tiny("smoke", steps=1)  # a fine-tune's lineage keeps the stage's changes
+    tune["train"]["init"] = str(out / "checkpoint.safetensors")
+    trainer = Trainer(validate_recipe(tune), tmp_path / "t", torch.device("cpu"))
+    assert trainer.lineage[-1]["step"] == 10 and trainer.lineage[-1]["recipe_changes"] == recorded
+
+
 def test_a_resume_keeps_the_fp16_loss_scale(tmp_path, monkeypatch):
     """The GradScaler's state was not saved, so a resumed fp16 run (CUDA without bf16) restarted at a loss scale of
     2^16 and skipped steps finding its scale again. A CPU scaler stands in for the CUDA one."""
@@ -355,6 +394,24 @@ def test_recipes_list_load_and_validate(tmp_path, monkeypatch):
     broken.write_bytes("# réglage\n".encode("latin-1"))  # a traceback (UnicodeDecodeError) before
     with pytest.raises(UsageError, match=r"recipe .*broken.toml is not UTF-8 text \(byte 0xe9 at offset 3\)"):
         load_recipe(broken)
+
+
+def test_a_checkpoint_given_as_the_recipe_says_how_to_use_it(capsys, tmp_path):
+    """A checkpoint as RECIPE was "not UTF-8 text (byte 0xce ...): save it as UTF-8", a fix that cannot work."""
+    checkpoint = tmp_path / "run" / "checkpoint.safetensors"
+    checkpoint.parent.mkdir()
+    save_checkpoint(build_model("unet", width=4, depth=2), checkpoint)
+    with pytest.raises(UsageError) as exc:
+        load_recipe(checkpoint)
+    assert str(exc.value) == (f"{checkpoint} names a checkpoint (network weights), not a recipe: to fine-tune it, "
+                              f"give a recipe and --set train.init='\"{checkpoint}\"'; to continue the run it belongs "
+                              f"to, give that run's recipe with --out {checkpoint.parent} --resume.")
+    renamed = tmp_path / "weights"  # recognised by its content too
+    shutil.copy(checkpoint, renamed)
+    assert train_main([str(renamed), "--out", str(tmp_path / "out")]) == 64
+    err = capsys.readouterr().err
+    assert f"{renamed} names a checkpoint (network weights), not a recipe" in err and "--out RUN_FOLDER --resume" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_list_and_errors(capsys, tmp_path):
@@ -523,6 +580,43 @@ def test_cli_stopped_by_a_signal_says_how_to_continue(capsys, tmp_path, monkeypa
                                        "train.val_every steps), so nothing was kept: run the same command again to "
                                        "start afresh.\n")
     assert not (tmp_path / "early").exists()
+
+
+def test_cli_refuses_an_out_holding_run_files_and_a_stop_removes_only_its_own(capsys, tmp_path, monkeypatch,
+                                                                            terminal_signals):
+    """An --out without checkpoint.safetensors counted as free: its losses.csv and best.json were overwritten, and a
+    stop before the first checkpoint deleted them."""
+    mine, quick = tmp_path / "mine", ["--device", "cpu", "--set", "train.val_every=2", "--max-steps", "2"]
+    mine.mkdir()
+    for name, text in [("losses.csv", "notes"), ("best.json", "keep"), ("notes.txt", "x")]:
+        (mine / name).write_text(text)
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("a step was trained"))
+    assert train_main(["smoke", "--out", str(mine), *quick]) == 64
+    assert capsys.readouterr().err == (
+        f"qsmprep-train: error: --out {mine} already holds best.json, losses.csv, files a training run writes, which "
+        "a new run there would overwrite: choose another --out, or move those files away (--resume needs the run's "
+        "checkpoint.safetensors).\n")
+    assert {p.name: p.read_text() for p in mine.iterdir()} == {"losses.csv": "notes", "best.json": "keep",
+                                                               "notes.txt": "x"}
+    monkeypatch.undo()
+    # a folder of other files is used; a stop before the first checkpoint takes away the run's files, not the folder
+    (mine / "losses.csv").unlink()
+    (mine / "best.json").unlink()
+    _signal_at_step(monkeypatch, signal.SIGINT, 1)
+    assert train_main(["smoke", "--out", str(mine), *quick]) == 130
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # a stop between the optimiser state and the checkpoint left optimizer.safetensors, and so the folder
+    real = trainer_module.save_checkpoint
+
+    def stop_at_checkpoint(model, path, metadata=None):
+        if path.name == "checkpoint.safetensors":
+            raise KeyboardInterrupt
+        return real(model, path, metadata)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", stop_at_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny("smoke", steps=2), tmp_path / "new", device="cpu")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_generator_table_the_recipe_does_not_use_is_warned_of(caplog):

@@ -7,8 +7,9 @@
 
 RECIPE is a TOML file or the name of a shipped recipe (``--list`` shows them).
 Writes checkpoint.safetensors (+ .json), best.safetensors, optimizer.safetensors,
-losses.csv, validation.csv and losses.png to DIR.  Ctrl-C (SIGINT) or SIGTERM stops
-it with one line naming the last checkpoint saved, exit 130 or 143.
+losses.csv, validation.csv and losses.png to DIR; without --resume, a DIR holding any of
+them is refused (exit 64).  Ctrl-C (SIGINT) or SIGTERM stops it with one line naming the
+last checkpoint saved, exit 130 or 143.
 """
 
 import argparse

@@ -68,10 +68,15 @@ def load_recipe(name_or_path, overrides=()):
     value written as in TOML (``train.batch_size=2``, ``optim.lr=3e-4``,
     ``augment.amplitude=[0.5, 2.0]``); default none.
     Raises NoInputError for a missing file or unknown name, UsageError for an
-    invalid TOML, override or recipe.
+    invalid TOML, override or recipe, or a checkpoint given as the recipe.
     """
     text_source = str(name_or_path)
     path = Path(text_source)
+    if path.suffix == ".safetensors" or (path.is_file() and _is_safetensors(path)):
+        run = path.parent if (path.parent / "checkpoint.safetensors").is_file() else "RUN_FOLDER"
+        raise UsageError(f"{path} names a checkpoint (network weights), not a recipe: to fine-tune it, give a recipe "
+                         f"and --set train.init='\"{path}\"'; to continue the run it belongs to, give that run's "
+                         f"recipe with --out {run} --resume.")
     if path.suffix == ".toml" or path.is_file():  # a folder named like a recipe (a run's --out) is not one
         if not path.is_file():
             raise NoInputError(f"recipe {path} does not exist: give a TOML file or one of the shipped names.")
@@ -91,6 +96,15 @@ def load_recipe(name_or_path, overrides=()):
     recipe = validate_recipe(recipe, source=text_source)
     _warn_unused_generator_tables(recipe, text_source)
     return recipe
+
+
+def _is_safetensors(path):
+    """Whether the file ``path`` starts as a safetensors file does: an 8-byte little-endian header length that fits
+    the file, then the JSON header's "{" (no TOML text starts so: its first 8 bytes would be a length of 2^61 or
+    more)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def _apply_override(recipe, override):
@@ -212,6 +226,38 @@ def library_checks():
     }
 
 
+RUN_SETTINGS = ("train.steps", "train.num_workers", "train.val_every")
+"""Recipe keys that decide how long a run goes, how many processes draw its data and how often it validates and
+saves, not what a step does: a resume may change them (raising train.steps is how a run trains longer) without it
+being recorded as a change of recipe (``recipe_changes``)."""
+
+
+def _with_defaults(recipe):
+    """A shallow copy of ``recipe`` with the [train] and [optim] defaults filled in."""
+    return {**recipe, "train": {**TRAIN_DEFAULTS, **recipe.get("train", {})},
+            "optim": {**OPTIM_DEFAULTS, **recipe.get("optim", {})}}
+
+
+def _flat(table, prefix=""):
+    """``table``'s values by dotted key ("optim.lr", "data.patterns.amplitude_ppm"), its sub-tables flattened."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_changes(old, new):
+    """Where recipe ``new`` differs from ``old``: {dotted key: (old value, new value)}, sorted by key, None for an
+    entry a recipe lacks (TOML has no null). Defaults are filled in both (a checkpoint saved before a default
+    existed lacks it) and ``RUN_SETTINGS`` are left out."""
+    before, after = _flat(_with_defaults(old)), _flat(_with_defaults(new))
+    return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if key not in RUN_SETTINGS and before.get(key) != after.get(key)}
+
+
 def active_generators(data):
     """The generators a [data] table draws samples from: its ``generator``, or those of positive weight."""
     generator = data.get("generator", "patterns")
@@ -325,8 +371,7 @@ def validate_recipe(recipe, source="recipe"):
         raise UsageError(f"{source}: [adversarial] training needs arch 'qsmgan', not {arch!r}.")
     if "domain" in recipe and arch != "qsminvnet":
         raise UsageError(f"{source}: [domain] adaptation needs arch 'qsminvnet' (domain-specific batch norm), not {arch!r}.")
-    recipe["train"] = {**TRAIN_DEFAULTS, **recipe["train"]}
-    recipe["optim"] = {**OPTIM_DEFAULTS, **recipe["optim"]}
+    recipe = _with_defaults(recipe)
     checks = library_checks()
     tables = [(recipe["train"], TRAIN_CHECKS, "[train]", ()), (recipe["optim"], OPTIM_CHECKS, "[optim]", ()),
               (recipe["data"], checks["data"], "[data]", ()), (recipe["augment"], AUGMENT_CHECKS, "[augment]", ())]

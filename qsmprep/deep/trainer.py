@@ -24,6 +24,7 @@ uninterrupted run; it keeps the optimiser state and the fp16 loss scale.
 """
 
 import csv
+import json
 import logging
 import math
 import random
@@ -41,7 +42,7 @@ from qsmprep.deep.losses import (
     build_loss, tanh_target, wgan_generator_loss, wgan_gp_critic_loss,
 )
 from qsmprep.deep.models import QSMGANCritic, build_model
-from qsmprep.deep.recipes import active_generators, validate_recipe
+from qsmprep.deep.recipes import active_generators, recipe_changes, validate_recipe
 from qsmprep.deep.registry import load_model, read_tensors, save_checkpoint, save_tensors
 from qsmprep.errors import DataError, NoInputError, UsageError
 from qsmprep.metrics import hfen, nrmse
@@ -99,10 +100,13 @@ def restore_optimizer(optimizer, tensors, groups, prefix):
 
 def earlier_stages(meta):
     """The training stages behind a checkpoint's weights, oldest first, for the ``lineage`` of a run started from
-    it: its own ``lineage`` and then itself, each as {"step", "recipe" (description), "init"}. A fine-tune's
-    checkpoint then tells the model's whole training, not only its own last stage."""
+    it: its own ``lineage`` and then itself, each as {"step", "recipe" (description), "init"}, with the stage's
+    ``recipe_changes`` where it was resumed with a changed recipe. A fine-tune's checkpoint then tells the model's
+    whole training, not only its own last stage."""
     recipe, train = recorded_recipe(meta)
     stage = {"step": meta.get("step"), "recipe": recipe.get("description"), "init": train.get("init") or None}
+    if meta.get("recipe_changes"):
+        stage["recipe_changes"] = meta["recipe_changes"]
     return [*(meta.get("lineage") or []), stage]
 
 
@@ -327,6 +331,7 @@ class Trainer:
         self.best_nrmse = math.inf
         self.last_validation = {}  # NRMSE / HFEN of the checkpoint restored, if any
         self.lineage = []  # the earlier training stages of the weights it starts from (``initialise_from``)
+        self.recipe_changes = []  # the steps at which resumes changed the recipe (``restore``), oldest first
         if tr["init"]:
             self.initialise_from(tr["init"])
 
@@ -472,7 +477,7 @@ class Trainer:
         save_tensors(self.out / "optimizer.safetensors", tensors,
                      {"step": self.step, "param_groups": extra, "grad_scaler": self.scaler.state_dict()})
         meta = {"recipe": self.recipe, "step": self.step, "validation": metrics, "best_nrmse": self.best_nrmse,
-                "lineage": self.lineage}
+                "lineage": self.lineage, "recipe_changes": self.recipe_changes}
         save_checkpoint(self.model, self.out / "checkpoint.safetensors", meta)
 
     def restore(self):
@@ -504,7 +509,27 @@ class Trainer:
         self.best_nrmse = float(meta.get("best_nrmse", math.inf))
         self.last_validation = meta.get("validation") or {}
         self.lineage = meta.get("lineage") or []
+        self.recipe_changes = [*(meta.get("recipe_changes") or []), *self._changed_recipe(meta.get("recipe") or {})]
         return self.step
+
+    def _changed_recipe(self, recorded):
+        """[{"step", "changes": {key: {"from", "to"}}}] where this run's recipe differs from the ``recorded`` one of
+        the checkpoint it resumes (``recipe_changes``; [] where it does not), warned of: the checkpoint's recipe
+        will be this one, which its steps so far were not trained with."""
+        changes = recipe_changes(recorded, self.recipe)
+        if not changes:
+            return []
+        log.warning("resuming %s at step %d with a recipe that differs from its checkpoint's: %s. Steps after %d use "
+                    "the new values; the checkpoint records the change under recipe_changes. To go on as before, "
+                    "resume with the run's own recipe and --set options.", self.out, self.step,
+                    "; ".join(f"{key} {_toml_like(old)} -> {_toml_like(new)}" for key, (old, new) in changes.items()),
+                    self.step)
+        return [{"step": self.step, "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()}}]
+
+
+def _toml_like(value):
+    """A recipe value as --set would write it ("l1", 0.5, [0.9, 0.999]), or "unset" for an absent one (None)."""
+    return "unset" if value is None else json.dumps(value)
 
 
 PROGRESS_EVERY_S = 60.0
@@ -551,20 +576,37 @@ def _validate_and_save(trainer, loss_log, val_log):
         trainer.best_nrmse = metrics["nrmse"]
         save_checkpoint(trainer.model, trainer.out / "best.safetensors",
                         {"recipe": trainer.recipe, "step": trainer.step, "validation": metrics,
-                         "lineage": trainer.lineage})
+                         "lineage": trainer.lineage, "recipe_changes": trainer.recipe_changes})
     trainer.save(metrics)
     plot_curves(loss_log.read(), val_log.read(), trainer.out / "losses.png")
     return metrics
 
 
-UNSAVED_RUN_FILES = ("losses.csv", "validation.csv", "losses.png", "best.safetensors", "best.json")
-"""What a run may have written before its first checkpoint."""
+RUN_FILES = ("checkpoint.safetensors", "checkpoint.json", "best.safetensors", "best.json", "optimizer.safetensors",
+             "losses.csv", "validation.csv", "losses.png")
+"""The files a run writes in its output folder."""
+
+
+def check_new_run_folder(out):
+    """Raise UsageError naming the ``RUN_FILES`` that ``out`` already holds: a new run there would overwrite them,
+    or, stopped before its first checkpoint, delete them."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if not held:
+        return
+    if "checkpoint.safetensors" in held:
+        fix = "pass --resume to continue that run, or choose another --out"
+    else:  # a user's own files, or what a run killed (SIGKILL) before its first checkpoint left
+        fix = "choose another --out, or move those files away (--resume needs the run's checkpoint.safetensors)"
+    raise UsageError(f"--out {out} already holds {', '.join(held)}, files a training run writes, which a new run "
+                     f"there would overwrite: {fix}.")
 
 
 def _remove_unsaved_run(out, made):
     """Delete what a run stopped before its first checkpoint wrote, and ``out`` itself if this run ``made`` it and
-    nothing else is in it: logs without a checkpoint are a partial output, which nothing can resume."""
-    for name in UNSAVED_RUN_FILES:
+    nothing else is in it: logs without a checkpoint are a partial output, which nothing can resume. Only a new run
+    gets here (a resumed one has its checkpoint), and ``check_new_run_folder`` let it start only where none of the
+    ``RUN_FILES`` was, so every one there is its own."""
+    for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     if made and not any(out.iterdir()):
         out.rmdir()
@@ -626,14 +668,17 @@ def train(recipe, out_dir, device="auto", max_steps=None, max_minutes=None, resu
     -------
     dict with ``step``, ``validation`` (last NRMSE/HFEN), ``losses`` (the
     per-step training losses of this call), ``checkpoint`` (path) and
-    ``model`` (the trained network, in eval mode).  A run stopped before its first checkpoint (an exception,
-    KeyboardInterrupt included) leaves nothing in ``out_dir``.
+    ``model`` (the trained network, in eval mode).  Without ``resume``, an ``out_dir`` holding any file a run
+    writes is refused (UsageError); a run stopped before its first checkpoint (an exception, KeyboardInterrupt
+    included) removes the files it wrote, and ``out_dir`` if it made it and it is left empty.  A resume whose
+    recipe differs from the checkpoint's (``qsmprep.deep.recipes.recipe_changes``) is warned of and recorded in the
+    checkpoint's ``recipe_changes``.
     """
     recipe = validate_recipe(recipe)
     out = Path(out_dir)
     device = resolve_device(device)
-    if not resume and (out / "checkpoint.safetensors").exists():
-        raise UsageError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out.")
+    if not resume:
+        check_new_run_folder(out)
     trainer = Trainer(recipe, out, device)
     if resume:
         trainer.restore()
