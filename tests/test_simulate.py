@@ -1,6 +1,9 @@
 """GRE forward simulation, oblique/anisotropic acquisition, BIDS writer and qsmprep-simulate."""
 
+import itertools
 import json
+import os
+import signal
 
 import nibabel as nib
 import numpy as np
@@ -399,6 +402,47 @@ def test_simulating_into_a_dataset_of_real_subjects_keeps_it(tmp_path, caplog, c
     assert main([str(sim), *small]) == 0 and main([str(sim), *small, "--seed", "1"]) == 0
 
 
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_write_bids_dataset_keeps_nothing_of_a_failed_run(tmp_path, noiseless):
+    def acquisitions():
+        yield "01", None, noiseless
+        raise MemoryError("the second subject did not fit")
+
+    with pytest.raises(MemoryError):
+        write_bids_dataset(tmp_path / "ds", acquisitions())
+    assert list(tmp_path.iterdir()) == []  # neither the dataset nor the hidden folder the subjects were written to
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_simulation_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch, signum):
+    """A stop part-way (Ctrl-C, a scheduler's SIGTERM) left some subjects without dataset_description.json, which
+    the same command then refused, a stray subject in a real dataset, or an earlier simulation half replaced."""
+    small = ["--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]
+    sim, new = tmp_path / "sim", tmp_path / "new"
+    assert main([str(sim), *small, "--subjects", "2"]) == 0
+    before = _files(sim)
+    calls, simulate_gre_unstopped = itertools.count(), simulate.simulate_gre
+
+    def stopped_at_the_second_subject(*args, **kwargs):
+        if next(calls) == 1:
+            os.kill(os.getpid(), signum)
+        return simulate_gre_unstopped(*args, **kwargs)
+
+    monkeypatch.setattr(simulate, "simulate_gre", stopped_at_the_second_subject)
+    for out in (sim, new):
+        calls = itertools.count()
+        assert main([str(out), *small, "--subjects", "3", "--seed", "1"]) == 128 + signum
+        assert capsys.readouterr().err == (f"qsmprep-simulate: stopped by {signal.Signals(signum).name}: nothing of "
+                                           f"this run was kept, {out} is as it was; run the same command again to "
+                                           "simulate.\n")
+    assert _files(sim) == before and sorted(p.name for p in tmp_path.iterdir()) == ["sim"]
+    monkeypatch.undo()
+    assert main([str(new), *small, "--subjects", "3", "--seed", "1"]) == 0
+
+
 def test_simulating_again_replaces_the_earlier_simulation(tmp_path):
     small = ["--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8"]
     sim = tmp_path / "sim"
@@ -441,6 +485,6 @@ def test_cli_logs_progress_without_verbose_and_detail_with_it(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG):
         assert main([str(tmp_path / "a"), *small]) == 0
         assert logging.getLogger("qsmprep").level == logging.INFO
-        assert "sub-01 written" in caplog.text
+        assert "sub-01 simulated" in caplog.text
         assert main([str(tmp_path / "b"), *small, "-v"]) == 0
         assert logging.getLogger("qsmprep").level == logging.DEBUG

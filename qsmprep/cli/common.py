@@ -45,6 +45,30 @@ def restore_handlers(replaced):
         signal.signal(signum, handler)
 
 
+class Stopped(KeyboardInterrupt):
+    """One of ``STOP_SIGNALS`` arrived. A KeyboardInterrupt, so that code which lets Ctrl-C
+    through (a DataLoader worker, the trainer's clean-up) lets SIGTERM through too."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stopped_by_signals():
+    """Raise ``Stopped`` on SIGINT or SIGTERM (whose default would end the process without a word); the handlers
+    replaced are restored after. A signal the parent process ignores (nohup, a script's background job) stays
+    ignored."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    replaced = install_stop_handler(stop, keep_ignored=True)
+    try:
+        yield
+    finally:
+        restore_handlers(replaced)
+
+
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
 

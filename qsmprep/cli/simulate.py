@@ -27,7 +27,6 @@ from ..sim.bids_writer import (
     acquisition_bytes,
     check_dataset_files,
     made_by_simulator,
-    remove_earlier_simulation,
     write_bids_dataset,
 )
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
@@ -35,10 +34,12 @@ from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
 from .common import (
     ArgumentParser,
+    Stopped,
     check_b0_tesla_option,
     check_writable_folder,
     finite_float,
     run_cli,
+    stopped_by_signals,
 )
 
 log = logging.getLogger("qsmprep.simulate")
@@ -212,9 +213,6 @@ def simulate_dataset(args):
         len(subjects), len(sessions), matrix, tuple(args.voxel_size), args.oblique,
         ", ".join(f"{t:.4g}" for t in te_s), args.b0_tesla, snr or "inf",
     )  # fmt: skip
-    replaced = remove_earlier_simulation(out_dir)
-    if replaced:
-        log.info("Replacing the %d subject(s) of the earlier simulation in %s", replaced, out_dir)
     def acquisitions():  # one at a time, each logged once written
         for i, subject in enumerate(subjects):
             start = time.perf_counter()
@@ -227,10 +225,16 @@ def simulate_dataset(args):
                     yield subject, session, acquire(phantom, tuple(args.voxel_size), args.oblique, shape=matrix, **common)
                 else:
                     yield subject, session, simulate_gre(phantom, **common)
-                log.info("sub-%s%s written (%.1f s)", subject, f" ses-{session}" if session else "",
+                log.info("sub-%s%s simulated (%.1f s)", subject, f" ses-{session}" if session else "",
                          time.perf_counter() - start)
 
-    write_bids_dataset(out_dir, acquisitions(), args.phase_units)
+    try:
+        with stopped_by_signals():
+            write_bids_dataset(out_dir, acquisitions(), args.phase_units, replace_earlier=True)
+    except Stopped as exc:
+        sys.stderr.write(f"qsmprep-simulate: stopped by {exc}: nothing of this run was kept, {out_dir} is as it was; "
+                         "run the same command again to simulate.\n")
+        return 128 + exc.signum
     log.info("Dataset written to %s (ground truth in %s)", out_dir, out_dir / "derivatives" / "groundtruth")
 
 

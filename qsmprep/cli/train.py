@@ -15,10 +15,9 @@ last checkpoint saved, exit 130 or 143.
 import argparse
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-from qsmprep.cli.common import finite_float, install_stop_handler, restore_handlers
+from qsmprep.cli.common import Stopped, finite_float, stopped_by_signals
 from qsmprep.errors import UsageError
 
 
@@ -45,30 +44,6 @@ def build_parser():
     )
     parser.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     return parser
-
-
-class Stopped(KeyboardInterrupt):
-    """One of ``qsmprep.cli.common.STOP_SIGNALS`` arrived. A KeyboardInterrupt, so that code which lets Ctrl-C
-    through (a DataLoader worker, the trainer's clean-up) lets SIGTERM through too."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextmanager
-def stopped_by_signals():
-    """Raise ``Stopped`` on SIGINT or SIGTERM (whose default would end the process without a word); the handlers
-    replaced are restored after. A signal the parent process ignores (nohup, a script's background job) stays
-    ignored."""
-    def stop(signum, frame):
-        raise Stopped(signum)
-
-    replaced = install_stop_handler(stop, keep_ignored=True)
-    try:
-        yield
-    finally:
-        restore_handlers(replaced)
 
 
 def stopped_message(signum, out):

@@ -17,7 +17,10 @@ derivative dataset it never indexes as input.
 import csv
 import io
 import json
+import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -29,6 +32,8 @@ from ..errors import DataError
 from ..io import read_json_object, read_text_utf8, save_nifti, sidecar_path, write_text_atomic
 from .gre import VENDOR_PHASE_MAX, phase_to_vendor_units
 from .phantom import CHI_PPM, LABELS
+
+log = logging.getLogger(__name__)
 
 BIDS_VERSION = "1.9.0"
 PHASE_UNITS = ("arbitrary", "rad")
@@ -261,8 +266,12 @@ def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name=DATASET
     write_text_atomic(truth / "dseg.tsv", "".join(rows))
 
 
-def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name=DATASET_NAME):
+def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name=DATASET_NAME, replace_earlier=False):
     """Write simulated acquisitions as a BIDS dataset with ground truth under derivatives/groundtruth.
+
+    The acquisitions are written into a hidden folder beside ``out_dir`` and moved into it only once all of
+    them are, so that an error or a stop part-way (Ctrl-C, a scheduler's SIGTERM, out of memory) leaves
+    ``out_dir`` as it was, not a dataset with some subjects missing or a real dataset with a stray one.
 
     Parameters
     ----------
@@ -276,6 +285,9 @@ def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name=DATASET_
         How phase is stored (see ``write_subject``).
     name : str, default ``DATASET_NAME`` ("qsmprep simulated MEGRE")
         Dataset name for dataset_description.json and README.
+    replace_earlier : bool, default False
+        Remove an earlier simulation's subjects from ``out_dir`` (``remove_earlier_simulation``) once the new
+        ones are written, before they are moved in.
 
     Returns
     -------
@@ -284,10 +296,24 @@ def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name=DATASET_
     Raises DataError, before writing anything, when a dataset file it would read cannot be read
     (``check_dataset_files``).
     """
+    out_dir = Path(out_dir)
     check_dataset_files(out_dir)
-    written, labels = [], []
-    for subject, session, gre in subjects:
-        written += write_subject(out_dir, subject, session, gre, phase_units)
-        labels.append(subject)
-    write_dataset_files(out_dir, labels, phase_units, name)
-    return written
+    beside = out_dir.resolve()  # a hidden sibling, on out_dir's file system
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{beside.name}.simulating-", dir=beside.parent))
+    try:
+        written, labels = [], []
+        for subject, session, gre in subjects:
+            written += write_subject(staging, subject, session, gre, phase_units)
+            labels.append(subject)
+        replaced = remove_earlier_simulation(out_dir) if replace_earlier else 0
+        if replaced:
+            log.info("Replacing the %d subject(s) of the earlier simulation in %s", replaced, out_dir)
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):  # renames on one file system
+            target = out_dir / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        write_dataset_files(out_dir, labels, phase_units, name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out_dir / path.relative_to(staging) for path in written]
