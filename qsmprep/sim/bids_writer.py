@@ -269,9 +269,10 @@ def write_dataset_files(out_dir, subjects, phase_units="arbitrary", name=DATASET
 def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name=DATASET_NAME, replace_earlier=False):
     """Write simulated acquisitions as a BIDS dataset with ground truth under derivatives/groundtruth.
 
-    The acquisitions are written into a hidden folder beside ``out_dir`` and moved into it only once all of
-    them are, so that an error or a stop part-way (Ctrl-C, a scheduler's SIGTERM, out of memory) leaves
-    ``out_dir`` as it was, not a dataset with some subjects missing or a real dataset with a stray one.
+    The acquisitions are written into a hidden folder inside ``out_dir`` (on its file system, a container's
+    bind mount too, so that moving them is a rename) and moved into place only once all of them are, so that an
+    error or a stop part-way (Ctrl-C, a scheduler's SIGTERM, out of memory) leaves ``out_dir`` as it was (one
+    this call made is removed), not a dataset with some subjects missing or a real dataset with a stray one.
 
     Parameters
     ----------
@@ -298,9 +299,9 @@ def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name=DATASET_
     """
     out_dir = Path(out_dir)
     check_dataset_files(out_dir)
-    beside = out_dir.resolve()  # a hidden sibling, on out_dir's file system
-    beside.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{beside.name}.simulating-", dir=beside.parent))
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".simulating-", dir=out_dir))
     try:
         written, labels = [], []
         for subject, session, gre in subjects:
@@ -316,4 +317,6 @@ def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name=DATASET_
         write_dataset_files(out_dir, labels, phase_units, name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()
     return [out_dir / path.relative_to(staging) for path in written]
