@@ -8,6 +8,7 @@ must be present). docs/benchmarks.md describes both variables.
 """
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,14 @@ def fft_on_every_core():
 
     with fft.set_workers(available_cores()):
         yield
+
+
+@pytest.fixture
+def terminal_signals():
+    """SIGINT and SIGTERM as a terminal's process has them: a background job (nohup, a CI script) starts with SIGINT
+    ignored, which qsmprep-train and qsmprep-simulate leave ignored, so Ctrl-C would not reach the test's run."""
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

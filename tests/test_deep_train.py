@@ -547,17 +547,6 @@ def _signal_at_step(monkeypatch, signum, step):
     monkeypatch.setattr(trainer_module, "_timed_step", step_then_signal)
 
 
-@pytest.fixture
-def terminal_signals():
-    """SIGINT and SIGTERM as a terminal's process has them: a background job (nohup, a CI script) starts with SIGINT
-    ignored, which qsmprep-train leaves ignored, so Ctrl-C would not reach the test's run."""
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
-    yield
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-
-
 def test_cli_stopped_by_a_signal_says_how_to_continue(capsys, tmp_path, monkeypatch, terminal_signals):
     """Ctrl-C gave a KeyboardInterrupt traceback, and SIGTERM ended the process without a word."""
     out, quick = tmp_path / "run", ["--device", "cpu", "--set", "train.val_every=2", "--max-steps", "6"]

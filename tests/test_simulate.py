@@ -417,7 +417,7 @@ def test_write_bids_dataset_keeps_nothing_of_a_failed_run(tmp_path, noiseless):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stopped_simulation_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch, signum):
+def test_a_stopped_simulation_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch, terminal_signals, signum):
     """A stop part-way (Ctrl-C, a scheduler's SIGTERM) left some subjects without dataset_description.json, which
     the same command then refused, a stray subject in a real dataset, or an earlier simulation half replaced."""
     small = ["--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]
