@@ -97,8 +97,8 @@ def read_header(path, what="image"):
     return tuple(int(n) for n in img.shape), img.affine
 
 
-def load_nifti(path, what="image", fix=REEXPORT):
-    """Read a NIfTI file as float32.
+def load_nifti(path, what="image", fix=REEXPORT, dtype=np.float32):
+    """Read a NIfTI file as float32 (or ``dtype``).
 
     Parameters
     ----------
@@ -109,10 +109,14 @@ def load_nifti(path, what="image", fix=REEXPORT):
     fix : str, default "re-export it as .nii or .nii.gz"
         What the user should do with an unreadable file (a derivative of
         qsmprep's own is rewritten by running it again, not re-exported).
+    dtype : numpy dtype or None, default float32
+        Type of the data returned; None keeps nibabel's (a label map's
+        stored integers exactly, which float32 merges above 2**24; scaled
+        data as float64).
 
     Returns
     -------
-    (data, affine, header) with data as a float32 array.
+    (data, affine, header) with data as an array of ``dtype``.
 
     Raises
     ------
@@ -123,7 +127,7 @@ def load_nifti(path, what="image", fix=REEXPORT):
     try:
         img = nib.load(str(path))
         complex_values = np.issubdtype(img.get_data_dtype(), np.complexfloating)
-        data = None if complex_values else np.asarray(img.dataobj, dtype=np.float32)
+        data = None if complex_values else np.asarray(img.dataobj, dtype=dtype)
     except Exception as exc:  # nibabel raises many types for broken files
         raise unreadable_nifti(path, what, exc, fix) from exc
     if complex_values:
@@ -146,10 +150,10 @@ def check_affine(path, affine):
                         "the DICOMs, e.g. with dcm2niix).")
 
 
-def load_volume(path, what="image"):
+def load_volume(path, what="image", dtype=np.float32):
     """``load_nifti`` for a single 3D volume: trailing singleton axes (e.g. a 4D file of one volume) are dropped,
     anything else with more than one volume is a DataError. Returns (data, affine, header)."""
-    data, affine, header = load_nifti(path, what)
+    data, affine, header = load_nifti(path, what, dtype=dtype)
     if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
         raise DataError(f"{what} {path} has shape {data.shape}: give a single 3D volume.")
     return data.reshape(data.shape[:3]), affine, header

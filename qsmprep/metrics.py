@@ -204,15 +204,16 @@ def deep_gm_slope(recon, ref, labels, label_ids):
     DataError if fewer than two distinct labels have voxels (a label given
     twice counts once: a line through one point twice has no slope).
     """
-    x = label_means(recon, labels, label_ids)
-    y = label_means(ref, labels, label_ids)
-    present = [label for label in dict.fromkeys(label_ids) if np.isfinite(x[label]) and np.isfinite(y[label])]
-    if len(present) < len(dict.fromkeys(label_ids)):
+    ids, _, (x_means, y_means) = label_stats(labels, recon, ref)  # both maps' means in one pass over the labels
+    means = {label: (x, y) for label, x, y in zip(ids.tolist(), x_means.tolist(), y_means.tolist())}
+    wanted = list(dict.fromkeys(label_ids))
+    present = [label for label in wanted if label in means and np.isfinite(means[label]).all()]
+    if len(present) < len(wanted):
         logger.warning("deep grey matter slope: label(s) %s have no voxel and are left out",
-                       ", ".join(str(label) for label in dict.fromkeys(label_ids) if label not in present))
+                       ", ".join(str(label) for label in wanted if label not in present))
     if len(present) < 2:
         raise DataError(f"Deep grey matter slope needs at least two labels with voxels; found {present}.")
-    slope, _ = _linear_fit(np.array([y[lab] for lab in present]), np.array([x[lab] for lab in present]))
+    slope, _ = _linear_fit(np.array([means[lab][1] for lab in present]), np.array([means[lab][0] for lab in present]))
     return slope
 
 
@@ -345,8 +346,9 @@ def check_label_names(label_names, source="label names"):
         first_id[name] = label
 
 
-def _deep_gm(recon, ref, in_mask, keys, candidates, explicit):
-    """``deep_gm_slope`` and ``deep_gm_labels`` (the keys of the labels fitted) for ``evaluate``.
+def _deep_gm(labels, recon, ref, keys, candidates, explicit):
+    """``deep_gm_slope`` and ``deep_gm_labels`` (the keys of the labels fitted) for ``evaluate``, over the voxels
+    inside its mask (``labels``, ``recon``, ``ref``: 1D arrays).
 
     ``keys``: {id: key} of the labels with voxels in the mask; ``candidates``: the deep grey matter label ids,
     ``explicit`` when the caller named them (``deep_gm_labels``), else found by name. Fewer than two of them with
@@ -354,7 +356,7 @@ def _deep_gm(recon, ref, in_mask, keys, candidates, explicit):
     """
     fitted = [keys[label] for label in candidates if label in keys]
     if len(fitted) >= 2:
-        return {"deep_gm_slope": deep_gm_slope(recon, ref, in_mask, candidates), "deep_gm_labels": fitted}
+        return {"deep_gm_slope": deep_gm_slope(recon, ref, labels, candidates), "deep_gm_labels": fitted}
     found = f"{len(fitted)} ({', '.join(fitted) or 'none'})"
     if explicit:
         raise DataError(f"--deep-gm-labels: the deep grey matter slope needs at least two of its labels with voxels "
@@ -402,7 +404,8 @@ def evaluate(recon, ref, mask, labels=None, label_names=None, calc_label=None, d
     labels = (labels if np.issubdtype(labels.dtype, np.integer) else np.rint(labels)).astype(np.int64)
     names = dict(label_names or {})
     check_label_names(names)
-    ids, counts, (recon_means, ref_means) = label_stats(labels[m], np.asarray(recon)[m], np.asarray(ref)[m])
+    inside = labels[m], np.asarray(recon)[m], np.asarray(ref)[m]  # the voxels every label statistic is over
+    ids, counts, (recon_means, ref_means) = label_stats(*inside)
     present = ids != 0
     label_ids = ids[present].tolist()
     keys = {label: str(names.get(label, label)) for label in label_ids}
@@ -413,8 +416,7 @@ def evaluate(recon, ref, mask, labels=None, label_names=None, calc_label=None, d
     if deep_gm_labels is not None or names:
         candidates = list(deep_gm_labels) if deep_gm_labels is not None else deep_gm_label_ids(names)
         candidates = [label for label in dict.fromkeys(candidates) if label != calc_label]
-        in_mask = np.where(m, labels, 0)
-        result.update(_deep_gm(recon, ref, in_mask, keys, candidates, deep_gm_labels is not None))
+        result.update(_deep_gm(*inside, keys, candidates, deep_gm_labels is not None))
     if calc_label is not None:
         x, y, _ = _in_mask(recon, ref, m)
         calc = labels == calc_label

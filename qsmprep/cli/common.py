@@ -150,9 +150,11 @@ def check_b0_dir_option(value):
     1e200 0 0 overflows)."""
     import numpy as np
 
+    if value is None:
+        return
     with np.errstate(over="ignore", under="ignore"):
-        length = None if value is None else np.linalg.norm(value)
-    if length is not None and not 0 < length < np.inf:
+        length = np.linalg.norm(value)
+    if not 0 < length < np.inf:
         raise UsageError("--b0-dir must be a non-zero vector, e.g. 0 0 1.")
 
 

@@ -17,7 +17,6 @@ import logging
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from ..errors import DataError, NoInputError, UsageError
@@ -98,10 +97,7 @@ def read_label_names(path):
 def load_label_map(path):
     """The integer label map at ``path`` as an array, its affine: integer IDs exactly (not through float32, which
     merges IDs above 2**24). Raises DataError for non-integer or negative values."""
-    labels, affine, header = load_volume(path, "label map")  # readable, real, one 3D volume, a sound affine
-    if np.issubdtype(header.get_data_dtype(), np.integer):
-        # load_volume reads float32; read the stored integers again (scaled ones come as float64, exact to 2**53)
-        labels = np.asarray(nib.load(str(path)).dataobj).reshape(labels.shape)
+    labels, affine, _ = load_volume(path, "label map", dtype=None)  # readable, real, one 3D volume, a sound affine
     if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
         raise DataError(f"label map {path} holds non-integer values: give an integer label map "
                         "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
