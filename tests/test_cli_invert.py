@@ -7,7 +7,15 @@ import pytest
 from qsmprep.cli import invert
 from qsmprep.cli.invert import main
 from qsmprep.inversion import cfl2, ilsqr, tkd, tv
-from qsmprep.physics import b0_dir_from_affine, forward_field_ppm, ppm_to_hz, ppm_to_rad, voxel_size_from_affine
+from qsmprep.physics import (
+    MAX_PLAUSIBLE_LOCAL_FIELD_PPM,
+    TYPICAL_LOCAL_FIELD_PPM,
+    b0_dir_from_affine,
+    forward_field_ppm,
+    ppm_to_hz,
+    ppm_to_rad,
+    voxel_size_from_affine,
+)
 
 SHAPE = (24, 22, 20)
 VOXEL = (1.0, 1.2, 1.5)
@@ -131,7 +139,7 @@ def test_a_field_in_hz_read_as_ppm_is_refused(inputs, capsys):
     paths, field, mask, affine = inputs
     hz = ppm_to_hz(field, B0_TESLA)
     nib.save(nib.Nifti1Image(hz.astype(np.float32), affine), paths["field"])
-    assert np.percentile(np.abs(field[mask]), 99) < invert.MAX_PLAUSIBLE_LOCAL_FIELD_PPM < np.percentile(
+    assert np.percentile(np.abs(field[mask]), 99) < MAX_PLAUSIBLE_LOCAL_FIELD_PPM < np.percentile(
         np.abs(hz[mask]), 99)  # the fixture's field is plausible in ppm, implausible in Hz read as ppm
     err = _expect_error(capsys, paths, 65, [str(paths["field"]), "--units hz --b0-tesla T"], "--method", "tkd")
     assert f"beyond {np.percentile(np.abs(hz[mask]), 99):.3g} ppm (read with --units ppm)" in err[-1]
@@ -154,7 +162,7 @@ def test_a_field_outside_the_usual_range_is_inverted_with_a_warning(inputs, capl
     """A phase in rad read as ppm (16 times too strong at 3 T and 20 ms) passed the 1 ppm refusal, and a field in ppm
     read as Hz (128 times too weak) passed everything: maps wrong in scale, exit 0, no word."""
     paths, field, mask, affine = inputs
-    low, high = invert.TYPICAL_LOCAL_FIELD_PPM
+    low, high = TYPICAL_LOCAL_FIELD_PPM
     typical = np.percentile(np.abs(field[mask]), 99)  # 0.0099 ppm: the fixture's field is a tissue field
     assert low < typical < high
     cases = ((field, [], None),

@@ -341,16 +341,17 @@ def test_learning_rate_schedules():
 
 def test_target_domain_directory(tmp_path):
     affine = np.diag([0.8, 0.8, 2.0, 1.0])
-    field = np.arange(10 * 12 * 6, dtype=np.float32).reshape(10, 12, 6)
+    field = 1e-4 * np.arange(10 * 12 * 6, dtype=np.float32).reshape(10, 12, 6)  # up to 0.072 ppm: a tissue field
     nib.save(nib.Nifti1Image(field, affine), tmp_path / "sub-01_field.nii.gz")
     nib.save(nib.Nifti1Image(np.ones((10, 12, 6), np.float32), affine), tmp_path / "sub-01_mask.nii.gz")
     source = TargetDomainFields({"source": str(tmp_path), "batch_size": 3}, {"patch": [8, 8, 8]}, seed=0, num_workers=0)
     batch = source.next()
     assert batch["field"].shape == (3, 1, 8, 8, 8)
     torch.testing.assert_close(batch["voxel_size"][0], torch.tensor([0.8, 0.8, 2.0]))
-    # a patch is a contiguous cut: steps of 72, 6 and 1 along i, j, k inside the 6-slice volume
-    f0, m0 = batch["field"][0, 0], batch["mask"][0, 0]
-    assert torch.all(torch.diff(f0[:, :, :6], dim=0) == 72) and torch.all(torch.diff(f0[:, :, :6], dim=2) == 1)
+    # a patch is a contiguous cut: steps of 72, 6 and 1 (x 1e-4 ppm) along i, j, k inside the 6-slice volume
+    f0, m0 = 1e4 * batch["field"][0, 0], batch["mask"][0, 0]
+    torch.testing.assert_close(torch.diff(f0[:, :, :6], dim=0), torch.full((7, 8, 6), 72.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.diff(f0[:, :, :6], dim=2), torch.ones((8, 8, 5)), atol=1e-3, rtol=0)
     assert float(m0[:, :, 6:].abs().sum()) == 0  # zero-padded beyond the 6 slices
     # a [data] section without a patch cuts the data generator's default patch
     assert TargetDomainFields({"source": str(tmp_path)}, {}, 0, 0).next()["field"].shape == (1, 1, *DEFAULT_PATCH)
@@ -363,6 +364,39 @@ def test_target_domain_directory(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((10, 12, 5), np.float32), affine), tmp_path / "sub-01_magnitude.nii.gz")
     with pytest.raises(DataError, match=r"sub-01_magnitude\.nii\.gz"):
         TargetDomainFields({"source": str(tmp_path)}, {"patch": [8] * 3}, 0, 0)
+
+
+def test_target_domain_fields_in_other_units_are_refused_or_warned_of(tmp_path, caplog):
+    """A field in Hz, a phase in rad or a field with NaN in its mask trained the network on fields wrong in scale (or
+    on NaN) with no word: the data-consistency loss cannot tell."""
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    rng = np.random.default_rng(0)
+    field_ppm = (0.02 * rng.standard_normal((12, 12, 12))).astype(np.float32)  # 99th percentile 0.05 ppm
+    mask = np.zeros((12, 12, 12), np.float32)
+    mask[2:10, 2:10, 2:10] = 1
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "a_mask.nii.gz")
+
+    def load(field):
+        nib.save(nib.Nifti1Image(field.astype(np.float32), affine), tmp_path / "a_field.nii.gz")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qsmprep.deep.trainer"):
+            TargetDomainFields({"source": str(tmp_path)}, {"patch": [8] * 3}, 0, 0)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert load(field_ppm) == []
+    hz = 42.577 * 3 * field_ppm  # the same field in Hz at 3 T: 99th percentile 6.5
+    with pytest.raises(DataError, match=r"a_field\.nii\.gz: 1 % of its mask's voxels are beyond 6\.\d+ ppm.*in ppm of B0"):
+        load(hz)
+    warned = load(16 * field_ppm)  # a phase in rad at 20 ms and 3 T read as ppm: 0.8 ppm
+    assert len(warned) == 1 and "a_field.nii.gz" in warned[0] and "check its units" in warned[0]
+    assert len(load(field_ppm / 128)) == 1  # a field in ppm divided by the Larmor frequency, as if it were Hz
+    nan_inside = field_ppm.copy()
+    nan_inside[5, 5, 5] = np.nan
+    with pytest.raises(DataError, match="1 NaN or infinite values inside its mask"):
+        load(nan_inside)
+    nan_outside = field_ppm.copy()
+    nan_outside[0, 0, 0] = np.nan  # outside the mask the field is never used
+    assert load(nan_outside) == []
 
 
 def test_recipes_list_load_and_validate(tmp_path, monkeypatch):

@@ -30,7 +30,15 @@ from ..inversion.tv import TV_ALPHA
 from ..io import check_same_grid, load_volume, read_json_object, save_nifti, sidecar_path
 from ..masking import check_mask
 from ..phase.combine import MAX_PLAUSIBLE_TE_S, milliseconds_hint
-from ..physics import b0_dir_given_or_from_affine, hz_to_ppm, invert_in_ras_order, rad_to_ppm, voxel_size_from_affine
+from ..physics import (
+    TYPICAL_LOCAL_FIELD_PPM,
+    b0_dir_given_or_from_affine,
+    hz_to_ppm,
+    invert_in_ras_order,
+    local_field_scale,
+    rad_to_ppm,
+    voxel_size_from_affine,
+)
 from .common import (
     DEEP_OPTIONS,
     add_deep_options,
@@ -151,18 +159,6 @@ def _check_options(args):
     check_writable_folder("output folder", args.out.parent)  # before a deep inversion's minutes
 
 
-MAX_PLAUSIBLE_LOCAL_FIELD_PPM = 1.0
-"""Largest 99th percentile of |local field| (ppm) inside the mask that is taken as a field in ppm. Tissue fields are
-hundredths of a ppm (0.038 ppm on the 2016 challenge data), at most tenths near a haemorrhage; the same field in Hz is
-64-300 times larger at 1.5-7 T, so a field in Hz read as ppm made a map 128 times too strong at 3 T with exit 0."""
-
-TYPICAL_LOCAL_FIELD_PPM = (0.002, 0.2)
-"""Range of the 99th percentile of |local field| (ppm) inside the mask outside which the field is inverted with a
-warning: 0.038 ppm on the 2016 challenge data, 0.030 on a real 3-echo crop, 0.057 on a simulated head. A phase in rad
-read as ppm is 16 times stronger at 3 T and 20 ms (0.6-0.9), under the 1 ppm refusal; a field in ppm read as Hz is
-128 times weaker at 3 T (0.0003-0.0004): both gave maps wrong in scale with exit 0 and no word."""
-
-
 def _check_not_total_field(args):
     """Raise UsageError for a total field map qsmprep wrote (``desc-total_fieldmap``, before background-field removal):
     the Hz the unit check asks for then passed the 1 ppm check at 3 mm voxels (0.64 ppm) and gave a map ten times
@@ -191,21 +187,21 @@ def _check_sidecar_units(args):
 
 
 def _check_plausible_ppm(field, inside, args):
-    """Raise DataError when the field, read in ppm, is far stronger than any tissue field
-    (``MAX_PLAUSIBLE_LOCAL_FIELD_PPM``): a field in Hz or a total field, which would give a map wrong in scale; warn
-    when it is outside the usual range (``TYPICAL_LOCAL_FIELD_PPM``), as a unit mistake or a strong lesion makes it."""
-    strong = float(np.percentile(np.abs(field[inside]), 99))
+    """Raise DataError when the field, read in ppm, is far stronger than any tissue field: a field in Hz or a total
+    field, which would give a map wrong in scale; warn when it is outside the usual range, as a unit mistake or a
+    strong lesion makes it (``qsmprep.physics.units.local_field_scale``)."""
+    strong, verdict = local_field_scale(field, inside)
     low, high = TYPICAL_LOCAL_FIELD_PPM
     read = f"field map {args.field}: 1 % of the mask's voxels are beyond {strong:.3g} ppm (read with --units {args.units})"
-    if strong < low:
+    if verdict == "weak":
         log.warning("%s; in tissue fields that level is %g-%g ppm: if the map comes out far too weak, check the units "
                     "(a field in ppm needs no --units; --units hz and rad need --b0-tesla in T, rad also --te in s).",
                     read, low, high)
-    elif high < strong <= MAX_PLAUSIBLE_LOCAL_FIELD_PPM:
+    elif verdict == "strong":
         log.warning("%s; in tissue fields that level is under %g ppm (more only with a large haemorrhage): "
                     "if the map comes out far too strong, check the units (a phase in radians needs --units rad "
                     "--b0-tesla T --te S, a field in Hz --units hz --b0-tesla T).", read, high)
-    if strong > MAX_PLAUSIBLE_LOCAL_FIELD_PPM:
+    elif verdict == "implausible":
         raise DataError(f"{read}, but a local (tissue) field is rarely beyond {high:g} ppm: a field in Hz "
                         "needs --units hz --b0-tesla T, a phase in radians --units rad --b0-tesla T --te S; a total "
                         "field needs background-field removal first (qsmprep does both).")

@@ -175,6 +175,31 @@ def validation_scores(model, samples, device="cpu"):
     return {"nrmse": float(np.mean([s[0] for s in scores])), "hfen": float(np.mean([s[1] for s in scores]))}
 
 
+def _check_target_field(field, inside, path):
+    """Raise DataError for a target-domain field with non-finite values in its mask, or far stronger than a tissue
+    field in ppm (a field in Hz, a phase in rad or a total field: the data-consistency loss would then train the
+    network on fields wrong in scale, without a word); warn when it is outside the usual range
+    (``qsmprep.physics.units.local_field_scale``)."""
+    from qsmprep.physics.units import GAMMA_BAR_MHZ_PER_T, TYPICAL_LOCAL_FIELD_PPM, local_field_scale
+
+    bad = int((~np.isfinite(field[inside])).sum())
+    if bad:
+        raise DataError(f"target-domain field {path} has {bad} NaN or infinite values inside its mask: fill them or "
+                        "remove them from the mask.")
+    level, verdict = local_field_scale(field, inside)
+    read = f"target-domain field {path}: 1 % of its mask's voxels are beyond {level:.3g} ppm"
+    gamma = f"{GAMMA_BAR_MHZ_PER_T:.3f}"
+    convert = (f"the fields must be local (tissue) fields in ppm of B0: Hz / ({gamma} x B0 in T), "
+               f"rad / (2 pi x TE in s x {gamma} x B0 in T)")
+    low, high = TYPICAL_LOCAL_FIELD_PPM
+    if verdict == "implausible":
+        raise DataError(f"{read}, but a local field is rarely beyond {high:g} ppm: {convert}; a total field needs "
+                        "background-field removal first (qsmprep writes the local field as desc-local_fieldmap).")
+    if verdict:
+        log.warning("%s, outside the %g-%g ppm of tissue fields: if it is not a large lesion, check its units (%s).",
+                    read, low, high, convert)
+
+
 class TargetDomainFields:
     """Unlabelled target-domain local fields for QSMInvNet+ (``[domain]``).
 
@@ -202,6 +227,7 @@ class TargetDomainFields:
     @staticmethod
     def _load_directory(directory):
         from qsmprep.io import check_same_grid, load_nifti
+        from qsmprep.masking import check_mask
         from qsmprep.physics.orientation import voxel_size_from_affine
 
         if not directory.is_dir():
@@ -222,7 +248,9 @@ class TargetDomainFields:
                 magnitude = (mask > 0).astype(np.float32)
             if field.ndim != 3:
                 raise DataError(f"{field_path} has shape {field.shape}: a 3D local field map (ppm) is needed.")
-            volumes.append((field, (mask > 0).astype(np.float32), magnitude, np.asarray(voxel_size_from_affine(affine), np.float32)))
+            inside = check_mask(mask, source=f"target-domain mask {mask_path}", region="a brain mask")
+            _check_target_field(field, inside, field_path)
+            volumes.append((field, inside.astype(np.float32), magnitude, np.asarray(voxel_size_from_affine(affine), np.float32)))
         if not volumes:
             raise NoInputError(f"{directory} holds no <name>_field.nii[.gz] files: add field/mask pairs or use source = \"simulated\".")
         log.info("target domain: %d field maps from %s", len(volumes), directory)

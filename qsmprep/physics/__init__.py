@@ -19,8 +19,11 @@ from .orientation import (
 from .resample import b0_aligned_grid, from_b0_aligned, resample_to_grid, to_b0_aligned
 from .units import (
     GAMMA_BAR_MHZ_PER_T,
+    MAX_PLAUSIBLE_LOCAL_FIELD_PPM,
+    TYPICAL_LOCAL_FIELD_PPM,
     hz_to_ppm,
     hz_to_rad,
+    local_field_scale,
     ppm_to_hz,
     ppm_to_rad,
     rad_to_hz,
@@ -29,6 +32,8 @@ from .units import (
 
 __all__ = [
     "GAMMA_BAR_MHZ_PER_T",
+    "MAX_PLAUSIBLE_LOCAL_FIELD_PPM",
+    "TYPICAL_LOCAL_FIELD_PPM",
     "b0_aligned_grid",
     "b0_dir_from_affine",
     "b0_dir_given_or_from_affine",
@@ -43,6 +48,7 @@ __all__ = [
     "from_b0_aligned",
     "from_ras",
     "hz_to_ppm",
+    "local_field_scale",
     "hz_to_rad",
     "is_tensor",
     "kspace_grid",
