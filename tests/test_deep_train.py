@@ -230,12 +230,21 @@ def test_a_resume_with_another_recipe_is_warned_of_and_recorded(tmp_path, caplog
         train(changed, out, device="cpu", resume=True)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert read_tensors(out / "checkpoint.safetensors")[1]["recipe_changes"] == recorded
-    # not a lineage stage, whose steps the methods text adds up: the 10 steps are the model's whole training
-    assert model_provenance(out / "checkpoint.safetensors")["EarlierTrainingSteps"] is None
+    # not a lineage stage, whose steps the methods text adds up: the 10 steps are the model's whole training;
+    # the map's sidecar and the methods text say what changed when
+    provenance = model_provenance(out / "checkpoint.safetensors")
+    assert provenance["EarlierTrainingSteps"] is None
+    assert provenance["RecipeChanges"] == [{"Stage": 1, "Step": 5, "Changes": recorded[0]["changes"]}]
+    assert ('10 training steps; recipe changed on resuming at step 5: loss.name from "l2" to "l1", optim.lr from '
+            '0.002 to 0.001; weights SHA-256') in deep_model_text(out / "checkpoint.safetensors")
     tune = tiny("smoke", steps=1)  # a fine-tune's lineage keeps the stage's changes
     tune["train"]["init"] = str(out / "checkpoint.safetensors")
-    trainer = Trainer(validate_recipe(tune), tmp_path / "t", torch.device("cpu"))
-    assert trainer.lineage[-1]["step"] == 10 and trainer.lineage[-1]["recipe_changes"] == recorded
+    train(tune, tmp_path / "t", device="cpu")
+    assert read_tensors(tmp_path / "t" / "checkpoint.safetensors")[1]["lineage"][-1]["recipe_changes"] == recorded
+    provenance = model_provenance(tmp_path / "t" / "checkpoint.safetensors")
+    assert provenance["EarlierTrainingSteps"] == [10] and provenance["RecipeChanges"][0]["Stage"] == 1
+    assert "11 training steps in 2 stages of 10 and 1; recipe changed on resuming at step 5 of stage 1: loss.name" in (
+        deep_model_text(tmp_path / "t" / "checkpoint.safetensors"))
 
 
 def test_a_resume_keeps_the_fp16_loss_scale(tmp_path, monkeypatch):
@@ -306,6 +315,7 @@ def test_init_starts_from_a_checkpoint(tmp_path):
         assert read_tensors(tmp_path / "c" / f"{name}.safetensors")[1]["lineage"] == stages
     provenance = model_provenance(tmp_path / "c" / "checkpoint.safetensors")
     assert provenance["TrainingSteps"] == 3 and provenance["EarlierTrainingSteps"] == [8, 2]
+    assert provenance["RecipeChanges"] is None
     assert "13 training steps in 3 stages of 8, 2 and 3" in deep_model_text(tmp_path / "c" / "checkpoint.safetensors")
     recipe["model"]["width"] = 8
     with pytest.raises(Exception, match=re.escape("holds a unet with width 4 against the recipe's 8: set [model] to "

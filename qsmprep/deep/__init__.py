@@ -80,12 +80,18 @@ def model_provenance(name_or_path):
     """What identifies the weights a map came from: the model's name or file, the file's SHA-256, and the
     training step, recipe description, the checkpoint its training started from (``[train] init``: a fine-tune's
     steps are not the model's whole training), the steps of the training stages before it (its ``lineage``,
-    oldest first, ``qsmprep.deep.trainer.earlier_stages``) and qsmprep version the checkpoint records (None
-    where it records none)."""
+    oldest first, ``qsmprep.deep.trainer.earlier_stages``), the changes of recipe its runs were resumed with
+    (``RecipeChanges``: {"Stage" (1 the first, the checkpoint's own the last), "Step", "Changes" {dotted key: {"from",
+    "to"}}} each, oldest first, from each stage's ``recipe_changes``) and qsmprep version the checkpoint records
+    (None where it records none)."""
     path = checkpoint_path(name_or_path)
     meta = file_metadata(path)
     recipe, train = recorded_recipe(meta)
+    stages = [*(meta.get("lineage") or []), meta]
+    changes = [{"Stage": number, "Step": change.get("step"), "Changes": change.get("changes")}
+               for number, stage in enumerate(stages, start=1) for change in stage.get("recipe_changes") or []]
     return {"Name": str(name_or_path), "SHA256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "TrainingSteps": meta.get("step"), "InitializedFrom": train.get("init"),
             "EarlierTrainingSteps": [stage.get("step") for stage in meta["lineage"]] if meta.get("lineage") else None,
+            "RecipeChanges": changes or None,
             "Recipe": recipe.get("description"), "TrainedWithQsmprep": meta.get("qsmprep_version")}

@@ -9,6 +9,7 @@ Sections (see docs/deep/models-and-training.md): ``[model]`` arch + params,
 
 import copy
 import functools
+import json
 import logging
 import tomllib
 from importlib import resources
@@ -256,6 +257,11 @@ def recipe_changes(old, new):
     before, after = _flat(_with_defaults(old)), _flat(_with_defaults(new))
     return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
             if key not in RUN_SETTINGS and before.get(key) != after.get(key)}
+
+
+def toml_like(value):
+    """A recipe value as --set would write it ("l1", 0.5, [0.9, 0.999]), or "unset" for an absent one (None)."""
+    return "unset" if value is None else json.dumps(value)
 
 
 def active_generators(data):

@@ -24,7 +24,6 @@ uninterrupted run; it keeps the optimiser state and the fp16 loss scale.
 """
 
 import csv
-import json
 import logging
 import math
 import random
@@ -42,7 +41,7 @@ from qsmprep.deep.losses import (
     build_loss, tanh_target, wgan_generator_loss, wgan_gp_critic_loss,
 )
 from qsmprep.deep.models import QSMGANCritic, build_model
-from qsmprep.deep.recipes import active_generators, recipe_changes, validate_recipe
+from qsmprep.deep.recipes import active_generators, recipe_changes, toml_like, validate_recipe
 from qsmprep.deep.registry import load_model, read_tensors, save_checkpoint, save_tensors
 from qsmprep.errors import DataError, NoInputError, UsageError
 from qsmprep.metrics import hfen, nrmse
@@ -550,14 +549,9 @@ class Trainer:
         log.warning("resuming %s at step %d with a recipe that differs from its checkpoint's: %s. Steps after %d use "
                     "the new values; the checkpoint records the change under recipe_changes. To go on as before, "
                     "resume with the run's own recipe and --set options.", self.out, self.step,
-                    "; ".join(f"{key} {_toml_like(old)} -> {_toml_like(new)}" for key, (old, new) in changes.items()),
+                    "; ".join(f"{key} {toml_like(old)} -> {toml_like(new)}" for key, (old, new) in changes.items()),
                     self.step)
         return [{"step": self.step, "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()}}]
-
-
-def _toml_like(value):
-    """A recipe value as --set would write it ("l1", 0.5, [0.9, 0.999]), or "unset" for an absent one (None)."""
-    return "unset" if value is None else json.dumps(value)
 
 
 PROGRESS_EVERY_S = 60.0

@@ -15,6 +15,7 @@ from ..bgremove.vsharp import MAX_RADIUS_MM, default_radii_mm
 from ..bids.discovery import ENTITY_KEYS
 from ..bids.validation import acquisition_type
 from ..deep import checkpoint_path, is_shipped_model, model_provenance, read_metadata
+from ..deep.recipes import toml_like
 from ..checks import is_number
 from ..config import B0_RESAMPLE_TILT_DEG, SELF_RESAMPLING_INVERSIONS, inversion_high_pass_mm
 from ..interfaces.field import BackgroundRemoval, BrainMask, TotalField, UserMask
@@ -171,11 +172,24 @@ def deep_model_text(model):
         steps = f"{sum(stages)} training steps in {len(stages)} stages of {spoken_list([str(n) for n in stages])}"
     elif steps and known["InitializedFrom"]:
         steps += f" continuing from an earlier checkpoint, {known['InitializedFrom']}"
-    details = [known["Recipe"], steps,
+    details = [known["Recipe"], steps, recipe_changes_text(known["RecipeChanges"], len(stages)),
                f"weights SHA-256 {known['SHA256'][:12]}", shipped and "see its model card"]
     what = (f"the deep neural network {model} shipped with qsmprep" if shipped
             else f"a deep neural network from the checkpoint {checkpoint_path(model).name}")
     return f"{what} ({'; '.join(d for d in details if d)})"
+
+
+def recipe_changes_text(changes, n_stages):
+    """The methods phrase on the changes of recipe a model's training was resumed with (``model_provenance``'s
+    ``RecipeChanges``; None or [] gives ""): each resume's step (and stage, where there were several) and each key
+    with its old and new value."""
+    resumes = []
+    for change in changes or []:
+        where = f"at step {change['Step']}" + (f" of stage {change['Stage']}" if n_stages > 1 else "")
+        keys = ", ".join(f"{key} from {toml_like(values.get('from'))} to {toml_like(values.get('to'))}"
+                         for key, values in (change["Changes"] or {}).items())
+        resumes.append(f"{where}: {keys}")
+    return resumes and f"recipe changed on resuming {'; '.join(resumes)}"
 
 
 DEEP_ARCHITECTURES = {
