@@ -368,12 +368,29 @@ def _deep_gm(labels, recon, ref, keys, candidates, explicit):
     return {"deep_gm_slope": None, "deep_gm_labels": fitted}
 
 
+def check_label_map(labels, source="label map"):
+    """``labels`` as int64, exactly (an integer array is not taken through float64, which rounds IDs above 2**53).
+
+    Raises DataError, naming ``source`` (default "label map"), for values that are not whole numbers (a probability
+    or susceptibility map; NaN included), which rounding would silently turn into other labels, or negative ones.
+    """
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
+            raise DataError(f"{source} holds non-integer values: give an integer label map "
+                            "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{source} holds negative labels (e.g. {labels.min():g}): labels are 0 "
+                        "(background) or positive integers, as in a *_dseg.nii.gz.")
+    return labels.astype(np.int64)
+
+
 def evaluate(recon, ref, mask, labels=None, label_names=None, calc_label=None, deep_gm_labels=None):
     """All metrics that apply to the inputs, as a dict.
 
     Always: ``nrmse_pct`` (demeaned), ``nrmse_detrended_pct``, ``hfen_pct``,
     ``xsim``. With ``labels`` (integer label map on the same grid; any
-    non-negative IDs, read exactly from an integer array):
+    non-negative IDs, read exactly from an integer array; ``check_label_map``):
     ``label_means_ppm`` = {key: {"recon": mean, "ref": mean, "voxels": n}}
     over each label's voxels inside ``mask`` (raw values, not demeaned), the
     key being the label's name in ``label_names`` ({id: name}) or else its
@@ -399,9 +416,7 @@ def evaluate(recon, ref, mask, labels=None, label_names=None, calc_label=None, d
         if calc_label is not None or deep_gm_labels is not None:
             raise DataError("A calcification or deep grey matter label needs a label map (--labels).")
         return result
-    labels = np.asarray(labels)
-    # rint only for float maps: int64 through float64 would round IDs above 2**53
-    labels = (labels if np.issubdtype(labels.dtype, np.integer) else np.rint(labels)).astype(np.int64)
+    labels = check_label_map(labels)
     names = dict(label_names or {})
     check_label_names(names)
     inside = labels[m], np.asarray(recon)[m], np.asarray(ref)[m]  # the voxels every label statistic is over

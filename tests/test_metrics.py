@@ -302,6 +302,18 @@ def test_label_stats_of_ids_beyond_float32_and_bincount():
     assert result["deep_gm_slope"] == pytest.approx(0.5, rel=1e-9)
 
 
+def test_evaluate_takes_whole_number_labels_only():
+    """evaluate rounded a float label map, so a probability map (0.4, 0.6) became labels 0 and 1 without a word,
+    where qsmprep-eval refused it."""
+    labels, ref = _label_phantom()
+    as_float = evaluate(0.5 * ref, ref, np.ones(ref.shape), labels=labels.astype(np.float32))  # as NIfTI stores many
+    assert as_float["label_means_ppm"] == evaluate(0.5 * ref, ref, np.ones(ref.shape), labels=labels)["label_means_ppm"]
+    for bad, words in ((0.4 * labels, "non-integer values"), (np.where(labels == 1, np.nan, labels), "non-integer"),
+                       (-labels, "negative labels")):
+        with pytest.raises(DataError, match=f"label map holds {words}"):
+            evaluate(0.5 * ref, ref, np.ones(ref.shape), labels=bad)
+
+
 def test_evaluate_deep_gm_slope_needs_two_labels_found_by_name_or_given(caplog):
     """With one nucleus among the names the whole evaluation raised; it is skipped now, with a warning, and raises
     only for labels the caller gave."""

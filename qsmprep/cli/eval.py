@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import DataError, NoInputError, UsageError
 from ..io import check_same_grid, load_volume, read_text_utf8, write_text_atomic
 from ..masking import check_mask
-from ..metrics import check_label_names, evaluate
+from ..metrics import check_label_map, check_label_names, evaluate
 from .common import check_not_an_input, exit_73_if_unwritable, run_cli
 
 log = logging.getLogger(__name__)
@@ -98,13 +98,7 @@ def load_label_map(path):
     """The integer label map at ``path`` as an array, its affine: integer IDs exactly (not through float32, which
     merges IDs above 2**24). Raises DataError for non-integer or negative values."""
     labels, affine, _ = load_volume(path, "label map", dtype=None)  # readable, real, one 3D volume, a sound affine
-    if not np.array_equal(labels, np.round(labels)):  # NaN never equals itself, so it is refused too
-        raise DataError(f"label map {path} holds non-integer values: give an integer label map "
-                        "(e.g. a *_dseg.nii.gz), not a susceptibility or probability map.")
-    if labels.min() < 0:
-        raise DataError(f"label map {path} holds negative labels (e.g. {labels.min():g}): labels are 0 "
-                        "(background) or positive integers, as in a *_dseg.nii.gz.")
-    return labels, affine
+    return check_label_map(labels, f"label map {path}"), affine
 
 
 def _load_inputs(args):
