@@ -4,6 +4,9 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -260,13 +263,17 @@ def test_cli_refuses_a_non_bids_directory(tmp_path):
         (["--sessions", "ses-"], "not ['']"),
         (["--fine-voxel-size", "0"], "--fine-voxel-size must be positive and at most the smallest --voxel-size (4 mm)"),
         (["--fine-voxel-size", "100"], "--fine-voxel-size must be positive and at most"),
-        (["--fine-voxel-size", "0.01"], "fine simulation grid would have 12800 x 12800 x 9600 voxels"),
-        (["--matrix", "1000", "1000", "1000"], "output grid would have 1000 x 1000 x 1000 voxels"),
+        (["--fine-voxel-size", "0.01"], "from a 12800 x 12800 x 9600 grid of 0.01 mm needs about"),
+        (["--fine-voxel-size", "1e-320"], "needs about inf GB of memory"),
+        (["--matrix", "32767", "32767", "32767"], "simulating 2 echoes on a 32767 x 32767 x 32767 matrix needs"),
+        (["--matrix", "40000", "8", "8"], "--matrix must be at least 8 and at most 32767 voxels per axis (NIfTI-1 "
+                                          "holds no more)"),
     ],
 )
 def test_cli_refuses_grids_it_cannot_simulate(tmp_path, capsys, extra, message):
-    """Each of these ended in a traceback (a negative seed, a TiB allocation) or, for a fine voxel larger than the
-    output voxel, in an empty dataset with exit 0."""
+    """Each of these ended in a traceback (a negative seed, a TiB allocation, an infinite fine grid, a matrix NIfTI-1
+    cannot store, once simulated) or, for a fine voxel larger than the output voxel, in an empty dataset with exit
+    0."""
     argv = [str(tmp_path / "ds"), "--matrix", "32", "32", "24", "--voxel-size", "4", "4", "4", "--echoes", "2", *extra]
     assert main(argv) == 64 and message in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()
@@ -294,14 +301,14 @@ def test_cli_refuses_grids_it_cannot_simulate(tmp_path, capsys, extra, message):
         (["--echoes", "20", "--te-spacing", "0.06"], "the last echo time, --te-first + (--echoes - 1) x --te-spacing, "
                                                      "would be 1.144 s, over 0.5 s"),
         (["--te-first", "4"], "would be 4.004 s, over 0.5 s: --te-first and --te-spacing are in seconds, not milliseconds"),
-        (["--matrix", "512", "512", "256", "--echoes", "5"], "the echo images would have 512 x 512 x 256 x 5 voxels, "
-                                                             "more than 268435456: give fewer --echoes"),
+        (["--fov-mm", "1e308", "1", "1", "--voxel-size", "0.1", "1", "1"], "gives more than 32767 voxels along an "
+                                                                          "axis, more than a NIfTI-1 file holds"),
     ],
 )
 def test_cli_refuses_implausible_acquisitions(tmp_path, capsys, extra, message):
     """A field of view under 8 voxels was silently enlarged to 8; a B0 in millitesla, a tilt of 400 degrees, an echo
-    at 1.1 s were simulated; a 100 mm voxel missed the brain and gave NaN images; 5 echoes of 67 M voxels ran out of
-    memory."""
+    at 1.1 s were simulated; a 100 mm voxel missed the brain and gave NaN images; a field of view of 1e308 mm ended in
+    an OverflowError."""
     argv = [str(tmp_path / "ds"), "--echoes", "2", *extra]
     assert main(argv) == 64 and message in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()
@@ -318,6 +325,69 @@ def test_cli_refuses_a_dataset_that_does_not_fit_on_disk(tmp_path, capsys, monke
         f"error: the dataset needs up to 1.1 MB and {tmp_path / 'ds'} has 1.0 MB free: simulate fewer --subjects, "
         "--sessions or --echoes, a smaller grid, or free space.\n")
     assert sorted(p.name for p in (tmp_path / "ds").glob("sub-*")) == [f"sub-{i:02d}" for i in range(1, 9)]
+
+
+PEAK_RSS_OF_MAIN = """import sys
+from qsmprep.cli.simulate import main
+code = main(sys.argv[1:])
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))  # kB
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from procfs (Linux)")
+def test_peak_memory_estimate_is_near_the_measured_peak(tmp_path):
+    """The memory check's estimate against the peak RSS of a default simulation of two subjects (7 s) in a process
+    of its own. The second subject must not raise the peak: the first subject's images and phantom were held while
+    it was simulated (535 MB against 351 MB for one subject), beyond the estimate's margin."""
+    root = str(Path(simulate.__file__).resolve().parents[2])  # the child runs this checkout, as the test does
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS_OF_MAIN, str(tmp_path / "ds"), "--subjects", "2"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}, check=True)  # fmt: skip
+    peak = int(run.stdout) * 1024
+    estimate = simulate.peak_memory_bytes((112, 136, 112), (112, 136, 112), 4)
+    assert estimate == pytest.approx(peak, rel=0.25)
+    assert simulate.MEMORY_MARGIN * estimate > peak  # the check leaves room for the measured peak
+
+
+def test_cli_refuses_a_simulation_that_does_not_fit_in_memory(tmp_path, capsys, monkeypatch):
+    """A grid too large for the machine ended in a MemoryError traceback or an OOM kill part-way."""
+    monkeypatch.setattr(simulate, "available_memory_bytes", lambda: 2 * 10**8)
+    assert main([str(tmp_path / "ds")]) == 64
+    assert capsys.readouterr().err == (
+        "qsmprep-simulate: error: simulating 4 echoes on a 112 x 136 x 112 matrix needs about 0.4 GB of memory at "
+        "its peak (0.5 GB with a 20 % margin), and 0.2 GB is available: give a smaller --fov-mm or --matrix, a larger "
+        "--voxel-size, or fewer --echoes.\n")
+    assert main([str(tmp_path / "ds"), "--oblique", "15", "--echoes", "1"]) == 64
+    assert capsys.readouterr().err.endswith(
+        "simulating 1 echo on a 112 x 136 x 112 matrix from a 168 x 204 x 168 grid of 1 mm needs about 1.1 GB of "
+        "memory at its peak (1.3 GB with a 20 % margin), and 0.2 GB is available: give a smaller --fov-mm or "
+        "--matrix, a larger --voxel-size or --fine-voxel-size, or fewer --echoes.\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_check_keeps_its_margin(tmp_path, monkeypatch):
+    small = [str(tmp_path / "ds"), "--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8", "--echoes", "2"]
+    need = simulate.peak_memory_bytes((16, 16, 16), (16, 16, 16), 2)
+    monkeypatch.setattr(simulate, "available_memory_bytes", lambda: 1.1 * need)  # within the 20 % margin
+    assert main(small) == 64 and not (tmp_path / "ds").exists()
+    monkeypatch.setattr(simulate, "available_memory_bytes", lambda: 1.3 * need)
+    assert main([*small, "--subjects", "2"]) == 0  # one acquisition at a time: the subjects do not add up
+
+
+def test_a_default_simulation_passes_the_memory_check(tmp_path, caplog):
+    """With the real available memory: a machine that cannot simulate the default dataset cannot run the Quick
+    start either."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="qsmprep"):
+        assert simulate._grids(simulate.build_parser().parse_args([str(tmp_path / "ds")])) == ((112, 136, 112), None)
+    assert "the simulation needs about 0.4 GB of memory at its peak" in caplog.text
+
+
+def test_memory_that_cannot_be_read_is_not_checked(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(simulate, "available_memory_bytes", lambda: None)  # not Linux
+    assert main([str(tmp_path / "ds"), "--matrix", "16", "16", "16", "--voxel-size", "8", "8", "8"]) == 0
+    assert "the free memory cannot be read here: the simulation's peak of about 0.1 GB is not checked" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,8 @@ from ..sim.bids_writer import (
     write_bids_dataset,
 )
 from ..phase.combine import MAX_PLAUSIBLE_TE_S
+from ..physics.forward import padded_shape
+from ..resources import available_memory_bytes
 from ..sim.gre import acquire, simulate_gre, slab_affine
 from ..sim.phantom import head_phantom
 from .common import (
@@ -49,6 +51,9 @@ DEFAULT_FOV_MM = (168.0, 204.0, 168.0)
 """Whole-head field of view of the default dataset (112 x 136 x 112 at 1.5 mm)."""
 MIN_MATRIX = 8
 """Fewest voxels per axis of the output grid."""
+MAX_MATRIX = 32767
+"""Most output voxels along an axis: NIfTI-1 stores the dimensions as int16 (a 40000 x 8 x 8 matrix ended, once
+simulated, in nibabel's HeaderDataError)."""
 MAX_VOXEL_MM = 20.0
 """Largest output voxel size (mm): the phantom's brain (about 120 x 156 x 112 mm) is then at least 5 voxels
 across. Beyond about 70 mm no voxel centre need fall in it, and an empty brain mask gave NaN images."""
@@ -138,8 +143,9 @@ def _check_args(args):
     if abs(args.oblique) > MAX_OBLIQUE_DEG:
         raise UsageError(f"--oblique is the slab tilt in degrees, from -{MAX_OBLIQUE_DEG:g} to {MAX_OBLIQUE_DEG:g} "
                          f"(e.g. 15), got {args.oblique:g}.")
-    if args.matrix is not None and min(args.matrix) < MIN_MATRIX:
-        raise UsageError(f"--matrix must be at least {MIN_MATRIX} voxels per axis.")
+    if args.matrix is not None and not MIN_MATRIX <= min(args.matrix) <= max(args.matrix) <= MAX_MATRIX:
+        raise UsageError(f"--matrix must be at least {MIN_MATRIX} and at most {MAX_MATRIX} voxels per axis (NIfTI-1 "
+                         "holds no more).")
     if args.fov_mm is not None and min(args.fov_mm) <= 0:
         raise UsageError(f"--fov-mm {_mm(args.fov_mm)}: give the field of view in mm, each positive.")
     labels = [s.removeprefix("ses-") for s in args.sessions or []]
@@ -154,43 +160,133 @@ def _check_args(args):
                          f"({min(args.voxel_size):g} mm), got {args.fine_voxel_size:g}.")
 
 
-MAX_GRID_VOXELS = 2**26
-"""Largest output or fine simulation grid (67 M voxels, e.g. 406^3; the default head is 5.8 M at 1 mm): beyond it
-the phantom does not fit in memory."""
-MAX_ECHO_VOXELS = 2**28
-"""Largest output grid times echoes (268 M; 16 bytes each while simulating, 4.3 GB: complex signal, magnitude and
-phase): e.g. 157 echoes of the default 112 x 136 x 112 grid, 41 of 200 x 200 x 160."""
+MEMORY_BASE_BYTES = 92e6
+"""Peak memory of a simulation beside its grids (bytes): the interpreter and its imports (69 MB once
+qsmprep.cli.simulate is imported) and what does not grow with the grid. Measured as the intercept of the peak RSS
+(``/usr/bin/time -v qsmprep-simulate OUT ...``, "Maximum resident set size"; docs/simulator.md, "Memory check")
+where the echoes make the peak: 92.1 MB from the default grid with 8 and 16 echoes (467 and 686 MB) and
+200 x 200 x 160 at 1 mm with 12 (1910 MB). A 16^3 grid at 8 mm peaks at 106 MB."""
+FIELD_BYTES_PER_FFT_VOXEL = 17.5
+"""Peak memory while the field maps are computed, per voxel of the phantom grid zero-padded for the FFT
+(``padded_shape``: each axis at least doubled, up to a fast FFT length) (bytes), the spectra and the phantom.
+Measured beyond ``MEMORY_BASE_BYTES`` at 1 echo, where the echoes do not make the peak: 16.0, 17.0 and 16.6 bytes
+on the default grid (325 MB; 1.71 M voxels, 14.6 M padded), 200 x 200 x 160 at 1 mm (964 MB; 6.40 M, 51.2 M) and the 1 mm
+168 x 204 x 168 phantom grid of ``--oblique 15`` (1020 MB; 5.76 M, 56.0 M); rounded up. Per grid voxel that is 136
+to 161 bytes: the padding to fast FFT lengths differs."""
+HELD_BYTES_PER_VOXEL = 56
+"""Memory held while the echoes are simulated and written (the phantom, its field maps, the ground truth), per voxel
+of the phantom grid plus per voxel of the output grid (bytes). Measured where the echoes make the peak, beyond
+``MEMORY_BASE_BYTES`` and ``ECHO_BYTES_PER_VOXEL``: 46 bytes on the default and 200 x 200 x 160 grids (8 to 16
+echoes), 52 on the 1.5 mm phantom grid of ``--oblique 20 --fine-voxel-size 1.5`` (16 and 32 echoes), 60 with it
+resampled onto a 200^3 matrix (4 echoes) and 66 onto a 3 mm 56 x 68 x 56 one (100 echoes); rounded to the middle."""
+ECHO_BYTES_PER_VOXEL = 16
+"""Memory per output voxel and echo (bytes): the complex64 echo and its float32 magnitude and phase. Measured as the
+growth of the peak with the echoes: 16.0 bytes from 8 to 16 echoes of the default grid and from 16 to 32 of
+``--oblique 20 --fine-voxel-size 1.5``, 17.3 from 1 to 4 echoes of it resampled onto a 200^3 matrix."""
+MEMORY_MARGIN = 1.2
+"""A simulation is refused when this times its estimated peak exceeds the available memory: ``peak_memory_bytes``
+was 7 % under to 14 % over the peaks measured on phantom grids of 0.7 M voxels and more (12 % under for 16^3, where
+the interpreter is all), and another numpy, scipy or allocator, or more FFT threads, can take more."""
 
 
-def _check_grid_size(shape, what, fix, limit=MAX_GRID_VOXELS):
-    if np.prod(shape, dtype=float) > limit:
-        raise UsageError(f"the {what} would have {' x '.join(map(str, shape))} voxels, more than {limit}: {fix}.")
+def _fft_voxels(shape):
+    """Voxels of the grid ``forward_field_ppm`` zero-pads ``shape`` to (``padded_shape``), a float: inf for a grid
+    beyond any FFT length (2^62 along an axis), which no memory holds."""
+    try:
+        return np.prod(padded_shape(shape), dtype=float)
+    except (OverflowError, ValueError):
+        return np.inf
+
+
+def peak_memory_bytes(grid, matrix, echoes):
+    """Estimated peak memory of ``qsmprep-simulate`` (bytes, a float), from the measured ``MEMORY_BASE_BYTES``,
+    ``FIELD_BYTES_PER_FFT_VOXEL``, ``HELD_BYTES_PER_VOXEL`` and ``ECHO_BYTES_PER_VOXEL``.
+
+    The larger of two phases: the field maps, computed by FFT on the zero-padded phantom grid, and the echoes, made
+    and written beside the phantom and the ground truth. Subjects and sessions are simulated one at a time, each
+    freed once written, so their number does not change the peak.
+
+    Parameters
+    ----------
+    grid : tuple of 3 numbers
+        Phantom grid: the fine grid of an oblique or anisotropic simulation, else ``matrix``; floats are accepted
+        (inf for a grid no integer holds).
+    matrix : tuple of 3 int
+        Output grid.
+    echoes : int
+        Echoes per acquisition.
+    """
+    grid_voxels, voxels = np.prod(grid, dtype=float), np.prod(matrix, dtype=float)
+    fields = FIELD_BYTES_PER_FFT_VOXEL * _fft_voxels(grid)
+    echo_images = HELD_BYTES_PER_VOXEL * (grid_voxels + voxels) + ECHO_BYTES_PER_VOXEL * voxels * echoes
+    return MEMORY_BASE_BYTES + max(fields, echo_images)
+
+
+def _grid_text(shape):
+    """A grid as a message gives it, e.g. "112 x 136 x 112" (floats too: "inf x 8 x 8")."""
+    return " x ".join(f"{n:.0f}" for n in shape)
+
+
+def _check_memory(grid, matrix, echoes, fine_voxel_mm=None):
+    """Raise UsageError when ``MEMORY_MARGIN`` times the estimated peak (``peak_memory_bytes``, same parameters)
+    exceeds the memory this process may use (``available_memory_bytes``); where that cannot be read, warn.
+    ``fine_voxel_mm``: the fine grid's voxel size, or None when ``grid`` is the matrix."""
+    need = peak_memory_bytes(grid, matrix, echoes)
+    available = available_memory_bytes()
+    if available is None:
+        log.warning("the free memory cannot be read here: the simulation's peak of about %.1f GB is not checked",
+                    need / 1e9)
+        return
+    log.debug("the simulation needs about %.1f GB of memory at its peak; %.1f GB is available", need / 1e9,
+              available / 1e9)
+    if MEMORY_MARGIN * need > available:
+        what = f"{echoes} echo{'es' if echoes > 1 else ''} on a {_grid_text(matrix)} matrix"
+        fix = "a smaller --fov-mm or --matrix, a larger --voxel-size, or fewer --echoes"
+        if fine_voxel_mm is not None:
+            what += f" from a {_grid_text(grid)} grid of {fine_voxel_mm:g} mm"
+            fix = "a smaller --fov-mm or --matrix, a larger --voxel-size or --fine-voxel-size, or fewer --echoes"
+        raise UsageError(f"simulating {what} needs about {need / 1e9:,.1f} GB of memory at its peak "
+                         f"({MEMORY_MARGIN * need / 1e9:,.1f} GB with a {(MEMORY_MARGIN - 1) * 100:.0f} % margin), and "
+                         f"{available / 1e9:,.1f} GB is available: give {fix}.")
+
+
+def _output_matrix(args):
+    """The output matrix: ``--matrix``, or ``--fov-mm`` (default ``DEFAULT_FOV_MM``) over ``--voxel-size``,
+    rounded, refused beyond ``MIN_MATRIX`` to ``MAX_MATRIX`` voxels per axis."""
+    if args.matrix is not None:
+        return tuple(args.matrix)
+    voxel = tuple(args.voxel_size)
+    fov = args.fov_mm if args.fov_mm is not None else DEFAULT_FOV_MM  # the default gives >= 8 up to 20 mm voxels
+    across = [f / v for f, v in zip(fov, voxel)]  # a float: inf where the ratio overflows
+    if max(across) >= MAX_MATRIX + 0.5:
+        raise UsageError(f"--fov-mm {_mm(fov)} at --voxel-size {_mm(voxel)} gives more than {MAX_MATRIX} voxels "
+                         "along an axis, more than a NIfTI-1 file holds: give a smaller --fov-mm or a larger "
+                         "--voxel-size.")
+    matrix = tuple(int(round(a)) for a in across)
+    if min(matrix) < MIN_MATRIX:
+        raise UsageError(f"--fov-mm {_mm(fov)} at --voxel-size {_mm(voxel)} gives a {' x '.join(map(str, matrix))} "
+                         f"matrix, and the simulator needs at least {MIN_MATRIX} voxels per axis: give --fov-mm "
+                         f"{_mm(MIN_MATRIX * v for v in voxel)} or more, or a smaller --voxel-size.")
+    return matrix
 
 
 def _grids(args):
-    """Output matrix, and the fine phantom grid (shape, voxel) or None for direct simulation."""
+    """Output matrix, and the fine phantom grid (shape, voxel) or None for direct simulation; refuses, before any
+    work, a simulation that would not fit in memory (``_check_memory``)."""
     voxel = tuple(args.voxel_size)
-    if args.matrix is not None:
-        matrix = tuple(args.matrix)
-    else:
-        fov = args.fov_mm if args.fov_mm is not None else DEFAULT_FOV_MM  # the default gives >= 8 up to 20 mm voxels
-        matrix = tuple(int(round(f / v)) for f, v in zip(fov, voxel))
-        if min(matrix) < MIN_MATRIX:
-            raise UsageError(f"--fov-mm {_mm(fov)} at --voxel-size {_mm(voxel)} gives a {' x '.join(map(str, matrix))} "
-                             f"matrix, and the simulator needs at least {MIN_MATRIX} voxels per axis: give --fov-mm "
-                             f"{_mm(MIN_MATRIX * v for v in voxel)} or more, or a smaller --voxel-size.")
-    _check_grid_size(matrix, "output grid", "give a smaller --fov-mm or --matrix, or a larger --voxel-size")
-    _check_grid_size((*matrix, args.echoes), "echo images", "give fewer --echoes or a smaller grid", MAX_ECHO_VOXELS)
+    matrix = _output_matrix(args)
     if args.oblique == 0 and len(set(voxel)) == 1 and args.fine_voxel_size is None:
+        _check_memory(matrix, matrix, args.echoes)
         return matrix, None
     fine = args.fine_voxel_size if args.fine_voxel_size is not None else min(1.0, min(voxel))
     # The fine grid covers the bounding box of the tilted slab, within the whole-head field of view
     # (the head fits in it: beyond it a slab would only see air and neck).
     extent = np.abs(slab_affine(matrix, voxel, args.oblique)[:3, :3]) @ np.asarray(matrix, dtype=float)
     extent = np.minimum(extent, DEFAULT_FOV_MM)
-    shape = tuple(int(np.ceil(e / fine)) for e in extent)
-    _check_grid_size(shape, "fine simulation grid", "give a larger --fine-voxel-size")
-    return matrix, (shape, (fine,) * 3)
+    with np.errstate(over="ignore"):  # a fine voxel of 1e-320 mm: an infinite grid, which the check refuses
+        shape = np.ceil(extent / fine)
+    _check_memory(tuple(shape), matrix, args.echoes, fine)
+    return matrix, (tuple(int(n) for n in shape), (fine,) * 3)
 
 
 def _seed(*parts):
@@ -227,6 +323,7 @@ def simulate_dataset(args):
                     yield subject, session, simulate_gre(phantom, **common)
                 log.info("sub-%s%s simulated (%.1f s)", subject, f" ses-{session}" if session else "",
                          time.perf_counter() - start)
+            del phantom  # free it before the next subject's is built, not after
 
     try:
         with stopped_by_signals():

@@ -307,6 +307,7 @@ def write_bids_dataset(out_dir, subjects, phase_units="arbitrary", name=DATASET_
         for subject, session, gre in subjects:
             written += write_subject(staging, subject, session, gre, phase_units)
             labels.append(subject)
+            del gre  # written: free it before the next acquisition is simulated, not after
         replaced = remove_earlier_simulation(out_dir) if replace_earlier else 0
         if replaced:
             log.info("Replacing the %d subject(s) of the earlier simulation in %s", replaced, out_dir)
