@@ -409,6 +409,21 @@ def test_target_domain_fields_in_other_units_are_refused_or_warned_of(tmp_path, 
     assert load(nan_outside) == []
 
 
+def test_auto_data_workers_fill_a_gpu_machine_and_leave_a_cpu_to_the_network(monkeypatch):
+    """The recipes' fixed counts (4-7) starved a GPU on a many-core node and oversubscribed a 2-core laptop."""
+    monkeypatch.setattr(trainer_module, "available_cores", lambda: 16)
+    assert trainer_module.data_workers("auto", cuda=True) == 15
+    assert trainer_module.data_workers("auto", cuda=False) == 1
+    assert trainer_module.data_workers(3, cuda=True) == 3 and trainer_module.data_workers(0, cuda=False) == 0
+    monkeypatch.setattr(trainer_module, "available_cores", lambda: 1)
+    assert trainer_module.data_workers("auto", cuda=True) == 1
+    assert all(load_recipe(name)["train"]["num_workers"] == "auto" for name in SHIPPED if name != "smoke")
+    validate_recipe(load_recipe("smoke", ['train.num_workers="auto"']))
+    for bad in ('"many"', "-1", "1.5", "true"):
+        with pytest.raises(UsageError, match=r'num_workers must be an integer >= 0, or "auto"'):
+            validate_recipe(load_recipe("smoke", [f"train.num_workers={bad}"]))
+
+
 def test_recipes_list_load_and_validate(tmp_path, monkeypatch):
     assert [n for n, _ in list_recipes()] == SHIPPED
     assert all(d for _, d in list_recipes())

@@ -137,9 +137,10 @@ def _apply_override(recipe, override):
 BETAS = ("two numbers in [0, 1)", lambda v: is_sequence(v, 2) and all(is_number(b) and 0 <= b < 1 for b in v))
 B0_ALONG_K = ("[0, 0, 1]: models are trained with B0 along the k axis and inference resamples data to that orientation",
               lambda v: is_sequence(v, 3) and all(map(is_number, v)) and [float(b) for b in v] == [0.0, 0.0, 1.0])
+WORKERS = ('an integer >= 0, or "auto"', lambda v: v == "auto" or COUNT[1](v))
 TRAIN_CHECKS = {
     "batch_size": POSITIVE_INT, "steps": POSITIVE_INT, "val_every": POSITIVE_INT, "val_samples": POSITIVE_INT,
-    "seed": COUNT, "num_workers": COUNT, "amp": BOOL,  # numpy's generators take no negative seed
+    "seed": COUNT, "num_workers": WORKERS, "amp": BOOL,  # numpy's generators take no negative seed
     "init": ("a model name or checkpoint path (\"\" for none)", lambda v: isinstance(v, str)),
 }
 OPTIM_CHECKS = {

@@ -46,6 +46,7 @@ from qsmprep.deep.registry import load_model, read_tensors, save_checkpoint, sav
 from qsmprep.errors import DataError, NoInputError, UsageError
 from qsmprep.metrics import hfen, nrmse
 from qsmprep.physics import resolve_device
+from qsmprep.resources import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,17 @@ def validation_scores(model, samples, device="cpu"):
     if not scores:
         raise DataError("the validation set has no sample with structure inside its mask: check the [data] section.")
     return {"nrmse": float(np.mean([s[0] for s in scores])), "hfen": float(np.mean([s[1] for s in scores]))}
+
+
+def data_workers(num_workers, cuda):
+    """DataLoader worker processes that synthesise the training samples, for ``[train] num_workers``: the number
+    given, or for "auto" every core this process may use but the trainer's own (``available_cores``; at least 1)
+    when the network trains on a GPU, which steps faster than samples are made (on an H100, 7 workers kept it about
+    11 % busy: docs/models/qsmprep-cfl2unet.md); on a CPU 1, the network's own step taking most of the time there
+    (1.6 s a step of 2 64^3 samples on 2 cores, against about 0.1 s to make a sample)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    return max(1, available_cores() - 1) if cuda else 1
 
 
 def _check_target_field(field, inside, path):
@@ -384,19 +396,21 @@ class Trainer:
     # -- data ---------------------------------------------------------------
     def start_data(self):
         tr = self.recipe["train"]
+        workers = data_workers(tr["num_workers"], self.cuda)
+        log.info("training data: %d worker process(es)%s", workers, " (auto)" if tr["num_workers"] == "auto" else "")
         # first: a [data] without contrast is refused before any step is trained or data worker started
         self.validation = build_validation_set(self.recipe["data"], int(tr["val_samples"]), self.seed + VALIDATION_SEED_OFFSET)
         check_validation_set(self.validation, self.model.crop_margin, self.recipe["data"])
         self.target = None
         if self.domain:  # a bad --target-domain is refused before the training data workers start
-            self.target = TargetDomainFields(self.domain, self.recipe["data"], self.seed + self.step, int(tr["num_workers"]))
+            self.target = TargetDomainFields(self.domain, self.recipe["data"], self.seed + self.step, workers)
         dataset = build_dataset(self.recipe["data"], self.recipe["augment"], self.seed + self.step)
         loader = DataLoader(
             dataset,
             batch_size=int(tr["batch_size"]),
-            num_workers=int(tr["num_workers"]),
+            num_workers=workers,
             pin_memory=self.cuda,
-            persistent_workers=int(tr["num_workers"]) > 0,
+            persistent_workers=workers > 0,
         )
         self.batches = iter(loader)
 
