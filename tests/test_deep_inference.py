@@ -156,6 +156,23 @@ def test_a_high_pass_sphere_that_fits_nowhere_is_refused():
         tv(field, mask, harmonic_radius_mm=200.0)
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"refine_lambda": -1.0}, "refine_lambda must be > 0, got -1.0"),
+    ({"refine_lambda": 0.0}, "refine_lambda must be > 0"),
+    ({"refine_lambda": float("nan")}, "refine_lambda must be > 0, got nan"),
+    ({"refine_iters": -3}, "refine_iters must be 0 or more iterations, got -3"),
+    ({"refine_radius_mm": -2.0}, r"refine_radius_mm must be 0 \(off\) or a radius in mm"),
+    ({"refine_tv_weight": -1e-4}, r"refine_tv_weight must be 0 \(off\) or a weight in ppm mm"),
+])
+def test_refinement_settings_out_of_range_are_refused(options, message, monkeypatch):
+    """Only the command lines checked them: from Python, a negative refine_lambda or refine_iters returned the
+    network's map unrefined without a word. Refused before the model is loaded."""
+    monkeypatch.setattr("qsmprep.deep.registry.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    chi, field, mask = _phantom()
+    with pytest.raises(ValueError, match=message):
+        deep.deep_invert(field, mask, device="cpu", **options)
+
+
 @pytest.mark.parametrize(("options", "message"), [({"tile_shape": 16}, "at least 64 voxels"),
                                                   ({"overlap": 80}, "overlap 80: give 0 to 63"),
                                                   ({"overlap": -1}, "overlap -1")])

@@ -168,14 +168,11 @@ def check_deep_options(args, dests, deep_chosen, choice):
     for dest in dests:
         if getattr(args, dest) is not None and not deep_chosen:
             raise UsageError(f"--{dest.replace('_', '-')} applies to the deep inversion, not {choice}: remove it.")
-    if args.refine is not None and args.refine < 0:
-        raise UsageError(f"--refine must be 0 or more iterations, got {args.refine}.")
-    if args.refine_lambda is not None and not args.refine_lambda > 0:
-        raise UsageError(f"--refine-lambda must be > 0, got {args.refine_lambda}.")
-    if args.refine_radius is not None and args.refine_radius < 0:
-        raise UsageError(f"--refine-radius must be 0 (off) or a radius in mm, got {args.refine_radius}.")
-    if args.refine_tv is not None and args.refine_tv < 0:
-        raise UsageError(f"--refine-tv must be 0 (off) or a weight in ppm mm (e.g. 3e-4), got {args.refine_tv}.")
+    from ..inversion.deep import refine_setting_errors
+
+    given = {key: getattr(args, dest) for dest, key in DEEP_OPTIONS.items() if key.startswith("refine_")}
+    for key, value, what in refine_setting_errors(given):
+        raise UsageError(f"{DEEP_FLAG_PARAMETERS[key]} must be {what}, got {value}.")
 
 
 def torch_on_all_cores():

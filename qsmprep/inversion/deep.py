@@ -66,6 +66,24 @@ quadratically, well over it (the phantom's and the brain's edges, 0.01-0.1 ppm/m
 TV_REWEIGHT_ITERS = 10
 """Conjugate-gradient iterations between two updates of the total-variation weights (lagged diffusivity)."""
 
+REFINE_CHECKS = {
+    "refine_iters": ("0 or more iterations", lambda v: v >= 0),
+    "refine_lambda": ("> 0", lambda v: v > 0),
+    "refine_radius_mm": ("0 (off) or a radius in mm", lambda v: v >= 0),
+    "refine_tv_weight": ("0 (off) or a weight in ppm mm (e.g. 3e-4)", lambda v: v >= 0),
+}
+"""What each refinement setting of ``deep_invert`` must be, and its test (NaN fails every one): ``deep_invert``
+raises ValueError and the command lines UsageError naming the option (``refine_setting_errors``). A negative
+``refine_lambda`` or ``refine_iters`` returned the network's map unrefined, without a word."""
+
+
+def refine_setting_errors(settings):
+    """[(name, value, what it must be)] for each refinement setting in ``settings`` ({``deep_invert`` keyword:
+    value}; None, the default, passes) that ``REFINE_CHECKS`` refuses, in the order given."""
+    return [(name, value, REFINE_CHECKS[name][0]) for name, value in settings.items()
+            if value is not None and not REFINE_CHECKS[name][1](value)]
+
+
 NETWORK_BYTES_PER_VOXEL = {"cpu": 640, "cuda": 320}
 """Peak memory of a network pass per voxel of its input grid (bytes), by device type, for sizing tiles.
 
@@ -528,6 +546,10 @@ def deep_invert(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.
 
     from ..deep.registry import load_model
 
+    for name, value, what in refine_setting_errors({"refine_iters": refine_iters, "refine_lambda": refine_lambda,
+                                                    "refine_radius_mm": refine_radius_mm,
+                                                    "refine_tv_weight": refine_tv_weight}):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     if refine_iters and refine_radius_mm:  # refused before the network runs, not after
         check_high_pass_radius(refine_radius_mm, voxel_size_mm)
     if tile_shape is not None and min(np.broadcast_to(tile_shape, (3,))) < MIN_TILE:
