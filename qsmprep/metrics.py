@@ -382,7 +382,7 @@ def check_label_map(labels, source="label map"):
     if labels.size and labels.min() < 0:
         raise DataError(f"{source} holds negative labels (e.g. {labels.min():g}): labels are 0 "
                         "(background) or positive integers, as in a *_dseg.nii.gz.")
-    return labels.astype(np.int64)
+    return labels.astype(np.int64, copy=False)  # an int64 map (as qsmprep-eval passes it) is not copied again
 
 
 def evaluate(recon, ref, mask, labels=None, label_names=None, calc_label=None, deep_gm_labels=None):

@@ -241,10 +241,11 @@ def _check_memory(grid, matrix, echoes, fine_voxel_mm=None):
               available / 1e9)
     if MEMORY_MARGIN * need > available:
         what = f"{echoes} echo{'es' if echoes > 1 else ''} on a {_grid_text(matrix)} matrix"
-        fix = "a smaller --fov-mm or --matrix, a larger --voxel-size, or fewer --echoes"
+        larger = "--voxel-size"
         if fine_voxel_mm is not None:
             what += f" from a {_grid_text(grid)} grid of {fine_voxel_mm:g} mm"
-            fix = "a smaller --fov-mm or --matrix, a larger --voxel-size or --fine-voxel-size, or fewer --echoes"
+            larger += " or --fine-voxel-size"
+        fix = f"a smaller --fov-mm or --matrix, a larger {larger}, or fewer --echoes"
         raise UsageError(f"simulating {what} needs about {need / 1e9:,.1f} GB of memory at its peak "
                          f"({MEMORY_MARGIN * need / 1e9:,.1f} GB with a {(MEMORY_MARGIN - 1) * 100:.0f} % margin), and "
                          f"{available / 1e9:,.1f} GB is available: give {fix}.")
@@ -264,7 +265,7 @@ def _output_matrix(args):
                          "--voxel-size.")
     matrix = tuple(int(round(a)) for a in across)
     if min(matrix) < MIN_MATRIX:
-        raise UsageError(f"--fov-mm {_mm(fov)} at --voxel-size {_mm(voxel)} gives a {' x '.join(map(str, matrix))} "
+        raise UsageError(f"--fov-mm {_mm(fov)} at --voxel-size {_mm(voxel)} gives a {_grid_text(matrix)} "
                          f"matrix, and the simulator needs at least {MIN_MATRIX} voxels per axis: give --fov-mm "
                          f"{_mm(MIN_MATRIX * v for v in voxel)} or more, or a smaller --voxel-size.")
     return matrix
